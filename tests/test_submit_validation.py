@@ -1,0 +1,131 @@
+"""Given bad requests, the API answers a stable error code and nothing reaches Redis."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import pytest
+import redis
+from flask.testing import FlaskClient
+
+from api.up import RedisProcess, start_redis
+from tests.conftest import api_client
+from tests.fixtures.images import shape_png
+
+UNCONSUMED_QUEUE = "unconsumed"  # no worker reads it: whatever is enqueued stays there to be counted
+MAX_IMAGE_BYTES = 64 * 1024
+IMAGE_URL = "https://images.example.com/dog.png"
+
+
+@pytest.fixture
+def api(redis_server: RedisProcess, redis_client: redis.Redis) -> FlaskClient:
+    redis_client.delete(UNCONSUMED_QUEUE)
+    return api_client(redis_server.url, UNCONSUMED_QUEUE, max_image_bytes=MAX_IMAGE_BYTES, max_question_chars=100)
+
+
+def assert_nothing_enqueued(client: redis.Redis) -> None:
+    assert list(client.scan_iter("blipq:*")) == []
+    assert client.llen(UNCONSUMED_QUEUE) == 0
+
+
+def assert_error(response: Any, status: int, code: str) -> None:
+    assert response.status_code == status, response.get_data(as_text=True)
+    error = response.get_json()["error"]
+    assert error["code"] == code
+    assert error["message"]
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        ({"image_url": IMAGE_URL}, "question_missing"),
+        ({"question": "   ", "image_url": IMAGE_URL}, "question_empty"),
+        ({"question": "x" * 101, "image_url": IMAGE_URL}, "question_too_long"),
+        ({"question": 7, "image_url": IMAGE_URL}, "question_invalid"),
+        ({"question": "what is it?", "image_url": "ftp://images.example.com/dog.png"}, "image_url_invalid"),
+        ({"question": "what is it?", "image_url": "file:///etc/passwd"}, "image_url_invalid"),
+        ({"question": "what is it?", "image_url": "not a url"}, "image_url_invalid"),
+        ({"question": "what is it?"}, "image_missing"),
+        ({"question": "what is it?", "image_url": IMAGE_URL, "priority": "high"}, "unknown_field"),
+        (["what is it?", IMAGE_URL], "invalid_body"),
+    ],
+)
+def test_bad_json_job_is_refused_with_its_code(
+    api: FlaskClient, redis_client: redis.Redis, body: Any, code: str
+) -> None:
+    response = api.post("/v1/jobs", json=body)
+    assert_error(response, 422, code)
+    assert_nothing_enqueued(redis_client)
+
+
+def test_malformed_json_is_a_400(api: FlaskClient, redis_client: redis.Redis) -> None:
+    response = api.post("/v1/jobs", data='{"question": "what', content_type="application/json")
+    assert_error(response, 400, "invalid_json")
+    assert_nothing_enqueued(redis_client)
+
+
+def test_other_content_types_are_a_415(api: FlaskClient, redis_client: redis.Redis) -> None:
+    response = api.post("/v1/jobs", data="question=what", content_type="text/plain")
+    assert_error(response, 415, "unsupported_media_type")
+    assert_nothing_enqueued(redis_client)
+
+
+@pytest.mark.parametrize(
+    ("form", "status", "code"),
+    [
+        ({"question": "what color?", "image_url": IMAGE_URL, "image": "png"}, 422, "image_conflict"),
+        ({"image": "png"}, 422, "question_missing"),
+        ({"question": "what color?"}, 422, "image_missing"),
+        ({"question": "what color?", "image": "text"}, 422, "image_invalid"),
+        ({"question": "what color?", "image": "empty"}, 422, "image_invalid"),
+        ({"question": "what color?", "image": "over_image_limit"}, 413, "image_too_large"),
+        ({"question": "what color?", "image": "over_body_limit"}, 413, "body_too_large"),
+    ],
+)
+def test_bad_upload_is_refused_with_its_code(
+    api: FlaskClient, redis_client: redis.Redis, form: dict[str, str], status: int, code: str
+) -> None:
+    files = {
+        "png": shape_png("red"),
+        "text": b"this is not an image",
+        "empty": b"",
+        "over_image_limit": shape_png("red") + b"\0" * MAX_IMAGE_BYTES,
+        "over_body_limit": b"\0" * (MAX_IMAGE_BYTES * 3),
+    }
+    data: dict[str, Any] = dict(form)
+    if "image" in form:
+        data["image"] = (io.BytesIO(files[form["image"]]), "image.png", "image/png")
+    response = api.post("/v1/jobs", data=data, content_type="multipart/form-data")
+    assert_error(response, status, code)
+    assert_nothing_enqueued(redis_client)
+
+
+def test_accepted_job_is_in_redis_when_the_api_answers(api: FlaskClient, redis_client: redis.Redis) -> None:
+    first = api.post("/v1/jobs", json={"question": "what is it?", "image_url": IMAGE_URL})
+    second = api.post("/v1/jobs", json={"question": "what is it?", "image_url": IMAGE_URL})
+
+    assert first.status_code == 202
+    body = first.get_json()
+    assert body == {"id": body["id"], "status": "queued"}
+    assert first.headers["Location"] == f"/v1/jobs/{body['id']}"
+    assert len(body["id"]) >= 22 and body["id"] != second.get_json()["id"]
+    assert redis_client.exists(f"blipq:job:{body['id']}")
+    assert redis_client.llen(UNCONSUMED_QUEUE) == 2
+    job = api.get(f"/v1/jobs/{body['id']}").get_json()
+    assert job["status"] == "queued" and job["question"] == "what is it?" and job["answer"] is None
+
+
+@pytest.mark.parametrize("job_id", ["AAAAAAAAAAAAAAAAAAAAAA", "not-an-id", "blipq:job:AAAAAAAAAAAAAAAAAAAAAA"])
+def test_unknown_job_is_a_404(api: FlaskClient, job_id: str) -> None:
+    assert_error(api.get(f"/v1/jobs/{job_id}"), 404, "job_not_found")
+
+
+def test_broker_away_is_a_503_and_no_job() -> None:
+    server = start_redis()
+    api = api_client(server.url, UNCONSUMED_QUEUE)
+    server.stop()
+
+    response = api.post("/v1/jobs", json={"question": "what is it?", "image_url": IMAGE_URL})
+
+    assert_error(response, 503, "broker_unavailable")

@@ -1,0 +1,28 @@
+"""`python -m worker [celery worker options]`: one worker process per GPU, pinned with CUDA_VISIBLE_DEVICES."""
+
+from __future__ import annotations
+
+import sys
+
+from worker.errors import SettingsError
+from worker.settings import WorkerSettings
+
+# One pool process holds one model on one device: more would duplicate the model, not add a GPU.
+DEFAULT_ARGS = ["--pool=prefork", "--concurrency=1", "--loglevel=INFO", "--without-mingle"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Start a Celery worker on the configured queue with the model loaded in its pool process."""
+    from worker.app import create_worker_app
+
+    try:
+        settings = WorkerSettings.from_env()
+    except SettingsError as exc:
+        sys.exit(f"blipq worker: {exc}")
+    app = create_worker_app(settings)
+    extra = sys.argv[1:] if argv is None else argv
+    app.worker_main(["worker", *DEFAULT_ARGS, f"--queues={settings.queue}", *extra])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""Typed settings for the worker, read from BLIPQ_* environment variables, and the parsers the API shares."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from worker.errors import SettingsError
+
+# Defaults shared by the API and the worker: both read these variables and must agree.
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_QUEUE = "blipq"
+DEFAULT_JOB_TTL_S = 24 * 3600  # job records, uploads and results expire a day after submission
+DEFAULT_MAX_IMAGE_BYTES = 10 * 1024 * 1024  # one image, uploaded or downloaded
+
+# The model that ships in the repository: what `blipq up` and `blipq worker` serve when BLIPQ_MODEL is unset.
+DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "demo_model" / "blip-vqa-easy"
+
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+def env_str(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...] = ()) -> str:
+    """Read a string variable; with `choices`, refuse anything else."""
+    value = env.get(name, "").strip() or default
+    if choices and value not in choices:
+        raise SettingsError(f"{name}={value!r} is not one of {', '.join(choices)}")
+    return value
+
+
+def env_int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+    """Read an integer variable that must be at least `minimum`."""
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not an integer") from None
+    if value < minimum:
+        raise SettingsError(f"{name}={value} must be at least {minimum}")
+    return value
+
+
+def env_float(env: Mapping[str, str], name: str, default: float, minimum: float = 0.0) -> float:
+    """Read a number variable that must be above `minimum`."""
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not a number") from None
+    if not value > minimum:
+        raise SettingsError(f"{name}={value} must be greater than {minimum}")
+    return value
+
+
+def env_redis_url(env: Mapping[str, str]) -> str:
+    """Read BLIPQ_REDIS_URL, which must be a redis:// or rediss:// URL."""
+    url = env_str(env, "BLIPQ_REDIS_URL", DEFAULT_REDIS_URL)
+    if not url.startswith(("redis://", "rediss://")):
+        raise SettingsError(f"BLIPQ_REDIS_URL={url!r} must start with redis:// or rediss://")
+    return url
+
+
+def env_device(env: Mapping[str, str]) -> str:
+    """Read BLIPQ_DEVICE: auto, cpu, cuda or cuda:N."""
+    value = env_str(env, "BLIPQ_DEVICE", "auto")
+    base, _, index = value.partition(":")
+    if base not in DEVICES or (index and (base != "cuda" or not index.isdigit())):
+        raise SettingsError(f"BLIPQ_DEVICE={value!r} is not one of auto, cpu, cuda, cuda:N")
+    return value
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """Everything a worker process needs, from BLIPQ_* variables."""
+
+    redis_url: str = DEFAULT_REDIS_URL
+    queue: str = DEFAULT_QUEUE
+    job_ttl_s: int = DEFAULT_JOB_TTL_S
+    model: str = str(DEMO_MODEL_DIR)
+    device: str = "auto"
+    dtype: str = "auto"
+    max_new_tokens: int = 20
+    num_beams: int = 1
+    torch_threads: int = 0  # 0: torch's own default
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+    max_image_pixels: int = 40_000_000  # far below Pillow's 89M default: a 40 MP photo is plenty for a 384 px model
+    fetch_connect_timeout_s: float = 5.0
+    fetch_timeout_s: float = 20.0  # the whole download, not one read
+    model_load_timeout_s: int = 900
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> WorkerSettings:
+        """Build settings from the environment; raises SettingsError naming the variable at fault."""
+        env = os.environ if env is None else env
+        return cls(
+            redis_url=env_redis_url(env),
+            queue=env_str(env, "BLIPQ_QUEUE", DEFAULT_QUEUE),
+            job_ttl_s=env_int(env, "BLIPQ_JOB_TTL_S", DEFAULT_JOB_TTL_S, minimum=60),
+            model=env_str(env, "BLIPQ_MODEL", str(DEMO_MODEL_DIR)),
+            device=env_device(env),
+            dtype=env_str(env, "BLIPQ_DTYPE", "auto", DTYPES),
+            max_new_tokens=env_int(env, "BLIPQ_MAX_NEW_TOKENS", 20, minimum=1),
+            num_beams=env_int(env, "BLIPQ_NUM_BEAMS", 1, minimum=1),
+            torch_threads=env_int(env, "BLIPQ_TORCH_THREADS", 0),
+            max_image_bytes=env_int(env, "BLIPQ_MAX_IMAGE_BYTES", DEFAULT_MAX_IMAGE_BYTES, minimum=1024),
+            max_image_pixels=env_int(env, "BLIPQ_MAX_IMAGE_PIXELS", 40_000_000, minimum=1),
+            fetch_connect_timeout_s=env_float(env, "BLIPQ_FETCH_CONNECT_TIMEOUT_S", 5.0),
+            fetch_timeout_s=env_float(env, "BLIPQ_FETCH_TIMEOUT_S", 20.0),
+            model_load_timeout_s=env_int(env, "BLIPQ_MODEL_LOAD_TIMEOUT_S", 900, minimum=1),
+        )
