@@ -49,3 +49,7 @@ def main(argv: list[str] | None = None) -> None:
         gunicorn = ["--bind", args.bind, "--workers", str(args.workers), "--threads", str(args.threads)]
         os.execv(sys.executable, [sys.executable, "-m", "gunicorn", *gunicorn, "api.wsgi:app"])
     os.execv(sys.executable, [sys.executable, "-m", "worker", *rest])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""Settings come from BLIPQ_* variables; a bad value stops start-up naming the variable."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from api.settings import ApiSettings
+from tests.conftest import ROOT
+from worker.errors import SettingsError
+from worker.settings import DEMO_MODEL_DIR, WorkerSettings
+
+
+def test_defaults_serve_the_shipped_demo_model() -> None:
+    settings = WorkerSettings.from_env({})
+    assert settings.model == str(DEMO_MODEL_DIR)
+    assert (settings.device, settings.dtype, settings.max_new_tokens) == ("auto", "auto", 20)
+
+
+def test_values_are_typed() -> None:
+    settings = WorkerSettings.from_env(
+        {
+            "BLIPQ_MODEL": "Salesforce/blip-vqa-base",
+            "BLIPQ_DTYPE": "float16",
+            "BLIPQ_DEVICE": "cuda:1",
+            "BLIPQ_MAX_NEW_TOKENS": "8",
+            "BLIPQ_FETCH_TIMEOUT_S": "2.5",
+        }
+    )
+    assert settings.model == "Salesforce/blip-vqa-base"
+    assert (settings.dtype, settings.device, settings.max_new_tokens) == ("float16", "cuda:1", 8)
+    assert settings.fetch_timeout_s == 2.5
+
+
+@pytest.mark.parametrize(
+    ("env", "variable"),
+    [
+        ({"BLIPQ_DTYPE": "float8"}, "BLIPQ_DTYPE"),
+        ({"BLIPQ_DEVICE": "tpu"}, "BLIPQ_DEVICE"),
+        ({"BLIPQ_MAX_NEW_TOKENS": "many"}, "BLIPQ_MAX_NEW_TOKENS"),
+        ({"BLIPQ_MAX_NEW_TOKENS": "0"}, "BLIPQ_MAX_NEW_TOKENS"),
+        ({"BLIPQ_FETCH_TIMEOUT_S": "-1"}, "BLIPQ_FETCH_TIMEOUT_S"),
+        ({"BLIPQ_REDIS_URL": "http://localhost"}, "BLIPQ_REDIS_URL"),
+    ],
+)
+def test_bad_worker_value_names_the_variable(env: dict[str, str], variable: str) -> None:
+    with pytest.raises(SettingsError, match=variable):
+        WorkerSettings.from_env(env)
+
+
+def test_bad_api_value_names_the_variable() -> None:
+    with pytest.raises(SettingsError, match="BLIPQ_MAX_QUESTION_CHARS"):
+        ApiSettings.from_env({"BLIPQ_MAX_QUESTION_CHARS": "lots"})
+
+
+@pytest.mark.parametrize("command", ["worker", "api", "up"])
+def test_blipq_refuses_to_start_on_a_bad_value(command: str) -> None:
+    env = {**os.environ, "BLIPQ_JOB_TTL_S": "soon"}
+    result = subprocess.run(
+        check=False,
+        args=[sys.executable, "-m", "api.cli", command],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert result.returncode != 0
+    assert "BLIPQ_JOB_TTL_S" in result.stderr
+
+
+def test_the_api_process_does_not_import_torch() -> None:
+    code = (
+        "import sys\n"
+        "from api.app import create_app\n"
+        "from api.settings import ApiSettings\n"
+        "import api.cli, api.up, api.wsgi\n"
+        "create_app(ApiSettings())\n"
+        "heavy = sorted(m for m in ('torch', 'transformers') if m in sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
+    result = subprocess.run(
+        check=False, args=[sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+    assert result.returncode == 0, result.stderr

@@ -1,0 +1,101 @@
+"""`blipq up` starts Redis, the API and a worker, answers a job over real HTTP, and Ctrl-C stops it all."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import redis
+import requests
+
+from api.up import free_port
+from tests.conftest import JOB_TIMEOUT_S, ROOT
+from tests.fixtures.images import shape_png
+
+STARTUP_TIMEOUT_S = 60.0
+
+
+def wait_for_answer(base: str, job_id: str) -> dict[str, object]:
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while time.monotonic() < deadline:
+        job: dict[str, object] = requests.get(f"{base}/v1/jobs/{job_id}", timeout=5).json()
+        if job["status"] in ("succeeded", "failed"):
+            return job
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} did not end")
+
+
+def worker_pid(up_pid: int) -> int:
+    """The pid of the worker process that `up` started (read from /proc: `up` is its parent)."""
+    children = Path(f"/proc/{up_pid}/task/{up_pid}/children").read_text().split()
+    for pid in children:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        if b"worker" in cmdline and b"-m" in cmdline:
+            return int(pid)
+    raise AssertionError("up has no worker process")
+
+
+def test_up_serves_jobs_revives_workers_and_ctrl_c_stops_everything(tmp_path: Path, tiny_model_dir: Path) -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "BLIPQ_REDIS_URL"}
+    env["BLIPQ_MODEL"] = str(tiny_model_dir)
+    log = (tmp_path / "up.log").open("w+")
+    up = subprocess.Popen(
+        [sys.executable, "-m", "api.cli", "up", "--port", str(port), "--data-dir", str(tmp_path / "data")],
+        env=env,
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while "Try it:" not in (tmp_path / "up.log").read_text():
+            assert up.poll() is None and time.monotonic() < deadline, (tmp_path / "up.log").read_text()
+            time.sleep(0.2)
+        banner = (tmp_path / "up.log").read_text()
+        redis_url = next(w for w in banner.split() if w.startswith("redis://127.0.0.1:"))
+
+        response = requests.post(
+            f"{base}/v1/jobs",
+            files={"image": ("red.png", shape_png("red"), "image/png")},
+            data={"question": "what color is the shape?"},
+            timeout=10,
+        )
+        assert response.status_code == 202, response.text
+        job = wait_for_answer(base, response.json()["id"])
+        assert job["status"] == "succeeded", job
+        assert (tmp_path / "data" / "redis").is_dir(), "up keeps Redis's append-only file in its data dir"
+
+        # A worker killed outright (the OOM killer, say) is started again by `up`.
+        os.kill(worker_pid(up.pid), signal.SIGKILL)
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while "restarting" not in (tmp_path / "up.log").read_text():
+            assert time.monotonic() < deadline, "up did not notice its worker died"
+            time.sleep(0.2)
+        response = requests.post(
+            f"{base}/v1/jobs",
+            files={"image": ("blue.png", shape_png("blue"), "image/png")},
+            data={"question": "what color is the shape?"},
+            timeout=10,
+        )
+        assert wait_for_answer(base, response.json()["id"])["status"] == "succeeded"
+    finally:
+        up.send_signal(signal.SIGINT)
+        assert up.wait(60) == 0, (tmp_path / "up.log").read_text()
+
+    try:
+        redis.Redis.from_url(redis_url, socket_connect_timeout=1).ping()
+        raise AssertionError("the Redis that up started is still running")
+    except redis.ConnectionError:
+        pass
+    try:
+        requests.get(f"{base}/healthz", timeout=1)
+        raise AssertionError("the API that up started is still running")
+    except requests.ConnectionError:
+        pass
