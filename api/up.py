@@ -18,7 +18,7 @@ from types import FrameType
 import redis
 import requests
 
-READY_TIMEOUT_S = 30.0  # for Redis and the API to answer after they start
+READY_TIMEOUT_S = 60.0  # for Redis and the API to answer after they start, on a busy machine
 STOP_GRACE_S = 15.0  # for a process to exit after SIGTERM before it is killed
 RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0)  # between restarts of a worker that keeps dying
 
@@ -145,6 +145,9 @@ class Stack:
 
     def stop(self) -> None:
         """Workers first (they finish their job), then the API, then Redis."""
+        # A second Ctrl-C must not abandon the processes that are not stopped yet.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         for slot in self.slots:
             if slot.process.poll() is None:
                 slot.process.terminate()
@@ -180,9 +183,9 @@ class Stack:
         deadline = time.monotonic() + READY_TIMEOUT_S
         while time.monotonic() < deadline:
             try:
-                if requests.get(url, timeout=1).ok:
+                if requests.get(url, timeout=5).ok:
                     return
-            except requests.ConnectionError:
+            except requests.RequestException:  # not listening yet, or still importing the app
                 pass
             if self.api is not None and self.api.poll() is not None:
                 break
