@@ -22,7 +22,8 @@ lint: $(VENV)/.installed
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-# A local wheel of the pinned CPU build (pip's find-links) is used when there is one; else PyTorch's CPU index.
+# A local wheel of the pinned CPU build (pip's find-links) is used when there is one; else PyTorch's CPU index;
+# else, as a last resort, PyPI's build (CUDA on Linux: several GB).
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
@@ -30,7 +31,8 @@ $(VENV)/.installed: pyproject.toml
 		$(BIN)/pip install "torch==$(TORCH_VERSION)"; \
 	else \
 		$(BIN)/pip install --no-index "torch==$(TORCH_VERSION)" 2>/dev/null \
-		|| $(BIN)/pip install "torch==$(TORCH_VERSION)" --index-url "$(TORCH_CPU_INDEX)"; \
+		|| $(BIN)/pip install "torch==$(TORCH_VERSION)" --index-url "$(TORCH_CPU_INDEX)" \
+		|| $(BIN)/pip install "torch==$(TORCH_VERSION)"; \
 	fi
 	$(BIN)/pip install -e ".[dev]"
 	touch $@
