@@ -11,7 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
@@ -106,7 +106,7 @@ class WorkerSlot:
     index: int
     process: subprocess.Popen[bytes]
     restarts: int = 0
-    restart_at: float = field(default=0.0)
+    restart_at: float = 0.0
 
 
 class Stack:

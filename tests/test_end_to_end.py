@@ -13,8 +13,9 @@ from flask.testing import FlaskClient
 from PIL import Image
 from transformers import BlipForQuestionAnswering, BlipProcessor
 
-from tests.conftest import ImageServer, WorkerProcess, wait_for_job
+from tests.conftest import JOB_TIMEOUT_S, ImageServer, WorkerProcess, wait_for_job
 from tests.fixtures.images import shape_png, truncated_png
+from worker.jobs import TASK_VQA
 
 MAX_NEW_TOKENS = 20  # the worker's default BLIPQ_MAX_NEW_TOKENS
 
@@ -112,3 +113,22 @@ def test_bad_image_fails_its_job_and_the_worker_goes_on(
     assert bad_job["error"]["message"]
     assert good_job["status"] == "succeeded"
     assert tiny_worker.process.poll() is None
+
+
+def test_a_job_delivered_again_after_it_ended_is_not_run_again(
+    tiny_api: FlaskClient, tiny_worker: WorkerProcess, image_server: ImageServer
+) -> None:
+    image_server.routes["/again.png"] = (200, "image/png", shape_png("red"))
+    question = "what color?"
+    response = tiny_api.post("/v1/jobs", json={"image_url": image_server.url("/again.png"), "question": question})
+    job_id = response.get_json()["id"]
+    first = wait_for_job(tiny_api, job_id, tiny_worker)
+    image_server.routes["/again.png"] = (200, "image/png", shape_png("blue"))  # a rerun would answer differently
+
+    celery = tiny_api.application.extensions["blipq"].celery
+    celery.AsyncResult(job_id).forget()  # so that the result read below is the second delivery's
+    payload = {"job_id": job_id, "question": question, "image_url": image_server.url("/again.png")}
+    redelivered = celery.send_task(TASK_VQA, args=[payload], task_id=job_id, queue=tiny_worker.queue)
+
+    assert redelivered.get(timeout=JOB_TIMEOUT_S) == {"status": "duplicate"}
+    assert wait_for_job(tiny_api, job_id, tiny_worker) == first

@@ -73,9 +73,13 @@ class WorkerRuntime:
         if self.loaded is None:  # a solo pool has no worker_process_init: load on first use
             self.start()
         assert self.loaded is not None
-        if self.store.mark_running(job_id, self.settings.model) < 0:
+        moved = self.store.mark_running(job_id, self.settings.model)
+        if moved < 0:
             log.warning("job %s expired before it ran; skipped", job_id)
             return {"status": "expired"}
+        if moved == 0:  # delivered again after it ended: its answer stands, the model is not run again
+            log.info("job %s already ended; not run again", job_id)
+            return {"status": "duplicate"}
         try:
             image = self._load_image(job_id, payload.get("image_url", ""))
             answer = self._answer(image, payload["question"])
