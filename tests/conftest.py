@@ -29,7 +29,7 @@ FINAL_STATES = ("succeeded", "failed")
 
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisProcess]:
-    """A real redis-server on a free port (never the machine's 6379), for the whole session."""
+    """A real redis-server of the tests' own on a free port (never the machine's standard one), for the session."""
     server = start_redis()
     yield server
     server.stop()
