@@ -26,6 +26,7 @@ REPO = os.path.dirname(HERE)
 DEFAULT_MODEL = os.path.join(HERE, "blip-vqa-easy")
 VARIANTS = ["png", "jpeg90", "up256"]
 SHAPES = {"circle", "rectangle", "triangle"}
+MAX_PIXELS = 40_000_000  # the worker's default BLIPQ_MAX_IMAGE_PIXELS
 
 
 def answer_type(answer: str) -> str:
@@ -62,10 +63,6 @@ def encode_variant(path: str, variant: str) -> tuple[bytes, str]:
         im.resize((256, 256), resample=Image.BICUBIC).save(buf, format="PNG")
         return buf.getvalue(), "image/png"
     raise ValueError(variant)
-
-
-def decode(data: bytes) -> Image.Image:
-    return Image.open(io.BytesIO(data)).convert("RGB")
 
 
 # ---------------------------------------------------------------- reporting
@@ -111,6 +108,8 @@ def run_direct(args, variants):
     torch.set_num_threads(args.threads)
     items, paths = load_test(args.limit)
     answer = make_answerer(args.model)
+    from worker.images import decode_image  # the worker's own decoder, as for a job
+
     lines = []
     for v in variants:
         t = time.time()
@@ -121,7 +120,7 @@ def run_direct(args, variants):
             imgs = []
             for _, _, i in chunk:
                 if i not in cache:
-                    cache[i] = decode(encode_variant(paths[i], v)[0])
+                    cache[i] = decode_image(encode_variant(paths[i], v)[0], MAX_PIXELS)
                 imgs.append(cache[i])
             preds += answer(imgs, [q for q, _, _ in chunk])
         line = summarize(v, items, preds, seconds=time.time() - t)

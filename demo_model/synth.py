@@ -114,12 +114,6 @@ def random_label(rng: random.Random) -> tuple[str, str]:
 
 
 # ---------------------------------------------------------------- augmentation
-def png_roundtrip(im: Image.Image) -> Image.Image:
-    b = io.BytesIO()
-    im.save(b, format="PNG")
-    return Image.open(io.BytesIO(b.getvalue())).convert("RGB")
-
-
 def jpeg_roundtrip(im: Image.Image, quality: int) -> Image.Image:
     b = io.BytesIO()
     im.save(b, format="JPEG", quality=quality)
@@ -180,23 +174,6 @@ def make_question(rng: random.Random, shape: str, color: str) -> tuple[str, str]
         word = color if present else rng.choice([c for c in COLOR_NAMES if c != color])
         q = tmpl.format(c=word)
     return q, ("yes" if present != neg else "no")
-
-
-def all_questions(shape: str, color: str) -> list[tuple[str, str]]:
-    """Every question the templates can ask about an image, with its answer."""
-    out = []
-    for tmpl, kind, neg in TEMPLATES:
-        if kind == "shape":
-            out.append((tmpl.format(c=color), shape))
-        elif kind == "color":
-            out.append((tmpl.format(s=shape), color))
-        elif kind == "yn_s":
-            for s in SHAPES:
-                out.append((tmpl.format(s=s), "yes" if (s == shape) != neg else "no"))
-        else:
-            for c in COLOR_NAMES:
-                out.append((tmpl.format(c=c), "yes" if (c == color) != neg else "no"))
-    return out
 
 
 def label_from_questions(questions, answers) -> tuple[str | None, str | None]:
