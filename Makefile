@@ -22,15 +22,15 @@ lint: $(VENV)/.installed
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-# A local wheel of the pinned CPU build (pip's find-links) is used when there is one; else PyTorch's CPU index;
-# else, as a last resort, PyPI's build (CUDA on Linux: several GB).
+# The pinned CPU build ("+cpu": never a CUDA build) from a local wheel (pip's find-links) when there is one, its
+# dependencies from the usual index; else PyTorch's CPU index; else, as a last resort, PyPI's (CUDA on Linux: GBs).
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	if [ "$(TORCH)" = "cuda" ]; then \
 		$(BIN)/pip install "torch==$(TORCH_VERSION)"; \
 	else \
-		$(BIN)/pip install --no-index "torch==$(TORCH_VERSION)" 2>/dev/null \
+		$(BIN)/pip install "torch==$(TORCH_VERSION)+cpu" 2>/dev/null \
 		|| $(BIN)/pip install "torch==$(TORCH_VERSION)" --index-url "$(TORCH_CPU_INDEX)" \
 		|| $(BIN)/pip install "torch==$(TORCH_VERSION)"; \
 	fi

@@ -23,11 +23,18 @@ STOP_GRACE_S = 15.0  # for a process to exit after SIGTERM before it is killed
 RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0)  # between restarts of a worker that keeps dying
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def free_port(avoid: frozenset[int] = frozenset()) -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now, and not one of `avoid`.
+
+    The kernel may hand out a port again as soon as it is closed: a caller that has chosen a port for something it
+    has not started yet (the API of `blipq up`) passes it in `avoid`, so that Redis does not take it first.
+    """
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port not in avoid:
+            return port
 
 
 def redis_server_binary() -> str:
@@ -60,9 +67,11 @@ class RedisProcess:
         stop_process(self.process)
 
 
-def start_redis(data_dir: Path | None = None, port: int | None = None) -> RedisProcess:
+def start_redis(
+    data_dir: Path | None = None, port: int | None = None, avoid: frozenset[int] = frozenset()
+) -> RedisProcess:
     """Start redis-server: append-only file in `data_dir` (every second, never evict), or nothing on disk."""
-    port = port or free_port()
+    port = port or free_port(avoid)
     args = [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
     args += ["--maxmemory-policy", "noeviction"]  # evicting a queued job would lose it
     if data_dir is not None:
@@ -122,7 +131,7 @@ class Stack:
     def start(self) -> None:
         """Start Redis (unless BLIPQ_REDIS_URL is set), the API and the workers; wait for the API."""
         if not self.env.get("BLIPQ_REDIS_URL"):
-            self.redis = start_redis(self.data_dir / "redis")
+            self.redis = start_redis(self.data_dir / "redis", avoid=frozenset({self.port}))
             self.env["BLIPQ_REDIS_URL"] = self.redis.url
             print(f"blipq: redis on {self.redis.url} (append-only file in {self.redis.data_dir})", flush=True)
         bind = f"{self.host}:{self.port}"
