@@ -110,6 +110,9 @@ def start_worker(redis_url: str, model: Path, queue: str, log_path: Path, **env:
         "BLIPQ_MODEL": str(model),
         "BLIPQ_QUEUE": queue,
         "BLIPQ_TORCH_THREADS": "1",
+        # The tests' image servers listen on 127.0.0.1 on free ports: private, so allowed explicitly.
+        "BLIPQ_FETCH_ALLOW_NETWORKS": "127.0.0.1/32",
+        "BLIPQ_FETCH_ALLOW_PORTS": "1024-65535",
         **env,
     }
     log = log_path.open("wb")

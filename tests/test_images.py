@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import ipaddress
+
 import pytest
 from PIL import Image
 
 from tests.conftest import ImageServer
 from tests.fixtures.images import encode, rotated_jpeg, shape_png, truncated_png
 from worker.errors import ImageFetchError, ImageInvalidError, ImageTooLargeError
-from worker.images import FetchLimits, decode_image, fetch_image_bytes, new_session
+from worker.fetch import FetchLimits, fetch_image_bytes, new_session
+from worker.images import decode_image
+from worker.netguard import NetworkPolicy
 
 LIMITS = FetchLimits(max_bytes=50_000, max_pixels=1_000_000, connect_timeout_s=2, total_timeout_s=5)
+# The image server listens on 127.0.0.1 on a free port: both need allowing (tests/test_fetch_guard.py says why).
+LOCAL = NetworkPolicy(allow_networks=(ipaddress.ip_network("127.0.0.1/32"),), allow_ports=(range(1024, 65536),))
 
 
 def test_exif_orientation_is_applied() -> None:
@@ -44,14 +50,14 @@ def test_too_many_pixels_fails_before_decoding() -> None:
 def test_download_over_the_byte_cap_is_refused(image_server: ImageServer) -> None:
     image_server.routes["/big.png"] = (200, "image/png", b"\0" * (LIMITS.max_bytes + 1))
     with pytest.raises(ImageTooLargeError):
-        fetch_image_bytes(new_session(), image_server.url("/big.png"), LIMITS)
+        fetch_image_bytes(new_session(LOCAL), image_server.url("/big.png"), LIMITS)
 
 
 def test_download_of_a_missing_image_fails(image_server: ImageServer) -> None:
     with pytest.raises(ImageFetchError, match="HTTP 404"):
-        fetch_image_bytes(new_session(), image_server.url("/nowhere.png"), LIMITS)
+        fetch_image_bytes(new_session(LOCAL), image_server.url("/nowhere.png"), LIMITS)
 
 
 def test_download_returns_the_served_bytes(image_server: ImageServer) -> None:
     image_server.routes["/ok.png"] = (200, "image/png", shape_png("teal"))
-    assert fetch_image_bytes(new_session(), image_server.url("/ok.png"), LIMITS) == shape_png("teal")
+    assert fetch_image_bytes(new_session(LOCAL), image_server.url("/ok.png"), LIMITS) == shape_png("teal")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import subprocess
 import sys
@@ -44,11 +45,40 @@ def test_values_are_typed() -> None:
         ({"BLIPQ_MAX_NEW_TOKENS": "0"}, "BLIPQ_MAX_NEW_TOKENS"),
         ({"BLIPQ_FETCH_TIMEOUT_S": "-1"}, "BLIPQ_FETCH_TIMEOUT_S"),
         ({"BLIPQ_REDIS_URL": "http://localhost"}, "BLIPQ_REDIS_URL"),
+        ({"BLIPQ_FETCH_ALLOW_NETWORKS": "10.0.0.0/33"}, "BLIPQ_FETCH_ALLOW_NETWORKS"),
+        ({"BLIPQ_FETCH_ALLOW_NETWORKS": "10.0.0.5/8"}, "BLIPQ_FETCH_ALLOW_NETWORKS"),  # host bits: a typo
+        ({"BLIPQ_FETCH_ALLOW_NETWORKS": "intranet"}, "BLIPQ_FETCH_ALLOW_NETWORKS"),
+        ({"BLIPQ_FETCH_ALLOW_NETWORKS": "10.0.0.0/8;192.168.0.0/16"}, "BLIPQ_FETCH_ALLOW_NETWORKS"),
+        ({"BLIPQ_FETCH_ALLOW_PORTS": "http"}, "BLIPQ_FETCH_ALLOW_PORTS"),
+        ({"BLIPQ_FETCH_ALLOW_PORTS": "0"}, "BLIPQ_FETCH_ALLOW_PORTS"),
+        ({"BLIPQ_FETCH_ALLOW_PORTS": "65536"}, "BLIPQ_FETCH_ALLOW_PORTS"),
+        ({"BLIPQ_FETCH_ALLOW_PORTS": "9000-8000"}, "BLIPQ_FETCH_ALLOW_PORTS"),
+        ({"BLIPQ_FETCH_ALLOW_PORTS": "9000-"}, "BLIPQ_FETCH_ALLOW_PORTS"),
     ],
 )
 def test_bad_worker_value_names_the_variable(env: dict[str, str], variable: str) -> None:
     with pytest.raises(SettingsError, match=variable):
         WorkerSettings.from_env(env)
+
+
+def test_image_fetching_allows_no_private_network_and_no_other_port_by_default() -> None:
+    settings = WorkerSettings.from_env({})
+    assert (settings.fetch_allow_networks, settings.fetch_allow_ports) == ((), ())
+
+
+def test_allowed_networks_and_ports_are_parsed() -> None:
+    settings = WorkerSettings.from_env(
+        {
+            "BLIPQ_FETCH_ALLOW_NETWORKS": " 10.1.0.0/16, 192.168.7.9 ,fd00:1::/64,",
+            "BLIPQ_FETCH_ALLOW_PORTS": "8080, 9000-9099",
+        }
+    )
+    assert settings.fetch_allow_networks == (
+        ipaddress.ip_network("10.1.0.0/16"),
+        ipaddress.ip_network("192.168.7.9/32"),
+        ipaddress.ip_network("fd00:1::/64"),
+    )
+    assert settings.fetch_allow_ports == (range(8080, 8081), range(9000, 9100))
 
 
 def test_bad_api_value_names_the_variable() -> None:

@@ -27,6 +27,12 @@ class ImageFetchError(BlipqError):
     code = "image_fetch_failed"
 
 
+class UrlNotAllowedError(BlipqError):
+    """Raised when an image URL or one of its redirects leads where the worker must not connect (never retried)."""
+
+    code = "url_not_allowed"
+
+
 class ImageFetchTimeoutError(ImageFetchError):
     """Raised when an image download does not finish within its deadline."""
 

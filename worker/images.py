@@ -1,69 +1,49 @@
-"""Download and decode images with bounds on time, bytes and pixels. Imports no torch: the API shares it."""
+"""Recognise and decode images with bounds on pixels and formats. Imports no torch: the API shares it."""
 
 from __future__ import annotations
 
 import io
-import time
+import struct
 import warnings
-from dataclasses import dataclass
 
-import requests
 from PIL import Image, ImageOps
 
-from worker.errors import ImageFetchError, ImageFetchTimeoutError, ImageInvalidError, ImageTooLargeError
+from worker.errors import ImageInvalidError, ImageTooLargeError
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
-CHUNK_BYTES = 64 * 1024  # one streamed read
-MAX_REDIRECTS = 3
+SNIFF_BYTES = 12  # enough of a file's start to tell every allowed format
+
+# What Pillow's readers for the allowed formats accept as a file's first bytes, as (prefix, format); WebP is RIFF with
+# "WEBP" at offset 8, checked apart.
+SIGNATURES = (
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"BM", "BMP"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+    (b"II+\x00", "TIFF"),  # BigTIFF
+    (b"MM\x00+", "TIFF"),
+)
+
+# What Pillow's parsers raise on hostile or broken files: any of these is the file's fault, never the worker's.
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, KeyError, struct.error)
 
 
-@dataclass(frozen=True)
-class FetchLimits:
-    """Bounds on one image download and decode."""
-
-    max_bytes: int
-    max_pixels: int
-    connect_timeout_s: float
-    total_timeout_s: float
-
-
-def new_session() -> requests.Session:
-    """A requests session for image downloads: few redirects, no proxies taken from the environment."""
-    session = requests.Session()
-    session.max_redirects = MAX_REDIRECTS
-    session.trust_env = False
-    session.headers["User-Agent"] = "blipq-worker"
-    return session
-
-
-def fetch_image_bytes(session: requests.Session, url: str, limits: FetchLimits) -> bytes:
-    """Download `url` within a total deadline and a byte cap, streaming; raises ImageFetchError and kin."""
-    deadline = time.monotonic() + limits.total_timeout_s
-    try:
-        with session.get(url, stream=True, timeout=(limits.connect_timeout_s, limits.total_timeout_s)) as response:
-            if response.status_code >= 400:
-                raise ImageFetchError(f"the image host answered HTTP {response.status_code} for {url}")
-            declared = response.headers.get("Content-Length", "")
-            if declared.isdigit() and int(declared) > limits.max_bytes:
-                raise ImageTooLargeError(f"the image is {declared} bytes; the limit is {limits.max_bytes}")
-            body = bytearray()
-            for chunk in response.iter_content(CHUNK_BYTES):
-                body += chunk
-                if len(body) > limits.max_bytes:
-                    raise ImageTooLargeError(f"the image is over the limit of {limits.max_bytes} bytes")
-                if time.monotonic() > deadline:
-                    raise ImageFetchTimeoutError(f"the download took over {limits.total_timeout_s:g} s")
-            return bytes(body)
-    except requests.Timeout:
-        raise ImageFetchTimeoutError(f"the image host did not answer within {limits.total_timeout_s:g} s") from None
-    except requests.TooManyRedirects:
-        raise ImageFetchError(f"more than {MAX_REDIRECTS} redirects for {url}") from None
-    except requests.RequestException as exc:
-        raise ImageFetchError(f"could not download {url}: {type(exc).__name__}") from None
+def sniff_image_format(head: bytes) -> str | None:
+    """The allowed format whose signature `head` (a file's first bytes) starts with, or None."""
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    return next((fmt for prefix, fmt in SIGNATURES if head.startswith(prefix)), None)
 
 
 def open_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Open image bytes lazily (header only) and check the format and pixel count; raises ImageInvalidError."""
+    """Open image bytes lazily (header only) and check the format and pixel count; raises ImageInvalidError.
+
+    A header that claims more than `max_pixels` fails here, before any pixel buffer is allocated, so a file of a few
+    hundred bytes that claims 100000x100000 costs nothing.
+    """
     if not data:
         raise ImageInvalidError("the image is empty")
     try:
@@ -72,7 +52,7 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
             image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
     except (Image.DecompressionBombWarning, Image.DecompressionBombError):
         raise ImageTooLargeError("the image has too many pixels") from None
-    except (OSError, ValueError, SyntaxError):
+    except DECODE_ERRORS:
         raise ImageInvalidError(f"not an image in an accepted format ({', '.join(ALLOWED_FORMATS)})") from None
     if image.width * image.height > max_pixels:
         raise ImageTooLargeError(f"the image is {image.width}x{image.height}; the limit is {max_pixels} pixels")
@@ -80,11 +60,11 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
 
 
 def decode_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Decode image bytes fully into an RGB image with its EXIF orientation applied."""
+    """Decode image bytes fully into an RGB image with its EXIF orientation applied; an animation gives frame 0."""
     image = open_image(data, max_pixels)
     try:
-        image.load()  # a truncated file fails here, not later in the model
+        image.load()  # the first frame only; a truncated file fails here, not later in the model
         image = ImageOps.exif_transpose(image) or image
         return image.convert("RGB")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+    except (*DECODE_ERRORS, Image.DecompressionBombError):
         raise ImageInvalidError("the image could not be decoded (truncated or corrupt)") from None
