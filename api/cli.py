@@ -1,4 +1,5 @@
-"""The `blipq` command: `up` (everything on one machine), `api` and `worker` (one part each, for production)."""
+"""The `blipq` command: `up` (everything on one machine), `api` and `worker` (one part each, for production), and
+`api-key new NAME` (a key for a client)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from api.auth import NAME_PATTERN, hash_api_key, new_api_key
 from api.settings import ApiSettings
 from worker.errors import SettingsError
 from worker.settings import WorkerSettings
@@ -30,9 +32,19 @@ def main(argv: list[str] | None = None) -> None:
 
     commands.add_parser("worker", help="one Celery worker with the model resident; other options go to celery")
 
+    api_key = commands.add_parser("api-key", help="API keys for clients")
+    api_key_actions = api_key.add_subparsers(dest="action", required=True)
+    new_key = api_key_actions.add_parser("new", help="print a new random key, and the line that configures it")
+    new_key.add_argument("name", help="who the key is for: it owns the jobs made with the key (A-Z a-z 0-9 _ . -)")
+
     args, rest = parser.parse_known_args(argv)
     if rest and args.command != "worker":
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "api-key":
+        if not NAME_PATTERN.match(args.name):
+            parser.error(f"{args.name!r}: a key's name is 1-64 of A-Z a-z 0-9 _ . -, starting with a letter or digit")
+        print_new_api_key(args.name)
+        return
     try:
         if args.command in ("up", "api"):
             ApiSettings.from_env()
@@ -49,6 +61,15 @@ def main(argv: list[str] | None = None) -> None:
         gunicorn = ["--bind", args.bind, "--workers", str(args.workers), "--threads", str(args.threads)]
         os.execv(sys.executable, [sys.executable, "-m", "gunicorn", *gunicorn, "api.wsgi:app"])
     os.execv(sys.executable, [sys.executable, "-m", "worker", *rest])
+
+
+def print_new_api_key(name: str) -> None:
+    """Print a fresh key (the only time it is shown) and the `name:sha256hex` line that configures it."""
+    key = new_api_key()
+    print(f"API key for {name} (shown only now; the service keeps only its hash):")
+    print(f"  {key}")
+    print("Add this line to the file named by BLIPQ_API_KEYS_FILE (or to BLIPQ_API_KEY_HASHES, comma-separated):")
+    print(f"  {name}:{hash_api_key(key)}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,100 @@
+"""Admission control: rate limits per client (Flask-Limiter, counted in Redis) and back-pressure on the queue depth.
+
+Rate limits count per API key name when keys are on, else per client address, in a moving window (a client may never
+exceed the limit over any span of that length, unlike fixed windows that allow twice the limit across a boundary).
+Job submissions (POST) and reads of jobs (GET) have separate budgets, so polling never eats into submitting.
+Counters live in Redis under `blipq:ratelimit:`, shared by every API process.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import redis
+from flask import Blueprint, Flask, Response, request
+from flask_limiter import Limiter, RequestLimit
+from kombu.transport.redis import PRIORITY_STEPS, Channel
+
+from api.auth import api_key_name, is_public_request
+from api.errors import QueueFullError, RateLimitedError, ServiceUnavailableError, error_response
+from api.settings import ApiSettings
+
+log = logging.getLogger("blipq.api")
+
+RATE_LIMIT_KEY_PREFIX = "blipq:ratelimit"  # beside the job records, so one `blipq:*` namespace holds all our keys
+REDIS_TIMEOUT_S = 5  # a rate limit check on a dead Redis fails this fast (and lets the request through)
+QUEUE_FULL_RETRY_AFTER_S = 10  # what a refused client is told to wait: long enough for the workers to drain some
+
+
+def install_rate_limits(app: Flask, settings: ApiSettings, bp: Blueprint) -> None:
+    """Limit the routes of `bp` per client: POSTs to `settings.rate_limit`, GETs to `settings.poll_rate_limit`.
+
+    Call it after install_api_keys: Flask runs before-request hooks in order, and the limiter's key is the name of
+    the key that authentication found (a request refused with 401 counts against nothing).
+    """
+    if not (settings.rate_limit or settings.poll_rate_limit):
+        return
+    limiter = Limiter(
+        key_func=_client_identity,
+        app=app,
+        storage_uri=settings.redis_url,
+        storage_options={
+            "key_prefix": RATE_LIMIT_KEY_PREFIX,
+            "socket_connect_timeout": REDIS_TIMEOUT_S,
+            "socket_timeout": REDIS_TIMEOUT_S,
+        },
+        strategy="moving-window",
+        # Redis away: let the request through rather than fail it; a submission then gets 503 broker_unavailable
+        # from the job store anyway, and a read answers from whatever Redis still serves.
+        swallow_errors=True,
+        on_breach=_rate_limited_response,
+    )
+    for limit, method in ((settings.rate_limit, "POST"), (settings.poll_rate_limit, "GET")):
+        if limit:
+            limiter.limit(limit, methods=[method], exempt_when=is_public_request)(bp)
+
+
+def queue_names(queue: str) -> list[str]:
+    """The Redis lists that hold `queue`'s waiting messages: kombu keeps one per priority step.
+
+    Messages of priority 0 (all of ours) go to the list named `queue`, others to `queue` + "\\x06\\x16" + step.
+    """
+    return [f"{queue}{Channel.sep}{step}" if step else queue for step in PRIORITY_STEPS]
+
+
+def queue_depth(client: redis.Redis, queue: str) -> int:
+    """How many messages wait in `queue`, every priority together: one round trip (messages being run not counted)."""
+    with client.pipeline(transaction=False) as pipe:
+        for name in queue_names(queue):
+            pipe.llen(name)
+        return sum(int(length) for length in pipe.execute())
+
+
+def check_queue_room(client: redis.Redis, queue: str, max_depth: int) -> None:
+    """Refuse a new job (QueueFullError) when `queue` already holds `max_depth` messages; 0 means unbounded.
+
+    A bound, not an exact cap: submissions checked at the same instant may each pass it, by the API's thread count.
+    """
+    if not max_depth:
+        return
+    try:
+        depth = queue_depth(client, queue)
+    except redis.RedisError as exc:
+        log.warning("cannot read the queue depth: %s", exc)
+        raise ServiceUnavailableError("broker_unavailable", "the job queue is unavailable; retry later") from None
+    if depth >= max_depth:
+        raise QueueFullError(f"the queue holds {depth} jobs, its limit; retry later", QUEUE_FULL_RETRY_AFTER_S)
+
+
+def _client_identity() -> str:
+    name = api_key_name()
+    return f"key:{name}" if name else f"address:{request.remote_addr or 'unknown'}"
+
+
+def _rate_limited_response(limit: RequestLimit) -> Response:
+    """Flask-Limiter's 429, in our error shape with Retry-After (it raises it with this response attached)."""
+    retry_after_s = max(1, math.ceil(limit.window.reset_time - time.time()))
+    error = RateLimitedError(f"over the limit of {limit.limit}; retry in {retry_after_s} s", retry_after_s)
+    return error_response(error.status, error.code, error.message, error.headers)

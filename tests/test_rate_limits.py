@@ -1,0 +1,191 @@
+"""Given rate limits, a client over its budget gets 429 with Retry-After; given a full queue, submissions get 503."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+
+import pytest
+import redis
+from flask.testing import FlaskClient
+from werkzeug.test import TestResponse
+
+from api.admission import QUEUE_FULL_RETRY_AFTER_S, queue_depth, queue_names
+from api.auth import ApiKey, hash_api_key, new_api_key
+from api.settings import DEFAULT_MAX_QUEUE_DEPTH, ApiSettings
+from api.up import RedisProcess, start_redis
+from tests.conftest import api_client
+from worker.errors import SettingsError
+from worker.jobs import TASK_VQA, create_celery
+
+JOB = {"question": "what is it?", "image_url": "https://images.example.com/dog.png"}
+ALICE, BOB = new_api_key(), new_api_key()
+KEYS = (ApiKey("alice", hash_api_key(ALICE)), ApiKey("bob", hash_api_key(BOB)))
+
+
+@pytest.fixture
+def queue(redis_client: redis.Redis) -> Iterator[str]:
+    """A queue that no worker reads: what is enqueued stays there to be counted."""
+    name = f"nobody-{secrets.token_hex(4)}"
+    yield name
+    redis_client.delete(*queue_names(name))
+
+
+def as_key(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def stored_jobs(client: redis.Redis) -> int:
+    return len(list(client.scan_iter("blipq:job:*")))
+
+
+def assert_retry_later(response: TestResponse, status: int, code: str, longest_s: int) -> None:
+    assert response.status_code == status, response.get_data(as_text=True)
+    assert response.get_json()["error"]["code"] == code
+    assert response.get_json()["error"]["message"]
+    assert 0 < int(response.headers["Retry-After"]) <= longest_s
+
+
+def test_a_key_over_its_submission_limit_gets_429_and_another_key_does_not(
+    redis_server: RedisProcess, redis_client: redis.Redis, queue: str
+) -> None:
+    api = api_client(redis_server.url, queue, api_keys=KEYS, rate_limit="3/minute")
+
+    accepted = [api.post("/v1/jobs", json=JOB, headers=as_key(ALICE)).status_code for _ in range(3)]
+    refused = api.post("/v1/jobs", json=JOB, headers=as_key(ALICE))
+    other = api.post("/v1/jobs", json=JOB, headers=as_key(BOB))
+
+    assert accepted == [202, 202, 202]
+    assert_retry_later(refused, 429, "rate_limited", longest_s=60)
+    assert other.status_code == 202
+    assert stored_jobs(redis_client) == 4, "the refused job is not stored"
+    assert queue_depth(redis_client, queue) == 4
+
+
+def test_without_keys_the_limit_counts_per_client_address(redis_server: RedisProcess, queue: str) -> None:
+    api = api_client(redis_server.url, queue, rate_limit="2/minute")
+    first, second = {"REMOTE_ADDR": "192.0.2.1"}, {"REMOTE_ADDR": "192.0.2.2"}
+
+    statuses = [api.post("/v1/jobs", json=JOB, environ_base=first).status_code for _ in range(3)]
+
+    assert statuses == [202, 202, 429]
+    assert api.post("/v1/jobs", json=JOB, environ_base=second).status_code == 202
+
+
+def test_every_api_process_counts_against_the_same_budget(redis_server: RedisProcess, queue: str) -> None:
+    """The counters are in Redis: two gunicorn workers do not give a client twice the limit."""
+    apis = [api_client(redis_server.url, queue, api_keys=KEYS, rate_limit="3/minute") for _ in range(2)]
+
+    statuses = [apis[i % 2].post("/v1/jobs", json=JOB, headers=as_key(ALICE)).status_code for i in range(4)]
+
+    assert statuses == [202, 202, 202, 429]
+
+
+def test_polling_has_a_budget_of_its_own(redis_server: RedisProcess, queue: str) -> None:
+    api = api_client(redis_server.url, queue, api_keys=KEYS, rate_limit="1/minute", poll_rate_limit="3/minute")
+    job_id = api.post("/v1/jobs", json=JOB, headers=as_key(ALICE)).get_json()["id"]
+    assert api.post("/v1/jobs", json=JOB, headers=as_key(ALICE)).status_code == 429
+
+    polls = [api.get(f"/v1/jobs/{job_id}", headers=as_key(ALICE)).status_code for _ in range(3)]
+    over = api.get(f"/v1/jobs/{job_id}", headers=as_key(ALICE))
+
+    assert polls == [200, 200, 200], "a client out of submissions may still poll"
+    assert_retry_later(over, 429, "rate_limited", longest_s=60)
+    assert all(api.get("/healthz").status_code == 200 for _ in range(5)), "the health check is never limited"
+
+
+def test_a_submission_limit_alone_leaves_polling_free(redis_server: RedisProcess, queue: str) -> None:
+    api = api_client(redis_server.url, queue, rate_limit="1/minute")
+    job_id = api.post("/v1/jobs", json=JOB).get_json()["id"]
+
+    assert [api.get(f"/v1/jobs/{job_id}").status_code for _ in range(10)] == [200] * 10
+
+
+def test_requests_refused_for_their_key_do_not_count(redis_server: RedisProcess, queue: str) -> None:
+    api = api_client(redis_server.url, queue, api_keys=KEYS, rate_limit="1/minute")
+
+    refused = [api.post("/v1/jobs", json=JOB, headers=headers).status_code for headers in ({}, as_key(BOB + "x"))]
+
+    assert refused == [401, 401]
+    assert api.post("/v1/jobs", json=JOB, headers=as_key(ALICE)).status_code == 202
+
+
+def test_a_full_queue_refuses_jobs_with_503_and_stores_nothing(
+    redis_server: RedisProcess, redis_client: redis.Redis, queue: str
+) -> None:
+    api = api_client(redis_server.url, queue, max_queue_depth=3)
+
+    accepted = [api.post("/v1/jobs", json=JOB).status_code for _ in range(3)]
+    refused = api.post("/v1/jobs", json=JOB)
+
+    assert accepted == [202, 202, 202]
+    assert_retry_later(refused, 503, "queue_full", longest_s=QUEUE_FULL_RETRY_AFTER_S)
+    assert stored_jobs(redis_client) == 3
+    assert queue_depth(redis_client, queue) == 3
+
+
+def test_the_queue_depth_counts_messages_of_every_priority(
+    redis_server: RedisProcess, redis_client: redis.Redis, queue: str
+) -> None:
+    """Kombu keeps a list per priority step; a message sent with a priority is waiting work all the same."""
+    celery = create_celery(redis_server.url, queue, 60)
+    for priority in (0, 4, 9):
+        celery.send_task(TASK_VQA, args=[{}], queue=queue, priority=priority)
+
+    assert redis_client.llen(queue) == 1, "the others went to kombu's priority lists"
+    assert queue_depth(redis_client, queue) == 3
+    api = api_client(redis_server.url, queue, max_queue_depth=3)
+    assert api.post("/v1/jobs", json=JOB).status_code == 503
+
+
+def test_an_unbounded_queue_takes_every_job(redis_server: RedisProcess, redis_client: redis.Redis, queue: str) -> None:
+    redis_client.rpush(queue, *[b"waiting"] * 50)
+    api = api_client(redis_server.url, queue, max_queue_depth=0)
+
+    assert api.post("/v1/jobs", json=JOB).status_code == 202
+
+
+def test_with_redis_away_the_limiter_lets_the_job_store_answer_503() -> None:
+    server = start_redis()
+    api: FlaskClient = api_client(server.url, "nobody", rate_limit="1/minute", poll_rate_limit="1/minute")
+    server.stop()
+
+    response = api.post("/v1/jobs", json=JOB)
+
+    assert response.status_code == 503
+    assert response.get_json()["error"]["code"] == "broker_unavailable"
+
+
+def test_limits_are_off_and_the_queue_bounded_by_default() -> None:
+    settings = ApiSettings.from_env({})
+
+    assert (settings.rate_limit, settings.poll_rate_limit) == ("", "")
+    assert settings.max_queue_depth == DEFAULT_MAX_QUEUE_DEPTH > 0
+
+
+def test_limits_are_read_from_the_environment() -> None:
+    env = {"BLIPQ_RATE_LIMIT": "10/second;300/hour", "BLIPQ_POLL_RATE_LIMIT": "20/second", "BLIPQ_MAX_QUEUE_DEPTH": "0"}
+
+    settings = ApiSettings.from_env(env)
+
+    assert (settings.rate_limit, settings.poll_rate_limit, settings.max_queue_depth) == (
+        "10/second;300/hour",
+        "20/second",
+        0,
+    )
+
+
+@pytest.mark.parametrize(
+    ("env", "variable"),
+    [
+        ({"BLIPQ_RATE_LIMIT": "lots"}, "BLIPQ_RATE_LIMIT"),
+        ({"BLIPQ_RATE_LIMIT": "10/fortnight"}, "BLIPQ_RATE_LIMIT"),
+        ({"BLIPQ_RATE_LIMIT": "0/minute"}, "BLIPQ_RATE_LIMIT"),
+        ({"BLIPQ_POLL_RATE_LIMIT": "fast"}, "BLIPQ_POLL_RATE_LIMIT"),
+        ({"BLIPQ_MAX_QUEUE_DEPTH": "-1"}, "BLIPQ_MAX_QUEUE_DEPTH"),
+        ({"BLIPQ_MAX_QUEUE_DEPTH": "many"}, "BLIPQ_MAX_QUEUE_DEPTH"),
+    ],
+)
+def test_a_bad_limit_names_the_variable(env: dict[str, str], variable: str) -> None:
+    with pytest.raises(SettingsError, match=variable):
+        ApiSettings.from_env(env)
