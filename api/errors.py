@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
+import redis
 from flask import Flask, Response, jsonify
 from werkzeug.exceptions import HTTPException
 
 log = logging.getLogger("blipq.api")
+
+STORE_RETRY_AFTER_S = 2  # what a client is told to wait while Redis is away (a restart takes seconds)
 
 # Werkzeug's own HTTP errors, given stable codes of ours.
 HTTP_CODES = {
@@ -16,6 +20,7 @@ HTTP_CODES = {
     405: "method_not_allowed",
     413: "body_too_large",
     415: "unsupported_media_type",
+    429: "rate_limited",
 }
 
 
@@ -24,16 +29,26 @@ class ApiError(Exception):
 
     status = 400
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, headers: Mapping[str, str] | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.headers = dict(headers or {})
 
 
 class BadRequestError(ApiError):
     """Raised when the body cannot be parsed at all (malformed JSON)."""
 
     status = 400
+
+
+class UnauthorizedError(ApiError):
+    """Raised when API keys are on and a request has no key, or a key that is not configured."""
+
+    status = 401
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(code, message, {"WWW-Authenticate": 'Bearer realm="blipq"'})
 
 
 class NotFoundError(ApiError):
@@ -60,30 +75,58 @@ class ValidationError(ApiError):
     status = 422
 
 
+class RateLimitedError(ApiError):
+    """Raised when a client has used up its request budget; it may retry after `retry_after_s` seconds."""
+
+    status = 429
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__("rate_limited", message, {"Retry-After": str(retry_after_s)})
+
+
 class ServiceUnavailableError(ApiError):
     """Raised when Redis (the broker) cannot take the job right now."""
 
     status = 503
 
 
-def error_response(status: int, code: str, message: str) -> tuple[Response, int]:
+class QueueFullError(ServiceUnavailableError):
+    """Raised when the queue already holds as many jobs as it may; retry after `retry_after_s` seconds."""
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__("queue_full", message, {"Retry-After": str(retry_after_s)})
+
+
+def error_response(status: int, code: str, message: str, headers: Mapping[str, str] | None = None) -> Response:
     """The one shape of every error the API answers."""
-    return jsonify(error={"code": code, "message": message}), status
+    response = jsonify(error={"code": code, "message": message})
+    response.status_code = status
+    response.headers.update(headers or {})
+    return response
 
 
 def register_error_handlers(app: Flask) -> None:
     """Answer every error, ours or Werkzeug's or a bug, as JSON."""
 
     @app.errorhandler(ApiError)
-    def handle_api_error(exc: ApiError) -> tuple[Response, int]:
-        return error_response(exc.status, exc.code, exc.message)
+    def handle_api_error(exc: ApiError) -> Response:
+        return error_response(exc.status, exc.code, exc.message, exc.headers)
 
     @app.errorhandler(HTTPException)
-    def handle_http_error(exc: HTTPException) -> tuple[Response, int]:
+    def handle_http_error(exc: HTTPException) -> Response:
+        if isinstance(exc.response, Response):  # built with error_response already: the rate limiter's 429
+            return exc.response
         status = exc.code or 500
         return error_response(status, HTTP_CODES.get(status, "http_error"), exc.description or exc.name)
 
+    @app.errorhandler(redis.RedisError)
+    def handle_redis_away(exc: redis.RedisError) -> Response:
+        # Redis is away (a restart, a network cut): the client may retry; this is not a bug of ours.
+        log.warning("redis unavailable: %s", exc)
+        message = "the job store is unavailable; retry later"
+        return error_response(503, "store_unavailable", message, {"Retry-After": str(STORE_RETRY_AFTER_S)})
+
     @app.errorhandler(Exception)
-    def handle_unexpected(exc: Exception) -> tuple[Response, int]:
+    def handle_unexpected(exc: Exception) -> Response:
         log.exception("unhandled error")
         return error_response(500, "internal_error", "an unexpected error occurred; it has been logged")

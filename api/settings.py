@@ -5,18 +5,27 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
+from limits import parse_many
+
+from api.auth import ApiKey, parse_api_keys
+from worker.errors import SettingsError
 from worker.settings import (
     DEFAULT_JOB_TTL_S,
     DEFAULT_MAX_IMAGE_BYTES,
     DEFAULT_QUEUE,
     DEFAULT_REDIS_URL,
+    DEFAULT_TIME_LIMIT_S,
     env_int,
     env_redis_url,
     env_str,
 )
 
 FORM_OVERHEAD_BYTES = 64 * 1024  # room for the multipart boundaries and text fields beside one image
+# Jobs waiting in the queue beyond which submissions are refused (503 queue_full): minutes of work for one GPU, and
+# a bound on what Redis holds for them, uploads included.
+DEFAULT_MAX_QUEUE_DEPTH = 10_000
 
 
 @dataclass(frozen=True)
@@ -26,8 +35,13 @@ class ApiSettings:
     redis_url: str = DEFAULT_REDIS_URL
     queue: str = DEFAULT_QUEUE
     job_ttl_s: int = DEFAULT_JOB_TTL_S
+    job_time_limit_s: int = DEFAULT_TIME_LIMIT_S  # the workers' value: the visibility timeout derives from it
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
     max_question_chars: int = 500
+    api_keys: tuple[ApiKey, ...] = ()  # none: the API is open, as `blipq up` runs it
+    rate_limit: str = ""  # job submissions per key (or client address), e.g. "120/minute"; "": no limit
+    poll_rate_limit: str = ""  # reads of jobs per key (or client address), a budget of their own; "": no limit
+    max_queue_depth: int = DEFAULT_MAX_QUEUE_DEPTH  # 0: unbounded
 
     @property
     def max_body_bytes(self) -> int:
@@ -42,6 +56,45 @@ class ApiSettings:
             redis_url=env_redis_url(env),
             queue=env_str(env, "BLIPQ_QUEUE", DEFAULT_QUEUE),
             job_ttl_s=env_int(env, "BLIPQ_JOB_TTL_S", DEFAULT_JOB_TTL_S, minimum=60),
+            job_time_limit_s=env_int(env, "BLIPQ_JOB_TIME_LIMIT_S", DEFAULT_TIME_LIMIT_S, minimum=15),
             max_image_bytes=env_int(env, "BLIPQ_MAX_IMAGE_BYTES", DEFAULT_MAX_IMAGE_BYTES, minimum=1024),
             max_question_chars=env_int(env, "BLIPQ_MAX_QUESTION_CHARS", 500, minimum=1),
+            api_keys=env_api_keys(env),
+            rate_limit=env_rate_limit(env, "BLIPQ_RATE_LIMIT"),
+            poll_rate_limit=env_rate_limit(env, "BLIPQ_POLL_RATE_LIMIT"),
+            max_queue_depth=env_int(env, "BLIPQ_MAX_QUEUE_DEPTH", DEFAULT_MAX_QUEUE_DEPTH),
         )
+
+
+def env_api_keys(env: Mapping[str, str]) -> tuple[ApiKey, ...]:
+    """Read the hashed API keys: lines of BLIPQ_API_KEYS_FILE, and entries of BLIPQ_API_KEY_HASHES (comma-separated).
+
+    Both hold `name:sha256hex` entries (`blipq api-key new NAME` makes one); a name may appear only once.
+    """
+    keys = parse_api_keys(env.get("BLIPQ_API_KEY_HASHES", "").split(","), "BLIPQ_API_KEY_HASHES")
+    path = env.get("BLIPQ_API_KEYS_FILE", "").strip()
+    if path:
+        try:
+            lines = Path(path).read_text().splitlines()
+        except OSError as exc:
+            raise SettingsError(f"BLIPQ_API_KEYS_FILE={path!r} cannot be read: {exc.strerror}") from None
+        keys += parse_api_keys(lines, f"BLIPQ_API_KEYS_FILE={path!r}")
+    names = [key.name for key in keys]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise SettingsError(f"BLIPQ_API_KEYS_FILE / BLIPQ_API_KEY_HASHES: the name {duplicates[0]!r} is there twice")
+    return keys
+
+
+def env_rate_limit(env: Mapping[str, str], name: str) -> str:
+    """Read a rate limit such as "120/minute" or "10/second;300/hour" (any of them stops a client); "" is none."""
+    value = env.get(name, "").strip()
+    if not value:
+        return ""
+    try:
+        items = parse_many(value)
+    except ValueError:
+        raise SettingsError(f"{name}={value!r} is not a rate limit such as 120/minute or 10/second;300/hour") from None
+    if any(item.amount < 1 for item in items):
+        raise SettingsError(f"{name}={value!r}: each limit must allow at least 1 request")
+    return value

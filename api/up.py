@@ -18,8 +18,11 @@ from types import FrameType
 import redis
 import requests
 
+from worker.settings import env_float
+
 READY_TIMEOUT_S = 60.0  # for Redis and the API to answer after they start, on a busy machine
 STOP_GRACE_S = 15.0  # for a process to exit after SIGTERM before it is killed
+LOCAL_SHUTDOWN_GRACE_S = 10.0  # a worker's running job, on Ctrl-C, before it goes back to the queue
 RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0)  # between restarts of a worker that keeps dying
 
 
@@ -127,6 +130,8 @@ class Stack:
         self.api: subprocess.Popen[bytes] | None = None
         self.slots: list[WorkerSlot] = []
         self.env = dict(os.environ)
+        self.env.setdefault("BLIPQ_SHUTDOWN_GRACE_S", str(LOCAL_SHUTDOWN_GRACE_S))
+        self.worker_grace_s = env_float(self.env, "BLIPQ_SHUTDOWN_GRACE_S", LOCAL_SHUTDOWN_GRACE_S) + STOP_GRACE_S
 
     def start(self) -> None:
         """Start Redis (unless BLIPQ_REDIS_URL is set), the API and the workers; wait for the API."""
@@ -161,7 +166,7 @@ class Stack:
             if slot.process.poll() is None:
                 slot.process.terminate()
         for slot in self.slots:
-            stop_process(slot.process)
+            stop_process(slot.process, self.worker_grace_s)
         if self.api is not None:
             stop_process(self.api)
         if self.redis is not None:

@@ -13,6 +13,8 @@ from kombu.exceptions import OperationalError
 from werkzeug.datastructures import FileStorage
 from werkzeug.exceptions import BadRequest
 
+from api.admission import check_queue_room
+from api.auth import api_key_name, public
 from api.errors import (
     BadRequestError,
     NotFoundError,
@@ -48,15 +50,24 @@ def services() -> Services:
 
 
 @bp.get("/healthz")
+@public
 def healthz() -> Response:
     """The process is alive (it does not check Redis or the workers)."""
     return jsonify(status="ok")
+
+
+@bp.get("/v1/stats")
+def stats() -> Response:
+    """The fleet's reliability counters: executions, reruns, duplicate deliveries and executions, worker_lost..."""
+    return jsonify(services().store.stats())
 
 
 @bp.post("/v1/jobs")
 def submit_job() -> tuple[Response, int, dict[str, str]]:
     """Validate a job, store it and enqueue it; 202 means it is in Redis."""
     svc = services()
+    # Before the body is read: when the workers are behind, a refusal should cost nothing.
+    check_queue_room(svc.store.client, svc.settings.queue, svc.settings.max_queue_depth)
     job_request, upload = _parse_job_request(svc.settings)
     job = Job(
         id=new_job_id(),
@@ -64,10 +75,11 @@ def submit_job() -> tuple[Response, int, dict[str, str]]:
         question=job_request.question,
         image_url=str(job_request.image_url or ""),
         created_at=utc_now(),
+        owner=api_key_name(),
     )
     payload = {"job_id": job.id, "question": job.question, "image_url": job.image_url}
     try:
-        svc.store.create(job, upload)
+        svc.store.create(job, svc.settings.queue, upload)
     except redis.RedisError as exc:
         log.warning("cannot store job: %s", exc)
         raise ServiceUnavailableError("broker_unavailable", "the job queue is unavailable; retry later") from None
@@ -75,7 +87,7 @@ def submit_job() -> tuple[Response, int, dict[str, str]]:
         svc.celery.send_task(TASK_VQA, args=[payload], task_id=job.id, queue=svc.settings.queue)
     except (OperationalError, redis.RedisError) as exc:
         log.warning("cannot enqueue job %s: %s", job.id, exc)
-        _forget(svc.store, job.id)
+        _forget(svc.store, job.id, svc.settings.queue)
         raise ServiceUnavailableError("broker_unavailable", "the job queue is unavailable; retry later") from None
     location = f"/v1/jobs/{job.id}"
     return jsonify(id=job.id, status=str(job.status)), 202, {"Location": location}
@@ -83,9 +95,9 @@ def submit_job() -> tuple[Response, int, dict[str, str]]:
 
 @bp.get("/v1/jobs/<job_id>")
 def get_job(job_id: str) -> Response:
-    """A job's status, and its answer or error once it ended."""
+    """A job's status, and its answer or error once it ended; another key's job is as unknown as a job never made."""
     job = services().store.get(job_id) if JOB_ID_PATTERN.match(job_id) else None
-    if job is None:
+    if job is None or job.owner != api_key_name():
         raise NotFoundError("job_not_found", "no job has this id (it may have expired)")
     return jsonify(job.to_public())
 
@@ -130,8 +142,8 @@ def _read_upload(file: FileStorage | None, settings: ApiSettings) -> bytes | Non
     return data
 
 
-def _forget(store: JobStore, job_id: str) -> None:
+def _forget(store: JobStore, job_id: str, queue: str) -> None:
     try:
-        store.delete(job_id)
+        store.delete(job_id, queue)
     except redis.RedisError:  # Redis is away: the record expires by itself and no task refers to it
         log.warning("could not delete unqueued job %s", job_id)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from worker.errors import SettingsError
@@ -13,6 +14,9 @@ DEFAULT_ARGS = ["--pool=prefork", "--concurrency=1", "--loglevel=INFO", "--witho
 
 def main(argv: list[str] | None = None) -> None:
     """Start a Celery worker on the configured queue with the model loaded in its pool process."""
+    # SIGTERM (a deploy, `docker stop`, Kubernetes) starts Celery's soft shutdown: the running job finishes within
+    # BLIPQ_SHUTDOWN_GRACE_S or goes back to the queue. Read by billiard when it is imported, hence set first.
+    os.environ.setdefault("REMAP_SIGTERM", "SIGQUIT")
     from worker.app import create_worker_app
 
     try:

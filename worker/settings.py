@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_QUEUE = "blipq"
 DEFAULT_JOB_TTL_S = 24 * 3600  # job records, uploads and results expire a day after submission
 DEFAULT_MAX_IMAGE_BYTES = 10 * 1024 * 1024  # one image, uploaded or downloaded
+DEFAULT_TIME_LIMIT_S = 300  # the hard limit of one job (a 20 s fetch and a generate, with room); sets the visibility
 
 # The model that ships in the repository: what `blipq up` and `blipq worker` serve when BLIPQ_MODEL is unset.
 DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "demo_model" / "blip-vqa-easy"
@@ -58,6 +60,31 @@ def env_float(env: Mapping[str, str], name: str, default: float, minimum: float 
     return value
 
 
+def env_networks(env: Mapping[str, str], name: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """Read a comma-separated list of networks in CIDR notation (a bare address is a network of one)."""
+    networks = []
+    for item in filter(None, (part.strip() for part in env.get(name, "").split(","))):
+        try:
+            networks.append(ipaddress.ip_network(item))  # strict: 10.0.0.5/8 is a typo, not 10.0.0.0/8
+        except ValueError as exc:
+            raise SettingsError(f"{name}: {item!r} is not a network in CIDR notation ({exc})") from None
+    return tuple(networks)
+
+
+def env_ports(env: Mapping[str, str], name: str) -> tuple[range, ...]:
+    """Read a comma-separated list of TCP ports and port ranges, such as `8080,9000-9099`."""
+    ports = []
+    for item in filter(None, (part.strip() for part in env.get(name, "").split(","))):
+        low_text, dash, high_text = (part.strip() for part in item.partition("-"))
+        if not low_text.isdecimal() or (dash and not high_text.isdecimal()):
+            raise SettingsError(f"{name}: {item!r} is not a port (8080) or a port range (9000-9099)")
+        low, high = int(low_text), int(high_text or low_text)
+        if not 1 <= low <= high <= 65535:
+            raise SettingsError(f"{name}: {item!r} is not within 1-65535, low to high")
+        ports.append(range(low, high + 1))
+    return tuple(ports)
+
+
 def env_redis_url(env: Mapping[str, str]) -> str:
     """Read BLIPQ_REDIS_URL, which must be a redis:// or rediss:// URL."""
     url = env_str(env, "BLIPQ_REDIS_URL", DEFAULT_REDIS_URL)
@@ -92,7 +119,13 @@ class WorkerSettings:
     max_image_pixels: int = 40_000_000  # far below Pillow's 89M default: a 40 MP photo is plenty for a 384 px model
     fetch_connect_timeout_s: float = 5.0
     fetch_timeout_s: float = 20.0  # the whole download, not one read
+    fetch_allow_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()  # fetched although private
+    fetch_allow_ports: tuple[range, ...] = ()  # besides 80 and 443
     model_load_timeout_s: int = 900
+    job_time_limit_s: int = DEFAULT_TIME_LIMIT_S  # hard; the soft limit (job fails `timeout`) is 10 s earlier
+    max_attempts: int = 3  # starts of one job whose worker died each time, before it fails `worker_lost`
+    shutdown_grace_s: float = 30.0  # on SIGTERM, the running job has this long to finish, then goes back to the queue
+    reaper_interval_s: float = 30.0  # between two looks for jobs whose message was lost (worker/reaper.py); 0: never
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> WorkerSettings:
@@ -112,5 +145,11 @@ class WorkerSettings:
             max_image_pixels=env_int(env, "BLIPQ_MAX_IMAGE_PIXELS", 40_000_000, minimum=1),
             fetch_connect_timeout_s=env_float(env, "BLIPQ_FETCH_CONNECT_TIMEOUT_S", 5.0),
             fetch_timeout_s=env_float(env, "BLIPQ_FETCH_TIMEOUT_S", 20.0),
+            fetch_allow_networks=env_networks(env, "BLIPQ_FETCH_ALLOW_NETWORKS"),
+            fetch_allow_ports=env_ports(env, "BLIPQ_FETCH_ALLOW_PORTS"),
             model_load_timeout_s=env_int(env, "BLIPQ_MODEL_LOAD_TIMEOUT_S", 900, minimum=1),
+            job_time_limit_s=env_int(env, "BLIPQ_JOB_TIME_LIMIT_S", DEFAULT_TIME_LIMIT_S, minimum=15),
+            max_attempts=env_int(env, "BLIPQ_MAX_ATTEMPTS", 3, minimum=1),
+            shutdown_grace_s=env_float(env, "BLIPQ_SHUTDOWN_GRACE_S", 30.0),
+            reaper_interval_s=env_float(env, "BLIPQ_REAPER_INTERVAL_S", 30.0),
         )

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import time
 from typing import TYPE_CHECKING, Any
 
 from celery import Celery
+from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
+from celery.signals import task_failure
 
 from worker.errors import BlipqError, UploadMissingError
-from worker.images import FetchLimits, decode_image, fetch_image_bytes, new_session
-from worker.jobs import TASK_VQA, JobStore
+from worker.fetch import FetchLimits, fetch_image_bytes, new_session
+from worker.images import decode_image
+from worker.jobs import START_ENDED, START_GAVE_UP, START_MISSING, TASK_VQA, JobStore
+from worker.netguard import NetworkPolicy
 from worker.settings import WorkerSettings
 
 if TYPE_CHECKING:  # torch is imported in the pool process only, after the fork
@@ -20,6 +26,8 @@ if TYPE_CHECKING:  # torch is imported in the pool process only, after the fork
     from worker.inference import LoadedModel
 
 log = logging.getLogger("blipq.worker")
+
+REDIS_OUTAGE_S = 60.0  # how long a worker's job-record writes keep retrying while Redis is away (a restart)
 
 
 class WorkerRuntime:
@@ -33,9 +41,13 @@ class WorkerRuntime:
             connect_timeout_s=settings.fetch_connect_timeout_s,
             total_timeout_s=settings.fetch_timeout_s,
         )
+        self.network_policy = NetworkPolicy(
+            allow_networks=settings.fetch_allow_networks, allow_ports=settings.fetch_allow_ports
+        )
         self.loaded: LoadedModel | None = None
         self._store: JobStore | None = None
-        self._session: requests.Session | None = None
+        # Made here, not lazily: the session carries the network policy. It opens no socket before the fork.
+        self.session: requests.Session = new_session(self.network_policy)
 
     def start(self, **_signal_kwargs: Any) -> None:
         """Load the model; connected to `worker_process_init`, so it runs in the pool process after the fork."""
@@ -58,14 +70,10 @@ class WorkerRuntime:
     @property
     def store(self) -> JobStore:
         if self._store is None:
-            self._store = JobStore.from_url(self.settings.redis_url, self.settings.job_ttl_s)
+            settings = self.settings
+            # Writes retry across a Redis restart (up to the shutdown grace): an answer is recorded, not lost.
+            self._store = JobStore.from_url(settings.redis_url, settings.job_ttl_s, outage_s=REDIS_OUTAGE_S)
         return self._store
-
-    @property
-    def session(self) -> requests.Session:
-        if self._session is None:
-            self._session = new_session()
-        return self._session
 
     def run_job(self, payload: dict[str, str]) -> dict[str, str]:
         """Answer one job and record the outcome; bad input fails the job, never the worker."""
@@ -73,26 +81,51 @@ class WorkerRuntime:
         if self.loaded is None:  # a solo pool has no worker_process_init: load on first use
             self.start()
         assert self.loaded is not None
-        moved = self.store.mark_running(job_id, self.settings.model)
-        if moved < 0:
-            log.warning("job %s expired before it ran; skipped", job_id)
-            return {"status": "expired"}
-        if moved == 0:  # delivered again after it ended: its answer stands, the model is not run again
-            log.info("job %s already ended; not run again", job_id)
-            return {"status": "duplicate"}
+        skipped = self._begin(job_id)
+        if skipped is not None:
+            return skipped
         try:
             image = self._load_image(job_id, payload.get("image_url", ""))
             answer = self._answer(image, payload["question"])
         except BlipqError as exc:
-            self.store.mark_failed(job_id, exc.code, exc.message)
-            log.info("job %s failed: %s %s", job_id, exc.code, exc.message)
-            return {"status": "failed", "code": exc.code}
+            return self._fail(job_id, exc.code, exc.message)
+        except SoftTimeLimitExceeded:
+            return self._fail(
+                job_id, "timeout", f"the job ran past its time limit of {self.settings.job_time_limit_s} s"
+            )
         except Exception as exc:  # a bug or a model error: fail this job, keep the worker
             log.exception("job %s failed unexpectedly", job_id)
-            self.store.mark_failed(job_id, "internal_error", f"the worker could not answer: {type(exc).__name__}")
-            return {"status": "failed", "code": "internal_error"}
-        self.store.mark_succeeded(job_id, answer)
+            return self._fail(job_id, "internal_error", f"the worker could not answer: {type(exc).__name__}")
+        if not self.store.mark_succeeded(job_id, answer):
+            log.warning("job %s had ended while this run went on; its answer stands, this one is dropped", job_id)
         return {"status": "succeeded", "answer": answer}
+
+    def _begin(self, job_id: str) -> dict[str, str] | None:
+        """Record the start of a run; the outcome when the job must not run (expired, ended, given up)."""
+        settings = self.settings
+        attempt = self.store.start(job_id, settings.queue, settings.model, worker_identity(), settings.max_attempts)
+        if attempt == START_MISSING:
+            log.warning("job %s expired before it ran; skipped", job_id)
+            return {"status": "expired"}
+        if attempt == START_ENDED:  # delivered again after it ended: its answer stands, the model is not run again
+            log.info("job %s already ended; not run again", job_id)
+            return {"status": "duplicate"}
+        if attempt == START_GAVE_UP:
+            log.error("job %s failed: worker_lost (its worker died %d times)", job_id, self.settings.max_attempts)
+            return {"status": "failed", "code": "worker_lost"}
+        if attempt > 1:
+            log.warning("job %s: attempt %d (a worker died while running it)", job_id, attempt)
+        return None
+
+    def on_hard_time_limit(self, job_id: str) -> None:
+        """Fail a job whose pool process was killed at the hard time limit (runs in the main process)."""
+        message = f"the job ran past its hard time limit of {self.settings.job_time_limit_s} s"
+        self._fail(job_id, "timeout", message)
+
+    def _fail(self, job_id: str, code: str, message: str) -> dict[str, str]:
+        self.store.mark_failed(job_id, code, message)
+        log.info("job %s failed: %s %s", job_id, code, message)
+        return {"status": "failed", "code": code}
 
     def _load_image(self, job_id: str, image_url: str) -> Image.Image:
         if image_url:
@@ -112,9 +145,22 @@ class WorkerRuntime:
         return answer_questions(self.loaded, [image], [question], settings.max_new_tokens, settings.num_beams)[0]
 
 
+def worker_identity() -> str:
+    """Which process runs a job, recorded on it: host name and pool process id."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
 def register_tasks(app: Celery, runtime: WorkerRuntime) -> None:
     """Register the tasks a worker runs; each is thin glue around `runtime`."""
 
     @app.task(name=TASK_VQA)  # type: ignore[untyped-decorator]
     def answer_vqa_job(payload: dict[str, str]) -> dict[str, str]:
         return runtime.run_job(payload)
+
+    def on_task_failure(sender: Any = None, exception: BaseException | None = None, args: Any = (), **_: Any) -> None:
+        # Celery sends this from the main process when it killed a pool process at the hard time limit: the job
+        # would otherwise stay `running` (its message is acknowledged, it will not come back).
+        if isinstance(exception, TimeLimitExceeded) and args and isinstance(args[0], dict):
+            runtime.on_hard_time_limit(str(args[0].get("job_id", "")))
+
+    task_failure.connect(on_task_failure, sender=answer_vqa_job, weak=False)

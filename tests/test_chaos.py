@@ -1,0 +1,218 @@
+"""Nothing is lost: jobs survive killed pool processes, a SIGTERM'd worker and a Redis restart, answers unchanged."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from flask.testing import FlaskClient
+
+from api.up import RedisProcess, start_redis, stop_process
+from tests.conftest import WorkerProcess, api_client, start_worker
+from tests.fixtures.images import shape_png
+from worker.images import decode_image
+from worker.inference import answer_questions, load_model
+from worker.jobs import JobStore
+
+QUEUE = "chaos"
+JOB_COUNT = 240
+COLORS = ["red", "green", "blue", "black", "yellow", "teal"]
+SHAPES = ["circle", "square"]
+QUESTIONS = ["what color is the shape?", "is there a circle?", "what shape is in the image?", "how many?"]
+CHAOS_TIMEOUT_S = 240.0  # for every job to end, kills and restarts included, on a busy 2-core machine
+SLOW_IMAGE_S = 3.0  # long enough to kill a pool process surely while its job runs
+STEP_JOBS = 25  # jobs that end between two blows, so that each blow lands while work is under way
+
+
+def job_inputs() -> list[tuple[bytes, str]]:
+    """(image, question) pairs, cycling through a few images and questions."""
+    images = [shape_png(color, shape=shape) for color, shape in itertools.product(COLORS, SHAPES)]
+    pairs = itertools.cycle(itertools.product(images, QUESTIONS))
+    return [next(pairs) for _ in range(JOB_COUNT)]
+
+
+def reference_answers(model_dir: Path, inputs: list[tuple[bytes, str]]) -> list[str]:
+    """What an undisturbed run answers: the inference core, in this process, one job at a time."""
+    loaded = load_model(str(model_dir), device="cpu", dtype="float32")
+    cache: dict[tuple[bytes, str], str] = {}
+    for image, question in inputs:
+        if (image, question) not in cache:
+            cache[image, question] = answer_questions(loaded, [decode_image(image, 10**6)], [question])[0]
+    return [cache[pair] for pair in inputs]
+
+
+def pool_process(worker: WorkerProcess) -> int:
+    """The pid of the worker's pool process (the child of its main process that runs the jobs)."""
+    pid = worker.process.pid
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        if children:
+            return int(children[0])
+        time.sleep(0.1)
+    raise AssertionError(f"worker {pid} has no pool process\n{worker.log_tail()}")
+
+
+@pytest.fixture
+def chaos_redis(tmp_path: Path) -> Iterator[list[RedisProcess]]:
+    """A Redis of this test's own, with its append-only file on, that the test restarts (the list's last item)."""
+    servers = [start_redis(tmp_path / "redis")]
+    yield servers
+    servers[-1].stop()
+
+
+def submit(client: FlaskClient, image: bytes, question: str) -> str:
+    response = client.post(
+        "/v1/jobs", data={"question": question, "image": (io.BytesIO(image), "shape.png", "image/png")}
+    )
+    assert response.status_code == 202, response.get_json()
+    job_id: str = response.get_json()["id"]
+    return job_id
+
+
+def ended_count(store: JobStore, job_ids: list[str]) -> int:
+    with store.client.pipeline(transaction=False) as pipe:
+        for job_id in job_ids:
+            pipe.hget(f"blipq:job:{job_id}", "status")
+        statuses = pipe.execute()
+    return sum(status in (b"succeeded", b"failed") for status in statuses)
+
+
+def wait_for_progress(store: JobStore, job_ids: list[str], at_least: int, workers: list[WorkerProcess]) -> None:
+    deadline = time.monotonic() + CHAOS_TIMEOUT_S
+    while ended_count(store, job_ids) < min(at_least, len(job_ids)):
+        logs = "\n".join(w.log_tail() for w in workers)
+        assert time.monotonic() < deadline, f"no progress: {ended_count(store, job_ids)} jobs ended\n{logs}"
+        time.sleep(0.1)
+
+
+def test_no_job_is_lost_and_no_answer_changes_under_kills_and_a_redis_restart(
+    chaos_redis: list[RedisProcess], tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    # Given: two workers, and a few hundred jobs submitted at once.
+    server = chaos_redis[0]
+    inputs = job_inputs()
+    expected = reference_answers(tiny_model_dir, inputs)
+    grace = {"BLIPQ_SHUTDOWN_GRACE_S": "5"}
+    workers = [start_worker(server.url, tiny_model_dir, QUEUE, tmp_path / f"worker{i}.log", **grace) for i in (0, 1)]
+    client = api_client(server.url, QUEUE)
+    store = JobStore.from_url(server.url, 3600, outage_s=30)
+    try:
+        job_ids = [submit(client, image, question) for image, question in inputs]
+
+        # When: a pool process is killed outright, twice (the OOM killer)...
+        for index, worker in enumerate(workers):
+            wait_for_progress(store, job_ids, STEP_JOBS * (index + 1), workers)
+            os.kill(pool_process(worker), signal.SIGKILL)
+
+        # ...a worker is told to stop (a deploy) and a new one takes its place...
+        wait_for_progress(store, job_ids, STEP_JOBS * 3, workers)
+        workers[0].process.send_signal(signal.SIGTERM)
+        assert workers[0].process.wait(60) == 0, workers[0].log_tail()
+        workers[0] = start_worker(server.url, tiny_model_dir, QUEUE, tmp_path / "worker2.log", **grace)
+
+        # ...and Redis restarts; while it is away the API answers 503, never 500 and never a 202.
+        wait_for_progress(store, job_ids, STEP_JOBS * 4, workers)
+        server.stop()
+        image, question = inputs[0]
+        away = client.post("/v1/jobs", data={"question": question, "image": (io.BytesIO(image), "a.png")})
+        assert away.status_code == 503, away.get_json()
+        assert away.get_json()["error"]["code"] == "broker_unavailable"
+        reading = client.get(f"/v1/jobs/{job_ids[0]}")
+        assert reading.status_code == 503, reading.get_json()
+        server = start_redis(server.data_dir, port=server.port)
+        chaos_redis.append(server)
+        job_ids += [submit(client, image, question) for image, question in inputs[:4]]  # the API reconnects
+        expected += expected[:4]
+
+        # Then: every job ends, each with the answer an undisturbed run gives.
+        wait_for_progress(store, job_ids, len(job_ids), workers)
+        jobs = [client.get(f"/v1/jobs/{job_id}").get_json() for job_id in job_ids]
+        failed = [job for job in jobs if job["status"] != "succeeded"]
+        assert not failed, failed[:3]
+        changed = [i for i, job in enumerate(jobs) if job["answer"] != expected[i]]
+        assert not changed, f"{len(changed)} answers differ from an undisturbed run"
+        print("chaos stats:", store.stats())
+    finally:
+        for worker in workers:
+            stop_process(worker.process)
+
+
+@pytest.fixture
+def slow_image_url() -> Iterator[str]:
+    """The URL of an image that takes SLOW_IMAGE_S to arrive: a job is surely running while it waits."""
+    body = shape_png("red")
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            time.sleep(SLOW_IMAGE_S)
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/slow.png"
+    httpd.shutdown()
+
+
+def test_a_job_that_kills_its_worker_every_time_fails_worker_lost(
+    redis_server: RedisProcess, redis_client: redis.Redis, tiny_model_dir: Path, tmp_path: Path, slow_image_url: str
+) -> None:
+    # Given: a worker allowed two attempts per job, and a job whose image takes a while to download.
+    worker = start_worker(redis_server.url, tiny_model_dir, "poison", tmp_path / "w.log", BLIPQ_MAX_ATTEMPTS="2")
+    client = api_client(redis_server.url, "poison")
+    try:
+        response = client.post("/v1/jobs", json={"image_url": slow_image_url, "question": "what color is the shape?"})
+        assert response.status_code == 202, response.get_json()
+        job_id = response.get_json()["id"]
+        # When: its pool process dies each time it runs the job (a poison pill)...
+        for attempt in (1, 2):
+            running = wait_for_status(client, job_id, "running", worker)
+            assert redis_client.hget(f"blipq:job:{job_id}", "attempts") == str(attempt).encode()
+            os.kill(pool_process(worker), signal.SIGKILL)
+            wait_until_run_is_over(redis_client, job_id, running["started_at"])
+        # Then: the next delivery gives up on it, and the worker goes on with other jobs.
+        job = wait_for_status(client, job_id, "failed", worker)
+        assert job["error"]["code"] == "worker_lost", job
+        next_job = wait_for_status(client, submit(client, shape_png("blue"), "what color?"), "succeeded", worker)
+        assert next_job["answer"]
+        assert client.get("/v1/stats").get_json()["worker_lost"] == 1
+    finally:
+        stop_process(worker.process)
+
+
+def wait_for_status(client: FlaskClient, job_id: str, status: str, worker: WorkerProcess) -> dict[str, Any]:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        job: dict[str, Any] = client.get(f"/v1/jobs/{job_id}").get_json()
+        if job["status"] == status:
+            return job
+        time.sleep(0.005)
+    raise AssertionError(f"job {job_id} never became {status}: {job}\n{worker.log_tail()}")
+
+
+def wait_until_run_is_over(client: redis.Redis, job_id: str, started_at: str) -> None:
+    """Wait until the killed run is over: the job is queued again, started anew, or ended."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        status, started = client.hmget(f"blipq:job:{job_id}", ["status", "started_at"])
+        if status != b"running" or (started or b"").decode() != started_at:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} stayed in its killed run")
