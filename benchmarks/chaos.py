@@ -1,0 +1,335 @@
+"""Chaos run: a stream of jobs through the real service while workers are killed and Redis restarts.
+
+    python benchmarks/chaos.py [--jobs 1500] [--rate 40] [--workers 2] [--time-limit 30]
+
+Starts its own Redis (append-only file on), the API (gunicorn, real HTTP) and N workers serving the shipped demo
+model; submits easy-VQA test questions as uploads at a steady rate while, one after the other: a pool process is
+SIGKILLed (twice, on two workers), a whole worker is SIGKILLed with its pool process (a lost node), a worker gets
+SIGTERM (a deploy), and Redis is stopped and started again. Every killed worker is started again, as a supervisor
+would. Then it waits for every accepted job to end and prints: submitted, accepted, succeeded, failed (by code), lost,
+duplicate executions, answers changed, redelivery latency after each kind of kill and p50/p99 end-to-end latency.
+
+"Answers changed" counts answers that differ from the same model answering in this process, one job at a time (an
+undisturbed run), plus answers that changed between two readings. A job reserved by a worker that vanished comes
+back after the visibility timeout (--time-limit + 60 s), so the run lasts at least that long after that kill.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import redis
+import requests
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from api.up import free_port, start_redis, stop_process  # noqa: E402
+from worker.jobs import JobStore, job_key, visibility_timeout_for  # noqa: E402
+
+FINAL = (b"succeeded", b"failed")
+BLOW_INTERVAL_S = 6.0  # between two blows: long enough for the fleet to be busy again
+REDIS_DOWN_S = 2.0  # how long Redis stays away when it restarts
+
+
+@dataclass
+class Worker:
+    """One `python -m worker` process of the run, in its own process group."""
+
+    index: int
+    process: subprocess.Popen[bytes]
+
+    def pool_pid(self) -> int:
+        pid = self.process.pid
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+            if children:
+                return int(children[0])
+            time.sleep(0.1)
+        raise RuntimeError(f"worker {pid} has no pool process")
+
+
+@dataclass
+class Run:
+    """What the run saw: accepted jobs, refusals, and the blows with the jobs each one hit."""
+
+    items: list[tuple[bytes, str, str]]  # (image, question, reference answer)
+    accepted: dict[str, int] = field(default_factory=dict)  # job id -> item index
+    submitted: int = 0
+    refused: Counter[int] = field(default_factory=Counter)  # HTTP status -> count (503 while Redis is away)
+    blows: list[tuple[str, float, set[str]]] = field(default_factory=list)  # (kind, wall time, jobs it hit)
+    done_submitting: threading.Event = field(default_factory=threading.Event)
+
+
+def load_items(count: int) -> list[tuple[bytes, str, str]]:
+    """`count` easy-VQA test questions with their images as PNG bytes, and what the model answers in-process."""
+    from easy_vqa import get_test_image_paths, get_test_questions
+    from PIL import Image
+
+    from worker.images import decode_image
+    from worker.inference import answer_questions, load_model
+    from worker.settings import DEMO_MODEL_DIR
+
+    questions, _, image_ids = get_test_questions()
+    paths = get_test_image_paths()
+    loaded = load_model(str(DEMO_MODEL_DIR), device="cpu", dtype="float32")
+    items = []
+    for question, image_id in list(zip(questions, image_ids, strict=True))[:count]:
+        buffer = io.BytesIO()
+        Image.open(paths[image_id]).convert("RGB").save(buffer, format="PNG")
+        image = buffer.getvalue()
+        reference = answer_questions(loaded, [decode_image(image, 10**6)], [question])[0]
+        items.append((image, question, reference))
+    return items
+
+
+def submit_all(base: str, run: Run, rate: float) -> None:
+    """Submit every item at `rate` per second; a 503 (Redis away) is retried after a pause, as a client would."""
+    session = requests.Session()
+    for index, (image, question, _) in enumerate(run.items):
+        due = time.monotonic() + 1 / rate
+        while True:
+            run.submitted += 1
+            try:
+                files = {"image": ("q.png", image, "image/png")}
+                response = session.post(f"{base}/v1/jobs", data={"question": question}, files=files, timeout=30)
+            except requests.RequestException:
+                run.refused[0] += 1
+                time.sleep(0.5)
+                continue
+            if response.status_code == 202:
+                run.accepted[response.json()["id"]] = index
+                break
+            run.refused[response.status_code] += 1
+            time.sleep(0.5)
+        time.sleep(max(0.0, due - time.monotonic()))
+    run.done_submitting.set()
+
+
+def running_on(client: redis.Redis, job_ids: list[str], worker_ids: set[str]) -> set[str]:
+    """The jobs now running in one of these pool processes (host:pid, as the worker records them)."""
+    with client.pipeline(transaction=False) as pipe:
+        for job_id in job_ids:
+            pipe.hmget(job_key(job_id), ["status", "worker"])
+        rows = pipe.execute()
+    return {
+        job_id
+        for job_id, (status, worker) in zip(job_ids, rows, strict=True)
+        if status == b"running" and (worker or b"").decode() in worker_ids
+    }
+
+
+class Fleet:
+    """The service's processes: Redis, the API and the workers, each started again after a blow, as a supervisor
+    would."""
+
+    def __init__(self, workers: int, time_limit_s: int) -> None:
+        self.data_dir = Path(tempfile.mkdtemp(prefix="blipq-chaos-"))
+        self.redis = start_redis(self.data_dir / "redis")
+        self.port = free_port(frozenset({self.redis.port}))
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.env = {
+            **os.environ,
+            "BLIPQ_REDIS_URL": self.redis.url,
+            "BLIPQ_TORCH_THREADS": "1",
+            "BLIPQ_JOB_TIME_LIMIT_S": str(time_limit_s),
+            "BLIPQ_SHUTDOWN_GRACE_S": "5",
+        }
+        self.log = (self.data_dir / "service.log").open("wb")
+        bind = f"127.0.0.1:{self.port}"
+        self.api = self._spawn([sys.executable, "-m", "gunicorn", "--bind", bind, "--threads", "8", "api.wsgi:app"])
+        self.workers = [Worker(i, self._spawn_worker(i)) for i in range(workers)]
+
+    def kill_pool_process(self, worker: Worker) -> None:
+        os.kill(worker.pool_pid(), signal.SIGKILL)
+
+    def restart_worker(self, worker: Worker, sig: int) -> None:
+        """Send `sig` to the worker's whole process group, wait for it to exit, start a new one."""
+        os.killpg(worker.process.pid, sig)
+        worker.process.wait()
+        worker.process = self._spawn_worker(worker.index)
+
+    def restart_redis(self) -> None:
+        self.redis.stop()
+        time.sleep(REDIS_DOWN_S)
+        self.redis = start_redis(self.redis.data_dir, port=self.redis.port)
+
+    def stop(self) -> None:
+        for worker in self.workers:
+            stop_process(worker.process)
+        stop_process(self.api)
+        self.redis.stop()
+
+    def _spawn_worker(self, index: int) -> subprocess.Popen[bytes]:
+        return self._spawn([sys.executable, "-m", "worker", f"--hostname=w{index}.{time.time():.0f}@%h"])
+
+    def _spawn(self, argv: list[str]) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            argv, env=self.env, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--jobs", type=int, default=1500)
+    parser.add_argument("--rate", type=float, default=40.0, help="jobs submitted per second")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--time-limit", type=int, default=30, help="BLIPQ_JOB_TIME_LIMIT_S of the workers")
+    args = parser.parse_args()
+
+    print(f"preparing {args.jobs} questions and their in-process answers...", flush=True)
+    run = Run(load_items(args.jobs))
+    fleet = Fleet(max(2, args.workers), args.time_limit)
+    client = redis.Redis.from_url(fleet.redis.url)
+    host = socket.gethostname()
+    try:
+        wait_until_serving(fleet, run.items[0])
+        started = time.time()
+        submitter = threading.Thread(target=submit_all, args=(fleet.base, run, args.rate), daemon=True)
+        submitter.start()
+
+        def blow(kind: str, worker: Worker | None, action: Callable[[], None]) -> None:
+            time.sleep(BLOW_INTERVAL_S)
+            hit = running_on(client, list(run.accepted), {f"{host}:{worker.pool_pid()}"}) if worker else set()
+            at = time.time()
+            action()
+            run.blows.append((kind, at, hit))
+            print(f"{at - started:6.1f} s  {kind}: {len(hit)} running job(s) hit", flush=True)
+
+        first, last = fleet.workers[0], fleet.workers[-1]
+        blow("SIGKILL pool process", first, lambda: fleet.kill_pool_process(first))
+        blow("SIGKILL pool process", last, lambda: fleet.kill_pool_process(last))
+        blow("SIGKILL whole worker", first, lambda: fleet.restart_worker(first, signal.SIGKILL))
+        blow("SIGTERM worker", last, lambda: fleet.restart_worker(last, signal.SIGTERM))
+        blow("Redis restart", None, fleet.restart_redis)
+        submitter.join()
+
+        deadline = time.monotonic() + visibility_timeout_for(args.time_limit) + 120
+        first_answers = wait_for_all(client, list(run.accepted), deadline)
+        report(run, client, JobStore(client, 3600), first_answers, started)
+    finally:
+        fleet.stop()
+        print(f"logs: {fleet.data_dir / 'service.log'}")
+    return 0
+
+
+def wait_until_serving(fleet: Fleet, item: tuple[bytes, str, str]) -> None:
+    """Wait for the API and for a worker to answer one job (its model loaded)."""
+    base = fleet.base
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if any(process.poll() is not None for process in [fleet.api, *(w.process for w in fleet.workers)]):
+            raise RuntimeError(f"a process of the service exited; see {fleet.data_dir / 'service.log'}")
+        try:
+            response = requests.post(
+                f"{base}/v1/jobs", data={"question": item[1]}, files={"image": ("q.png", item[0])}, timeout=5
+            )
+            job_id = response.json()["id"]
+            while time.monotonic() < deadline:
+                job = requests.get(f"{base}/v1/jobs/{job_id}", timeout=5).json()
+                if job["status"] in ("succeeded", "failed"):
+                    return
+                time.sleep(0.2)
+        except (requests.RequestException, ValueError, KeyError):
+            time.sleep(0.5)
+    raise RuntimeError("the service did not answer a first job")
+
+
+def wait_for_all(client: redis.Redis, job_ids: list[str], deadline: float) -> dict[str, str]:
+    """Wait until every job ended (or the deadline); the answers as first read."""
+    answers: dict[str, str] = {}
+    while time.monotonic() < deadline:
+        pending = [job_id for job_id in job_ids if job_id not in answers]
+        if not pending:
+            break
+        with client.pipeline(transaction=False) as pipe:
+            for job_id in pending:
+                pipe.hmget(job_key(job_id), ["status", "answer"])
+            rows = pipe.execute()
+        for job_id, (status, answer) in zip(pending, rows, strict=True):
+            if status in FINAL:
+                answers[job_id] = (answer or b"").decode()
+        time.sleep(1.0)
+    return answers
+
+
+def report(run: Run, client: redis.Redis, store: JobStore, first: dict[str, str], started: float) -> None:
+    """Print the run's figures."""
+    fields = ["status", "answer", "error_code", "created_at", "started_at", "finished_at", "attempts"]
+    with client.pipeline(transaction=False) as pipe:
+        for job_id in run.accepted:
+            pipe.hmget(job_key(job_id), fields)
+        raw_rows = pipe.execute()
+    rows = {job_id: dict(zip(fields, row, strict=True)) for job_id, row in zip(run.accepted, raw_rows, strict=True)}
+    statuses = Counter((row["status"] or b"missing").decode() for row in rows.values())
+    failed_codes = Counter((row["error_code"] or b"").decode() for row in rows.values() if row["status"] == b"failed")
+    lost = len(run.accepted) - len(first)
+    changed_vs_reference = sum(
+        1
+        for job_id, index in run.accepted.items()
+        if rows[job_id]["status"] == b"succeeded" and rows[job_id]["answer"].decode() != run.items[index][2]
+    )
+    changed_after_read = sum(
+        1 for job_id, answer in first.items() if (rows[job_id]["answer"] or b"").decode() != answer
+    )
+    latencies = sorted(
+        seconds_between(row["created_at"], row["finished_at"]) for row in rows.values() if row["status"] in FINAL
+    )
+    stats = store.stats()
+    print()
+    print(f"run time                 {time.time() - started:.0f} s")
+    print(f"submitted (tries)        {run.submitted}")
+    print(f"accepted (202)           {len(run.accepted)}")
+    print(f"refused                  {dict(run.refused)}  (0 = no HTTP answer; 503 = Redis away, retried)")
+    print(f"succeeded                {statuses.get('succeeded', 0)}")
+    print(f"failed by code           {dict(failed_codes)}")
+    print(f"lost                     {lost}")
+    print(f"executions               {stats['executions']}  (reruns after a kill: {stats['reruns']})")
+    print(f"duplicate executions     {stats['duplicate_executions']}  (answers computed twice, the second dropped)")
+    print(f"duplicate deliveries     {stats['duplicate_deliveries']}  (delivered after they ended; not run again)")
+    print(
+        f"answers changed          {changed_vs_reference + changed_after_read}  "
+        f"(vs undisturbed run: {changed_vs_reference}, between two readings: {changed_after_read})"
+    )
+    for kind, at, hit in run.blows:
+        delays = [
+            seconds_since(at, rows[job_id]["started_at"]) for job_id in hit if int(rows[job_id]["attempts"] or 0) > 1
+        ]
+        shown = ", ".join(f"{delay:.1f} s" for delay in delays) or "no job ran again (none was cut short)"
+        print(f"redelivery after {kind:22s} {shown}")
+    if latencies:
+        p50 = statistics.median(latencies)
+        p99 = latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]
+        print(f"end-to-end latency       p50 {p50:.2f} s, p99 {p99:.2f} s (created -> finished)")
+
+
+def parse_time(value: bytes | None) -> float:
+    return datetime.fromisoformat((value or b"").decode()).timestamp()
+
+
+def seconds_between(start: bytes | None, end: bytes | None) -> float:
+    return parse_time(end) - parse_time(start)
+
+
+def seconds_since(at: float, value: bytes | None) -> float:
+    return parse_time(value) - at
+
+
+if __name__ == "__main__":
+    sys.exit(main())
