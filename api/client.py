@@ -1,0 +1,130 @@
+"""A Python client of the blipq HTTP API: submit a job, wait for it with back-off, ask and get the answer.
+
+Imports only `requests`: a user's script can use it without the service's own dependencies.
+
+    from api.client import BlipqClient
+    client = BlipqClient("http://127.0.0.1:8000")
+    print(client.ask("photo.jpg", "how many dogs are in the picture?"))
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import requests
+
+FINAL_STATUSES = frozenset({"succeeded", "failed", "canceled", "expired"})
+RETRYABLE_STATUSES = frozenset({429, 503})  # rate limited, queue full, Redis away: worth another try later
+MAX_SUBMIT_TRIES = 5
+FIRST_POLL_S = 0.05  # a demo-model answer is ready in tens of milliseconds
+MAX_POLL_S = 2.0  # a long job is polled every 2 s, not hammered
+
+
+class BlipqClientError(Exception):
+    """Raised when the service refuses a request; `code` is the service's stable error code."""
+
+    def __init__(self, code: str, message: str, status: int = 0) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code, self.message, self.status = code, message, status
+
+
+class JobFailedError(BlipqClientError):
+    """Raised by `ask` when the job ended without an answer (failed, canceled or expired)."""
+
+    def __init__(self, job: dict[str, Any]) -> None:
+        error = job.get("error") or {"code": job.get("status", "failed"), "message": f"the job is {job.get('status')}"}
+        super().__init__(error["code"], error["message"])
+        self.job = job
+
+
+@dataclass
+class BlipqClient:
+    """One blipq service, reached over HTTP with an optional API key."""
+
+    base_url: str
+    api_key: str | None = None
+    timeout_s: float = 30.0  # one HTTP request
+
+    def __post_init__(self) -> None:
+        self.base_url = self.base_url.rstrip("/")
+        self.session = requests.Session()
+        if self.api_key:
+            self.session.headers["Authorization"] = f"Bearer {self.api_key}"
+
+    def submit(self, image: str | Path | bytes, question: str, **fields: Any) -> str:
+        """Submit one question about one image (an http(s) URL, a local file, or image bytes); returns the job id.
+
+        Extra `fields` (priority, deadline_s, webhook...) are sent as they are. A 429 or 503 is retried after the
+        Retry-After the service gives, a few times.
+        """
+        for attempt in range(MAX_SUBMIT_TRIES):
+            response = self._post_job(image, question, fields)
+            if response.status_code == 202:
+                job_id: str = response.json()["id"]
+                return job_id
+            if response.status_code not in RETRYABLE_STATUSES or attempt == MAX_SUBMIT_TRIES - 1:
+                raise _error_of(response)
+            time.sleep(_retry_after_s(response, default=2.0**attempt))
+        raise AssertionError("unreachable")
+
+    def get(self, job_id: str) -> dict[str, Any]:
+        """The job as the service shows it now."""
+        response = self.session.get(f"{self.base_url}/v1/jobs/{job_id}", timeout=self.timeout_s)
+        if response.status_code != 200:
+            raise _error_of(response)
+        job: dict[str, Any] = response.json()
+        return job
+
+    def wait(self, job_id: str, timeout_s: float | None = None) -> dict[str, Any]:
+        """Poll the job, backing off from 50 ms to 2 s, until it ends; TimeoutError after `timeout_s`."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        delay = FIRST_POLL_S
+        while True:
+            try:
+                job = self.get(job_id)
+                if job["status"] in FINAL_STATUSES:
+                    return job
+            except BlipqClientError as exc:
+                if exc.status not in RETRYABLE_STATUSES:
+                    raise
+            if deadline is not None and time.monotonic() + delay > deadline:
+                raise TimeoutError(f"job {job_id} did not end within {timeout_s:g} s")
+            time.sleep(delay)
+            delay = min(delay * 2, MAX_POLL_S)
+
+    def ask(self, image: str | Path | bytes, question: str, timeout_s: float | None = None, **fields: Any) -> str:
+        """Submit, wait, and return the answer; raises JobFailedError with the job's error code otherwise."""
+        job = self.wait(self.submit(image, question, **fields), timeout_s)
+        if job["status"] != "succeeded":
+            raise JobFailedError(job)
+        answer: str = job["answer"]
+        return answer
+
+    def _post_job(self, image: str | Path | bytes, question: str, fields: dict[str, Any]) -> requests.Response:
+        url = f"{self.base_url}/v1/jobs"
+        if isinstance(image, str) and image.startswith(("http://", "https://")):
+            return self.session.post(
+                url, json={"image_url": image, "question": question, **fields}, timeout=self.timeout_s
+            )
+        data = image if isinstance(image, bytes) else Path(image).read_bytes()
+        name = "image" if isinstance(image, bytes) else Path(image).name
+        form = {"question": question, **{key: str(value) for key, value in fields.items()}}
+        return self.session.post(url, data=form, files={"image": (name, data)}, timeout=self.timeout_s)
+
+
+def _error_of(response: requests.Response) -> BlipqClientError:
+    try:
+        error = response.json()["error"]
+        return BlipqClientError(error["code"], error["message"], response.status_code)
+    except (ValueError, KeyError, TypeError):
+        return BlipqClientError(
+            "http_error", f"HTTP {response.status_code}: {response.text[:200]}", response.status_code
+        )
+
+
+def _retry_after_s(response: requests.Response, default: float) -> float:
+    value = response.headers.get("Retry-After", "")
+    return float(value) if value.isdigit() else default

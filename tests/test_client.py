@@ -1,0 +1,72 @@
+"""The Python client against the real service over HTTP: ask, errors with the service's codes, waiting bounds."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from werkzeug.serving import make_server
+
+from api.app import create_app
+from api.client import BlipqClient, BlipqClientError, JobFailedError
+from api.settings import ApiSettings
+from api.up import RedisProcess
+from tests.conftest import ImageServer, WorkerProcess
+from tests.fixtures.images import shape_png
+
+
+def serve(settings: ApiSettings) -> Iterator[str]:
+    """The real app on a real HTTP server in a thread; yields its base URL."""
+    server = make_server("127.0.0.1", 0, create_app(settings), threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+
+
+@pytest.fixture
+def service_url(redis_server: RedisProcess, tiny_worker: WorkerProcess, redis_client: redis.Redis) -> Iterator[str]:
+    """The API over HTTP, enqueueing on the tiny worker's queue."""
+    yield from serve(ApiSettings(redis_url=redis_server.url, queue=tiny_worker.queue))
+
+
+def test_ask_answers_about_a_local_file_bytes_and_a_url(
+    service_url: str, image_server: ImageServer, tmp_path: Path
+) -> None:
+    client = BlipqClient(service_url)
+    picture = tmp_path / "red.png"
+    picture.write_bytes(shape_png("red"))
+    image_server.routes["/red.png"] = (200, "image/png", shape_png("red"))
+
+    from_file = client.ask(picture, "what color is the shape?", timeout_s=120)
+    from_bytes = client.ask(shape_png("red"), "what color is the shape?", timeout_s=120)
+    from_url = client.ask(image_server.url("/red.png"), "what color is the shape?", timeout_s=120)
+
+    assert from_file and from_file == from_bytes == from_url  # the same pixels and question: the same answer
+
+
+def test_a_failed_job_raises_with_the_service_code(service_url: str, image_server: ImageServer) -> None:
+    client = BlipqClient(service_url)
+    with pytest.raises(JobFailedError) as failure:
+        client.ask(image_server.url("/missing.png"), "what color?", timeout_s=120)
+    assert failure.value.code == "image_fetch_failed"
+    assert failure.value.job["status"] == "failed"
+
+
+def test_a_refused_request_raises_with_the_service_code(service_url: str) -> None:
+    with pytest.raises(BlipqClientError) as refused:
+        BlipqClient(service_url).submit(shape_png("red"), "   ")
+    assert (refused.value.status, refused.value.code) == (422, "question_empty")
+
+
+def test_waiting_is_bounded(redis_server: RedisProcess, redis_client: redis.Redis) -> None:
+    # A queue no worker consumes: the job stays queued, and `wait` gives up at its timeout.
+    for url in serve(ApiSettings(redis_url=redis_server.url, queue="nobody-listens")):
+        client = BlipqClient(url)
+        job_id = client.submit(shape_png("blue"), "what color?")
+        with pytest.raises(TimeoutError):
+            client.wait(job_id, timeout_s=0.5)
+        assert client.get(job_id)["status"] == "queued"
