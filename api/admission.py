@@ -59,7 +59,7 @@ def install_rate_limits(app: Flask, settings: ApiSettings, bp: Blueprint) -> Non
 def queue_names(queue: str) -> list[str]:
     """The Redis lists that hold `queue`'s waiting messages: kombu keeps one per priority step.
 
-    Messages of priority 0 (all of ours) go to the list named `queue`, others to `queue` + "\\x06\\x16" + step.
+    Priority 0 (our `high`) goes to the list named `queue`, others to `queue` + "\\x06\\x16" + step (3: normal, 6: low).
     """
     return [f"{queue}{Channel.sep}{step}" if step else queue for step in PRIORITY_STEPS]
 

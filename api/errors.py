@@ -57,6 +57,13 @@ class NotFoundError(ApiError):
     status = 404
 
 
+class ConflictError(ApiError):
+    """Raised when a request conflicts with a job's state or with an earlier request (a cancel of an ended job, an
+    Idempotency-Key reused with another body)."""
+
+    status = 409
+
+
 class PayloadTooLargeError(ApiError):
     """Raised when the body or the image is over its limit."""
 
@@ -117,7 +124,9 @@ def register_error_handlers(app: Flask) -> None:
         if isinstance(exc.response, Response):  # built with error_response already: the rate limiter's 429
             return exc.response
         status = exc.code or 500
-        return error_response(status, HTTP_CODES.get(status, "http_error"), exc.description or exc.name)
+        # Werkzeug's headers but its HTML content type: the Allow of a 405 (RFC 9110 requires it there).
+        headers = {name: value for name, value in exc.get_headers() if name.lower() != "content-type"}
+        return error_response(status, HTTP_CODES.get(status, "http_error"), exc.description or exc.name, headers)
 
     @app.errorhandler(redis.RedisError)
     def handle_redis_away(exc: redis.RedisError) -> Response:

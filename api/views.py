@@ -1,10 +1,14 @@
-"""The HTTP routes: submit a job, read a job, and a liveness check."""
+"""The HTTP routes: submit a job, read a job, cancel a job, and a liveness check."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import re
+import time
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 from celery import Celery
@@ -17,6 +21,7 @@ from api.admission import check_queue_room
 from api.auth import api_key_name, public
 from api.errors import (
     BadRequestError,
+    ConflictError,
     NotFoundError,
     PayloadTooLargeError,
     ServiceUnavailableError,
@@ -27,13 +32,27 @@ from api.schemas import JobRequest, validate_job_request
 from api.settings import ApiSettings
 from worker.errors import ImageInvalidError, ImageTooLargeError
 from worker.images import open_image
-from worker.jobs import TASK_VQA, Job, JobStatus, JobStore, new_job_id, utc_now
+from worker.jobs import (
+    CANCEL_ENDED,
+    Job,
+    JobStatus,
+    JobStore,
+    idempotency_key,
+    new_job_id,
+    publish_job,
+    utc_iso,
+)
 
 log = logging.getLogger("blipq.api")
 bp = Blueprint("jobs", __name__)
 
 JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
 UPLOAD_SNIFF_MAX_PIXELS = 1 << 40  # the worker enforces the real pixel limit when it decodes
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+IDEMPOTENCY_KEY_PATTERN = re.compile(r"^[\x21-\x7e]{1,255}$")  # visible ASCII, as header values safely are
+IDEMPOTENCY_PENDING_S = 60  # a key claimed by a request that died before storing its job is free again after this
+IDEMPOTENCY_WAIT_S = 5.0  # how long a duplicate arriving with the first waits for the first one's job to be stored
+IDEMPOTENCY_POLL_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -64,51 +83,145 @@ def stats() -> Response:
 
 @bp.post("/v1/jobs")
 def submit_job() -> tuple[Response, int, dict[str, str]]:
-    """Validate a job, store it and enqueue it; 202 means it is in Redis."""
+    """Validate a job, store it and enqueue it; 202 means it is in Redis.
+
+    With an Idempotency-Key, the same request again (same key, same owner, same body) answers the first one's job.
+    """
     svc = services()
     # Before the body is read: when the workers are behind, a refusal should cost nothing.
     check_queue_room(svc.store.client, svc.settings.queue, svc.settings.max_queue_depth)
-    job_request, upload = _parse_job_request(svc.settings)
-    job = Job(
-        id=new_job_id(),
-        status=JobStatus.QUEUED,
-        question=job_request.question,
-        image_url=str(job_request.image_url or ""),
-        created_at=utc_now(),
-        owner=api_key_name(),
-    )
-    payload = {"job_id": job.id, "question": job.question, "image_url": job.image_url}
+    idempotency = _idempotency_header()
+    submission = _parse_job_request(svc.settings)
+    job = _new_job(submission.job_request)
+    claim = None
+    if idempotency is not None:
+        claim = (idempotency_key(job.owner, idempotency), f"{submission.fingerprint}:{job.id}")
+        earlier = _earlier_job(svc.store, *claim)
+        if earlier is not None:
+            return _accepted(earlier, {"Idempotent-Replayed": "true"})
     try:
-        svc.store.create(job, svc.settings.queue, upload)
+        svc.store.create(job, svc.settings.queue, submission.upload, claim)
     except redis.RedisError as exc:
         log.warning("cannot store job: %s", exc)
+        _forget(svc.store, job, svc.settings.queue, claim)
         raise ServiceUnavailableError("broker_unavailable", "the job queue is unavailable; retry later") from None
     try:
-        svc.celery.send_task(TASK_VQA, args=[payload], task_id=job.id, queue=svc.settings.queue)
+        publish_job(svc.celery, job, svc.settings.queue)
     except (OperationalError, redis.RedisError) as exc:
         log.warning("cannot enqueue job %s: %s", job.id, exc)
-        _forget(svc.store, job.id, svc.settings.queue)
+        _forget(svc.store, job, svc.settings.queue, claim)
         raise ServiceUnavailableError("broker_unavailable", "the job queue is unavailable; retry later") from None
-    location = f"/v1/jobs/{job.id}"
-    return jsonify(id=job.id, status=str(job.status)), 202, {"Location": location}
+    return _accepted(job)
 
 
 @bp.get("/v1/jobs/<job_id>")
 def get_job(job_id: str) -> Response:
-    """A job's status, and its answer or error once it ended; another key's job is as unknown as a job never made."""
-    job = services().store.get(job_id) if JOB_ID_PATTERN.match(job_id) else None
-    if job is None or job.owner != api_key_name():
-        raise NotFoundError("job_not_found", "no job has this id (it may have expired)")
+    """A job's status, and its answer or error once it ended; another key's job is as unknown as a job never made.
+
+    A job still queued past its deadline is ended `expired` by this read, as the worker would when it reached it.
+    """
+    svc = services()
+    job = _owned_job(svc.store, job_id)
+    if job.overdue(time.time()):
+        svc.store.expire_if_overdue(job, svc.settings.queue)
+        job = _owned_job(svc.store, job_id)
     return jsonify(job.to_public())
 
 
-def _parse_job_request(settings: ApiSettings) -> tuple[JobRequest, bytes | None]:
+@bp.post("/v1/jobs/<job_id>/cancel")
+def cancel_job(job_id: str) -> Response:
+    """Cancel a job: a queued one ends `canceled` and never runs; a running one ends as it would, `cancel_requested`."""
+    svc = services()
+    outcome = svc.store.cancel(_owned_job(svc.store, job_id), svc.settings.queue)
+    job = _owned_job(svc.store, job_id)
+    if outcome == CANCEL_ENDED:
+        raise ConflictError("job_ended", f"the job has already ended ({job.status}); there is nothing to cancel")
+    return jsonify(job.to_public())
+
+
+@dataclass(frozen=True)
+class Submission:
+    """A valid job request, its uploaded image, and the fingerprint an Idempotency-Key is checked against."""
+
+    job_request: JobRequest
+    upload: bytes | None
+    fingerprint: str
+
+
+def _owned_job(store: JobStore, job_id: str) -> Job:
+    job = store.get(job_id) if JOB_ID_PATTERN.match(job_id) else None
+    if job is None or job.owner != api_key_name():
+        raise NotFoundError("job_not_found", "no job has this id (it may have expired)")
+    return job
+
+
+def _new_job(job_request: JobRequest) -> Job:
+    now = time.time()
+    deadline_s = job_request.deadline_s
+    return Job(
+        id=new_job_id(),
+        status=JobStatus.QUEUED,
+        question=job_request.question,
+        image_url=str(job_request.image_url or ""),
+        created_at=utc_iso(now),
+        owner=api_key_name(),
+        priority=job_request.priority,
+        deadline_at="" if deadline_s is None else str(now + deadline_s),
+        webhook=str(job_request.webhook or ""),
+    )
+
+
+def _accepted(job: Job, headers: dict[str, str] | None = None) -> tuple[Response, int, dict[str, str]]:
+    return jsonify(id=job.id, status=str(job.status)), 202, {"Location": f"/v1/jobs/{job.id}", **(headers or {})}
+
+
+def _idempotency_header() -> str | None:
+    key = request.headers.get(IDEMPOTENCY_HEADER)
+    if key is not None and not IDEMPOTENCY_KEY_PATTERN.match(key):
+        raise BadRequestError("idempotency_key_invalid", "an Idempotency-Key is 1 to 255 visible ASCII characters")
+    return key
+
+
+def _earlier_job(store: JobStore, key: str, claim: str) -> Job | None:
+    """The job an earlier request with this Idempotency-Key made, or None once this request holds the key.
+
+    A request that finds the key claimed but its job not stored yet (the two arrived together) waits for it.
+    """
+    fingerprint = claim.partition(":")[0]
+    waited_until = time.monotonic() + IDEMPOTENCY_WAIT_S
+    while True:
+        try:
+            held = store.claim_idempotency_key(key, claim, IDEMPOTENCY_PENDING_S)
+            held_fingerprint, _, job_id = (held or "").partition(":")
+            job = store.get(job_id) if held is not None and held_fingerprint == fingerprint else None
+        except redis.RedisError as exc:
+            log.warning("cannot claim an idempotency key: %s", exc)
+            raise ServiceUnavailableError("broker_unavailable", "the job queue is unavailable; retry later") from None
+        if held is None or job is not None:
+            return job
+        if held_fingerprint != fingerprint:
+            message = "this Idempotency-Key was used for another request; a new job needs a new key"
+            raise ConflictError("idempotency_conflict", message)
+        if time.monotonic() >= waited_until:
+            message = "a request with this Idempotency-Key is still being stored; retry in a moment"
+            raise ConflictError("idempotency_key_in_use", message)
+        time.sleep(IDEMPOTENCY_POLL_S)
+
+
+def _fingerprint(data: Any, upload: bytes | None) -> str:
+    """A hash of the request as sent: its JSON body or form fields, and the upload's bytes."""
+    image_sha256 = hashlib.sha256(upload).hexdigest() if upload is not None else None
+    canonical = json.dumps({"body": data, "image_sha256": image_sha256}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _parse_job_request(settings: ApiSettings) -> Submission:
     if request.content_length is not None and request.content_length > settings.max_body_bytes:
         raise PayloadTooLargeError("body_too_large", f"the body is over {settings.max_body_bytes} bytes")
     if request.mimetype == "application/json":
         try:
             data = request.get_json()
-        except BadRequest:
+        except (BadRequest, RecursionError):  # RecursionError: JSON nested deeper than Python's stack
             raise BadRequestError("invalid_json", "the body is not valid JSON") from None
         upload = None
     elif request.mimetype == "multipart/form-data":
@@ -119,12 +232,17 @@ def _parse_job_request(settings: ApiSettings) -> tuple[JobRequest, bytes | None]
             raise ValidationError("unknown_field", f"{sorted(extra)[0]}: only one file, named 'image', is accepted")
     else:
         raise UnsupportedMediaTypeError("unsupported_media_type", "send application/json or multipart/form-data")
-    job_request = validate_job_request(data, settings.max_question_chars)
+    job_request = validate_job_request(data, settings.max_question_chars, max_deadline_s=settings.job_ttl_s)
     if job_request.image_url is None and upload is None:
         raise ValidationError("image_missing", "give an image: 'image_url', or a file named 'image'")
     if job_request.image_url is not None and upload is not None:
         raise ValidationError("image_conflict", "give either 'image_url' or a file named 'image', not both")
-    return job_request, upload
+    webhook = job_request.webhook
+    if webhook is not None and not settings.webhooks_enabled:
+        raise ValidationError("webhook_unavailable", "this service sends no webhooks (BLIPQ_WEBHOOK_SECRET is unset)")
+    if webhook is not None and (webhook.username or webhook.password):
+        raise ValidationError("webhook_invalid", "webhook: the URL carries credentials (user:password@); none are sent")
+    return Submission(job_request, upload, _fingerprint(data, upload))
 
 
 def _read_upload(file: FileStorage | None, settings: ApiSettings) -> bytes | None:
@@ -142,8 +260,10 @@ def _read_upload(file: FileStorage | None, settings: ApiSettings) -> bytes | Non
     return data
 
 
-def _forget(store: JobStore, job_id: str, queue: str) -> None:
+def _forget(store: JobStore, job: Job, queue: str, claim: tuple[str, str] | None) -> None:
     try:
-        store.delete(job_id, queue)
+        store.delete(job, queue)
+        if claim is not None:
+            store.release_idempotency_key(*claim)
     except redis.RedisError:  # Redis is away: the record expires by itself and no task refers to it
-        log.warning("could not delete unqueued job %s", job_id)
+        log.warning("could not delete unqueued job %s", job.id)

@@ -24,7 +24,7 @@ from tests.fixtures.tiny_model import build_tiny_vqa_model
 
 ROOT = Path(__file__).resolve().parent.parent
 JOB_TIMEOUT_S = 120.0  # generous: the first job of a worker waits for its model to load on a busy CI machine
-FINAL_STATES = ("succeeded", "failed")
+FINAL_STATES = ("succeeded", "failed", "canceled", "expired")
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,7 @@ import pytest
 import redis
 from flask.testing import FlaskClient
 
+from api.admission import queue_depth, queue_names
 from api.up import RedisProcess, start_redis
 from tests.conftest import api_client
 from tests.fixtures.images import shape_png
@@ -20,13 +21,13 @@ IMAGE_URL = "https://images.example.com/dog.png"
 
 @pytest.fixture
 def api(redis_server: RedisProcess, redis_client: redis.Redis) -> FlaskClient:
-    redis_client.delete(UNCONSUMED_QUEUE)
+    redis_client.delete(*queue_names(UNCONSUMED_QUEUE))
     return api_client(redis_server.url, UNCONSUMED_QUEUE, max_image_bytes=MAX_IMAGE_BYTES, max_question_chars=100)
 
 
 def assert_nothing_enqueued(client: redis.Redis) -> None:
     assert list(client.scan_iter("blipq:*")) == []
-    assert client.llen(UNCONSUMED_QUEUE) == 0
+    assert queue_depth(client, UNCONSUMED_QUEUE) == 0
 
 
 def assert_error(response: Any, status: int, code: str) -> None:
@@ -47,7 +48,7 @@ def assert_error(response: Any, status: int, code: str) -> None:
         ({"question": "what is it?", "image_url": "file:///etc/passwd"}, "image_url_invalid"),
         ({"question": "what is it?", "image_url": "not a url"}, "image_url_invalid"),
         ({"question": "what is it?"}, "image_missing"),
-        ({"question": "what is it?", "image_url": IMAGE_URL, "priority": "high"}, "unknown_field"),
+        ({"question": "what is it?", "image_url": IMAGE_URL, "colour": "red"}, "unknown_field"),
         (["what is it?", IMAGE_URL], "invalid_body"),
     ],
 )
@@ -111,7 +112,7 @@ def test_accepted_job_is_in_redis_when_the_api_answers(api: FlaskClient, redis_c
     assert first.headers["Location"] == f"/v1/jobs/{body['id']}"
     assert len(body["id"]) >= 22 and body["id"] != second.get_json()["id"]
     assert redis_client.exists(f"blipq:job:{body['id']}")
-    assert redis_client.llen(UNCONSUMED_QUEUE) == 2
+    assert queue_depth(redis_client, UNCONSUMED_QUEUE) == 2
     job = api.get(f"/v1/jobs/{body['id']}").get_json()
     assert job["status"] == "queued" and job["question"] == "what is it?" and job["answer"] is None
 

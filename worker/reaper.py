@@ -7,12 +7,18 @@ Celery cannot see, because the message no longer exists anywhere:
 - the API stores a job and then publishes its message; an API process killed between the two (or a publish whose
   reply was lost) leaves a job with no message.
 
-Every job is in its queue's set of jobs never started (scored by enqueue time) until a worker starts it, and each
-start moves the queue's mark to the enqueue time of the job started. A queue is first in, first out, so a job still
-unstarted well after a later job started (by more than a job's time limit, the longest a received job waits before
-it starts) has lost its message; so has one that waited longer than the visibility timeout (an idle queue moves no
-mark). The reaper publishes such a job again, under the same task id. A job republished needlessly (its message was
-only slow) runs once all the same: the second delivery finds it ended and is skipped.
+Every job is in its queue level's set of jobs never started (scored by enqueue time) until a worker starts it, and
+each start moves the level's mark to the enqueue time of the job started. Each priority level of a queue is a Redis
+list of its own, first in, first out (a high-priority job overtakes low ones, never one of its own level), so a job
+still unstarted well after a later job of its level started (by more than a job's time limit, the longest a received
+job waits before it starts) has lost its message. So has one that waited longer than the visibility timeout while its
+level's list is empty (an idle level moves no mark; a level with messages waiting moves it again once they run, so a
+long wait behind higher levels or a deep backlog is not mistaken for a loss). The reaper publishes such a job again,
+under the same task id. A job republished needlessly (its message was only slow) runs once all the same: the second
+delivery finds it ended and is skipped.
+
+The reaper also ends `expired` the queued jobs whose deadline has passed, so that they end (and their webhooks go
+out) at their deadline rather than when a worker reaches their message.
 
 One reaper per queue runs at a time (a Redis lock); each worker's main process runs the loop in a thread.
 """
@@ -27,11 +33,21 @@ from dataclasses import dataclass
 import redis
 from celery import Celery
 
-from worker.jobs import TASK_VQA, JobStatus, JobStore, started_mark_key, stats_key, unstarted_key
+from worker.jobs import (
+    JobPriority,
+    JobStatus,
+    JobStore,
+    broker_list_key,
+    deadlines_key,
+    publish_job,
+    started_mark_key,
+    stats_key,
+    unstarted_key,
+)
 
 log = logging.getLogger("blipq.reaper")
 
-SWEEP_BATCH = 200  # jobs looked at per sweep, at most: a sweep stays short however deep the backlog
+SWEEP_BATCH = 200  # jobs looked at per level and sweep, at most: a sweep stays short however deep the backlog
 LOCK_PREFIX = "blipq:reaper-lock:"
 
 
@@ -39,36 +55,63 @@ LOCK_PREFIX = "blipq:reaper-lock:"
 class ReaperPolicy:
     """When a never-started job counts as lost."""
 
-    behind_mark_s: float  # this much older than the latest job started (a job's time limit)
-    waiting_s: float  # or waiting this long (the visibility timeout)
+    behind_mark_s: float  # this much older than the latest job of its level started (a job's time limit)
+    waiting_s: float  # or waiting this long while its level's list is empty (the visibility timeout)
 
 
-def find_lost(store: JobStore, queue: str, policy: ReaperPolicy, now: float) -> list[str]:
-    """The ids of the queue's never-started jobs whose message must have been lost."""
+def find_lost(
+    store: JobStore, queue: str, policy: ReaperPolicy, now: float, priority: JobPriority = JobPriority.NORMAL
+) -> list[str]:
+    """The ids of the queue level's never-started jobs whose message must have been lost."""
     client = store.client
-    mark = client.get(started_mark_key(queue))
-    cutoff = now - policy.waiting_s
+    with client.pipeline(transaction=False) as pipe:
+        pipe.get(started_mark_key(queue, priority))
+        pipe.llen(broker_list_key(queue, priority))
+        mark, waiting_messages = pipe.execute()
+    cutoff = now - policy.waiting_s if waiting_messages == 0 else float("-inf")
     if mark is not None:
         cutoff = max(cutoff, float(mark) - policy.behind_mark_s)
+    if cutoff == float("-inf"):
+        return []
     members: list[bytes] = client.zrangebyscore(  # type: ignore[assignment]  # bytes: the client does not decode
-        unstarted_key(queue), "-inf", f"({cutoff}", start=0, num=SWEEP_BATCH
+        unstarted_key(queue, priority), "-inf", f"({cutoff}", start=0, num=SWEEP_BATCH
     )
     return [member.decode() for member in members]
 
 
 def sweep(store: JobStore, celery: Celery, queue: str, policy: ReaperPolicy) -> int:
-    """Republish the queue's lost jobs; returns how many were published again."""
+    """End the queue's overdue jobs, and republish its lost jobs, level by level; returns how many were republished."""
+    expire_overdue(store, queue)
+    republished = 0
+    for priority in JobPriority:
+        republished += _republish_lost(store, celery, queue, policy, priority)
+    return republished
+
+
+def expire_overdue(store: JobStore, queue: str) -> int:
+    """End `expired` the queue's jobs still queued past their deadline; returns how many."""
+    expired = 0
+    for job_id in store.overdue_job_ids(queue, time.time(), SWEEP_BATCH):
+        job = store.get(job_id)
+        if job is None:  # gone with its TTL
+            store.client.zrem(deadlines_key(queue), job_id)
+        elif store.expire_if_overdue(job, queue):
+            expired += 1
+            log.info("job %s was still queued at its deadline: expired", job_id)
+    return expired
+
+
+def _republish_lost(store: JobStore, celery: Celery, queue: str, policy: ReaperPolicy, priority: JobPriority) -> int:
     now = time.time()
     republished = 0
-    for job_id in find_lost(store, queue, policy, now):
+    for job_id in find_lost(store, queue, policy, now, priority):
         job = store.get(job_id)
         if job is None or job.status is not JobStatus.QUEUED:  # expired, or started meanwhile
-            store.client.zrem(unstarted_key(queue), job_id)
+            store.client.zrem(unstarted_key(queue, priority), job_id)
             continue
-        payload = {"job_id": job.id, "question": job.question, "image_url": job.image_url}
-        celery.send_task(TASK_VQA, args=[payload], task_id=job.id, queue=queue)
+        publish_job(celery, job, queue)
         # Its wait starts again: it is not published a third time unless this message is lost too.
-        store.client.zadd(unstarted_key(queue), {job_id: now})
+        store.client.zadd(unstarted_key(queue, priority), {job_id: now})
         store.client.hincrby(stats_key(), "republished", 1)
         republished += 1
         log.warning("job %s had lost its message; published again", job_id)
