@@ -17,9 +17,11 @@ from worker.settings import (
     DEFAULT_QUEUE,
     DEFAULT_REDIS_URL,
     DEFAULT_TIME_LIMIT_S,
+    LOG_FORMATS,
     env_int,
     env_redis_url,
     env_str,
+    env_webhook_secret,
 )
 
 FORM_OVERHEAD_BYTES = 64 * 1024  # room for the multipart boundaries and text fields beside one image
@@ -42,6 +44,8 @@ class ApiSettings:
     rate_limit: str = ""  # job submissions per key (or client address), e.g. "120/minute"; "": no limit
     poll_rate_limit: str = ""  # reads of jobs per key (or client address), a budget of their own; "": no limit
     max_queue_depth: int = DEFAULT_MAX_QUEUE_DEPTH  # 0: unbounded
+    log_format: str = "json"  # how `blipq api` logs (gunicorn and the app): json or text
+    webhooks_enabled: bool = False  # BLIPQ_WEBHOOK_SECRET is set (the workers sign with it): jobs may name a webhook
 
     @property
     def max_body_bytes(self) -> int:
@@ -63,6 +67,8 @@ class ApiSettings:
             rate_limit=env_rate_limit(env, "BLIPQ_RATE_LIMIT"),
             poll_rate_limit=env_rate_limit(env, "BLIPQ_POLL_RATE_LIMIT"),
             max_queue_depth=env_int(env, "BLIPQ_MAX_QUEUE_DEPTH", DEFAULT_MAX_QUEUE_DEPTH),
+            log_format=env_str(env, "BLIPQ_LOG_FORMAT", "json", LOG_FORMATS),
+            webhooks_enabled=bool(env_webhook_secret(env)),
         )
 
 
@@ -78,7 +84,10 @@ def env_api_keys(env: Mapping[str, str]) -> tuple[ApiKey, ...]:
             lines = Path(path).read_text().splitlines()
         except OSError as exc:
             raise SettingsError(f"BLIPQ_API_KEYS_FILE={path!r} cannot be read: {exc.strerror}") from None
-        keys += parse_api_keys(lines, f"BLIPQ_API_KEYS_FILE={path!r}")
+        from_file = parse_api_keys(lines, f"BLIPQ_API_KEYS_FILE={path!r}")
+        if not from_file:  # a file named but empty must not leave the API open
+            raise SettingsError(f"BLIPQ_API_KEYS_FILE={path!r} holds no key: add one (`blipq api-key new NAME`)")
+        keys += from_file
     names = [key.name for key in keys]
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:

@@ -18,7 +18,7 @@ from types import FrameType
 import redis
 import requests
 
-from worker.settings import env_float
+from worker.settings import DEFAULT_METRICS_PORT, env_float, env_port
 
 READY_TIMEOUT_S = 60.0  # for Redis and the API to answer after they start, on a busy machine
 STOP_GRACE_S = 15.0  # for a process to exit after SIGTERM before it is killed
@@ -186,11 +186,12 @@ class Stack:
             slot.restart_at = 0.0
 
     def _spawn_worker(self, index: int) -> subprocess.Popen[bytes]:
-        return self._spawn([sys.executable, "-m", "worker", f"--hostname=worker{index}@%h"])
+        metrics = worker_metrics_env(self.env, index, self.host)
+        return self._spawn([sys.executable, "-m", "worker", f"--hostname=worker{index}@%h"], metrics)
 
-    def _spawn(self, args: list[str]) -> subprocess.Popen[bytes]:
+    def _spawn(self, args: list[str], extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         # Own session: Ctrl-C reaches `up` only, which then stops everything in order.
-        return subprocess.Popen(args, env=self.env, start_new_session=True)
+        return subprocess.Popen(args, env={**self.env, **(extra_env or {})}, start_new_session=True)
 
     def _wait_for_api(self) -> None:
         url = f"http://{self.host}:{self.port}/healthz"
@@ -205,6 +206,12 @@ class Stack:
                 break
             time.sleep(0.2)
         raise RuntimeError(f"the API did not answer on {url}")
+
+
+def worker_metrics_env(env: dict[str, str], index: int, host: str) -> dict[str, str]:
+    """Worker `index`'s metrics endpoint: BLIPQ_METRICS_PORT (9808) + index, on the API's address; 0 stays off."""
+    base = env_port(env, "BLIPQ_METRICS_PORT", DEFAULT_METRICS_PORT)
+    return {"BLIPQ_METRICS_PORT": str(base + index if base else 0), "BLIPQ_METRICS_ADDR": host}
 
 
 # A single API process with threads is plenty on one machine: the API only validates and enqueues.

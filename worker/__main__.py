@@ -25,7 +25,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"blipq worker: {exc}")
     app = create_worker_app(settings)
     extra = sys.argv[1:] if argv is None else argv
-    app.worker_main(["worker", *DEFAULT_ARGS, f"--queues={settings.queue}", *extra])
+    # --quiet: no start-up banner, which Celery prints as text past the logging (every line stays JSON).
+    quiet = ["--quiet"] if settings.log_format == "json" else []
+    app.worker_main([*quiet, "worker", *DEFAULT_ARGS, f"--queues={settings.queue}", *extra])
 
 
 if __name__ == "__main__":

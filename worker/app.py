@@ -9,11 +9,17 @@ from celery import Celery
 from celery.signals import worker_process_init, worker_ready
 
 from worker.jobs import JobStore, create_celery, visibility_timeout_for
+from worker.logs import use_json_logs_in_celery
+from worker.metrics import WorkerOps
+from worker.netguard import NetworkPolicy
 from worker.reaper import ReaperPolicy, ReaperThread
 from worker.settings import WorkerSettings
 from worker.tasks import WorkerRuntime, register_tasks
+from worker.webhooks import WebhookPolicy, WebhookSender
 
 log = logging.getLogger("blipq.worker")
+
+WEBHOOK_SENDERS = 4  # sender threads per worker: a few slow receivers do not hold up every other delivery
 
 
 def create_worker_app(settings: WorkerSettings) -> Celery:
@@ -27,10 +33,17 @@ def create_worker_app(settings: WorkerSettings) -> Celery:
         worker_soft_shutdown_timeout=settings.shutdown_grace_s,
     )
     runtime = WorkerRuntime(settings)
+    ops = WorkerOps(runtime, settings)  # metrics, the readiness record, a log line per job: around the model load
+    worker_process_init.connect(ops.before_model_load, weak=False)
     worker_process_init.connect(runtime.start, weak=False)
+    worker_process_init.connect(ops.after_model_load, weak=False)
     register_tasks(app, runtime)
+    ops.connect()
+    if settings.log_format == "json":
+        use_json_logs_in_celery()
     if settings.reaper_interval_s > 0:
         start_reaper_when_ready(app, settings)
+    start_webhook_senders_when_ready(app, settings)
     return app
 
 
@@ -45,6 +58,25 @@ def start_reaper_when_ready(app: Celery, settings: WorkerSettings) -> None:
         publisher = create_celery(settings.redis_url, settings.queue, settings.job_ttl_s, time_limit_s)
         ReaperThread(store, publisher, settings.queue, policy, settings.reaper_interval_s).start()
         log.info("reaper of queue %s: a look every %g s", settings.queue, settings.reaper_interval_s)
+
+    worker_ready.connect(start, weak=False)
+
+
+def start_webhook_senders_when_ready(app: Celery, settings: WorkerSettings) -> None:
+    """Deliver the fleet's due webhooks from threads of the main process once the worker is ready (needs a secret)."""
+    if not settings.webhook_secret:
+        log.info("no BLIPQ_WEBHOOK_SECRET: this worker delivers no webhooks")
+        return
+    policy = WebhookPolicy(
+        settings.webhook_secret, settings.webhook_max_attempts, settings.webhook_timeout_s, settings.webhook_backoff_s
+    )
+    network_policy = NetworkPolicy(settings.fetch_allow_networks, settings.fetch_allow_ports)
+
+    def start(**_: Any) -> None:
+        store = JobStore.from_url(settings.redis_url, settings.job_ttl_s)
+        for number in range(WEBHOOK_SENDERS):
+            WebhookSender(store, policy, network_policy, f"blipq-webhooks-{number}").start()
+        log.info("webhooks: %d senders", WEBHOOK_SENDERS)
 
     worker_ready.connect(start, weak=False)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from worker.errors import SettingsError
@@ -21,6 +21,8 @@ DEFAULT_TIME_LIMIT_S = 300  # the hard limit of one job (a 20 s fetch and a gene
 DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "demo_model" / "blip-vqa-easy"
 
 DEVICES = ("auto", "cpu", "cuda")
+LOG_FORMATS = ("json", "text")  # json: one object per line, for log collectors; text: for people at a terminal
+DEFAULT_METRICS_PORT = 9808  # a worker's Prometheus endpoint (0: none)
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
@@ -85,6 +87,14 @@ def env_ports(env: Mapping[str, str], name: str) -> tuple[range, ...]:
     return tuple(ports)
 
 
+def env_port(env: Mapping[str, str], name: str, default: int) -> int:
+    """Read a TCP port to listen on; 0 means none."""
+    port = env_int(env, name, default)
+    if port > 65535:
+        raise SettingsError(f"{name}={port} is not a TCP port (0-65535)")
+    return port
+
+
 def env_redis_url(env: Mapping[str, str]) -> str:
     """Read BLIPQ_REDIS_URL, which must be a redis:// or rediss:// URL."""
     url = env_str(env, "BLIPQ_REDIS_URL", DEFAULT_REDIS_URL)
@@ -100,6 +110,18 @@ def env_device(env: Mapping[str, str]) -> str:
     if base not in DEVICES or (index and (base != "cuda" or not index.isdigit())):
         raise SettingsError(f"BLIPQ_DEVICE={value!r} is not one of auto, cpu, cuda, cuda:N")
     return value
+
+
+WEBHOOK_SECRET_MIN_CHARS = 16  # a signing key short enough to guess signs nothing
+
+
+def env_webhook_secret(env: Mapping[str, str]) -> str:
+    """Read BLIPQ_WEBHOOK_SECRET, the key that signs webhooks: unset (no webhooks) or at least 16 characters."""
+    secret = env.get("BLIPQ_WEBHOOK_SECRET", "").strip()
+    if secret and len(secret) < WEBHOOK_SECRET_MIN_CHARS:
+        # The value itself is never in the message: errors end up in logs.
+        raise SettingsError(f"BLIPQ_WEBHOOK_SECRET must be at least {WEBHOOK_SECRET_MIN_CHARS} characters long")
+    return secret
 
 
 @dataclass(frozen=True)
@@ -126,6 +148,14 @@ class WorkerSettings:
     max_attempts: int = 3  # starts of one job whose worker died each time, before it fails `worker_lost`
     shutdown_grace_s: float = 30.0  # on SIGTERM, the running job has this long to finish, then goes back to the queue
     reaper_interval_s: float = 30.0  # between two looks for jobs whose message was lost (worker/reaper.py); 0: never
+    log_format: str = "json"
+    metrics_port: int = DEFAULT_METRICS_PORT  # the pool process serves /metrics here; 0: no endpoint
+    metrics_addr: str = "0.0.0.0"  # all interfaces: Prometheus scrapes each worker from elsewhere
+    announce_interval_s: float = 10.0  # between two refreshes of the worker's record that /readyz reads
+    webhook_secret: str = field(default="", repr=False)  # signs webhooks; "": this worker delivers none
+    webhook_max_attempts: int = 6  # tries of one webhook delivery (retried on timeouts, connection errors, 5xx, 429)
+    webhook_timeout_s: float = 10.0  # to connect to a webhook receiver, and again for its answer
+    webhook_backoff_s: float = 20.0  # the wait before the 2nd try, doubled before each next one (6 tries: ~10 min)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> WorkerSettings:
@@ -152,4 +182,12 @@ class WorkerSettings:
             max_attempts=env_int(env, "BLIPQ_MAX_ATTEMPTS", 3, minimum=1),
             shutdown_grace_s=env_float(env, "BLIPQ_SHUTDOWN_GRACE_S", 30.0),
             reaper_interval_s=env_float(env, "BLIPQ_REAPER_INTERVAL_S", 30.0),
+            log_format=env_str(env, "BLIPQ_LOG_FORMAT", "json", LOG_FORMATS),
+            metrics_port=env_port(env, "BLIPQ_METRICS_PORT", DEFAULT_METRICS_PORT),
+            metrics_addr=env_str(env, "BLIPQ_METRICS_ADDR", "0.0.0.0"),
+            announce_interval_s=env_float(env, "BLIPQ_ANNOUNCE_INTERVAL_S", 10.0),
+            webhook_secret=env_webhook_secret(env),
+            webhook_max_attempts=env_int(env, "BLIPQ_WEBHOOK_MAX_ATTEMPTS", 6, minimum=1),
+            webhook_timeout_s=env_float(env, "BLIPQ_WEBHOOK_TIMEOUT_S", 10.0),
+            webhook_backoff_s=env_float(env, "BLIPQ_WEBHOOK_BACKOFF_S", 20.0),
         )

@@ -15,7 +15,16 @@ from celery.signals import task_failure
 from worker.errors import BlipqError, UploadMissingError
 from worker.fetch import FetchLimits, fetch_image_bytes, new_session
 from worker.images import decode_image
-from worker.jobs import START_ENDED, START_GAVE_UP, START_MISSING, TASK_VQA, JobStore
+from worker.jobs import (
+    START_CANCELED,
+    START_ENDED,
+    START_EXPIRED,
+    START_GAVE_UP,
+    START_MISSING,
+    TASK_VQA,
+    JobPriority,
+    JobStore,
+)
 from worker.netguard import NetworkPolicy
 from worker.settings import WorkerSettings
 
@@ -81,7 +90,7 @@ class WorkerRuntime:
         if self.loaded is None:  # a solo pool has no worker_process_init: load on first use
             self.start()
         assert self.loaded is not None
-        skipped = self._begin(job_id)
+        skipped = self._begin(job_id, job_priority(payload))
         if skipped is not None:
             return skipped
         try:
@@ -94,27 +103,49 @@ class WorkerRuntime:
                 job_id, "timeout", f"the job ran past its time limit of {self.settings.job_time_limit_s} s"
             )
         except Exception as exc:  # a bug or a model error: fail this job, keep the worker
-            log.exception("job %s failed unexpectedly", job_id)
+            log.exception("job %s failed unexpectedly", job_id, extra={"job_id": job_id})
             return self._fail(job_id, "internal_error", f"the worker could not answer: {type(exc).__name__}")
         if not self.store.mark_succeeded(job_id, answer):
-            log.warning("job %s had ended while this run went on; its answer stands, this one is dropped", job_id)
+            log.warning(
+                "job %s had ended while this run went on; its answer stands, this one is dropped",
+                job_id,
+                extra={"job_id": job_id},
+            )
         return {"status": "succeeded", "answer": answer}
 
-    def _begin(self, job_id: str) -> dict[str, str] | None:
-        """Record the start of a run; the outcome when the job must not run (expired, ended, given up)."""
+    def _begin(self, job_id: str, priority: JobPriority) -> dict[str, str] | None:
+        """Record the start of a run; the outcome when the job must not run (expired, ended, canceled, given up)."""
         settings = self.settings
-        attempt = self.store.start(job_id, settings.queue, settings.model, worker_identity(), settings.max_attempts)
+        attempt = self.store.start(
+            job_id, settings.queue, settings.model, worker_identity(), settings.max_attempts, priority
+        )
         if attempt == START_MISSING:
-            log.warning("job %s expired before it ran; skipped", job_id)
+            log.warning("job %s expired before it ran; skipped", job_id, extra={"job_id": job_id})
             return {"status": "expired"}
         if attempt == START_ENDED:  # delivered again after it ended: its answer stands, the model is not run again
-            log.info("job %s already ended; not run again", job_id)
+            log.info("job %s already ended; not run again", job_id, extra={"job_id": job_id})
             return {"status": "duplicate"}
+        if attempt == START_CANCELED:
+            log.info("job %s was canceled; not run", job_id)
+            return {"status": "canceled"}
+        if attempt == START_EXPIRED:
+            log.info("job %s was still queued at its deadline; not run", job_id)
+            return {"status": "expired", "code": "deadline_exceeded"}
         if attempt == START_GAVE_UP:
-            log.error("job %s failed: worker_lost (its worker died %d times)", job_id, self.settings.max_attempts)
+            log.error(
+                "job %s failed: worker_lost (its worker died %d times)",
+                job_id,
+                self.settings.max_attempts,
+                extra={"job_id": job_id, "error_code": "worker_lost"},
+            )
             return {"status": "failed", "code": "worker_lost"}
         if attempt > 1:
-            log.warning("job %s: attempt %d (a worker died while running it)", job_id, attempt)
+            log.warning(
+                "job %s: attempt %d (a worker died while running it)",
+                job_id,
+                attempt,
+                extra={"job_id": job_id, "attempt": attempt},
+            )
         return None
 
     def on_hard_time_limit(self, job_id: str) -> None:
@@ -124,7 +155,7 @@ class WorkerRuntime:
 
     def _fail(self, job_id: str, code: str, message: str) -> dict[str, str]:
         self.store.mark_failed(job_id, code, message)
-        log.info("job %s failed: %s %s", job_id, code, message)
+        log.info("job %s failed: %s %s", job_id, code, message, extra={"job_id": job_id, "error_code": code})
         return {"status": "failed", "code": code}
 
     def _load_image(self, job_id: str, image_url: str) -> Image.Image:
@@ -139,10 +170,20 @@ class WorkerRuntime:
 
     def _answer(self, image: Image.Image, question: str) -> str:
         from worker.inference import answer_questions
+        from worker.metrics import observe_inference
 
         assert self.loaded is not None
         settings = self.settings
-        return answer_questions(self.loaded, [image], [question], settings.max_new_tokens, settings.num_beams)[0]
+        with observe_inference(questions=1):
+            return answer_questions(self.loaded, [image], [question], settings.max_new_tokens, settings.num_beams)[0]
+
+
+def job_priority(payload: dict[str, str]) -> JobPriority:
+    """The priority level a task message names; normal for a message from before priorities (or a bad one)."""
+    try:
+        return JobPriority(payload.get("priority") or JobPriority.NORMAL)
+    except ValueError:
+        return JobPriority.NORMAL
 
 
 def worker_identity() -> str:

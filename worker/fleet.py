@@ -1,0 +1,161 @@
+"""What workers publish about themselves in Redis, for the API's /readyz and /metrics: who is up, and how jobs end.
+
+Imports neither Flask nor torch: the workers write these keys, the API reads them.
+
+- Each pool process that has its model loaded keeps a hash `blipq:worker:<host>:<pid>` (model, device, dtype,
+  queue, when it loaded...) that expires `RECORD_TTL_FACTOR` announce intervals after its last refresh: a worker is
+  live while its hash exists. Its id is also in its queue's sorted set `blipq:workers:<queue>`, scored by the last
+  refresh, so that a reader finds a queue's workers without scanning the keyspace. A clean exit deletes both; a
+  killed process drops out when its hash expires, and out of the set an hour later.
+- Each run of a job that ends adds 1 to the field `<status>:<code>` of the hash `blipq:stats:outcomes:<queue>`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from worker.jobs import KEY_PREFIX
+
+log = logging.getLogger("blipq.worker")
+
+RECORD_TTL_FACTOR = 3  # a record outlives two missed refreshes (a busy machine, a Redis blip), not three
+INDEX_HORIZON_S = 3600  # ids silent this long leave a queue's set (their hash expired long before)
+REDIS_TIMEOUT_S = 2.0  # a heartbeat or a probe gives up this fast when Redis does not answer
+
+
+@dataclass(frozen=True)
+class WorkerRecord:
+    """A pool process that has its model loaded and serves a queue."""
+
+    id: str  # host:pid, as jobs record their `worker`
+    host: str
+    pid: int
+    queue: str
+    model: str
+    device: str
+    dtype: str
+    loaded_at: str  # ISO 8601 UTC
+    load_seconds: float
+    metrics_port: int  # 0: no metrics endpoint
+
+    def to_redis(self) -> dict[str, str]:
+        """The record as flat string fields for a Redis hash."""
+        return {name: str(value) for name, value in asdict(self).items()}
+
+    @classmethod
+    def from_redis(cls, fields: Mapping[str, str]) -> WorkerRecord:
+        """Rebuild a record from its Redis hash."""
+        return cls(
+            id=fields["id"],
+            host=fields["host"],
+            pid=int(fields["pid"]),
+            queue=fields["queue"],
+            model=fields["model"],
+            device=fields["device"],
+            dtype=fields["dtype"],
+            loaded_at=fields["loaded_at"],
+            load_seconds=float(fields["load_seconds"]),
+            metrics_port=int(fields["metrics_port"]),
+        )
+
+
+def worker_key(worker_id: str) -> str:
+    """The Redis hash of one worker's record."""
+    return f"{KEY_PREFIX}worker:{worker_id}"
+
+
+def workers_key(queue: str) -> str:
+    """The sorted set of the workers of a queue, scored by their last refresh (epoch seconds)."""
+    return f"{KEY_PREFIX}workers:{queue}"
+
+
+def outcomes_key(queue: str) -> str:
+    """The hash of how runs of a queue's jobs ended: field `<status>:<code>`, a count."""
+    return f"{KEY_PREFIX}stats:outcomes:{queue}"
+
+
+def fleet_client(url: str) -> redis.Redis:
+    """A client for these keys: short timeouts, decoded strings."""
+    return redis.Redis.from_url(
+        url,
+        socket_connect_timeout=REDIS_TIMEOUT_S,
+        socket_timeout=REDIS_TIMEOUT_S,
+        retry=Retry(NoBackoff(), 1),  # once more (a stale pooled connection), then report Redis away
+        decode_responses=True,
+    )
+
+
+def live_workers(client: redis.Redis, queue: str) -> list[WorkerRecord]:
+    """The workers of `queue` whose record has not expired; `client` must decode responses."""
+    ids: list[str] = client.zrange(workers_key(queue), 0, -1)  # type: ignore[assignment]
+    with client.pipeline(transaction=False) as pipe:
+        for worker_id in ids:
+            pipe.hgetall(worker_key(worker_id))
+        records: list[dict[str, str]] = pipe.execute()
+    return [WorkerRecord.from_redis(fields) for fields in records if fields]
+
+
+def count_outcome(client: redis.Redis, queue: str, status: str, code: str) -> None:
+    """Count one run of a job of `queue` that ended with `status` (and error `code`, "" on success)."""
+    client.hincrby(outcomes_key(queue), f"{status}:{code}", 1)
+
+
+def outcome_counts(client: redis.Redis, queue: str) -> dict[tuple[str, str], int]:
+    """How runs of `queue`'s jobs ended, by (status, code); `client` must decode responses."""
+    raw: dict[str, str] = client.hgetall(outcomes_key(queue))  # type: ignore[assignment]
+    counts = {}
+    for field, value in raw.items():
+        status, _, code = field.partition(":")
+        counts[status, code] = int(value)
+    return counts
+
+
+class Announcer(threading.Thread):
+    """Keeps a worker's record fresh every `interval_s`, until stopped (which deletes it)."""
+
+    def __init__(self, client: redis.Redis, record: WorkerRecord, interval_s: float) -> None:
+        super().__init__(name="blipq-announcer", daemon=True)
+        self.client, self.record, self.interval_s = client, record, interval_s
+        self.ttl_s = interval_s * RECORD_TTL_FACTOR
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        while True:
+            try:
+                self.announce()
+            except (redis.RedisError, OSError) as exc:  # Redis away: this worker drops out of /readyz until it's back
+                log.warning("cannot announce worker %s: %s", self.record.id, exc)
+            if self.stopping.wait(self.interval_s):
+                return
+
+    def announce(self) -> None:
+        """Write the record with its expiry, list it in its queue, and drop the queue's workers gone silent."""
+        now = time.time()
+        key, index = worker_key(self.record.id), workers_key(self.record.queue)
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.hset(key, mapping=self.record.to_redis())  # type: ignore[arg-type]  # redis-py: invariant Mapping
+            pipe.expire(key, max(1, round(self.ttl_s)))
+            pipe.zadd(index, {self.record.id: now})
+            # A fixed horizon, not this worker's TTL: workers announcing less often must not be dropped by it.
+            pipe.zremrangebyscore(index, "-inf", now - INDEX_HORIZON_S)
+            pipe.execute()
+
+    def stop(self) -> None:
+        """Stop refreshing and delete the record: the worker is going away."""
+        self.stopping.set()
+        self.join(REDIS_TIMEOUT_S * 2)  # a refresh under way must not write the record back after it is deleted
+        try:
+            with self.client.pipeline(transaction=True) as pipe:
+                pipe.delete(worker_key(self.record.id))
+                pipe.zrem(workers_key(self.record.queue), self.record.id)
+                pipe.execute()
+        except (redis.RedisError, OSError) as exc:  # it expires by itself
+            log.warning("cannot withdraw worker %s: %s", self.record.id, exc)
