@@ -173,6 +173,13 @@ def test_a_bad_key_configuration_names_the_variable(env: dict[str, str], variabl
         ApiSettings.from_env(env)
 
 
+def test_a_keys_file_without_keys_does_not_leave_the_api_open(tmp_path: Path) -> None:
+    empty = tmp_path / "api-keys"
+    empty.write_text("# no key yet\n\n")
+    with pytest.raises(SettingsError, match="holds no key"):
+        ApiSettings.from_env({"BLIPQ_API_KEYS_FILE": str(empty)})
+
+
 def test_a_key_configured_by_mistake_is_refused_without_showing_it() -> None:
     key = new_api_key()
     with pytest.raises(SettingsError, match="BLIPQ_API_KEY_HASHES") as error:

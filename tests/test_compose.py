@@ -70,3 +70,31 @@ def test_images_build_from_the_dockerfile(compose: dict[str, Any]) -> None:
         assert compose["services"][name]["build"]["context"] == "."
     for copied in re.findall(r"^COPY (\S+)", dockerfile, flags=re.MULTILINE):
         assert (ROOT / copied).exists(), f"the Dockerfile copies {copied}, which is not in the repository"
+
+
+def test_flower_watches_the_workers_broker_and_sees_their_tasks(compose: dict[str, Any]) -> None:
+    flower = compose["services"]["flower"]
+    command = flower["command"]
+    assert command[0] == "celery" and "flower" in command
+    assert f"--broker={compose['services']['worker']['environment']['BLIPQ_REDIS_URL']}" in command
+    assert "--port=5555" in command and flower["ports"] == ["127.0.0.1:5555:5555"], "no password: local only"
+    worker_command = compose["services"]["worker"]["command"]
+    assert "--task-events" in worker_command, "without task events Flower lists the workers but not their tasks"
+
+
+def test_prometheus_reads_the_scrape_config_of_the_repository(compose: dict[str, Any]) -> None:
+    prometheus = compose["services"]["prometheus"]
+    mounts = dict(volume.split(":")[:2] for volume in prometheus["volumes"])
+    config = next(arg.partition("=")[2] for arg in prometheus["command"] if arg.startswith("--config.file="))
+    source = next(host for host, container in mounts.items() if container == config)
+    assert (ROOT / source).is_file(), f"Prometheus mounts {source}, which is not in the repository"
+    assert prometheus["ports"] == ["127.0.0.1:9090:9090"], "no password: local only"
+
+
+def test_the_api_requires_keys_and_limits_rates(compose: dict[str, Any]) -> None:
+    api = compose["services"]["api"]
+    keys_file = api["environment"]["BLIPQ_API_KEYS_FILE"]
+    (secret,) = api["secrets"]
+    assert keys_file == f"/run/secrets/{secret}"
+    assert (ROOT / compose["secrets"][secret]["file"]).with_suffix(".example").exists(), "say how to make the file"
+    assert api["environment"]["BLIPQ_RATE_LIMIT"]

@@ -1,0 +1,45 @@
+"""The web page at `GET /`: ask a question about an image from a browser and watch the job end.
+
+One HTML file, one script and one style sheet from api/static/page/, served as they are (no build step). They hold
+no secret and are public; the API calls the page makes carry the key that the user typed in it, which the browser
+keeps in its localStorage.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flask import Blueprint, Response, send_from_directory
+
+from api.auth import public
+
+PAGE_DIR = Path(__file__).resolve().parent / "static" / "page"
+# The page runs only its own script and talks only to this API (an API key sits in its storage): nothing inline,
+# nothing from elsewhere. An uploaded image is previewed from a blob: URL.
+CONTENT_SECURITY_POLICY = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob:; connect-src 'self'; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+
+bp = Blueprint("page", __name__)
+
+
+@bp.get("/")
+@public
+def index() -> Response:
+    """The page."""
+    return _send("index.html")
+
+
+@bp.get("/page/<path:filename>")
+@public
+def asset(filename: str) -> Response:
+    """The page's script and style sheet."""
+    return _send(filename)
+
+
+def _send(filename: str) -> Response:
+    response = send_from_directory(PAGE_DIR, filename)  # a name outside PAGE_DIR, or no such file: 404
+    response.headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    return response
