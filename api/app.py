@@ -7,6 +7,9 @@ from flask import Flask
 from api.admission import install_rate_limits
 from api.auth import install_api_keys
 from api.errors import register_error_handlers
+from api.openapi import bp as openapi_bp
+from api.ops import install_ops
+from api.page import bp as page_bp
 from api.settings import ApiSettings
 from api.views import Services, bp
 from worker.jobs import JobStore, create_celery
@@ -26,5 +29,8 @@ def create_app(settings: ApiSettings | None = None) -> Flask:
     install_api_keys(app, settings.api_keys)
     install_rate_limits(app, settings, bp)  # after the keys: it counts per key name
     app.register_blueprint(bp)
+    app.register_blueprint(openapi_bp)  # /openapi.json and /docs
+    app.register_blueprint(page_bp)  # GET /: the web page
+    install_ops(app, settings)  # /readyz, /metrics, and a metric and a log line per request
     register_error_handlers(app)
     return app

@@ -1,11 +1,12 @@
-"""The `blipq` command: `up` (everything on one machine), `api` and `worker` (one part each, for production), and
-`api-key new NAME` (a key for a client)."""
+"""The `blipq` command: `up` (everything on one machine), `api` and `worker` (one part each, for production),
+`api-key new NAME` (a key for a client) and `ask IMAGE QUESTION` (a question to a running service)."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 from api.auth import NAME_PATTERN, hash_api_key, new_api_key
@@ -37,9 +38,17 @@ def main(argv: list[str] | None = None) -> None:
     new_key = api_key_actions.add_parser("new", help="print a new random key, and the line that configures it")
     new_key.add_argument("name", help="who the key is for: it owns the jobs made with the key (A-Z a-z 0-9 _ . -)")
 
+    ask = commands.add_parser("ask", help="ask a running service one question about one image; print the answer")
+    ask.add_argument("image", help="a local image file, or an http(s) URL the workers fetch")
+    ask.add_argument("question")
+    ask.add_argument("--url", default=os.environ.get("BLIPQ_URL", "http://127.0.0.1:8000"), help="the API ($BLIPQ_URL)")
+    ask.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the answer (default 300)")
+
     args, rest = parser.parse_known_args(argv)
     if rest and args.command != "worker":
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "ask":
+        sys.exit(run_ask(args.url, args.image, args.question, args.timeout))
     if args.command == "api-key":
         if not NAME_PATTERN.match(args.name):
             parser.error(f"{args.name!r}: a key's name is 1-64 of A-Z a-z 0-9 _ . -, starting with a letter or digit")
@@ -56,11 +65,32 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "up":
         from api.up import run_up
 
+        os.environ.setdefault("BLIPQ_LOG_FORMAT", "text")  # `up` is for a person at a terminal
         sys.exit(run_up(args.host, args.port, args.workers, args.data_dir))
     if args.command == "api":
-        gunicorn = ["--bind", args.bind, "--workers", str(args.workers), "--threads", str(args.threads)]
+        # prometheus_client's multiprocess mode: each gunicorn worker process keeps its counters in files here, and
+        # /metrics adds them up. Read when prometheus_client is imported, so set before gunicorn starts.
+        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="blipq-metrics-")
+        gunicorn = ["--config", "python:api.gunicorn_conf", "--bind", args.bind]
+        gunicorn += ["--workers", str(args.workers), "--threads", str(args.threads)]
         os.execv(sys.executable, [sys.executable, "-m", "gunicorn", *gunicorn, "api.wsgi:app"])
     os.execv(sys.executable, [sys.executable, "-m", "worker", *rest])
+
+
+def run_ask(url: str, image: str, question: str, timeout_s: float) -> int:
+    """Print the answer (exit 0), or the job's or the request's error code and message (exit 1)."""
+    from api.client import BlipqClient, BlipqClientError
+
+    client = BlipqClient(url, api_key=os.environ.get("BLIPQ_API_KEY") or None)
+    try:
+        print(client.ask(image, question, timeout_s=timeout_s))
+        return 0
+    except BlipqClientError as exc:
+        print(f"blipq ask: {exc.code}: {exc.message}", file=sys.stderr)
+    except (OSError, TimeoutError) as exc:  # an unreadable file, an unreachable service, no answer in time
+        print(f"blipq ask: {exc}", file=sys.stderr)
+    return 1
 
 
 def print_new_api_key(name: str) -> None:

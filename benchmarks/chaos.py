@@ -1,6 +1,6 @@
 """Chaos run: a stream of jobs through the real service while workers are killed and Redis restarts.
 
-    python benchmarks/chaos.py [--jobs 1500] [--rate 40] [--workers 2] [--time-limit 30]
+    python benchmarks/chaos.py [--jobs 3000] [--rate 60] [--workers 2] [--time-limit 30]
 
 Starts its own Redis (append-only file on), the API (gunicorn, real HTTP) and N workers serving the shipped demo
 model; submits easy-VQA test questions as uploads at a steady rate while, one after the other: a pool process is
@@ -187,12 +187,14 @@ class Fleet:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--jobs", type=int, default=1500)
-    parser.add_argument("--rate", type=float, default=40.0, help="jobs submitted per second")
+    parser.add_argument("--jobs", type=int, default=3000)
+    parser.add_argument("--rate", type=float, default=60.0, help="jobs submitted per second (above capacity: busy)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--time-limit", type=int, default=30, help="BLIPQ_JOB_TIME_LIMIT_S of the workers")
     args = parser.parse_args()
 
+    # SIGTERM (a timeout, pkill) stops the fleet too, through the `finally` below.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(1))
     print(f"preparing {args.jobs} questions and their in-process answers...", flush=True)
     run = Run(load_items(args.jobs))
     fleet = Fleet(max(2, args.workers), args.time_limit)
@@ -206,9 +208,11 @@ def main() -> int:
 
         def blow(kind: str, worker: Worker | None, action: Callable[[], None]) -> None:
             time.sleep(BLOW_INTERVAL_S)
-            hit = running_on(client, list(run.accepted), {f"{host}:{worker.pool_pid()}"}) if worker else set()
+            pool = {f"{host}:{worker.pool_pid()}"} if worker else set()
             at = time.time()
             action()
+            # A job still `running` in the pool process after the blow was cut short (that process is gone).
+            hit = running_on(client, list(run.accepted), pool) if pool else set()
             run.blows.append((kind, at, hit))
             print(f"{at - started:6.1f} s  {kind}: {len(hit)} running job(s) hit", flush=True)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +16,7 @@ from api.app import create_app
 from api.client import BlipqClient, BlipqClientError, JobFailedError
 from api.settings import ApiSettings
 from api.up import RedisProcess
-from tests.conftest import ImageServer, WorkerProcess
+from tests.conftest import ROOT, ImageServer, WorkerProcess
 from tests.fixtures.images import shape_png
 
 
@@ -70,3 +72,20 @@ def test_waiting_is_bounded(redis_server: RedisProcess, redis_client: redis.Redi
         with pytest.raises(TimeoutError):
             client.wait(job_id, timeout_s=0.5)
         assert client.get(job_id)["status"] == "queued"
+
+
+def test_blipq_ask_prints_the_answer_or_the_error_code(
+    service_url: str, image_server: ImageServer, tmp_path: Path
+) -> None:
+    picture = tmp_path / "red.png"
+    picture.write_bytes(shape_png("red"))
+    expected = BlipqClient(service_url).ask(picture, "what color is the shape?", timeout_s=120)
+
+    def blipq_ask(image: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "api.cli", "ask", image, "what color is the shape?", "--url", service_url]
+        return subprocess.run(command, capture_output=True, text=True, timeout=180, cwd=ROOT, check=False)
+
+    answered = blipq_ask(str(picture))
+    assert (answered.returncode, answered.stdout.strip()) == (0, expected), answered.stderr
+    failed = blipq_ask(image_server.url("/nothing-here.png"))
+    assert failed.returncode == 1 and "image_fetch_failed" in failed.stderr, failed.stderr
