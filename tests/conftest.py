@@ -8,6 +8,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 import pytest
 import redis
 from flask.testing import FlaskClient
+from werkzeug.serving import make_server
 
 from api.app import create_app
 from api.settings import ApiSettings
@@ -66,28 +68,52 @@ class ImageServer:
         return f"http://127.0.0.1:{self.port}{path}"
 
 
+class QuietHandler(BaseHTTPRequestHandler):
+    """A request handler of the tests' HTTP servers: no access log, and one call to answer."""
+
+    def answer(self, status: int, content_type: str, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@contextmanager
+def http_server(handler: type[BaseHTTPRequestHandler]) -> Iterator[int]:
+    """A real threaded HTTP server on 127.0.0.1 and a free port (yielded) until the block ends."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield httpd.server_address[1]
+    finally:
+        httpd.shutdown()
+
+
+def serve_app(settings: ApiSettings) -> Iterator[str]:
+    """The real API app over real HTTP on a free port, in a thread; yields its base URL."""
+    server = make_server("127.0.0.1", 0, create_app(settings), threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    thread.join()
+
+
 @pytest.fixture(scope="session")
 def image_server() -> Iterator[ImageServer]:
     """Serve test images (and broken ones) over HTTP on a free port."""
     routes: dict[str, tuple[int, str, bytes]] = {}
 
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(QuietHandler):
         def do_GET(self) -> None:
-            status, content_type, body = routes.get(self.path, (404, "text/plain", b"not found"))
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            self.answer(*routes.get(self.path, (404, "text/plain", b"not found")))
 
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield ImageServer(httpd.server_address[1], routes)
-    httpd.shutdown()
+    with http_server(Handler) as port:
+        yield ImageServer(port, routes)
 
 
 @dataclass
@@ -158,3 +184,16 @@ def wait_for_job(client: FlaskClient, job_id: str, worker: WorkerProcess | None 
         delay = min(delay * 1.5, 0.5)
     detail = worker.log_tail() if worker else ""
     raise AssertionError(f"job {job_id} did not end within {JOB_TIMEOUT_S} s\n{detail}")
+
+
+def wait_for_status(
+    client: FlaskClient, job_id: str, status: str, worker: WorkerProcess, poll_s: float = 0.02
+) -> dict[str, Any]:
+    """Poll the job until it has `status`; fail with the worker's log if it never does, or the worker exits."""
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while time.monotonic() < deadline and worker.process.poll() is None:
+        job: dict[str, Any] = client.get(f"/v1/jobs/{job_id}").get_json()
+        if job["status"] == status:
+            return job
+        time.sleep(poll_s)
+    raise AssertionError(f"job {job_id} never became {status}\n{worker.log_tail()}")

@@ -6,19 +6,16 @@ import io
 import itertools
 import os
 import signal
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 import pytest
 import redis
 from flask.testing import FlaskClient
 
 from api.up import RedisProcess, start_redis, stop_process
-from tests.conftest import WorkerProcess, api_client, start_worker
+from tests.conftest import QuietHandler, WorkerProcess, api_client, http_server, start_worker, wait_for_status
 from tests.fixtures.images import shape_png
 from worker.images import decode_image
 from worker.inference import answer_questions, load_model
@@ -153,22 +150,13 @@ def slow_image_url() -> Iterator[str]:
     """The URL of an image that takes SLOW_IMAGE_S to arrive: a job is surely running while it waits."""
     body = shape_png("red")
 
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(QuietHandler):
         def do_GET(self) -> None:
             time.sleep(SLOW_IMAGE_S)
-            self.send_response(200)
-            self.send_header("Content-Type", "image/png")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            self.answer(200, "image/png", body)
 
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}/slow.png"
-    httpd.shutdown()
+    with http_server(Handler) as port:
+        yield f"http://127.0.0.1:{port}/slow.png"
 
 
 def test_a_job_that_kills_its_worker_every_time_fails_worker_lost(
@@ -183,7 +171,7 @@ def test_a_job_that_kills_its_worker_every_time_fails_worker_lost(
         job_id = response.get_json()["id"]
         # When: its pool process dies each time it runs the job (a poison pill)...
         for attempt in (1, 2):
-            running = wait_for_status(client, job_id, "running", worker)
+            running = wait_for_status(client, job_id, "running", worker, poll_s=0.005)
             assert redis_client.hget(f"blipq:job:{job_id}", "attempts") == str(attempt).encode()
             os.kill(pool_process(worker), signal.SIGKILL)
             wait_until_run_is_over(redis_client, job_id, running["started_at"])
@@ -195,16 +183,6 @@ def test_a_job_that_kills_its_worker_every_time_fails_worker_lost(
         assert client.get("/v1/stats").get_json()["worker_lost"] == 1
     finally:
         stop_process(worker.process)
-
-
-def wait_for_status(client: FlaskClient, job_id: str, status: str, worker: WorkerProcess) -> dict[str, Any]:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        job: dict[str, Any] = client.get(f"/v1/jobs/{job_id}").get_json()
-        if job["status"] == status:
-            return job
-        time.sleep(0.005)
-    raise AssertionError(f"job {job_id} never became {status}: {job}\n{worker.log_tail()}")
 
 
 def wait_until_run_is_over(client: redis.Redis, job_id: str, started_at: str) -> None:

@@ -4,35 +4,23 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
-from werkzeug.serving import make_server
 
-from api.app import create_app
 from api.client import BlipqClient, BlipqClientError, JobFailedError
 from api.settings import ApiSettings
 from api.up import RedisProcess
-from tests.conftest import ROOT, ImageServer, WorkerProcess
+from tests.conftest import ROOT, ImageServer, WorkerProcess, serve_app
 from tests.fixtures.images import shape_png
-
-
-def serve(settings: ApiSettings) -> Iterator[str]:
-    """The real app on a real HTTP server in a thread; yields its base URL."""
-    server = make_server("127.0.0.1", 0, create_app(settings), threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
 
 
 @pytest.fixture
 def service_url(redis_server: RedisProcess, tiny_worker: WorkerProcess, redis_client: redis.Redis) -> Iterator[str]:
     """The API over HTTP, enqueueing on the tiny worker's queue."""
-    yield from serve(ApiSettings(redis_url=redis_server.url, queue=tiny_worker.queue))
+    yield from serve_app(ApiSettings(redis_url=redis_server.url, queue=tiny_worker.queue))
 
 
 def test_ask_answers_about_a_local_file_bytes_and_a_url(
@@ -66,7 +54,7 @@ def test_a_refused_request_raises_with_the_service_code(service_url: str) -> Non
 
 def test_waiting_is_bounded(redis_server: RedisProcess, redis_client: redis.Redis) -> None:
     # A queue no worker consumes: the job stays queued, and `wait` gives up at its timeout.
-    for url in serve(ApiSettings(redis_url=redis_server.url, queue="nobody-listens")):
+    for url in serve_app(ApiSettings(redis_url=redis_server.url, queue="nobody-listens")):
         client = BlipqClient(url)
         job_id = client.submit(shape_png("blue"), "what color?")
         with pytest.raises(TimeoutError):

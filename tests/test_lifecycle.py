@@ -8,7 +8,6 @@ import threading
 import time
 from collections.abc import Iterator
 from datetime import datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,16 @@ from werkzeug.test import TestResponse
 from api.admission import queue_depth, queue_names
 from api.auth import ApiKey, hash_api_key, new_api_key
 from api.up import RedisProcess, stop_process
-from tests.conftest import JOB_TIMEOUT_S, WorkerProcess, api_client, start_worker, wait_for_job
+from tests.conftest import (
+    JOB_TIMEOUT_S,
+    QuietHandler,
+    WorkerProcess,
+    api_client,
+    http_server,
+    start_worker,
+    wait_for_job,
+    wait_for_status,
+)
 from tests.fixtures.images import shape_png
 from worker.jobs import TASK_VQA, JobPriority, JobStore, broker_list_key, deadlines_key, unstarted_key, upload_key
 from worker.reaper import expire_overdue
@@ -37,24 +45,14 @@ JOB = {"question": "what is it?", "image_url": IMAGE_URL}
 def slow_images() -> Iterator[str]:
     """A server whose /<seconds>/<color>.png arrives after that many seconds; yields its base URL."""
 
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(QuietHandler):
         def do_GET(self) -> None:
             _, delay, name = self.path.split("/")
             time.sleep(float(delay))
-            body = shape_png(name.removesuffix(".png"))
-            self.send_response(200)
-            self.send_header("Content-Type", "image/png")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            self.answer(200, "image/png", shape_png(name.removesuffix(".png")))
 
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
+    with http_server(Handler) as port:
+        yield f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture(scope="module")
@@ -93,16 +91,6 @@ def submit(client: FlaskClient, body: dict[str, Any], **headers: str) -> str:
     assert response.status_code == 202, response.get_json()
     job_id: str = response.get_json()["id"]
     return job_id
-
-
-def wait_for_status(client: FlaskClient, job_id: str, status: str, worker: WorkerProcess) -> dict[str, Any]:
-    deadline = time.monotonic() + JOB_TIMEOUT_S
-    while time.monotonic() < deadline and worker.process.poll() is None:
-        job: dict[str, Any] = client.get(f"/v1/jobs/{job_id}").get_json()
-        if job["status"] == status:
-            return job
-        time.sleep(0.02)
-    raise AssertionError(f"job {job_id} never became {status}\n{worker.log_tail()}")
 
 
 def assert_error(response: TestResponse, status: int, code: str) -> None:

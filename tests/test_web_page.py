@@ -11,20 +11,18 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import threading
 from collections.abc import Iterator
 from typing import Any, NoReturn
 
 import pytest
 import redis
 import requests
-from werkzeug.serving import make_server
 
 from api.app import create_app
 from api.auth import ApiKey, hash_api_key, new_api_key
 from api.settings import ApiSettings
 from api.up import RedisProcess, stop_process
-from tests.conftest import JOB_TIMEOUT_S, ROOT, ImageServer, WorkerProcess, start_worker
+from tests.conftest import JOB_TIMEOUT_S, ROOT, ImageServer, WorkerProcess, serve_app, start_worker
 from worker.settings import DEMO_MODEL_DIR
 
 ARTIFACTS = ROOT / "tests" / "artifacts"  # gitignored
@@ -72,27 +70,17 @@ def web_worker(redis_server: RedisProcess, tmp_path_factory: pytest.TempPathFact
     stop_process(worker.process)
 
 
-def serve(settings: ApiSettings) -> Iterator[str]:
-    """The API over real HTTP on a free port, in a thread; yields its base URL."""
-    server = make_server("127.0.0.1", 0, create_app(settings), threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
-    thread.join()
-
-
 @pytest.fixture(scope="module")
 def service(redis_server: RedisProcess, web_worker: WorkerProcess) -> Iterator[str]:
     """The API, open (no API keys), enqueueing on the web worker's queue."""
-    yield from serve(ApiSettings(redis_url=redis_server.url, queue=web_worker.queue))
+    yield from serve_app(ApiSettings(redis_url=redis_server.url, queue=web_worker.queue))
 
 
 @pytest.fixture(scope="module")
 def keyed_service(redis_server: RedisProcess, web_worker: WorkerProcess) -> Iterator[str]:
     """The API with one API key configured, KEY."""
     keys = (ApiKey("web-page", hash_api_key(KEY)),)
-    yield from serve(ApiSettings(redis_url=redis_server.url, queue=web_worker.queue, api_keys=keys))
+    yield from serve_app(ApiSettings(redis_url=redis_server.url, queue=web_worker.queue, api_keys=keys))
 
 
 def ask(browser: Any, question: str, *, image_file: str = "", image_url: str = "") -> dict[str, Any]:
