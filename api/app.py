@@ -12,7 +12,8 @@ from api.ops import install_ops
 from api.page import bp as page_bp
 from api.settings import ApiSettings
 from api.views import Services, bp
-from worker.jobs import JobStore, create_celery
+from worker.broker import create_celery
+from worker.jobs import JobStore
 
 
 def create_app(settings: ApiSettings | None = None) -> Flask:

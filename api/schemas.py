@@ -14,7 +14,8 @@ from pydantic_core import PydanticCustomError
 
 from api.errors import ValidationError
 from worker.fleet import WorkerRecord
-from worker.jobs import STATS_FIELDS, JobPriority, JobStatus
+from worker.jobs import STATS_FIELDS
+from worker.states import JobPriority, JobStatus
 
 # (field, pydantic error type) -> our code; the first match wins, (field, None) matches any type.
 ERROR_CODES = {

@@ -30,18 +30,12 @@ from api.errors import (
 )
 from api.schemas import JobRequest, validate_job_request
 from api.settings import ApiSettings
+from worker.broker import publish_job
 from worker.errors import ImageInvalidError, ImageTooLargeError
 from worker.images import open_image
-from worker.jobs import (
-    CANCEL_ENDED,
-    Job,
-    JobStatus,
-    JobStore,
-    idempotency_key,
-    new_job_id,
-    publish_job,
-    utc_iso,
-)
+from worker.jobs import Job, JobStore, idempotency_key, new_job_id, utc_iso
+from worker.states import JobStatus
+from worker.transitions import CANCEL_ENDED
 
 log = logging.getLogger("blipq.api")
 bp = Blueprint("jobs", __name__)

@@ -40,7 +40,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from api.up import free_port, start_redis, stop_process  # noqa: E402
-from worker.jobs import JobStore, job_key, visibility_timeout_for  # noqa: E402
+from worker.broker import visibility_timeout_for  # noqa: E402
+from worker.jobs import JobStore, job_key  # noqa: E402
 
 FINAL = (b"succeeded", b"failed")
 BLOW_INTERVAL_S = 6.0  # between two blows: long enough for the fleet to be busy again

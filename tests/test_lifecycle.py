@@ -30,8 +30,10 @@ from tests.conftest import (
     wait_for_status,
 )
 from tests.fixtures.images import shape_png
-from worker.jobs import TASK_VQA, JobPriority, JobStore, broker_list_key, deadlines_key, unstarted_key, upload_key
+from worker.broker import TASK_VQA
+from worker.jobs import JobStore, broker_list_key, deadlines_key, unstarted_key, upload_key
 from worker.reaper import expire_overdue
+from worker.states import JobPriority
 
 WORKER_QUEUE = "lifecycle"
 SLOW_S = 2.0  # how long a slow image takes to arrive: its job surely runs while the test acts

@@ -8,7 +8,8 @@ from typing import Any
 from celery import Celery
 from celery.signals import worker_process_init, worker_ready
 
-from worker.jobs import JobStore, create_celery, visibility_timeout_for
+from worker.broker import create_celery, visibility_timeout_for
+from worker.jobs import JobStore
 from worker.logs import use_json_logs_in_celery
 from worker.metrics import WorkerOps
 from worker.netguard import NetworkPolicy

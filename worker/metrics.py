@@ -29,8 +29,9 @@ from prometheus_client import (
     start_http_server,
 )
 
+from worker.broker import TASK_VQA
 from worker.fleet import Announcer, WorkerRecord, count_outcome, fleet_client
-from worker.jobs import TASK_VQA, utc_now
+from worker.jobs import utc_now
 from worker.settings import WorkerSettings
 from worker.tasks import WorkerRuntime, worker_identity
 

@@ -33,17 +33,9 @@ from dataclasses import dataclass
 import redis
 from celery import Celery
 
-from worker.jobs import (
-    JobPriority,
-    JobStatus,
-    JobStore,
-    broker_list_key,
-    deadlines_key,
-    publish_job,
-    started_mark_key,
-    stats_key,
-    unstarted_key,
-)
+from worker.broker import publish_job
+from worker.jobs import JobStore, broker_list_key, deadlines_key, started_mark_key, stats_key, unstarted_key
+from worker.states import JobPriority, JobStatus
 
 log = logging.getLogger("blipq.reaper")
 

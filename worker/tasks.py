@@ -12,21 +12,15 @@ from celery import Celery
 from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from celery.signals import task_failure
 
+from worker.broker import TASK_VQA
 from worker.errors import BlipqError, UploadMissingError
 from worker.fetch import FetchLimits, fetch_image_bytes, new_session
 from worker.images import decode_image
-from worker.jobs import (
-    START_CANCELED,
-    START_ENDED,
-    START_EXPIRED,
-    START_GAVE_UP,
-    START_MISSING,
-    TASK_VQA,
-    JobPriority,
-    JobStore,
-)
+from worker.jobs import JobStore
 from worker.netguard import NetworkPolicy
 from worker.settings import WorkerSettings
+from worker.states import JobPriority
+from worker.transitions import START_CANCELED, START_ENDED, START_EXPIRED, START_GAVE_UP, START_MISSING
 
 if TYPE_CHECKING:  # torch is imported in the pool process only, after the fork
     import requests

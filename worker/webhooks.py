@@ -1,6 +1,6 @@
 """Webhooks: when a job ends, POST its public JSON, signed, to the URL it named; reliably, through the image guard.
 
-The outbox lives in Redis. The script that ends a job (worker/jobs.py) puts its id in the sorted set
+The outbox lives in Redis. The script that ends a job (worker/transitions.py) puts its id in the sorted set
 `blipq:webhooks:due`, scored by when the next attempt is due, and sets its `webhook_status` to `pending`: an ended job
 cannot miss its webhook, whichever process ended it and whatever happens to that process next. Each worker's main
 process runs a few sender threads. A sender claims a due delivery by pushing its score a lease into the future (and

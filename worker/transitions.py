@@ -1,0 +1,175 @@
+"""The Lua scripts that move a job from state to state in Redis, and what they return.
+
+Every change of a job's state is one of these scripts, run atomically by Redis: a job that ended never changes
+again, two runs of one job publish one answer, and a job that names a webhook gets its delivery queued by the very
+script that ends it (worker/webhooks.py sends it). `worker.jobs.JobStore` registers and calls them.
+"""
+
+from __future__ import annotations
+
+from worker.states import ENDED_STATUSES
+
+DEADLINE_MESSAGE = "the job was still queued at its deadline; it was not run"
+CANCELED_MESSAGE = "the job was canceled before it started; it was not run"
+CANCELED_RERUN_MESSAGE = "the job was canceled while it ran and its worker died; it is not run again"
+
+# What every script below starts with. `end_job` writes the final fields, deletes the upload and, when the job names
+# a webhook, puts its delivery in the outbox, due now: in the same script, so an ended job's webhook is never lost.
+_LUA_LIBRARY = (
+    "local ENDED = {"
+    + ", ".join(f"{status}=true" for status in sorted(ENDED_STATUSES))
+    + """}
+local function end_job(job, upload, outbox, now, fields)
+  redis.call('hset', job, unpack(fields))
+  redis.call('del', upload)
+  local webhook = redis.call('hget', job, 'webhook')
+  if webhook and webhook ~= '' then
+    redis.call('hset', job, 'webhook_status', 'pending')
+    redis.call('zadd', outbox, now, redis.call('hget', job, 'id'))
+  end
+end
+local function overdue(job, now)
+  local deadline = redis.call('hget', job, 'deadline_at')
+  return deadline and deadline ~= '' and tonumber(now) >= tonumber(deadline)
+end
+local function expire(job, upload, outbox, unstarted, deadlines, id, now, finished_at, message)
+  redis.call('zrem', unstarted, id)
+  redis.call('zrem', deadlines, id)
+  end_job(job, upload, outbox, now, {'status', 'expired', 'error_code', 'deadline_exceeded', 'error_message', message,
+                                     'finished_at', finished_at})
+end
+"""
+)
+
+# Starts a run of a job, unless it expired, ended or was canceled; counts its attempts and gives up after too many.
+# It also takes the job off its level's set of jobs never started, and moves the level's mark (the latest enqueue
+# time of a job started) forward: see worker/reaper.py. A job still queued at its deadline ends `expired` here, and
+# one whose cancel was asked while it ran (its worker died since) ends `canceled`: neither runs.
+# KEYS = job hash, stats hash, never-started set, mark, upload, webhook outbox, deadlines set;
+# ARGV = max attempts, started_at, model, worker, gave-up message, job id, now (epoch s), deadline message,
+# canceled-rerun message. Returns the attempt number (>= 1) or one of the START_* codes below.
+START_LUA = (
+    _LUA_LIBRARY
+    + """
+local enqueued = redis.call('zscore', KEYS[3], ARGV[6])
+if enqueued then
+  redis.call('zrem', KEYS[3], ARGV[6])
+  local mark = redis.call('get', KEYS[4])
+  if (not mark) or tonumber(enqueued) > tonumber(mark) then redis.call('set', KEYS[4], enqueued) end
+end
+redis.call('zrem', KEYS[7], ARGV[6])
+if redis.call('exists', KEYS[1]) == 0 then return -1 end
+local status = redis.call('hget', KEYS[1], 'status')
+if status == 'canceled' then return -3 end
+if status == 'expired' then return -4 end
+if ENDED[status] then
+  redis.call('hincrby', KEYS[2], 'duplicate_deliveries', 1)
+  return 0
+end
+if status == 'queued' and overdue(KEYS[1], ARGV[7]) then
+  expire(KEYS[1], KEYS[5], KEYS[6], KEYS[3], KEYS[7], ARGV[6], ARGV[7], ARGV[2], ARGV[8])
+  return -4
+end
+if status ~= 'queued' and redis.call('hget', KEYS[1], 'cancel_requested') == '1' then
+  end_job(KEYS[1], KEYS[5], KEYS[6], ARGV[7], {'status', 'canceled', 'error_code', 'canceled', 'error_message', ARGV[9],
+                                               'finished_at', ARGV[2]})
+  return -3
+end
+local attempt = redis.call('hincrby', KEYS[1], 'attempts', 1)
+if attempt > tonumber(ARGV[1]) then
+  end_job(KEYS[1], KEYS[5], KEYS[6], ARGV[7], {'status', 'failed', 'error_code', 'worker_lost',
+                                               'error_message', ARGV[5], 'finished_at', ARGV[2]})
+  redis.call('hincrby', KEYS[2], 'worker_lost', 1)
+  return -2
+end
+redis.call('hset', KEYS[1], 'status', 'running', 'started_at', ARGV[2], 'model', ARGV[3], 'worker', ARGV[4])
+redis.call('hincrby', KEYS[2], 'executions', 1)
+if attempt > 1 then redis.call('hincrby', KEYS[2], 'reruns', 1) end
+return attempt
+"""
+)
+
+# Ends a job with its outcome unless it already ended: an answer, once written, never changes. Two runs of one job
+# (a redelivery racing a slow worker) publish one answer; the later one is counted as a duplicate execution.
+# KEYS = job hash, stats hash, upload, webhook outbox; ARGV = now (epoch s), then field, value, ...
+# Returns 1 when written, 0 when the job had ended, -1 when it is missing (expired).
+FINISH_LUA = (
+    _LUA_LIBRARY
+    + """
+if redis.call('exists', KEYS[1]) == 0 then return -1 end
+if ENDED[redis.call('hget', KEYS[1], 'status')] then
+  redis.call('hincrby', KEYS[2], 'duplicate_executions', 1)
+  return 0
+end
+end_job(KEYS[1], KEYS[3], KEYS[4], ARGV[1], {unpack(ARGV, 2)})
+return 1
+"""
+)
+
+# Cancels a job: a queued one ends `canceled` at once (its message, when a worker takes it, is refused by the start
+# script); a running one is marked `cancel_requested` and runs to its end. A queued job already past its deadline
+# ends `expired` instead, as its next read would show. KEYS and ARGV: as EXPIRE_LUA's, then the cancel message.
+# Returns one of the CANCEL_* codes below.
+CANCEL_LUA = (
+    _LUA_LIBRARY
+    + """
+if redis.call('exists', KEYS[1]) == 0 then return -1 end
+local status = redis.call('hget', KEYS[1], 'status')
+if ENDED[status] then return 0 end
+if status == 'queued' and overdue(KEYS[1], ARGV[1]) then
+  expire(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], ARGV[3], ARGV[1], ARGV[2], ARGV[4])
+  return 0
+end
+redis.call('hset', KEYS[1], 'cancel_requested', '1')
+if status ~= 'queued' then return 2 end
+redis.call('zrem', KEYS[4], ARGV[3])
+redis.call('zrem', KEYS[5], ARGV[3])
+end_job(KEYS[1], KEYS[2], KEYS[3], ARGV[1], {'status', 'canceled', 'error_code', 'canceled', 'error_message', ARGV[5],
+                                             'finished_at', ARGV[2]})
+return 1
+"""
+)
+
+# Ends a queued job `expired` if it is past its deadline (a read by the API, the reaper's look at due deadlines).
+# KEYS = job hash, upload, webhook outbox, never-started set, deadlines set; ARGV = now (epoch s), finished_at, job id,
+# deadline message. Returns 1 when it expired the job, 0 when not, -1 when the job is missing.
+EXPIRE_LUA = (
+    _LUA_LIBRARY
+    + """
+if redis.call('exists', KEYS[1]) == 0 then
+  redis.call('zrem', KEYS[5], ARGV[3])
+  return -1
+end
+if redis.call('hget', KEYS[1], 'status') ~= 'queued' then
+  redis.call('zrem', KEYS[5], ARGV[3])
+  return 0
+end
+if not overdue(KEYS[1], ARGV[1]) then return 0 end
+expire(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], ARGV[3], ARGV[1], ARGV[2], ARGV[4])
+return 1
+"""
+)
+
+# Claims an idempotency key for a request that is about to store its job, or returns the claim that holds it.
+# KEYS = the key; ARGV = claim, seconds it holds before the job is stored.
+CLAIM_KEY_LUA = """
+local held = redis.call('get', KEYS[1])
+if held then return held end
+redis.call('set', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return false
+"""
+# Frees an idempotency key, only if it still holds this claim. KEYS = the key; ARGV = claim.
+RELEASE_KEY_LUA = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
+return 0
+"""
+
+START_ENDED = 0  # the job had already ended: its answer stands, the model is not run again
+START_MISSING = -1  # the job expired (or was never issued)
+START_GAVE_UP = -2  # the job started too many times without ending (it kills its worker): failed `worker_lost`
+START_CANCELED = -3  # the job was canceled: it is not run
+START_EXPIRED = -4  # the job was still queued at its deadline: it is (now) `expired`, not run
+CANCEL_MISSING = -1  # no such job (expired)
+CANCEL_ENDED = 0  # the job had ended (or just expired at its deadline): nothing to cancel
+CANCEL_DONE = 1  # the job was queued: it is now `canceled` and will never run
+CANCEL_REQUESTED = 2  # the job is running: it runs to its end, with `cancel_requested` set
