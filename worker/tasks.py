@@ -74,7 +74,7 @@ class WorkerRuntime:
     def store(self) -> JobStore:
         if self._store is None:
             settings = self.settings
-            # Writes retry across a Redis restart (up to the shutdown grace): an answer is recorded, not lost.
+            # Writes retry across a Redis restart (for REDIS_OUTAGE_S): an answer is recorded, not lost.
             self._store = JobStore.from_url(settings.redis_url, settings.job_ttl_s, outage_s=REDIS_OUTAGE_S)
         return self._store
 
