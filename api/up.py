@@ -224,7 +224,9 @@ def run_up(host: str, port: int, workers: int, data_dir: Path) -> int:
     def interrupt(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 
+    # Both installed explicitly: a shell that starts `up` in the background hands it SIGINT ignored.
     signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, interrupt)
     stack = Stack(host, port, workers, data_dir)
     try:
         stack.start()
