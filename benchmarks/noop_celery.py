@@ -1,0 +1,18 @@
+"""A bare Celery no-op task with blipq's own Celery configuration: the baseline the benchmarks divide by.
+
+BENCH_REDIS_URL=redis://... celery -A benchmarks.noop_celery worker --pool=prefork --concurrency=1 -Q noop
+"""
+
+from __future__ import annotations
+
+import os
+
+from worker.broker import create_celery
+
+QUEUE = "noop"
+app = create_celery(os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0"), QUEUE, 3600)
+
+
+@app.task(name="bench.noop")  # type: ignore[untyped-decorator]
+def noop() -> None:
+    """Nothing: what is measured is Celery's and Redis's round trip."""

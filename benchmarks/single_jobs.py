@@ -1,0 +1,129 @@
+"""Single jobs: 16 clients each doing submit-then-poll against the real service, side by side with its baselines.
+
+    python benchmarks/single_jobs.py [--jobs 600] [--clients 16]
+
+In one run on one machine: (1) the service (its own Redis, the API under gunicorn, one worker with the shipped demo
+model) answering easy-VQA questions sent as uploads by `--clients` threads that each submit and poll (the Python
+client: first poll after 50 ms, then doubling); (2) a bare Celery round trip (`delay` + `get` of a no-op task with
+blipq's own Celery configuration, same Redis, one prefork worker process, the same number of threads); (3) the same
+questions answered in this process by the inference core, one at a time. Prints jobs/s, the ratio service / bare
+Celery (goal >= 1), and the latency the service adds over a direct call at p50 and p99.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from api.client import BlipqClient  # noqa: E402
+from api.up import stop_process  # noqa: E402
+from benchmarks.fleet import Fleet, load_items, wait_until_serving  # noqa: E402
+
+
+def run_clients(clients: int, count: int, call: Callable[[int], None]) -> tuple[float, list[float]]:
+    """`count` calls of `call(i)` spread over `clients` threads: (wall seconds, each call's latency)."""
+    latencies: list[float] = []
+    lock = threading.Lock()
+    next_index = iter(range(count))
+
+    def client() -> None:
+        while True:
+            with lock:
+                index = next(next_index, None)
+            if index is None:
+                return
+            started = time.perf_counter()
+            call(index)
+            with lock:
+                latencies.append(time.perf_counter() - started)
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return time.perf_counter() - started, latencies
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def direct_latencies(items: list[tuple[bytes, str, str]]) -> list[float]:
+    """Each question answered in this process by the inference core (decode + generate), one at a time."""
+    import torch
+
+    from worker.images import decode_image
+    from worker.inference import answer_questions, load_model
+    from worker.settings import DEMO_MODEL_DIR
+
+    torch.set_num_threads(1)  # as the worker (BLIPQ_TORCH_THREADS=1)
+    loaded = load_model(str(DEMO_MODEL_DIR), device="cpu", dtype="float32")
+    latencies = []
+    for image, question, _ in items:
+        started = time.perf_counter()
+        answer_questions(loaded, [decode_image(image, 10**6)], [question])
+        latencies.append(time.perf_counter() - started)
+    return latencies
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--jobs", type=int, default=600)
+    parser.add_argument("--clients", type=int, default=16)
+    args = parser.parse_args()
+
+    items = load_items(args.jobs)
+    direct = direct_latencies(items)
+    fleet = Fleet(1, time_limit_s=300)
+    noop_worker = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "benchmarks.noop_celery", "worker", "--pool=prefork",
+         "--concurrency=1", "--without-mingle", "--without-gossip", "-Q", "noop", "--loglevel=WARNING"],
+        env={**fleet.env, "BENCH_REDIS_URL": fleet.redis.url}, cwd=REPO, stdout=fleet.log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        wait_until_serving(fleet, items[0])
+        client = BlipqClient(fleet.base)
+
+        def ask(index: int) -> None:
+            image, question, expected = items[index]
+            assert client.ask(image, question, timeout_s=120) == expected
+
+        service_s, service_latencies = run_clients(args.clients, args.jobs, ask)
+
+        os.environ["BENCH_REDIS_URL"] = fleet.redis.url  # read when the no-op app is built, at import
+        from benchmarks.noop_celery import noop
+
+        noop.delay().get(timeout=120)  # the no-op worker is up
+        celery_s, _ = run_clients(args.clients, args.jobs, lambda index: noop.delay().get(timeout=60))
+    finally:
+        stop_process(noop_worker)
+        fleet.stop()
+
+    service_rate, celery_rate = args.jobs / service_s, args.jobs / celery_s
+    print(f"{args.jobs} jobs, {args.clients} clients, demo model, one worker (BLIPQ_TORCH_THREADS=1), this machine")
+    print(f"service (upload, submit-then-poll)  {service_rate:7.1f} jobs/s")
+    print(f"bare Celery round trip (no-op)      {celery_rate:7.1f} tasks/s")
+    print(f"ratio service / bare Celery         {service_rate / celery_rate:7.2f}   (goal >= 1)")
+    for name, fraction in (("p50", 0.5), ("p99", 0.99)):
+        service_p, direct_p = percentile(service_latencies, fraction), percentile(direct, fraction)
+        print(
+            f"{name} latency: service {service_p * 1000:6.1f} ms, direct in-process {direct_p * 1000:6.1f} ms,"
+            f" added {1000 * (service_p - direct_p):6.1f} ms"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
