@@ -28,8 +28,8 @@ REDIS_TIMEOUT_S = 5  # a rate limit check on a dead Redis fails this fast (and l
 QUEUE_FULL_RETRY_AFTER_S = 10  # what a refused client is told to wait: long enough for the workers to drain some
 
 
-def install_rate_limits(app: Flask, settings: ApiSettings, bp: Blueprint) -> None:
-    """Limit the routes of `bp` per client: POSTs to `settings.rate_limit`, GETs to `settings.poll_rate_limit`.
+def install_rate_limits(app: Flask, settings: ApiSettings, *blueprints: Blueprint) -> None:
+    """Limit the routes of `blueprints` per client: POSTs to `settings.rate_limit`, GETs to `settings.poll_rate_limit`.
 
     Call it after install_api_keys: Flask runs before-request hooks in order, and the limiter's key is the name of
     the key that authentication found (a request refused with 401 counts against nothing).
@@ -53,7 +53,8 @@ def install_rate_limits(app: Flask, settings: ApiSettings, bp: Blueprint) -> Non
     )
     for limit, method in ((settings.rate_limit, "POST"), (settings.poll_rate_limit, "GET")):
         if limit:
-            limiter.limit(limit, methods=[method], exempt_when=is_public_request)(bp)
+            for bp in blueprints:
+                limiter.limit(limit, methods=[method], exempt_when=is_public_request)(bp)
 
 
 def queue_names(queue: str) -> list[str]:

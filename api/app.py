@@ -6,6 +6,7 @@ from flask import Flask
 
 from api.admission import install_rate_limits
 from api.auth import install_api_keys
+from api.batches import bp as batches_bp
 from api.errors import register_error_handlers
 from api.openapi import bp as openapi_bp
 from api.ops import install_ops
@@ -28,8 +29,9 @@ def create_app(settings: ApiSettings | None = None) -> Flask:
         celery=create_celery(settings.redis_url, settings.queue, settings.job_ttl_s, settings.job_time_limit_s),
     )
     install_api_keys(app, settings.api_keys)
-    install_rate_limits(app, settings, bp)  # after the keys: it counts per key name
+    install_rate_limits(app, settings, bp, batches_bp)  # after the keys: it counts per key name
     app.register_blueprint(bp)
+    app.register_blueprint(batches_bp)  # /v1/batches
     app.register_blueprint(openapi_bp)  # /openapi.json and /docs
     app.register_blueprint(page_bp)  # GET /: the web page
     install_ops(app, settings)  # /readyz, /metrics, and a metric and a log line per request

@@ -21,7 +21,20 @@ from pydantic.json_schema import JsonSchemaMode, models_json_schema
 from werkzeug.routing import Rule
 
 from api.auth import public
-from api.schemas import Error, Health, JobAccepted, JobRequest, JobResponse, Readiness, Stats
+from api.schemas import (
+    BatchAccepted,
+    BatchCancelCounts,
+    BatchRequest,
+    BatchResponse,
+    BatchResult,
+    Error,
+    Health,
+    JobAccepted,
+    JobRequest,
+    JobResponse,
+    Readiness,
+    Stats,
+)
 from api.settings import ApiSettings
 from api.views import IDEMPOTENCY_HEADER, IDEMPOTENCY_KEY_PATTERN, JOB_ID_PATTERN
 
@@ -67,13 +80,28 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
     "deadline_invalid": (422, "the deadline is not a positive number of seconds within the job TTL"),
     "webhook_invalid": (422, "the webhook is not an http(s) URL, or carries credentials"),
     "webhook_unavailable": (422, "a webhook is named but the service sends none (BLIPQ_WEBHOOK_SECRET is unset)"),
+    "batch_not_found": (404, "no batch has this id (or it expired, or another API key made it)"),
+    "batch_ended": (409, "every item of the batch has already ended: there is nothing to cancel"),
+    "batch_empty": (422, "the batch asks no question: no items, or no images or no questions"),
+    "batch_too_large": (422, "the batch asks for more than 10,000 answers"),
+    "batch_invalid": (422, "both `items` and `images`/`questions`, or `images` without `questions` (or the reverse)"),
+    "pagination_invalid": (422, "`offset` or `limit` is not a whole number >= 0"),
     "rate_limited": (429, "the client used up its request budget; retry after Retry-After seconds"),
     "broker_unavailable": (503, "Redis cannot take the job right now; retry later"),
     "queue_full": (503, "the queue holds BLIPQ_MAX_QUEUE_DEPTH jobs; retry after Retry-After seconds"),
     "store_unavailable": (503, "Redis is unavailable; retry after Retry-After seconds"),
 }
 PROTECTED_CODES = ("api_key_missing", "api_key_invalid", "rate_limited", "store_unavailable")  # any /v1 route
-VALIDATION_CODES = tuple(code for code, (status, _) in ERROR_CODES.items() if status == 422)
+BATCH_ONLY_CODES = ("batch_empty", "batch_too_large", "batch_invalid", "pagination_invalid")
+JOB_ONLY_CODES = ("image_missing", "image_conflict", "image_invalid")  # a batch has no uploads: URLs only
+VALIDATION_CODES = tuple(
+    code for code, (status, _) in ERROR_CODES.items() if status == 422 and code not in BATCH_ONLY_CODES
+)
+BATCH_SUBMIT_CODES = (
+    *("invalid_json", "body_too_large", "unsupported_media_type"),
+    *(code for code in VALIDATION_CODES if code not in JOB_ONLY_CODES),
+    *("batch_empty", "batch_too_large", "batch_invalid", "broker_unavailable", "queue_full"),
+)
 SUBMIT_CODES = (
     *("invalid_json", "idempotency_key_invalid", "idempotency_conflict", "idempotency_key_in_use"),
     *("body_too_large", "image_too_large", "unsupported_media_type", *VALIDATION_CODES),
@@ -82,6 +110,11 @@ SUBMIT_CODES = (
 
 HEADERS: dict[str, dict[str, Any]] = {
     "Location": {"description": "The job's URL, `/v1/jobs/{id}`.", "required": True, "schema": {"type": "string"}},
+    "BatchLocation": {
+        "description": "The batch's URL, `/v1/batches/{id}` (the header is `Location`).",
+        "required": True,
+        "schema": {"type": "string"},
+    },
     "Idempotent-Replayed": {
         "description": "`true` when an earlier request with the same Idempotency-Key made the job.",
         "schema": {"const": "true"},
@@ -98,6 +131,34 @@ JOB_ID_PARAMETER = {
     "description": "A job's id, as its submission answered it.",
     "schema": {"type": "string", "pattern": JOB_ID_PATTERN.pattern},
 }
+BATCH_ID_PARAMETER = {
+    "name": "batch_id",
+    "in": "path",
+    "required": True,
+    "description": "A batch's id, as its submission answered it.",
+    "schema": {"type": "string", "pattern": JOB_ID_PATTERN.pattern},
+}
+BATCH_EXAMPLE = {
+    "images": ["https://images.example.com/1.jpg", "https://images.example.com/2.jpg"],
+    "questions": ["what color is the shape?", "is there a circle?"],
+    "priority": "low",
+}
+PAGE_PARAMETERS = [
+    {
+        "name": "offset",
+        "in": "query",
+        "required": False,
+        "description": "The first item (0-based). Default 0.",
+        "schema": {"type": "integer", "minimum": 0},
+    },
+    {
+        "name": "limit",
+        "in": "query",
+        "required": False,
+        "description": "At most this many items. Default: all the rest.",
+        "schema": {"type": "integer", "minimum": 0},
+    },
+]
 IDEMPOTENCY_KEY_PARAMETER = {
     "name": IDEMPOTENCY_HEADER,
     "in": "header",
@@ -164,12 +225,16 @@ def openapi_path(rule: Rule) -> str:
 
 def _add_components(spec: APISpec, settings: ApiSettings) -> None:
     responses: tuple[type[BaseModel], ...] = (Error, JobAccepted, JobResponse, Stats, Health, Readiness)
-    models: list[tuple[type[BaseModel], JsonSchemaMode]] = [(JobRequest, "validation")]
+    responses += (BatchAccepted, BatchResponse, BatchResult, BatchCancelCounts)
+    models: list[tuple[type[BaseModel], JsonSchemaMode]] = [(JobRequest, "validation"), (BatchRequest, "validation")]
     models += [(model, "serialization") for model in responses]
     _, schemas = models_json_schema(models, ref_template=REF_TEMPLATE)
     job_request = schemas["$defs"]["JobRequest"]
     # The limit is a setting, given to the validator as context: pydantic's schema cannot know it.
     job_request["properties"]["question"]["maxLength"] = settings.max_question_chars
+    batch_request = schemas["$defs"]["BatchRequest"]
+    batch_request["properties"]["questions"]["anyOf"][0]["items"]["maxLength"] = settings.max_question_chars
+    schemas["$defs"]["BatchItem"]["properties"]["question"]["maxLength"] = settings.max_question_chars
     schemas["$defs"]["JobForm"] = _form_schema(job_request)
     for name, schema in schemas["$defs"].items():
         spec.components.schema(name, schema)
@@ -253,6 +318,50 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
         "responses": {
             "200": _ok("The job, canceled (or marked `cancel_requested`).", "JobResponse"),
             **_errors("job_not_found", "job_ended", *PROTECTED_CODES),
+        },
+    },
+    ("post", "/v1/batches"): {
+        "operationId": "submitBatch",
+        "summary": "Submit many questions about images: `items`, or every one of `questions` about every image.",
+        "description": (
+            "Up to 10,000 answers. Each item is a job of its own (`GET /v1/jobs/{id}` shows it, with its `batch_id`); "
+            "the workers fetch each image once for all its questions. `202` means every item is stored and enqueued."
+        ),
+        "requestBody": {"required": True, "content": {JSON: {"schema": "BatchRequest", "example": BATCH_EXAMPLE}}},
+        "responses": {
+            "202": {
+                "description": "The batch is stored and enqueued; its URL is in `Location`.",
+                "content": {JSON: {"schema": "BatchAccepted"}},
+                "headers": {"Location": "BatchLocation"},
+            },
+            **_errors(*BATCH_SUBMIT_CODES, *PROTECTED_CODES),
+        },
+    },
+    ("get", "/v1/batches/{batch_id}"): {
+        "operationId": "getBatch",
+        "summary": "A batch's progress: its items counted by status, and its webhook's delivery.",
+        "parameters": [BATCH_ID_PARAMETER],
+        "responses": {"200": _ok("The batch.", "BatchResponse"), **_errors("batch_not_found", *PROTECTED_CODES)},
+    },
+    ("get", "/v1/batches/{batch_id}/results"): {
+        "operationId": "getBatchResults",
+        "summary": "The batch's items in order, as JSON Lines: one `BatchResult` object per line.",
+        "parameters": [BATCH_ID_PARAMETER, *PAGE_PARAMETERS],
+        "responses": {
+            "200": {
+                "description": "One line per item, from `offset`, at most `limit` lines.",
+                "content": {"application/x-ndjson": {"schema": "BatchResult"}},
+            },
+            **_errors("batch_not_found", "pagination_invalid", *PROTECTED_CODES),
+        },
+    },
+    ("post", "/v1/batches/{batch_id}/cancel"): {
+        "operationId": "cancelBatch",
+        "summary": "Cancel a batch: its queued items end `canceled` and never run; running ones run to their end.",
+        "parameters": [BATCH_ID_PARAMETER],
+        "responses": {
+            "200": _ok("What the cancel did to the items.", "BatchCancelCounts"),
+            **_errors("batch_not_found", "batch_ended", *PROTECTED_CODES),
         },
     },
     ("get", "/v1/stats"): {

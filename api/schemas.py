@@ -6,10 +6,19 @@ The response models validate nothing at run time: they describe what the API ans
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import pydantic
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl, ValidationInfo, create_model, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    HttpUrl,
+    ValidationInfo,
+    create_model,
+)
 from pydantic_core import PydanticCustomError
 
 from api.errors import ValidationError
@@ -31,56 +40,86 @@ ERROR_CODES = {
 }
 
 
+def _deadline_is_a_number(deadline_s: Any) -> Any:
+    if isinstance(deadline_s, bool):  # pydantic would take true for 1 second
+        raise PydanticCustomError("float_type", "Input should be a number of seconds")
+    return deadline_s
+
+
+def _deadline_fits(deadline_s: float, info: ValidationInfo) -> float:
+    limit = (info.context or {}).get("max_deadline_s")
+    if limit is not None and deadline_s > limit:
+        raise PydanticCustomError(
+            "deadline_too_long",
+            "the deadline is {deadline} s; jobs expire after {limit} s, the longest deadline",
+            {"deadline": deadline_s, "limit": limit},
+        )
+    return deadline_s
+
+
+def _question_fits(question: str, info: ValidationInfo) -> str:
+    limit = (info.context or {}).get("max_question_chars")
+    if limit is not None and len(question) > limit:
+        raise PydanticCustomError(
+            "question_too_long",
+            "the question is {length} characters; the limit is {limit}",
+            {"length": len(question), "limit": limit},
+        )
+    return question
+
+
+# A job's fields as types, so that a batch validates its questions and options exactly as a job does.
+Question = Annotated[str, Field(min_length=1), AfterValidator(_question_fits)]
+DeadlineSeconds = Annotated[
+    float, BeforeValidator(_deadline_is_a_number), Field(gt=0, allow_inf_nan=False), AfterValidator(_deadline_fits)
+]
+PRIORITY_DESCRIPTION = "`high` jobs run before `normal` ones, which run before `low` ones."
+DEADLINE_DESCRIPTION = "Seconds from submission: a job still queued then ends `expired`, unrun. At most the job TTL."
+
+
 class JobRequest(BaseModel):
     """One question about one image; the image is a URL here or an upload beside it."""
 
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
-    question: str = Field(min_length=1, description="The question to answer about the image.")
+    question: Question = Field(description="The question to answer about the image.")
     image_url: HttpUrl | None = Field(default=None, description="An http(s) URL of the image.")
-    priority: JobPriority = Field(
-        default=JobPriority.NORMAL, description="`high` jobs run before `normal` ones, which run before `low` ones."
-    )
-    deadline_s: float | None = Field(
-        default=None,
-        gt=0,
-        allow_inf_nan=False,
-        description="Seconds from submission: a job still queued then ends `expired`, unrun. At most the job TTL.",
-    )
+    priority: JobPriority = Field(default=JobPriority.NORMAL, description=PRIORITY_DESCRIPTION)
+    deadline_s: DeadlineSeconds | None = Field(default=None, description=DEADLINE_DESCRIPTION)
     webhook: HttpUrl | None = Field(
         default=None, description="An http(s) URL that is POSTed the job, signed, when it ends."
     )
 
-    @field_validator("deadline_s", mode="before")
-    @classmethod
-    def _deadline_is_a_number(cls, deadline_s: Any) -> Any:
-        if isinstance(deadline_s, bool):  # pydantic would take true for 1 second
-            raise PydanticCustomError("float_type", "Input should be a number of seconds")
-        return deadline_s
 
-    @field_validator("deadline_s")
-    @classmethod
-    def _deadline_fits(cls, deadline_s: float | None, info: ValidationInfo) -> float | None:
-        limit = (info.context or {}).get("max_deadline_s")
-        if deadline_s is not None and limit is not None and deadline_s > limit:
-            raise PydanticCustomError(
-                "deadline_too_long",
-                "the deadline is {deadline} s; jobs expire after {limit} s, the longest deadline",
-                {"deadline": deadline_s, "limit": limit},
-            )
-        return deadline_s
+class BatchItem(BaseModel):
+    """One question about one image of a batch, by URL."""
 
-    @field_validator("question")
-    @classmethod
-    def _question_fits(cls, question: str, info: ValidationInfo) -> str:
-        limit = (info.context or {}).get("max_question_chars")
-        if limit is not None and len(question) > limit:
-            raise PydanticCustomError(
-                "question_too_long",
-                "the question is {length} characters; the limit is {limit}",
-                {"length": len(question), "limit": limit},
-            )
-        return question
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    image_url: HttpUrl = Field(description="An http(s) URL of the image.")
+    question: Question = Field(description="The question to answer about the image.")
+
+
+class BatchRequest(BaseModel):
+    """Many questions about images at once: `items`, or every one of `questions` about every one of `images`."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    items: list[BatchItem] | None = Field(default=None, description="Each item is one question about one image.")
+    images: list[HttpUrl] | None = Field(default=None, description="Image URLs: each is asked every question.")
+    questions: list[Question] | None = Field(default=None, description="The questions asked about every image.")
+    priority: JobPriority = Field(default=JobPriority.NORMAL, description=PRIORITY_DESCRIPTION)
+    deadline_s: DeadlineSeconds | None = Field(default=None, description=DEADLINE_DESCRIPTION)
+    webhook: HttpUrl | None = Field(
+        default=None, description="An http(s) URL that is POSTed the batch's summary, signed, when its last item ends."
+    )
+    webhook_items: bool = Field(default=False, description="Also POST each item's job to `webhook` when it ends.")
+
+    def pairs(self) -> list[tuple[str, str]]:
+        """The batch's (image URL, question) pairs in item order: for the tagging shape, image by image."""
+        if self.items is not None:
+            return [(str(item.image_url), item.question) for item in self.items]
+        return [(str(image), question) for image in self.images or () for question in self.questions or ()]
 
 
 class ErrorDetail(BaseModel):
@@ -131,6 +170,63 @@ class JobResponse(BaseModel):
     cancel_requested: bool = Field(description="A cancel came while the job ran: it runs to its end all the same.")
     webhook: str | None = Field(description="The URL told when the job ends.")
     webhook_delivery: WebhookDelivery | None = Field(description="Set once the job ended, when it names a webhook.")
+    batch_id: str | None = Field(description="The batch the job is an item of; null for a job submitted alone.")
+
+
+class BatchAccepted(BaseModel):
+    """A batch stored and enqueued: poll `GET /v1/batches/{id}` (the Location header), then read its results."""
+
+    id: str = Field(description="The batch's id: 128 random bits, URL-safe.")
+    count: int = Field(ge=1, description="How many answers the batch asks for: one job per item.")
+
+
+class BatchCounts(BaseModel):
+    """How many of the batch's items are in each status."""
+
+    queued: int = Field(ge=0)
+    running: int = Field(ge=0)
+    succeeded: int = Field(ge=0)
+    failed: int = Field(ge=0)
+    canceled: int = Field(ge=0)
+    expired: int = Field(ge=0)
+
+
+class BatchResponse(BaseModel):
+    """A batch as the API shows it (worker.batches.BatchStore.summary); its webhook receives this, less the delivery."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    count: int = Field(ge=1)
+    counts: BatchCounts
+    ended: int = Field(ge=0, description="Items that ended, in any of the four end states.")
+    progress: float = Field(ge=0, le=1, description="`ended` / `count`.")
+    created_at: datetime
+    priority: JobPriority
+    webhook: str | None = Field(description="The URL told the batch's summary when its last item ends.")
+    webhook_delivery: WebhookDelivery | None = Field(description="Set once the last item ended, with a webhook.")
+
+
+class BatchResult(BaseModel):
+    """One line of `GET /v1/batches/{id}/results`: one item, in item order."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    index: int = Field(ge=0)
+    job_id: str
+    image_url: str | None = Field(description="null when the item's job expired (with its batch, after the TTL).")
+    question: str | None
+    status: JobStatus | None
+    answer: str | None
+    error: ErrorDetail | None
+
+
+class BatchCancelCounts(BaseModel):
+    """What a batch cancel did to its items."""
+
+    canceled: int = Field(ge=0, description="Queued items now `canceled`: they never run.")
+    cancel_requested: int = Field(ge=0, description="Running items, marked `cancel_requested`: they run to their end.")
+    already_ended: int = Field(ge=0, description="Items that had ended.")
 
 
 # One field per counter of the job store, so that a new counter is documented as soon as it is kept.
@@ -168,8 +264,29 @@ def validate_job_request(data: Any, max_question_chars: int, max_deadline_s: int
         raise _translate(exc.errors()[0]) from None
 
 
+def validate_batch_request(data: Any, max_question_chars: int, max_deadline_s: int | None = None) -> BatchRequest:
+    """Validate a batch request body as validate_job_request does a job's; a batch's items are checked as jobs."""
+    if not isinstance(data, dict):
+        raise ValidationError("invalid_body", "the body must be a JSON object")
+    context = {"max_question_chars": max_question_chars, "max_deadline_s": max_deadline_s}
+    try:
+        return BatchRequest.model_validate(data, context=context)
+    except pydantic.ValidationError as exc:
+        raise _translate(exc.errors()[0]) from None
+
+
+# A batch's lists, named by what their elements are: `images.3` is an image_url, `questions.0` a question.
+BATCH_LIST_FIELDS = {"images": "image_url", "questions": "question"}
+
+
 def _translate(error: Any) -> ValidationError:
-    field = str(error["loc"][0]) if error["loc"] else None
+    loc = error["loc"]
+    field = str(loc[0]) if loc else None
+    if field == "items" and len(loc) >= 3:  # items.<i>.<field>: the item's field decides the code
+        field = str(loc[2])
+    elif field in BATCH_LIST_FIELDS and len(loc) >= 2:
+        field = BATCH_LIST_FIELDS[field]
+    where = ".".join(str(part) for part in loc)
     kind = error["type"]
     code = next(
         (
@@ -181,5 +298,5 @@ def _translate(error: Any) -> ValidationError:
     )
     message = error["msg"]
     if kind == "extra_forbidden":
-        message = "this field is not part of a job"
-    return ValidationError(code, f"{field}: {message}" if field else message)
+        message = "this field is not part of a request of this kind"
+    return ValidationError(code, f"{where}: {message}" if where else message)

@@ -46,6 +46,7 @@ class ApiSettings:
     max_queue_depth: int = DEFAULT_MAX_QUEUE_DEPTH  # 0: unbounded
     log_format: str = "json"  # how `blipq api` logs (gunicorn and the app): json or text
     webhooks_enabled: bool = False  # BLIPQ_WEBHOOK_SECRET is set (the workers sign with it): jobs may name a webhook
+    batch_chunk_size: int = 32  # answers per chunk of a batch sent to the workers (one message, one model call)
 
     @property
     def max_body_bytes(self) -> int:
@@ -67,6 +68,7 @@ class ApiSettings:
             rate_limit=env_rate_limit(env, "BLIPQ_RATE_LIMIT"),
             poll_rate_limit=env_rate_limit(env, "BLIPQ_POLL_RATE_LIMIT"),
             max_queue_depth=env_int(env, "BLIPQ_MAX_QUEUE_DEPTH", DEFAULT_MAX_QUEUE_DEPTH),
+            batch_chunk_size=env_int(env, "BLIPQ_BATCH_CHUNK_SIZE", 32, minimum=1),
             log_format=env_str(env, "BLIPQ_LOG_FORMAT", "json", LOG_FORMATS),
             webhooks_enabled=bool(env_webhook_secret(env)),
         )

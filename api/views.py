@@ -14,6 +14,7 @@ import redis
 from celery import Celery
 from flask import Blueprint, Response, current_app, jsonify, request
 from kombu.exceptions import OperationalError
+from pydantic import HttpUrl
 from werkzeug.datastructures import FileStorage
 from werkzeug.exceptions import BadRequest
 
@@ -231,12 +232,16 @@ def _parse_job_request(settings: ApiSettings) -> Submission:
         raise ValidationError("image_missing", "give an image: 'image_url', or a file named 'image'")
     if job_request.image_url is not None and upload is not None:
         raise ValidationError("image_conflict", "give either 'image_url' or a file named 'image', not both")
-    webhook = job_request.webhook
+    check_webhook(job_request.webhook, settings)
+    return Submission(job_request, upload, _fingerprint(data, upload))
+
+
+def check_webhook(webhook: HttpUrl | None, settings: ApiSettings) -> None:
+    """Refuse a webhook when the service sends none, or one whose URL carries credentials (never sent)."""
     if webhook is not None and not settings.webhooks_enabled:
         raise ValidationError("webhook_unavailable", "this service sends no webhooks (BLIPQ_WEBHOOK_SECRET is unset)")
     if webhook is not None and (webhook.username or webhook.password):
         raise ValidationError("webhook_invalid", "webhook: the URL carries credentials (user:password@); none are sent")
-    return Submission(job_request, upload, _fingerprint(data, upload))
 
 
 def _read_upload(file: FileStorage | None, settings: ApiSettings) -> bytes | None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from celery import Celery
 from kombu.transport.redis import PRIORITY_STEPS
@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from worker.jobs import Job
 
 TASK_VQA = "blipq.vqa"
+TASK_VQA_CHUNK = "blipq.vqa_chunk"  # a chunk of a batch's items: images, each with its (job id, question) pairs
 SOFT_LIMIT_MARGIN_S = 10  # the soft limit comes this much earlier, so the job can record its `timeout` failure
 VISIBILITY_MARGIN_S = 60  # beyond the hard limit, before a job reserved by a vanished worker is delivered again
 
@@ -22,6 +23,19 @@ def publish_job(celery: Celery, job: Job, queue: str) -> None:
     """Send the job's task message (task id = job id) at the job's priority."""
     payload = {"job_id": job.id, "question": job.question, "image_url": job.image_url, "priority": str(job.priority)}
     celery.send_task(TASK_VQA, args=[payload], task_id=job.id, queue=queue, priority=BROKER_PRIORITY[job.priority])
+
+
+def publish_chunk(
+    celery: Celery, queue: str, batch_id: str, number: int, images: list[dict[str, Any]], priority: JobPriority
+) -> None:
+    """Send chunk `number` of a batch (task id `<batch id>.<number>`) on the single jobs' queue, at its priority.
+
+    `images` is one of worker.batches.plan_chunks's chunks: [{"image_url", "items": [[job id, question], ...]}, ...].
+    """
+    payload = {"batch_id": batch_id, "priority": str(priority), "images": images}
+    celery.send_task(
+        TASK_VQA_CHUNK, args=[payload], task_id=f"{batch_id}.{number}", queue=queue, priority=BROKER_PRIORITY[priority]
+    )
 
 
 def create_celery(redis_url: str, queue: str, result_ttl_s: int, time_limit_s: int = DEFAULT_TIME_LIMIT_S) -> Celery:
@@ -39,7 +53,10 @@ def create_celery(redis_url: str, queue: str, result_ttl_s: int, time_limit_s: i
         result_accept_content=["json"],
         task_default_queue=queue,
         # A message sent without a priority (by hand, or by an older API) waits with the normal jobs, not before them.
-        task_routes={TASK_VQA: {"queue": queue, "priority": BROKER_PRIORITY[JobPriority.NORMAL]}},
+        task_routes={
+            task: {"queue": queue, "priority": BROKER_PRIORITY[JobPriority.NORMAL]}
+            for task in (TASK_VQA, TASK_VQA_CHUNK)
+        },
         result_expires=result_ttl_s,
         # A job is acknowledged only once it ended (so a worker that dies mid-job has not acknowledged it)...
         task_acks_late=True,

@@ -23,6 +23,7 @@ from redis.retry import Retry
 
 from worker.states import BROKER_PRIORITY, JobPriority, JobStatus
 from worker.transitions import (
+    BATCH_KEY_PREFIX,
     CANCEL_LUA,
     CANCELED_MESSAGE,
     CANCELED_RERUN_MESSAGE,
@@ -34,7 +35,7 @@ from worker.transitions import (
     START_LUA,
 )
 
-KEY_PREFIX = "blipq:"
+KEY_PREFIX = "blipq:"  # worker/transitions.py's BATCH_KEY_PREFIX starts with it
 JOB_ID_BYTES = 16  # 128 random bits: ids are unguessable
 OUTAGE_BACKOFF_CAP_S = 1.0  # the longest wait between two tries of a worker's Redis command while Redis is away
 API_RETRIES = 1  # the API tries a failed Redis command once more (a stale pooled connection), then answers 503
@@ -98,6 +99,16 @@ def webhook_outbox_key() -> str:
     return f"{KEY_PREFIX}webhooks:due"
 
 
+def batch_key(batch_id: str) -> str:
+    """The Redis hash that holds a batch's record (the Lua that ends a job spells it too: BATCH_KEY_PREFIX)."""
+    return f"{BATCH_KEY_PREFIX}{batch_id}"
+
+
+def batch_jobs_key(batch_id: str) -> str:
+    """The Redis list of a batch's job ids, in item order."""
+    return f"{KEY_PREFIX}batch-jobs:{batch_id}"
+
+
 def upload_key(job_id: str) -> str:
     """The Redis string that holds a job's uploaded image until the job ends."""
     return f"{KEY_PREFIX}upload:{job_id}"
@@ -133,6 +144,8 @@ class Job:
     webhook_attempts: int = 0
     webhook_error_code: str = ""  # the last attempt's failure
     webhook_error_message: str = ""
+    batch_id: str = ""  # the batch the job is an item of; "" for a job submitted alone
+    index: int = 0  # its place among the batch's items
 
     @classmethod
     def from_redis(cls, fields: dict[str, str]) -> Job:
@@ -142,6 +155,7 @@ class Job:
         known["priority"] = JobPriority(fields.get("priority") or JobPriority.NORMAL)
         known["cancel_requested"] = fields.get("cancel_requested") == "1"
         known["webhook_attempts"] = int(fields.get("webhook_attempts") or 0)
+        known["index"] = int(fields.get("index") or 0)
         return cls(**known)
 
     def to_redis(self) -> dict[str, str]:
@@ -170,6 +184,7 @@ class Job:
             "cancel_requested": self.cancel_requested,
             "webhook": self.webhook or None,
             "webhook_delivery": self._webhook_delivery(),
+            "batch_id": self.batch_id or None,
         }
 
     def to_webhook_body(self) -> dict[str, Any]:
@@ -241,16 +256,20 @@ class JobStore:
         `idempotency` (key, claim) ties an Idempotency-Key to the job for as long as the job lives.
         """
         with self.client.pipeline(transaction=True) as pipe:
-            pipe.hset(job_key(job.id), mapping=job.to_redis())  # type: ignore[arg-type]  # redis-py: invariant Mapping
-            pipe.expire(job_key(job.id), self.ttl_s)
+            self.add_to_pipeline(pipe, job, queue)
+            pipe.zadd(unstarted_key(queue, job.priority), {job.id: time.time()})
             if upload is not None:
                 pipe.set(upload_key(job.id), upload, ex=self.ttl_s)
-            pipe.zadd(unstarted_key(queue, job.priority), {job.id: time.time()})
-            if job.deadline_at:
-                pipe.zadd(deadlines_key(queue), {job.id: float(job.deadline_at)})
             if idempotency is not None:
                 pipe.set(idempotency[0], idempotency[1], ex=self.ttl_s)
             pipe.execute()
+
+    def add_to_pipeline(self, pipe: redis.client.Pipeline, job: Job, queue: str) -> None:
+        """Queue on `pipe` the writes of a new job's record and deadline; the caller adds it to its unstarted set."""
+        pipe.hset(job_key(job.id), mapping=job.to_redis())  # type: ignore[arg-type]  # redis-py: invariant Mapping
+        pipe.expire(job_key(job.id), self.ttl_s)
+        if job.deadline_at:
+            pipe.zadd(deadlines_key(queue), {job.id: float(job.deadline_at)})
 
     def delete(self, job: Job, queue: str) -> None:
         """Remove a job and its upload (used when its task could not be enqueued)."""
@@ -286,6 +305,14 @@ class JobStore:
         """Cancel the job: see CANCEL_LUA; returns one of the CANCEL_* codes."""
         keys, args = self._queued_job_keys(job, queue)
         return int(self._cancel(keys=keys, args=[*args, CANCELED_MESSAGE]))
+
+    def cancel_many(self, jobs: list[Job], queue: str) -> list[int]:
+        """Cancel each of `jobs` as `cancel` does, in one pipeline; the CANCEL_* code of each."""
+        with self.client.pipeline(transaction=False) as pipe:
+            for job in jobs:
+                keys, args = self._queued_job_keys(job, queue)
+                self._cancel(keys=keys, args=[*args, CANCELED_MESSAGE], client=pipe)
+            return [int(outcome) for outcome in pipe.execute()]
 
     def expire_if_overdue(self, job: Job, queue: str) -> bool:
         """End the job `expired` if it is still queued past its deadline; whether it did."""

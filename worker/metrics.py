@@ -29,7 +29,7 @@ from prometheus_client import (
     start_http_server,
 )
 
-from worker.broker import TASK_VQA
+from worker.broker import TASK_VQA, TASK_VQA_CHUNK
 from worker.fleet import Announcer, WorkerRecord, count_outcome, fleet_client
 from worker.jobs import utc_now
 from worker.settings import WorkerSettings
@@ -120,16 +120,19 @@ class WorkerOps:
         self._model_ready(self.runtime.loaded, time.monotonic() - self.load_started)
 
     def on_task_prerun(self, sender: Any = None, **_: Any) -> None:
-        if getattr(sender, "name", None) == TASK_VQA:
+        if getattr(sender, "name", None) in (TASK_VQA, TASK_VQA_CHUNK):
             CURRENT_JOB.started, CURRENT_JOB.inference_s = time.perf_counter(), 0.0
 
     def on_task_postrun(self, sender: Any = None, args: Any = (), retval: Any = None, **_: Any) -> None:
         """Count how the run ended, in this process and in Redis, and log one line with its timings."""
-        if getattr(sender, "name", None) != TASK_VQA:
+        if getattr(sender, "name", None) not in (TASK_VQA, TASK_VQA_CHUNK):
             return
         if self.announcer is None and self.runtime.loaded is not None:
             self._model_ready(self.runtime.loaded, 0.0)  # a solo pool loads inside its first job, untimed
         if not isinstance(retval, dict):  # the task raised: Celery logged it, and the job has not ended
+            return
+        if sender.name == TASK_VQA_CHUNK:
+            self._chunk_ended(retval)
             return
         status, code = str(retval.get("status", "")), str(retval.get("code", ""))
         payload = args[0] if args and isinstance(args[0], dict) else {}
@@ -143,9 +146,22 @@ class WorkerOps:
             JOBS.labels(status=status, code=code).inc()
             self._count_in_redis(status, code)
 
+    def _chunk_ended(self, retval: dict[str, Any]) -> None:
+        """Count each job of a batch's chunk as a single job's run is counted, and log one line for the chunk."""
+        duration_s = time.perf_counter() - CURRENT_JOB.started
+        outcomes = [outcome for outcome in retval.get("outcomes", []) if isinstance(outcome, dict)]
+        fields: dict[str, Any] = {"batch_id": retval.get("batch_id"), "jobs": len(outcomes)}
+        fields |= {"duration_s": round(duration_s, 4), "inference_s": round(CURRENT_JOB.inference_s, 4)}
+        log.info("chunk of batch %s: %d jobs in %.3f s", fields["batch_id"], len(outcomes), duration_s, extra=fields)
+        for outcome in outcomes:
+            status, code = str(outcome.get("status", "")), str(outcome.get("code", ""))
+            if status != NOT_AN_END:
+                JOBS.labels(status=status, code=code).inc()
+                self._count_in_redis(status, code)
+
     def on_task_failure(self, sender: Any = None, exception: BaseException | None = None, **_: Any) -> None:
         """A job failed `timeout` by the main process when it killed its pool process: count it in Redis."""
-        if getattr(sender, "name", None) == TASK_VQA and isinstance(exception, TimeLimitExceeded):
+        if getattr(sender, "name", None) in (TASK_VQA, TASK_VQA_CHUNK) and isinstance(exception, TimeLimitExceeded):
             self._count_in_redis("failed", "timeout")
 
     def on_process_shutdown(self, **_: Any) -> None:

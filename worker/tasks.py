@@ -1,4 +1,4 @@
-"""Celery glue around the inference core: load the model once per pool process, answer one job per task."""
+"""Celery glue around the inference core: load the model once per pool process, answer a job or a chunk per task."""
 
 from __future__ import annotations
 
@@ -6,13 +6,14 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from celery import Celery
 from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from celery.signals import task_failure
 
-from worker.broker import TASK_VQA
+from worker.broker import TASK_VQA, TASK_VQA_CHUNK
 from worker.errors import BlipqError, UploadMissingError
 from worker.fetch import FetchLimits, fetch_image_bytes, new_session
 from worker.images import decode_image
@@ -99,6 +100,9 @@ class WorkerRuntime:
         except Exception as exc:  # a bug or a model error: fail this job, keep the worker
             log.exception("job %s failed unexpectedly", job_id, extra={"job_id": job_id})
             return self._fail(job_id, "internal_error", f"the worker could not answer: {type(exc).__name__}")
+        return self._succeed(job_id, answer)
+
+    def _succeed(self, job_id: str, answer: str) -> dict[str, str]:
         if not self.store.mark_succeeded(job_id, answer):
             log.warning(
                 "job %s had ended while this run went on; its answer stands, this one is dropped",
@@ -106,6 +110,66 @@ class WorkerRuntime:
                 extra={"job_id": job_id},
             )
         return {"status": "succeeded", "answer": answer}
+
+    def run_chunk(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """Answer a chunk of a batch's items (see worker/batches.py); returns each job's outcome, as run_job's.
+
+        Every job starts as a single job does (an ended, canceled or expired one is skipped); each image is fetched and
+        decoded once for all its questions, and a fetch or decode error fails that image's jobs only; the questions
+        are answered with one `answer_questions` call. A chunk delivered again (its pool process died) skips the jobs
+        that ended and runs the rest.
+        """
+        if self.loaded is None:
+            self.start()
+        outcomes: list[dict[str, str]] = []
+        started = self._begin_chunk(payload, outcomes)
+        running = {job_id: question for _, pairs in started for job_id, question in pairs}  # not ended by this run
+        try:
+            images: list[Image.Image] = []
+            job_ids: list[str] = []
+            for image_url, pairs in started:
+                try:
+                    decoded = self._load_image("", image_url)
+                except BlipqError as exc:
+                    for job_id, _ in pairs:
+                        outcomes.append({"job_id": job_id, **self._fail(job_id, exc.code, exc.message)})
+                        del running[job_id]
+                    continue
+                images += [decoded] * len(pairs)
+                job_ids += [job_id for job_id, _ in pairs]
+            answers = self._answer_many(images, [running[job_id] for job_id in job_ids]) if job_ids else []
+            for job_id, answer in zip(job_ids, answers, strict=True):
+                outcomes.append({"job_id": job_id, **self._succeed(job_id, answer)})
+                del running[job_id]
+        except SoftTimeLimitExceeded:
+            message = f"the chunk of its batch ran past its time limit of {self.settings.job_time_limit_s} s"
+            outcomes += [{"job_id": job_id, **self._fail(job_id, "timeout", message)} for job_id in running]
+        except Exception as exc:  # a bug or a model error: fail these jobs, keep the worker
+            log.exception("a chunk of batch %s failed unexpectedly", payload.get("batch_id"))
+            message = f"the worker could not answer: {type(exc).__name__}"
+            outcomes += [{"job_id": job_id, **self._fail(job_id, "internal_error", message)} for job_id in running]
+        return {"batch_id": str(payload.get("batch_id", "")), "outcomes": outcomes}
+
+    def _begin_chunk(
+        self, payload: dict[str, Any], outcomes: list[dict[str, str]]
+    ) -> list[tuple[str, list[tuple[str, str]]]]:
+        """Start each job of a chunk as a single job starts; the images with the (id, question)s that run.
+
+        The outcome of each job that must not run (ended, canceled, expired, given up) is added to `outcomes`.
+        """
+        priority = job_priority(payload)
+        started = []
+        for image in payload.get("images", []):
+            pairs = []
+            for job_id, question in image.get("items", []):
+                skipped = self._begin(str(job_id), priority)
+                if skipped is None:
+                    pairs.append((str(job_id), str(question)))
+                else:
+                    outcomes.append({"job_id": str(job_id), **skipped})
+            if pairs:
+                started.append((str(image.get("image_url", "")), pairs))
+        return started
 
     def _begin(self, job_id: str, priority: JobPriority) -> dict[str, str] | None:
         """Record the start of a run; the outcome when the job must not run (expired, ended, canceled, given up)."""
@@ -163,16 +227,19 @@ class WorkerRuntime:
         return decode_image(data, self.limits.max_pixels)
 
     def _answer(self, image: Image.Image, question: str) -> str:
+        return self._answer_many([image], [question])[0]
+
+    def _answer_many(self, images: list[Image.Image], questions: list[str]) -> list[str]:
         from worker.inference import answer_questions
         from worker.metrics import observe_inference
 
         assert self.loaded is not None
         settings = self.settings
-        with observe_inference(questions=1):
-            return answer_questions(self.loaded, [image], [question], settings.max_new_tokens, settings.num_beams)[0]
+        with observe_inference(questions=len(questions)):
+            return answer_questions(self.loaded, images, questions, settings.max_new_tokens, settings.num_beams)
 
 
-def job_priority(payload: dict[str, str]) -> JobPriority:
+def job_priority(payload: Mapping[str, Any]) -> JobPriority:
     """The priority level a task message names; normal for a message from before priorities (or a bad one)."""
     try:
         return JobPriority(payload.get("priority") or JobPriority.NORMAL)
@@ -192,10 +259,23 @@ def register_tasks(app: Celery, runtime: WorkerRuntime) -> None:
     def answer_vqa_job(payload: dict[str, str]) -> dict[str, str]:
         return runtime.run_job(payload)
 
+    @app.task(name=TASK_VQA_CHUNK)  # type: ignore[untyped-decorator]
+    def answer_vqa_chunk(payload: dict[str, Any]) -> dict[str, Any]:
+        return runtime.run_chunk(payload)
+
     def on_task_failure(sender: Any = None, exception: BaseException | None = None, args: Any = (), **_: Any) -> None:
-        # Celery sends this from the main process when it killed a pool process at the hard time limit: the job
-        # would otherwise stay `running` (its message is acknowledged, it will not come back).
+        # Celery sends this from the main process when it killed a pool process at the hard time limit: the jobs
+        # would otherwise stay `running` (the message is acknowledged, it will not come back). Ended ones stay ended.
         if isinstance(exception, TimeLimitExceeded) and args and isinstance(args[0], dict):
-            runtime.on_hard_time_limit(str(args[0].get("job_id", "")))
+            for job_id in payload_job_ids(args[0]):
+                runtime.on_hard_time_limit(job_id)
 
     task_failure.connect(on_task_failure, sender=answer_vqa_job, weak=False)
+    task_failure.connect(on_task_failure, sender=answer_vqa_chunk, weak=False)
+
+
+def payload_job_ids(payload: dict[str, Any]) -> list[str]:
+    """The ids of the jobs a task message names: a single job's, or every job of a batch's chunk."""
+    if "images" in payload:
+        return [str(job_id) for image in payload["images"] for job_id, _ in image.get("items", [])]
+    return [str(payload.get("job_id", ""))]

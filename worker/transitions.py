@@ -12,13 +12,30 @@ from worker.states import ENDED_STATUSES
 DEADLINE_MESSAGE = "the job was still queued at its deadline; it was not run"
 CANCELED_MESSAGE = "the job was canceled before it started; it was not run"
 CANCELED_RERUN_MESSAGE = "the job was canceled while it ran and its worker died; it is not run again"
+BATCH_KEY_PREFIX = "blipq:batch:"  # a batch's hash: `end_job` counts its ended items there (worker.jobs.batch_key)
+BATCH_OUTBOX_PREFIX = "batch:"  # an outbox member for a batch's webhook, beside the job ids (which have no ':')
 
 # What every script below starts with. `end_job` writes the final fields, deletes the upload and, when the job names
 # a webhook, puts its delivery in the outbox, due now: in the same script, so an ended job's webhook is never lost.
+# A batch item also counts itself ended on its batch's hash; the item that ends the batch queues the batch's webhook.
+# (The batch's key is built here from the job's `batch_id`: the scripts run on one Redis, not a cluster.)
 _LUA_LIBRARY = (
     "local ENDED = {"
     + ", ".join(f"{status}=true" for status in sorted(ENDED_STATUSES))
-    + """}
+    + "}\n"
+    + f"local BATCH_KEY_PREFIX, BATCH_OUTBOX_PREFIX = '{BATCH_KEY_PREFIX}', '{BATCH_OUTBOX_PREFIX}'"
+    + """
+local function end_batch_item(batch_id, outbox, now)
+  local batch = BATCH_KEY_PREFIX .. batch_id
+  if redis.call('exists', batch) == 0 then return end
+  local ended = redis.call('hincrby', batch, 'ended', 1)
+  if ended ~= tonumber(redis.call('hget', batch, 'count')) then return end
+  local webhook = redis.call('hget', batch, 'webhook')
+  if webhook and webhook ~= '' then
+    redis.call('hset', batch, 'webhook_status', 'pending')
+    redis.call('zadd', outbox, now, BATCH_OUTBOX_PREFIX .. batch_id)
+  end
+end
 local function end_job(job, upload, outbox, now, fields)
   redis.call('hset', job, unpack(fields))
   redis.call('del', upload)
@@ -27,6 +44,8 @@ local function end_job(job, upload, outbox, now, fields)
     redis.call('hset', job, 'webhook_status', 'pending')
     redis.call('zadd', outbox, now, redis.call('hget', job, 'id'))
   end
+  local batch_id = redis.call('hget', job, 'batch_id')
+  if batch_id and batch_id ~= '' then end_batch_item(batch_id, outbox, now) end
 end
 local function overdue(job, now)
   local deadline = redis.call('hget', job, 'deadline_at')

@@ -26,16 +26,19 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 import requests
 from urllib3.exceptions import HTTPError as TransportError
 from urllib3.exceptions import TimeoutError as TransportTimeoutError
 
+from worker.batches import BatchStore
 from worker.errors import ImageFetchError, UrlNotAllowedError
 from worker.fetch import new_session
-from worker.jobs import JobStore, job_key, webhook_outbox_key
+from worker.jobs import JobStore, batch_key, job_key, webhook_outbox_key
 from worker.netguard import GuardedAdapter, NetworkPolicy, check_url
+from worker.transitions import BATCH_OUTBOX_PREFIX
 
 log = logging.getLogger("blipq.webhooks")
 
@@ -172,26 +175,50 @@ class Outbox:
 
     def claim(self, job_id: str, now: float, lease_s: float) -> int:
         """Claim a due delivery for `lease_s`; see _CLAIM_LUA for the return value."""
-        keys = [webhook_outbox_key(), job_key(job_id)]
+        keys = [webhook_outbox_key(), delivery_record_key(job_id)]
         return int(self._claim(keys=keys, args=[job_id, now, now + lease_s]))
 
     def record(self, job_id: str, status: str, due: float = 0.0, code: str = "", message: str = "") -> None:
         """Record an attempt's outcome: `pending` again at `due`, `delivered` or `failed`."""
-        keys = [webhook_outbox_key(), job_key(job_id)]
+        keys = [webhook_outbox_key(), delivery_record_key(job_id)]
         self._record(keys=keys, args=[job_id, status, due, code, message])
+
+
+def delivery_record_key(member: str) -> str:
+    """The hash that keeps the state of an outbox member's delivery: a batch's (`batch:<id>`), else the job's."""
+    if member.startswith(BATCH_OUTBOX_PREFIX):
+        return batch_key(member.removeprefix(BATCH_OUTBOX_PREFIX))
+    return job_key(member)
+
+
+def delivery_content(store: JobStore, member: str) -> tuple[str, dict[str, Any]] | None:
+    """The URL and body of an outbox member's delivery: a job's public JSON, or a batch's summary; None when gone."""
+    if member.startswith(BATCH_OUTBOX_PREFIX):
+        batches = BatchStore(store)
+        batch = batches.get(member.removeprefix(BATCH_OUTBOX_PREFIX))
+        if batch is None or not batch.webhook:
+            return None
+        summary = batches.summary(batch)
+        del summary["webhook_delivery"]
+        return batch.webhook, summary
+    job = store.get(member)
+    if job is None or not job.webhook:
+        return None
+    return job.webhook, job.to_webhook_body()
 
 
 def deliver(
     store: JobStore, outbox: Outbox, session: requests.Session, policy: WebhookPolicy, job_id: str, attempt: int
 ) -> None:
-    """Make attempt number `attempt` of a claimed delivery and record how it went."""
-    job = store.get(job_id)
-    if job is None or not job.webhook:  # expired meanwhile: nothing to tell
+    """Make attempt number `attempt` of a claimed delivery (a job's, or a batch's `batch:<id>`) and record it."""
+    content = delivery_content(store, job_id)
+    if content is None:  # expired meanwhile: nothing to tell
         outbox.record(job_id, "failed")
         return
-    body = json.dumps(job.to_webhook_body(), separators=(",", ":")).encode()
+    url, public = content
+    body = json.dumps(public, separators=(",", ":")).encode()
     headers = {SIGNATURE_HEADER: sign(policy.secret, int(time.time()), body)}
-    outcome = attempt_delivery(session, job.webhook, body, headers, policy.timeout_s)
+    outcome = attempt_delivery(session, url, body, headers, policy.timeout_s)
     if outcome.delivered:
         outbox.record(job_id, "delivered")
         log.info("webhook of job %s delivered (attempt %d)", job_id, attempt)

@@ -1,0 +1,355 @@
+"""Batches: many questions about many images in one request, each answered as its own job, sent in chunks."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import secrets
+import signal
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from flask.testing import FlaskClient
+
+from api.admission import queue_names
+from api.auth import ApiKey, hash_api_key, new_api_key
+from api.up import RedisProcess, stop_process
+from tests.conftest import (
+    JOB_TIMEOUT_S,
+    QuietHandler,
+    WorkerProcess,
+    api_client,
+    http_server,
+    start_worker,
+    wait_for_job,
+)
+from tests.fixtures.images import shape_png
+from tests.test_chaos import pool_process, reference_answers
+from tests.test_webhooks import QUICK_WEBHOOKS, SECRET, Receiver, serve, verify_signature
+from worker.broker import create_celery, publish_job
+from worker.jobs import JobStore
+from worker.states import JobStatus
+from worker.webhooks import SIGNATURE_HEADER
+
+QUEUE = "batches"
+COLORS = ["red", "green", "blue"]
+QUESTIONS = ["what color is the shape?", "is there a circle?", "what shape is in the image?", "how many?"]
+SLOW_S = 0.4  # each image of the SIGKILL test arrives this late: its chunk surely runs when the pool process dies
+PRIORITY_IMAGE_S = 0.05  # each image of the large low batch: 50 of them keep the worker busy for seconds
+PRIORITY_IMAGES, HIGH_JOBS = 50, 3
+
+
+class Images:
+    """A real HTTP server of shape images, counting the requests for each path.
+
+    `/<delay>/<color>-<shape>.png` arrives after `delay` seconds; any other path is a 404.
+    """
+
+    def __init__(self) -> None:
+        self.requests: Counter[str] = Counter()
+        self.port = 0
+
+    def url(self, color: str, shape: str = "circle", delay: float = 0.0) -> str:
+        return f"http://127.0.0.1:{self.port}/{delay:g}/{color}-{shape}.png"
+
+    def image(self, color: str, shape: str = "circle") -> bytes:
+        return shape_png(color, shape=shape)
+
+
+@pytest.fixture(scope="module")
+def images() -> Iterator[Images]:
+    served = Images()
+
+    class Handler(QuietHandler):
+        def do_GET(self) -> None:
+            served.requests[self.path] += 1
+            try:
+                _, delay, name = self.path.split("/")
+                color, shape = name.removesuffix(".png").split("-")
+                time.sleep(float(delay))
+                self.answer(200, "image/png", shape_png(color, shape=shape))
+            except ValueError:
+                self.answer(404, "text/plain", b"not found")
+
+    with http_server(Handler) as port:
+        served.port = port
+        yield served
+
+
+@pytest.fixture(scope="module")
+def worker(
+    redis_server: RedisProcess, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[WorkerProcess]:
+    """A worker of this module's own that signs webhooks; its reaper never looks."""
+    log_path = tmp_path_factory.mktemp("batches") / "worker.log"
+    env = {**QUICK_WEBHOOKS, "BLIPQ_REAPER_INTERVAL_S": "3600"}
+    process = start_worker(redis_server.url, tiny_model_dir, QUEUE, log_path, **env)
+    yield process
+    stop_process(process.process)
+
+
+@pytest.fixture
+def api(redis_server: RedisProcess, worker: WorkerProcess, redis_client: redis.Redis) -> FlaskClient:
+    return api_client(redis_server.url, QUEUE, webhooks_enabled=True)
+
+
+@pytest.fixture
+def idle_api(redis_server: RedisProcess, redis_client: redis.Redis) -> Iterator[FlaskClient]:
+    """The API in front of a queue that no worker reads."""
+    queue = f"idle-{secrets.token_hex(4)}"
+    yield api_client(redis_server.url, queue)
+    redis_client.delete(*queue_names(queue))
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    httpd, receiver = serve("127.0.0.1")
+    yield receiver
+    httpd.shutdown()
+
+
+def submit_batch(client: FlaskClient, body: dict[str, Any]) -> str:
+    response = client.post("/v1/batches", json=body)
+    assert response.status_code == 202, response.get_json()
+    batch_id: str = response.get_json()["id"]
+    assert response.headers["Location"] == f"/v1/batches/{batch_id}"
+    return batch_id
+
+
+def wait_for_batch(client: FlaskClient, batch_id: str, worker: WorkerProcess) -> dict[str, Any]:
+    """Poll the batch until every item ended; fail with the worker's log if it never does."""
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while time.monotonic() < deadline:
+        batch: dict[str, Any] = client.get(f"/v1/batches/{batch_id}").get_json()
+        if batch["ended"] == batch["count"]:
+            return batch
+        time.sleep(0.05)
+    raise AssertionError(f"batch {batch_id} did not end: {batch}\n{worker.log_tail()}")
+
+
+def results(client: FlaskClient, batch_id: str, query: str = "") -> list[dict[str, Any]]:
+    response = client.get(f"/v1/batches/{batch_id}/results{query}")
+    assert response.status_code == 200, response.get_data(as_text=True)
+    assert response.mimetype == "application/x-ndjson"
+    return [json.loads(line) for line in response.get_data(as_text=True).splitlines()]
+
+
+def tagging_body(images: Images, **extra: Any) -> dict[str, Any]:
+    return {"images": [images.url(color) for color in COLORS], "questions": QUESTIONS, **extra}
+
+
+def test_a_tagging_batch_answers_every_question_about_every_image_as_single_jobs_do(
+    api: FlaskClient, worker: WorkerProcess, images: Images
+) -> None:
+    images.requests.clear()
+    response = api.post("/v1/batches", json=tagging_body(images))
+    assert response.status_code == 202, response.get_json()
+    batch_id, count = response.get_json()["id"], response.get_json()["count"]
+
+    batch = wait_for_batch(api, batch_id, worker)
+    lines = results(api, batch_id)
+    fetched = dict(images.requests)
+    singles = [
+        wait_for_job(
+            api,
+            api.post("/v1/jobs", json={"image_url": line["image_url"], "question": line["question"]}).get_json()["id"],
+            worker,
+        )
+        for line in lines
+    ]
+
+    assert count == len(COLORS) * len(QUESTIONS)
+    assert batch["counts"] == {**dict.fromkeys(map(str, JobStatus), 0), "succeeded": count}
+    assert (batch["ended"], batch["progress"], batch["priority"]) == (count, 1.0, "normal")
+    assert fetched == {f"/0/{color}-circle.png": 1 for color in COLORS}, "each image is fetched once for all"
+    expected = [(images.url(color), question) for color, question in itertools.product(COLORS, QUESTIONS)]
+    assert [(line["index"], line["image_url"], line["question"]) for line in lines] == [
+        (index, *pair) for index, pair in enumerate(expected)
+    ]
+    assert [line["answer"] for line in lines] == [single["answer"] for single in singles]
+    assert all(line["status"] == "succeeded" and line["error"] is None for line in lines)
+    job = api.get(f"/v1/jobs/{lines[5]['job_id']}").get_json()
+    assert (job["batch_id"], job["answer"]) == (batch_id, lines[5]["answer"])
+    assert singles[0]["batch_id"] is None
+
+
+def test_results_are_paginated_in_item_order(api: FlaskClient, worker: WorkerProcess, images: Images) -> None:
+    batch_id = submit_batch(api, tagging_body(images))
+    wait_for_batch(api, batch_id, worker)
+
+    everything = results(api, batch_id)
+    page = results(api, batch_id, "?offset=5&limit=4")
+    tail = results(api, batch_id, "?offset=10")
+    beyond = results(api, batch_id, "?offset=99")
+
+    assert [line["index"] for line in everything] == list(range(12))
+    assert page == everything[5:9]
+    assert tail == everything[10:]
+    assert beyond == []
+    assert api.get(f"/v1/batches/{batch_id}/results?limit=-1").get_json()["error"]["code"] == "pagination_invalid"
+
+
+def test_an_item_whose_image_is_missing_fails_alone(api: FlaskClient, worker: WorkerProcess, images: Images) -> None:
+    missing = images.url("red").replace("/0/", "/missing/")
+    items = [
+        {"image_url": images.url("blue"), "question": QUESTIONS[0]},
+        {"image_url": missing, "question": QUESTIONS[0]},
+        {"image_url": images.url("green"), "question": QUESTIONS[1]},
+        {"image_url": missing, "question": QUESTIONS[1]},
+    ]
+    batch_id = submit_batch(api, {"items": items})
+
+    batch = wait_for_batch(api, batch_id, worker)
+    lines = results(api, batch_id)
+
+    assert (batch["counts"]["succeeded"], batch["counts"]["failed"]) == (2, 2)
+    assert [line["status"] for line in lines] == ["succeeded", "failed", "succeeded", "failed"]
+    assert [line["error"]["code"] for line in lines if line["error"]] == ["image_fetch_failed"] * 2
+    assert lines[0]["answer"] and lines[1]["answer"] is None
+
+
+def test_a_batch_over_the_limit_empty_or_with_an_unknown_field_is_refused(idle_api: FlaskClient) -> None:
+    urls = [f"https://images.example.com/{n}.png" for n in range(101)]
+    refusals = {
+        "batch_too_large": {"images": urls, "questions": [f"q{n}" for n in range(100)]},
+        "batch_empty": {"items": []},
+        "batch_empty ": {"items": None, "images": None, "questions": None},
+        "unknown_field": {"items": [{"image_url": urls[0], "question": "what?"}], "tags": ["x"]},
+        "question_empty": {"images": urls[:1], "questions": [" "]},
+        "image_url_invalid": {"items": [{"image_url": "ftp://x/y.png", "question": "what?"}]},
+        "batch_invalid": {"images": urls[:1]},
+        "webhook_unavailable": {"images": urls[:1], "questions": ["what?"], "webhook": "https://hooks.example.com/"},
+    }
+    for code, body in refusals.items():
+        response = idle_api.post("/v1/batches", json=body)
+        assert (response.status_code, response.get_json()["error"]["code"]) == (422, code.strip()), body
+    assert idle_api.post("/v1/batches", json={"images": [], "questions": ["what?"]}).get_json()["error"]["code"] == (
+        "batch_empty"
+    )
+    accepted = idle_api.post("/v1/batches", json={"images": urls[:100], "questions": [f"q{n}" for n in range(100)]})
+    assert (accepted.status_code, accepted.get_json()["count"]) == (202, 10_000)
+
+
+def test_another_api_key_does_not_see_the_batch(redis_server: RedisProcess, redis_client: redis.Redis) -> None:
+    alice, bob = new_api_key(), new_api_key()
+    keys = (ApiKey("alice", hash_api_key(alice)), ApiKey("bob", hash_api_key(bob)))
+    client = api_client(redis_server.url, f"idle-{secrets.token_hex(4)}", api_keys=keys)
+    as_alice, as_bob = {"Authorization": f"Bearer {alice}"}, {"Authorization": f"Bearer {bob}"}
+    body = {"images": ["https://images.example.com/a.png"], "questions": ["what?"]}
+    batch_id = client.post("/v1/batches", json=body, headers=as_alice).get_json()["id"]
+
+    for path in ("", "/results"):
+        assert client.get(f"/v1/batches/{batch_id}{path}", headers=as_alice).status_code == 200
+        response = client.get(f"/v1/batches/{batch_id}{path}", headers=as_bob)
+        assert (response.status_code, response.get_json()["error"]["code"]) == (404, "batch_not_found")
+    assert client.post(f"/v1/batches/{batch_id}/cancel", headers=as_bob).status_code == 404
+
+
+def test_a_queued_batch_that_is_canceled_never_runs(idle_api: FlaskClient) -> None:
+    body = {"images": [f"https://images.example.com/{n}.png" for n in range(10)], "questions": ["a?", "b?", "c?"]}
+    batch_id = submit_batch(idle_api, body)
+
+    canceled = idle_api.post(f"/v1/batches/{batch_id}/cancel")
+    again = idle_api.post(f"/v1/batches/{batch_id}/cancel")
+    batch = idle_api.get(f"/v1/batches/{batch_id}").get_json()
+
+    assert canceled.status_code == 200
+    assert canceled.get_json() == {"canceled": 30, "cancel_requested": 0, "already_ended": 0}
+    assert (again.status_code, again.get_json()["error"]["code"]) == (409, "batch_ended")
+    assert (batch["counts"]["canceled"], batch["ended"], batch["progress"]) == (30, 30, 1.0)
+    assert {line["error"]["code"] for line in results(idle_api, batch_id)} == {"canceled"}
+
+
+def test_a_batch_item_whose_chunk_was_lost_runs_from_the_reapers_single_job_message(
+    redis_server: RedisProcess, worker: WorkerProcess, idle_api: FlaskClient, images: Images
+) -> None:
+    # Given a batch whose chunk sits on a queue no worker reads (as good as lost)
+    batch_id = submit_batch(idle_api, {"items": [{"image_url": images.url("red"), "question": QUESTIONS[0]}]})
+    [line] = results(idle_api, batch_id)
+    job = JobStore.from_url(redis_server.url, ttl_s=600).get(line["job_id"])
+    assert job is not None
+
+    # When the reaper publishes the item again, as it does any lost job, where a worker reads
+    publish_job(create_celery(redis_server.url, QUEUE, result_ttl_s=600), job, QUEUE)
+    ended = wait_for_job(idle_api, job.id, worker)
+
+    # Then it runs as a single job, and counts as its batch's item
+    assert (ended["status"], ended["batch_id"]) == ("succeeded", batch_id)
+    assert idle_api.get(f"/v1/batches/{batch_id}").get_json()["progress"] == 1.0
+
+
+def test_a_pool_process_killed_mid_batch_changes_no_answer(
+    redis_server: RedisProcess, worker: WorkerProcess, redis_client: redis.Redis, images: Images, tiny_model_dir: Path
+) -> None:
+    client = api_client(redis_server.url, QUEUE, batch_chunk_size=8)
+    shapes = list(itertools.product(COLORS, ["circle", "square"]))
+    body = {"images": [images.url(c, s, delay=SLOW_S) for c, s in shapes], "questions": QUESTIONS}
+    expected = reference_answers(
+        tiny_model_dir, [(images.image(c, s), question) for c, s in shapes for question in QUESTIONS]
+    )
+    batch_id = submit_batch(client, body)
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while client.get(f"/v1/batches/{batch_id}").get_json()["counts"]["running"] == 0:
+        assert time.monotonic() < deadline, worker.log_tail()
+        time.sleep(0.02)
+
+    os.kill(pool_process(worker), signal.SIGKILL)
+    batch = wait_for_batch(client, batch_id, worker)
+    lines = results(client, batch_id)
+
+    assert batch["counts"]["succeeded"] == len(expected), batch
+    assert [line["answer"] for line in lines] == expected
+    assert int(redis_client.hget("blipq:stats", "reruns") or 0) >= 1, "the killed chunk ran again"
+
+
+def test_the_batch_webhook_is_posted_once_signed_when_the_last_item_ends(
+    api: FlaskClient, worker: WorkerProcess, images: Images, receiver: Receiver
+) -> None:
+    batch_id = submit_batch(api, tagging_body(images, webhook=receiver.url("/batch")))
+
+    wait_for_batch(api, batch_id, worker)
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while (api.get(f"/v1/batches/{batch_id}").get_json()["webhook_delivery"] or {}).get("status") != "delivered":
+        assert time.monotonic() < deadline, worker.log_tail()
+        time.sleep(0.05)
+    time.sleep(1.0)  # a second delivery, were there one, would have come by now (senders poll every 0.5 s)
+
+    [delivery] = receiver.to("/batch")
+    summary = json.loads(delivery.body)
+    assert verify_signature(SECRET, delivery.headers[SIGNATURE_HEADER], delivery.body)
+    assert (summary["id"], summary["ended"], summary["counts"]["succeeded"]) == (batch_id, 12, 12)
+    assert "webhook_delivery" not in summary
+    assert len(receiver.received) == 1, "the items themselves are not posted without webhook_items"
+
+
+def test_high_priority_jobs_overtake_a_large_low_priority_batch(
+    api: FlaskClient, worker: WorkerProcess, images: Images
+) -> None:
+    wait_for_job(api, api.post("/v1/jobs", json={"image_url": images.url("red"), "question": "warm?"}).get_json()["id"])
+    colors = ["red", "green", "blue", "black", "yellow"]
+    urls = [
+        images.url(c, s, delay=PRIORITY_IMAGE_S + n / 1000)
+        for n, (c, s) in enumerate(
+            itertools.islice(itertools.cycle(itertools.product(colors, ["circle", "square"])), PRIORITY_IMAGES)
+        )
+    ]
+    batch_id = submit_batch(api, {"images": urls, "questions": QUESTIONS, "priority": "low"})
+    high = [
+        api.post("/v1/jobs", json={"image_url": images.url("teal"), "question": f"q{n}", "priority": "high"})
+        for n in range(HIGH_JOBS)
+    ]
+
+    for response in high:
+        assert wait_for_job(api, response.get_json()["id"], worker)["status"] == "succeeded"
+    ended_when_high_done = api.get(f"/v1/batches/{batch_id}").get_json()["ended"]
+    batch = wait_for_batch(api, batch_id, worker)
+
+    assert batch["count"] == PRIORITY_IMAGES * len(QUESTIONS) == 200
+    assert ended_when_high_done <= 100, f"{ended_when_high_done} of 200 batch items ended before the high jobs"
+    assert batch["counts"]["succeeded"] == 200
