@@ -19,6 +19,7 @@ from werkzeug.exceptions import BadRequest
 
 from api.admission import check_queue_room
 from api.auth import api_key_name
+from api.batch_uploads import UploadedImage, parse_batch_upload
 from api.errors import (
     BadRequestError,
     ConflictError,
@@ -32,27 +33,40 @@ from api.schemas import BatchRequest, validate_batch_request
 from api.views import JOB_ID_PATTERN, check_webhook, services
 from worker.batches import MAX_BATCH_ANSWERS, Batch, BatchStore, plan_chunks
 from worker.broker import publish_chunk
-from worker.jobs import Job, new_job_id, utc_iso
+from worker.jobs import Job, batch_upload_key, new_job_id, utc_iso
 from worker.states import JobStatus
 
 log = logging.getLogger("blipq.api")
 bp = Blueprint("batches", __name__)
 
 RESULTS_MEDIA_TYPE = "application/x-ndjson"
-RESULT_FIELDS = ("image_url", "question", "status", "answer", "error")  # of an item's job, on its results line
+RESULT_FIELDS = (
+    "image_url",
+    "image_name",
+    "question",
+    "status",
+    "answer",
+    "error",
+)  # of an item's job, on its results line
 
 
 @bp.post("/v1/batches")
 def submit_batch() -> tuple[Response, int, dict[str, str]]:
-    """Validate a batch, store its jobs and enqueue its chunks; 202 means every item is in Redis."""
+    """Validate a batch (JSON, or multipart with uploaded images), store its jobs and enqueue its chunks.
+
+    202 means every item (and every uploaded image, stored once) is in Redis.
+    """
     svc = services()
     check_queue_room(svc.store.client, svc.settings.queue, svc.settings.max_queue_depth)
-    batch_request = _parse_batch_request()
-    batch, jobs = _new_batch(batch_request)
+    if request.mimetype == "multipart/form-data":
+        upload = parse_batch_upload(svc.settings)
+        batch, jobs, uploads = _new_batch(upload.batch_request, upload.images)
+    else:
+        batch, jobs, uploads = _new_batch(_parse_batch_request())
     batches = BatchStore(svc.store)
     queue = svc.settings.queue
     try:
-        batches.create(batch, jobs, queue)
+        batches.create(batch, jobs, queue, uploads)
     except redis.RedisError as exc:
         log.warning("cannot store batch: %s", exc)
         raise ServiceUnavailableError("broker_unavailable", "the job queue is unavailable; retry later") from None
@@ -136,7 +150,8 @@ def _parse_batch_request() -> BatchRequest:
     if request.content_length is not None and request.content_length > settings.max_body_bytes:
         raise PayloadTooLargeError("body_too_large", f"the body is over {settings.max_body_bytes} bytes")
     if request.mimetype != "application/json":
-        raise UnsupportedMediaTypeError("unsupported_media_type", "send a batch as application/json")
+        message = "send a batch as application/json, or as multipart/form-data with its images"
+        raise UnsupportedMediaTypeError("unsupported_media_type", message)
     try:
         data = request.get_json()
     except (BadRequest, RecursionError):
@@ -172,19 +187,32 @@ def _check_size(data: Any) -> None:
         raise ValidationError("batch_too_large", message)
 
 
-def _new_batch(batch_request: BatchRequest) -> tuple[Batch, list[Job]]:
+def _new_batch(
+    batch_request: BatchRequest, images: list[UploadedImage] | None = None
+) -> tuple[Batch, list[Job], dict[str, bytes]]:
+    """The batch, its jobs in item order, and its uploaded images by Redis key (image by image, as the jobs)."""
     now = time.time()
     batch_id = new_job_id()
     owner = api_key_name()
     webhook = str(batch_request.webhook or "")
     deadline_s = batch_request.deadline_s
-    pairs = batch_request.pairs()
+    uploads = {batch_upload_key(batch_id, number): image.data for number, image in enumerate(images or ())}
+    # (image URL, upload key, image name, question) per item
+    sources = [
+        ("", batch_upload_key(batch_id, number), image.name, question)
+        for number, image in enumerate(images or ())
+        for question in batch_request.questions or ()
+    ]
+    if images is None:
+        sources = [(image_url, "", "", question) for image_url, question in batch_request.pairs()]
     jobs = [
         Job(
             id=new_job_id(),
             status=JobStatus.QUEUED,
             question=question,
             image_url=image_url,
+            upload_key=key,
+            image_name=image_name,
             created_at=utc_iso(now),
             owner=owner,
             priority=batch_request.priority,
@@ -193,7 +221,7 @@ def _new_batch(batch_request: BatchRequest) -> tuple[Batch, list[Job]]:
             batch_id=batch_id,
             index=index,
         )
-        for index, (image_url, question) in enumerate(pairs)
+        for index, (image_url, key, image_name, question) in enumerate(sources)
     ]
     batch = Batch(
         id=batch_id,
@@ -204,7 +232,7 @@ def _new_batch(batch_request: BatchRequest) -> tuple[Batch, list[Job]]:
         webhook=webhook,
         webhook_items=batch_request.webhook_items,
     )
-    return batch, jobs
+    return batch, jobs, uploads
 
 
 def _forget(batches: BatchStore, batch: Batch, jobs: list[Job], queue: str) -> None:

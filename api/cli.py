@@ -1,5 +1,6 @@
 """The `blipq` command: `up` (everything on one machine), `api` and `worker` (one part each, for production),
-`api-key new NAME` (a key for a client) and `ask IMAGE QUESTION` (a question to a running service)."""
+`api-key new NAME` (a key for a client), `ask IMAGE QUESTION` (a question to a running service) and
+`tag PATH_OR_URL... -q QUESTION -o OUT.jsonl` (every question about every image, as batches, into JSON Lines)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from api.auth import NAME_PATTERN, hash_api_key, new_api_key
 from api.settings import ApiSettings
@@ -38,17 +40,17 @@ def main(argv: list[str] | None = None) -> None:
     new_key = api_key_actions.add_parser("new", help="print a new random key, and the line that configures it")
     new_key.add_argument("name", help="who the key is for: it owns the jobs made with the key (A-Z a-z 0-9 _ . -)")
 
-    ask = commands.add_parser("ask", help="ask a running service one question about one image; print the answer")
-    ask.add_argument("image", help="a local image file, or an http(s) URL the workers fetch")
-    ask.add_argument("question")
-    ask.add_argument("--url", default=os.environ.get("BLIPQ_URL", "http://127.0.0.1:8000"), help="the API ($BLIPQ_URL)")
-    ask.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the answer (default 300)")
+    add_client_parsers(commands)
 
     args, rest = parser.parse_known_args(argv)
     if rest and args.command != "worker":
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "ask":
         sys.exit(run_ask(args.url, args.image, args.question, args.timeout))
+    if args.command == "tag":
+        from api.tag import run_tag
+
+        sys.exit(run_tag(args.url, args.images, args.urls, args.questions, args.out, args.per_request))
     if args.command == "api-key":
         if not NAME_PATTERN.match(args.name):
             parser.error(f"{args.name!r}: a key's name is 1-64 of A-Z a-z 0-9 _ . -, starting with a letter or digit")
@@ -76,6 +78,31 @@ def main(argv: list[str] | None = None) -> None:
         gunicorn += ["--workers", str(args.workers), "--threads", str(args.threads)]
         os.execv(sys.executable, [sys.executable, "-m", "gunicorn", *gunicorn, "api.wsgi:app"])
     os.execv(sys.executable, [sys.executable, "-m", "worker", *rest])
+
+
+def add_client_parsers(commands: Any) -> None:
+    """The options of `ask` and `tag`, the commands that use a running service."""
+    ask = commands.add_parser("ask", help="ask a running service one question about one image; print the answer")
+    ask.add_argument("image", help="a local image file, or an http(s) URL the workers fetch")
+    ask.add_argument("question")
+    ask.add_argument("--url", default=os.environ.get("BLIPQ_URL", "http://127.0.0.1:8000"), help="the API ($BLIPQ_URL)")
+    ask.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the answer (default 300)")
+
+    tag = commands.add_parser("tag", help="every question about every image, as batches, into a JSON Lines file")
+    tag.add_argument("images", nargs="*", metavar="PATH_OR_URL", help="image files, directories of them, http(s) URLs")
+    tag.add_argument(
+        "--urls", type=Path, metavar="FILE", help="a file of image URLs, one per line (# starts a comment)"
+    )
+    tag.add_argument(
+        "-q", "--question", dest="questions", action="append", required=True, metavar="QUESTION", help="repeat for more"
+    )
+    tag.add_argument(
+        "-o", "--out", type=Path, required=True, metavar="OUT.jsonl", help="JSON Lines output; re-run with it to resume"
+    )
+    tag.add_argument("--url", default=os.environ.get("BLIPQ_URL", "http://127.0.0.1:8000"), help="the API ($BLIPQ_URL)")
+    tag.add_argument(
+        "--per-request", type=int, default=10_000, metavar="N", help="answers per batch request (at most 10,000)"
+    )
 
 
 def run_ask(url: str, image: str, question: str, timeout_s: float) -> int:

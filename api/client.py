@@ -9,7 +9,9 @@ Imports only `requests`: a user's script can use it without the service's own de
 
 from __future__ import annotations
 
+import json
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ RETRYABLE_STATUSES = frozenset({429, 503})  # rate limited, queue full, Redis aw
 MAX_SUBMIT_TRIES = 5
 FIRST_POLL_S = 0.05  # a demo-model answer is ready in tens of milliseconds
 MAX_POLL_S = 2.0  # a long job is polled every 2 s, not hammered
+FIRST_BATCH_POLL_S = 0.2  # a batch takes at least a chunk's model call: no need to poll faster
 
 
 class BlipqClientError(Exception):
@@ -103,6 +106,82 @@ class BlipqClient:
         answer: str = job["answer"]
         return answer
 
+    def submit_batch(self, images: Sequence[str | Path], questions: Sequence[str], **fields: Any) -> tuple[str, int]:
+        """Submit every question about every image; returns the batch id and its count of answers.
+
+        The images are either all http(s) URLs (sent as JSON) or all local files (uploaded as one multipart form);
+        the items are ordered image by image. A 429 or 503 is retried as `submit` does.
+        """
+        is_url = [isinstance(image, str) and image.startswith(("http://", "https://")) for image in images]
+        url = f"{self.base_url}/v1/batches"
+        if all(is_url):
+            body = {"images": [str(image) for image in images], "questions": list(questions), **fields}
+            response = self._post_retrying(url, json=body)
+        elif not any(is_url):
+            form = {"questions": json.dumps(list(questions)), **{key: _form_value(v) for key, v in fields.items()}}
+            files = [("images", (Path(image).name, Path(image).read_bytes())) for image in images]
+            response = self._post_retrying(url, data=form, files=files)
+        else:
+            raise ValueError("a batch's images are either all http(s) URLs or all local files")
+        created: dict[str, Any] = response.json()
+        return created["id"], created["count"]
+
+    def batch(self, batch_id: str) -> dict[str, Any]:
+        """The batch's summary as the service shows it now: counts by status, ended, progress."""
+        response = self.session.get(f"{self.base_url}/v1/batches/{batch_id}", timeout=self.timeout_s)
+        if response.status_code != 200:
+            raise _error_of(response)
+        summary: dict[str, Any] = response.json()
+        return summary
+
+    def results(self, batch_id: str, offset: int = 0, limit: int | None = None) -> Iterator[dict[str, Any]]:
+        """The batch's items in order from `offset` (at most `limit`), streamed one JSON line at a time."""
+        params = {"offset": offset} if limit is None else {"offset": offset, "limit": limit}
+        url = f"{self.base_url}/v1/batches/{batch_id}/results"
+        with self.session.get(url, params=params, stream=True, timeout=self.timeout_s) as response:
+            if response.status_code != 200:
+                raise _error_of(response)
+            for line in response.iter_lines():
+                if line:
+                    yield json.loads(line)
+
+    def wait_batch(
+        self,
+        batch_id: str,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+        timeout_s: float | None = None,
+    ) -> dict[str, Any]:
+        """Poll the batch, backing off from 0.2 s to 2 s, until every item ended; TimeoutError after `timeout_s`.
+
+        `on_progress` is called with each summary read, the last one included.
+        """
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        delay = FIRST_BATCH_POLL_S
+        while True:
+            try:
+                summary = self.batch(batch_id)
+                if on_progress is not None:
+                    on_progress(summary)
+                if summary["ended"] >= summary["count"]:
+                    return summary
+            except BlipqClientError as exc:
+                if exc.status not in RETRYABLE_STATUSES:
+                    raise
+            if deadline is not None and time.monotonic() + delay > deadline:
+                raise TimeoutError(f"batch {batch_id} did not end within {timeout_s:g} s")
+            time.sleep(delay)
+            delay = min(delay * 2, MAX_POLL_S)
+
+    def _post_retrying(self, url: str, **body: Any) -> requests.Response:
+        for attempt in range(MAX_SUBMIT_TRIES):
+            response = self.session.post(url, timeout=self.timeout_s, **body)
+            if response.status_code == 202:
+                return response
+            if response.status_code not in RETRYABLE_STATUSES or attempt == MAX_SUBMIT_TRIES - 1:
+                raise _error_of(response)
+            time.sleep(_retry_after_s(response, default=2.0**attempt))
+        raise AssertionError("unreachable")
+
     def _post_job(self, image: str | Path | bytes, question: str, fields: dict[str, Any]) -> requests.Response:
         url = f"{self.base_url}/v1/jobs"
         if isinstance(image, str) and image.startswith(("http://", "https://")):
@@ -123,6 +202,10 @@ def _error_of(response: requests.Response) -> BlipqClientError:
         return BlipqClientError(
             "http_error", f"HTTP {response.status_code}: {response.text[:200]}", response.status_code
         )
+
+
+def _form_value(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, bool) else str(value)  # `true`, not Python's `True`
 
 
 def _retry_after_s(response: requests.Response, default: float) -> float:

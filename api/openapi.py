@@ -73,7 +73,7 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
     "question_too_long": (422, "the question is over BLIPQ_MAX_QUESTION_CHARS"),
     "question_invalid": (422, "the question is not a string"),
     "image_url_invalid": (422, "the image URL is not an http(s) URL"),
-    "image_missing": (422, "neither an image URL nor an uploaded image"),
+    "image_missing": (422, "neither an image URL nor an uploaded image (a batch upload: no file `images`)"),
     "image_conflict": (422, "both an image URL and an uploaded image"),
     "image_invalid": (422, "the upload is not a JPEG, PNG, WebP, GIF, BMP or TIFF image"),
     "priority_invalid": (422, "the priority is not `high`, `normal` or `low`"),
@@ -84,6 +84,7 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
     "batch_ended": (409, "every item of the batch has already ended: there is nothing to cancel"),
     "batch_empty": (422, "the batch asks no question: no items, or no images or no questions"),
     "batch_too_large": (422, "the batch asks for more than 10,000 answers"),
+    "questions_invalid": (422, "a batch upload's `questions` is not a JSON array of non-empty strings"),
     "batch_invalid": (422, "both `items` and `images`/`questions`, or `images` without `questions` (or the reverse)"),
     "pagination_invalid": (422, "`offset` or `limit` is not a whole number >= 0"),
     "rate_limited": (429, "the client used up its request budget; retry after Retry-After seconds"),
@@ -92,15 +93,15 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
     "store_unavailable": (503, "Redis is unavailable; retry after Retry-After seconds"),
 }
 PROTECTED_CODES = ("api_key_missing", "api_key_invalid", "rate_limited", "store_unavailable")  # any /v1 route
-BATCH_ONLY_CODES = ("batch_empty", "batch_too_large", "batch_invalid", "pagination_invalid")
-JOB_ONLY_CODES = ("image_missing", "image_conflict", "image_invalid")  # a batch has no uploads: URLs only
+BATCH_ONLY_CODES = ("batch_empty", "batch_too_large", "batch_invalid", "questions_invalid", "pagination_invalid")
+JOB_ONLY_CODES = ("image_conflict",)  # a batch's images are all URLs (JSON) or all uploads (multipart)
 VALIDATION_CODES = tuple(
     code for code, (status, _) in ERROR_CODES.items() if status == 422 and code not in BATCH_ONLY_CODES
 )
 BATCH_SUBMIT_CODES = (
-    *("invalid_json", "body_too_large", "unsupported_media_type"),
+    *("invalid_json", "body_too_large", "image_too_large", "unsupported_media_type"),
     *(code for code in VALIDATION_CODES if code not in JOB_ONLY_CODES),
-    *("batch_empty", "batch_too_large", "batch_invalid", "broker_unavailable", "queue_full"),
+    *("batch_empty", "batch_too_large", "batch_invalid", "questions_invalid", "broker_unavailable", "queue_full"),
 )
 SUBMIT_CODES = (
     *("invalid_json", "idempotency_key_invalid", "idempotency_conflict", "idempotency_key_in_use"),
@@ -236,6 +237,7 @@ def _add_components(spec: APISpec, settings: ApiSettings) -> None:
     batch_request["properties"]["questions"]["anyOf"][0]["items"]["maxLength"] = settings.max_question_chars
     schemas["$defs"]["BatchItem"]["properties"]["question"]["maxLength"] = settings.max_question_chars
     schemas["$defs"]["JobForm"] = _form_schema(job_request)
+    schemas["$defs"]["BatchForm"] = _batch_form_schema(batch_request, settings)
     for name, schema in schemas["$defs"].items():
         spec.components.schema(name, schema)
     for name, header in HEADERS.items():
@@ -257,6 +259,38 @@ def _form_schema(job_request: dict[str, Any]) -> dict[str, Any]:
         "description": "A job as form fields, with the image uploaded as the file `image` (or `image_url` given).",
         "properties": {**job_request["properties"], "image": image},
         "required": job_request["required"],
+        "additionalProperties": False,
+    }
+
+
+def _batch_form_schema(batch_request: dict[str, Any], settings: ApiSettings) -> dict[str, Any]:
+    """A batch as multipart/form-data: files `images`, and `questions` as a JSON array in a form field."""
+    options = ("priority", "deadline_s", "webhook", "webhook_items")
+    images = {
+        "type": "array",
+        "items": {"type": "string", "contentMediaType": "application/octet-stream"},
+        "description": (
+            f"The image files (the field repeated), each at most {settings.max_image_bytes} bytes: JPEG, PNG, WebP, "
+            "GIF, BMP or TIFF. Each is stored once, for all its questions, and expires with the batch after the TTL."
+        ),
+    }
+    questions = {
+        "type": "string",
+        "contentMediaType": JSON,
+        "description": 'A JSON array of the questions asked about every image, e.g. `["what is it?"]`.',
+    }
+    return {
+        "type": "object",
+        "description": (
+            f"A batch of uploaded images: every question about every image, items ordered image by image; "
+            f"the whole body at most {settings.max_batch_upload_bytes} bytes (BLIPQ_MAX_BATCH_UPLOAD_BYTES)."
+        ),
+        "properties": {
+            "images": images,
+            "questions": questions,
+            **{name: batch_request["properties"][name] for name in options},
+        },
+        "required": ["images", "questions"],
         "additionalProperties": False,
     }
 
@@ -325,9 +359,14 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
         "summary": "Submit many questions about images: `items`, or every one of `questions` about every image.",
         "description": (
             "Up to 10,000 answers. Each item is a job of its own (`GET /v1/jobs/{id}` shows it, with its `batch_id`); "
-            "the workers fetch each image once for all its questions. `202` means every item is stored and enqueued."
+            "the workers fetch each image once for all its questions. `202` means every item is stored and enqueued. "
+            "As multipart/form-data, the images are uploaded (files `images`) and each is asked every one of "
+            "`questions`."
         ),
-        "requestBody": {"required": True, "content": {JSON: {"schema": "BatchRequest", "example": BATCH_EXAMPLE}}},
+        "requestBody": {
+            "required": True,
+            "content": {JSON: {"schema": "BatchRequest", "example": BATCH_EXAMPLE}, FORM: {"schema": "BatchForm"}},
+        },
         "responses": {
             "202": {
                 "description": "The batch is stored and enqueued; its URL is in `Location`.",

@@ -159,6 +159,7 @@ class JobResponse(BaseModel):
     status: JobStatus
     question: str
     image_url: str | None = Field(description="The image's URL; null for an uploaded image.")
+    image_name: str | None = Field(description="The file name of a batch's uploaded image; null otherwise.")
     answer: str | None = Field(description="The model's answer; set once the job succeeded.")
     error: ErrorDetail | None = Field(description="Why the job failed; set once it failed.")
     model: str | None = Field(description="The model that answers (a hub id or a directory); set once it started.")
@@ -214,7 +215,10 @@ class BatchResult(BaseModel):
 
     index: int = Field(ge=0)
     job_id: str
-    image_url: str | None = Field(description="null when the item's job expired (with its batch, after the TTL).")
+    image_url: str | None = Field(
+        description="null for an uploaded image, and when the item's job expired (with its batch, after the TTL)."
+    )
+    image_name: str | None = Field(description="The uploaded image's file name; null for an image by URL.")
     question: str | None
     status: JobStatus | None
     answer: str | None

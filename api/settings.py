@@ -28,6 +28,7 @@ FORM_OVERHEAD_BYTES = 64 * 1024  # room for the multipart boundaries and text fi
 # Jobs waiting in the queue beyond which submissions are refused (503 queue_full): minutes of work for one GPU, and
 # a bound on what Redis holds for them, uploads included.
 DEFAULT_MAX_QUEUE_DEPTH = 10_000
+DEFAULT_MAX_BATCH_UPLOAD_BYTES = 256 * 1024 * 1024  # a multipart batch's whole body: its images and its fields
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class ApiSettings:
     log_format: str = "json"  # how `blipq api` logs (gunicorn and the app): json or text
     webhooks_enabled: bool = False  # BLIPQ_WEBHOOK_SECRET is set (the workers sign with it): jobs may name a webhook
     batch_chunk_size: int = 32  # answers per chunk of a batch sent to the workers (one message, one model call)
+    max_batch_upload_bytes: int = DEFAULT_MAX_BATCH_UPLOAD_BYTES  # the body of a batch with uploaded images
 
     @property
     def max_body_bytes(self) -> int:
@@ -69,6 +71,9 @@ class ApiSettings:
             poll_rate_limit=env_rate_limit(env, "BLIPQ_POLL_RATE_LIMIT"),
             max_queue_depth=env_int(env, "BLIPQ_MAX_QUEUE_DEPTH", DEFAULT_MAX_QUEUE_DEPTH),
             batch_chunk_size=env_int(env, "BLIPQ_BATCH_CHUNK_SIZE", 32, minimum=1),
+            max_batch_upload_bytes=env_int(
+                env, "BLIPQ_MAX_BATCH_UPLOAD_BYTES", DEFAULT_MAX_BATCH_UPLOAD_BYTES, minimum=1024
+            ),
             log_format=env_str(env, "BLIPQ_LOG_FORMAT", "json", LOG_FORMATS),
             webhooks_enabled=bool(env_webhook_secret(env)),
         )

@@ -221,7 +221,7 @@ def _parse_job_request(settings: ApiSettings) -> Submission:
         upload = None
     elif request.mimetype == "multipart/form-data":
         data = request.form.to_dict()
-        upload = _read_upload(request.files.get("image"), settings)
+        upload = read_upload(request.files.get("image"), settings)
         extra = set(request.files) - {"image"}
         if extra:
             raise ValidationError("unknown_field", f"{sorted(extra)[0]}: only one file, named 'image', is accepted")
@@ -244,7 +244,8 @@ def check_webhook(webhook: HttpUrl | None, settings: ApiSettings) -> None:
         raise ValidationError("webhook_invalid", "webhook: the URL carries credentials (user:password@); none are sent")
 
 
-def _read_upload(file: FileStorage | None, settings: ApiSettings) -> bytes | None:
+def read_upload(file: FileStorage | None, settings: ApiSettings) -> bytes | None:
+    """The uploaded image's bytes, sniffed (image_too_large, image_invalid); None when no file was sent."""
     if file is None:
         return None
     data = file.read(settings.max_image_bytes + 1)

@@ -77,3 +77,56 @@ def test_blipq_ask_prints_the_answer_or_the_error_code(
     assert (answered.returncode, answered.stdout.strip()) == (0, expected), answered.stderr
     failed = blipq_ask(image_server.url("/nothing-here.png"))
     assert failed.returncode == 1 and "image_fetch_failed" in failed.stderr, failed.stderr
+
+
+def test_a_batch_is_submitted_waited_for_and_read_back(service_url: str, image_server: ImageServer) -> None:
+    client = BlipqClient(service_url)
+    image_server.routes["/red.png"] = (200, "image/png", shape_png("red"))
+    images = [image_server.url("/red.png"), image_server.url("/gone.png")]
+    questions = ["what color is the shape?", "what shape is in the image?"]
+    summaries: list[dict[str, object]] = []
+
+    batch_id, count = client.submit_batch(images, questions)
+    final = client.wait_batch(batch_id, on_progress=summaries.append, timeout_s=120)
+    results = list(client.results(batch_id))
+
+    assert count == 4 and final["ended"] == 4 and summaries[-1] == final
+    assert [(item["index"], item["image_url"], item["question"]) for item in results] == [
+        (index, image, question) for index, (image, question) in enumerate((i, q) for i in images for q in questions)
+    ]
+    assert [item["status"] for item in results] == ["succeeded", "succeeded", "failed", "failed"]
+    assert results[0]["answer"] == client.ask(images[0], questions[0], timeout_s=120)
+    assert [item["index"] for item in client.results(batch_id, offset=1, limit=2)] == [1, 2]
+
+
+def test_a_batch_of_local_files_is_uploaded(service_url: str, tmp_path: Path) -> None:
+    client = BlipqClient(service_url)
+    pictures = [tmp_path / "red.png", tmp_path / "blue.png"]
+    for picture in pictures:
+        picture.write_bytes(shape_png(picture.stem))
+
+    batch_id, count = client.submit_batch(pictures, ["what color is the shape?"])
+    client.wait_batch(batch_id, timeout_s=120)
+    results = list(client.results(batch_id))
+
+    assert count == 2
+    assert [(item["image_name"], item["image_url"], item["status"]) for item in results] == [
+        ("red.png", None, "succeeded"),
+        ("blue.png", None, "succeeded"),
+    ]
+    assert [item["answer"] for item in results] == [
+        client.ask(p, "what color is the shape?", timeout_s=120) for p in pictures
+    ]
+
+
+def test_waiting_for_a_batch_is_bounded_and_mixed_images_are_refused(
+    redis_server: RedisProcess, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    for url in serve_app(ApiSettings(redis_url=redis_server.url, queue="nobody-listens")):
+        client = BlipqClient(url)
+        batch_id, _ = client.submit_batch(["https://example.com/a.png"], ["what color?"])
+        with pytest.raises(TimeoutError):
+            client.wait_batch(batch_id, timeout_s=0.5)
+        assert client.batch(batch_id)["counts"]["queued"] == 1
+        with pytest.raises(ValueError, match="all http"):
+            client.submit_batch(["https://example.com/a.png", tmp_path / "a.png"], ["what color?"])

@@ -5,7 +5,9 @@ its index; the batch is a Redis hash (`blipq:batch:<id>`) plus the list of its j
 with the jobs. The script that ends a job counts the batch's ended items on its hash (worker/transitions.py), and the
 item that ends the last queues the batch's webhook. Items travel to the workers in chunks (worker/broker.py's
 TASK_VQA_CHUNK): each chunk lists images, each with its (job id, question) pairs, so a worker fetches an image once
-for all its questions and answers the chunk's questions with one `answer_questions` call.
+for all its questions and answers the chunk's questions with one `answer_questions` call. An image uploaded with
+the batch is stored once (worker.jobs.batch_upload_key) and named by its key in the chunk instead of a URL; no
+item's end deletes it (it is shared), so it expires with the batch after the TTL.
 """
 
 from __future__ import annotations
@@ -96,19 +98,20 @@ def plan_chunks(jobs: list[Job], max_answers: int) -> list[list[dict[str, Any]]]
     Questions about one image stay together in a chunk (an image with more questions than a chunk holds is split
     over as few chunks as it takes), so that a worker fetches the image once for all of them.
     """
-    by_image: dict[str, list[list[str]]] = {}
+    by_image: dict[tuple[str, str], list[list[str]]] = {}
     for job in jobs:
-        by_image.setdefault(job.image_url, []).append([job.id, job.question])
+        by_image.setdefault((job.image_url, job.upload_key), []).append([job.id, job.question])
     chunks: list[list[dict[str, Any]]] = [[]]
     room = max_answers
-    for image_url, pairs in by_image.items():
+    for (image_url, upload), pairs in by_image.items():
+        source = {"upload": upload} if upload else {"image_url": image_url}
         first = 0
         while first < len(pairs):
             if room == 0:
                 chunks.append([])
                 room = max_answers
             taken = pairs[first : first + room]
-            chunks[-1].append({"image_url": image_url, "items": taken})
+            chunks[-1].append({**source, "items": taken})
             room -= len(taken)
             first += len(taken)
     return chunks
@@ -121,8 +124,11 @@ class BatchStore:
         self.store = store
         self.client = store.client
 
-    def create(self, batch: Batch, jobs: list[Job], queue: str) -> None:
-        """Write the batch and its jobs in one transaction, all expiring after the TTL, the jobs never started."""
+    def create(self, batch: Batch, jobs: list[Job], queue: str, uploads: dict[str, bytes] | None = None) -> None:
+        """Write the batch and its jobs in one transaction, all expiring after the TTL, the jobs never started.
+
+        `uploads` maps each uploaded image's key (batch_upload_key) to its bytes: stored once for all its jobs.
+        """
         ttl_s = self.store.ttl_s
         enqueued = time.time()  # one score for every item: the reaper must not take a later chunk for a lost one
         with self.client.pipeline(transaction=True) as pipe:
@@ -133,12 +139,17 @@ class BatchStore:
             for job in jobs:
                 self.store.add_to_pipeline(pipe, job, queue)
             pipe.zadd(unstarted_key(queue, batch.priority), {job.id: enqueued for job in jobs})
+            for key, data in (uploads or {}).items():
+                pipe.set(key, data, ex=ttl_s)
             pipe.execute()
 
     def delete(self, batch: Batch, jobs: list[Job], queue: str) -> None:
         """Remove a batch and its jobs (used when its chunks could not be enqueued)."""
         with self.client.pipeline(transaction=True) as pipe:
             pipe.delete(batch_key(batch.id), batch_jobs_key(batch.id), *(job_key(job.id) for job in jobs))
+            uploads = {job.upload_key for job in jobs if job.upload_key}
+            if uploads:
+                pipe.delete(*uploads)
             pipe.zrem(unstarted_key(queue, batch.priority), *(job.id for job in jobs))
             pipe.zrem(deadlines_key(queue), *(job.id for job in jobs))
             pipe.execute()

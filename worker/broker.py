@@ -22,6 +22,8 @@ VISIBILITY_MARGIN_S = 60  # beyond the hard limit, before a job reserved by a va
 def publish_job(celery: Celery, job: Job, queue: str) -> None:
     """Send the job's task message (task id = job id) at the job's priority."""
     payload = {"job_id": job.id, "question": job.question, "image_url": job.image_url, "priority": str(job.priority)}
+    if job.upload_key:  # a batch item's uploaded image (a reaper's republish): the worker reads it there
+        payload["upload"] = job.upload_key
     celery.send_task(TASK_VQA, args=[payload], task_id=job.id, queue=queue, priority=BROKER_PRIORITY[job.priority])
 
 
@@ -30,7 +32,8 @@ def publish_chunk(
 ) -> None:
     """Send chunk `number` of a batch (task id `<batch id>.<number>`) on the single jobs' queue, at its priority.
 
-    `images` is one of worker.batches.plan_chunks's chunks: [{"image_url", "items": [[job id, question], ...]}, ...].
+    `images` is one of worker.batches.plan_chunks's chunks: [{"image_url", "items": [[job id, question], ...]}, ...];
+    an uploaded image names its Redis key instead: {"upload", "items"}.
     """
     payload = {"batch_id": batch_id, "priority": str(priority), "images": images}
     celery.send_task(

@@ -114,6 +114,14 @@ def upload_key(job_id: str) -> str:
     return f"{KEY_PREFIX}upload:{job_id}"
 
 
+def batch_upload_key(batch_id: str, number: int) -> str:
+    """The Redis string that holds image `number` uploaded with a batch, shared by all its questions' jobs.
+
+    No job's end deletes it (`end_job` deletes only `upload_key(job_id)`): it expires with the batch, after the TTL.
+    """
+    return f"{KEY_PREFIX}batch-upload:{batch_id}:{number}"
+
+
 def idempotency_key(owner: str, key: str) -> str:
     """The Redis string that ties an Idempotency-Key of an API key owner to its job (hashed: keys are arbitrary)."""
     digest = hashlib.sha256(f"{owner}\0{key}".encode()).hexdigest()
@@ -146,6 +154,8 @@ class Job:
     webhook_error_message: str = ""
     batch_id: str = ""  # the batch the job is an item of; "" for a job submitted alone
     index: int = 0  # its place among the batch's items
+    upload_key: str = ""  # where a batch item's uploaded image is (batch_upload_key); never shown to clients
+    image_name: str = ""  # the file name of a batch item's uploaded image
 
     @classmethod
     def from_redis(cls, fields: dict[str, str]) -> Job:
@@ -173,6 +183,7 @@ class Job:
             "status": str(self.status),
             "question": self.question,
             "image_url": self.image_url or None,
+            "image_name": self.image_name or None,
             "answer": self.answer if self.status is JobStatus.SUCCEEDED else None,
             "error": error,
             "model": self.model or None,
@@ -334,9 +345,9 @@ class JobStore:
         """Record why the job failed, unless it already ended."""
         return self._finish(job_id, status=JobStatus.FAILED, error_code=code, error_message=message)
 
-    def load_upload(self, job_id: str) -> bytes | None:
-        """The job's uploaded image bytes, or None if there are none (any more)."""
-        data = self.client.get(upload_key(job_id))
+    def load_upload(self, job_id: str, key: str = "") -> bytes | None:
+        """The job's uploaded image bytes (at `key` for a batch's upload), or None if there are none (any more)."""
+        data = self.client.get(key or upload_key(job_id))
         return data if isinstance(data, bytes) else None
 
     def claim_idempotency_key(self, key: str, claim: str, pending_s: int) -> str | None:

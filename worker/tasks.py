@@ -89,7 +89,7 @@ class WorkerRuntime:
         if skipped is not None:
             return skipped
         try:
-            image = self._load_image(job_id, payload.get("image_url", ""))
+            image = self._load_image(job_id, payload.get("image_url", ""), payload.get("upload", ""))
             answer = self._answer(image, payload["question"])
         except BlipqError as exc:
             return self._fail(job_id, exc.code, exc.message)
@@ -127,9 +127,9 @@ class WorkerRuntime:
         try:
             images: list[Image.Image] = []
             job_ids: list[str] = []
-            for image_url, pairs in started:
+            for (image_url, upload), pairs in started:
                 try:
-                    decoded = self._load_image("", image_url)
+                    decoded = self._load_image("", image_url, upload)
                 except BlipqError as exc:
                     for job_id, _ in pairs:
                         outcomes.append({"job_id": job_id, **self._fail(job_id, exc.code, exc.message)})
@@ -152,8 +152,8 @@ class WorkerRuntime:
 
     def _begin_chunk(
         self, payload: dict[str, Any], outcomes: list[dict[str, str]]
-    ) -> list[tuple[str, list[tuple[str, str]]]]:
-        """Start each job of a chunk as a single job starts; the images with the (id, question)s that run.
+    ) -> list[tuple[tuple[str, str], list[tuple[str, str]]]]:
+        """Start each job of a chunk as a single job starts; the images (URL, upload key) with the jobs that run.
 
         The outcome of each job that must not run (ended, canceled, expired, given up) is added to `outcomes`.
         """
@@ -168,7 +168,7 @@ class WorkerRuntime:
                 else:
                     outcomes.append({"job_id": str(job_id), **skipped})
             if pairs:
-                started.append((str(image.get("image_url", "")), pairs))
+                started.append(((str(image.get("image_url", "")), str(image.get("upload", ""))), pairs))
         return started
 
     def _begin(self, job_id: str, priority: JobPriority) -> dict[str, str] | None:
@@ -216,11 +216,12 @@ class WorkerRuntime:
         log.info("job %s failed: %s %s", job_id, code, message, extra={"job_id": job_id, "error_code": code})
         return {"status": "failed", "code": code}
 
-    def _load_image(self, job_id: str, image_url: str) -> Image.Image:
+    def _load_image(self, job_id: str, image_url: str, upload_key: str = "") -> Image.Image:
+        """Fetch the image at `image_url`, or read the upload (a batch's at `upload_key`, else the job's), decoded."""
         if image_url:
             data = fetch_image_bytes(self.session, image_url, self.limits)
         else:
-            upload = self.store.load_upload(job_id)
+            upload = self.store.load_upload(job_id, upload_key)
             if upload is None:
                 raise UploadMissingError("the uploaded image is no longer stored (it expired before the job ran)")
             data = upload

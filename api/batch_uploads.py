@@ -1,0 +1,92 @@
+"""Batches with uploaded images: POST /v1/batches as multipart/form-data.
+
+The images are files named `images`; the form field `questions` holds a JSON array of the questions asked about every
+image; `priority`, `deadline_s`, `webhook` and `webhook_items` are as in a JSON batch. Each image is stored once in
+Redis (worker.jobs.batch_upload_key), for all its questions' jobs, and expires with the batch after the TTL.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from flask import request
+
+from api.errors import PayloadTooLargeError, ValidationError
+from api.schemas import BatchRequest, validate_batch_request
+from api.settings import ApiSettings
+from api.views import check_webhook, read_upload
+from worker.batches import MAX_BATCH_ANSWERS
+
+IMAGES_FIELD = "images"
+QUESTIONS_FIELD = "questions"
+FORM_FIELDS = frozenset({QUESTIONS_FIELD, "priority", "deadline_s", "webhook", "webhook_items"})
+MAX_FORM_PARTS = MAX_BATCH_ANSWERS + len(FORM_FIELDS)  # one file per image at most, and the text fields
+
+
+@dataclass(frozen=True)
+class UploadedImage:
+    """One image of a batch upload: its file name (may be "") and its bytes, sniffed as an image."""
+
+    name: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class BatchUpload:
+    """A valid batch upload: its request (questions and options, no image URLs) and its images in order."""
+
+    batch_request: BatchRequest
+    images: list[UploadedImage]
+
+
+def parse_batch_upload(settings: ApiSettings) -> BatchUpload:
+    """Read and check a multipart batch; raises the API error of its first problem, before anything is stored."""
+    limit = settings.max_batch_upload_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLargeError("body_too_large", f"the body is over {limit} bytes")
+    # The app's limits are a single job's; a batch upload has its own (a chunked body is cut at `limit` too).
+    request.max_content_length = limit
+    request.max_form_memory_size = limit  # `questions` may hold 10,000 questions
+    request.max_form_parts = MAX_FORM_PARTS
+    unknown = sorted((set(request.form) - FORM_FIELDS) | (set(request.files) - {IMAGES_FIELD}))
+    if unknown:
+        message = (
+            f"{unknown[0]}: a batch upload has files named 'images' and the fields {', '.join(sorted(FORM_FIELDS))}"
+        )
+        raise ValidationError("unknown_field", message)
+    files = request.files.getlist(IMAGES_FIELD)
+    if not files:
+        raise ValidationError("image_missing", "upload at least one image, as a file named 'images'")
+    questions = _questions(request.form.get(QUESTIONS_FIELD))
+    answers = len(files) * len(questions)
+    if answers > MAX_BATCH_ANSWERS:
+        message = f"the batch asks for {answers} answers; the limit is {MAX_BATCH_ANSWERS} per request"
+        raise ValidationError("batch_too_large", message)
+    data: dict[str, Any] = {name: value for name, value in request.form.items() if name != QUESTIONS_FIELD}
+    data[QUESTIONS_FIELD] = questions
+    batch_request = validate_batch_request(data, settings.max_question_chars, max_deadline_s=settings.job_ttl_s)
+    check_webhook(batch_request.webhook, settings)
+    images = []
+    for file in files:
+        image = read_upload(file, settings)
+        assert image is not None  # a file was given
+        images.append(UploadedImage(file.filename or "", image))
+    return BatchUpload(batch_request, images)
+
+
+def _questions(raw: str | None) -> list[str]:
+    """The `questions` field: a JSON array of at least one non-blank string."""
+    message = "questions: a JSON array of one or more non-empty strings is expected"
+    if raw is None:
+        raise ValidationError("questions_invalid", message)
+    try:
+        questions = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise ValidationError("questions_invalid", message) from None
+    if not isinstance(questions, list) or not questions:
+        raise ValidationError("questions_invalid", message)
+    if not all(isinstance(question, str) and question.strip() for question in questions):
+        raise ValidationError("questions_invalid", message)
+    return questions

@@ -1,0 +1,186 @@
+"""Batches of uploaded images: POST /v1/batches as multipart/form-data, each image stored once for its questions."""
+
+from __future__ import annotations
+
+import io
+import json
+import secrets
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from flask.testing import FlaskClient
+
+from api.admission import queue_names
+from api.up import RedisProcess, stop_process
+from tests.conftest import JOB_TIMEOUT_S, WorkerProcess, api_client, start_worker, wait_for_job
+from tests.fixtures.images import shape_png
+from worker.broker import create_celery, publish_job
+from worker.jobs import JobStore
+
+QUEUE = "batch-uploads"
+COLORS = ["red", "green", "blue"]
+QUESTIONS = ["what color is the shape?", "is there a circle?"]
+
+
+@pytest.fixture(scope="module")
+def worker(
+    redis_server: RedisProcess, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[WorkerProcess]:
+    """A worker of this module's own; its reaper never looks (the test that needs a republish does it by hand)."""
+    log_path = tmp_path_factory.mktemp("batch-uploads") / "worker.log"
+    process = start_worker(redis_server.url, tiny_model_dir, QUEUE, log_path, BLIPQ_REAPER_INTERVAL_S="3600")
+    yield process
+    stop_process(process.process)
+
+
+@pytest.fixture
+def api(redis_server: RedisProcess, worker: WorkerProcess, redis_client: redis.Redis) -> FlaskClient:
+    return api_client(redis_server.url, QUEUE)
+
+
+@pytest.fixture
+def idle_api(redis_server: RedisProcess, redis_client: redis.Redis) -> Iterator[FlaskClient]:
+    """The API in front of a queue that no worker reads, with a small limit on a batch upload's body."""
+    queue = f"idle-{secrets.token_hex(4)}"
+    yield api_client(redis_server.url, queue, max_batch_upload_bytes=64 * 1024)
+    redis_client.delete(*queue_names(queue))
+
+
+def upload_form(images: list[tuple[bytes, str]], questions: Any = QUESTIONS, **fields: Any) -> dict[str, Any]:
+    """A batch upload's form: the files `images`, and `questions` as a JSON array (as is, when not a list)."""
+    form: dict[str, Any] = {"images": [(io.BytesIO(data), name) for data, name in images], **fields}
+    if questions is not None:
+        form["questions"] = json.dumps(questions) if isinstance(questions, list) else questions
+    return form
+
+
+def color_images() -> list[tuple[bytes, str]]:
+    return [(shape_png(color), f"{color}.png") for color in COLORS]
+
+
+def wait_for_batch(client: FlaskClient, batch_id: str, worker: WorkerProcess) -> dict[str, Any]:
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while time.monotonic() < deadline:
+        batch: dict[str, Any] = client.get(f"/v1/batches/{batch_id}").get_json()
+        if batch["ended"] == batch["count"]:
+            return batch
+        time.sleep(0.05)
+    raise AssertionError(f"batch {batch_id} did not end: {batch}\n{worker.log_tail()}")
+
+
+def upload_keys(client: redis.Redis) -> list[bytes]:
+    return list(client.scan_iter("blipq:batch-upload:*"))
+
+
+def test_uploaded_images_are_stored_once_and_answered_as_single_uploads_are(
+    api: FlaskClient, worker: WorkerProcess, redis_client: redis.Redis
+) -> None:
+    response = api.post("/v1/batches", data=upload_form(color_images()), content_type="multipart/form-data")
+    assert response.status_code == 202, response.get_json()
+    batch_id, count = response.get_json()["id"], response.get_json()["count"]
+    stored_at_submit = upload_keys(redis_client)
+
+    batch = wait_for_batch(api, batch_id, worker)
+    lines = [
+        json.loads(line) for line in api.get(f"/v1/batches/{batch_id}/results").get_data(as_text=True).splitlines()
+    ]
+    singles = [
+        wait_for_job(
+            api,
+            api.post("/v1/jobs", data={"question": question, "image": (io.BytesIO(data), name)}).get_json()["id"],
+            worker,
+        )
+        for data, name in color_images()
+        for question in QUESTIONS
+    ]
+
+    assert count == len(COLORS) * len(QUESTIONS) == 6
+    assert batch["counts"]["succeeded"] == count
+    assert len(stored_at_submit) == len(COLORS), "each image is stored once, not once per question"
+    assert len(upload_keys(redis_client)) == len(COLORS), "no item's end deletes its batch's shared upload"
+    assert [(line["image_name"], line["image_url"], line["question"]) for line in lines] == [
+        (f"{color}.png", None, question) for color in COLORS for question in QUESTIONS
+    ]
+    assert [line["answer"] for line in lines] == [single["answer"] for single in singles]
+    item = api.get(f"/v1/jobs/{lines[0]['job_id']}").get_json()
+    assert (item["image_name"], item["image_url"], item["batch_id"]) == ("red.png", None, batch_id)
+    assert "upload_key" not in item
+
+
+def test_a_lost_item_republished_as_a_single_job_is_answered_from_the_shared_upload(
+    api: FlaskClient, idle_api: FlaskClient, worker: WorkerProcess, redis_server: RedisProcess
+) -> None:
+    # Given a batch item whose chunk no worker will ever read (its queue has none)...
+    form = upload_form([(shape_png("green"), "green.png")], questions=["is there a circle?"])
+    response = idle_api.post("/v1/batches", data=form, content_type="multipart/form-data")
+    assert response.status_code == 202, response.get_json()
+    job_id = json.loads(idle_api.get(f"/v1/batches/{response.get_json()['id']}/results").get_data())["job_id"]
+    store = JobStore.from_url(redis_server.url, 3600)
+    job = store.get(job_id)
+    assert job is not None and job.upload_key
+
+    # ...when the reaper's single-job message for it reaches a worker...
+    publish_job(create_celery(redis_server.url, QUEUE, 3600), job, QUEUE)
+    answered = wait_for_job(api, job_id, worker)
+    single = api.post(
+        "/v1/jobs", data={"question": "is there a circle?", "image": (io.BytesIO(shape_png("green")), "g")}
+    )
+
+    # ...the worker reads the batch's upload, and answers as for the same image sent alone.
+    assert answered["status"] == "succeeded", answered
+    assert answered["answer"] == wait_for_job(api, single.get_json()["id"], worker)["answer"]
+
+
+def test_a_non_image_upload_is_refused_and_nothing_is_stored(idle_api: FlaskClient, redis_client: redis.Redis) -> None:
+    form = upload_form([(shape_png("red"), "red.png"), (b"%PDF-1.4 not an image", "notes.pdf")])
+    response = idle_api.post("/v1/batches", data=form, content_type="multipart/form-data")
+
+    assert response.status_code == 422
+    assert response.get_json()["error"]["code"] == "image_invalid"
+    assert list(redis_client.scan_iter("blipq:*")) == []
+
+
+def test_a_body_over_the_batch_upload_limit_is_refused(idle_api: FlaskClient, redis_client: redis.Redis) -> None:
+    big = [(shape_png("red", size=(64, 64)) + b"\0" * 20_000, f"{n}.png") for n in range(4)]  # 80 kB > 64 KiB
+    response = idle_api.post("/v1/batches", data=upload_form(big), content_type="multipart/form-data")
+
+    assert response.status_code == 413
+    assert response.get_json()["error"]["code"] == "body_too_large"
+    assert list(redis_client.scan_iter("blipq:*")) == []
+
+
+@pytest.mark.parametrize(
+    ("questions", "fields", "files", "code"),
+    [
+        (None, {}, 1, "questions_invalid"),
+        ("not json", {}, 1, "questions_invalid"),
+        ('"one question"', {}, 1, "questions_invalid"),
+        ([], {}, 1, "questions_invalid"),
+        ([1], {}, 1, "questions_invalid"),
+        (["what?", " "], {}, 1, "questions_invalid"),
+        (["what?"], {}, 0, "image_missing"),
+        (["what?"], {"image_url": "https://example.com/a.png"}, 1, "unknown_field"),
+        (["what?"], {"priority": "urgent"}, 1, "priority_invalid"),
+        (["what?"] * 5_001, {}, 2, "batch_too_large"),
+    ],
+)
+def test_a_bad_batch_upload_is_refused_with_its_code(
+    idle_api: FlaskClient, questions: Any, fields: dict[str, str], files: int, code: str
+) -> None:
+    form = upload_form([(shape_png("red"), "red.png")] * files, questions=questions, **fields)
+    response = idle_api.post("/v1/batches", data=form, content_type="multipart/form-data")
+
+    assert response.status_code == 422, response.get_json()
+    assert response.get_json()["error"]["code"] == code
+
+
+def test_an_unknown_file_field_is_refused(idle_api: FlaskClient) -> None:
+    form = upload_form([(shape_png("red"), "red.png")], image=(io.BytesIO(shape_png("blue")), "blue.png"))
+    response = idle_api.post("/v1/batches", data=form, content_type="multipart/form-data")
+
+    assert response.status_code == 422
+    assert response.get_json()["error"]["code"] == "unknown_field"

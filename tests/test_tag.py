@@ -1,0 +1,124 @@
+"""`blipq tag` against the real service over HTTP: every (image, question) answered into OUT, failures named, resume."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from api.client import BlipqClient
+from api.settings import ApiSettings
+from api.up import RedisProcess
+from tests.conftest import ROOT, QuietHandler, WorkerProcess, http_server, serve_app
+from tests.fixtures.images import shape_png
+
+QUESTIONS = ["what color is the shape?", "what shape is in the image?"]
+COLORS = ["red", "blue", "green"]
+
+
+@pytest.fixture
+def service_url(redis_server: RedisProcess, tiny_worker: WorkerProcess, redis_client: redis.Redis) -> Iterator[str]:
+    """The API over HTTP, enqueueing on the tiny worker's queue."""
+    yield from serve_app(ApiSettings(redis_url=redis_server.url, queue=tiny_worker.queue))
+
+
+@pytest.fixture
+def counting_images() -> Iterator[tuple[str, Counter[str]]]:
+    """An image server of its own (base URL) that counts the GETs of each path: one per image a worker fetched."""
+    fetches: Counter[str] = Counter()
+    routes = {f"/{color}.png": shape_png(color) for color in COLORS}
+
+    class Handler(QuietHandler):
+        def do_GET(self) -> None:
+            fetches[self.path] += 1
+            body = routes.get(self.path)
+            self.answer(200, "image/png", body) if body else self.answer(404, "text/plain", b"not found")
+
+    with http_server(Handler) as port:
+        yield f"http://127.0.0.1:{port}", fetches
+
+
+def blipq_tag(service_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "api.cli", "tag", *args, "--url", service_url]
+    for question in QUESTIONS:
+        command += ["-q", question]
+    return subprocess.run(command, capture_output=True, text=True, timeout=180, cwd=ROOT, check=False)
+
+
+def read_out(out: Path) -> dict[tuple[str, str], dict[str, Any]]:
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert all(set(record) == {"image", "question", "status", "answer", "error"} for record in records)
+    by_pair = {(record["image"], record["question"]): record for record in records}
+    assert len(by_pair) == len(records)  # one line per pair, also after a resume
+    return by_pair
+
+
+def test_tag_answers_every_pair_as_single_jobs_do(
+    service_url: str, counting_images: tuple[str, Counter[str]], tmp_path: Path
+) -> None:
+    base, _ = counting_images
+    images = [f"{base}/{color}.png" for color in COLORS]
+    urls = tmp_path / "urls.txt"
+    urls.write_text("# the test images\n" + "\n".join(images[:2]) + "\n\n" + images[2] + "  # last\n")
+    out = tmp_path / "out.jsonl"
+
+    tagged = blipq_tag(service_url, "--urls", str(urls), "-o", str(out), "--per-request", "4")
+
+    assert tagged.returncode == 0, tagged.stderr
+    client = BlipqClient(service_url)
+    expected = {(image, q): client.ask(image, q, timeout_s=120) for image in images for q in QUESTIONS}
+    answered = {pair: record["answer"] for pair, record in read_out(out).items()}
+    assert answered == expected
+    assert all(record["status"] == "succeeded" for record in read_out(out).values())
+
+
+def test_tag_names_failures_and_a_rerun_asks_only_the_failed_pairs_again(
+    service_url: str, counting_images: tuple[str, Counter[str]], tmp_path: Path
+) -> None:
+    base, fetches = counting_images
+    images = [f"{base}/red.png", f"{base}/missing.png", f"{base}/blue.png"]
+    out = tmp_path / "out.jsonl"
+
+    first = blipq_tag(service_url, *images, "-o", str(out))
+
+    assert first.returncode == 1
+    assert "image_fetch_failed: 2" in first.stderr, first.stderr  # the one missing image, both its questions
+    records = read_out(out)
+    assert len(records) == 6
+    failed = {pair for pair, record in records.items() if record["status"] != "succeeded"}
+    assert failed == {(f"{base}/missing.png", q) for q in QUESTIONS}
+    assert {records[pair]["error"]["code"] for pair in failed} == {"image_fetch_failed"}
+    succeeded_lines = {pair: record for pair, record in records.items() if pair not in failed}
+
+    fetches.clear()
+    second = blipq_tag(service_url, *images, "-o", str(out))
+
+    assert second.returncode == 1 and "image_fetch_failed: 2" in second.stderr, second.stderr
+    assert set(fetches) == {"/missing.png"}  # the succeeded images were not sent again
+    records = read_out(out)
+    assert len(records) == 6
+    assert {pair: records[pair] for pair in succeeded_lines} == succeeded_lines
+
+
+def test_tag_uploads_a_directory_of_local_images(service_url: str, tmp_path: Path) -> None:
+    pictures = tmp_path / "pictures"
+    (pictures / "nested").mkdir(parents=True)
+    paths = [pictures / "red.png", pictures / "nested" / "blue.png", pictures / "nested" / "green.PNG"]
+    for path, color in zip(paths, COLORS, strict=True):
+        path.write_bytes(shape_png(color))
+    (pictures / "notes.txt").write_text("not an image: skipped")
+    out = tmp_path / "out.jsonl"
+
+    tagged = blipq_tag(service_url, str(pictures), "-o", str(out), "--per-request", "4")
+
+    assert tagged.returncode == 0, tagged.stderr
+    client = BlipqClient(service_url)
+    expected = {(str(path), q): client.ask(path, q, timeout_s=120) for path in paths for q in QUESTIONS}
+    assert {pair: record["answer"] for pair, record in read_out(out).items()} == expected
