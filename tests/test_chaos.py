@@ -101,9 +101,11 @@ def test_no_job_is_lost_and_no_answer_changes_under_kills_and_a_redis_restart(
     server = chaos_redis[0]
     inputs = job_inputs()
     expected = reference_answers(tiny_model_dir, inputs)
-    grace = {"BLIPQ_SHUTDOWN_GRACE_S": "5"}
+    # A job that a stopping worker held without handing it back returns after the visibility timeout (the time
+    # limit + 60 s): a short limit and a quick reaper let that path, too, finish within the test.
+    grace = {"BLIPQ_SHUTDOWN_GRACE_S": "5", "BLIPQ_JOB_TIME_LIMIT_S": "20", "BLIPQ_REAPER_INTERVAL_S": "2"}
     workers = [start_worker(server.url, tiny_model_dir, QUEUE, tmp_path / f"worker{i}.log", **grace) for i in (0, 1)]
-    client = api_client(server.url, QUEUE)
+    client = api_client(server.url, QUEUE, job_time_limit_s=20)
     store = JobStore.from_url(server.url, 3600, outage_s=30)
     try:
         job_ids = [submit(client, image, question) for image, question in inputs]
