@@ -160,7 +160,8 @@ def test_redis_keeps_jobs_on_a_volume() -> None:
     claims = {claim["metadata"]["name"] for claim in redis["spec"]["volumeClaimTemplates"]}
     assert any(mount["mountPath"] == "/data" and mount["name"] in claims for mount in container["volumeMounts"])
     urls = {environment(c)["BLIPQ_REDIS_URL"] for d in objects("Deployment") for c in containers(d)}
-    assert urls == {f"redis://{named('Service', 'redis')['metadata']['name']}:6379/0"}
+    service = named("Service", "redis")
+    assert urls == {f"redis://{service['metadata']['name']}:{service['spec']['ports'][0]['port']}/0"}
 
 
 def test_the_worker_has_a_gpu_the_real_model_and_time_to_finish_its_job() -> None:
