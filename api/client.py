@@ -83,20 +83,13 @@ class BlipqClient:
 
     def wait(self, job_id: str, timeout_s: float | None = None) -> dict[str, Any]:
         """Poll the job, backing off from 50 ms to 2 s, until it ends; TimeoutError after `timeout_s`."""
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        delay = FIRST_POLL_S
-        while True:
-            try:
-                job = self.get(job_id)
-                if job["status"] in FINAL_STATUSES:
-                    return job
-            except BlipqClientError as exc:
-                if exc.status not in RETRYABLE_STATUSES:
-                    raise
-            if deadline is not None and time.monotonic() + delay > deadline:
-                raise TimeoutError(f"job {job_id} did not end within {timeout_s:g} s")
-            time.sleep(delay)
-            delay = min(delay * 2, MAX_POLL_S)
+        return self._poll(
+            lambda: self.get(job_id),
+            lambda job: job["status"] in FINAL_STATUSES,
+            f"job {job_id}",
+            FIRST_POLL_S,
+            timeout_s,
+        )
 
     def ask(self, image: str | Path | bytes, question: str, timeout_s: float | None = None, **fields: Any) -> str:
         """Submit, wait, and return the answer; raises JobFailedError with the job's error code otherwise."""
@@ -155,20 +148,35 @@ class BlipqClient:
 
         `on_progress` is called with each summary read, the last one included.
         """
+
+        def ended(summary: dict[str, Any]) -> bool:
+            if on_progress is not None:
+                on_progress(summary)
+            return bool(summary["ended"] >= summary["count"])
+
+        return self._poll(lambda: self.batch(batch_id), ended, f"batch {batch_id}", FIRST_BATCH_POLL_S, timeout_s)
+
+    def _poll(
+        self,
+        read: Callable[[], dict[str, Any]],
+        done: Callable[[dict[str, Any]], bool],
+        what: str,
+        first_delay_s: float,
+        timeout_s: float | None,
+    ) -> dict[str, Any]:
+        """Read until `done`, doubling the wait up to MAX_POLL_S; a 429/503 is waited out; TimeoutError at the end."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        delay = FIRST_BATCH_POLL_S
+        delay = first_delay_s
         while True:
             try:
-                summary = self.batch(batch_id)
-                if on_progress is not None:
-                    on_progress(summary)
-                if summary["ended"] >= summary["count"]:
-                    return summary
+                value = read()
+                if done(value):
+                    return value
             except BlipqClientError as exc:
                 if exc.status not in RETRYABLE_STATUSES:
                     raise
             if deadline is not None and time.monotonic() + delay > deadline:
-                raise TimeoutError(f"batch {batch_id} did not end within {timeout_s:g} s")
+                raise TimeoutError(f"{what} did not end within {timeout_s:g} s")
             time.sleep(delay)
             delay = min(delay * 2, MAX_POLL_S)
 

@@ -17,7 +17,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from worker.jobs import Job, JobStore, batch_jobs_key, batch_key, deadlines_key, job_key, unstarted_key
+from worker.jobs import (
+    Job,
+    JobStore,
+    batch_jobs_key,
+    batch_key,
+    deadlines_key,
+    job_key,
+    unstarted_key,
+    webhook_delivery,
+)
 from worker.states import JobPriority, JobStatus
 from worker.transitions import CANCEL_DONE, CANCEL_REQUESTED
 
@@ -73,14 +82,9 @@ class Batch:
 
     def webhook_delivery(self) -> dict[str, Any] | None:
         """Where the batch's webhook delivery stands; None until the last item ended (or with no webhook)."""
-        if not self.webhook_status:
-            return None
-        error = {"code": self.webhook_error_code, "message": self.webhook_error_message}
-        return {
-            "status": self.webhook_status,
-            "attempts": self.webhook_attempts,
-            "error": error if self.webhook_error_code else None,
-        }
+        return webhook_delivery(
+            self.webhook_status, self.webhook_attempts, self.webhook_error_code, self.webhook_error_message
+        )
 
 
 @dataclass(frozen=True)

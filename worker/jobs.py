@@ -42,6 +42,14 @@ API_RETRIES = 1  # the API tries a failed Redis command once more (a stale poole
 STATS_FIELDS = ("executions", "reruns", "duplicate_deliveries", "duplicate_executions", "worker_lost", "republished")
 
 
+def webhook_delivery(status: str, attempts: int, error_code: str, error_message: str) -> dict[str, Any] | None:
+    """Where a job's or a batch's webhook delivery stands, as clients see it; None before it is due (or with none)."""
+    if not status:
+        return None
+    error = {"code": error_code, "message": error_message} if error_code else None
+    return {"status": status, "attempts": attempts, "error": error}
+
+
 def new_job_id() -> str:
     """A random, URL-safe, unguessable job id."""
     return secrets.token_urlsafe(JOB_ID_BYTES)
@@ -209,14 +217,9 @@ class Job:
         return self.status is JobStatus.QUEUED and bool(self.deadline_at) and now >= float(self.deadline_at)
 
     def _webhook_delivery(self) -> dict[str, Any] | None:
-        if not self.webhook_status:
-            return None
-        error = {"code": self.webhook_error_code, "message": self.webhook_error_message}
-        return {
-            "status": self.webhook_status,
-            "attempts": self.webhook_attempts,
-            "error": error if self.webhook_error_code else None,
-        }
+        return webhook_delivery(
+            self.webhook_status, self.webhook_attempts, self.webhook_error_code, self.webhook_error_message
+        )
 
 
 class JobStore:
