@@ -37,7 +37,8 @@ from worker.states import JobPriority
 
 WORKER_QUEUE = "lifecycle"
 SLOW_S = 2.0  # how long a slow image takes to arrive: its job surely runs while the test acts
-BACKLOG_IMAGE_S = 0.15  # each backlog job's image delay: 60 of them keep the worker busy for 9 s or more
+BACKLOG_IMAGE_S = 0.15  # each backlog job's image delay: 60 of them, 4 at a time, keep the worker busy for 2 s or more
+CONCURRENCY = 4  # messages the worker holds at once: priorities order the queue, not what a worker already holds
 LOW_JOBS, HIGH_JOBS = 60, 3
 IMAGE_URL = "https://images.example.com/dog.png"  # never fetched: no worker reads the idle queue
 JOB = {"question": "what is it?", "image_url": IMAGE_URL}
@@ -63,7 +64,14 @@ def worker(
 ) -> Iterator[WorkerProcess]:
     """A worker of this module's own; its reaper never looks, so what ends a job unrun is the start script."""
     log_path = tmp_path_factory.mktemp("lifecycle") / "worker.log"
-    process = start_worker(redis_server.url, tiny_model_dir, WORKER_QUEUE, log_path, BLIPQ_REAPER_INTERVAL_S="3600")
+    process = start_worker(
+        redis_server.url,
+        tiny_model_dir,
+        WORKER_QUEUE,
+        log_path,
+        BLIPQ_REAPER_INTERVAL_S="3600",
+        BLIPQ_WORKER_CONCURRENCY=str(CONCURRENCY),
+    )
     yield process
     stop_process(process.process)
 
@@ -105,12 +113,22 @@ def assert_error(response: TestResponse, status: int, code: str) -> None:
 # Cancels
 
 
+def occupy(api: FlaskClient, worker: WorkerProcess, slow_images: str) -> list[str]:
+    """Give the worker a slow job for each message it can hold, and wait until all run: the next job waits queued."""
+    busy = [
+        submit(api, {"question": "what color?", "image_url": f"{slow_images}/{SLOW_S}/red.png"})
+        for _ in range(CONCURRENCY)
+    ]
+    for job_id in busy:
+        wait_for_status(api, job_id, "running", worker)
+    return busy
+
+
 def test_a_queued_job_that_is_canceled_never_runs(
     api: FlaskClient, worker: WorkerProcess, slow_images: str, redis_client: redis.Redis
 ) -> None:
-    # Given: the worker busy with a slow job, and a job queued behind it.
-    busy = submit(api, {"question": "what color?", "image_url": f"{slow_images}/{SLOW_S}/red.png"})
-    wait_for_status(api, busy, "running", worker)
+    # Given: the worker busy with slow jobs, and a job queued behind them.
+    busy = occupy(api, worker, slow_images)
     queued = submit(api, {"question": "what color?", "image_url": f"{slow_images}/0/blue.png"})
 
     # When: the queued job is canceled...
@@ -123,13 +141,13 @@ def test_a_queued_job_that_is_canceled_never_runs(
     assert canceled["error"]["code"] == "canceled" and canceled["finished_at"]
     after = submit(api, {"question": "what color?", "image_url": f"{slow_images}/0/green.png"})
     assert wait_for_job(api, after, worker)["status"] == "succeeded"
-    assert wait_for_job(api, busy, worker)["status"] == "succeeded"
+    assert all(wait_for_job(api, job_id, worker)["status"] == "succeeded" for job_id in busy)
     celery = api.application.extensions["blipq"].celery
     assert celery.AsyncResult(queued).get(timeout=JOB_TIMEOUT_S) == {"status": "canceled"}
     job = api.get(f"/v1/jobs/{queued}").get_json()
     assert job == canceled, "a canceled job never changes"
     assert job["started_at"] is None and job["model"] is None and job["answer"] is None
-    assert api.get("/v1/stats").get_json()["executions"] == 2, "the model ran for the two other jobs only"
+    assert api.get("/v1/stats").get_json()["executions"] == CONCURRENCY + 1, "the model ran for the other jobs only"
 
 
 def test_a_running_job_that_is_canceled_ends_as_it_would_with_its_cancel_reported(
@@ -295,9 +313,8 @@ def test_high_priority_jobs_overtake_a_backlog_of_low_priority_ones(
 def test_a_job_still_queued_at_its_deadline_expires_unrun_when_the_worker_reaches_it(
     api: FlaskClient, worker: WorkerProcess, slow_images: str, redis_client: redis.Redis
 ) -> None:
-    # Given: the worker busy with a slow job, and a job with a short deadline queued behind it.
-    busy = submit(api, {"question": "what color?", "image_url": f"{slow_images}/{SLOW_S}/red.png"})
-    wait_for_status(api, busy, "running", worker)
+    # Given: the worker busy with slow jobs, and a job with a short deadline queued behind them.
+    occupy(api, worker, slow_images)
     hurried = submit(api, {"question": "what color?", "image_url": f"{slow_images}/0/blue.png", "deadline_s": 0.5})
     after = submit(api, {"question": "what color?", "image_url": f"{slow_images}/0/green.png"})
 
@@ -313,7 +330,7 @@ def test_a_job_still_queued_at_its_deadline_expires_unrun_when_the_worker_reache
     assert public["status"] == "expired" and public["error"]["code"] == "deadline_exceeded", public
     assert public["started_at"] is None and public["model"] is None and public["answer"] is None
     assert datetime.fromisoformat(public["deadline_at"]) <= datetime.fromisoformat(public["finished_at"])
-    assert api.get("/v1/stats").get_json()["executions"] == 2, "the model ran for the two other jobs only"
+    assert api.get("/v1/stats").get_json()["executions"] == CONCURRENCY + 1, "the model ran for the other jobs only"
 
 
 def test_a_read_past_the_deadline_shows_the_job_expired(

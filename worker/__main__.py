@@ -8,8 +8,8 @@ import sys
 from worker.errors import SettingsError
 from worker.settings import WorkerSettings
 
-# One pool process holds one model on one device: more would duplicate the model, not add a GPU.
-DEFAULT_ARGS = ["--pool=prefork", "--concurrency=1", "--loglevel=INFO", "--without-mingle"]
+# The pool (threads) and its size come from the app's configuration (worker/app.py): one model per worker.
+DEFAULT_ARGS = ["--loglevel=INFO", "--without-mingle"]
 
 
 def main(argv: list[str] | None = None) -> None:

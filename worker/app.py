@@ -6,7 +6,7 @@ import logging
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_process_init, worker_ready
+from celery.signals import worker_init, worker_ready, worker_shutdown
 
 from worker.broker import create_celery, visibility_timeout_for
 from worker.jobs import JobStore
@@ -24,20 +24,28 @@ WEBHOOK_SENDERS = 4  # sender threads per worker: a few slow receivers do not ho
 
 
 def create_worker_app(settings: WorkerSettings) -> Celery:
-    """A Celery app whose pool processes each load the model once, after the fork, and keep it."""
+    """A Celery app whose worker loads the model once, before it takes messages, and keeps it.
+
+    The thread pool runs one thread per message held (`concurrency`): they fetch images while the model answers,
+    and the model answers the texts of many messages at once (worker/batching.py). With late acknowledgement and a
+    prefetch multiplier of 1, a worker holds at most `concurrency` messages: the rest wait on the queue for others.
+    Time limits are the worker's own (Celery's are not enforced in a thread pool): a job fails `timeout` after
+    BLIPQ_JOB_TIME_LIMIT_S less 10 s, and a model call that runs past the limit ends the worker.
+    """
     app = create_celery(settings.redis_url, settings.queue, settings.job_ttl_s, settings.job_time_limit_s)
     app.conf.update(
-        # Loading a large model takes longer than Celery's default 4 s wait for a new pool process.
-        worker_proc_alive_timeout=settings.model_load_timeout_s,
+        worker_pool="threads",
+        worker_concurrency=settings.concurrency,
         # Soft shutdown (SIGTERM is mapped to it by `python -m worker`): the running job gets this long to finish,
         # then the worker stops and puts it back on the queue, rather than a deploy waiting on it without end.
         worker_soft_shutdown_timeout=settings.shutdown_grace_s,
     )
     runtime = WorkerRuntime(settings)
     ops = WorkerOps(runtime, settings)  # metrics, the readiness record, a log line per job: around the model load
-    worker_process_init.connect(ops.before_model_load, weak=False)
-    worker_process_init.connect(runtime.start, weak=False)
-    worker_process_init.connect(ops.after_model_load, weak=False)
+    worker_init.connect(ops.before_model_load, weak=False)
+    worker_init.connect(runtime.start, weak=False)
+    worker_init.connect(ops.after_model_load, weak=False)
+    worker_shutdown.connect(runtime.stop, weak=False)
     register_tasks(app, runtime)
     ops.connect()
     if settings.log_format == "json":

@@ -55,3 +55,15 @@ class UploadMissingError(BlipqError):
     """Raised when a job's uploaded image is no longer in Redis (expired before the job ran)."""
 
     code = "upload_missing"
+
+
+class ModelOutOfMemoryError(BlipqError):
+    """Raised when the model runs out of device memory on a job's image and text alone (a batch is split first)."""
+
+    code = "oom"
+
+
+class WrongTaskError(BlipqError):
+    """Raised when a job asks for a task (vqa, caption) that the worker's model does not do: it was misrouted."""
+
+    code = "wrong_task"

@@ -1,29 +1,46 @@
-"""The pure inference core: a loaded BLIP model plus images and questions in, answers out.
+"""The pure inference core: a loaded BLIP model plus images and texts in, answers (or captions) out.
 
-Knows nothing of Celery, Redis or HTTP. Follows the model card's usage on CPU, on GPU and in float16.
+Knows nothing of Celery, Redis or HTTP. Follows the model card's usage on CPU, on GPU and in float16, with three
+changes that keep every answer and make batches pay:
+- an image is resized once, by the thread that decoded it (`pixel_tensor`, the processor's own PIL resize), and the
+  model thread only stacks, rescales and normalises uint8 tensors on the device;
+- the vision encoder runs once per distinct image, however many questions ask about it;
+- questions of different lengths share one batch: the answer decoder is given the questions' real attention mask,
+  where `BlipForQuestionAnswering.generate` builds an all-ones mask that lets it attend to padding.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import Any, Literal
 
+import numpy as np
 import torch
 from PIL import Image
-from transformers import BlipForQuestionAnswering, BlipProcessor
+from transformers import BlipConfig, BlipForConditionalGeneration, BlipForQuestionAnswering, BlipProcessor
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+Task = Literal["vqa", "caption"]
+CAPTION_ARCHITECTURE = "BlipForConditionalGeneration"
 
 
 @dataclass(frozen=True)
 class LoadedModel:
-    """A BLIP VQA model resident on its device, with the processor that prepares its inputs."""
+    """A BLIP model resident on its device, with the processor that prepares its inputs, and its task."""
 
-    model: BlipForQuestionAnswering
+    model: BlipForQuestionAnswering | BlipForConditionalGeneration
     processor: BlipProcessor
     model_id: str
     device: torch.device
     dtype: torch.dtype
+    task: Task = "vqa"
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(width, height) the processor resizes every image to."""
+        size = self.processor.image_processor.size
+        return int(size["width"]), int(size["height"])
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -40,15 +57,69 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return TORCH_DTYPES[name]
 
 
+def model_task(model_id: str) -> Task:
+    """`caption` for a BlipForConditionalGeneration checkpoint (its config's architectures), else `vqa`."""
+    architectures = BlipConfig.from_pretrained(model_id).architectures or []
+    return "caption" if CAPTION_ARCHITECTURE in architectures else "vqa"
+
+
 def load_model(model_id: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
-    """Load processor and model with from_pretrained (hub id or local directory), ready for inference."""
+    """Load processor and model with from_pretrained (hub id or local directory), ready for inference.
+
+    A captioning checkpoint (Salesforce/blip-image-captioning-base) loads as BlipForConditionalGeneration, any other
+    BLIP checkpoint as BlipForQuestionAnswering (Salesforce/blip-vqa-base).
+    """
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
+    task = model_task(model_id)
     processor = BlipProcessor.from_pretrained(model_id)
-    model = BlipForQuestionAnswering.from_pretrained(model_id, dtype=torch_dtype)
+    model_class = BlipForConditionalGeneration if task == "caption" else BlipForQuestionAnswering
+    model = model_class.from_pretrained(model_id, dtype=torch_dtype)
     model.to(torch_device)  # type: ignore[arg-type]
     model.eval()
-    return LoadedModel(model, processor, model_id, torch_device, torch_dtype)
+    honour_cross_attention_masks(model)
+    return LoadedModel(model, processor, model_id, torch_device, torch_dtype, task)
+
+
+def honour_cross_attention_masks(model: torch.nn.Module) -> int:
+    """Make the text decoder's cross-attention apply the encoder attention mask it is given; returns the layers fixed.
+
+    transformers 5.x's BlipTextLayer hands that mask to its cross-attention as `attention_mask`, and
+    BlipTextSelfAttention, seeing `encoder_hidden_states`, then reads `encoder_attention_mask` (None): the mask is
+    dropped, and a padded question would be attended to. The hook passes it where it is read (and changes nothing
+    where it already arrives).
+    """
+
+    def pass_mask(_module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:  # type: ignore[type-arg]
+        if kwargs.get("encoder_hidden_states") is not None and kwargs.get("encoder_attention_mask") is None:
+            kwargs["encoder_attention_mask"] = kwargs.get("attention_mask")
+        return args, kwargs
+
+    fixed = 0
+    for name, module in model.named_modules():
+        if name.startswith("text_decoder.") and name.endswith(".crossattention.self"):
+            module.register_forward_pre_hook(pass_mask, with_kwargs=True)
+            fixed += 1
+    return fixed
+
+
+def pixel_tensor(loaded: LoadedModel, image: Image.Image) -> torch.Tensor:
+    """The RGB image resized as the model's processor resizes it (PIL, its resample filter), as uint8 (3, H, W).
+
+    Cheap for the model thread to batch, and made by whichever thread decoded the image (PIL releases the GIL).
+    """
+    image_processor = loaded.processor.image_processor
+    resized = image.convert("RGB").resize(loaded.image_size, resample=Image.Resampling(image_processor.resample))
+    return torch.from_numpy(np.array(resized, dtype=np.uint8)).permute(2, 0, 1)
+
+
+def pixel_values(loaded: LoadedModel, pixels: list[torch.Tensor]) -> torch.Tensor:
+    """Stack uint8 images from `pixel_tensor` into the model's normalised input, on its device and in its dtype."""
+    image_processor = loaded.processor.image_processor
+    batch = torch.stack(pixels).to(loaded.device, non_blocking=True).float()
+    mean = torch.tensor(image_processor.image_mean, device=loaded.device).view(1, 3, 1, 1)
+    std = torch.tensor(image_processor.image_std, device=loaded.device).view(1, 3, 1, 1)
+    return ((batch * float(image_processor.rescale_factor) - mean) / std).to(loaded.dtype)
 
 
 def answer_questions(
@@ -58,38 +129,111 @@ def answer_questions(
     max_new_tokens: int = 20,
     num_beams: int = 1,
 ) -> list[str]:
-    """Answer questions[i] about images[i] for every i, batching questions of equal token length.
+    """Answer questions[i] about images[i] (or, for a captioning model, caption with prompt questions[i]).
 
-    BlipForQuestionAnswering.generate lets its answer decoder attend to every question position, padding
-    included, so a padded batch could answer differently than one question at a time. Grouping questions by
-    token length means no question is ever padded, and every answer equals the one-at-a-time answer.
+    The same image object given several times is encoded once.
     """
     if len(images) != len(questions):
-        raise ValueError(f"{len(images)} images for {len(questions)} questions")
-    token_counts = [len(ids) for ids in loaded.processor.tokenizer(questions)["input_ids"]]
-    groups: dict[int, list[int]] = defaultdict(list)
-    for index, count in enumerate(token_counts):
-        groups[count].append(index)
-    answers = [""] * len(questions)
-    for indices in groups.values():
-        group_answers = _generate(
-            loaded, [images[i] for i in indices], [questions[i] for i in indices], max_new_tokens, num_beams
-        )
-        for index, answer in zip(indices, group_answers, strict=True):
-            answers[index] = answer
-    return answers
+        raise ValueError(f"{len(images)} images for {len(questions)} texts")
+    index_of: dict[int, int] = {}
+    pixels: list[torch.Tensor] = []
+    rows: list[int] = []
+    for image in images:
+        if id(image) not in index_of:
+            index_of[id(image)] = len(pixels)
+            pixels.append(pixel_tensor(loaded, image))
+        rows.append(index_of[id(image)])
+    return generate_texts(loaded, pixels, rows, questions, max_new_tokens, num_beams)
 
 
-def _generate(
-    loaded: LoadedModel, images: list[Image.Image], questions: list[str], max_new_tokens: int, num_beams: int
+def generate_texts(
+    loaded: LoadedModel,
+    pixels: list[torch.Tensor],
+    rows: list[int],
+    texts: list[str],
+    max_new_tokens: int = 20,
+    num_beams: int = 1,
 ) -> list[str]:
-    inputs = loaded.processor(images=images, text=questions, return_tensors="pt", padding=True)
+    """One batch: texts[i] is about the image pixels[rows[i]]; answers (or captions) in the same order."""
+    if not texts:
+        return []
+    generate = _generate_captions if loaded.task == "caption" else _generate_answers
     with torch.inference_mode():
-        output = loaded.model.generate(
-            input_ids=inputs["input_ids"].to(loaded.device),
-            attention_mask=inputs["attention_mask"].to(loaded.device),
-            pixel_values=inputs["pixel_values"].to(loaded.device, loaded.dtype),
+        image_embeds = loaded.model.vision_model(pixel_values=pixel_values(loaded, pixels))[0]
+        row_index = torch.tensor(rows, device=image_embeds.device)
+        output = generate(loaded, image_embeds, row_index, texts, max_new_tokens, num_beams)
+    return [text.strip() for text in loaded.processor.batch_decode(output, skip_special_tokens=True)]
+
+
+def _generate_answers(
+    loaded: LoadedModel,
+    image_embeds: torch.Tensor,
+    rows: torch.Tensor,
+    questions: list[str],
+    max_new_tokens: int,
+    num_beams: int,
+) -> torch.Tensor:
+    """BlipForQuestionAnswering.generate, step by step, with the questions' attention mask given to the decoder."""
+    model = loaded.model
+    assert isinstance(model, BlipForQuestionAnswering)
+    tokens = loaded.processor.tokenizer(questions, padding=True, return_tensors="pt").to(loaded.device)
+    image_embeds = image_embeds.index_select(0, rows)
+    image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
+    question_embeds = model.text_encoder(
+        input_ids=tokens["input_ids"],
+        attention_mask=tokens["attention_mask"],
+        encoder_hidden_states=image_embeds,
+        encoder_attention_mask=image_mask,
+        return_dict=False,
+    )[0]
+    start = torch.full((len(questions), 1), model.decoder_start_token_id, device=question_embeds.device)
+    text_config: Any = model.config.text_config  # a BlipTextConfig (typed as a union in transformers)
+    return model.text_decoder.generate(
+        input_ids=start,
+        eos_token_id=text_config.sep_token_id,
+        pad_token_id=text_config.pad_token_id,
+        encoder_hidden_states=question_embeds,
+        encoder_attention_mask=tokens["attention_mask"],  # the real mask: padding is never attended to
+        max_new_tokens=max_new_tokens,
+        num_beams=num_beams,
+    )
+
+
+def _generate_captions(
+    loaded: LoadedModel,
+    image_embeds: torch.Tensor,
+    rows: torch.Tensor,
+    prompts: list[str],
+    max_new_tokens: int,
+    num_beams: int,
+) -> torch.Tensor:
+    """BlipForConditionalGeneration.generate for prompts of one token length at a time (a prompt is continued from
+    its end: padding would sit between a prompt and its continuation); "" is an unconditional caption."""
+    model = loaded.model
+    assert isinstance(model, BlipForConditionalGeneration)
+    text_config: Any = model.config.text_config  # a BlipTextConfig (typed as a union in transformers)
+    by_length: dict[int, list[int]] = defaultdict(list)
+    prompt_ids = []
+    for index, prompt in enumerate(prompts):
+        # A prompt without its closing [SEP] (as generate drops it); no prompt: the start token alone.
+        ids = loaded.processor.tokenizer(prompt)["input_ids"][:-1] if prompt else [model.decoder_input_ids]
+        ids[0] = text_config.bos_token_id
+        prompt_ids.append(ids)
+        by_length[len(ids)].append(index)
+    outputs: list[torch.Tensor] = [torch.empty(0)] * len(prompts)
+    for indices in by_length.values():
+        group_rows = rows[torch.tensor(indices, device=rows.device)]
+        embeds = image_embeds.index_select(0, group_rows)
+        generated = model.text_decoder.generate(
+            input_ids=torch.tensor([prompt_ids[i] for i in indices], device=embeds.device),
+            eos_token_id=text_config.sep_token_id,
+            pad_token_id=text_config.pad_token_id,
+            encoder_hidden_states=embeds,
+            encoder_attention_mask=torch.ones(embeds.shape[:-1], dtype=torch.long, device=embeds.device),
             max_new_tokens=max_new_tokens,
             num_beams=num_beams,
         )
-    return [answer.strip() for answer in loaded.processor.batch_decode(output, skip_special_tokens=True)]
+        for index, row in zip(indices, generated, strict=True):
+            outputs[index] = row
+    pad = text_config.pad_token_id
+    return torch.nn.utils.rnn.pad_sequence(outputs, batch_first=True, padding_value=pad)

@@ -91,6 +91,11 @@ def started_mark_key(queue: str, priority: JobPriority = JobPriority.NORMAL) -> 
     return f"{KEY_PREFIX}started-mark:{queue}{suffix}"
 
 
+def running_key(queue: str) -> str:
+    """The sorted set of the queue's running jobs, scored by when the reaper should look at them next."""
+    return f"blipq:running:{queue}"
+
+
 def broker_list_key(queue: str, priority: JobPriority) -> str:
     """The Redis list where kombu keeps the waiting messages of a queue level (one list per priority step)."""
     step = BROKER_PRIORITY[priority]
@@ -312,7 +317,7 @@ class JobStore:
         args: list[str | int | float] = [max_attempts, utc_now(), model, worker, message, job_id, time.time()]
         args += [DEADLINE_MESSAGE, CANCELED_RERUN_MESSAGE]
         keys = [job_key(job_id), stats_key(), unstarted_key(queue, priority), started_mark_key(queue, priority)]
-        keys += [upload_key(job_id), webhook_outbox_key(), deadlines_key(queue)]
+        keys += [upload_key(job_id), webhook_outbox_key(), deadlines_key(queue), running_key(queue)]
         return int(self._start(keys=keys, args=args))
 
     def cancel(self, job: Job, queue: str) -> int:

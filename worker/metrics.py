@@ -1,7 +1,7 @@
 """A worker's metrics, readiness record and job log lines, hooked in through Celery's signals.
 
-The pool process holds the model, so it is the one that counts, announces itself (worker/fleet.py) and serves
-Prometheus's text format on BLIPQ_METRICS_PORT (one pool process per worker: one port per worker). Its metrics are
+The worker process holds the model (its task threads share it), so it counts, announces itself (worker/fleet.py) and
+serves Prometheus's text format on BLIPQ_METRICS_PORT (one port per worker). Its metrics are
 prometheus_client's default registry: the ones below, plus the process's own (`process_resident_memory_bytes`...).
 """
 
@@ -16,8 +16,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import redis
-from celery.exceptions import TimeLimitExceeded
-from celery.signals import task_failure, task_postrun, task_prerun, worker_process_shutdown
+from celery.signals import task_postrun, task_prerun, worker_shutdown
 from prometheus_client import (
     REGISTRY,
     CollectorRegistry,
@@ -33,7 +32,7 @@ from worker.broker import TASK_VQA, TASK_VQA_CHUNK
 from worker.fleet import Announcer, WorkerRecord, count_outcome, fleet_client
 from worker.jobs import utc_now
 from worker.settings import WorkerSettings
-from worker.tasks import WorkerRuntime, worker_identity
+from worker.tasks import CURRENT_JOB, WorkerRuntime, worker_identity
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
@@ -65,16 +64,6 @@ MODEL_LOAD_SECONDS = Gauge(
 MODEL = Info("blipq_worker_model", "The model this process holds")
 
 
-class _JobTiming:
-    """The job this process is running: when it started and its time in the model so far."""
-
-    started = 0.0
-    inference_s = 0.0
-
-
-CURRENT_JOB = _JobTiming()  # a pool process runs one job at a time
-
-
 @contextmanager
 def observe_inference(questions: int) -> Iterator[None]:
     """Measure one answer_questions call of `questions` questions (answered only when it returns)."""
@@ -84,7 +73,6 @@ def observe_inference(questions: int) -> Iterator[None]:
     BATCH_SIZE.observe(questions)
     INFERENCE_SECONDS.observe(elapsed)
     ANSWERS.inc(questions)
-    CURRENT_JOB.inference_s += elapsed
 
 
 class WorkerOps:
@@ -101,11 +89,10 @@ class WorkerOps:
         """Listen to task and process signals (the model load is connected around runtime.start by the app)."""
         task_prerun.connect(self.on_task_prerun, weak=False)
         task_postrun.connect(self.on_task_postrun, weak=False)
-        task_failure.connect(self.on_task_failure, weak=False)
-        worker_process_shutdown.connect(self.on_process_shutdown, weak=False)
+        worker_shutdown.connect(self.on_shutdown, weak=False)
 
     def before_model_load(self, **_: Any) -> None:
-        """Connected to `worker_process_init` before runtime.start: the load starts."""
+        """Connected to `worker_init` before runtime.start: the load starts."""
         self.load_started = time.monotonic()
         if self.settings.log_format == "json":  # progress bars are for terminals: in a JSON log they are noise
             from transformers.utils import logging as transformers_logging
@@ -113,7 +100,7 @@ class WorkerOps:
             transformers_logging.disable_progress_bar()
 
     def after_model_load(self, **_: Any) -> None:
-        """Connected to `worker_process_init` after runtime.start: announce the worker and serve its metrics."""
+        """Connected to `worker_init` after runtime.start: announce the worker and serve its metrics."""
         if self.runtime.loaded is None:  # runtime.start failed (Celery logged why): not ready, nothing to serve
             log.error("the model did not load; this worker does not announce itself ready")
             return
@@ -121,14 +108,14 @@ class WorkerOps:
 
     def on_task_prerun(self, sender: Any = None, **_: Any) -> None:
         if getattr(sender, "name", None) in (TASK_VQA, TASK_VQA_CHUNK):
-            CURRENT_JOB.started, CURRENT_JOB.inference_s = time.perf_counter(), 0.0
+            CURRENT_JOB.begin()
 
     def on_task_postrun(self, sender: Any = None, args: Any = (), retval: Any = None, **_: Any) -> None:
         """Count how the run ended, in this process and in Redis, and log one line with its timings."""
         if getattr(sender, "name", None) not in (TASK_VQA, TASK_VQA_CHUNK):
             return
         if self.announcer is None and self.runtime.loaded is not None:
-            self._model_ready(self.runtime.loaded, 0.0)  # a solo pool loads inside its first job, untimed
+            self._model_ready(self.runtime.loaded, 0.0)  # loaded inside its first job (no worker_init): untimed
         if not isinstance(retval, dict):  # the task raised: Celery logged it, and the job has not ended
             return
         if sender.name == TASK_VQA_CHUNK:
@@ -138,7 +125,7 @@ class WorkerOps:
         payload = args[0] if args and isinstance(args[0], dict) else {}
         duration_s = time.perf_counter() - CURRENT_JOB.started
         fields: dict[str, Any] = {"job_id": payload.get("job_id"), "status": status, "duration_s": round(duration_s, 4)}
-        fields["inference_s"] = round(CURRENT_JOB.inference_s, 4)
+        fields["inference_s"] = round(CURRENT_JOB.model_s, 4)
         if code:
             fields["error_code"] = code
         log.info("job %s %s in %.3f s", fields["job_id"], status, duration_s, extra=fields)
@@ -151,7 +138,7 @@ class WorkerOps:
         duration_s = time.perf_counter() - CURRENT_JOB.started
         outcomes = [outcome for outcome in retval.get("outcomes", []) if isinstance(outcome, dict)]
         fields: dict[str, Any] = {"batch_id": retval.get("batch_id"), "jobs": len(outcomes)}
-        fields |= {"duration_s": round(duration_s, 4), "inference_s": round(CURRENT_JOB.inference_s, 4)}
+        fields |= {"duration_s": round(duration_s, 4), "inference_s": round(CURRENT_JOB.model_s, 4)}
         log.info("chunk of batch %s: %d jobs in %.3f s", fields["batch_id"], len(outcomes), duration_s, extra=fields)
         for outcome in outcomes:
             status, code = str(outcome.get("status", "")), str(outcome.get("code", ""))
@@ -159,13 +146,8 @@ class WorkerOps:
                 JOBS.labels(status=status, code=code).inc()
                 self._count_in_redis(status, code)
 
-    def on_task_failure(self, sender: Any = None, exception: BaseException | None = None, **_: Any) -> None:
-        """A job failed `timeout` by the main process when it killed its pool process: count it in Redis."""
-        if getattr(sender, "name", None) in (TASK_VQA, TASK_VQA_CHUNK) and isinstance(exception, TimeLimitExceeded):
-            self._count_in_redis("failed", "timeout")
-
-    def on_process_shutdown(self, **_: Any) -> None:
-        """The pool process exits cleanly: withdraw its record and close its metrics endpoint."""
+    def on_shutdown(self, **_: Any) -> None:
+        """The worker exits cleanly: withdraw its record and close its metrics endpoint."""
         if self.announcer is not None:
             self.announcer.stop()
         if self.metrics_server is not None:
@@ -209,7 +191,7 @@ class WorkerOps:
 
     @property
     def client(self) -> redis.Redis:
-        if self._client is None:  # made on first use, in the process that uses it (the pool process, mostly)
+        if self._client is None:  # made on first use, once the worker runs
             self._client = fleet_client(self.settings.redis_url)
         return self._client
 

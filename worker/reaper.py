@@ -17,6 +17,12 @@ long wait behind higher levels or a deep backlog is not mistaken for a loss). Th
 under the same task id. A job republished needlessly (its message was only slow) runs once all the same: the second
 delivery finds it ended and is skipped.
 
+A job whose worker died while running it (the whole worker: killed, out of memory, its machine gone) still has its
+message, unacknowledged, but Redis's transport restores it only after the visibility timeout. The reaper publishes it
+again as soon as the worker's record (worker/fleet.py, refreshed every few seconds by a live worker) has expired:
+the job's next start counts an attempt, so a job that kills every worker that takes it ends `worker_lost`. The old
+message, once restored, finds the job ended or running and is skipped or runs once more (its answer is dropped).
+
 The reaper also ends `expired` the queued jobs whose deadline has passed, so that they end (and their webhooks go
 out) at their deadline rather than when a worker reaches their message.
 
@@ -34,7 +40,19 @@ import redis
 from celery import Celery
 
 from worker.broker import publish_job
-from worker.jobs import JobStore, broker_list_key, deadlines_key, started_mark_key, stats_key, unstarted_key
+from worker.fleet import worker_key
+from worker.jobs import (
+    JobStore,
+    broker_list_key,
+    deadlines_key,
+    running_key,
+    started_mark_key,
+    stats_key,
+    unstarted_key,
+)
+from worker.jobs import (
+    job_key as job_key_of,
+)
 from worker.states import JobPriority, JobStatus
 
 log = logging.getLogger("blipq.reaper")
@@ -49,6 +67,8 @@ class ReaperPolicy:
 
     behind_mark_s: float  # this much older than the latest job of its level started (a job's time limit)
     waiting_s: float  # or waiting this long while its level's list is empty (the visibility timeout)
+    # A running job's worker is looked at again this long after it was found alive, or after its job was republished.
+    running_recheck_s: float = 10.0
 
 
 def find_lost(
@@ -77,6 +97,30 @@ def sweep(store: JobStore, celery: Celery, queue: str, policy: ReaperPolicy) -> 
     republished = 0
     for priority in JobPriority:
         republished += _republish_lost(store, celery, queue, policy, priority)
+    return republished + republish_orphans(store, celery, queue, policy)
+
+
+def republish_orphans(store: JobStore, celery: Celery, queue: str, policy: ReaperPolicy) -> int:
+    """Publish again the queue's running jobs whose worker is gone (its record expired); returns how many."""
+    client = store.client
+    now = time.time()
+    running = running_key(queue)
+    members: list[bytes] = client.zrangebyscore(running, "-inf", now, start=0, num=SWEEP_BATCH)  # type: ignore[assignment]
+    republished = 0
+    for job_id in (member.decode() for member in members):
+        job = store.get(job_id)
+        worker = client.hget(job_key_of(job_id), "worker") if job is not None else None
+        if job is None or job.status is not JobStatus.RUNNING or not worker:  # ended (or expired) meanwhile
+            client.zrem(running, job_id)
+            continue
+        if client.exists(worker_key(worker.decode())):  # type: ignore[union-attr]
+            client.zadd(running, {job_id: now + policy.running_recheck_s})
+            continue
+        publish_job(celery, job, queue)
+        client.zadd(running, {job_id: now + policy.waiting_s})  # published once: its new run gets a new score
+        client.hincrby(stats_key(), "republished", 1)
+        republished += 1
+        log.warning("job %s was running on %s, which is gone; published again", job_id, worker.decode())  # type: ignore[union-attr]
     return republished
 
 

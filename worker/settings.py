@@ -13,12 +13,19 @@ from worker.errors import SettingsError
 # Defaults shared by the API and the worker: both read these variables and must agree.
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_QUEUE = "blipq"
+DEFAULT_CAPTION_QUEUE = "blipq-caption"  # captioning jobs (`"task": "caption"`) and the workers that serve them
 DEFAULT_JOB_TTL_S = 24 * 3600  # job records, uploads and results expire a day after submission
 DEFAULT_MAX_IMAGE_BYTES = 10 * 1024 * 1024  # one image, uploaded or downloaded
 DEFAULT_TIME_LIMIT_S = 300  # the hard limit of one job (a 20 s fetch and a generate, with room); sets the visibility
 
 # The model that ships in the repository: what `blipq up` and `blipq worker` serve when BLIPQ_MODEL is unset.
 DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "demo_model" / "blip-vqa-easy"
+
+# What a worker serves when BLIPQ_MODEL is unset, by BLIPQ_TASK.
+CAPTION_MODEL = "Salesforce/blip-image-captioning-base"
+TASKS = ("vqa", "caption")
+DEFAULT_QUEUES = {"vqa": DEFAULT_QUEUE, "caption": DEFAULT_CAPTION_QUEUE}
+DEFAULT_MODELS = {"vqa": str(DEMO_MODEL_DIR), "caption": CAPTION_MODEL}
 
 DEVICES = ("auto", "cpu", "cuda")
 LOG_FORMATS = ("json", "text")  # json: one object per line, for log collectors; text: for people at a terminal
@@ -48,8 +55,10 @@ def env_int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -
     return value
 
 
-def env_float(env: Mapping[str, str], name: str, default: float, minimum: float = 0.0) -> float:
-    """Read a number variable that must be above `minimum`."""
+def env_float(
+    env: Mapping[str, str], name: str, default: float, minimum: float = 0.0, *, inclusive: bool = False
+) -> float:
+    """Read a number variable that must be above `minimum` (or equal to it, when `inclusive`)."""
     raw = env.get(name, "").strip()
     if not raw:
         return default
@@ -57,8 +66,8 @@ def env_float(env: Mapping[str, str], name: str, default: float, minimum: float 
         value = float(raw)
     except ValueError:
         raise SettingsError(f"{name}={raw!r} is not a number") from None
-    if not value > minimum:
-        raise SettingsError(f"{name}={value} must be greater than {minimum}")
+    if not (value > minimum or (inclusive and value == minimum)):  # NaN passes neither
+        raise SettingsError(f"{name}={value} must be {'at least' if inclusive else 'greater than'} {minimum}")
     return value
 
 
@@ -129,6 +138,7 @@ class WorkerSettings:
     """Everything a worker process needs, from BLIPQ_* variables."""
 
     redis_url: str = DEFAULT_REDIS_URL
+    task: str = "vqa"  # picks the default model and queue; the model's own architecture decides what it answers
     queue: str = DEFAULT_QUEUE
     job_ttl_s: int = DEFAULT_JOB_TTL_S
     model: str = str(DEMO_MODEL_DIR)
@@ -137,6 +147,10 @@ class WorkerSettings:
     max_new_tokens: int = 20
     num_beams: int = 1
     torch_threads: int = 0  # 0: torch's own default
+    batch_max_size: int = 32  # texts (questions, caption prompts) answered by one generate call, at most
+    batch_max_wait_ms: float = 5.0  # a batch's first text waits this long for others to join it, at most
+    concurrency: int = 64  # messages held (and images fetched) at once: one thread each; the bounded prefetch
+    fetch_threads: int = 8  # threads that fetch and decode the images of a batch's chunk
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
     max_image_pixels: int = 40_000_000  # far below Pillow's 89M default: a 40 MP photo is plenty for a 384 px model
     fetch_connect_timeout_s: float = 5.0
@@ -161,16 +175,24 @@ class WorkerSettings:
     def from_env(cls, env: Mapping[str, str] | None = None) -> WorkerSettings:
         """Build settings from the environment; raises SettingsError naming the variable at fault."""
         env = os.environ if env is None else env
+        task = env_str(env, "BLIPQ_TASK", "vqa", TASKS)
+        batch_max_size = env_int(env, "BLIPQ_BATCH_MAX_SIZE", 32, minimum=1)
         return cls(
             redis_url=env_redis_url(env),
-            queue=env_str(env, "BLIPQ_QUEUE", DEFAULT_QUEUE),
+            task=task,
+            queue=env_str(env, "BLIPQ_QUEUE", DEFAULT_QUEUES[task]),
             job_ttl_s=env_int(env, "BLIPQ_JOB_TTL_S", DEFAULT_JOB_TTL_S, minimum=60),
-            model=env_str(env, "BLIPQ_MODEL", str(DEMO_MODEL_DIR)),
+            model=env_str(env, "BLIPQ_MODEL", DEFAULT_MODELS[task]),
             device=env_device(env),
             dtype=env_str(env, "BLIPQ_DTYPE", "auto", DTYPES),
             max_new_tokens=env_int(env, "BLIPQ_MAX_NEW_TOKENS", 20, minimum=1),
             num_beams=env_int(env, "BLIPQ_NUM_BEAMS", 1, minimum=1),
             torch_threads=env_int(env, "BLIPQ_TORCH_THREADS", 0),
+            batch_max_size=batch_max_size,
+            batch_max_wait_ms=env_float(env, "BLIPQ_BATCH_MAX_WAIT_MS", 5.0, inclusive=True),
+            # Enough messages held to fill the next batch while one runs (a chunk is one message of many texts).
+            concurrency=env_int(env, "BLIPQ_WORKER_CONCURRENCY", 2 * batch_max_size, minimum=1),
+            fetch_threads=env_int(env, "BLIPQ_FETCH_THREADS", 8, minimum=1),
             max_image_bytes=env_int(env, "BLIPQ_MAX_IMAGE_BYTES", DEFAULT_MAX_IMAGE_BYTES, minimum=1024),
             max_image_pixels=env_int(env, "BLIPQ_MAX_IMAGE_PIXELS", 40_000_000, minimum=1),
             fetch_connect_timeout_s=env_float(env, "BLIPQ_FETCH_CONNECT_TIMEOUT_S", 5.0),

@@ -1,20 +1,27 @@
-"""Celery glue around the inference core: load the model once per pool process, answer a job or a chunk per task."""
+"""Celery glue around the inference core: the model loads once per worker; task threads feed its batcher.
+
+A worker runs Celery's thread pool: each message it holds (a job, or a chunk of a batch's items) has a thread that
+starts the jobs, fetches and decodes the images (in parallel with the other threads, and with the model), and hands
+them to the worker's one Batcher (worker/batching.py), which answers pending texts of many messages in one
+`generate`. The thread then records each outcome and returns, and only then is the message acknowledged.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
 import socket
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from typing import TYPE_CHECKING, Any
 
 from celery import Celery
-from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
-from celery.signals import task_failure
 
-from worker.broker import TASK_VQA, TASK_VQA_CHUNK
-from worker.errors import BlipqError, UploadMissingError
+from worker.batching import Batcher, Output
+from worker.broker import SOFT_LIMIT_MARGIN_S, TASK_VQA, TASK_VQA_CHUNK
+from worker.errors import BlipqError, UploadMissingError, WrongTaskError
 from worker.fetch import FetchLimits, fetch_image_bytes, new_session
 from worker.images import decode_image
 from worker.jobs import JobStore
@@ -23,9 +30,9 @@ from worker.settings import WorkerSettings
 from worker.states import JobPriority
 from worker.transitions import START_CANCELED, START_ENDED, START_EXPIRED, START_GAVE_UP, START_MISSING
 
-if TYPE_CHECKING:  # torch is imported in the pool process only, after the fork
+if TYPE_CHECKING:  # torch is imported when the model loads, not when the API imports this package
     import requests
-    from PIL import Image
+    import torch
 
     from worker.inference import LoadedModel
 
@@ -34,8 +41,26 @@ log = logging.getLogger("blipq.worker")
 REDIS_OUTAGE_S = 60.0  # how long a worker's job-record writes keep retrying while Redis is away (a restart)
 
 
+class JobTimeout(BlipqError):
+    code = "timeout"
+
+
+class JobTiming(threading.local):
+    """The message a task thread is running: when it started, and the time of the model calls it waited for."""
+
+    started = 0.0
+    model_s = 0.0
+    calls: set[int] = set()  # noqa: RUF012  (replaced per message by `begin`, never mutated on the class)
+
+    def begin(self) -> None:
+        self.started, self.model_s, self.calls = time.perf_counter(), 0.0, set()
+
+
+CURRENT_JOB = JobTiming()
+
+
 class WorkerRuntime:
-    """What one pool process holds for its whole life: the resident model, a Redis store, an HTTP session."""
+    """What a worker holds for its whole life: the resident model and its batcher, a Redis store, HTTP sessions."""
 
     def __init__(self, settings: WorkerSettings) -> None:
         self.settings = settings
@@ -48,28 +73,58 @@ class WorkerRuntime:
         self.network_policy = NetworkPolicy(
             allow_networks=settings.fetch_allow_networks, allow_ports=settings.fetch_allow_ports
         )
+        # A job that has not ended this long after it started fails `timeout` (its fetch has shorter deadlines).
+        self.job_limit_s = max(1, settings.job_time_limit_s - SOFT_LIMIT_MARGIN_S)
         self.loaded: LoadedModel | None = None
+        self.batcher: Batcher | None = None
+        self.fetchers = ThreadPoolExecutor(settings.fetch_threads, thread_name_prefix="blipq-fetch")
         self._store: JobStore | None = None
-        # Made here, not lazily: the session carries the network policy. It opens no socket before the fork.
-        self.session: requests.Session = new_session(self.network_policy)
+        self._sessions = threading.local()  # one HTTP session per thread; each carries the network policy
+        self._start_lock = threading.Lock()
 
     def start(self, **_signal_kwargs: Any) -> None:
-        """Load the model; connected to `worker_process_init`, so it runs in the pool process after the fork."""
-        import torch
+        """Load the model and start its batcher (connected to `worker_init`: before the worker takes messages)."""
+        with self._start_lock:
+            if self.loaded is not None:
+                return
+            import torch
 
-        from worker.inference import load_model
+            from worker.inference import load_model
 
-        if self.settings.torch_threads:
-            torch.set_num_threads(self.settings.torch_threads)
-        started = time.monotonic()
-        self.loaded = load_model(self.settings.model, self.settings.device, self.settings.dtype)
-        log.info(
-            "model %s loaded on %s as %s in %.1f s",
-            self.settings.model,
-            self.loaded.device,
-            self.loaded.dtype,
-            time.monotonic() - started,
-        )
+            settings = self.settings
+            if settings.torch_threads:
+                torch.set_num_threads(settings.torch_threads)
+            started = time.monotonic()
+            self.loaded = load_model(settings.model, settings.device, settings.dtype)
+            log.info(
+                "model %s (%s) loaded on %s as %s in %.1f s",
+                settings.model,
+                self.loaded.task,
+                self.loaded.device,
+                self.loaded.dtype,
+                time.monotonic() - started,
+            )
+            self.batcher = Batcher(
+                self._generate,
+                settings.batch_max_size,
+                settings.batch_max_wait_ms / 1000,
+                hard_limit_s=settings.job_time_limit_s,
+            ).start()
+
+    def stop(self, **_signal_kwargs: Any) -> None:
+        if self.batcher is not None:
+            self.batcher.stop()
+        self.fetchers.shutdown(wait=False, cancel_futures=True)
+
+    def _generate(self, pixels: list[torch.Tensor], rows: list[int], texts: list[str]) -> list[str]:
+        """The batcher's model call."""
+        from worker.inference import generate_texts
+        from worker.metrics import observe_inference
+
+        assert self.loaded is not None
+        settings = self.settings
+        with observe_inference(questions=len(texts)):
+            return generate_texts(self.loaded, pixels, rows, texts, settings.max_new_tokens, settings.num_beams)
 
     @property
     def store(self) -> JobStore:
@@ -79,24 +134,29 @@ class WorkerRuntime:
             self._store = JobStore.from_url(settings.redis_url, settings.job_ttl_s, outage_s=REDIS_OUTAGE_S)
         return self._store
 
+    @property
+    def session(self) -> requests.Session:
+        session = getattr(self._sessions, "session", None)
+        if session is None:
+            session = self._sessions.session = new_session(self.network_policy)
+        return session
+
     def run_job(self, payload: dict[str, str]) -> dict[str, str]:
         """Answer one job and record the outcome; bad input fails the job, never the worker."""
         job_id = payload["job_id"]
-        if self.loaded is None:  # a solo pool has no worker_process_init: load on first use
-            self.start()
-        assert self.loaded is not None
+        self.start()
         skipped = self._begin(job_id, job_priority(payload))
         if skipped is not None:
             return skipped
+        deadline = time.monotonic() + self.job_limit_s
         try:
-            image = self._load_image(job_id, payload.get("image_url", ""), payload.get("upload", ""))
-            answer = self._answer(image, payload["question"])
+            self._check_task(payload)
+            pixels = self._pixels(job_id, payload.get("image_url", ""), payload.get("upload", ""))
+            assert self.batcher is not None
+            [future] = self.batcher.submit(pixels, [payload["question"]])
+            answer = self._result(future, deadline)
         except BlipqError as exc:
             return self._fail(job_id, exc.code, exc.message)
-        except SoftTimeLimitExceeded:
-            return self._fail(
-                job_id, "timeout", f"the job ran past its time limit of {self.settings.job_time_limit_s} s"
-            )
         except Exception as exc:  # a bug or a model error: fail this job, keep the worker
             log.exception("job %s failed unexpectedly", job_id, extra={"job_id": job_id})
             return self._fail(job_id, "internal_error", f"the worker could not answer: {type(exc).__name__}")
@@ -114,41 +174,98 @@ class WorkerRuntime:
     def run_chunk(self, payload: dict[str, Any]) -> dict[str, Any]:
         """Answer a chunk of a batch's items (see worker/batches.py); returns each job's outcome, as run_job's.
 
-        Every job starts as a single job does (an ended, canceled or expired one is skipped); each image is fetched and
-        decoded once for all its questions, and a fetch or decode error fails that image's jobs only; the questions
-        are answered with one `answer_questions` call. A chunk delivered again (its pool process died) skips the jobs
-        that ended and runs the rest.
+        Every job starts as a single job does (an ended, canceled or expired one is skipped). The chunk's images are
+        fetched and decoded in parallel by the fetch threads, each once for all its questions, and each goes to the
+        batcher as soon as it is ready; a fetch or decode error fails that image's jobs only. A chunk delivered again
+        (its worker died) skips the jobs that ended and runs the rest.
         """
-        if self.loaded is None:
-            self.start()
+        self.start()
         outcomes: list[dict[str, str]] = []
         started = self._begin_chunk(payload, outcomes)
-        running = {job_id: question for _, pairs in started for job_id, question in pairs}  # not ended by this run
+        deadline = time.monotonic() + self.job_limit_s
+
+        def end(job_id: str, outcome: dict[str, str]) -> None:
+            outcomes.append({"job_id": job_id, **outcome})
+
         try:
-            images: list[Image.Image] = []
-            job_ids: list[str] = []
-            for (image_url, upload), pairs in started:
+            self._check_task(payload)
+        except WrongTaskError as exc:
+            for _, pairs in started:
+                for job_id, _ in pairs:
+                    end(job_id, self._fail(job_id, exc.code, exc.message))
+            return {"batch_id": str(payload.get("batch_id", "")), "outcomes": outcomes}
+        answers = self._load_and_submit(payload, started, deadline, end)
+        for job_id, future in answers:
+            try:
+                end(job_id, self._succeed(job_id, self._result(future, deadline)))
+            except BlipqError as exc:
+                end(job_id, self._fail(job_id, exc.code, exc.message))
+            except Exception as exc:  # a model error: fail these jobs, keep the worker
+                end(job_id, self._fail(job_id, "internal_error", f"the worker could not answer: {type(exc).__name__}"))
+        return {"batch_id": str(payload.get("batch_id", "")), "outcomes": outcomes}
+
+    def _load_and_submit(
+        self,
+        payload: dict[str, Any],
+        started: list[tuple[tuple[str, str], list[tuple[str, str]]]],
+        deadline: float,
+        end: Callable[[str, dict[str, str]], None],
+    ) -> list[tuple[str, Future[Output]]]:
+        """Load a chunk's images in the fetch threads and submit each, as it is ready, with its questions.
+
+        Returns (job id, future) for every question submitted; a job whose image failed, or was still loading at the
+        deadline, is ended through `end`.
+        """
+        assert self.batcher is not None
+        loads = {self.fetchers.submit(self._pixels, "", url, upload): pairs for (url, upload), pairs in started}
+        answers: list[tuple[str, Future[Output]]] = []
+        try:
+            for load in as_completed(loads, timeout=max(0.0, deadline - time.monotonic())):
+                pairs = loads.pop(load)
                 try:
-                    decoded = self._load_image("", image_url, upload)
+                    pixels = load.result()
                 except BlipqError as exc:
                     for job_id, _ in pairs:
-                        outcomes.append({"job_id": job_id, **self._fail(job_id, exc.code, exc.message)})
-                        del running[job_id]
+                        end(job_id, self._fail(job_id, exc.code, exc.message))
                     continue
-                images += [decoded] * len(pairs)
-                job_ids += [job_id for job_id, _ in pairs]
-            answers = self._answer_many(images, [running[job_id] for job_id in job_ids]) if job_ids else []
-            for job_id, answer in zip(job_ids, answers, strict=True):
-                outcomes.append({"job_id": job_id, **self._succeed(job_id, answer)})
-                del running[job_id]
-        except SoftTimeLimitExceeded:
-            message = f"the chunk of its batch ran past its time limit of {self.settings.job_time_limit_s} s"
-            outcomes += [{"job_id": job_id, **self._fail(job_id, "timeout", message)} for job_id in running]
-        except Exception as exc:  # a bug or a model error: fail these jobs, keep the worker
-            log.exception("a chunk of batch %s failed unexpectedly", payload.get("batch_id"))
-            message = f"the worker could not answer: {type(exc).__name__}"
-            outcomes += [{"job_id": job_id, **self._fail(job_id, "internal_error", message)} for job_id in running]
-        return {"batch_id": str(payload.get("batch_id", "")), "outcomes": outcomes}
+                except Exception as exc:
+                    log.exception("an image of batch %s failed unexpectedly", payload.get("batch_id"))
+                    message = f"the worker could not answer: {type(exc).__name__}"
+                    for job_id, _ in pairs:
+                        end(job_id, self._fail(job_id, "internal_error", message))
+                    continue
+                futures = self.batcher.submit(pixels, [question for _, question in pairs])
+                answers += [(job_id, future) for (job_id, _), future in zip(pairs, futures, strict=True)]
+        except TimeoutError:  # images still loading at the limit: their jobs fail `timeout`
+            for load, pairs in loads.items():
+                load.cancel()
+                for job_id, _ in pairs:
+                    end(job_id, self._fail(job_id, "timeout", self._timeout_message()))
+        return answers
+
+    def _result(self, future: Future[Output], deadline: float) -> str:
+        """The batcher's output for one text, or JobTimeout once the job's time is up (it is then not answered)."""
+        try:
+            output = future.result(timeout=max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            future.cancel()  # still queued: the batcher skips it
+            raise JobTimeout(self._timeout_message()) from None
+        if output.call not in CURRENT_JOB.calls:  # texts of one chunk often share a call: counted once
+            CURRENT_JOB.calls.add(output.call)
+            CURRENT_JOB.model_s += output.model_s
+        return output.text
+
+    def _timeout_message(self) -> str:
+        return f"the job ran past its time limit of {self.job_limit_s} s"
+
+    def _check_task(self, payload: Mapping[str, Any]) -> None:
+        """Refuse a job for a task this worker's model does not do (a message sent to the wrong queue)."""
+        assert self.loaded is not None
+        task = str(payload.get("task") or "vqa")
+        if task != self.loaded.task:
+            raise WrongTaskError(
+                f"this worker's model does {self.loaded.task}, the job asks for {task}: it was sent to the wrong queue"
+            )
 
     def _begin_chunk(
         self, payload: dict[str, Any], outcomes: list[dict[str, str]]
@@ -206,18 +323,16 @@ class WorkerRuntime:
             )
         return None
 
-    def on_hard_time_limit(self, job_id: str) -> None:
-        """Fail a job whose pool process was killed at the hard time limit (runs in the main process)."""
-        message = f"the job ran past its hard time limit of {self.settings.job_time_limit_s} s"
-        self._fail(job_id, "timeout", message)
-
     def _fail(self, job_id: str, code: str, message: str) -> dict[str, str]:
         self.store.mark_failed(job_id, code, message)
         log.info("job %s failed: %s %s", job_id, code, message, extra={"job_id": job_id, "error_code": code})
         return {"status": "failed", "code": code}
 
-    def _load_image(self, job_id: str, image_url: str, upload_key: str = "") -> Image.Image:
-        """Fetch the image at `image_url`, or read the upload (a batch's at `upload_key`, else the job's), decoded."""
+    def _pixels(self, job_id: str, image_url: str, upload_key: str = "") -> torch.Tensor:
+        """Fetch the image at `image_url`, or read the upload (a batch's at `upload_key`, else the job's): decoded and
+        resized for the model (worker.inference.pixel_tensor), in the calling thread."""
+        from worker.inference import pixel_tensor
+
         if image_url:
             data = fetch_image_bytes(self.session, image_url, self.limits)
         else:
@@ -225,19 +340,8 @@ class WorkerRuntime:
             if upload is None:
                 raise UploadMissingError("the uploaded image is no longer stored (it expired before the job ran)")
             data = upload
-        return decode_image(data, self.limits.max_pixels)
-
-    def _answer(self, image: Image.Image, question: str) -> str:
-        return self._answer_many([image], [question])[0]
-
-    def _answer_many(self, images: list[Image.Image], questions: list[str]) -> list[str]:
-        from worker.inference import answer_questions
-        from worker.metrics import observe_inference
-
         assert self.loaded is not None
-        settings = self.settings
-        with observe_inference(questions=len(questions)):
-            return answer_questions(self.loaded, images, questions, settings.max_new_tokens, settings.num_beams)
+        return pixel_tensor(self.loaded, decode_image(data, self.limits.max_pixels))
 
 
 def job_priority(payload: Mapping[str, Any]) -> JobPriority:
@@ -263,20 +367,3 @@ def register_tasks(app: Celery, runtime: WorkerRuntime) -> None:
     @app.task(name=TASK_VQA_CHUNK)  # type: ignore[untyped-decorator]
     def answer_vqa_chunk(payload: dict[str, Any]) -> dict[str, Any]:
         return runtime.run_chunk(payload)
-
-    def on_task_failure(sender: Any = None, exception: BaseException | None = None, args: Any = (), **_: Any) -> None:
-        # Celery sends this from the main process when it killed a pool process at the hard time limit: the jobs
-        # would otherwise stay `running` (the message is acknowledged, it will not come back). Ended ones stay ended.
-        if isinstance(exception, TimeLimitExceeded) and args and isinstance(args[0], dict):
-            for job_id in payload_job_ids(args[0]):
-                runtime.on_hard_time_limit(job_id)
-
-    task_failure.connect(on_task_failure, sender=answer_vqa_job, weak=False)
-    task_failure.connect(on_task_failure, sender=answer_vqa_chunk, weak=False)
-
-
-def payload_job_ids(payload: dict[str, Any]) -> list[str]:
-    """The ids of the jobs a task message names: a single job's, or every job of a batch's chunk."""
-    if "images" in payload:
-        return [str(job_id) for image in payload["images"] for job_id, _ in image.get("items", [])]
-    return [str(payload.get("job_id", ""))]

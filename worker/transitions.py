@@ -39,6 +39,8 @@ end
 local function end_job(job, upload, outbox, now, fields)
   redis.call('hset', job, unpack(fields))
   redis.call('del', upload)
+  local running = redis.call('hget', job, 'running_set')
+  if running then redis.call('zrem', running, redis.call('hget', job, 'id')) end
   local webhook = redis.call('hget', job, 'webhook')
   if webhook and webhook ~= '' then
     redis.call('hset', job, 'webhook_status', 'pending')
@@ -64,7 +66,8 @@ end
 # It also takes the job off its level's set of jobs never started, and moves the level's mark (the latest enqueue
 # time of a job started) forward: see worker/reaper.py. A job still queued at its deadline ends `expired` here, and
 # one whose cancel was asked while it ran (its worker died since) ends `canceled`: neither runs.
-# KEYS = job hash, stats hash, never-started set, mark, upload, webhook outbox, deadlines set;
+# A job that runs is in its queue's running set (until it ends), for the reaper to notice a worker that died with it.
+# KEYS = job hash, stats hash, never-started set, mark, upload, webhook outbox, deadlines set, running set;
 # ARGV = max attempts, started_at, model, worker, gave-up message, job id, now (epoch s), deadline message,
 # canceled-rerun message. Returns the attempt number (>= 1) or one of the START_* codes below.
 START_LUA = (
@@ -101,7 +104,9 @@ if attempt > tonumber(ARGV[1]) then
   redis.call('hincrby', KEYS[2], 'worker_lost', 1)
   return -2
 end
-redis.call('hset', KEYS[1], 'status', 'running', 'started_at', ARGV[2], 'model', ARGV[3], 'worker', ARGV[4])
+redis.call('hset', KEYS[1], 'status', 'running', 'started_at', ARGV[2], 'model', ARGV[3], 'worker', ARGV[4],
+           'running_set', KEYS[8])
+redis.call('zadd', KEYS[8], ARGV[7], ARGV[6])
 redis.call('hincrby', KEYS[2], 'executions', 1)
 if attempt > 1 then redis.call('hincrby', KEYS[2], 'reruns', 1) end
 return attempt
