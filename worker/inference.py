@@ -119,7 +119,8 @@ def pixel_values(loaded: LoadedModel, pixels: list[torch.Tensor]) -> torch.Tenso
     batch = torch.stack(pixels).to(loaded.device, non_blocking=True).float()
     mean = torch.tensor(image_processor.image_mean, device=loaded.device).view(1, 3, 1, 1)
     std = torch.tensor(image_processor.image_std, device=loaded.device).view(1, 3, 1, 1)
-    return ((batch * float(image_processor.rescale_factor) - mean) / std).to(loaded.dtype)
+    # (x * rescale - mean) / std in two passes over the batch, in place.
+    return batch.mul_(float(image_processor.rescale_factor) / std).sub_(mean / std).to(loaded.dtype)
 
 
 def answer_questions(

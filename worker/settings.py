@@ -157,7 +157,6 @@ class WorkerSettings:
     fetch_timeout_s: float = 20.0  # the whole download, not one read
     fetch_allow_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()  # fetched although private
     fetch_allow_ports: tuple[range, ...] = ()  # besides 80 and 443
-    model_load_timeout_s: int = 900
     job_time_limit_s: int = DEFAULT_TIME_LIMIT_S  # hard; the soft limit (job fails `timeout`) is 10 s earlier
     max_attempts: int = 3  # starts of one job whose worker died each time, before it fails `worker_lost`
     shutdown_grace_s: float = 30.0  # on SIGTERM, the running job has this long to finish, then goes back to the queue
@@ -199,7 +198,6 @@ class WorkerSettings:
             fetch_timeout_s=env_float(env, "BLIPQ_FETCH_TIMEOUT_S", 20.0),
             fetch_allow_networks=env_networks(env, "BLIPQ_FETCH_ALLOW_NETWORKS"),
             fetch_allow_ports=env_ports(env, "BLIPQ_FETCH_ALLOW_PORTS"),
-            model_load_timeout_s=env_int(env, "BLIPQ_MODEL_LOAD_TIMEOUT_S", 900, minimum=1),
             job_time_limit_s=env_int(env, "BLIPQ_JOB_TIME_LIMIT_S", DEFAULT_TIME_LIMIT_S, minimum=15),
             max_attempts=env_int(env, "BLIPQ_MAX_ATTEMPTS", 3, minimum=1),
             shutdown_grace_s=env_float(env, "BLIPQ_SHUTDOWN_GRACE_S", 30.0),
