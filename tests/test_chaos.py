@@ -113,6 +113,7 @@ def test_no_job_is_lost_and_no_answer_changes_under_kills_and_a_redis_restart(
 
         # ...a worker is told to stop (a deploy) and a new one takes its place...
         wait_for_progress(store, job_ids, STEP_JOBS * 3, workers)
+        wait_until_ready(workers[0])  # a deploy stops a worker at work, not one still loading its model
         workers[0].process.send_signal(signal.SIGTERM)
         assert workers[0].process.wait(STOP_TIMEOUT_S) == 0, workers[0].log_tail()
         workers[0] = start_worker(server.url, tiny_model_dir, QUEUE, next(logs), **env)
@@ -186,6 +187,14 @@ def test_a_job_that_kills_its_worker_every_time_fails_worker_lost(
         assert client.get("/v1/stats").get_json()["worker_lost"] == 1
     finally:
         stop_process(worker.process)
+
+
+def wait_until_ready(worker: WorkerProcess) -> None:
+    """Wait until the worker's log says it is ready (its model loaded, it takes messages)."""
+    deadline = time.monotonic() + 120
+    while " ready." not in worker.log_path.read_text(errors="replace"):
+        assert time.monotonic() < deadline, worker.log_tail()
+        time.sleep(0.1)
 
 
 def wait_until_run_is_over(client: redis.Redis, job_id: str, started_at: str) -> None:

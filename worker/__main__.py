@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 from worker.errors import SettingsError
@@ -13,7 +14,7 @@ DEFAULT_ARGS = ["--loglevel=INFO", "--without-mingle"]
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Start a Celery worker on the configured queue with the model loaded in its pool process."""
+    """Start a Celery worker on the configured queue, its model loaded before it takes a message."""
     # SIGTERM (a deploy, `docker stop`, Kubernetes) starts Celery's soft shutdown: the running job finishes within
     # BLIPQ_SHUTDOWN_GRACE_S or goes back to the queue. Read by billiard when it is imported, hence set first.
     os.environ.setdefault("REMAP_SIGTERM", "SIGQUIT")
@@ -24,10 +25,17 @@ def main(argv: list[str] | None = None) -> None:
     except SettingsError as exc:
         sys.exit(f"blipq worker: {exc}")
     app = create_worker_app(settings)
+    # Until Celery installs its own handlers (after the model loaded), a SIGTERM stops the worker cleanly: it holds
+    # no message yet.
+    signal.signal(signal.SIGTERM, stop_before_ready)
     extra = sys.argv[1:] if argv is None else argv
     # --quiet: no start-up banner, which Celery prints as text past the logging (every line stays JSON).
     quiet = ["--quiet"] if settings.log_format == "json" else []
     app.worker_main([*quiet, "worker", *DEFAULT_ARGS, f"--queues={settings.queue}", *extra])
+
+
+def stop_before_ready(signum: int, _frame: object) -> None:
+    raise SystemExit(0)
 
 
 if __name__ == "__main__":
