@@ -116,8 +116,8 @@ def republish_orphans(store: JobStore, celery: Celery, queue: str, policy: Reape
         if client.exists(worker_key(worker.decode())):  # type: ignore[union-attr]
             client.zadd(running, {job_id: now + policy.running_recheck_s})
             continue
+        client.zadd(running, {job_id: now + policy.waiting_s})  # published once; its next start scores it anew
         publish_job(celery, job, queue)
-        client.zadd(running, {job_id: now + policy.waiting_s})  # published once: its new run gets a new score
         client.hincrby(stats_key(), "republished", 1)
         republished += 1
         log.warning("job %s was running on %s, which is gone; published again", job_id, worker.decode())  # type: ignore[union-attr]
@@ -145,9 +145,10 @@ def _republish_lost(store: JobStore, celery: Celery, queue: str, policy: ReaperP
         if job is None or job.status is not JobStatus.QUEUED:  # expired, or started meanwhile
             store.client.zrem(unstarted_key(queue, priority), job_id)
             continue
-        publish_job(celery, job, queue)
-        # Its wait starts again: it is not published a third time unless this message is lost too.
+        # Its wait starts again: it is not published a third time unless this message is lost too. Before the
+        # publish: a worker may start the job (and take it off the set) before this line would run after it.
         store.client.zadd(unstarted_key(queue, priority), {job_id: now})
+        publish_job(celery, job, queue)
         store.client.hincrby(stats_key(), "republished", 1)
         republished += 1
         log.warning("job %s had lost its message; published again", job_id)
