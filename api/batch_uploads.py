@@ -1,8 +1,10 @@
 """Batches with uploaded images: POST /v1/batches as multipart/form-data.
 
 The images are files named `images`; the form field `questions` holds a JSON array of the questions asked about every
-image; `priority`, `deadline_s`, `webhook` and `webhook_items` are as in a JSON batch. Each image is stored once in
-Redis (worker.jobs.batch_upload_key), for all its questions' jobs, and expires with the batch after the TTL.
+image; `priority`, `deadline_s`, `webhook` and `webhook_items` are as in a JSON batch. With the field `task` set to
+`caption`, each image is captioned once instead, continuing the optional field `prompt` (no `questions` then). Each
+image is stored once in Redis (worker.jobs.batch_upload_key), for all its jobs, and expires with the batch after the
+TTL.
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ from api.schemas import BatchRequest, validate_batch_request
 from api.settings import ApiSettings
 from api.views import check_webhook, read_upload
 from worker.batches import MAX_BATCH_ANSWERS
+from worker.states import JobTask
 
 IMAGES_FIELD = "images"
 QUESTIONS_FIELD = "questions"
-FORM_FIELDS = frozenset({QUESTIONS_FIELD, "priority", "deadline_s", "webhook", "webhook_items"})
+FORM_FIELDS = frozenset({QUESTIONS_FIELD, "task", "prompt", "priority", "deadline_s", "webhook", "webhook_items"})
 MAX_FORM_PARTS = MAX_BATCH_ANSWERS + len(FORM_FIELDS)  # one file per image at most, and the text fields
 
 
@@ -35,7 +38,7 @@ class UploadedImage:
 
 @dataclass(frozen=True)
 class BatchUpload:
-    """A valid batch upload: its request (questions and options, no image URLs) and its images in order."""
+    """A valid batch upload: its request (task, questions or prompt, options; no image URLs) and its images in order."""
 
     batch_request: BatchRequest
     images: list[UploadedImage]
@@ -59,13 +62,22 @@ def parse_batch_upload(settings: ApiSettings) -> BatchUpload:
     files = request.files.getlist(IMAGES_FIELD)
     if not files:
         raise ValidationError("image_missing", "upload at least one image, as a file named 'images'")
-    questions = _questions(request.form.get(QUESTIONS_FIELD))
-    answers = len(files) * len(questions)
+    data: dict[str, Any] = {name: value for name, value in request.form.items() if name != QUESTIONS_FIELD}
+    task = data.get("task", JobTask.VQA)
+    if task not in tuple(JobTask):  # before `questions`, whose need depends on it
+        raise ValidationError("task_invalid", f"task: {task!r} is not one of {', '.join(JobTask)}")
+    if task == JobTask.CAPTION:
+        if QUESTIONS_FIELD in request.form:
+            message = "questions: a caption batch asks no questions; give an optional 'prompt' instead"
+            raise ValidationError("question_not_allowed", message)
+        answers = len(files)  # one caption per image
+    else:
+        questions = _questions(request.form.get(QUESTIONS_FIELD))
+        answers = len(files) * len(questions)
+        data[QUESTIONS_FIELD] = questions
     if answers > MAX_BATCH_ANSWERS:
         message = f"the batch asks for {answers} answers; the limit is {MAX_BATCH_ANSWERS} per request"
         raise ValidationError("batch_too_large", message)
-    data: dict[str, Any] = {name: value for name, value in request.form.items() if name != QUESTIONS_FIELD}
-    data[QUESTIONS_FIELD] = questions
     batch_request = validate_batch_request(data, settings.max_question_chars, max_deadline_s=settings.job_ttl_s)
     check_webhook(batch_request.webhook, settings)
     images = []

@@ -34,16 +34,18 @@ from api.views import JOB_ID_PATTERN, check_webhook, services
 from worker.batches import MAX_BATCH_ANSWERS, Batch, BatchStore, plan_chunks
 from worker.broker import publish_chunk
 from worker.jobs import Job, batch_upload_key, new_job_id, utc_iso
-from worker.states import JobStatus
+from worker.states import JobStatus, JobTask
 
 log = logging.getLogger("blipq.api")
 bp = Blueprint("batches", __name__)
 
 RESULTS_MEDIA_TYPE = "application/x-ndjson"
 RESULT_FIELDS = (
+    "task",
     "image_url",
     "image_name",
     "question",
+    "prompt",
     "status",
     "answer",
     "error",
@@ -57,14 +59,16 @@ def submit_batch() -> tuple[Response, int, dict[str, str]]:
     202 means every item (and every uploaded image, stored once) is in Redis.
     """
     svc = services()
-    check_queue_room(svc.store.client, svc.settings.queue, svc.settings.max_queue_depth)
     if request.mimetype == "multipart/form-data":
         upload = parse_batch_upload(svc.settings)
-        batch, jobs, uploads = _new_batch(upload.batch_request, upload.images)
+        batch_request, uploaded = upload.batch_request, upload.images
     else:
-        batch, jobs, uploads = _new_batch(_parse_batch_request())
+        batch_request, uploaded = _parse_batch_request(), None
+    # The body says the task, and so the queue whose depth counts (the one the items would wait in).
+    queue = svc.settings.queue_for(batch_request.task)
+    check_queue_room(svc.store.client, queue, svc.settings.max_queue_depth)
+    batch, jobs, uploads = _new_batch(batch_request, uploaded)
     batches = BatchStore(svc.store)
-    queue = svc.settings.queue
     try:
         batches.create(batch, jobs, queue, uploads)
     except redis.RedisError as exc:
@@ -72,7 +76,7 @@ def submit_batch() -> tuple[Response, int, dict[str, str]]:
         raise ServiceUnavailableError("broker_unavailable", "the job queue is unavailable; retry later") from None
     try:
         for number, images in enumerate(plan_chunks(jobs, svc.settings.batch_chunk_size)):
-            publish_chunk(svc.celery, queue, batch.id, number, images, batch.priority)
+            publish_chunk(svc.celery, queue, batch.id, number, images, batch.priority, str(batch.task))
     except (OperationalError, redis.RedisError) as exc:
         # Chunks already sent find their jobs gone and skip them; the rest are never sent.
         log.warning("cannot enqueue batch %s: %s", batch.id, exc)
@@ -107,7 +111,8 @@ def cancel_batch(batch_id: str) -> Response:
     """Cancel a batch: its queued items end `canceled` and never run; running ones run to their end."""
     svc = services()
     batches = BatchStore(svc.store)
-    counts = batches.cancel(_owned_batch(batches, batch_id), svc.settings.queue)
+    batch = _owned_batch(batches, batch_id)
+    counts = batches.cancel(batch, svc.settings.queue_for(batch.task))
     if counts.canceled == 0 and counts.cancel_requested == 0:
         raise ConflictError("batch_ended", "every item of the batch has already ended; there is nothing to cancel")
     return jsonify(
@@ -160,10 +165,11 @@ def _parse_batch_request() -> BatchRequest:
     batch_request = validate_batch_request(data, settings.max_question_chars, max_deadline_s=settings.job_ttl_s)
     if batch_request.items is not None and (batch_request.images is not None or batch_request.questions is not None):
         raise ValidationError("batch_invalid", "give either 'items', or 'images' and 'questions', not both")
-    if batch_request.items is None and (batch_request.images is None) != (batch_request.questions is None):
+    half_shape = (batch_request.images is None) != (batch_request.questions is None)
+    if batch_request.task is JobTask.VQA and batch_request.items is None and half_shape:  # captions: images alone
         raise ValidationError("batch_invalid", "'images' and 'questions' go together: every question about every image")
     if not batch_request.pairs():  # every list null, say: nothing the size check could count
-        raise ValidationError("batch_empty", "a batch asks at least one question about one image")
+        raise ValidationError("batch_empty", "a batch asks at least one question about one image (or one caption)")
     check_webhook(batch_request.webhook, settings)
     return batch_request
 
@@ -176,6 +182,8 @@ def _check_size(data: Any) -> None:
         answers = lengths["items"]
     elif "images" in lengths and "questions" in lengths:
         answers = lengths["images"] * lengths["questions"]
+    elif "images" in lengths and data.get("task") == JobTask.CAPTION:  # one caption per image
+        answers = lengths["images"]
     elif not any(name in data for name in ("items", "images", "questions")):
         answers = 0
     else:
@@ -197,19 +205,20 @@ def _new_batch(
     webhook = str(batch_request.webhook or "")
     deadline_s = batch_request.deadline_s
     uploads = {batch_upload_key(batch_id, number): image.data for number, image in enumerate(images or ())}
-    # (image URL, upload key, image name, question) per item
+    # (image URL, upload key, image name, text) per item; a text is a question, or a caption's prompt
     sources = [
-        ("", batch_upload_key(batch_id, number), image.name, question)
+        ("", batch_upload_key(batch_id, number), image.name, text)
         for number, image in enumerate(images or ())
-        for question in batch_request.questions or ()
+        for text in batch_request.texts()
     ]
     if images is None:
-        sources = [(image_url, "", "", question) for image_url, question in batch_request.pairs()]
+        sources = [(image_url, "", "", text) for image_url, text in batch_request.pairs()]
     jobs = [
         Job(
             id=new_job_id(),
             status=JobStatus.QUEUED,
-            question=question,
+            question=text,
+            task=batch_request.task,
             image_url=image_url,
             upload_key=key,
             image_name=image_name,
@@ -221,7 +230,7 @@ def _new_batch(
             batch_id=batch_id,
             index=index,
         )
-        for index, (image_url, key, image_name, question) in enumerate(sources)
+        for index, (image_url, key, image_name, text) in enumerate(sources)
     ]
     batch = Batch(
         id=batch_id,
@@ -231,6 +240,7 @@ def _new_batch(
         priority=batch_request.priority,
         webhook=webhook,
         webhook_items=batch_request.webhook_items,
+        task=batch_request.task,
     )
     return batch, jobs, uploads
 

@@ -1,6 +1,7 @@
 """The `blipq` command: `up` (everything on one machine), `api` and `worker` (one part each, for production),
-`api-key new NAME` (a key for a client), `ask IMAGE QUESTION` (a question to a running service) and
-`tag PATH_OR_URL... -q QUESTION -o OUT.jsonl` (every question about every image, as batches, into JSON Lines)."""
+`api-key new NAME` (a key for a client), `ask IMAGE QUESTION` (a question to a running service), `caption IMAGE`
+(a caption from it) and `tag PATH_OR_URL... -q QUESTION -o OUT.jsonl` (every question about every image, as batches,
+into JSON Lines; `--caption` instead of questions: a caption of every image)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from api.auth import NAME_PATTERN, hash_api_key, new_api_key
 from api.settings import ApiSettings
 from worker.errors import SettingsError
 from worker.settings import WorkerSettings
+
+CLIENT_COMMANDS = ("ask", "caption", "tag")  # the commands that use a running service (api.client)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -45,12 +48,8 @@ def main(argv: list[str] | None = None) -> None:
     args, rest = parser.parse_known_args(argv)
     if rest and args.command != "worker":
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    if args.command == "ask":
-        sys.exit(run_ask(args.url, args.image, args.question, args.timeout))
-    if args.command == "tag":
-        from api.tag import run_tag
-
-        sys.exit(run_tag(args.url, args.images, args.urls, args.questions, args.out, args.per_request))
+    if args.command in CLIENT_COMMANDS:
+        sys.exit(run_client_command(parser, args))
     if args.command == "api-key":
         if not NAME_PATTERN.match(args.name):
             parser.error(f"{args.name!r}: a key's name is 1-64 of A-Z a-z 0-9 _ . -, starting with a letter or digit")
@@ -81,21 +80,31 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def add_client_parsers(commands: Any) -> None:
-    """The options of `ask` and `tag`, the commands that use a running service."""
+    """The options of `ask`, `caption` and `tag`, the commands that use a running service."""
     ask = commands.add_parser("ask", help="ask a running service one question about one image; print the answer")
     ask.add_argument("image", help="a local image file, or an http(s) URL the workers fetch")
     ask.add_argument("question")
     ask.add_argument("--url", default=os.environ.get("BLIPQ_URL", "http://127.0.0.1:8000"), help="the API ($BLIPQ_URL)")
     ask.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the answer (default 300)")
 
-    tag = commands.add_parser("tag", help="every question about every image, as batches, into a JSON Lines file")
+    caption = commands.add_parser("caption", help="ask a running service for a caption of one image; print it")
+    caption.add_argument("image", help="a local image file, or an http(s) URL the workers fetch")
+    caption.add_argument("--prompt", default="", help="the caption starts with this text (default: none)")
+    caption.add_argument(
+        "--url", default=os.environ.get("BLIPQ_URL", "http://127.0.0.1:8000"), help="the API ($BLIPQ_URL)"
+    )
+    caption.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the caption (default 300)")
+
+    tag = commands.add_parser(
+        "tag", help="every question about every image (or a caption of each), as batches, into a JSON Lines file"
+    )
     tag.add_argument("images", nargs="*", metavar="PATH_OR_URL", help="image files, directories of them, http(s) URLs")
     tag.add_argument(
         "--urls", type=Path, metavar="FILE", help="a file of image URLs, one per line (# starts a comment)"
     )
-    tag.add_argument(
-        "-q", "--question", dest="questions", action="append", required=True, metavar="QUESTION", help="repeat for more"
-    )
+    tag.add_argument("-q", "--question", dest="questions", action="append", metavar="QUESTION", help="repeat for more")
+    tag.add_argument("--caption", action="store_true", help="caption every image once instead of asking questions")
+    tag.add_argument("--prompt", help="with --caption: every caption starts with this text (default: none)")
     tag.add_argument(
         "-o", "--out", type=Path, required=True, metavar="OUT.jsonl", help="JSON Lines output; re-run with it to resume"
     )
@@ -105,18 +114,38 @@ def add_client_parsers(commands: Any) -> None:
     )
 
 
-def run_ask(url: str, image: str, question: str, timeout_s: float) -> int:
-    """Print the answer (exit 0), or the job's or the request's error code and message (exit 1)."""
+def run_client_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """Run `ask`, `caption` or `tag` against a running service; their exit status."""
+    if args.command == "ask":
+        return run_ask(args.url, args.image, args.question, args.timeout)
+    if args.command == "caption":
+        return run_ask(args.url, args.image, None, args.timeout, args.prompt)
+    from api.tag import run_tag
+
+    if bool(args.questions) == args.caption:
+        parser.error("tag: give questions (-q QUESTION, repeated) or --caption, one of the two")
+    if args.prompt is not None and not args.caption:
+        parser.error("tag: --prompt goes with --caption (a question is asked with -q)")
+    texts = args.questions or []
+    return run_tag(args.url, args.images, args.urls, texts, args.out, args.per_request, args.caption, args.prompt or "")
+
+
+def run_ask(url: str, image: str, question: str | None, timeout_s: float, prompt: str = "") -> int:
+    """Print the answer, or with no question the caption (exit 0), or the job's or the request's error (exit 1)."""
     from api.client import BlipqClient, BlipqClientError
 
     client = BlipqClient(url, api_key=os.environ.get("BLIPQ_API_KEY") or None)
+    command = "ask" if question is not None else "caption"
     try:
-        print(client.ask(image, question, timeout_s=timeout_s))
+        if question is not None:
+            print(client.ask(image, question, timeout_s=timeout_s))
+        else:
+            print(client.caption(image, prompt, timeout_s=timeout_s))
         return 0
     except BlipqClientError as exc:
-        print(f"blipq ask: {exc.code}: {exc.message}", file=sys.stderr)
+        print(f"blipq {command}: {exc.code}: {exc.message}", file=sys.stderr)
     except (OSError, TimeoutError) as exc:  # an unreadable file, an unreachable service, no answer in time
-        print(f"blipq ask: {exc}", file=sys.stderr)
+        print(f"blipq {command}: {exc}", file=sys.stderr)
     return 1
 
 

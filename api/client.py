@@ -5,6 +5,7 @@ Imports only `requests`: a user's script can use it without the service's own de
     from api.client import BlipqClient
     client = BlipqClient("http://127.0.0.1:8000")
     print(client.ask("photo.jpg", "how many dogs are in the picture?"))
+    print(client.caption("photo.jpg"))  # or caption("photo.jpg", prompt="a picture of")
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ MAX_SUBMIT_TRIES = 5
 FIRST_POLL_S = 0.05  # a demo-model answer is ready in tens of milliseconds
 MAX_POLL_S = 2.0  # a long job is polled every 2 s, not hammered
 FIRST_BATCH_POLL_S = 0.2  # a batch takes at least a chunk's model call: no need to poll faster
+CAPTION = "caption"  # the task of caption jobs; the service's default task, "vqa", answers questions
 
 
 class BlipqClientError(Exception):
@@ -57,11 +59,12 @@ class BlipqClient:
         if self.api_key:
             self.session.headers["Authorization"] = f"Bearer {self.api_key}"
 
-    def submit(self, image: str | Path | bytes, question: str, **fields: Any) -> str:
+    def submit(self, image: str | Path | bytes, question: str | None = None, **fields: Any) -> str:
         """Submit one question about one image (an http(s) URL, a local file, or image bytes); returns the job id.
 
-        Extra `fields` (priority, deadline_s, webhook...) are sent as they are. A 429 or 503 is retried after the
-        Retry-After the service gives, a few times.
+        Extra `fields` (priority, deadline_s, webhook...) are sent as they are; `task="caption"` with no question
+        (and an optional `prompt`) submits a caption job. Fields that are None are not sent. A 429 or 503 is retried
+        after the Retry-After the service gives, a few times.
         """
         for attempt in range(MAX_SUBMIT_TRIES):
             response = self._post_job(image, question, fields)
@@ -93,25 +96,38 @@ class BlipqClient:
 
     def ask(self, image: str | Path | bytes, question: str, timeout_s: float | None = None, **fields: Any) -> str:
         """Submit, wait, and return the answer; raises JobFailedError with the job's error code otherwise."""
-        job = self.wait(self.submit(image, question, **fields), timeout_s)
-        if job["status"] != "succeeded":
-            raise JobFailedError(job)
-        answer: str = job["answer"]
-        return answer
+        return self._answer(self.submit(image, question, **fields), timeout_s)
 
-    def submit_batch(self, images: Sequence[str | Path], questions: Sequence[str], **fields: Any) -> tuple[str, int]:
+    def caption(
+        self, image: str | Path | bytes, prompt: str = "", timeout_s: float | None = None, **fields: Any
+    ) -> str:
+        """Submit a caption job (continuing `prompt`, if any), wait, and return the caption; as `ask` otherwise."""
+        return self._answer(self.submit(image, task=CAPTION, prompt=prompt or None, **fields), timeout_s)
+
+    def submit_batch(
+        self, images: Sequence[str | Path], questions: Sequence[str] = (), caption: bool = False, **fields: Any
+    ) -> tuple[str, int]:
         """Submit every question about every image; returns the batch id and its count of answers.
 
         The images are either all http(s) URLs (sent as JSON) or all local files (uploaded as one multipart form);
-        the items are ordered image by image. A 429 or 503 is retried as `submit` does.
+        the items are ordered image by image. `caption=True` (or `task="caption"`) captions each image once instead,
+        with no questions and an optional `prompt=`. A 429 or 503 is retried as `submit` does.
         """
+        if caption:
+            fields["task"] = CAPTION
+        fields = {key: value for key, value in fields.items() if value is not None}
+        captioning = fields.get("task") == CAPTION
+        if captioning and questions:
+            raise ValueError("a caption batch asks no questions (give an optional prompt=)")
+        texts = {} if captioning else {"questions": list(questions)}
         is_url = [isinstance(image, str) and image.startswith(("http://", "https://")) for image in images]
         url = f"{self.base_url}/v1/batches"
         if all(is_url):
-            body = {"images": [str(image) for image in images], "questions": list(questions), **fields}
+            body = {"images": [str(image) for image in images], **texts, **fields}
             response = self._post_retrying(url, json=body)
         elif not any(is_url):
-            form = {"questions": json.dumps(list(questions)), **{key: _form_value(v) for key, v in fields.items()}}
+            form = {key: json.dumps(value) for key, value in texts.items()}
+            form |= {key: _form_value(value) for key, value in fields.items()}
             files = [("images", (Path(image).name, Path(image).read_bytes())) for image in images]
             response = self._post_retrying(url, data=form, files=files)
         else:
@@ -180,6 +196,14 @@ class BlipqClient:
             time.sleep(delay)
             delay = min(delay * 2, MAX_POLL_S)
 
+    def _answer(self, job_id: str, timeout_s: float | None) -> str:
+        """Wait for the job and return its answer (or caption); JobFailedError when it ended without one."""
+        job = self.wait(job_id, timeout_s)
+        if job["status"] != "succeeded":
+            raise JobFailedError(job)
+        answer: str = job["answer"]
+        return answer
+
     def _post_retrying(self, url: str, **body: Any) -> requests.Response:
         for attempt in range(MAX_SUBMIT_TRIES):
             response = self.session.post(url, timeout=self.timeout_s, **body)
@@ -190,15 +214,14 @@ class BlipqClient:
             time.sleep(_retry_after_s(response, default=2.0**attempt))
         raise AssertionError("unreachable")
 
-    def _post_job(self, image: str | Path | bytes, question: str, fields: dict[str, Any]) -> requests.Response:
+    def _post_job(self, image: str | Path | bytes, question: str | None, fields: dict[str, Any]) -> requests.Response:
         url = f"{self.base_url}/v1/jobs"
+        fields = {key: value for key, value in {"question": question, **fields}.items() if value is not None}
         if isinstance(image, str) and image.startswith(("http://", "https://")):
-            return self.session.post(
-                url, json={"image_url": image, "question": question, **fields}, timeout=self.timeout_s
-            )
+            return self.session.post(url, json={"image_url": image, **fields}, timeout=self.timeout_s)
         data = image if isinstance(image, bytes) else Path(image).read_bytes()
         name = "image" if isinstance(image, bytes) else Path(image).name
-        form = {"question": question, **{key: str(value) for key, value in fields.items()}}
+        form = {key: str(value) for key, value in fields.items()}
         return self.session.post(url, data=form, files={"image": (name, data)}, timeout=self.timeout_s)
 
 

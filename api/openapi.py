@@ -46,11 +46,12 @@ IGNORED_METHODS = frozenset({"HEAD", "OPTIONS"})  # Flask answers these for ever
 EXTENSION_KEY = "blipq.openapi"  # where an app keeps its document, built on first use (its routes are all there then)
 
 DESCRIPTION = """\
-Ask questions about images. A submission is validated, stored and enqueued in Redis, and answered `202` at once with \
-the job's id; poll `GET /v1/jobs/{id}` until its status is `succeeded` (the answer is there) or another final one: \
-`failed` (its `error` says why), `canceled` or `expired`. Every error the API answers has the shape \
-`{"error": {"code", "message"}}`: the code is stable, the message is for humans. When API keys are configured, every \
-request to `/v1` needs one, as `Authorization: Bearer <key>` or `X-API-Key: <key>`; the other routes are public."""
+Ask questions about images, or have them captioned (`"task": "caption"`). A submission is validated, stored and \
+enqueued in Redis, and answered `202` at once with the job's id; poll `GET /v1/jobs/{id}` until its status is \
+`succeeded` (the answer is there) or another final one: `failed` (its `error` says why), `canceled` or `expired`. \
+Every error the API answers has the shape `{"error": {"code", "message"}}`: the code is stable, the message is for \
+humans. When API keys are configured, every request to `/v1` needs one, as `Authorization: Bearer <key>` or \
+`X-API-Key: <key>`; the other routes are public."""
 
 # Every error code the API answers with: its HTTP status and when it is given. Operations list theirs by code.
 ERROR_CODES: dict[str, tuple[int, str]] = {
@@ -72,6 +73,11 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
     "question_empty": (422, "the question is blank"),
     "question_too_long": (422, "the question is over BLIPQ_MAX_QUESTION_CHARS"),
     "question_invalid": (422, "the question is not a string"),
+    "question_not_allowed": (422, "a question (or `questions`) with task `caption`, which takes an optional `prompt`"),
+    "prompt_too_long": (422, "the prompt is over BLIPQ_MAX_QUESTION_CHARS"),
+    "prompt_invalid": (422, "the prompt is not a string"),
+    "prompt_not_allowed": (422, "a prompt with task `vqa`: only a caption takes one"),
+    "task_invalid": (422, "the task is not `vqa` or `caption`"),
     "image_url_invalid": (422, "the image URL is not an http(s) URL"),
     "image_missing": (422, "neither an image URL nor an uploaded image (a batch upload: no file `images`)"),
     "image_conflict": (422, "both an image URL and an uploaded image"),
@@ -231,11 +237,13 @@ def _add_components(spec: APISpec, settings: ApiSettings) -> None:
     models += [(model, "serialization") for model in responses]
     _, schemas = models_json_schema(models, ref_template=REF_TEMPLATE)
     job_request = schemas["$defs"]["JobRequest"]
-    # The limit is a setting, given to the validator as context: pydantic's schema cannot know it.
-    job_request["properties"]["question"]["maxLength"] = settings.max_question_chars
     batch_request = schemas["$defs"]["BatchRequest"]
+    # The limit is a setting, given to the validator as context: pydantic's schema cannot know it.
+    for model in (job_request, schemas["$defs"]["BatchItem"], batch_request):
+        for field in ("question", "prompt"):
+            if field in model["properties"]:
+                model["properties"][field]["anyOf"][0]["maxLength"] = settings.max_question_chars
     batch_request["properties"]["questions"]["anyOf"][0]["items"]["maxLength"] = settings.max_question_chars
-    schemas["$defs"]["BatchItem"]["properties"]["question"]["maxLength"] = settings.max_question_chars
     schemas["$defs"]["JobForm"] = _form_schema(job_request)
     schemas["$defs"]["BatchForm"] = _batch_form_schema(batch_request, settings)
     for name, schema in schemas["$defs"].items():
@@ -258,14 +266,14 @@ def _form_schema(job_request: dict[str, Any]) -> dict[str, Any]:
         "type": "object",
         "description": "A job as form fields, with the image uploaded as the file `image` (or `image_url` given).",
         "properties": {**job_request["properties"], "image": image},
-        "required": job_request["required"],
+        "required": job_request.get("required", []),
         "additionalProperties": False,
     }
 
 
 def _batch_form_schema(batch_request: dict[str, Any], settings: ApiSettings) -> dict[str, Any]:
     """A batch as multipart/form-data: files `images`, and `questions` as a JSON array in a form field."""
-    options = ("priority", "deadline_s", "webhook", "webhook_items")
+    options = ("task", "prompt", "priority", "deadline_s", "webhook", "webhook_items")
     images = {
         "type": "array",
         "items": {"type": "string", "contentMediaType": "application/octet-stream"},
@@ -277,7 +285,10 @@ def _batch_form_schema(batch_request: dict[str, Any], settings: ApiSettings) -> 
     questions = {
         "type": "string",
         "contentMediaType": JSON,
-        "description": 'A JSON array of the questions asked about every image, e.g. `["what is it?"]`.',
+        "description": (
+            'A JSON array of the questions asked about every image, e.g. `["what is it?"]`: required for `vqa`, '
+            "refused for `caption`."
+        ),
     }
     return {
         "type": "object",
@@ -290,7 +301,7 @@ def _batch_form_schema(batch_request: dict[str, Any], settings: ApiSettings) -> 
             "questions": questions,
             **{name: batch_request["properties"][name] for name in options},
         },
-        "required": ["images", "questions"],
+        "required": ["images"],
         "additionalProperties": False,
     }
 
@@ -326,8 +337,12 @@ def _errors(*codes: str) -> dict[str, dict[str, Any]]:
 OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
     ("post", "/v1/jobs"): {
         "operationId": "submitJob",
-        "summary": "Submit a question about an image: by URL (JSON) or as an upload (multipart/form-data).",
-        "description": "`202` means the job is stored and enqueued in Redis; a refused request enqueues nothing.",
+        "summary": "Submit a question about an image, or a caption of it: by URL (JSON) or as an upload (multipart).",
+        "description": (
+            "`202` means the job is stored and enqueued in Redis; a refused request enqueues nothing. "
+            '`"task": "caption"` (no `question`; an optional `prompt` the caption continues) goes to the captioning '
+            "workers, and the job's `answer` is the caption."
+        ),
         "parameters": [IDEMPOTENCY_KEY_PARAMETER],
         "requestBody": {
             "required": True,
@@ -361,7 +376,8 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
             "Up to 10,000 answers. Each item is a job of its own (`GET /v1/jobs/{id}` shows it, with its `batch_id`); "
             "the workers fetch each image once for all its questions. `202` means every item is stored and enqueued. "
             "As multipart/form-data, the images are uploaded (files `images`) and each is asked every one of "
-            "`questions`."
+            '`questions`. With `"task": "caption"`, `images` are captioned once each (no `questions`; an optional '
+            "`prompt` for all), or `items` give each image with its optional `prompt`."
         ),
         "requestBody": {
             "required": True,

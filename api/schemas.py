@@ -24,7 +24,7 @@ from pydantic_core import PydanticCustomError
 from api.errors import ValidationError
 from worker.fleet import WorkerRecord
 from worker.jobs import STATS_FIELDS
-from worker.states import JobPriority, JobStatus
+from worker.states import JobPriority, JobStatus, JobTask
 
 # (field, pydantic error type) -> our code; the first match wins, (field, None) matches any type.
 ERROR_CODES = {
@@ -32,6 +32,9 @@ ERROR_CODES = {
     ("question", "string_too_short"): "question_empty",
     ("question", "question_too_long"): "question_too_long",
     ("question", None): "question_invalid",
+    ("prompt", "prompt_too_long"): "prompt_too_long",
+    ("prompt", None): "prompt_invalid",
+    ("task", None): "task_invalid",
     ("image_url", None): "image_url_invalid",
     ("priority", None): "priority_invalid",
     ("deadline_s", None): "deadline_invalid",
@@ -57,32 +60,49 @@ def _deadline_fits(deadline_s: float, info: ValidationInfo) -> float:
     return deadline_s
 
 
-def _question_fits(question: str, info: ValidationInfo) -> str:
-    limit = (info.context or {}).get("max_question_chars")
-    if limit is not None and len(question) > limit:
-        raise PydanticCustomError(
-            "question_too_long",
-            "the question is {length} characters; the limit is {limit}",
-            {"length": len(question), "limit": limit},
-        )
-    return question
+def _text_fits(what: str) -> Any:
+    """A validator that refuses a `what` (question, prompt) over the deployment's length limit for questions."""
+
+    def fits(text: str, info: ValidationInfo) -> str:
+        limit = (info.context or {}).get("max_question_chars")
+        if limit is not None and len(text) > limit:
+            raise PydanticCustomError(
+                f"{what}_too_long",
+                "the {what} is {length} characters; the limit is {limit}",
+                {"what": what, "length": len(text), "limit": limit},
+            )
+        return text
+
+    return fits
 
 
 # A job's fields as types, so that a batch validates its questions and options exactly as a job does.
-Question = Annotated[str, Field(min_length=1), AfterValidator(_question_fits)]
+Question = Annotated[str, Field(min_length=1), AfterValidator(_text_fits("question"))]
+Prompt = Annotated[str, AfterValidator(_text_fits("prompt"))]  # "" (or blank) is an unconditional caption
 DeadlineSeconds = Annotated[
     float, BeforeValidator(_deadline_is_a_number), Field(gt=0, allow_inf_nan=False), AfterValidator(_deadline_fits)
 ]
 PRIORITY_DESCRIPTION = "`high` jobs run before `normal` ones, which run before `low` ones."
 DEADLINE_DESCRIPTION = "Seconds from submission: a job still queued then ends `expired`, unrun. At most the job TTL."
+TASK_DESCRIPTION = (
+    "`vqa` (the default) answers `question` about the image; `caption` describes the image, continuing `prompt` "
+    "when one is given. Each task is served by workers of its own."
+)
+QUESTION_DESCRIPTION = "The question to answer about the image: required for `vqa`, refused for `caption`."
+PROMPT_DESCRIPTION = (
+    "`caption` only: the caption starts with this text (conditional captioning); absent or empty, the model "
+    "captions freely. Refused for `vqa`."
+)
 
 
 class JobRequest(BaseModel):
-    """One question about one image; the image is a URL here or an upload beside it."""
+    """One question about one image, or a caption of it; the image is a URL here or an upload beside it."""
 
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
-    question: Question = Field(description="The question to answer about the image.")
+    task: JobTask = Field(default=JobTask.VQA, description=TASK_DESCRIPTION)
+    question: Question | None = Field(default=None, description=QUESTION_DESCRIPTION)
+    prompt: Prompt | None = Field(default=None, description=PROMPT_DESCRIPTION)
     image_url: HttpUrl | None = Field(default=None, description="An http(s) URL of the image.")
     priority: JobPriority = Field(default=JobPriority.NORMAL, description=PRIORITY_DESCRIPTION)
     deadline_s: DeadlineSeconds | None = Field(default=None, description=DEADLINE_DESCRIPTION)
@@ -92,22 +112,34 @@ class JobRequest(BaseModel):
 
 
 class BatchItem(BaseModel):
-    """One question about one image of a batch, by URL."""
+    """One question about one image of a batch, or one caption of it (the batch's `task`), by URL."""
 
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
     image_url: HttpUrl = Field(description="An http(s) URL of the image.")
-    question: Question = Field(description="The question to answer about the image.")
+    question: Question | None = Field(default=None, description=QUESTION_DESCRIPTION)
+    prompt: Prompt | None = Field(default=None, description=PROMPT_DESCRIPTION + " Default: the batch's `prompt`.")
 
 
 class BatchRequest(BaseModel):
-    """Many questions about images at once: `items`, or every one of `questions` about every one of `images`."""
+    """Many questions about images at once: `items`, or every one of `questions` about every one of `images`.
+
+    With `"task": "caption"`: `items` (each an image and an optional prompt), or `images`, each captioned once.
+    """
 
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
+    task: JobTask = Field(default=JobTask.VQA, description=TASK_DESCRIPTION + " One task for every item.")
     items: list[BatchItem] | None = Field(default=None, description="Each item is one question about one image.")
-    images: list[HttpUrl] | None = Field(default=None, description="Image URLs: each is asked every question.")
-    questions: list[Question] | None = Field(default=None, description="The questions asked about every image.")
+    images: list[HttpUrl] | None = Field(
+        default=None, description="Image URLs: each is asked every question (`caption`: captioned once)."
+    )
+    questions: list[Question] | None = Field(
+        default=None, description="`vqa`: the questions asked about every image. Refused for `caption`."
+    )
+    prompt: Prompt | None = Field(
+        default=None, description="`caption` only: the prompt of every caption (an item's own `prompt` wins)."
+    )
     priority: JobPriority = Field(default=JobPriority.NORMAL, description=PRIORITY_DESCRIPTION)
     deadline_s: DeadlineSeconds | None = Field(default=None, description=DEADLINE_DESCRIPTION)
     webhook: HttpUrl | None = Field(
@@ -115,11 +147,26 @@ class BatchRequest(BaseModel):
     )
     webhook_items: bool = Field(default=False, description="Also POST each item's job to `webhook` when it ends.")
 
+    def texts(self) -> list[str]:
+        """What the tagging shape asks of every image: its questions, or for captions the one prompt ("": none)."""
+        if self.task is JobTask.CAPTION:
+            return [self.prompt or ""]
+        return list(self.questions or ())
+
     def pairs(self) -> list[tuple[str, str]]:
-        """The batch's (image URL, question) pairs in item order: for the tagging shape, image by image."""
+        """The batch's (image URL, text) pairs in item order: for the tagging shape, image by image.
+
+        A text is a question, or a caption's prompt ("": none).
+        """
         if self.items is not None:
-            return [(str(item.image_url), item.question) for item in self.items]
-        return [(str(image), question) for image in self.images or () for question in self.questions or ()]
+            return [(str(item.image_url), _item_text(item, self)) for item in self.items]
+        return [(str(image), text) for image in self.images or () for text in self.texts()]
+
+
+def _item_text(item: BatchItem, batch: BatchRequest) -> str:
+    if batch.task is JobTask.CAPTION:
+        return item.prompt if item.prompt is not None else batch.prompt or ""
+    return item.question or ""
 
 
 class ErrorDetail(BaseModel):
@@ -157,10 +204,14 @@ class JobResponse(BaseModel):
 
     id: str
     status: JobStatus
-    question: str
+    task: JobTask = Field(description="`vqa`: `answer` answers `question`; `caption`: `answer` is the caption.")
+    question: str | None = Field(description="A `vqa` job's question; null for a `caption` job.")
+    prompt: str | None = Field(description="A `caption` job's prompt; null without one, and for a `vqa` job.")
     image_url: str | None = Field(description="The image's URL; null for an uploaded image.")
     image_name: str | None = Field(description="The file name of a batch's uploaded image; null otherwise.")
-    answer: str | None = Field(description="The model's answer; set once the job succeeded.")
+    answer: str | None = Field(
+        description="The model's answer (for `caption`, the caption); set once the job succeeded."
+    )
     error: ErrorDetail | None = Field(description="Why the job failed; set once it failed.")
     model: str | None = Field(description="The model that answers (a hub id or a directory); set once it started.")
     created_at: datetime
@@ -203,6 +254,7 @@ class BatchResponse(BaseModel):
     ended: int = Field(ge=0, description="Items that ended, in any of the four end states.")
     progress: float = Field(ge=0, le=1, description="`ended` / `count`.")
     created_at: datetime
+    task: JobTask
     priority: JobPriority
     webhook: str | None = Field(description="The URL told the batch's summary when its last item ends.")
     webhook_delivery: WebhookDelivery | None = Field(description="Set once the last item ended, with a webhook.")
@@ -215,13 +267,15 @@ class BatchResult(BaseModel):
 
     index: int = Field(ge=0)
     job_id: str
+    task: JobTask | None = Field(description="null only when the item's job expired.")
     image_url: str | None = Field(
         description="null for an uploaded image, and when the item's job expired (with its batch, after the TTL)."
     )
     image_name: str | None = Field(description="The uploaded image's file name; null for an image by URL.")
-    question: str | None
+    question: str | None = Field(description="A `vqa` item's question.")
+    prompt: str | None = Field(description="A `caption` item's prompt; null without one.")
     status: JobStatus | None
-    answer: str | None
+    answer: str | None = Field(description="The answer, or for `caption` the caption, once the item succeeded.")
     error: ErrorDetail | None
 
 
@@ -261,11 +315,27 @@ def validate_job_request(data: Any, max_question_chars: int, max_deadline_s: int
     """Validate a request body; raises ValidationError with the code and the field of the first problem."""
     if not isinstance(data, dict):
         raise ValidationError("invalid_body", "the body must be a JSON object")
+    if data.get("task", JobTask.VQA) == JobTask.VQA and "question" not in data:  # first, as when it was required
+        raise ValidationError("question_missing", "question: a vqa job asks a question (or send task 'caption')")
     context = {"max_question_chars": max_question_chars, "max_deadline_s": max_deadline_s}
     try:
-        return JobRequest.model_validate(data, context=context)
+        job_request = JobRequest.model_validate(data, context=context)
     except pydantic.ValidationError as exc:
         raise _translate(exc.errors()[0]) from None
+    check_task_fields(job_request.task, job_request.question, job_request.prompt)
+    return job_request
+
+
+def check_task_fields(task: JobTask, question: str | None, prompt: str | None, where: str = "") -> None:
+    """Refuse a question on a caption, a prompt on a vqa job, and a vqa job without its question."""
+    if task is JobTask.CAPTION and question is not None:
+        message = "a caption job asks no question; give an optional 'prompt' instead"
+        raise ValidationError("question_not_allowed", f"{where}question: {message}")
+    if task is JobTask.VQA and prompt is not None:
+        message = "only a caption job (task 'caption') takes a prompt; a vqa job asks a 'question'"
+        raise ValidationError("prompt_not_allowed", f"{where}prompt: {message}")
+    if task is JobTask.VQA and question is None:
+        raise ValidationError("question_missing", f"{where}question: a vqa job asks a question")
 
 
 def validate_batch_request(data: Any, max_question_chars: int, max_deadline_s: int | None = None) -> BatchRequest:
@@ -274,9 +344,24 @@ def validate_batch_request(data: Any, max_question_chars: int, max_deadline_s: i
         raise ValidationError("invalid_body", "the body must be a JSON object")
     context = {"max_question_chars": max_question_chars, "max_deadline_s": max_deadline_s}
     try:
-        return BatchRequest.model_validate(data, context=context)
+        batch_request = BatchRequest.model_validate(data, context=context)
     except pydantic.ValidationError as exc:
         raise _translate(exc.errors()[0]) from None
+    _check_batch_task_fields(batch_request)
+    return batch_request
+
+
+def _check_batch_task_fields(batch: BatchRequest) -> None:
+    """A batch's fields against its task, as check_task_fields does a job's, each item as a job."""
+    if batch.task is JobTask.CAPTION and batch.questions is not None:
+        message = "questions: a caption batch asks no questions; give an optional 'prompt' instead"
+        raise ValidationError("question_not_allowed", message)
+    if batch.task is JobTask.VQA and batch.prompt is not None:
+        message = "prompt: only a caption batch (task 'caption') takes a prompt; a vqa batch asks 'questions'"
+        raise ValidationError("prompt_not_allowed", message)
+    for index, item in enumerate(batch.items or ()):
+        # A caption item may leave its prompt to the batch's; a vqa item needs its own question.
+        check_task_fields(batch.task, item.question, item.prompt, where=f"items.{index}.")
 
 
 # A batch's lists, named by what their elements are: `images.3` is an image_url, `questions.0` a question.

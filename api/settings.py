@@ -12,6 +12,7 @@ from limits import parse_many
 from api.auth import ApiKey, parse_api_keys
 from worker.errors import SettingsError
 from worker.settings import (
+    DEFAULT_CAPTION_QUEUE,
     DEFAULT_JOB_TTL_S,
     DEFAULT_MAX_IMAGE_BYTES,
     DEFAULT_QUEUE,
@@ -23,6 +24,7 @@ from worker.settings import (
     env_str,
     env_webhook_secret,
 )
+from worker.states import JobTask
 
 FORM_OVERHEAD_BYTES = 64 * 1024  # room for the multipart boundaries and text fields beside one image
 # Jobs waiting in the queue beyond which submissions are refused (503 queue_full): minutes of work for one GPU, and
@@ -36,7 +38,8 @@ class ApiSettings:
     """Everything the API process needs."""
 
     redis_url: str = DEFAULT_REDIS_URL
-    queue: str = DEFAULT_QUEUE
+    queue: str = DEFAULT_QUEUE  # vqa jobs (`"task": "vqa"`, the default)
+    caption_queue: str = DEFAULT_CAPTION_QUEUE  # caption jobs, served by captioning workers
     job_ttl_s: int = DEFAULT_JOB_TTL_S
     job_time_limit_s: int = DEFAULT_TIME_LIMIT_S  # the workers' value: the visibility timeout derives from it
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
@@ -50,6 +53,10 @@ class ApiSettings:
     batch_chunk_size: int = 32  # answers per chunk of a batch sent to the workers (one message, one model call)
     max_batch_upload_bytes: int = DEFAULT_MAX_BATCH_UPLOAD_BYTES  # the body of a batch with uploaded images
 
+    def queue_for(self, task: JobTask) -> str:
+        """The queue of a job of this task: only workers with a model for that task read it."""
+        return self.caption_queue if task is JobTask.CAPTION else self.queue
+
     @property
     def max_body_bytes(self) -> int:
         """The largest request body accepted: one image plus the form around it."""
@@ -59,9 +66,14 @@ class ApiSettings:
     def from_env(cls, env: Mapping[str, str] | None = None) -> ApiSettings:
         """Build settings from the environment; raises SettingsError naming the variable at fault."""
         env = os.environ if env is None else env
+        queue = env_str(env, "BLIPQ_QUEUE", DEFAULT_QUEUE)
+        caption_queue = env_str(env, "BLIPQ_CAPTION_QUEUE", DEFAULT_CAPTION_QUEUE)
+        if caption_queue == queue:  # a vqa worker would take caption jobs, and answer them as questions
+            raise SettingsError(f"BLIPQ_CAPTION_QUEUE={caption_queue!r} must differ from BLIPQ_QUEUE")
         return cls(
             redis_url=env_redis_url(env),
-            queue=env_str(env, "BLIPQ_QUEUE", DEFAULT_QUEUE),
+            queue=queue,
+            caption_queue=caption_queue,
             job_ttl_s=env_int(env, "BLIPQ_JOB_TTL_S", DEFAULT_JOB_TTL_S, minimum=60),
             job_time_limit_s=env_int(env, "BLIPQ_JOB_TIME_LIMIT_S", DEFAULT_TIME_LIMIT_S, minimum=15),
             max_image_bytes=env_int(env, "BLIPQ_MAX_IMAGE_BYTES", DEFAULT_MAX_IMAGE_BYTES, minimum=1024),

@@ -7,6 +7,9 @@ and for uploads at most MAX_FILES_PER_UPLOAD files and about MAX_UPLOAD_BYTES.
 OUT holds one line per (image, question): `{"image", "question", "status", "answer", "error"}`. A re-run with the same
 OUT keeps its succeeded lines and does not ask those pairs again; every other pair (failed, canceled, expired, or
 never answered) is asked again and its old line replaced.
+
+With `--caption` each image is captioned once instead (continuing `--prompt`, if any), and OUT holds
+`{"image", "prompt", "status", "caption", "error"}`, resumed the same way.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ MAX_UPLOAD_BYTES = 32 * 1024 * 1024  # about this many image bytes per multipart
 URL_PREFIXES = ("http://", "https://")
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 
-Pair = tuple[str, str]  # (image, question)
+Pair = tuple[str, str]  # (image, question), or (image, prompt) for captions
 
 
 class TagInputError(Exception):
@@ -37,31 +40,42 @@ class TagInputError(Exception):
 
 
 def run_tag(
-    url: str, inputs: list[str], urls_file: Path | None, questions: list[str], out: Path, per_request: int
+    url: str,
+    inputs: list[str],
+    urls_file: Path | None,
+    questions: list[str],
+    out: Path,
+    per_request: int,
+    caption: bool = False,
+    prompt: str = "",
 ) -> int:
-    """Answer every question about every image into OUT; 0 when every pair succeeded, else 1 (2: bad input)."""
+    """Answer every question about every image (or, `caption`, caption every image once) into OUT.
+
+    Returns 0 when every pair succeeded, else 1 (2: bad input).
+    """
+    text_key = "prompt" if caption else "question"
     try:
         images = collect_images(inputs, urls_file)
-        kept = read_succeeded(out)
+        kept = read_succeeded(out, text_key)
         write_lines(out, kept.values(), mode="w")  # drops the lines of pairs that will be asked again
     except (TagInputError, OSError) as exc:
         print(f"blipq tag: {exc}", file=sys.stderr)
         return 2
-    questions = list(dict.fromkeys(questions))
-    pending = [(image, question) for image in images for question in questions if (image, question) not in kept]
+    texts = [prompt] if caption else list(dict.fromkeys(questions))
+    pending = [(image, text) for image in images for text in texts if (image, text) not in kept]
     client = BlipqClient(url, api_key=os.environ.get("BLIPQ_API_KEY") or None)
     per_request = max(1, min(per_request, MAX_ANSWERS_PER_REQUEST))
     with tqdm(total=len(pending), unit="answer", file=sys.stderr, dynamic_ncols=True) as bar:
         try:
-            for batch_images, batch_questions in plan_requests(pending, per_request):
-                for record in ask_batch(client, batch_images, batch_questions, bar):
-                    kept[(record["image"], record["question"])] = record
+            for batch_images, batch_texts in plan_requests(pending, per_request):
+                for record in ask_batch(client, batch_images, batch_texts, bar, caption):
+                    kept[(record["image"], record[text_key])] = record
                     write_lines(out, [record], mode="a")
         except (BlipqClientError, OSError, TimeoutError) as exc:
             bar.close()
             print(f"blipq tag: {exc} (re-run the same command to go on)", file=sys.stderr)
             return 1
-    return report([kept.get((image, question)) for image in images for question in questions])
+    return report([kept.get((image, text)) for image in images for text in texts])
 
 
 def collect_images(inputs: Iterable[str], urls_file: Path | None) -> list[str]:
@@ -85,8 +99,11 @@ def collect_images(inputs: Iterable[str], urls_file: Path | None) -> list[str]:
     return list(dict.fromkeys(images))
 
 
-def read_succeeded(out: Path) -> dict[Pair, dict[str, Any]]:
-    """The succeeded lines of an earlier run's OUT, by (image, question); nothing when OUT does not exist."""
+def read_succeeded(out: Path, text_key: str = "question") -> dict[Pair, dict[str, Any]]:
+    """The succeeded lines of an earlier run's OUT, by (image, question or prompt); nothing when OUT does not exist.
+
+    `text_key` names the line's text: "question", or "prompt" for captions (lines of the other kind are dropped).
+    """
     if not out.exists():
         return {}
     kept: dict[Pair, dict[str, Any]] = {}
@@ -95,8 +112,8 @@ def read_succeeded(out: Path) -> dict[Pair, dict[str, Any]]:
             record = json.loads(line)
         except ValueError:
             continue  # a line cut short by an interrupted run: its pair is asked again
-        if isinstance(record, dict) and record.get("status") == "succeeded":
-            kept[(record["image"], record["question"])] = record
+        if isinstance(record, dict) and record.get("status") == "succeeded" and text_key in record:
+            kept[(record["image"], record[text_key])] = record
     return kept
 
 
@@ -134,9 +151,17 @@ def _split(images: list[str], most: int, is_url: bool) -> Iterator[list[str]]:
         yield run
 
 
-def ask_batch(client: BlipqClient, images: list[str], questions: list[str], bar: tqdm[Any]) -> Iterator[dict[str, Any]]:
-    """Submit one batch, advance `bar` as its items end, then yield one OUT record per item."""
-    batch_id, _count = client.submit_batch(images, questions)
+def ask_batch(
+    client: BlipqClient, images: list[str], texts: list[str], bar: tqdm[Any], caption: bool = False
+) -> Iterator[dict[str, Any]]:
+    """Submit one batch, advance `bar` as its items end, then yield one OUT record per item.
+
+    `texts` are the questions asked about every image, or (`caption`) the one prompt of every caption.
+    """
+    if caption:
+        batch_id, _count = client.submit_batch(images, caption=True, prompt=texts[0] or None)
+    else:
+        batch_id, _count = client.submit_batch(images, texts)
     shown = 0
 
     def on_progress(summary: dict[str, Any]) -> None:
@@ -145,10 +170,16 @@ def ask_batch(client: BlipqClient, images: list[str], questions: list[str], bar:
         shown = summary["ended"]
 
     client.wait_batch(batch_id, on_progress=on_progress)
+    text_key, answer_key = ("prompt", "caption") if caption else ("question", "answer")
     for item in client.results(batch_id):
-        image = images[item["index"] // len(questions)]  # items are ordered image by image
-        fields = {name: item[name] for name in ("question", "status", "answer", "error")}
-        yield {"image": image, **fields}
+        image, text = images[item["index"] // len(texts)], texts[item["index"] % len(texts)]  # image by image
+        yield {
+            "image": image,
+            text_key: text,
+            "status": item["status"],
+            answer_key: item["answer"],
+            "error": item["error"],
+        }
 
 
 def write_lines(out: Path, records: Iterable[dict[str, Any]], mode: str) -> None:

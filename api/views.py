@@ -83,10 +83,11 @@ def submit_job() -> tuple[Response, int, dict[str, str]]:
     With an Idempotency-Key, the same request again (same key, same owner, same body) answers the first one's job.
     """
     svc = services()
-    # Before the body is read: when the workers are behind, a refusal should cost nothing.
-    check_queue_room(svc.store.client, svc.settings.queue, svc.settings.max_queue_depth)
     idempotency = _idempotency_header()
     submission = _parse_job_request(svc.settings)
+    # The body says the task, and so the queue whose depth counts (the one the job would wait in).
+    queue = svc.settings.queue_for(submission.job_request.task)
+    check_queue_room(svc.store.client, queue, svc.settings.max_queue_depth)
     job = _new_job(submission.job_request)
     claim = None
     if idempotency is not None:
@@ -95,16 +96,16 @@ def submit_job() -> tuple[Response, int, dict[str, str]]:
         if earlier is not None:
             return _accepted(earlier, {"Idempotent-Replayed": "true"})
     try:
-        svc.store.create(job, svc.settings.queue, submission.upload, claim)
+        svc.store.create(job, queue, submission.upload, claim)
     except redis.RedisError as exc:
         log.warning("cannot store job: %s", exc)
-        _forget(svc.store, job, svc.settings.queue, claim)
+        _forget(svc.store, job, queue, claim)
         raise ServiceUnavailableError("broker_unavailable", "the job queue is unavailable; retry later") from None
     try:
-        publish_job(svc.celery, job, svc.settings.queue)
+        publish_job(svc.celery, job, queue)
     except (OperationalError, redis.RedisError) as exc:
         log.warning("cannot enqueue job %s: %s", job.id, exc)
-        _forget(svc.store, job, svc.settings.queue, claim)
+        _forget(svc.store, job, queue, claim)
         raise ServiceUnavailableError("broker_unavailable", "the job queue is unavailable; retry later") from None
     return _accepted(job)
 
@@ -118,7 +119,7 @@ def get_job(job_id: str) -> Response:
     svc = services()
     job = _owned_job(svc.store, job_id)
     if job.overdue(time.time()):
-        svc.store.expire_if_overdue(job, svc.settings.queue)
+        svc.store.expire_if_overdue(job, svc.settings.queue_for(job.task))
         job = _owned_job(svc.store, job_id)
     return jsonify(job.to_public())
 
@@ -127,7 +128,8 @@ def get_job(job_id: str) -> Response:
 def cancel_job(job_id: str) -> Response:
     """Cancel a job: a queued one ends `canceled` and never runs; a running one ends as it would, `cancel_requested`."""
     svc = services()
-    outcome = svc.store.cancel(_owned_job(svc.store, job_id), svc.settings.queue)
+    job = _owned_job(svc.store, job_id)
+    outcome = svc.store.cancel(job, svc.settings.queue_for(job.task))
     job = _owned_job(svc.store, job_id)
     if outcome == CANCEL_ENDED:
         raise ConflictError("job_ended", f"the job has already ended ({job.status}); there is nothing to cancel")
@@ -156,7 +158,8 @@ def _new_job(job_request: JobRequest) -> Job:
     return Job(
         id=new_job_id(),
         status=JobStatus.QUEUED,
-        question=job_request.question,
+        question=job_request.question or job_request.prompt or "",  # a caption's prompt travels as its question
+        task=job_request.task,
         image_url=str(job_request.image_url or ""),
         created_at=utc_iso(now),
         owner=api_key_name(),

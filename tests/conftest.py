@@ -22,7 +22,7 @@ from werkzeug.serving import make_server
 from api.app import create_app
 from api.settings import ApiSettings
 from api.up import RedisProcess, start_redis, stop_process
-from tests.fixtures.tiny_model import build_tiny_vqa_model
+from tests.fixtures.tiny_model import build_tiny_caption_model, build_tiny_vqa_model
 
 ROOT = Path(__file__).resolve().parent.parent
 JOB_TIMEOUT_S = 120.0  # generous: the first job of a worker waits for its model to load on a busy CI machine
@@ -55,6 +55,12 @@ def redis_client(redis_server: RedisProcess) -> Iterator[redis.Redis]:
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random-weight BLIP VQA checkpoint, saved with save_pretrained like a real one."""
     return build_tiny_vqa_model(tmp_path_factory.mktemp("tiny-vqa"))
+
+
+@pytest.fixture(scope="session")
+def tiny_caption_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-weight BLIP captioning checkpoint (BlipForConditionalGeneration), saved like a real one."""
+    return build_tiny_caption_model(tmp_path_factory.mktemp("tiny-caption"))
 
 
 @dataclass
@@ -118,7 +124,7 @@ def image_server() -> Iterator[ImageServer]:
 
 @dataclass
 class WorkerProcess:
-    """A real `python -m worker` process (Celery, prefork pool of one) serving one model on one queue."""
+    """A real `python -m worker` process (Celery, a thread pool feeding one model) serving one model on one queue."""
 
     process: subprocess.Popen[bytes]
     queue: str
@@ -129,7 +135,7 @@ class WorkerProcess:
 
 
 def start_worker(redis_url: str, model: Path, queue: str, log_path: Path, **env: str) -> WorkerProcess:
-    """Start a worker for `model` consuming `queue`; it loads the model in its pool process."""
+    """Start a worker for `model` consuming `queue`; it loads the model before it takes messages."""
     full_env = {
         **os.environ,
         "BLIPQ_REDIS_URL": redis_url,
@@ -154,6 +160,17 @@ def tiny_worker(
     """A worker serving the tiny checkpoint on queue `tiny`."""
     log_path = tmp_path_factory.mktemp("logs") / "tiny-worker.log"
     worker = start_worker(redis_server.url, tiny_model_dir, "tiny", log_path)
+    yield worker
+    stop_process(worker.process)
+
+
+@pytest.fixture(scope="session")
+def tiny_caption_worker(
+    redis_server: RedisProcess, tiny_caption_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[WorkerProcess]:
+    """A worker serving the tiny captioning checkpoint on queue `tiny-caption` (beside `tiny_worker`'s VQA)."""
+    log_path = tmp_path_factory.mktemp("logs") / "tiny-caption-worker.log"
+    worker = start_worker(redis_server.url, tiny_caption_model_dir, "tiny-caption", log_path)
     yield worker
     stop_process(worker.process)
 

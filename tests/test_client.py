@@ -15,6 +15,7 @@ from api.settings import ApiSettings
 from api.up import RedisProcess
 from tests.conftest import ROOT, ImageServer, WorkerProcess, serve_app
 from tests.fixtures.images import shape_png
+from tests.test_chaos import reference_answers
 
 
 @pytest.fixture
@@ -130,3 +131,78 @@ def test_waiting_for_a_batch_is_bounded_and_mixed_images_are_refused(
         assert client.batch(batch_id)["counts"]["queued"] == 1
         with pytest.raises(ValueError, match="all http"):
             client.submit_batch(["https://example.com/a.png", tmp_path / "a.png"], ["what color?"])
+
+
+@pytest.fixture
+def caption_service_url(
+    redis_server: RedisProcess,
+    tiny_worker: WorkerProcess,
+    tiny_caption_worker: WorkerProcess,
+    redis_client: redis.Redis,
+) -> Iterator[str]:
+    """The API over HTTP with both queues: the tiny VQA worker's, and the tiny captioning worker's for captions."""
+    settings = ApiSettings(redis_url=redis_server.url, queue=tiny_worker.queue, caption_queue=tiny_caption_worker.queue)
+    yield from serve_app(settings)
+
+
+def test_caption_returns_the_models_caption_of_a_file_bytes_and_a_url(
+    caption_service_url: str, image_server: ImageServer, tiny_caption_model_dir: Path, tmp_path: Path
+) -> None:
+    client = BlipqClient(caption_service_url)
+    picture = tmp_path / "red.png"
+    picture.write_bytes(shape_png("red"))
+    image_server.routes["/caption-red.png"] = (200, "image/png", shape_png("red"))
+    expected = {
+        prompt: reference_answers(tiny_caption_model_dir, [(shape_png("red"), prompt)])[0] for prompt in ("", "the")
+    }
+
+    captions = [client.caption(image, timeout_s=120) for image in (picture, shape_png("red"))]
+    captions.append(client.caption(image_server.url("/caption-red.png"), timeout_s=120))
+    prompted = client.caption(picture, prompt="the", timeout_s=120)
+
+    assert captions == [expected[""]] * 3
+    assert prompted == expected["the"]
+    assert client.ask(picture, "what color is the shape?", timeout_s=120), "questions still go to the VQA worker"
+
+
+def test_blipq_caption_prints_the_caption_or_the_error_code(
+    caption_service_url: str, image_server: ImageServer, tiny_caption_model_dir: Path, tmp_path: Path
+) -> None:
+    picture = tmp_path / "blue.png"
+    picture.write_bytes(shape_png("blue"))
+    expected = reference_answers(tiny_caption_model_dir, [(shape_png("blue"), "a picture of")])[0]
+
+    def blipq_caption(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "api.cli", "caption", *args, "--url", caption_service_url]
+        return subprocess.run(command, capture_output=True, text=True, timeout=180, cwd=ROOT, check=False)
+
+    captioned = blipq_caption(str(picture), "--prompt", "a picture of")
+    assert (captioned.returncode, captioned.stdout.strip()) == (0, expected), captioned.stderr
+    failed = blipq_caption(image_server.url("/nothing-here.png"))
+    assert failed.returncode == 1 and "blipq caption: image_fetch_failed" in failed.stderr, failed.stderr
+
+
+def test_a_caption_batch_is_submitted_waited_for_and_read_back(
+    caption_service_url: str, image_server: ImageServer, tiny_caption_model_dir: Path, tmp_path: Path
+) -> None:
+    client = BlipqClient(caption_service_url)
+    colors = ["red", "green"]
+    for color in colors:
+        image_server.routes[f"/caption-{color}.png"] = (200, "image/png", shape_png(color))
+        (tmp_path / f"{color}.png").write_bytes(shape_png(color))
+    urls = [image_server.url(f"/caption-{color}.png") for color in colors]
+    files = [tmp_path / f"{color}.png" for color in colors]
+    expected = reference_answers(tiny_caption_model_dir, [(shape_png(color), "the") for color in colors])
+
+    for images in (urls, files):
+        batch_id, count = client.submit_batch(images, caption=True, prompt="the")
+        client.wait_batch(batch_id, timeout_s=120)
+        results = list(client.results(batch_id))
+
+        assert count == 2
+        assert [(item["task"], item["prompt"], item["status"]) for item in results] == [
+            ("caption", "the", "succeeded")
+        ] * 2
+        assert [item["answer"] for item in results] == expected
+    with pytest.raises(ValueError, match="no questions"):
+        client.submit_batch(urls, ["what color?"], caption=True)

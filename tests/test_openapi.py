@@ -19,7 +19,7 @@ from api.schemas import ERROR_CODES as FIELD_ERROR_CODES
 from api.schemas import JobRequest, JobResponse
 from api.settings import ApiSettings
 from worker.jobs import Job
-from worker.states import JobPriority, JobStatus
+from worker.states import JobPriority, JobStatus, JobTask
 
 API_DIR = Path(__file__).resolve().parent.parent / "api"
 NO_REDIS = "redis://redis.invalid:1/0"  # serving the document never reaches Redis
@@ -86,16 +86,21 @@ def test_the_request_bodies_are_the_job_request_schema(document: dict[str, Any])
 
     for schema in (json_schema, form_schema):
         assert set(JobRequest.model_fields) <= set(schema["properties"]), schema
-        assert schema["required"] == ["question"]
+        assert schema.get("required", []) == []  # a question is required by task (vqa), which the text says
         assert schema["additionalProperties"] is False
     assert set(form_schema["properties"]) - set(JobRequest.model_fields) == {"image"}
-    assert json_schema["properties"]["question"]["maxLength"] == ApiSettings().max_question_chars
+    for field in ("question", "prompt"):
+        assert json_schema["properties"][field]["anyOf"][0]["maxLength"] == ApiSettings().max_question_chars
 
 
 def test_the_question_limit_is_the_apps() -> None:
     document = document_of(make_app(max_question_chars=42))
 
-    assert document["components"]["schemas"]["JobRequest"]["properties"]["question"]["maxLength"] == 42
+    schemas = document["components"]["schemas"]
+    assert schemas["JobRequest"]["properties"]["question"]["anyOf"][0]["maxLength"] == 42
+    assert schemas["JobRequest"]["properties"]["prompt"]["anyOf"][0]["maxLength"] == 42
+    assert schemas["BatchItem"]["properties"]["prompt"]["anyOf"][0]["maxLength"] == 42
+    assert schemas["BatchRequest"]["properties"]["prompt"]["anyOf"][0]["maxLength"] == 42
 
 
 def test_every_error_code_the_api_gives_is_documented(document: dict[str, Any]) -> None:
@@ -147,7 +152,16 @@ def test_a_job_as_the_api_shows_it_is_a_job_response() -> None:
         webhook_attempts=1,
     )
 
-    for job in (queued, ended):
+    caption = Job(
+        id="c" * 22,
+        status=JobStatus.SUCCEEDED,
+        question="a picture of",
+        created_at="2026-11-27T12:00:00.000Z",
+        answer="a picture of a dog",
+        task=JobTask.CAPTION,
+    )
+
+    for job in (queued, ended, caption):
         public = job.to_public()
         JobResponse.model_validate(public)  # extra="forbid": a field to_public gained and the model lacks fails here
         assert set(public) == set(JobResponse.model_fields)
@@ -193,3 +207,26 @@ def test_the_docs_page_shows_every_operation_and_error_code(app: Flask, document
 
 def _subclasses(cls: type) -> list[type]:
     return [cls, *(sub for direct in cls.__subclasses__() for sub in _subclasses(direct))]
+
+
+def test_a_caption_job_shows_its_task_and_prompt_not_a_question() -> None:
+    def public(**fields: Any) -> dict[str, Any]:
+        job = Job(id="d" * 22, status=JobStatus.QUEUED, created_at="2026-11-27T12:00:00.000Z", **fields)
+        return job.to_public()
+
+    asked = public(question="what is it?")
+    prompted = public(question="a picture of", task=JobTask.CAPTION)
+    unprompted = public(question="", task=JobTask.CAPTION)
+
+    assert (asked["task"], asked["question"], asked["prompt"]) == ("vqa", "what is it?", None)
+    assert (prompted["task"], prompted["question"], prompted["prompt"]) == ("caption", None, "a picture of")
+    assert (unprompted["task"], unprompted["question"], unprompted["prompt"]) == ("caption", None, None)
+
+
+def test_the_caption_codes_are_listed_for_both_submissions(document: dict[str, Any]) -> None:
+    caption_codes = {"task_invalid", "question_not_allowed", "prompt_not_allowed", "prompt_too_long", "prompt_invalid"}
+    for path in ("/v1/jobs", "/v1/batches"):
+        listed = set(document["paths"][path]["post"]["responses"]["422"]["x-error-codes"])
+        assert caption_codes <= listed, (path, caption_codes - listed)
+    batch_form = document["components"]["schemas"]["BatchForm"]
+    assert {"task", "prompt"} <= set(batch_form["properties"]) and batch_form["required"] == ["images"]

@@ -18,6 +18,7 @@ from api.settings import ApiSettings
 from api.up import RedisProcess
 from tests.conftest import ROOT, QuietHandler, WorkerProcess, http_server, serve_app
 from tests.fixtures.images import shape_png
+from tests.test_chaos import reference_answers
 
 QUESTIONS = ["what color is the shape?", "what shape is in the image?"]
 COLORS = ["red", "blue", "green"]
@@ -122,3 +123,67 @@ def test_tag_uploads_a_directory_of_local_images(service_url: str, tmp_path: Pat
     client = BlipqClient(service_url)
     expected = {(str(path), q): client.ask(path, q, timeout_s=120) for path in paths for q in QUESTIONS}
     assert {pair: record["answer"] for pair, record in read_out(out).items()} == expected
+
+
+@pytest.fixture
+def caption_service_url(
+    redis_server: RedisProcess,
+    tiny_worker: WorkerProcess,
+    tiny_caption_worker: WorkerProcess,
+    redis_client: redis.Redis,
+) -> Iterator[str]:
+    """The API over HTTP with both queues: the tiny VQA worker's, and the tiny captioning worker's for captions."""
+    settings = ApiSettings(redis_url=redis_server.url, queue=tiny_worker.queue, caption_queue=tiny_caption_worker.queue)
+    yield from serve_app(settings)
+
+
+def blipq_tag_captions(service_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "api.cli", "tag", "--caption", *args, "--url", service_url]
+    return subprocess.run(command, capture_output=True, text=True, timeout=180, cwd=ROOT, check=False)
+
+
+def test_tag_caption_writes_one_caption_per_image_and_resumes(
+    caption_service_url: str, counting_images: tuple[str, Counter[str]], tmp_path: Path, tiny_caption_model_dir: Path
+) -> None:
+    base, fetches = counting_images
+    pictures = tmp_path / "pictures"
+    pictures.mkdir()
+    for color in ("red", "green"):
+        (pictures / f"{color}.png").write_bytes(shape_png(color))
+    images = [f"{base}/blue.png", str(pictures / "green.png"), str(pictures / "red.png")]  # files in name order
+    out = tmp_path / "captions.jsonl"
+
+    tagged = blipq_tag_captions(caption_service_url, images[0], str(pictures), "--prompt", "the", "-o", str(out))
+
+    assert tagged.returncode == 0, tagged.stderr
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert all(set(record) == {"image", "prompt", "status", "caption", "error"} for record in records)
+    expected = reference_answers(
+        tiny_caption_model_dir, [(shape_png(color), "the") for color in ("blue", "green", "red")]
+    )
+    by_image = {record["image"]: record for record in records}
+    assert {image: (by_image[image]["prompt"], by_image[image]["caption"]) for image in images} == {
+        image: ("the", caption) for image, caption in zip(images, expected, strict=True)
+    }
+    assert all(record["status"] == "succeeded" for record in records) and len(records) == 3
+
+    fetches.clear()
+    again = blipq_tag_captions(caption_service_url, images[0], str(pictures), "--prompt", "the", "-o", str(out))
+
+    assert again.returncode == 0, again.stderr
+    assert not fetches, "succeeded captions are not asked again"
+    assert [json.loads(line) for line in out.read_text().splitlines()] == records
+
+
+def test_tag_takes_questions_or_caption_not_both(caption_service_url: str, tmp_path: Path) -> None:
+    picture = tmp_path / "red.png"
+    picture.write_bytes(shape_png("red"))
+
+    both = blipq_tag_captions(caption_service_url, str(picture), "-q", "what?", "-o", str(tmp_path / "out.jsonl"))
+    command = [sys.executable, "-m", "api.cli", "tag", str(picture), "-q", "what?", "--prompt", "the"]
+    command += ["-o", str(tmp_path / "out.jsonl")]
+    prompt_alone = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=ROOT, check=False)
+
+    assert both.returncode == 2 and "--caption" in both.stderr, both.stderr
+    assert prompt_alone.returncode == 2 and "--prompt" in prompt_alone.stderr, prompt_alone.stderr
+    assert not (tmp_path / "out.jsonl").exists()

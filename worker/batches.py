@@ -27,7 +27,7 @@ from worker.jobs import (
     unstarted_key,
     webhook_delivery,
 )
-from worker.states import JobPriority, JobStatus
+from worker.states import JobPriority, JobStatus, JobTask
 from worker.transitions import CANCEL_DONE, CANCEL_REQUESTED
 
 MAX_BATCH_ANSWERS = 10_000  # answers one batch request may ask for
@@ -49,6 +49,7 @@ class Batch:
     webhook_attempts: int = 0
     webhook_error_code: str = ""
     webhook_error_message: str = ""
+    task: JobTask = JobTask.VQA  # every item's: a batch goes to one queue
 
     @classmethod
     def from_redis(cls, fields: dict[str, str]) -> Batch:
@@ -65,6 +66,7 @@ class Batch:
             webhook_attempts=int(fields.get("webhook_attempts") or 0),
             webhook_error_code=fields.get("webhook_error_code", ""),
             webhook_error_message=fields.get("webhook_error_message", ""),
+            task=JobTask(fields.get("task") or JobTask.VQA),
         )
 
     def to_redis(self) -> dict[str, str]:
@@ -77,6 +79,7 @@ class Batch:
             "priority": str(self.priority),
             "webhook": self.webhook,
             "webhook_items": "1" if self.webhook_items else "",
+            "task": str(self.task),
             "ended": "0",
         }
 
@@ -97,7 +100,9 @@ class CancelCounts:
 
 
 def plan_chunks(jobs: list[Job], max_answers: int) -> list[list[dict[str, Any]]]:
-    """Group a batch's jobs into chunks of at most `max_answers`, each a list of images with their (id, question)s.
+    """Group a batch's jobs into chunks of at most `max_answers`, each a list of images with their (id, text)s.
+
+    A text is a job's question, or a caption job's prompt.
 
     Questions about one image stay together in a chunk (an image with more questions than a chunk holds is split
     over as few chunks as it takes), so that a worker fetches the image once for all of them.
@@ -195,6 +200,7 @@ class BatchStore:
             "ended": ended,
             "progress": ended / batch.count if batch.count else 1.0,
             "created_at": batch.created_at,
+            "task": str(batch.task),
             "priority": str(batch.priority),
             "webhook": batch.webhook or None,
             "webhook_delivery": batch.webhook_delivery(),

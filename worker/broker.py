@@ -20,22 +20,38 @@ VISIBILITY_MARGIN_S = 60  # beyond the hard limit, before a job reserved by a va
 
 
 def publish_job(celery: Celery, job: Job, queue: str) -> None:
-    """Send the job's task message (task id = job id) at the job's priority."""
-    payload = {"job_id": job.id, "question": job.question, "image_url": job.image_url, "priority": str(job.priority)}
+    """Send the job's task message (task id = job id) at the job's priority.
+
+    `task` tells the worker what `question` is: a question (vqa), or a caption's prompt ("" for none).
+    """
+    payload = {
+        "job_id": job.id,
+        "question": job.question,
+        "image_url": job.image_url,
+        "priority": str(job.priority),
+        "task": str(job.task),
+    }
     if job.upload_key:  # a batch item's uploaded image (a reaper's republish): the worker reads it there
         payload["upload"] = job.upload_key
     celery.send_task(TASK_VQA, args=[payload], task_id=job.id, queue=queue, priority=BROKER_PRIORITY[job.priority])
 
 
 def publish_chunk(
-    celery: Celery, queue: str, batch_id: str, number: int, images: list[dict[str, Any]], priority: JobPriority
+    celery: Celery,
+    queue: str,
+    batch_id: str,
+    number: int,
+    images: list[dict[str, Any]],
+    priority: JobPriority,
+    task: str = "vqa",
 ) -> None:
-    """Send chunk `number` of a batch (task id `<batch id>.<number>`) on the single jobs' queue, at its priority.
+    """Send chunk `number` of a batch (task id `<batch id>.<number>`) on the queue of its task, at its priority.
 
-    `images` is one of worker.batches.plan_chunks's chunks: [{"image_url", "items": [[job id, question], ...]}, ...];
-    an uploaded image names its Redis key instead: {"upload", "items"}.
+    `images` is one of worker.batches.plan_chunks's chunks: [{"image_url", "items": [[job id, text], ...]}, ...];
+    an uploaded image names its Redis key instead: {"upload", "items"}. `task` says what the texts are: questions
+    (vqa) or caption prompts ("" for none).
     """
-    payload = {"batch_id": batch_id, "priority": str(priority), "images": images}
+    payload = {"batch_id": batch_id, "priority": str(priority), "images": images, "task": task}
     celery.send_task(
         TASK_VQA_CHUNK, args=[payload], task_id=f"{batch_id}.{number}", queue=queue, priority=BROKER_PRIORITY[priority]
     )

@@ -13,15 +13,16 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 from transformers import BlipConfig, BlipForConditionalGeneration, BlipForQuestionAnswering, BlipProcessor
 
+from worker.states import JobTask
+
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-Task = Literal["vqa", "caption"]
 CAPTION_ARCHITECTURE = "BlipForConditionalGeneration"
 
 
@@ -34,7 +35,7 @@ class LoadedModel:
     model_id: str
     device: torch.device
     dtype: torch.dtype
-    task: Task = "vqa"
+    task: JobTask = JobTask.VQA
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -57,10 +58,10 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return TORCH_DTYPES[name]
 
 
-def model_task(model_id: str) -> Task:
+def model_task(model_id: str) -> JobTask:
     """`caption` for a BlipForConditionalGeneration checkpoint (its config's architectures), else `vqa`."""
     architectures = BlipConfig.from_pretrained(model_id).architectures or []
-    return "caption" if CAPTION_ARCHITECTURE in architectures else "vqa"
+    return JobTask.CAPTION if CAPTION_ARCHITECTURE in architectures else JobTask.VQA
 
 
 def load_model(model_id: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
@@ -73,7 +74,7 @@ def load_model(model_id: str, device: str = "auto", dtype: str = "auto") -> Load
     torch_dtype = resolve_dtype(dtype, torch_device)
     task = model_task(model_id)
     processor = BlipProcessor.from_pretrained(model_id)
-    model_class = BlipForConditionalGeneration if task == "caption" else BlipForQuestionAnswering
+    model_class = BlipForConditionalGeneration if task is JobTask.CAPTION else BlipForQuestionAnswering
     model = model_class.from_pretrained(model_id, dtype=torch_dtype)
     model.to(torch_device)  # type: ignore[arg-type]
     model.eval()
@@ -158,7 +159,7 @@ def generate_texts(
     """One batch: texts[i] is about the image pixels[rows[i]]; answers (or captions) in the same order."""
     if not texts:
         return []
-    generate = _generate_captions if loaded.task == "caption" else _generate_answers
+    generate = _generate_captions if loaded.task is JobTask.CAPTION else _generate_answers
     with torch.inference_mode():
         image_embeds = loaded.model.vision_model(pixel_values=pixel_values(loaded, pixels))[0]
         row_index = torch.tensor(rows, device=image_embeds.device)

@@ -21,7 +21,7 @@ from kombu.transport.redis import Channel
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
-from worker.states import BROKER_PRIORITY, JobPriority, JobStatus
+from worker.states import BROKER_PRIORITY, JobPriority, JobStatus, JobTask
 from worker.transitions import (
     BATCH_KEY_PREFIX,
     CANCEL_LUA,
@@ -147,7 +147,7 @@ class Job:
 
     id: str
     status: JobStatus
-    question: str
+    question: str  # a vqa job's question, or a caption job's prompt ("": an unconditional caption)
     created_at: str
     image_url: str = ""
     answer: str = ""
@@ -169,6 +169,7 @@ class Job:
     index: int = 0  # its place among the batch's items
     upload_key: str = ""  # where a batch item's uploaded image is (batch_upload_key); never shown to clients
     image_name: str = ""  # the file name of a batch item's uploaded image
+    task: JobTask = JobTask.VQA
 
     @classmethod
     def from_redis(cls, fields: dict[str, str]) -> Job:
@@ -176,6 +177,7 @@ class Job:
         known: dict[str, Any] = {name: value for name, value in fields.items() if name in cls.__dataclass_fields__}
         known["status"] = JobStatus(fields["status"])
         known["priority"] = JobPriority(fields.get("priority") or JobPriority.NORMAL)
+        known["task"] = JobTask(fields.get("task") or JobTask.VQA)  # a record from before tasks asked a question
         known["cancel_requested"] = fields.get("cancel_requested") == "1"
         known["webhook_attempts"] = int(fields.get("webhook_attempts") or 0)
         known["index"] = int(fields.get("index") or 0)
@@ -189,12 +191,18 @@ class Job:
         }
 
     def to_public(self) -> dict[str, Any]:
-        """The job as the API shows it: empty fields become null, the error becomes {code, message}."""
+        """The job as the API shows it: empty fields become null, the error becomes {code, message}.
+
+        A vqa job shows its `question` (`prompt` null); a caption job its `prompt` (`question` null).
+        """
         error = {"code": self.error_code, "message": self.error_message} if self.error_code else None
+        captioning = self.task is JobTask.CAPTION
         return {
             "id": self.id,
             "status": str(self.status),
-            "question": self.question,
+            "task": str(self.task),
+            "question": None if captioning else self.question,
+            "prompt": (self.question or None) if captioning else None,
             "image_url": self.image_url or None,
             "image_name": self.image_name or None,
             "answer": self.answer if self.status is JobStatus.SUCCEEDED else None,

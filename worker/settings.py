@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from worker.errors import SettingsError
+from worker.states import JobTask
 
 # Defaults shared by the API and the worker: both read these variables and must agree.
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -23,9 +24,9 @@ DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "demo_model" / "blip-v
 
 # What a worker serves when BLIPQ_MODEL is unset, by BLIPQ_TASK.
 CAPTION_MODEL = "Salesforce/blip-image-captioning-base"
-TASKS = ("vqa", "caption")
-DEFAULT_QUEUES = {"vqa": DEFAULT_QUEUE, "caption": DEFAULT_CAPTION_QUEUE}
-DEFAULT_MODELS = {"vqa": str(DEMO_MODEL_DIR), "caption": CAPTION_MODEL}
+TASKS = tuple(task.value for task in JobTask)
+DEFAULT_QUEUES = {JobTask.VQA: DEFAULT_QUEUE, JobTask.CAPTION: DEFAULT_CAPTION_QUEUE}
+DEFAULT_MODELS = {JobTask.VQA: str(DEMO_MODEL_DIR), JobTask.CAPTION: CAPTION_MODEL}
 
 DEVICES = ("auto", "cpu", "cuda")
 LOG_FORMATS = ("json", "text")  # json: one object per line, for log collectors; text: for people at a terminal
@@ -138,7 +139,7 @@ class WorkerSettings:
     """Everything a worker process needs, from BLIPQ_* variables."""
 
     redis_url: str = DEFAULT_REDIS_URL
-    task: str = "vqa"  # picks the default model and queue; the model's own architecture decides what it answers
+    task: JobTask = JobTask.VQA  # picks the default model and queue; the model's architecture decides what it does
     queue: str = DEFAULT_QUEUE
     job_ttl_s: int = DEFAULT_JOB_TTL_S
     model: str = str(DEMO_MODEL_DIR)
@@ -174,7 +175,7 @@ class WorkerSettings:
     def from_env(cls, env: Mapping[str, str] | None = None) -> WorkerSettings:
         """Build settings from the environment; raises SettingsError naming the variable at fault."""
         env = os.environ if env is None else env
-        task = env_str(env, "BLIPQ_TASK", "vqa", TASKS)
+        task = JobTask(env_str(env, "BLIPQ_TASK", "vqa", TASKS))
         batch_max_size = env_int(env, "BLIPQ_BATCH_MAX_SIZE", 32, minimum=1)
         return cls(
             redis_url=env_redis_url(env),

@@ -31,3 +31,10 @@ class JobPriority(StrEnum):
 # SOONER (the reverse of AMQP). 0, 3 and 6 are steps of kombu's own PRIORITY_STEPS, so each level has a list of its
 # own and a level is first in, first out (worker/reaper.py relies on that).
 BROKER_PRIORITY = {JobPriority.HIGH: 0, JobPriority.NORMAL: 3, JobPriority.LOW: 6}
+
+
+class JobTask(StrEnum):
+    """What a job asks of its image; each task has a queue of its own, served by workers with a model for it."""
+
+    VQA = "vqa"  # answer `question` (BlipForQuestionAnswering)
+    CAPTION = "caption"  # caption the image, continuing the prompt if any (BlipForConditionalGeneration)
