@@ -107,8 +107,8 @@ def _job_id(response: Response) -> str:
 class FleetCollector(Collector):
     """Metrics read from Redis when Prometheus scrapes: one round of reads, whichever API process answers."""
 
-    def __init__(self, client: redis.Redis, queue: str) -> None:
-        self.client, self.queue = client, queue
+    def __init__(self, client: redis.Redis, queues: tuple[str, ...]) -> None:
+        self.client, self.queues = client, queues
 
     def describe(self) -> Iterable[Metric]:
         return []  # registering must not read Redis
@@ -125,29 +125,29 @@ class FleetCollector(Collector):
         return [up, *metrics]
 
     def _read(self) -> list[Metric]:
-        queue, labels = self.queue, [self.queue]
         queued = GaugeMetricFamily(
             "blipq_jobs_queued", "Jobs waiting in the queue, every priority level together", labels=["queue"]
         )
-        queued.add_metric(labels, queue_depth(self.client, queue))
         running = GaugeMetricFamily(
             "blipq_jobs_running",
-            "Jobs taken by a worker and not yet acknowledged: running (with prefetch 1 and late acks), or held "
-            "by a worker that vanished until the visibility timeout brings them back",
+            "Messages taken by a worker and not yet acknowledged (a job, or a chunk of a batch): held by a live "
+            "worker (up to BLIPQ_WORKER_CONCURRENCY each), or by one that vanished until they are restored",
             labels=["queue"],
         )
-        running.add_metric(labels, unacked_jobs(self.client, queue))
         workers = GaugeMetricFamily(
             "blipq_workers_ready", "Workers with their model loaded that serve the queue", labels=["queue"]
         )
-        workers.add_metric(labels, len(live_workers(self.client, queue)))
         finished = CounterMetricFamily(
             "blipq_jobs_finished",
             "Runs of the queue's jobs that ended, by status and error code (counted by the workers)",
             labels=["queue", "status", "code"],
         )
-        for (status, code), count in sorted(outcome_counts(self.client, queue).items()):
-            finished.add_metric([queue, status, code], count)
+        for queue in self.queues:
+            queued.add_metric([queue], queue_depth(self.client, queue))
+            running.add_metric([queue], unacked_jobs(self.client, queue))
+            workers.add_metric([queue], len(live_workers(self.client, queue)))
+            for (status, code), count in sorted(outcome_counts(self.client, queue).items()):
+                finished.add_metric([queue, status, code], count)
         events = CounterMetricFamily(
             "blipq_reliability_events", "The fleet's counters of GET /v1/stats, every queue together", labels=["event"]
         )

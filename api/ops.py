@@ -36,7 +36,7 @@ def install_ops(app: Flask, settings: ApiSettings) -> None:
     """Add /readyz and /metrics to `app`, and count, time and log its requests."""
     client = fleet_client(settings.redis_url)
     registry = CollectorRegistry()
-    fleet = FleetCollector(client, settings.queue)
+    fleet = FleetCollector(client, (settings.queue, settings.caption_queue))
     registry.register(fleet)
     RequestMetrics(registry).install(app)
     app.extensions["blipq.ops"] = Ops(settings, client, registry, fleet)

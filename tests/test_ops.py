@@ -113,7 +113,7 @@ def test_api_metrics_count_requests_by_route_and_status_and_read_the_queue_depth
     redis_server: RedisProcess, redis_client: redis.Redis
 ) -> None:
     redis_client.delete(*queue_names(IDLE_QUEUE))  # Celery's lists are not blipq:* keys: the fixture keeps them
-    api = api_client(redis_server.url, IDLE_QUEUE)
+    api = api_client(redis_server.url, IDLE_QUEUE, caption_queue=f"{IDLE_QUEUE}-caption")
     for _ in range(3):
         upload = {"question": "what color is the shape?", "image": (io.BytesIO(shape_png("red")), "r.png")}
         assert api.post("/v1/jobs", data=upload).status_code == 202
@@ -133,6 +133,7 @@ def test_api_metrics_count_requests_by_route_and_status_and_read_the_queue_depth
     assert value(text, "blipq_jobs_queued", queue=IDLE_QUEUE) == 3
     assert value(text, "blipq_jobs_running", queue=IDLE_QUEUE) == 0
     assert value(text, "blipq_workers_ready", queue=IDLE_QUEUE) == 0
+    assert value(text, "blipq_jobs_queued", queue=f"{IDLE_QUEUE}-caption") == 0  # the captions' queue, too
 
 
 class HeldImage:
