@@ -321,12 +321,27 @@ class JobStore:
         priority: JobPriority = JobPriority.NORMAL,
     ) -> int:
         """Record that a worker starts a run of the job; see START_LUA for the return value."""
+        return self.start_many([job_id], queue, model, worker, max_attempts, priority)[0]
+
+    def start_many(
+        self,
+        job_ids: list[str],
+        queue: str,
+        model: str,
+        worker: str,
+        max_attempts: int,
+        priority: JobPriority = JobPriority.NORMAL,
+    ) -> list[int]:
+        """Start each of `job_ids` as `start` does, in one round trip (a chunk's jobs start together)."""
         message = f"the job was started {max_attempts} times and its worker died each time; it is not tried again"
-        args: list[str | int | float] = [max_attempts, utc_now(), model, worker, message, job_id, time.time()]
-        args += [DEADLINE_MESSAGE, CANCELED_RERUN_MESSAGE]
-        keys = [job_key(job_id), stats_key(), unstarted_key(queue, priority), started_mark_key(queue, priority)]
-        keys += [upload_key(job_id), webhook_outbox_key(), deadlines_key(queue), running_key(queue)]
-        return int(self._start(keys=keys, args=args))
+        with self.client.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                args: list[str | int | float] = [max_attempts, utc_now(), model, worker, message, job_id, time.time()]
+                args += [DEADLINE_MESSAGE, CANCELED_RERUN_MESSAGE]
+                keys = [job_key(job_id), stats_key(), unstarted_key(queue, priority), started_mark_key(queue, priority)]
+                keys += [upload_key(job_id), webhook_outbox_key(), deadlines_key(queue), running_key(queue)]
+                self._start(keys=keys, args=args, client=pipe)
+            return [int(attempt) for attempt in pipe.execute()]
 
     def cancel(self, job: Job, queue: str) -> int:
         """Cancel the job: see CANCEL_LUA; returns one of the CANCEL_* codes."""

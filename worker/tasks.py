@@ -270,22 +270,33 @@ class WorkerRuntime:
     def _begin_chunk(
         self, payload: dict[str, Any], outcomes: list[dict[str, str]]
     ) -> list[tuple[tuple[str, str], list[tuple[str, str]]]]:
-        """Start each job of a chunk as a single job starts; the images (URL, upload key) with the jobs that run.
+        """Start the jobs of a chunk together, each as a single job starts; the images (URL, upload key) with the
+        jobs that run.
 
         The outcome of each job that must not run (ended, canceled, expired, given up) is added to `outcomes`.
         """
-        priority = job_priority(payload)
+        settings = self.settings
+        images = [
+            ((str(image.get("image_url", "")), str(image.get("upload", ""))), image.get("items", []))
+            for image in payload.get("images", [])
+        ]
+        job_ids = [str(job_id) for _, items in images for job_id, _ in items]
+        attempts = iter(
+            self.store.start_many(
+                job_ids, settings.queue, settings.model, worker_identity(), settings.max_attempts, job_priority(payload)
+            )
+        )
         started = []
-        for image in payload.get("images", []):
+        for source, items in images:
             pairs = []
-            for job_id, question in image.get("items", []):
-                skipped = self._begin(str(job_id), priority)
+            for job_id, question in items:
+                skipped = self._start_outcome(str(job_id), next(attempts))
                 if skipped is None:
                     pairs.append((str(job_id), str(question)))
                 else:
                     outcomes.append({"job_id": str(job_id), **skipped})
             if pairs:
-                started.append(((str(image.get("image_url", "")), str(image.get("upload", ""))), pairs))
+                started.append((source, pairs))
         return started
 
     def _begin(self, job_id: str, priority: JobPriority) -> dict[str, str] | None:
@@ -294,6 +305,10 @@ class WorkerRuntime:
         attempt = self.store.start(
             job_id, settings.queue, settings.model, worker_identity(), settings.max_attempts, priority
         )
+        return self._start_outcome(job_id, attempt)
+
+    def _start_outcome(self, job_id: str, attempt: int) -> dict[str, str] | None:
+        """What the start script's answer means for the job: None when it runs, else its outcome."""
         if attempt == START_MISSING:
             log.warning("job %s expired before it ran; skipped", job_id, extra={"job_id": job_id})
             return {"status": "expired"}
