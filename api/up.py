@@ -22,7 +22,7 @@ from worker.settings import DEFAULT_METRICS_PORT, env_float, env_port
 
 READY_TIMEOUT_S = 60.0  # for Redis and the API to answer after they start, on a busy machine
 STOP_GRACE_S = 15.0  # for a process to exit after SIGTERM before it is killed
-LOCAL_SHUTDOWN_GRACE_S = 10.0  # a worker's running job, on Ctrl-C, before it goes back to the queue
+LOCAL_SHUTDOWN_GRACE_S = 10.0  # on Ctrl-C, for a worker to finish the jobs it holds before it exits
 RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0)  # between restarts of a worker that keeps dying
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 
@@ -15,9 +14,8 @@ DEFAULT_ARGS = ["--loglevel=INFO", "--without-mingle"]
 
 def main(argv: list[str] | None = None) -> None:
     """Start a Celery worker on the configured queue, its model loaded before it takes a message."""
-    # SIGTERM (a deploy, `docker stop`, Kubernetes) starts Celery's soft shutdown: the running job finishes within
-    # BLIPQ_SHUTDOWN_GRACE_S or goes back to the queue. Read by billiard when it is imported, hence set first.
-    os.environ.setdefault("REMAP_SIGTERM", "SIGQUIT")
+    # SIGTERM (a deploy, `docker stop`, Kubernetes) is Celery's warm shutdown: the worker finishes the jobs it holds,
+    # within BLIPQ_SHUTDOWN_GRACE_S (worker.app.ShutdownGrace).
     from worker.app import create_worker_app
 
     try:

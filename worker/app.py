@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
+import os
+import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_init, worker_ready, worker_shutdown
+from celery.signals import worker_init, worker_ready, worker_shutdown, worker_shutting_down
 
 from worker.broker import create_celery, visibility_timeout_for
 from worker.jobs import JobStore
@@ -36,16 +41,17 @@ def create_worker_app(settings: WorkerSettings) -> Celery:
     app.conf.update(
         worker_pool="threads",
         worker_concurrency=settings.concurrency,
-        # Soft shutdown (SIGTERM is mapped to it by `python -m worker`): the running job gets this long to finish,
-        # then the worker stops and puts it back on the queue, rather than a deploy waiting on it without end.
-        worker_soft_shutdown_timeout=settings.shutdown_grace_s,
     )
     runtime = WorkerRuntime(settings)
     ops = WorkerOps(runtime, settings)  # metrics, the readiness record, a log line per job: around the model load
     worker_init.connect(ops.before_model_load, weak=False)
     worker_init.connect(runtime.start, weak=False)
     worker_init.connect(ops.after_model_load, weak=False)
-    worker_shutdown.connect(runtime.stop, weak=False)
+    worker_shutdown.connect(runtime.stop, weak=False)  # a warm shutdown; a cold one sends no signal, hence:
+    atexit.register(runtime.stop)  # the model's thread must not be inside torch when the interpreter exits
+    grace = ShutdownGrace(settings.shutdown_grace_s, ops.on_shutdown)
+    worker_init.connect(grace.arm, weak=False)
+    worker_shutting_down.connect(grace.begin, weak=False)
     register_tasks(app, runtime)
     ops.connect()
     if settings.log_format == "json":
@@ -54,6 +60,36 @@ def create_worker_app(settings: WorkerSettings) -> Celery:
         start_reaper_when_ready(app, settings)
     start_webhook_senders_when_ready(app, settings)
     return app
+
+
+class ShutdownGrace:
+    """SIGTERM (a deploy) is Celery's warm shutdown: the worker takes no more messages and finishes the jobs it holds.
+    Should that take longer than `grace_s`, the worker withdraws its record and exits; the reaper then publishes the
+    jobs it still held to other workers, as for a worker that died.
+
+    Celery's own bounded ("soft") shutdown runs the pool's shutdown inside the signal handler, which deadlocks a
+    thread pool that the signal interrupted while it started a thread; here the handler only sets an event.
+    """
+
+    def __init__(self, grace_s: float, withdraw: Callable[[], None]) -> None:
+        self.grace_s, self.withdraw = grace_s, withdraw
+        self.asked = threading.Event()
+
+    def arm(self, **_: Any) -> None:
+        """Start the waiting thread (at `worker_init`, outside any signal handler)."""
+        threading.Thread(target=self._wait, name="blipq-shutdown-grace", daemon=True).start()
+
+    def begin(self, **_: Any) -> None:
+        """Connected to `worker_shutting_down`, sent from the signal handler: nothing but an event."""
+        self.asked.set()
+
+    def _wait(self) -> None:
+        self.asked.wait()
+        time.sleep(self.grace_s)  # a worker whose jobs ended within the grace has exited by now
+        log.warning("the jobs still held after the %g s shutdown grace go to other workers", self.grace_s)
+        self.withdraw()
+        logging.shutdown()
+        os._exit(0)
 
 
 def start_reaper_when_ready(app: Celery, settings: WorkerSettings) -> None:

@@ -73,9 +73,13 @@ class Batcher:
             self.watchdog.start()
         return self
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float | None = None) -> None:
+        """Stop taking batches and wait (up to `timeout_s`) for the running model call: a process must not exit
+        while a thread is inside torch (its C++ thread pool aborts the process)."""
         self.stopping.set()
         self.pending.put(None)
+        if self.thread.is_alive():
+            self.thread.join(timeout_s)
 
     def submit(self, pixels: torch.Tensor, texts: list[str]) -> list[Future[Output]]:
         """Queue one image and its texts; the futures resolve to the outputs, in the order of `texts`."""

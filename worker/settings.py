@@ -160,7 +160,7 @@ class WorkerSettings:
     fetch_allow_ports: tuple[range, ...] = ()  # besides 80 and 443
     job_time_limit_s: int = DEFAULT_TIME_LIMIT_S  # hard; the soft limit (job fails `timeout`) is 10 s earlier
     max_attempts: int = 3  # starts of one job whose worker died each time, before it fails `worker_lost`
-    shutdown_grace_s: float = 30.0  # on SIGTERM, the running job has this long to finish, then goes back to the queue
+    shutdown_grace_s: float = 30.0  # on SIGTERM, the jobs held have this long to finish, then go to other workers
     reaper_interval_s: float = 30.0  # between two looks for jobs whose message was lost (worker/reaper.py); 0: never
     log_format: str = "json"
     metrics_port: int = DEFAULT_METRICS_PORT  # the pool process serves /metrics here; 0: no endpoint

@@ -112,9 +112,10 @@ class WorkerRuntime:
             ).start()
 
     def stop(self, **_signal_kwargs: Any) -> None:
-        if self.batcher is not None:
-            self.batcher.stop()
+        """Connected to `worker_shutdown` (the pool has stopped): let the model finish its call, then stop."""
         self.fetchers.shutdown(wait=False, cancel_futures=True)
+        if self.batcher is not None:
+            self.batcher.stop(timeout_s=self.settings.job_time_limit_s)
 
     def _generate(self, pixels: list[torch.Tensor], rows: list[int], texts: list[str]) -> list[str]:
         """The batcher's model call."""
