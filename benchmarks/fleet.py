@@ -1,19 +1,25 @@
 """The service's processes for the benchmarks: its own Redis, the API under gunicorn, N workers, each restartable.
 
-Also the easy-VQA questions the benchmarks send, with what the demo model answers to each in this process.
+Also the easy-VQA questions and images the benchmarks send, with what the demo model answers to each in this process;
+a batch sent and read back as fast as the service ends it; a local HTTP server for images sent as URLs; and the
+bare Celery no-op baseline.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import os
-import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import requests
 
@@ -23,6 +29,7 @@ sys.path.insert(0, str(REPO))
 from api.up import free_port, start_redis, stop_process  # noqa: E402
 
 REDIS_DOWN_S = 2.0  # how long Redis stays away when it restarts
+BATCH_POLL_S = 0.1  # between two reads of a batch's summary: the client's back-off (up to 2 s) would blur a rate
 
 
 @dataclass
@@ -31,16 +38,6 @@ class Worker:
 
     index: int
     process: subprocess.Popen[bytes]
-
-    def pool_pid(self) -> int:
-        pid = self.process.pid
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-            if children:
-                return int(children[0])
-            time.sleep(0.1)
-        raise RuntimeError(f"worker {pid} has no pool process")
 
 
 def load_items(count: int) -> list[tuple[bytes, str, str]]:
@@ -69,7 +66,8 @@ class Fleet:
     """The service's processes: Redis, the API and the workers, each started again after a blow, as a supervisor
     would."""
 
-    def __init__(self, workers: int, time_limit_s: int) -> None:
+    def __init__(self, workers: int, time_limit_s: int, env: Mapping[str, str] | None = None) -> None:
+        """Start Redis, the API and `workers` workers; `env` overrides BLIPQ_* variables for all of them."""
         self.data_dir = Path(tempfile.mkdtemp(prefix="blipq-chaos-"))
         self.redis = start_redis(self.data_dir / "redis")
         self.port = free_port(frozenset({self.redis.port}))
@@ -80,14 +78,12 @@ class Fleet:
             "BLIPQ_TORCH_THREADS": "1",
             "BLIPQ_JOB_TIME_LIMIT_S": str(time_limit_s),
             "BLIPQ_SHUTDOWN_GRACE_S": "5",
+            **(env or {}),
         }
         self.log = (self.data_dir / "service.log").open("wb")
         bind = f"127.0.0.1:{self.port}"
         self.api = self._spawn([sys.executable, "-m", "gunicorn", "--bind", bind, "--threads", "8", "api.wsgi:app"])
         self.workers = [Worker(i, self._spawn_worker(i)) for i in range(workers)]
-
-    def kill_pool_process(self, worker: Worker) -> None:
-        os.kill(worker.pool_pid(), signal.SIGKILL)
 
     def restart_worker(self, worker: Worker, sig: int) -> None:
         """Send `sig` to the worker's whole process group, wait for it to exit, start a new one."""
@@ -115,6 +111,37 @@ class Fleet:
         )
 
 
+def run_clients(clients: int, count: int, call: Callable[[int], None]) -> tuple[float, list[float]]:
+    """`count` calls of `call(i)` spread over `clients` threads: (wall seconds, each call's latency)."""
+    latencies: list[float] = []
+    lock = threading.Lock()
+    next_index = iter(range(count))
+
+    def client() -> None:
+        while True:
+            with lock:
+                index = next(next_index, None)
+            if index is None:
+                return
+            started = time.perf_counter()
+            call(index)
+            with lock:
+                latencies.append(time.perf_counter() - started)
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return time.perf_counter() - started, latencies
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
 def wait_until_serving(fleet: Fleet, item: tuple[bytes, str, str]) -> None:
     """Wait for the API and for a worker to answer one job (its model loaded)."""
     base = fleet.base
@@ -135,3 +162,81 @@ def wait_until_serving(fleet: Fleet, item: tuple[bytes, str, str]) -> None:
         except (requests.RequestException, ValueError, KeyError):
             time.sleep(0.5)
     raise RuntimeError("the service did not answer a first job")
+
+
+def easy_vqa_image_paths(count: int) -> list[Path]:
+    """The first `count` easy-VQA test images, PNG files on disk."""
+    from easy_vqa import get_test_image_paths
+
+    paths = get_test_image_paths()
+    return [Path(paths[index]) for index in range(count)]
+
+
+def run_batch(
+    base: str, images: Sequence[str | Path], questions: Sequence[str], timeout_s: float = 600
+) -> tuple[float, list[dict[str, Any]]]:
+    """Submit every question about every image as one batch, wait for it, read its results back.
+
+    Returns the wall seconds from the submission to the last result line read, and the result lines in item order
+    (image by image). The summary is read every BATCH_POLL_S, not with the client's back-off.
+    """
+    from api.client import BlipqClient
+
+    client = BlipqClient(base, timeout_s=120)
+    started = time.perf_counter()
+    batch_id, count = client.submit_batch(images, questions)
+    deadline = time.monotonic() + timeout_s
+    while client.batch(batch_id)["ended"] < count:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"batch {batch_id} did not end within {timeout_s:g} s")
+        time.sleep(BATCH_POLL_S)
+    results = list(client.results(batch_id))
+    return time.perf_counter() - started, results
+
+
+class ImageServer:
+    """A local HTTP server for a directory's files, on 127.0.0.1 and a free port, in a thread of this process."""
+
+    def __init__(self, directory: Path) -> None:
+        handler = functools.partial(QuietHandler, directory=str(directory))
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.port = int(self.server.server_address[1])
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.port}/{name}"
+
+    def fetch_env(self) -> dict[str, str]:
+        """The worker settings that let it fetch from this server (private addresses and odd ports are refused)."""
+        return {"BLIPQ_FETCH_ALLOW_NETWORKS": "127.0.0.1/32", "BLIPQ_FETCH_ALLOW_PORTS": str(self.port)}
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class QuietHandler(SimpleHTTPRequestHandler):
+    """Serves files without a log line per request."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def noop_celery_rate(fleet: Fleet, tasks: int, clients: int) -> float:
+    """Tasks/s of a bare Celery no-op round trip (`delay` + `get` per task from `clients` threads, blipq's Celery
+    configuration, one prefork worker process) on the fleet's Redis."""
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "benchmarks.noop_celery", "worker", "--pool=prefork",
+         "--concurrency=1", "--without-mingle", "--without-gossip", "-Q", "noop", "--loglevel=WARNING"],
+        env={**fleet.env, "BENCH_REDIS_URL": fleet.redis.url}, cwd=REPO, stdout=fleet.log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        os.environ["BENCH_REDIS_URL"] = fleet.redis.url  # read when the no-op app is built, at import
+        from benchmarks.noop_celery import noop
+
+        noop.delay().get(timeout=120)  # the no-op worker is up
+        seconds, _ = run_clients(clients, tasks, lambda index: noop.delay().get(timeout=60))
+    finally:
+        stop_process(worker)
+    return tasks / seconds

@@ -13,51 +13,22 @@ Celery (goal >= 1), and the latency the service adds over a direct call at p50 a
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from api.client import BlipqClient  # noqa: E402
-from api.up import stop_process  # noqa: E402
-from benchmarks.fleet import Fleet, load_items, wait_until_serving  # noqa: E402
-
-
-def run_clients(clients: int, count: int, call: Callable[[int], None]) -> tuple[float, list[float]]:
-    """`count` calls of `call(i)` spread over `clients` threads: (wall seconds, each call's latency)."""
-    latencies: list[float] = []
-    lock = threading.Lock()
-    next_index = iter(range(count))
-
-    def client() -> None:
-        while True:
-            with lock:
-                index = next(next_index, None)
-            if index is None:
-                return
-            started = time.perf_counter()
-            call(index)
-            with lock:
-                latencies.append(time.perf_counter() - started)
-
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    started = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return time.perf_counter() - started, latencies
-
-
-def percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+from benchmarks.fleet import (  # noqa: E402
+    Fleet,
+    load_items,
+    noop_celery_rate,
+    percentile,
+    run_clients,
+    wait_until_serving,
+)
 
 
 def direct_latencies(items: list[tuple[bytes, str, str]]) -> list[float]:
@@ -87,11 +58,6 @@ def main() -> int:
     items = load_items(args.jobs)
     direct = direct_latencies(items)
     fleet = Fleet(1, time_limit_s=300)
-    noop_worker = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "benchmarks.noop_celery", "worker", "--pool=prefork",
-         "--concurrency=1", "--without-mingle", "--without-gossip", "-Q", "noop", "--loglevel=WARNING"],
-        env={**fleet.env, "BENCH_REDIS_URL": fleet.redis.url}, cwd=REPO, stdout=fleet.log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
     try:
         wait_until_serving(fleet, items[0])
         client = BlipqClient(fleet.base)
@@ -101,17 +67,11 @@ def main() -> int:
             assert client.ask(image, question, timeout_s=120) == expected
 
         service_s, service_latencies = run_clients(args.clients, args.jobs, ask)
-
-        os.environ["BENCH_REDIS_URL"] = fleet.redis.url  # read when the no-op app is built, at import
-        from benchmarks.noop_celery import noop
-
-        noop.delay().get(timeout=120)  # the no-op worker is up
-        celery_s, _ = run_clients(args.clients, args.jobs, lambda index: noop.delay().get(timeout=60))
+        celery_rate = noop_celery_rate(fleet, args.jobs, args.clients)
     finally:
-        stop_process(noop_worker)
         fleet.stop()
 
-    service_rate, celery_rate = args.jobs / service_s, args.jobs / celery_s
+    service_rate = args.jobs / service_s
     print(f"{args.jobs} jobs, {args.clients} clients, demo model, one worker (BLIPQ_TORCH_THREADS=1), this machine")
     print(f"service (upload, submit-then-poll)  {service_rate:7.1f} jobs/s")
     print(f"bare Celery round trip (no-op)      {celery_rate:7.1f} tasks/s")
