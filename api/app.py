@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import redis
 from flask import Flask
 
 from api.admission import install_rate_limits
@@ -12,7 +13,7 @@ from api.openapi import bp as openapi_bp
 from api.ops import install_ops
 from api.page import bp as page_bp
 from api.settings import ApiSettings
-from api.views import Services, bp
+from api.views import MAX_WAIT_S, Services, bp
 from worker.broker import create_celery
 from worker.jobs import JobStore
 
@@ -27,6 +28,7 @@ def create_app(settings: ApiSettings | None = None) -> Flask:
         settings=settings,
         store=JobStore.from_url(settings.redis_url, settings.job_ttl_s),
         celery=create_celery(settings.redis_url, settings.queue, settings.job_ttl_s, settings.job_time_limit_s),
+        waiter=redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5, socket_timeout=MAX_WAIT_S + 5),
     )
     install_api_keys(app, settings.api_keys)
     install_rate_limits(app, settings, bp, batches_bp)  # after the keys: it counts per key name

@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> None:
     api = commands.add_parser("api", help="the HTTP API under gunicorn")
     api.add_argument("--bind", default="127.0.0.1:8000", help="host:port (default 127.0.0.1:8000)")
     api.add_argument("--workers", type=int, default=2, help="gunicorn worker processes (default 2)")
-    api.add_argument("--threads", type=int, default=8, help="threads per gunicorn worker (default 8)")
+    # A long poll (GET /v1/jobs/<id>?wait=) holds its thread while it waits: threads are cheap, waiting clients many.
+    api.add_argument("--threads", type=int, default=32, help="threads per gunicorn worker (default 32)")
 
     commands.add_parser("worker", help="one Celery worker with the model resident; other options go to celery")
 

@@ -24,6 +24,7 @@ RETRYABLE_STATUSES = frozenset({429, 503})  # rate limited, queue full, Redis aw
 MAX_SUBMIT_TRIES = 5
 FIRST_POLL_S = 0.05  # a demo-model answer is ready in tens of milliseconds
 MAX_POLL_S = 2.0  # a long job is polled every 2 s, not hammered
+LONG_POLL_S = 10.0  # each read of `wait` waits this long on the server for the job to end (GET ...?wait=)
 FIRST_BATCH_POLL_S = 0.2  # a batch takes at least a chunk's model call: no need to poll faster
 CAPTION = "caption"  # the task of caption jobs; the service's default task, "vqa", answers questions
 
@@ -76,18 +77,27 @@ class BlipqClient:
             time.sleep(_retry_after_s(response, default=2.0**attempt))
         raise AssertionError("unreachable")
 
-    def get(self, job_id: str) -> dict[str, Any]:
-        """The job as the service shows it now."""
-        response = self.session.get(f"{self.base_url}/v1/jobs/{job_id}", timeout=self.timeout_s)
+    def get(self, job_id: str, wait_s: float = 0.0) -> dict[str, Any]:
+        """The job as the service shows it now; with `wait_s`, once it ended or after that many seconds."""
+        params = {"wait": f"{wait_s:g}"} if wait_s > 0 else {}
+        url = f"{self.base_url}/v1/jobs/{job_id}"
+        response = self.session.get(url, params=params, timeout=self.timeout_s + wait_s)
         if response.status_code != 200:
             raise _error_of(response)
         job: dict[str, Any] = response.json()
         return job
 
     def wait(self, job_id: str, timeout_s: float | None = None) -> dict[str, Any]:
-        """Poll the job, backing off from 50 ms to 2 s, until it ends; TimeoutError after `timeout_s`."""
+        """Long-poll the job until it ends (each read waits on the server up to LONG_POLL_S; between reads, a pause
+        from 50 ms up to 2 s); TimeoutError after `timeout_s`."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+
+        def read() -> dict[str, Any]:
+            left = LONG_POLL_S if deadline is None else min(LONG_POLL_S, deadline - time.monotonic())
+            return self.get(job_id, wait_s=left if left >= 0.01 else 0.0)
+
         return self._poll(
-            lambda: self.get(job_id),
+            read,
             lambda job: job["status"] in FINAL_STATUSES,
             f"job {job_id}",
             FIRST_POLL_S,

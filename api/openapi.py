@@ -93,6 +93,7 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
     "questions_invalid": (422, "a batch upload's `questions` is not a JSON array of non-empty strings"),
     "batch_invalid": (422, "both `items` and `images`/`questions`, or `images` without `questions` (or the reverse)"),
     "pagination_invalid": (422, "`offset` or `limit` is not a whole number >= 0"),
+    "wait_invalid": (422, "`wait` is not a number of seconds above 0 and at most 20"),
     "rate_limited": (429, "the client used up its request budget; retry after Retry-After seconds"),
     "broker_unavailable": (503, "Redis cannot take the job right now; retry later"),
     "queue_full": (503, "the queue holds BLIPQ_MAX_QUEUE_DEPTH jobs; retry after Retry-After seconds"),
@@ -100,9 +101,12 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
 }
 PROTECTED_CODES = ("api_key_missing", "api_key_invalid", "rate_limited", "store_unavailable")  # any /v1 route
 BATCH_ONLY_CODES = ("batch_empty", "batch_too_large", "batch_invalid", "questions_invalid", "pagination_invalid")
+READ_ONLY_CODES = ("wait_invalid",)  # a query parameter of GET /v1/jobs/<id>, not a field of a submission
 JOB_ONLY_CODES = ("image_conflict",)  # a batch's images are all URLs (JSON) or all uploads (multipart)
 VALIDATION_CODES = tuple(
-    code for code, (status, _) in ERROR_CODES.items() if status == 422 and code not in BATCH_ONLY_CODES
+    code
+    for code, (status, _) in ERROR_CODES.items()
+    if status == 422 and code not in BATCH_ONLY_CODES and code not in READ_ONLY_CODES
 )
 BATCH_SUBMIT_CODES = (
     *("invalid_json", "body_too_large", "image_too_large", "unsupported_media_type"),
@@ -166,6 +170,16 @@ PAGE_PARAMETERS = [
         "schema": {"type": "integer", "minimum": 0},
     },
 ]
+WAIT_PARAMETER = {
+    "name": "wait",
+    "in": "query",
+    "required": False,
+    "description": (
+        "Long polling: a job that has not ended is answered when it ends, or after this many seconds (above 0, at "
+        "most 20). Without it, the job is answered as it is now."
+    ),
+    "schema": {"type": "number", "exclusiveMinimum": 0, "maximum": 20},
+}
 IDEMPOTENCY_KEY_PARAMETER = {
     "name": IDEMPOTENCY_HEADER,
     "in": "header",
@@ -356,8 +370,11 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
     ("get", "/v1/jobs/{job_id}"): {
         "operationId": "getJob",
         "summary": "A job's status, and its answer or error once it ended.",
-        "parameters": [JOB_ID_PARAMETER],
-        "responses": {"200": _ok("The job.", "JobResponse"), **_errors("job_not_found", *PROTECTED_CODES)},
+        "parameters": [JOB_ID_PARAMETER, WAIT_PARAMETER],
+        "responses": {
+            "200": _ok("The job.", "JobResponse"),
+            **_errors("job_not_found", "wait_invalid", *PROTECTED_CODES),
+        },
     },
     ("post", "/v1/jobs/{job_id}/cancel"): {
         "operationId": "cancelJob",

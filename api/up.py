@@ -215,7 +215,7 @@ def worker_metrics_env(env: dict[str, str], index: int, host: str) -> dict[str, 
 
 
 # A single API process with threads is plenty on one machine: the API only validates and enqueues.
-GUNICORN_LOCAL = ["--workers", "1", "--threads", "8", "--access-logfile", "-"]
+GUNICORN_LOCAL = ["--workers", "1", "--threads", "32", "--access-logfile", "-"]  # long polls hold threads
 
 
 def run_up(host: str, port: int, workers: int, data_dir: Path) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import re
 import time
 from dataclasses import dataclass
@@ -34,8 +35,8 @@ from api.settings import ApiSettings
 from worker.broker import publish_job
 from worker.errors import ImageInvalidError, ImageTooLargeError
 from worker.images import open_image
-from worker.jobs import Job, JobStore, idempotency_key, new_job_id, utc_iso
-from worker.states import JobStatus
+from worker.jobs import Job, JobStore, ended_key, idempotency_key, new_job_id, utc_iso
+from worker.states import ENDED_STATUSES, JobStatus
 from worker.transitions import CANCEL_ENDED
 
 log = logging.getLogger("blipq.api")
@@ -57,6 +58,10 @@ class Services:
     settings: ApiSettings
     store: JobStore
     celery: Celery
+    waiter: redis.Redis  # for reads that wait: its socket timeout is above MAX_WAIT_S
+
+
+MAX_WAIT_S = 20.0  # the longest a `GET /v1/jobs/<id>?wait=S` holds its request (and an API thread)
 
 
 def services() -> Services:
@@ -115,9 +120,17 @@ def get_job(job_id: str) -> Response:
     """A job's status, and its answer or error once it ended; another key's job is as unknown as a job never made.
 
     A job still queued past its deadline is ended `expired` by this read, as the worker would when it reached it.
+    With `?wait=S` (0 < S <= MAX_WAIT_S), a job that has not ended is answered when it ends, or after S seconds: the
+    script that ends a job pushes on its `ended` list, which this read waits on (BLMOVE onto itself, so that every
+    waiting read sees it).
     """
     svc = services()
+    wait_s = _wait_seconds()
     job = _owned_job(svc.store, job_id)
+    if wait_s and job.status not in ENDED_STATUSES and not job.overdue(time.time()):
+        key = ended_key(job_id)
+        svc.waiter.blmove(key, key, timeout=wait_s, src="RIGHT", dest="LEFT")  # type: ignore[arg-type]  # Redis takes fractions
+        job = _owned_job(svc.store, job_id)
     if job.overdue(time.time()):
         svc.store.expire_if_overdue(job, svc.settings.queue_for(job.task))
         job = _owned_job(svc.store, job_id)
@@ -150,6 +163,20 @@ def _owned_job(store: JobStore, job_id: str) -> Job:
     if job is None or job.owner != api_key_name():
         raise NotFoundError("job_not_found", "no job has this id (it may have expired)")
     return job
+
+
+def _wait_seconds() -> float:
+    raw = request.args.get("wait")
+    if raw is None:
+        return 0.0
+    try:
+        wait_s = float(raw)
+    except ValueError:
+        wait_s = math.nan
+    if not 0 < wait_s <= MAX_WAIT_S:  # NaN fails too
+        message = f"wait: a number of seconds above 0 and at most {MAX_WAIT_S:g} is expected"
+        raise ValidationError("wait_invalid", message)
+    return wait_s
 
 
 def _new_job(job_request: JobRequest) -> Job:

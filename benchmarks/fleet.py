@@ -82,7 +82,7 @@ class Fleet:
         }
         self.log = (self.data_dir / "service.log").open("wb")
         bind = f"127.0.0.1:{self.port}"
-        self.api = self._spawn([sys.executable, "-m", "gunicorn", "--bind", bind, "--threads", "8", "api.wsgi:app"])
+        self.api = self._spawn([sys.executable, "-m", "gunicorn", "--bind", bind, "--threads", "32", "api.wsgi:app"])
         self.workers = [Worker(i, self._spawn_worker(i)) for i in range(workers)]
 
     def restart_worker(self, worker: Worker, sig: int) -> None:

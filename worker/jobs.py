@@ -29,6 +29,7 @@ from worker.transitions import (
     CANCELED_RERUN_MESSAGE,
     CLAIM_KEY_LUA,
     DEADLINE_MESSAGE,
+    ENDED_KEY_PREFIX,
     EXPIRE_LUA,
     FINISH_LUA,
     RELEASE_KEY_LUA,
@@ -89,6 +90,11 @@ def started_mark_key(queue: str, priority: JobPriority = JobPriority.NORMAL) -> 
     """The latest enqueue time (epoch seconds) of a job of this queue level that a worker started."""
     suffix = "" if priority is JobPriority.NORMAL else f":{priority}"
     return f"{KEY_PREFIX}started-mark:{queue}{suffix}"
+
+
+def ended_key(job_id: str) -> str:
+    """The list that a single job's end is pushed on (by its end script), for reads that wait for it."""
+    return f"{ENDED_KEY_PREFIX}{job_id}"
 
 
 def running_key(queue: str) -> str:
