@@ -6,7 +6,7 @@ submit each image with its texts; the model thread takes the first pending image
 model runs, the next batch gathers, so under load a batch forms at once and is full.
 
 On a CUDA out-of-memory error the batch is split in halves and each half tried again; a text that fails alone fails
-with `OutOfMemory` (code `oom`), the others are answered.
+with ModelOutOfMemoryError (code `oom`), the others are answered.
 """
 
 from __future__ import annotations

@@ -67,3 +67,9 @@ class WrongTaskError(BlipqError):
     """Raised when a job asks for a task (vqa, caption) that the worker's model does not do: it was misrouted."""
 
     code = "wrong_task"
+
+
+class JobTimeoutError(BlipqError):
+    """Raised when a job has not ended within its time limit (BLIPQ_JOB_TIME_LIMIT_S less a margin)."""
+
+    code = "timeout"

@@ -21,7 +21,7 @@ from celery import Celery
 
 from worker.batching import Batcher, Output
 from worker.broker import SOFT_LIMIT_MARGIN_S, TASK_VQA, TASK_VQA_CHUNK
-from worker.errors import BlipqError, UploadMissingError, WrongTaskError
+from worker.errors import BlipqError, JobTimeoutError, UploadMissingError, WrongTaskError
 from worker.fetch import FetchLimits, fetch_image_bytes, new_session
 from worker.images import decode_image
 from worker.jobs import JobStore
@@ -39,10 +39,6 @@ if TYPE_CHECKING:  # torch is imported when the model loads, not when the API im
 log = logging.getLogger("blipq.worker")
 
 REDIS_OUTAGE_S = 60.0  # how long a worker's job-record writes keep retrying while Redis is away (a restart)
-
-
-class JobTimeout(BlipqError):
-    code = "timeout"
 
 
 class JobTiming(threading.local):
@@ -245,12 +241,12 @@ class WorkerRuntime:
         return answers
 
     def _result(self, future: Future[Output], deadline: float) -> str:
-        """The batcher's output for one text, or JobTimeout once the job's time is up (it is then not answered)."""
+        """The batcher's output for one text, or JobTimeoutError once the job's time is up (it is then not answered)."""
         try:
             output = future.result(timeout=max(0.0, deadline - time.monotonic()))
         except TimeoutError:
             future.cancel()  # still queued: the batcher skips it
-            raise JobTimeout(self._timeout_message()) from None
+            raise JobTimeoutError(self._timeout_message()) from None
         if output.call not in CURRENT_JOB.calls:  # texts of one chunk often share a call: counted once
             CURRENT_JOB.calls.add(output.call)
             CURRENT_JOB.model_s += output.model_s
