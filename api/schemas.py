@@ -307,7 +307,7 @@ class Readiness(BaseModel):
     status: Literal["ready", "not_ready"]
     queue: str
     redis: Literal["ok", "unreachable"]
-    workers: list[WorkerRecord] = Field(description="The pool processes serving the queue with their model loaded.")
+    workers: list[WorkerRecord] = Field(description="The workers serving the queue with their model loaded.")
     missing: list[Literal["redis", "worker"]] = Field(description="What keeps the service from being ready.")
 
 

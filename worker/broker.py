@@ -79,14 +79,15 @@ def create_celery(redis_url: str, queue: str, result_ttl_s: int, time_limit_s: i
         result_expires=result_ttl_s,
         # A job is acknowledged only once it ended (so a worker that dies mid-job has not acknowledged it)...
         task_acks_late=True,
-        # ...and when a pool process dies mid-job, the main process puts the job back on the queue at once.
+        # ...(a process pool would also put back at once the job of a pool process that died mid-job; blipq's
+        # workers run a thread pool, and the reaper republishes the jobs of a worker that died)...
         task_reject_on_worker_lost=True,
-        # With one pool process and late acknowledgement, a worker reserves only the job it runs: the rest stay on
-        # the queue, free for other workers, and a worker that dies holds one job at most.
+        # ...and a worker reserves one message per pool thread (BLIPQ_WORKER_CONCURRENCY), each started at once: the
+        # rest stay on the queue, free for other workers.
         worker_prefetch_multiplier=1,
-        # A job that a dead worker had reserved (the whole worker killed, not only its pool process) comes back after
-        # the visibility timeout: it must be above the longest a job may legitimately run, or a slow job would be
-        # delivered a second time while it still runs. Celery reads it in three places; all three are set.
+        # A job that a dead worker had reserved comes back after the visibility timeout (the reaper is quicker): it
+        # must be above the longest a job may legitimately run, or a slow job would be delivered a second time while
+        # it still runs. Celery reads it in three places; all three are set.
         broker_transport_options={
             "visibility_timeout": visibility_timeout_s,
             "socket_connect_timeout": 5,
@@ -94,7 +95,7 @@ def create_celery(redis_url: str, queue: str, result_ttl_s: int, time_limit_s: i
         },
         result_backend_transport_options={"visibility_timeout": visibility_timeout_s},
         visibility_timeout=visibility_timeout_s,
-        # A job that runs past its soft limit fails with `timeout`; past the hard one, its pool process is killed.
+        # Celery enforces these in a process pool only; blipq's workers time their jobs themselves (worker/tasks.py).
         task_soft_time_limit=max(1, time_limit_s - SOFT_LIMIT_MARGIN_S),
         task_time_limit=time_limit_s,
         broker_connection_retry_on_startup=True,

@@ -2,7 +2,7 @@
 
 Imports neither Flask nor torch: the workers write these keys, the API reads them.
 
-- Each pool process that has its model loaded keeps a hash `blipq:worker:<host>:<pid>` (model, device, dtype,
+- Each worker that has its model loaded keeps a hash `blipq:worker:<host>:<pid>` (model, device, dtype,
   queue, when it loaded...) that expires `RECORD_TTL_FACTOR` announce intervals after its last refresh: a worker is
   live while its hash exists. Its id is also in its queue's sorted set `blipq:workers:<queue>`, scored by the last
   refresh, so that a reader finds a queue's workers without scanning the keyspace. A clean exit deletes both; a
@@ -33,7 +33,7 @@ REDIS_TIMEOUT_S = 2.0  # a heartbeat or a probe gives up this fast when Redis do
 
 @dataclass(frozen=True)
 class WorkerRecord:
-    """A pool process that has its model loaded and serves a queue."""
+    """A worker that has its model loaded and serves a queue."""
 
     id: str  # host:pid, as jobs record their `worker`
     host: str

@@ -163,7 +163,7 @@ class WorkerSettings:
     shutdown_grace_s: float = 30.0  # on SIGTERM, the jobs held have this long to finish, then go to other workers
     reaper_interval_s: float = 30.0  # between two looks for jobs whose message was lost (worker/reaper.py); 0: never
     log_format: str = "json"
-    metrics_port: int = DEFAULT_METRICS_PORT  # the pool process serves /metrics here; 0: no endpoint
+    metrics_port: int = DEFAULT_METRICS_PORT  # the worker serves /metrics here; 0: no endpoint
     metrics_addr: str = "0.0.0.0"  # all interfaces: Prometheus scrapes each worker from elsewhere
     announce_interval_s: float = 10.0  # between two refreshes of the worker's record that /readyz reads
     webhook_secret: str = field(default="", repr=False)  # signs webhooks; "": this worker delivers none

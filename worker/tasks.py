@@ -365,7 +365,7 @@ def job_priority(payload: Mapping[str, Any]) -> JobPriority:
 
 
 def worker_identity() -> str:
-    """Which process runs a job, recorded on it: host name and pool process id."""
+    """Which worker runs a job, recorded on it: host name and process id (its record in worker/fleet.py)."""
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
