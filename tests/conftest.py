@@ -175,6 +175,18 @@ def tiny_caption_worker(
     stop_process(worker.process)
 
 
+@pytest.fixture
+def caption_service_url(
+    redis_server: RedisProcess,
+    tiny_worker: WorkerProcess,
+    tiny_caption_worker: WorkerProcess,
+    redis_client: redis.Redis,
+) -> Iterator[str]:
+    """The API over HTTP with both queues: the tiny VQA worker's, and the tiny captioning worker's for captions."""
+    settings = ApiSettings(redis_url=redis_server.url, queue=tiny_worker.queue, caption_queue=tiny_caption_worker.queue)
+    yield from serve_app(settings)
+
+
 def api_client(redis_url: str, queue: str, **overrides: Any) -> FlaskClient:
     """A test client of the real Flask app, talking to a real Redis."""
     settings = ApiSettings(redis_url=redis_url, queue=queue, **overrides)

@@ -133,18 +133,6 @@ def test_waiting_for_a_batch_is_bounded_and_mixed_images_are_refused(
             client.submit_batch(["https://example.com/a.png", tmp_path / "a.png"], ["what color?"])
 
 
-@pytest.fixture
-def caption_service_url(
-    redis_server: RedisProcess,
-    tiny_worker: WorkerProcess,
-    tiny_caption_worker: WorkerProcess,
-    redis_client: redis.Redis,
-) -> Iterator[str]:
-    """The API over HTTP with both queues: the tiny VQA worker's, and the tiny captioning worker's for captions."""
-    settings = ApiSettings(redis_url=redis_server.url, queue=tiny_worker.queue, caption_queue=tiny_caption_worker.queue)
-    yield from serve_app(settings)
-
-
 def test_caption_returns_the_models_caption_of_a_file_bytes_and_a_url(
     caption_service_url: str, image_server: ImageServer, tiny_caption_model_dir: Path, tmp_path: Path
 ) -> None:

@@ -125,18 +125,6 @@ def test_tag_uploads_a_directory_of_local_images(service_url: str, tmp_path: Pat
     assert {pair: record["answer"] for pair, record in read_out(out).items()} == expected
 
 
-@pytest.fixture
-def caption_service_url(
-    redis_server: RedisProcess,
-    tiny_worker: WorkerProcess,
-    tiny_caption_worker: WorkerProcess,
-    redis_client: redis.Redis,
-) -> Iterator[str]:
-    """The API over HTTP with both queues: the tiny VQA worker's, and the tiny captioning worker's for captions."""
-    settings = ApiSettings(redis_url=redis_server.url, queue=tiny_worker.queue, caption_queue=tiny_caption_worker.queue)
-    yield from serve_app(settings)
-
-
 def blipq_tag_captions(service_url: str, *args: str) -> subprocess.CompletedProcess[str]:
     command = [sys.executable, "-m", "api.cli", "tag", "--caption", *args, "--url", service_url]
     return subprocess.run(command, capture_output=True, text=True, timeout=180, cwd=ROOT, check=False)
