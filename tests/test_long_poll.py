@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import threading
 import time
 
@@ -86,3 +87,19 @@ def test_the_client_waits_by_long_polling(redis_server: RedisProcess, tiny_worke
     polls = [url for url in reads if f"/v1/jobs/{job_id}" in url]
     assert polls and all("wait=" in url for url in polls)
     assert len(polls) <= 2, f"{len(polls)} reads: the first should have waited for the end"
+
+
+def test_a_waiting_read_of_a_batch_item_answers_as_soon_as_it_ends(
+    tiny_api: FlaskClient, tiny_worker: WorkerProcess
+) -> None:
+    form = {"questions": '["what color?"]', "images": [(io.BytesIO(shape_png("green")), "g.png", "image/png")]}
+    batch = tiny_api.post("/v1/batches", data=form)
+    assert batch.status_code == 202, batch.get_json()
+    lines = tiny_api.get(f"/v1/batches/{batch.get_json()['id']}/results").get_data(as_text=True).splitlines()
+    job_id = json.loads(lines[0])["job_id"]
+
+    started = time.monotonic()
+    job = tiny_api.get(f"/v1/jobs/{job_id}?wait=20").get_json()
+
+    assert job["status"] == "succeeded", (job, tiny_worker.log_tail())
+    assert time.monotonic() - started < 19, "the read waited out its time although the item ended"

@@ -93,7 +93,7 @@ def started_mark_key(queue: str, priority: JobPriority = JobPriority.NORMAL) -> 
 
 
 def ended_key(job_id: str) -> str:
-    """The list that a single job's end is pushed on (by its end script), for reads that wait for it."""
+    """The list that a job's end is pushed on (by its end script), for reads that wait for it."""
     return f"{ENDED_KEY_PREFIX}{job_id}"
 
 

@@ -14,12 +14,12 @@ CANCELED_MESSAGE = "the job was canceled before it started; it was not run"
 CANCELED_RERUN_MESSAGE = "the job was canceled while it ran and its worker died; it is not run again"
 BATCH_KEY_PREFIX = "blipq:batch:"  # a batch's hash: `end_job` counts its ended items there (worker.jobs.batch_key)
 BATCH_OUTBOX_PREFIX = "batch:"  # an outbox member for a batch's webhook, beside the job ids (which have no ':')
-ENDED_KEY_PREFIX = "blipq:ended:"  # a single job's end, pushed for the API's long polls (worker.jobs.ended_key)
+ENDED_KEY_PREFIX = "blipq:ended:"  # a job's end, pushed for the API's long polls (worker.jobs.ended_key)
 ENDED_KEY_TTL_S = 120  # long enough for any waiting read to see it
 
 # What every script below starts with. `end_job` writes the final fields, deletes the upload and, when the job names
 # a webhook, puts its delivery in the outbox, due now: in the same script, so an ended job's webhook is never lost.
-# A single job's end is also pushed on its `ended` list, which wakes the API's reads waiting for it.
+# A job's end is also pushed on its `ended` list, which wakes the API's reads waiting for it.
 # A batch item also counts itself ended on its batch's hash; the item that ends the batch queues the batch's webhook.
 # (The batch's key is built here from the job's `batch_id`: the scripts run on one Redis, not a cluster.)
 _LUA_LIBRARY = (
@@ -50,14 +50,12 @@ local function end_job(job, upload, outbox, now, fields)
     redis.call('hset', job, 'webhook_status', 'pending')
     redis.call('zadd', outbox, now, redis.call('hget', job, 'id'))
   end
+  -- wake the API's reads that wait for this job to end (GET /v1/jobs/<id>?wait=S)
+  local ended = ENDED_KEY_PREFIX .. redis.call('hget', job, 'id')
+  redis.call('rpush', ended, '1')
+  redis.call('expire', ended, ENDED_KEY_TTL)
   local batch_id = redis.call('hget', job, 'batch_id')
-  if batch_id and batch_id ~= '' then
-    end_batch_item(batch_id, outbox, now)
-  else  -- wake the API's reads that wait for this job to end (GET /v1/jobs/<id>?wait=S)
-    local ended = ENDED_KEY_PREFIX .. redis.call('hget', job, 'id')
-    redis.call('rpush', ended, '1')
-    redis.call('expire', ended, ENDED_KEY_TTL)
-  end
+  if batch_id and batch_id ~= '' then end_batch_item(batch_id, outbox, now) end
 end
 local function overdue(job, now)
   local deadline = redis.call('hget', job, 'deadline_at')
