@@ -215,6 +215,17 @@ def wait_for_job(client: FlaskClient, job_id: str, worker: WorkerProcess | None 
     raise AssertionError(f"job {job_id} did not end within {JOB_TIMEOUT_S} s\n{detail}")
 
 
+def wait_for_batch(client: FlaskClient, batch_id: str, worker: WorkerProcess) -> dict[str, Any]:
+    """Poll the batch until every item ended; fail with the worker's log if it never does."""
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while time.monotonic() < deadline:
+        batch: dict[str, Any] = client.get(f"/v1/batches/{batch_id}").get_json()
+        if batch["ended"] == batch["count"]:
+            return batch
+        time.sleep(0.05)
+    raise AssertionError(f"batch {batch_id} did not end: {batch}\n{worker.log_tail()}")
+
+
 def wait_for_status(
     client: FlaskClient, job_id: str, status: str, worker: WorkerProcess, poll_s: float = 0.02
 ) -> dict[str, Any]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import secrets
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from flask.testing import FlaskClient
 
 from api.admission import queue_names
 from api.up import RedisProcess, stop_process
-from tests.conftest import JOB_TIMEOUT_S, WorkerProcess, api_client, start_worker, wait_for_job
+from tests.conftest import WorkerProcess, api_client, start_worker, wait_for_batch, wait_for_job
 from tests.fixtures.images import shape_png
 from worker.broker import create_celery, publish_job
 from worker.jobs import JobStore
@@ -60,16 +59,6 @@ def upload_form(images: list[tuple[bytes, str]], questions: Any = QUESTIONS, **f
 
 def color_images() -> list[tuple[bytes, str]]:
     return [(shape_png(color), f"{color}.png") for color in COLORS]
-
-
-def wait_for_batch(client: FlaskClient, batch_id: str, worker: WorkerProcess) -> dict[str, Any]:
-    deadline = time.monotonic() + JOB_TIMEOUT_S
-    while time.monotonic() < deadline:
-        batch: dict[str, Any] = client.get(f"/v1/batches/{batch_id}").get_json()
-        if batch["ended"] == batch["count"]:
-            return batch
-        time.sleep(0.05)
-    raise AssertionError(f"batch {batch_id} did not end: {batch}\n{worker.log_tail()}")
 
 
 def upload_keys(client: redis.Redis) -> list[bytes]:

@@ -27,6 +27,7 @@ from tests.conftest import (
     api_client,
     http_server,
     start_worker,
+    wait_for_batch,
     wait_for_job,
 )
 from tests.fixtures.images import shape_png
@@ -120,17 +121,6 @@ def submit_batch(client: FlaskClient, body: dict[str, Any]) -> str:
     batch_id: str = response.get_json()["id"]
     assert response.headers["Location"] == f"/v1/batches/{batch_id}"
     return batch_id
-
-
-def wait_for_batch(client: FlaskClient, batch_id: str, worker: WorkerProcess) -> dict[str, Any]:
-    """Poll the batch until every item ended; fail with the worker's log if it never does."""
-    deadline = time.monotonic() + JOB_TIMEOUT_S
-    while time.monotonic() < deadline:
-        batch: dict[str, Any] = client.get(f"/v1/batches/{batch_id}").get_json()
-        if batch["ended"] == batch["count"]:
-            return batch
-        time.sleep(0.05)
-    raise AssertionError(f"batch {batch_id} did not end: {batch}\n{worker.log_tail()}")
 
 
 def results(client: FlaskClient, batch_id: str, query: str = "") -> list[dict[str, Any]]:

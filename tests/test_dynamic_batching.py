@@ -14,7 +14,7 @@ import pytest
 import requests
 
 from api.up import RedisProcess, free_port, stop_process
-from tests.conftest import WorkerProcess, api_client, start_worker, wait_for_job
+from tests.conftest import WorkerProcess, api_client, start_worker, wait_for_batch, wait_for_job
 from tests.fixtures.images import shape_png
 from tests.test_inference import model_card_answer
 from tests.test_ops import value
@@ -82,10 +82,7 @@ def test_single_jobs_and_a_batch_share_generate_calls_and_answer_like_the_model_
     assert batch.status_code == 202, batch.get_json()
     answers = [wait_for_job(api, job_id, worker)["answer"] for job_id in job_ids]
     batch_id = batch.get_json()["id"]
-    deadline = time.monotonic() + 120
-    while api.get(f"/v1/batches/{batch_id}").get_json()["progress"] < 1.0:
-        assert time.monotonic() < deadline, worker.log_tail()
-        time.sleep(0.05)
+    wait_for_batch(api, batch_id, worker)
     lines = [line for line in api.get(f"/v1/batches/{batch_id}/results").get_data(as_text=True).splitlines() if line]
 
     loaded = load_model(str(tiny_model_dir), device="cpu", dtype="float32")
