@@ -18,8 +18,10 @@ from flask_limiter import Limiter, RequestLimit
 from kombu.transport.redis import PRIORITY_STEPS, Channel
 
 from api.auth import api_key_name, is_public_request
-from api.errors import QueueFullError, RateLimitedError, ServiceUnavailableError, error_response
+from api.errors import QueueFullError, RateLimitedError, ServiceUnavailableError, ValidationError, error_response
 from api.settings import ApiSettings
+from worker.jobs import unstarted_key, waiting_answers_key
+from worker.states import JobPriority
 
 log = logging.getLogger("blipq.api")
 
@@ -73,20 +75,33 @@ def queue_depth(client: redis.Redis, queue: str) -> int:
         return sum(int(length) for length in pipe.execute())
 
 
-def check_queue_room(client: redis.Redis, queue: str, max_depth: int) -> None:
-    """Refuse a new job (QueueFullError) when `queue` already holds `max_depth` messages; 0 means unbounded.
+def waiting_answers(client: redis.Redis, queue: str) -> int:
+    """How many answers wait in `queue` (single jobs and batch items not yet taken by a worker), every priority level
+    together: one read of the counts the job and batch scripts keep (worker.jobs.waiting_answers_key)."""
+    fields = [unstarted_key(queue, priority) for priority in JobPriority]
+    counts = client.hmget(waiting_answers_key(), fields)
+    return sum(max(0, int(count)) for count in counts if count is not None)
+
+
+def check_queue_room(client: redis.Redis, queue: str, max_depth: int, answers: int = 1) -> None:
+    """Refuse a submission of `answers` (QueueFullError) when they would take `queue` past `max_depth` waiting answers;
+    0 means unbounded. A batch larger than the bound itself is refused as too large: it would never fit.
 
     A bound, not an exact cap: submissions checked at the same instant may each pass it, by the API's thread count.
     """
     if not max_depth:
         return
     try:
-        depth = queue_depth(client, queue)
+        depth = waiting_answers(client, queue)
     except redis.RedisError as exc:
         log.warning("cannot read the queue depth: %s", exc)
         raise ServiceUnavailableError("broker_unavailable", "the job queue is unavailable; retry later") from None
-    if depth >= max_depth:
-        raise QueueFullError(f"the queue holds {depth} jobs, its limit; retry later", QUEUE_FULL_RETRY_AFTER_S)
+    if answers > max_depth:
+        message = f"the batch asks for {answers} answers; the queue holds at most {max_depth}: split it"
+        raise ValidationError("batch_too_large", message)
+    if depth + answers > max_depth:
+        message = f"the queue holds {depth} answers to give; {answers} more would pass its limit of {max_depth}"
+        raise QueueFullError(f"{message}; retry later", QUEUE_FULL_RETRY_AFTER_S)
 
 
 def _client_identity() -> str:

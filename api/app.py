@@ -27,7 +27,7 @@ def create_app(settings: ApiSettings | None = None) -> Flask:
     app.extensions["blipq"] = Services(
         settings=settings,
         store=JobStore.from_url(settings.redis_url, settings.job_ttl_s),
-        celery=create_celery(settings.redis_url, settings.queue, settings.job_ttl_s, settings.job_time_limit_s),
+        celery=create_celery(settings.redis_url, settings.queue, settings.job_time_limit_s),
         waiter=redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5, socket_timeout=MAX_WAIT_S + 5),
     )
     install_api_keys(app, settings.api_keys)

@@ -1,7 +1,7 @@
 """The batch routes: submit many questions about many images at once, follow the batch, read its results, cancel it.
 
-Each item is a job of its own (worker/jobs.py); the batch groups them (worker/batches.py) and sends them to the workers
-in chunks, so that an image is fetched once for all its questions.
+A batch and its items are a few Redis keys (worker/batches.py), sent to the workers in chunks, so that an image is
+fetched once for all its questions; an item is shown as a job at `/v1/jobs/<batch id>.<index>`.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import json
 import logging
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -31,10 +32,10 @@ from api.errors import (
 )
 from api.schemas import BatchRequest, validate_batch_request
 from api.views import JOB_ID_PATTERN, check_webhook, services
-from worker.batches import MAX_BATCH_ANSWERS, Batch, BatchStore, plan_chunks
+from worker.batches import MAX_BATCH_ANSWERS, READ_PAGE, Batch, BatchStore, chunk_member, plan_chunks
 from worker.broker import publish_chunk
-from worker.jobs import Job, batch_upload_key, new_job_id, utc_iso
-from worker.states import JobStatus, JobTask
+from worker.jobs import batch_upload_key, new_job_id, utc_iso
+from worker.states import JobTask
 
 log = logging.getLogger("blipq.api")
 bp = Blueprint("batches", __name__)
@@ -54,9 +55,9 @@ RESULT_FIELDS = (
 
 @bp.post("/v1/batches")
 def submit_batch() -> tuple[Response, int, dict[str, str]]:
-    """Validate a batch (JSON, or multipart with uploaded images), store its jobs and enqueue its chunks.
+    """Validate a batch (JSON, or multipart with uploaded images), store it and enqueue its chunks.
 
-    202 means every item (and every uploaded image, stored once) is in Redis.
+    202 means the batch, its items and every uploaded image (stored once) are in Redis: a few round trips in all.
     """
     svc = services()
     if request.mimetype == "multipart/form-data":
@@ -66,53 +67,56 @@ def submit_batch() -> tuple[Response, int, dict[str, str]]:
         batch_request, uploaded = _parse_batch_request(), None
     # The body says the task, and so the queue whose depth counts (the one the items would wait in).
     queue = svc.settings.queue_for(batch_request.task)
-    check_queue_room(svc.store.client, queue, svc.settings.max_queue_depth)
-    batch, jobs, uploads = _new_batch(batch_request, uploaded)
+    new = _new_batch(batch_request, queue, svc.settings.batch_chunk_size, uploaded)
+    check_queue_room(svc.store.client, queue, svc.settings.max_queue_depth, answers=new.batch.count)
     batches = BatchStore(svc.store)
     try:
-        batches.create(batch, jobs, queue, uploads)
+        batches.create(new.batch, new.images, new.items, new.chunks, queue, new.uploads)
     except redis.RedisError as exc:
         log.warning("cannot store batch: %s", exc)
         raise ServiceUnavailableError("broker_unavailable", "the job queue is unavailable; retry later") from None
     try:
-        for number, images in enumerate(plan_chunks(jobs, svc.settings.batch_chunk_size)):
-            publish_chunk(svc.celery, queue, batch.id, number, images, batch.priority, str(batch.task))
+        for chunk in new.chunks:
+            publish_chunk(svc.celery, queue, chunk)
     except (OperationalError, redis.RedisError) as exc:
-        # Chunks already sent find their jobs gone and skip them; the rest are never sent.
-        log.warning("cannot enqueue batch %s: %s", batch.id, exc)
-        _forget(batches, batch, jobs, queue)
+        # Chunks already sent find their batch gone and run nothing; the rest are never sent.
+        log.warning("cannot enqueue batch %s: %s", new.batch.id, exc)
+        _forget(batches, new, queue)
         raise ServiceUnavailableError("broker_unavailable", "the job queue is unavailable; retry later") from None
-    headers = {"Location": f"/v1/batches/{batch.id}"}
-    return jsonify(id=batch.id, count=batch.count), 202, headers
+    headers = {"Location": f"/v1/batches/{new.batch.id}"}
+    return jsonify(id=new.batch.id, count=new.batch.count), 202, headers
 
 
 @bp.get("/v1/batches/<batch_id>")
 def get_batch(batch_id: str) -> Response:
-    """A batch's progress: its items counted by status, and its webhook's delivery."""
+    """A batch's progress: its items counted by status and failures by code (one read), and its webhook's delivery."""
     batches = BatchStore(services().store)
-    return jsonify(batches.summary(_owned_batch(batches, batch_id)))
+    batch = batches.expire_if_overdue(_owned_batch(batches, batch_id), time.time())
+    return jsonify(batch.summary())
 
 
 @bp.get("/v1/batches/<batch_id>/results")
 def batch_results(batch_id: str) -> Response:
-    """The batch's items in order, one JSON line each, from `offset`, at most `limit` of them (default: all)."""
+    """The batch's items in order, one JSON line each, from `offset`, at most `limit` of them (default: all).
+
+    Streamed a page at a time: each page is two reads, whatever the batch's size.
+    """
     batches = BatchStore(services().store)
-    batch = _owned_batch(batches, batch_id)
+    batch = batches.expire_if_overdue(_owned_batch(batches, batch_id), time.time())
     offset = _query_int("offset", 0)
     limit = _query_int("limit", batch.count)
     stop = min(batch.count, offset + limit) - 1
     if stop < offset:
         return Response("", mimetype=RESULTS_MEDIA_TYPE)
-    return Response(_result_lines(batches.jobs(batch.id, offset, stop), offset), mimetype=RESULTS_MEDIA_TYPE)
+    return Response(_result_lines(batches, batch, offset, stop), mimetype=RESULTS_MEDIA_TYPE)
 
 
 @bp.post("/v1/batches/<batch_id>/cancel")
 def cancel_batch(batch_id: str) -> Response:
-    """Cancel a batch: its queued items end `canceled` and never run; running ones run to their end."""
-    svc = services()
-    batches = BatchStore(svc.store)
-    batch = _owned_batch(batches, batch_id)
-    counts = batches.cancel(batch, svc.settings.queue_for(batch.task))
+    """Cancel a batch: every item not yet in a model call ends `canceled` and never runs; running ones run on."""
+    batches = BatchStore(services().store)
+    batch = batches.expire_if_overdue(_owned_batch(batches, batch_id), time.time())
+    counts = batches.cancel(batch)
     if counts.canceled == 0 and counts.cancel_requested == 0:
         raise ConflictError("batch_ended", "every item of the batch has already ended; there is nothing to cancel")
     return jsonify(
@@ -120,17 +124,12 @@ def cancel_batch(batch_id: str) -> Response:
     )
 
 
-def _result_lines(jobs: Iterator[tuple[str, Job | None]], offset: int) -> Iterator[str]:
-    for index, (job_id, job) in enumerate(jobs, start=offset):
-        yield json.dumps(_result(index, job_id, job), separators=(",", ":")) + "\n"
-
-
-def _result(index: int, job_id: str, job: Job | None) -> dict[str, Any]:
-    if job is None:  # expired: its batch expires with it, so this is a read racing the TTL
-        fields: dict[str, Any] = dict.fromkeys(RESULT_FIELDS)
-        return {"index": index, "job_id": job_id, **fields}
-    public = job.to_public()
-    return {"index": index, "job_id": job_id, **{name: public[name] for name in RESULT_FIELDS}}
+def _result_lines(batches: BatchStore, batch: Batch, start: int, stop: int) -> Iterator[str]:
+    for first in range(start, stop + 1, READ_PAGE):
+        for job in batches.results(batch, first, min(stop, first + READ_PAGE - 1)):
+            public = job.to_public()
+            line = {"index": job.index, "job_id": job.id, **{name: public[name] for name in RESULT_FIELDS}}
+            yield json.dumps(line, separators=(",", ":")) + "\n"
 
 
 def _query_int(name: str, default: int) -> int:
@@ -195,58 +194,70 @@ def _check_size(data: Any) -> None:
         raise ValidationError("batch_too_large", message)
 
 
+@dataclass(frozen=True)
+class NewBatch:
+    """A batch about to be stored: its record, images, items (image number, text), chunks and uploads by key."""
+
+    batch: Batch
+    images: list[dict[str, str]]
+    items: list[tuple[int, str]]
+    chunks: list[dict[str, Any]]
+    uploads: dict[str, bytes]
+
+
 def _new_batch(
-    batch_request: BatchRequest, images: list[UploadedImage] | None = None
-) -> tuple[Batch, list[Job], dict[str, bytes]]:
-    """The batch, its jobs in item order, and its uploaded images by Redis key (image by image, as the jobs)."""
+    batch_request: BatchRequest, queue: str, chunk_size: int, uploaded: list[UploadedImage] | None = None
+) -> NewBatch:
+    """The batch, its distinct images and its items in item order (image by image, as the request lists them)."""
     now = time.time()
     batch_id = new_job_id()
-    owner = api_key_name()
-    webhook = str(batch_request.webhook or "")
+    texts = batch_request.texts()
+    uploads: dict[str, bytes] = {}
+    if uploaded is not None:
+        images = []
+        for number, image in enumerate(uploaded):
+            key = batch_upload_key(batch_id, number)
+            uploads[key] = image.data
+            images.append({"image_name": image.name, "upload": key})
+        items = [(number, text) for number in range(len(images)) for text in texts]
+    else:
+        numbers: dict[str, int] = {}
+        items = [(numbers.setdefault(url, len(numbers)), text) for url, text in batch_request.pairs()]
+        images = [{"image_url": url} for url in numbers]
     deadline_s = batch_request.deadline_s
-    uploads = {batch_upload_key(batch_id, number): image.data for number, image in enumerate(images or ())}
-    # (image URL, upload key, image name, text) per item; a text is a question, or a caption's prompt
-    sources = [
-        ("", batch_upload_key(batch_id, number), image.name, text)
-        for number, image in enumerate(images or ())
-        for text in batch_request.texts()
-    ]
-    if images is None:
-        sources = [(image_url, "", "", text) for image_url, text in batch_request.pairs()]
-    jobs = [
-        Job(
-            id=new_job_id(),
-            status=JobStatus.QUEUED,
-            question=text,
-            task=batch_request.task,
-            image_url=image_url,
-            upload_key=key,
-            image_name=image_name,
-            created_at=utc_iso(now),
-            owner=owner,
-            priority=batch_request.priority,
-            deadline_at="" if deadline_s is None else str(now + deadline_s),
-            webhook=webhook if batch_request.webhook_items else "",
-            batch_id=batch_id,
-            index=index,
-        )
-        for index, (image_url, key, image_name, text) in enumerate(sources)
-    ]
     batch = Batch(
         id=batch_id,
-        count=len(jobs),
+        count=len(items),
         created_at=utc_iso(now),
-        owner=owner,
+        owner=api_key_name(),
         priority=batch_request.priority,
-        webhook=webhook,
+        webhook=str(batch_request.webhook or ""),
         webhook_items=batch_request.webhook_items,
         task=batch_request.task,
+        queue=queue,
+        deadline_at="" if deadline_s is None else str(now + deadline_s),
     )
-    return batch, jobs, uploads
+    chunks = []
+    for number, chunk in enumerate(plan_chunks(items, chunk_size)):
+        answers = sum(len(entry["items"]) for entry in chunk)
+        for entry in chunk:  # the worker reads the image's source, not its number
+            source = images[entry.pop("image")]
+            entry.update({"upload": source["upload"]} if "upload" in source else {"image_url": source["image_url"]})
+        chunks.append(
+            {
+                "batch_id": batch_id,
+                "number": number,
+                "member": chunk_member(batch_id, number, answers),
+                "priority": str(batch.priority),
+                "task": str(batch.task),
+                "images": chunk,
+            }
+        )
+    return NewBatch(batch, images, items, chunks, uploads)
 
 
-def _forget(batches: BatchStore, batch: Batch, jobs: list[Job], queue: str) -> None:
+def _forget(batches: BatchStore, new: NewBatch, queue: str) -> None:
     try:
-        batches.delete(batch, jobs, queue)
+        batches.delete(new.batch, new.chunks, queue, list(new.uploads))
     except redis.RedisError:  # Redis is away: the records expire by themselves
-        log.warning("could not delete unqueued batch %s", batch.id)
+        log.warning("could not delete unqueued batch %s", new.batch.id)

@@ -27,9 +27,9 @@ from worker.settings import (
 from worker.states import JobTask
 
 FORM_OVERHEAD_BYTES = 64 * 1024  # room for the multipart boundaries and text fields beside one image
-# Jobs waiting in the queue beyond which submissions are refused (503 queue_full): minutes of work for one GPU, and
-# a bound on what Redis holds for them, uploads included.
-DEFAULT_MAX_QUEUE_DEPTH = 10_000
+# Answers waiting in a queue (single jobs and batch items not yet taken by a worker) beyond which submissions are
+# refused (503 queue_full): about a minute of work for a few GPU workers, and a bound on what Redis holds for them.
+DEFAULT_MAX_QUEUE_DEPTH = 100_000
 DEFAULT_MAX_BATCH_UPLOAD_BYTES = 256 * 1024 * 1024  # a multipart batch's whole body: its images and its fields
 
 

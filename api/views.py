@@ -32,6 +32,7 @@ from api.errors import (
 )
 from api.schemas import JobRequest, validate_job_request
 from api.settings import ApiSettings
+from worker.batches import Batch, BatchStore, split_item_id
 from worker.broker import publish_job
 from worker.errors import ImageInvalidError, ImageTooLargeError
 from worker.images import open_image
@@ -43,6 +44,7 @@ log = logging.getLogger("blipq.api")
 bp = Blueprint("jobs", __name__)
 
 JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
+ITEM_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{16,64}\.[0-9]{1,6}$")  # a batch item: `<batch id>.<index>`
 UPLOAD_SNIFF_MAX_PIXELS = 1 << 40  # the worker enforces the real pixel limit when it decodes
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 IDEMPOTENCY_KEY_PATTERN = re.compile(r"^[\x21-\x7e]{1,255}$")  # visible ASCII, as header values safely are
@@ -117,15 +119,18 @@ def submit_job() -> tuple[Response, int, dict[str, str]]:
 
 @bp.get("/v1/jobs/<job_id>")
 def get_job(job_id: str) -> Response:
-    """A job's status, and its answer or error once it ended; another key's job is as unknown as a job never made.
+    """A job's (or a batch item's) status, and its answer or error once it ended; another key's job is as unknown as a
+    job never made.
 
     A job still queued past its deadline is ended `expired` by this read, as the worker would when it reached it.
     With `?wait=S` (0 < S <= MAX_WAIT_S), a job that has not ended is answered when it ends, or after S seconds: the
-    script that ends a job pushes on its `ended` list, which this read waits on (BLMOVE onto itself, so that every
-    waiting read sees it).
+    script that ends a job pushes on its `ended` list (a batch's, for an item), which this read waits on (BLMOVE onto
+    itself, so that every waiting read sees it).
     """
     svc = services()
     wait_s = _wait_seconds()
+    if ITEM_ID_PATTERN.match(job_id):
+        return jsonify(_read_item(job_id, wait_s).to_public())
     job = _owned_job(svc.store, job_id)
     if wait_s and job.status not in ENDED_STATUSES and not job.overdue(time.time()):
         key = ended_key(job_id)
@@ -141,12 +146,51 @@ def get_job(job_id: str) -> Response:
 def cancel_job(job_id: str) -> Response:
     """Cancel a job: a queued one ends `canceled` and never runs; a running one ends as it would, `cancel_requested`."""
     svc = services()
-    job = _owned_job(svc.store, job_id)
-    outcome = svc.store.cancel(job, svc.settings.queue_for(job.task))
-    job = _owned_job(svc.store, job_id)
+    if ITEM_ID_PATTERN.match(job_id):
+        batches, batch, index = _owned_item(job_id)
+        outcome = batches.cancel_item(batch, index)
+        job = _read_item(job_id, 0.0)
+    else:
+        job = _owned_job(svc.store, job_id)
+        outcome = svc.store.cancel(job, svc.settings.queue_for(job.task))
+        job = _owned_job(svc.store, job_id)
     if outcome == CANCEL_ENDED:
         raise ConflictError("job_ended", f"the job has already ended ({job.status}); there is nothing to cancel")
     return jsonify(job.to_public())
+
+
+def _owned_item(job_id: str) -> tuple[BatchStore, Batch, int]:
+    """The batch store, the batch and the index of a batch item's id, refused as a job never made when not theirs."""
+    batch_id, index = split_item_id(job_id) or ("", -1)
+    batches = BatchStore(services().store)
+    batch = batches.get(batch_id)
+    if batch is None or batch.owner != api_key_name() or not 0 <= index < batch.count:
+        raise NotFoundError("job_not_found", "no job has this id (it may have expired)")
+    return batches, batches.expire_if_overdue(batch, time.time()), index
+
+
+def _read_item(job_id: str, wait_s: float) -> Job:
+    """A batch item as a job; with `wait_s`, once it ended or after that long (woken by each end in its batch, which
+    the end script publishes on the batch's `ended` channel: subscribed before the first read, so none is missed)."""
+    if not wait_s:
+        batches, batch, index = _owned_item(job_id)
+        return _item_or_404(batches.item(batch, index))
+    waited_until = time.monotonic() + wait_s
+    with services().waiter.pubsub(ignore_subscribe_messages=True) as ends:
+        ends.subscribe(ended_key(job_id.rpartition(".")[0]))
+        while True:
+            batches, batch, index = _owned_item(job_id)
+            job = _item_or_404(batches.item(batch, index))
+            left = waited_until - time.monotonic()
+            if job.status in ENDED_STATUSES or left <= 0:
+                return job
+            ends.get_message(timeout=left)
+
+
+def _item_or_404(job: Job | None) -> Job:
+    if job is None:
+        raise NotFoundError("job_not_found", "no job has this id (it may have expired)")
+    return job
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,10 @@ import os
 from worker.broker import create_celery
 
 QUEUE = "noop"
-app = create_celery(os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0"), QUEUE, 3600)
+REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
+app = create_celery(REDIS_URL, QUEUE)
+# blipq keeps no results in Celery; a round trip (`delay` + `get`) needs a result backend, so the baseline has one.
+app.conf.update(result_backend=REDIS_URL, task_ignore_result=False, result_serializer="json")
 
 
 @app.task(name="bench.noop")  # type: ignore[untyped-decorator]

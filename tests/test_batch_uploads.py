@@ -17,7 +17,8 @@ from api.admission import queue_names
 from api.up import RedisProcess, stop_process
 from tests.conftest import WorkerProcess, api_client, start_worker, wait_for_batch, wait_for_job
 from tests.fixtures.images import shape_png
-from worker.broker import create_celery, publish_job
+from worker.batches import BatchStore
+from worker.broker import create_celery, publish_chunk
 from worker.jobs import JobStore
 
 QUEUE = "batch-uploads"
@@ -100,20 +101,20 @@ def test_uploaded_images_are_stored_once_and_answered_as_single_uploads_are(
     assert "upload_key" not in item
 
 
-def test_a_lost_item_republished_as_a_single_job_is_answered_from_the_shared_upload(
+def test_a_chunk_published_again_is_answered_from_the_shared_upload(
     api: FlaskClient, idle_api: FlaskClient, worker: WorkerProcess, redis_server: RedisProcess
 ) -> None:
     # Given a batch item whose chunk no worker will ever read (its queue has none)...
     form = upload_form([(shape_png("green"), "green.png")], questions=["is there a circle?"])
     response = idle_api.post("/v1/batches", data=form, content_type="multipart/form-data")
     assert response.status_code == 202, response.get_json()
-    job_id = json.loads(idle_api.get(f"/v1/batches/{response.get_json()['id']}/results").get_data())["job_id"]
-    store = JobStore.from_url(redis_server.url, 3600)
-    job = store.get(job_id)
-    assert job is not None and job.upload_key
+    batch_id = response.get_json()["id"]
+    job_id = json.loads(idle_api.get(f"/v1/batches/{batch_id}/results").get_data())["job_id"]
+    payload = BatchStore(JobStore.from_url(redis_server.url, 3600)).chunk_payload(batch_id, 0)
+    assert payload is not None and payload["images"][0]["upload"]
 
-    # ...when the reaper's single-job message for it reaches a worker...
-    publish_job(create_celery(redis_server.url, QUEUE, 3600), job, QUEUE)
+    # ...when the chunk, as the reaper publishes it again, reaches a worker...
+    publish_chunk(create_celery(redis_server.url, QUEUE), QUEUE, payload)
     answered = wait_for_job(api, job_id, worker)
     single = api.post(
         "/v1/jobs", data={"question": "is there a circle?", "image": (io.BytesIO(shape_png("green")), "g")}

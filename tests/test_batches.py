@@ -1,4 +1,4 @@
-"""Batches: many questions about many images in one request, each answered as its own job, sent in chunks."""
+"""Batches: many questions about many images in one request, answered as single jobs are, sent in chunks."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import pytest
 import redis
 from flask.testing import FlaskClient
 
-from api.admission import queue_names
+from api.admission import queue_depth, queue_names
 from api.auth import ApiKey, hash_api_key, new_api_key
 from api.up import RedisProcess, stop_process
 from tests.conftest import (
@@ -33,8 +33,10 @@ from tests.conftest import (
 from tests.fixtures.images import shape_png
 from tests.test_chaos import QUICK_RECOVERY, reference_answers
 from tests.test_webhooks import QUICK_WEBHOOKS, SECRET, Receiver, serve, verify_signature
-from worker.broker import create_celery, publish_job
+from worker.batches import BatchStore
+from worker.broker import create_celery, publish_chunk
 from worker.jobs import JobStore
+from worker.reaper import ReaperPolicy, sweep
 from worker.states import JobStatus
 from worker.webhooks import SIGNATURE_HEADER
 
@@ -256,20 +258,25 @@ def test_a_queued_batch_that_is_canceled_never_runs(idle_api: FlaskClient) -> No
     assert {line["error"]["code"] for line in results(idle_api, batch_id)} == {"canceled"}
 
 
-def test_a_batch_item_whose_chunk_was_lost_runs_from_the_reapers_single_job_message(
-    redis_server: RedisProcess, worker: WorkerProcess, idle_api: FlaskClient, images: Images
+def test_a_chunk_whose_message_was_lost_is_published_again_by_the_reaper_and_answered(
+    redis_server: RedisProcess, redis_client: redis.Redis, worker: WorkerProcess, idle_api: FlaskClient, images: Images
 ) -> None:
-    # Given a batch whose chunk sits on a queue no worker reads (as good as lost)
+    # Given a batch whose chunk message vanished from its queue (a worker killed between BRPOP and its bookkeeping)
     batch_id = submit_batch(idle_api, {"items": [{"image_url": images.url("red"), "question": QUESTIONS[0]}]})
+    idle_queue = idle_api.application.extensions["blipq"].settings.queue
+    redis_client.delete(*queue_names(idle_queue))
+    store = JobStore.from_url(redis_server.url, ttl_s=600)
+
+    # When the reaper sweeps that queue (a message waiting longer than 0 s on an empty queue counts as lost)
+    republished = sweep(store, create_celery(redis_server.url, idle_queue), idle_queue, ReaperPolicy(3600, 0))
+
+    # Then the chunk is on its queue again, as stored with the batch; published where a worker reads, it is answered
+    assert (republished, queue_depth(redis_client, idle_queue)) == (1, 1)
+    payload = BatchStore(store).chunk_payload(batch_id, 0)
+    assert payload is not None
+    publish_chunk(create_celery(redis_server.url, QUEUE), QUEUE, payload)
     [line] = results(idle_api, batch_id)
-    job = JobStore.from_url(redis_server.url, ttl_s=600).get(line["job_id"])
-    assert job is not None
-
-    # When the reaper publishes the item again, as it does any lost job, where a worker reads
-    publish_job(create_celery(redis_server.url, QUEUE, result_ttl_s=600), job, QUEUE)
-    ended = wait_for_job(idle_api, job.id, worker)
-
-    # Then it runs as a single job, and counts as its batch's item
+    ended = wait_for_job(idle_api, line["job_id"], worker)
     assert (ended["status"], ended["batch_id"]) == ("succeeded", batch_id)
     assert idle_api.get(f"/v1/batches/{batch_id}").get_json()["progress"] == 1.0
 

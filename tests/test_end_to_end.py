@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import time
 from datetime import datetime
 from pathlib import Path
 
@@ -125,10 +126,14 @@ def test_a_job_delivered_again_after_it_ended_is_not_run_again(
     first = wait_for_job(tiny_api, job_id, tiny_worker)
     image_server.routes["/again.png"] = (200, "image/png", shape_png("blue"))  # a rerun would answer differently
 
+    store = tiny_api.application.extensions["blipq"].store
+    duplicates = store.stats()["duplicate_deliveries"]
     celery = tiny_api.application.extensions["blipq"].celery
-    celery.AsyncResult(job_id).forget()  # so that the result read below is the second delivery's
     payload = {"job_id": job_id, "question": question, "image_url": image_server.url("/again.png")}
-    redelivered = celery.send_task(TASK_VQA, args=[payload], task_id=job_id, queue=tiny_worker.queue)
+    celery.send_task(TASK_VQA, args=[payload], task_id=job_id, queue=tiny_worker.queue)
 
-    assert redelivered.get(timeout=JOB_TIMEOUT_S) == {"status": "duplicate"}
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while store.stats()["duplicate_deliveries"] == duplicates:  # the start script counts the delivery it refuses
+        assert time.monotonic() < deadline, tiny_worker.log_tail()
+        time.sleep(0.05)
     assert wait_for_job(tiny_api, job_id, tiny_worker) == first

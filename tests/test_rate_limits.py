@@ -128,7 +128,7 @@ def test_the_queue_depth_counts_messages_of_every_priority(
     redis_server: RedisProcess, redis_client: redis.Redis, queue: str
 ) -> None:
     """Kombu keeps a list per priority step; a message sent with a priority is waiting work all the same."""
-    celery = create_celery(redis_server.url, queue, 60)
+    celery = create_celery(redis_server.url, queue)
     for priority in (0, 4, 9):
         celery.send_task(TASK_VQA, args=[{}], queue=queue, priority=priority)
 

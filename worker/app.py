@@ -37,7 +37,7 @@ def create_worker_app(settings: WorkerSettings) -> Celery:
     Time limits are the worker's own (Celery's are not enforced in a thread pool): a job fails `timeout` after
     BLIPQ_JOB_TIME_LIMIT_S less 10 s, and a model call that runs past the limit ends the worker.
     """
-    app = create_celery(settings.redis_url, settings.queue, settings.job_ttl_s, settings.job_time_limit_s)
+    app = create_celery(settings.redis_url, settings.queue, settings.job_time_limit_s)
     app.conf.update(
         worker_pool="threads",
         worker_concurrency=settings.concurrency,
@@ -100,7 +100,7 @@ def start_reaper_when_ready(app: Celery, settings: WorkerSettings) -> None:
     def start(**_: Any) -> None:
         store = JobStore.from_url(settings.redis_url, settings.job_ttl_s)
         # A Celery app of its own to publish with: the worker's connections belong to its event loop and thread.
-        publisher = create_celery(settings.redis_url, settings.queue, settings.job_ttl_s, time_limit_s)
+        publisher = create_celery(settings.redis_url, settings.queue, time_limit_s)
         ReaperThread(store, publisher, settings.queue, policy, settings.reaper_interval_s).start()
         log.info("reaper of queue %s: a look every %g s", settings.queue, settings.reaper_interval_s)
 

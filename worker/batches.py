@@ -1,42 +1,101 @@
 """Batches: many questions about many images submitted at once, shared by the API and the workers.
 
-Imports neither Flask nor torch. Each item of a batch is a job of its own (worker/jobs.py), with the batch's id and
-its index; the batch is a Redis hash (`blipq:batch:<id>`) plus the list of its job ids in item order, both expiring
-with the jobs. The script that ends a job counts the batch's ended items on its hash (worker/transitions.py), and the
-item that ends the last queues the batch's webhook. Items travel to the workers in chunks (worker/broker.py's
-TASK_VQA_CHUNK): each chunk lists images, each with its (job id, question) pairs, so a worker fetches an image once
-for all its questions and answers the chunk's questions with one `answer_questions` call. An image uploaded with
-the batch is stored once (worker.jobs.batch_upload_key) and named by its key in the chunk instead of a URL; no
-item's end deletes it (it is shared), so it expires with the batch after the TTL.
+Imports neither Flask nor torch. A batch is a few Redis keys, whatever its size (all expire together, `job_ttl_s`
+after submission):
+- `blipq:batch:<id>`, a hash: the batch's fields and its items' counts by status (kept by worker/batch_scripts.py);
+- `blipq:batch-items:<id>`, a list: each item's image number and text (a question, or a caption's prompt);
+- `blipq:batch-images:<id>`, a hash: each distinct image, a URL or an uploaded file's name (the upload itself is
+  `worker.jobs.batch_upload_key`, stored once for all its questions);
+- `blipq:batch-out:<id>`, a hash: each item's outcome once the model took it (running, then answered or failed);
+- `blipq:batch-chunks:<id>`, a hash: each chunk not yet ended, as its message carries it (for the reaper).
+Items travel to the workers in chunks (worker/broker.py's TASK_VQA_CHUNK): each chunk lists images, each with its
+(item index, text) pairs, so a worker fetches an image once for all its questions. A chunk starts in one script call
+(when a worker receives it), its items become running in one call per model batch, and end in one call.
+
+An item's id is `<batch id>.<index>`: `GET /v1/jobs/<item id>` shows it as a job (without timestamps of its own).
 """
 
 from __future__ import annotations
 
+import json
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from worker.batch_scripts import (
+    CANCEL_ITEM_LUA,
+    CLOSE_BATCH_LUA,
+    END_CHUNK_LUA,
+    ITEM_WEBHOOK_PREFIX,
+    RUN_ITEMS_LUA,
+    START_CHUNK_LUA,
+)
+from worker.fleet import outcomes_key as outcomes_key_of_queue
 from worker.jobs import (
+    KEY_PREFIX,
     Job,
     JobStore,
-    batch_jobs_key,
     batch_key,
     deadlines_key,
-    job_key,
+    ended_key,
+    running_key,
+    started_mark_key,
+    stats_key,
     unstarted_key,
+    waiting_answers_key,
     webhook_delivery,
+    webhook_outbox_key,
 )
-from worker.states import JobPriority, JobStatus, JobTask
-from worker.transitions import CANCEL_DONE, CANCEL_REQUESTED
+from worker.states import ENDED_STATUSES, JobPriority, JobStatus, JobTask
+from worker.transitions import CANCELED_MESSAGE, DEADLINE_MESSAGE
 
 MAX_BATCH_ANSWERS = 10_000  # answers one batch request may ask for
-READ_PAGE = 500  # job records read per pipeline when a batch is summed up or its results streamed
+READ_PAGE = 500  # items read per round trip when a batch's results stream
+CHUNK_MEMBER_PREFIX = "chunk:"  # a chunk in the never-started and running sets, beside job ids (which have no ':')
+DEADLINE_MEMBER_PREFIX = "batch:"  # a batch in its queue's deadlines set, beside job ids
+STATUS_COUNTS = tuple(str(status) for status in JobStatus)
+
+
+def items_key(batch_id: str) -> str:
+    return f"{KEY_PREFIX}batch-items:{batch_id}"
+
+
+def images_key(batch_id: str) -> str:
+    return f"{KEY_PREFIX}batch-images:{batch_id}"
+
+
+def outcomes_key(batch_id: str) -> str:
+    return f"{KEY_PREFIX}batch-out:{batch_id}"
+
+
+def chunks_key(batch_id: str) -> str:
+    return f"{KEY_PREFIX}batch-chunks:{batch_id}"
+
+
+def chunk_member(batch_id: str, number: int, answers: int) -> str:
+    """A chunk's name in its queue's never-started and running sets; it says how many answers it holds."""
+    return f"{CHUNK_MEMBER_PREFIX}{batch_id}:{number}:{answers}"
+
+
+def parse_chunk_member(member: str) -> tuple[str, int, int]:
+    """(batch id, chunk number, answers) of a chunk_member name."""
+    batch_id, number, answers = member.removeprefix(CHUNK_MEMBER_PREFIX).split(":")
+    return batch_id, int(number), int(answers)
+
+
+def item_id(batch_id: str, index: int) -> str:
+    return f"{batch_id}.{index}"
+
+
+def split_item_id(job_id: str) -> tuple[str, int] | None:
+    """(batch id, index) of a batch item's id, or None for a single job's id."""
+    batch_id, dot, index = job_id.rpartition(".")
+    return (batch_id, int(index)) if dot and index.isdigit() else None
 
 
 @dataclass(frozen=True)
 class Batch:
-    """A batch's record as stored in Redis."""
+    """A batch's record as stored in Redis, with its items' counts by status."""
 
     id: str
     count: int
@@ -44,16 +103,23 @@ class Batch:
     owner: str = ""  # the name of the API key that made the batch; never shown to clients
     priority: JobPriority = JobPriority.NORMAL
     webhook: str = ""  # the URL told the batch's summary when its last item ends
-    webhook_items: bool = False  # whether each item's job carries the webhook too
+    webhook_items: bool = False  # whether each item's end is told to the webhook too
     webhook_status: str = ""
     webhook_attempts: int = 0
     webhook_error_code: str = ""
     webhook_error_message: str = ""
     task: JobTask = JobTask.VQA  # every item's: a batch goes to one queue
+    queue: str = ""  # the queue of its task's workers
+    deadline_at: str = ""  # epoch seconds: items not yet answered then end `expired`; "" for none
+    closed: str = ""  # "" while open; "canceled" or "expired": no item that had not reached the model will run
+    model: str = ""
+    counts: tuple[tuple[str, int], ...] = ()  # items by status, then failures by error code ("err:<code>")
 
     @classmethod
     def from_redis(cls, fields: dict[str, str]) -> Batch:
         """Rebuild a batch from its Redis hash."""
+        counts = [(name, int(fields.get(name) or 0)) for name in STATUS_COUNTS]
+        counts += sorted((name, int(value)) for name, value in fields.items() if name.startswith("err:"))
         return cls(
             id=fields["id"],
             count=int(fields["count"]),
@@ -67,10 +133,15 @@ class Batch:
             webhook_error_code=fields.get("webhook_error_code", ""),
             webhook_error_message=fields.get("webhook_error_message", ""),
             task=JobTask(fields.get("task") or JobTask.VQA),
+            queue=fields.get("queue", ""),
+            deadline_at=fields.get("deadline_at", ""),
+            closed=fields.get("closed", ""),
+            model=fields.get("model", ""),
+            counts=tuple(counts),
         )
 
     def to_redis(self) -> dict[str, str]:
-        """The batch's fields as written when it is made (the `ended` counter starts at 0)."""
+        """The batch's fields as written when it is made: every item queued."""
         return {
             "id": self.id,
             "count": str(self.count),
@@ -80,14 +151,47 @@ class Batch:
             "webhook": self.webhook,
             "webhook_items": "1" if self.webhook_items else "",
             "task": str(self.task),
+            "queue": self.queue,
+            "deadline_at": self.deadline_at,
+            **{name: "0" for name in STATUS_COUNTS},
+            "queued": str(self.count),
             "ended": "0",
         }
 
-    def webhook_delivery(self) -> dict[str, Any] | None:
-        """Where the batch's webhook delivery stands; None until the last item ended (or with no webhook)."""
-        return webhook_delivery(
-            self.webhook_status, self.webhook_attempts, self.webhook_error_code, self.webhook_error_message
-        )
+    def overdue(self, now: float) -> bool:
+        """Whether the batch is open past its deadline (it closes `expired` as soon as anyone looks)."""
+        return not self.closed and bool(self.deadline_at) and now >= float(self.deadline_at)
+
+    def summary(self) -> dict[str, Any]:
+        """The batch as the API shows it: counts of its items by status, failures by code, progress, its webhook."""
+        counts = dict(self.counts)
+        by_status = {name: counts.get(name, 0) for name in STATUS_COUNTS}
+        ended = sum(by_status[str(status)] for status in ENDED_STATUSES)
+        return {
+            "id": self.id,
+            "count": self.count,
+            "counts": by_status,
+            "errors": {name.removeprefix("err:"): value for name, value in counts.items() if name.startswith("err:")},
+            "ended": ended,
+            "progress": ended / self.count if self.count else 1.0,
+            "created_at": self.created_at,
+            "task": str(self.task),
+            "priority": str(self.priority),
+            "webhook": self.webhook or None,
+            "webhook_delivery": webhook_delivery(
+                self.webhook_status, self.webhook_attempts, self.webhook_error_code, self.webhook_error_message
+            ),
+        }
+
+
+@dataclass(frozen=True)
+class Item:
+    """What a batch item asks: which image (a URL, or an upload's name and key) and which text."""
+
+    image_url: str
+    image_name: str
+    upload_key: str
+    text: str
 
 
 @dataclass(frozen=True)
@@ -99,68 +203,84 @@ class CancelCounts:
     already_ended: int
 
 
-def plan_chunks(jobs: list[Job], max_answers: int) -> list[list[dict[str, Any]]]:
-    """Group a batch's jobs into chunks of at most `max_answers`, each a list of images with their (id, text)s.
+def plan_chunks(items: list[tuple[int, str]], max_answers: int) -> list[list[dict[str, Any]]]:
+    """Group a batch's items, (image number, text) in item order, into chunks of at most `max_answers`.
 
-    A text is a job's question, or a caption job's prompt.
-
-    Questions about one image stay together in a chunk (an image with more questions than a chunk holds is split
-    over as few chunks as it takes), so that a worker fetches the image once for all of them.
+    Each chunk is a list of images, `{"image": number, "items": [[index, text], ...]}`. Questions about one image stay
+    together in a chunk (an image with more questions than a chunk holds is split over as few chunks as it takes),
+    so that a worker fetches the image once for all of them.
     """
-    by_image: dict[tuple[str, str], list[list[str]]] = {}
-    for job in jobs:
-        by_image.setdefault((job.image_url, job.upload_key), []).append([job.id, job.question])
+    by_image: dict[int, list[list[Any]]] = {}
+    for index, (image, text) in enumerate(items):
+        by_image.setdefault(image, []).append([index, text])
     chunks: list[list[dict[str, Any]]] = [[]]
     room = max_answers
-    for (image_url, upload), pairs in by_image.items():
-        source = {"upload": upload} if upload else {"image_url": image_url}
+    for image, pairs in by_image.items():
         first = 0
         while first < len(pairs):
             if room == 0:
                 chunks.append([])
                 room = max_answers
             taken = pairs[first : first + room]
-            chunks[-1].append({**source, "items": taken})
+            chunks[-1].append({"image": image, "items": taken})
             room -= len(taken)
             first += len(taken)
     return chunks
 
 
 class BatchStore:
-    """Reads and writes batch records, and their items' jobs, in Redis (a pipeline per step, not a trip per item)."""
+    """Reads and writes batches in Redis: a few round trips per batch or per chunk, none per item."""
 
     def __init__(self, store: JobStore) -> None:
         self.store = store
         self.client = store.client
+        self._start = self.client.register_script(START_CHUNK_LUA)
+        self._run = self.client.register_script(RUN_ITEMS_LUA)
+        self._end = self.client.register_script(END_CHUNK_LUA)
+        self._close = self.client.register_script(CLOSE_BATCH_LUA)
+        self._cancel_item = self.client.register_script(CANCEL_ITEM_LUA)
 
-    def create(self, batch: Batch, jobs: list[Job], queue: str, uploads: dict[str, bytes] | None = None) -> None:
-        """Write the batch and its jobs in one transaction, all expiring after the TTL, the jobs never started.
+    def create(
+        self,
+        batch: Batch,
+        images: list[dict[str, str]],
+        items: list[tuple[int, str]],
+        chunks: list[dict[str, Any]],
+        queue: str,
+        uploads: dict[str, bytes] | None = None,
+    ) -> None:
+        """Write the batch, its images, items and chunks in one transaction, all expiring after the TTL.
 
-        `uploads` maps each uploaded image's key (batch_upload_key) to its bytes: stored once for all its jobs.
+        `images` are `{"image_url": ...}` or `{"image_name": ..., "upload": key}`; `chunks` the messages to send
+        (payloads with their `number` and `member`); `uploads` maps each uploaded image's key to its bytes.
         """
         ttl_s = self.store.ttl_s
-        enqueued = time.time()  # one score for every item: the reaper must not take a later chunk for a lost one
+        enqueued = time.time()  # one score for every chunk: the reaper must not take a later chunk for a lost one
+        bid = batch.id
+        keys = [batch_key(bid), items_key(bid), images_key(bid), chunks_key(bid)]
         with self.client.pipeline(transaction=True) as pipe:
-            pipe.hset(batch_key(batch.id), mapping=batch.to_redis())  # type: ignore[arg-type]
-            pipe.expire(batch_key(batch.id), ttl_s)
-            pipe.rpush(batch_jobs_key(batch.id), *(job.id for job in jobs))
-            pipe.expire(batch_jobs_key(batch.id), ttl_s)
-            for job in jobs:
-                self.store.add_to_pipeline(pipe, job, queue)
-            pipe.zadd(unstarted_key(queue, batch.priority), {job.id: enqueued for job in jobs})
+            pipe.hset(batch_key(bid), mapping=batch.to_redis())  # type: ignore[arg-type]
+            pipe.rpush(items_key(bid), *(json.dumps(item, separators=(",", ":")) for item in items))
+            pipe.hset(images_key(bid), mapping={str(n): json.dumps(image) for n, image in enumerate(images)})
+            pipe.hset(chunks_key(bid), mapping={str(c["number"]): json.dumps(c) for c in chunks})
+            for key in keys:
+                pipe.expire(key, ttl_s)
+            pipe.zadd(unstarted_key(queue, batch.priority), {chunk["member"]: enqueued for chunk in chunks})
+            pipe.hincrby(waiting_answers_key(), unstarted_key(queue, batch.priority), batch.count)
+            if batch.deadline_at:
+                pipe.zadd(deadlines_key(queue), {DEADLINE_MEMBER_PREFIX + bid: float(batch.deadline_at)})
             for key, data in (uploads or {}).items():
                 pipe.set(key, data, ex=ttl_s)
             pipe.execute()
 
-    def delete(self, batch: Batch, jobs: list[Job], queue: str) -> None:
-        """Remove a batch and its jobs (used when its chunks could not be enqueued)."""
+    def delete(self, batch: Batch, chunks: list[dict[str, Any]], queue: str, uploads: list[str]) -> None:
+        """Remove a batch (used when its chunks could not be enqueued); chunks already sent find it gone."""
+        bid = batch.id
         with self.client.pipeline(transaction=True) as pipe:
-            pipe.delete(batch_key(batch.id), batch_jobs_key(batch.id), *(job_key(job.id) for job in jobs))
-            uploads = {job.upload_key for job in jobs if job.upload_key}
-            if uploads:
-                pipe.delete(*uploads)
-            pipe.zrem(unstarted_key(queue, batch.priority), *(job.id for job in jobs))
-            pipe.zrem(deadlines_key(queue), *(job.id for job in jobs))
+            pipe.delete(batch_key(bid), items_key(bid), images_key(bid), outcomes_key(bid), chunks_key(bid), *uploads)
+            pipe.zrem(unstarted_key(queue, batch.priority), *(chunk["member"] for chunk in chunks))
+            pipe.zrem(deadlines_key(queue), DEADLINE_MEMBER_PREFIX + bid)
+            pipe.hincrby(waiting_answers_key(), unstarted_key(queue, batch.priority), -batch.count)
             pipe.execute()
 
     def get(self, batch_id: str) -> Batch | None:
@@ -168,79 +288,166 @@ class BatchStore:
         raw: dict[bytes, bytes] = self.client.hgetall(batch_key(batch_id))  # type: ignore[assignment]
         return Batch.from_redis({k.decode(): v.decode() for k, v in raw.items()}) if raw else None
 
-    def job_ids(self, batch_id: str, start: int = 0, stop: int = -1) -> list[str]:
-        """The batch's job ids from item `start` to item `stop` (included; -1: the last)."""
-        members: list[bytes] = self.client.lrange(batch_jobs_key(batch_id), start, stop)  # type: ignore[assignment]
-        return [member.decode() for member in members]
+    def expire_if_overdue(self, batch: Batch, now: float) -> Batch:
+        """Close the batch `expired` if it is open past its deadline; the batch as it then is."""
+        if not batch.overdue(now):
+            return batch
+        self._close_call(batch.id, "expired")
+        return self.get(batch.id) or batch
 
-    def jobs(self, batch_id: str, start: int = 0, stop: int = -1) -> Iterator[tuple[str, Job | None]]:
-        """The batch's (job id, job) from item `start` to `stop` (included), a page per pipeline; None: expired."""
-        first = start
-        while stop < 0 or first <= stop:
-            last = first + READ_PAGE - 1 if stop < 0 else min(stop, first + READ_PAGE - 1)
-            job_ids = self.job_ids(batch_id, first, last)
-            if not job_ids:
-                return
-            yield from zip(job_ids, self._read(job_ids), strict=True)
-            if len(job_ids) < last - first + 1:
-                return
-            first = last + 1
+    def cancel(self, batch: Batch) -> CancelCounts:
+        """Cancel the batch: its items not yet in a model call end `canceled` and never run; running ones run on."""
+        outcome = self._close_call(batch.id, "canceled")
+        if outcome[0] < 0:  # gone, or closed already: nothing was canceled now
+            return CancelCounts(0, 0, batch.count)
+        canceled, running, ended = outcome
+        return CancelCounts(canceled, running, ended)
 
-    def summary(self, batch: Batch) -> dict[str, Any]:
-        """The batch as the API shows it: counts of its items by status, progress, and its webhook's delivery."""
-        counts = dict.fromkeys((str(status) for status in JobStatus), 0)
-        for status in self._statuses(batch.id):
-            if status in counts:  # None: the item expired (its batch is about to)
-                counts[status] += 1
-        ended = sum(counts[str(status)] for status in JobStatus if status not in (JobStatus.QUEUED, JobStatus.RUNNING))
-        return {
-            "id": batch.id,
-            "count": batch.count,
-            "counts": counts,
-            "ended": ended,
-            "progress": ended / batch.count if batch.count else 1.0,
-            "created_at": batch.created_at,
-            "task": str(batch.task),
-            "priority": str(batch.priority),
-            "webhook": batch.webhook or None,
-            "webhook_delivery": batch.webhook_delivery(),
-        }
+    def cancel_item(self, batch: Batch, index: int) -> int:
+        """Cancel one item: a CANCEL_* code of worker/transitions.py."""
+        keys = [*self._item_keys(batch.id), outcomes_key_of_queue(batch.queue)]
+        return int(self._cancel_item(keys=keys, args=[time.time(), index]))
 
-    def cancel(self, batch: Batch, queue: str) -> CancelCounts:
-        """Cancel every item still queued (a running one gets `cancel_requested`): the job cancel script per item."""
-        canceled = requested = ended = 0
-        page: list[Job] = []
-        for _, job in self.jobs(batch.id):
-            if job is None:
-                ended += 1
-            elif job.status in (JobStatus.QUEUED, JobStatus.RUNNING):
-                page.append(job)
-            else:
-                ended += 1
-        for first in range(0, len(page), READ_PAGE):
-            for outcome in self.store.cancel_many(page[first : first + READ_PAGE], queue):
-                if outcome == CANCEL_DONE:
-                    canceled += 1
-                elif outcome == CANCEL_REQUESTED:
-                    requested += 1
-                else:
-                    ended += 1
-        return CancelCounts(canceled, requested, ended)
-
-    def _statuses(self, batch_id: str) -> Iterator[str | None]:
-        """Each item's status, in item order, read a page per pipeline (one field, not the whole record)."""
-        first = 0
-        while job_ids := self.job_ids(batch_id, first, first + READ_PAGE - 1):
-            with self.client.pipeline(transaction=False) as pipe:
-                for job_id in job_ids:
-                    pipe.hget(job_key(job_id), "status")
-                statuses: list[bytes | None] = pipe.execute()
-            yield from (status.decode() if status is not None else None for status in statuses)
-            first += READ_PAGE
-
-    def _read(self, job_ids: list[str]) -> list[Job | None]:
+    def item(self, batch: Batch, index: int) -> Job | None:
+        """A batch item shown as a job, or None when there is no such item."""
+        if not 0 <= index < batch.count:
+            return None
         with self.client.pipeline(transaction=False) as pipe:
-            for job_id in job_ids:
-                pipe.hgetall(job_key(job_id))
-            raws: list[dict[bytes, bytes]] = pipe.execute()
-        return [Job.from_redis({k.decode(): v.decode() for k, v in raw.items()}) if raw else None for raw in raws]
+            pipe.lindex(items_key(batch.id), index)
+            pipe.hget(outcomes_key(batch.id), str(index))
+            pipe.hgetall(ITEM_WEBHOOK_PREFIX + item_id(batch.id, index))
+            raw_item, raw_outcome, webhook = pipe.execute()
+        if raw_item is None:
+            return None
+        image_number, text = json.loads(raw_item)
+        image = self._images(batch.id, {image_number})[image_number]
+        delivery = {k.decode(): v.decode() for k, v in webhook.items()}
+        return item_job(batch, index, image, text, raw_outcome, delivery)
+
+    def results(self, batch: Batch, start: int, stop: int) -> list[Job]:
+        """Items `start` to `stop` (included) shown as jobs, in item order, in a few round trips."""
+        with self.client.pipeline(transaction=False) as pipe:
+            pipe.lrange(items_key(batch.id), start, stop)
+            pipe.hmget(outcomes_key(batch.id), [str(index) for index in range(start, stop + 1)])
+            raw_items, raw_outcomes = pipe.execute()
+        pairs = [json.loads(raw) for raw in raw_items]
+        images = self._images(batch.id, {image for image, _ in pairs})
+        return [
+            item_job(batch, start + offset, images[image], text, outcome, {})
+            for offset, ((image, text), outcome) in enumerate(zip(pairs, raw_outcomes, strict=False))
+        ]
+
+    def start_chunk(self, payload: dict[str, Any], queue: str, worker: str, max_attempts: int, model: str) -> int:
+        """Record that a worker received a chunk: its attempt number, or a START_* code (worker/transitions.py)."""
+        bid, number, member = str(payload["batch_id"]), int(payload["number"]), str(payload["member"])
+        priority = JobPriority(payload.get("priority") or JobPriority.NORMAL)
+        answers = parse_chunk_member(member)[2]
+        message = f"the chunk was started {max_attempts} times and its worker died each time; it is not tried again"
+        keys = [batch_key(bid), chunks_key(bid), unstarted_key(queue, priority), started_mark_key(queue, priority)]
+        keys += [running_key(queue), stats_key(), outcomes_key(bid), items_key(bid), webhook_outbox_key()]
+        keys += [ended_key(bid), outcomes_key_of_queue(queue), waiting_answers_key()]
+        args: list[str | int | float] = [member, number, time.time(), worker, max_attempts, message, answers, model]
+        return int(self._start(keys=keys, args=args))
+
+    def run_items(self, groups: list[tuple[str, list[int]]]) -> list[set[int]]:
+        """Mark these items of each batch running, all in one round trip; for each batch, the indices to answer."""
+        with self.client.pipeline(transaction=False) as pipe:
+            for batch_id, indices in groups:
+                self._run(keys=self._item_keys(batch_id), args=[time.time(), *indices], client=pipe)
+            replies = pipe.execute()
+        return [{int(index) for index in reply} for reply in replies]
+
+    def end_chunk(self, payload: dict[str, Any], queue: str, outcomes: list[list[str]], done: bool = True) -> int:
+        """End a chunk's items with their outcomes ([index, status, code, value JSON] each), in one call."""
+        bid, number, member = str(payload["batch_id"]), int(payload["number"]), str(payload["member"])
+        keys = [batch_key(bid), outcomes_key(bid), chunks_key(bid), running_key(queue), webhook_outbox_key()]
+        keys += [ended_key(bid), outcomes_key_of_queue(queue)]
+        args: list[str | int | float] = [time.time(), number, member, "1" if done else "0"]
+        for outcome in outcomes:
+            args += outcome
+        return int(self._end(keys=keys, args=args))
+
+    def chunk_payload(self, batch_id: str, number: int) -> dict[str, Any] | None:
+        """A chunk not yet ended, as its message carries it (None once it ended, or with its batch)."""
+        raw = self.client.hget(chunks_key(batch_id), str(number))
+        return json.loads(raw) if isinstance(raw, bytes) else None
+
+    def chunk_worker(self, batch_id: str, number: int) -> str | None:
+        """The worker that last started the chunk, or None."""
+        raw = self.client.hget(chunks_key(batch_id), f"{number}:w")
+        return raw.decode() if isinstance(raw, bytes) else None
+
+    def _close_call(self, batch_id: str, why: str) -> list[int]:
+        reply = self._close(keys=self._item_keys(batch_id), args=[time.time(), why])
+        return [int(value) for value in reply]
+
+    def _item_keys(self, batch_id: str) -> list[str]:
+        keys = [batch_key(batch_id), outcomes_key(batch_id), items_key(batch_id), webhook_outbox_key()]
+        return [*keys, ended_key(batch_id)]
+
+    def _images(self, batch_id: str, numbers: set[int]) -> dict[int, dict[str, str]]:
+        ordered = sorted(numbers)
+        if not ordered:
+            return {}
+        raws = self.client.hmget(images_key(batch_id), [str(number) for number in ordered])
+        return {number: json.loads(raw) if raw else {} for number, raw in zip(ordered, raws, strict=True)}
+
+
+def outcome_value(status: str, answer: str = "", code: str = "", message: str = "") -> list[str]:
+    """An item's outcome as END_CHUNK_LUA takes it: status, error code, and the JSON kept for the item."""
+    if status == JobStatus.SUCCEEDED:
+        value = [status, answer]
+    elif status == JobStatus.FAILED:
+        value = [status, code, message]
+    else:
+        value = [status]
+    return [status, code, json.dumps(value, separators=(",", ":"))]
+
+
+def item_job(
+    batch: Batch, index: int, image: dict[str, str], text: str, raw_outcome: bytes | None, delivery: dict[str, str]
+) -> Job:
+    """A batch item as a job: its status from its outcome, or from its batch when it never reached the model."""
+    outcome = json.loads(raw_outcome) if raw_outcome else []
+    answer = code = message = ""
+    if outcome:
+        status = JobStatus(outcome[0])
+        if status is JobStatus.SUCCEEDED:
+            answer = outcome[1]
+        elif status is JobStatus.FAILED:
+            code, message = outcome[1], outcome[2]
+    elif batch.closed == JobStatus.CANCELED:
+        status = JobStatus.CANCELED
+    elif batch.closed == JobStatus.EXPIRED:
+        status = JobStatus.EXPIRED
+    else:
+        status = JobStatus.QUEUED
+    if status is JobStatus.CANCELED:
+        code, message = "canceled", CANCELED_MESSAGE
+    elif status is JobStatus.EXPIRED:
+        code, message = "deadline_exceeded", DEADLINE_MESSAGE
+    return Job(
+        id=item_id(batch.id, index),
+        status=status,
+        question=text,
+        created_at=batch.created_at,
+        image_url=image.get("image_url", ""),
+        answer=answer,
+        error_code=code,
+        error_message=message,
+        model=batch.model if status is not JobStatus.QUEUED else "",
+        owner=batch.owner,
+        priority=batch.priority,
+        deadline_at=batch.deadline_at,
+        cancel_requested=batch.closed == JobStatus.CANCELED,
+        webhook=batch.webhook if batch.webhook_items else "",
+        webhook_status=delivery.get("webhook_status", ""),
+        webhook_attempts=int(delivery.get("webhook_attempts") or 0),
+        webhook_error_code=delivery.get("webhook_error_code", ""),
+        webhook_error_message=delivery.get("webhook_error_message", ""),
+        batch_id=batch.id,
+        index=index,
+        upload_key=image.get("upload", ""),
+        image_name=image.get("image_name", ""),
+        task=batch.task,
+    )

@@ -42,13 +42,23 @@ class Output(NamedTuple):
     call: int  # which model call of this worker gave it
 
 
+# Asked just before a model call, for the entries of a batch's items: which of them may still run (a batch canceled
+# or past its deadline runs none; an item is marked running here). gates[i] is (batch id, item indices) of entry i.
+Admit = Callable[[list[tuple[str, list[int]]]], list[set[int]]]
+
+
 @dataclass
 class Pending:
-    """One image with the texts asked about it, waiting for the model; one future per text."""
+    """One image with the texts asked about it, waiting for the model; one future per text.
+
+    `gate` is (batch id, item index of each text) for a batch's items, which the admit call is asked about; None for
+    single jobs (marked running when their worker took them).
+    """
 
     pixels: torch.Tensor
     texts: list[str]
     futures: list[Future[Output]]
+    gate: tuple[str, list[int]] | None = None
     arrived: float = field(default_factory=time.monotonic)
 
 
@@ -56,9 +66,16 @@ class Batcher:
     """Answers submitted images and texts in batches of at most `max_size` texts, from one thread."""
 
     def __init__(
-        self, call: ModelCall, max_size: int, max_wait_s: float, hard_limit_s: float = 0.0, name: str = "blipq-model"
+        self,
+        call: ModelCall,
+        max_size: int,
+        max_wait_s: float,
+        hard_limit_s: float = 0.0,
+        name: str = "blipq-model",
+        admit: Admit | None = None,
     ) -> None:
         self.call, self.max_size, self.max_wait_s, self.hard_limit_s = call, max_size, max_wait_s, hard_limit_s
+        self.admit = admit
         self.pending: queue.SimpleQueue[Pending | None] = queue.SimpleQueue()
         self.carried: Pending | None = None  # taken from the queue but left for the next batch (it did not fit)
         self.busy_since = 0.0  # when the running model call started; 0 when idle
@@ -81,12 +98,19 @@ class Batcher:
         if self.thread.is_alive():
             self.thread.join(timeout_s)
 
-    def submit(self, pixels: torch.Tensor, texts: list[str]) -> list[Future[Output]]:
-        """Queue one image and its texts; the futures resolve to the outputs, in the order of `texts`."""
+    def submit(
+        self, pixels: torch.Tensor, texts: list[str], gate: tuple[str, list[int]] | None = None
+    ) -> list[Future[Output]]:
+        """Queue one image and its texts; the futures resolve to the outputs, in the order of `texts`.
+
+        With a `gate` (batch id, item indices), a text its batch no longer runs is not answered: its future is
+        canceled.
+        """
         futures: list[Future[Output]] = [Future() for _ in texts]
         for start in range(0, len(texts), self.max_size):  # more texts than a batch holds: several entries
             end = start + self.max_size
-            self.pending.put(Pending(pixels, texts[start:end], futures[start:end]))
+            part = (gate[0], gate[1][start:end]) if gate is not None else None
+            self.pending.put(Pending(pixels, texts[start:end], futures[start:end], part))
         return futures
 
     def _run(self) -> None:
@@ -120,6 +144,7 @@ class Batcher:
         return batch
 
     def _answer(self, batch: list[Pending]) -> None:
+        self._admit(batch)
         items = [  # a text whose job gave up waiting (its future canceled) is not answered
             (index, text, future)
             for index, entry in enumerate(batch)
@@ -128,6 +153,22 @@ class Batcher:
         ]
         if items:
             self._answer_items([entry.pixels for entry in batch], items)
+
+    def _admit(self, batch: list[Pending]) -> None:
+        """Cancel the futures of the batch items that may no longer run (one round trip for the whole model call)."""
+        gated = [entry for entry in batch if entry.gate is not None]
+        if self.admit is None or not gated:
+            return
+        try:
+            admitted = self.admit([entry.gate for entry in gated if entry.gate is not None])
+        except Exception:  # Redis away: answer them all; the end script still records each outcome once
+            log.exception("could not mark %d entries running; answered all the same", len(gated))
+            return
+        for entry, allowed in zip(gated, admitted, strict=True):
+            assert entry.gate is not None
+            for index, future in zip(entry.gate[1], entry.futures, strict=True):
+                if index not in allowed:
+                    future.cancel()
 
     def _answer_items(self, pixels: list[torch.Tensor], items: list[tuple[int, str, Future[Output]]]) -> None:
         """Answer `items` (pixel index, text, future); on out-of-memory, halve and retry down to one text."""

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from worker.jobs import Job
 
 TASK_VQA = "blipq.vqa"
-TASK_VQA_CHUNK = "blipq.vqa_chunk"  # a chunk of a batch's items: images, each with its (job id, question) pairs
+TASK_VQA_CHUNK = "blipq.vqa_chunk"  # a chunk of a batch's items: images, each with its (item index, text) pairs
 SOFT_LIMIT_MARGIN_S = 10  # the soft limit comes this much earlier, so the job can record its `timeout` failure
 VISIBILITY_MARGIN_S = 60  # beyond the hard limit, before a job reserved by a vanished worker is delivered again
 
@@ -36,47 +36,39 @@ def publish_job(celery: Celery, job: Job, queue: str) -> None:
     celery.send_task(TASK_VQA, args=[payload], task_id=job.id, queue=queue, priority=BROKER_PRIORITY[job.priority])
 
 
-def publish_chunk(
-    celery: Celery,
-    queue: str,
-    batch_id: str,
-    number: int,
-    images: list[dict[str, Any]],
-    priority: JobPriority,
-    task: str = "vqa",
-) -> None:
-    """Send chunk `number` of a batch (task id `<batch id>.<number>`) on the queue of its task, at its priority.
+def publish_chunk(celery: Celery, queue: str, payload: dict[str, Any]) -> None:
+    """Send a chunk of a batch (task id `<batch id>.<number>`) on the queue of its task, at its priority.
 
-    `images` is one of worker.batches.plan_chunks's chunks: [{"image_url", "items": [[job id, text], ...]}, ...];
-    an uploaded image names its Redis key instead: {"upload", "items"}. `task` says what the texts are: questions
-    (vqa) or caption prompts ("" for none).
+    `payload` is one of the chunks worker.batches.BatchStore.create stored: {"batch_id", "number", "member",
+    "priority", "task", "images": [{"image_url" | "upload", "items": [[index, text], ...]}, ...]}; `task` says what
+    the texts are: questions (vqa) or caption prompts ("" for none).
     """
-    payload = {"batch_id": batch_id, "priority": str(priority), "images": images, "task": task}
-    celery.send_task(
-        TASK_VQA_CHUNK, args=[payload], task_id=f"{batch_id}.{number}", queue=queue, priority=BROKER_PRIORITY[priority]
-    )
+    priority = BROKER_PRIORITY[JobPriority(payload["priority"])]
+    task_id = f"{payload['batch_id']}.{payload['number']}"
+    celery.send_task(TASK_VQA_CHUNK, args=[payload], task_id=task_id, queue=queue, priority=priority)
 
 
-def create_celery(redis_url: str, queue: str, result_ttl_s: int, time_limit_s: int = DEFAULT_TIME_LIMIT_S) -> Celery:
-    """The Celery app both sides use: Redis broker and result backend, JSON only, one queue per model.
+def create_celery(redis_url: str, queue: str, time_limit_s: int = DEFAULT_TIME_LIMIT_S) -> Celery:
+    """The Celery app both sides use: a Redis broker, JSON only, one queue per model, no result backend.
+
+    Outcomes live in the job and batch records, written by the scripts that end them; a second copy in Celery's
+    result backend would cost Redis memory and a write per message, and nothing would read it.
 
     `time_limit_s` is the hard limit of one job: the visibility timeout is derived from it, and must be the same
     in every process that uses the broker (Redis's transport uses the shortest one it is given).
     """
     visibility_timeout_s = visibility_timeout_for(time_limit_s)
-    app = Celery("blipq", broker=redis_url, backend=redis_url)
+    app = Celery("blipq", broker=redis_url)
     app.conf.update(
         task_serializer="json",
-        result_serializer="json",
         accept_content=["json"],  # never pickle: a message must not be able to run code in a worker
-        result_accept_content=["json"],
+        task_ignore_result=True,
         task_default_queue=queue,
         # A message sent without a priority (by hand, or by an older API) waits with the normal jobs, not before them.
         task_routes={
             task: {"queue": queue, "priority": BROKER_PRIORITY[JobPriority.NORMAL]}
             for task in (TASK_VQA, TASK_VQA_CHUNK)
         },
-        result_expires=result_ttl_s,
         # A job is acknowledged only once it ended (so a worker that dies mid-job has not acknowledged it)...
         task_acks_late=True,
         # ...(a process pool would also put back at once the job of a pool process that died mid-job; blipq's
@@ -87,13 +79,12 @@ def create_celery(redis_url: str, queue: str, result_ttl_s: int, time_limit_s: i
         worker_prefetch_multiplier=1,
         # A job that a dead worker had reserved comes back after the visibility timeout (the reaper is quicker): it
         # must be above the longest a job may legitimately run, or a slow job would be delivered a second time while
-        # it still runs. Celery reads it in three places; all three are set.
+        # it still runs. Celery reads it in two places; both are set.
         broker_transport_options={
             "visibility_timeout": visibility_timeout_s,
             "socket_connect_timeout": 5,
             "priority_steps": list(PRIORITY_STEPS),  # kombu's default, named: BROKER_PRIORITY and the reaper need it
         },
-        result_backend_transport_options={"visibility_timeout": visibility_timeout_s},
         visibility_timeout=visibility_timeout_s,
         # Celery enforces these in a process pool only; blipq's workers time their jobs themselves (worker/tasks.py).
         task_soft_time_limit=max(1, time_limit_s - SOFT_LIMIT_MARGIN_S),
@@ -102,9 +93,6 @@ def create_celery(redis_url: str, queue: str, result_ttl_s: int, time_limit_s: i
         broker_connection_max_retries=None,  # a worker waits for Redis to come back however long it is away
         broker_connection_timeout=5,
         redis_socket_connect_timeout=5,
-        # The result backend retries its writes across a Redis restart instead of failing the task.
-        result_backend_always_retry=True,
-        result_backend_max_retries=30,
         # The API must answer 503 quickly when Redis is away, not retry a publish for long.
         task_publish_retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5},
     )

@@ -34,6 +34,7 @@ from worker.transitions import (
     FINISH_LUA,
     RELEASE_KEY_LUA,
     START_LUA,
+    WAITING_ANSWERS_KEY,
 )
 
 KEY_PREFIX = "blipq:"  # worker/transitions.py's BATCH_KEY_PREFIX starts with it
@@ -123,9 +124,13 @@ def batch_key(batch_id: str) -> str:
     return f"{BATCH_KEY_PREFIX}{batch_id}"
 
 
-def batch_jobs_key(batch_id: str) -> str:
-    """The Redis list of a batch's job ids, in item order."""
-    return f"{KEY_PREFIX}batch-jobs:{batch_id}"
+def waiting_answers_key() -> str:
+    """The hash of how many answers wait in each queue level (field: its never-started set, `unstarted_key`).
+
+    Moved with the set's members: +1 per job and +count per batch when they are stored, less each job or chunk as it
+    leaves the set (started, canceled, expired). The admission check reads it: the queue's bound counts answers.
+    """
+    return WAITING_ANSWERS_KEY
 
 
 def upload_key(job_id: str) -> str:
@@ -134,10 +139,8 @@ def upload_key(job_id: str) -> str:
 
 
 def batch_upload_key(batch_id: str, number: int) -> str:
-    """The Redis string that holds image `number` uploaded with a batch, shared by all its questions' jobs.
-
-    No job's end deletes it (`end_job` deletes only `upload_key(job_id)`): it expires with the batch, after the TTL.
-    """
+    """The Redis string that holds image `number` uploaded with a batch, shared by all its questions; it expires with
+    the batch, after the TTL."""
     return f"{KEY_PREFIX}batch-upload:{batch_id}:{number}"
 
 
@@ -291,6 +294,7 @@ class JobStore:
         with self.client.pipeline(transaction=True) as pipe:
             self.add_to_pipeline(pipe, job, queue)
             pipe.zadd(unstarted_key(queue, job.priority), {job.id: time.time()})
+            pipe.hincrby(waiting_answers_key(), unstarted_key(queue, job.priority), 1)
             if upload is not None:
                 pipe.set(upload_key(job.id), upload, ex=self.ttl_s)
             if idempotency is not None:
@@ -309,6 +313,7 @@ class JobStore:
         with self.client.pipeline(transaction=True) as pipe:
             pipe.delete(job_key(job.id), upload_key(job.id))
             pipe.zrem(unstarted_key(queue, job.priority), job.id)
+            pipe.hincrby(waiting_answers_key(), unstarted_key(queue, job.priority), -1)
             pipe.zrem(deadlines_key(queue), job.id)
             pipe.execute()
 

@@ -28,6 +28,7 @@ from prometheus_client import (
     start_http_server,
 )
 
+from worker.batch_scripts import SKIPPED
 from worker.broker import TASK_VQA, TASK_VQA_CHUNK
 from worker.fleet import Announcer, WorkerRecord, count_outcome, fleet_client
 from worker.jobs import utc_now
@@ -134,17 +135,17 @@ class WorkerOps:
             self._count_in_redis(status, code)
 
     def _chunk_ended(self, retval: dict[str, Any]) -> None:
-        """Count each job of a batch's chunk as a single job's run is counted, and log one line for the chunk."""
+        """Count a chunk's items by outcome in this process, and log one line for the chunk (the end script counted
+        them in Redis, with the items)."""
         duration_s = time.perf_counter() - CURRENT_JOB.started
-        outcomes = [outcome for outcome in retval.get("outcomes", []) if isinstance(outcome, dict)]
-        fields: dict[str, Any] = {"batch_id": retval.get("batch_id"), "jobs": len(outcomes)}
+        counts = retval.get("outcomes") or {}
+        fields: dict[str, Any] = {"batch_id": retval.get("batch_id"), "jobs": sum(counts.values())}
         fields |= {"duration_s": round(duration_s, 4), "inference_s": round(CURRENT_JOB.model_s, 4)}
-        log.info("chunk of batch %s: %d jobs in %.3f s", fields["batch_id"], len(outcomes), duration_s, extra=fields)
-        for outcome in outcomes:
-            status, code = str(outcome.get("status", "")), str(outcome.get("code", ""))
-            if status != NOT_AN_END:
-                JOBS.labels(status=status, code=code).inc()
-                self._count_in_redis(status, code)
+        log.info("chunk of batch %s: %d items in %.3f s", fields["batch_id"], fields["jobs"], duration_s, extra=fields)
+        for outcome, count in counts.items():
+            status, _, code = str(outcome).partition(":")
+            if status != SKIPPED:
+                JOBS.labels(status=status, code=code).inc(count)
 
     def on_shutdown(self, **_: Any) -> None:
         """The worker exits cleanly: withdraw its record and close its metrics endpoint."""

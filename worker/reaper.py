@@ -39,7 +39,13 @@ from dataclasses import dataclass
 import redis
 from celery import Celery
 
-from worker.broker import publish_job
+from worker.batches import (
+    CHUNK_MEMBER_PREFIX,
+    DEADLINE_MEMBER_PREFIX,
+    BatchStore,
+    parse_chunk_member,
+)
+from worker.broker import publish_chunk, publish_job
 from worker.fleet import worker_key
 from worker.jobs import (
     JobStore,
@@ -49,6 +55,7 @@ from worker.jobs import (
     started_mark_key,
     stats_key,
     unstarted_key,
+    waiting_answers_key,
 )
 from worker.jobs import (
     job_key as job_key_of,
@@ -108,6 +115,9 @@ def republish_orphans(store: JobStore, celery: Celery, queue: str, policy: Reape
     members: list[bytes] = client.zrangebyscore(running, "-inf", now, start=0, num=SWEEP_BATCH)  # type: ignore[assignment]
     republished = 0
     for job_id in (member.decode() for member in members):
+        if job_id.startswith(CHUNK_MEMBER_PREFIX):
+            republished += _republish_orphan_chunk(store, celery, queue, policy, job_id, now)
+            continue
         job = store.get(job_id)
         worker = client.hget(job_key_of(job_id), "worker") if job is not None else None
         if job is None or job.status is not JobStatus.RUNNING or not worker:  # ended (or expired) meanwhile
@@ -124,10 +134,34 @@ def republish_orphans(store: JobStore, celery: Celery, queue: str, policy: Reape
     return republished
 
 
+def _republish_orphan_chunk(
+    store: JobStore, celery: Celery, queue: str, policy: ReaperPolicy, member: str, now: float
+) -> int:
+    """Publish a running chunk again if its worker is gone; 1 when it did."""
+    batches = BatchStore(store)
+    batch_id, number, _ = parse_chunk_member(member)
+    payload = batches.chunk_payload(batch_id, number)
+    worker = batches.chunk_worker(batch_id, number)
+    if payload is None or worker is None:  # ended (or expired) meanwhile
+        store.client.zrem(running_key(queue), member)
+        return 0
+    if store.client.exists(worker_key(worker)):
+        store.client.zadd(running_key(queue), {member: now + policy.running_recheck_s})
+        return 0
+    store.client.zadd(running_key(queue), {member: now + policy.waiting_s})  # its next start scores it anew
+    publish_chunk(celery, queue, payload)
+    store.client.hincrby(stats_key(), "republished", 1)
+    log.warning("chunk %s of batch %s was running on %s, which is gone; published again", number, batch_id, worker)
+    return 1
+
+
 def expire_overdue(store: JobStore, queue: str) -> int:
-    """End `expired` the queue's jobs still queued past their deadline; returns how many."""
+    """End `expired` the queue's jobs (and close the batches) still queued past their deadline; returns how many."""
     expired = 0
     for job_id in store.overdue_job_ids(queue, time.time(), SWEEP_BATCH):
+        if job_id.startswith(DEADLINE_MEMBER_PREFIX):
+            expired += _close_overdue_batch(store, queue, job_id)
+            continue
         job = store.get(job_id)
         if job is None:  # gone with its TTL
             store.client.zrem(deadlines_key(queue), job_id)
@@ -137,13 +171,43 @@ def expire_overdue(store: JobStore, queue: str) -> int:
     return expired
 
 
+def _close_overdue_batch(store: JobStore, queue: str, member: str) -> int:
+    """Close a batch past its deadline (its items not yet answered end `expired`); 1 when it did."""
+    store.client.zrem(deadlines_key(queue), member)
+    batches = BatchStore(store)
+    batch = batches.get(member.removeprefix(DEADLINE_MEMBER_PREFIX))
+    if batch is None or not batch.overdue(time.time()):
+        return 0
+    batches.expire_if_overdue(batch, time.time())
+    log.info("batch %s was not answered by its deadline: its items not yet answered expired", batch.id)
+    return 1
+
+
+def _republish_lost_chunk(store: JobStore, celery: Celery, queue: str, priority: JobPriority, member: str) -> int:
+    batch_id, number, answers = parse_chunk_member(member)
+    payload = BatchStore(store).chunk_payload(batch_id, number)
+    if payload is None:  # its batch expired, or a worker started it meanwhile and it ended
+        if store.client.zrem(unstarted_key(queue, priority), member):
+            store.client.hincrby(waiting_answers_key(), unstarted_key(queue, priority), -answers)
+        return 0
+    store.client.zadd(unstarted_key(queue, priority), {member: time.time()})
+    publish_chunk(celery, queue, payload)
+    store.client.hincrby(stats_key(), "republished", 1)
+    log.warning("chunk %d of batch %s had lost its message; published again", number, batch_id)
+    return 1
+
+
 def _republish_lost(store: JobStore, celery: Celery, queue: str, policy: ReaperPolicy, priority: JobPriority) -> int:
     now = time.time()
     republished = 0
     for job_id in find_lost(store, queue, policy, now, priority):
+        if job_id.startswith(CHUNK_MEMBER_PREFIX):
+            republished += _republish_lost_chunk(store, celery, queue, priority, job_id)
+            continue
         job = store.get(job_id)
         if job is None or job.status is not JobStatus.QUEUED:  # expired, or started meanwhile
-            store.client.zrem(unstarted_key(queue, priority), job_id)
+            if store.client.zrem(unstarted_key(queue, priority), job_id):
+                store.client.hincrby(waiting_answers_key(), unstarted_key(queue, priority), -1)
             continue
         # Its wait starts again: it is not published a third time unless this message is lost too. Before the
         # publish: a worker may start the job (and take it off the set) before this line would run after it.

@@ -13,12 +13,14 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from collections.abc import Mapping
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor, as_completed
 from typing import TYPE_CHECKING, Any
 
 from celery import Celery
 
+from worker.batch_scripts import SKIPPED
+from worker.batches import BatchStore, outcome_value
 from worker.batching import Batcher, Output
 from worker.broker import SOFT_LIMIT_MARGIN_S, TASK_VQA, TASK_VQA_CHUNK
 from worker.errors import BlipqError, JobTimeoutError, UploadMissingError, WrongTaskError
@@ -27,7 +29,7 @@ from worker.images import decode_image
 from worker.jobs import JobStore
 from worker.netguard import NetworkPolicy
 from worker.settings import WorkerSettings
-from worker.states import JobPriority
+from worker.states import JobPriority, JobStatus
 from worker.transitions import START_CANCELED, START_ENDED, START_EXPIRED, START_GAVE_UP, START_MISSING
 
 if TYPE_CHECKING:  # torch is imported when the model loads, not when the API imports this package
@@ -75,6 +77,7 @@ class WorkerRuntime:
         self.batcher: Batcher | None = None
         self.fetchers = ThreadPoolExecutor(settings.fetch_threads, thread_name_prefix="blipq-fetch")
         self._store: JobStore | None = None
+        self._batches: BatchStore | None = None
         self._sessions = threading.local()  # one HTTP session per thread; each carries the network policy
         self._start_lock = threading.Lock()
 
@@ -105,6 +108,7 @@ class WorkerRuntime:
                 settings.batch_max_size,
                 settings.batch_max_wait_ms / 1000,
                 hard_limit_s=settings.job_time_limit_s,
+                admit=self.batches.run_items,
             ).start()
 
     def stop(self, **_signal_kwargs: Any) -> None:
@@ -130,6 +134,12 @@ class WorkerRuntime:
             # Writes retry across a Redis restart (for REDIS_OUTAGE_S): an answer is recorded, not lost.
             self._store = JobStore.from_url(settings.redis_url, settings.job_ttl_s, outage_s=REDIS_OUTAGE_S)
         return self._store
+
+    @property
+    def batches(self) -> BatchStore:
+        if self._batches is None:
+            self._batches = BatchStore(self.store)
+        return self._batches
 
     @property
     def session(self) -> requests.Session:
@@ -169,75 +179,93 @@ class WorkerRuntime:
         return {"status": "succeeded", "answer": answer}
 
     def run_chunk(self, payload: dict[str, Any]) -> dict[str, Any]:
-        """Answer a chunk of a batch's items (see worker/batches.py); returns each job's outcome, as run_job's.
+        """Answer a chunk of a batch's items (see worker/batches.py): one script call starts it, one ends it.
 
-        Every job starts as a single job does (an ended, canceled or expired one is skipped). The chunk's images are
-        fetched and decoded in parallel by the fetch threads, each once for all its questions, and each goes to the
-        batcher as soon as it is ready; a fetch or decode error fails that image's jobs only. A chunk delivered again
-        (its worker died) skips the jobs that ended and runs the rest.
+        The chunk's images are fetched and decoded in parallel by the fetch threads, each once for all its questions,
+        and each goes to the batcher as soon as it is ready; its items become running only when the model takes them
+        (a batch canceled meanwhile runs none of them). A fetch or decode error fails that image's items only. A chunk
+        delivered again (its worker died) answers the items that had not ended. Returns the chunk's outcome counts.
         """
         self.start()
-        outcomes: list[dict[str, str]] = []
-        started = self._begin_chunk(payload, outcomes)
+        settings = self.settings
+        batch_id = str(payload.get("batch_id", ""))
+        attempt = self.batches.start_chunk(
+            payload, settings.queue, worker_identity(), settings.max_attempts, settings.model
+        )
+        if attempt < 1:
+            return {"batch_id": batch_id, "skipped": attempt}
         deadline = time.monotonic() + self.job_limit_s
-
-        def end(job_id: str, outcome: dict[str, str]) -> None:
-            outcomes.append({"job_id": job_id, **outcome})
-
+        outcomes: list[list[str]] = []
         try:
             self._check_task(payload)
         except WrongTaskError as exc:
-            for _, pairs in started:
-                for job_id, _ in pairs:
-                    end(job_id, self._fail(job_id, exc.code, exc.message))
-            return {"batch_id": str(payload.get("batch_id", "")), "outcomes": outcomes}
-        answers = self._load_and_submit(payload, started, deadline, end)
-        for job_id, future in answers:
-            try:
-                end(job_id, self._succeed(job_id, self._result(future, deadline)))
-            except BlipqError as exc:
-                end(job_id, self._fail(job_id, exc.code, exc.message))
-            except Exception as exc:  # a model error: fail these jobs, keep the worker
-                end(job_id, self._fail(job_id, "internal_error", f"the worker could not answer: {type(exc).__name__}"))
-        return {"batch_id": str(payload.get("batch_id", "")), "outcomes": outcomes}
+            outcomes = [
+                [str(index), *outcome_value(JobStatus.FAILED, code=exc.code, message=exc.message)]
+                for image in payload.get("images", [])
+                for index, _ in image.get("items", [])
+            ]
+        else:
+            answers = self._load_and_submit(payload, deadline, outcomes)
+            for index, future in answers:
+                outcomes.append([str(index), *self._chunk_outcome(future, deadline)])
+        self.batches.end_chunk(payload, settings.queue, outcomes)
+        counts: dict[str, int] = {}
+        for _, status, code, _ in outcomes:
+            counts[f"{status}:{code}"] = counts.get(f"{status}:{code}", 0) + 1
+        return {"batch_id": batch_id, "outcomes": counts}
+
+    def _chunk_outcome(self, future: Future[Output], deadline: float) -> list[str]:
+        """An item's outcome for the end script: its answer, its failure, or `skipped` (its batch closed)."""
+        try:
+            return outcome_value(JobStatus.SUCCEEDED, answer=self._result(future, deadline))
+        except CancelledError:
+            return [SKIPPED, "", ""]
+        except BlipqError as exc:
+            return outcome_value(JobStatus.FAILED, code=exc.code, message=exc.message)
+        except Exception as exc:  # a model error: fail these items, keep the worker
+            message = f"the worker could not answer: {type(exc).__name__}"
+            return outcome_value(JobStatus.FAILED, code="internal_error", message=message)
 
     def _load_and_submit(
-        self,
-        payload: dict[str, Any],
-        started: list[tuple[tuple[str, str], list[tuple[str, str]]]],
-        deadline: float,
-        end: Callable[[str, dict[str, str]], None],
-    ) -> list[tuple[str, Future[Output]]]:
+        self, payload: dict[str, Any], deadline: float, outcomes: list[list[str]]
+    ) -> list[tuple[int, Future[Output]]]:
         """Load a chunk's images in the fetch threads and submit each, as it is ready, with its questions.
 
-        Returns (job id, future) for every question submitted; a job whose image failed, or was still loading at the
-        deadline, is ended through `end`.
+        Returns (item index, future) for every text submitted; an item whose image failed, or was still loading at
+        the deadline, gets its failure in `outcomes`.
         """
         assert self.batcher is not None
-        loads = {self.fetchers.submit(self._pixels, "", url, upload): pairs for (url, upload), pairs in started}
-        answers: list[tuple[str, Future[Output]]] = []
+        batch_id = str(payload.get("batch_id", ""))
+        loads = {
+            self.fetchers.submit(self._pixels, "", str(image.get("image_url", "")), str(image.get("upload", ""))): [
+                (int(index), str(text)) for index, text in image.get("items", [])
+            ]
+            for image in payload.get("images", [])
+        }
+        answers: list[tuple[int, Future[Output]]] = []
+
+        def fail(pairs: list[tuple[int, str]], code: str, message: str) -> None:
+            outcomes.extend([str(i), *outcome_value(JobStatus.FAILED, code=code, message=message)] for i, _ in pairs)
+
         try:
             for load in as_completed(loads, timeout=max(0.0, deadline - time.monotonic())):
                 pairs = loads.pop(load)
                 try:
                     pixels = load.result()
                 except BlipqError as exc:
-                    for job_id, _ in pairs:
-                        end(job_id, self._fail(job_id, exc.code, exc.message))
+                    fail(pairs, exc.code, exc.message)
                     continue
                 except Exception as exc:
-                    log.exception("an image of batch %s failed unexpectedly", payload.get("batch_id"))
-                    message = f"the worker could not answer: {type(exc).__name__}"
-                    for job_id, _ in pairs:
-                        end(job_id, self._fail(job_id, "internal_error", message))
+                    log.exception("an image of batch %s failed unexpectedly", batch_id)
+                    fail(pairs, "internal_error", f"the worker could not answer: {type(exc).__name__}")
                     continue
-                futures = self.batcher.submit(pixels, [question for _, question in pairs])
-                answers += [(job_id, future) for (job_id, _), future in zip(pairs, futures, strict=True)]
-        except TimeoutError:  # images still loading at the limit: their jobs fail `timeout`
+                indices = [index for index, _ in pairs]
+                futures = self.batcher.submit(pixels, [text for _, text in pairs], gate=(batch_id, indices))
+                answers += zip(indices, futures, strict=True)
+        except TimeoutError:  # images still loading at the limit: their items fail `timeout`
             for load, pairs in loads.items():
                 load.cancel()
-                for job_id, _ in pairs:
-                    end(job_id, self._fail(job_id, "timeout", self._timeout_message()))
+                fail(pairs, "timeout", self._timeout_message())
         return answers
 
     def _result(self, future: Future[Output], deadline: float) -> str:
@@ -263,38 +291,6 @@ class WorkerRuntime:
             raise WrongTaskError(
                 f"this worker's model does {self.loaded.task}, the job asks for {task}: it was sent to the wrong queue"
             )
-
-    def _begin_chunk(
-        self, payload: dict[str, Any], outcomes: list[dict[str, str]]
-    ) -> list[tuple[tuple[str, str], list[tuple[str, str]]]]:
-        """Start the jobs of a chunk together, each as a single job starts; the images (URL, upload key) with the
-        jobs that run.
-
-        The outcome of each job that must not run (ended, canceled, expired, given up) is added to `outcomes`.
-        """
-        settings = self.settings
-        images = [
-            ((str(image.get("image_url", "")), str(image.get("upload", ""))), image.get("items", []))
-            for image in payload.get("images", [])
-        ]
-        job_ids = [str(job_id) for _, items in images for job_id, _ in items]
-        attempts = iter(
-            self.store.start_many(
-                job_ids, settings.queue, settings.model, worker_identity(), settings.max_attempts, job_priority(payload)
-            )
-        )
-        started = []
-        for source, items in images:
-            pairs = []
-            for job_id, question in items:
-                skipped = self._start_outcome(str(job_id), next(attempts))
-                if skipped is None:
-                    pairs.append((str(job_id), str(question)))
-                else:
-                    outcomes.append({"job_id": str(job_id), **skipped})
-            if pairs:
-                started.append((source, pairs))
-        return started
 
     def _begin(self, job_id: str, priority: JobPriority) -> dict[str, str] | None:
         """Record the start of a run; the outcome when the job must not run (expired, ended, canceled, given up)."""
@@ -372,10 +368,10 @@ def worker_identity() -> str:
 def register_tasks(app: Celery, runtime: WorkerRuntime) -> None:
     """Register the tasks a worker runs; each is thin glue around `runtime`."""
 
-    @app.task(name=TASK_VQA)  # type: ignore[untyped-decorator]
+    @app.task(name=TASK_VQA, ignore_result=True)  # type: ignore[untyped-decorator]
     def answer_vqa_job(payload: dict[str, str]) -> dict[str, str]:
         return runtime.run_job(payload)
 
-    @app.task(name=TASK_VQA_CHUNK)  # type: ignore[untyped-decorator]
+    @app.task(name=TASK_VQA_CHUNK, ignore_result=True)  # type: ignore[untyped-decorator]
     def answer_vqa_chunk(payload: dict[str, Any]) -> dict[str, Any]:
         return runtime.run_chunk(payload)

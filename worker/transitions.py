@@ -12,7 +12,8 @@ from worker.states import ENDED_STATUSES
 DEADLINE_MESSAGE = "the job was still queued at its deadline; it was not run"
 CANCELED_MESSAGE = "the job was canceled before it started; it was not run"
 CANCELED_RERUN_MESSAGE = "the job was canceled while it ran and its worker died; it is not run again"
-BATCH_KEY_PREFIX = "blipq:batch:"  # a batch's hash: `end_job` counts its ended items there (worker.jobs.batch_key)
+BATCH_KEY_PREFIX = "blipq:batch:"  # a batch's hash (worker.jobs.batch_key)
+WAITING_ANSWERS_KEY = "blipq:waiting-answers"  # answers waiting per queue level (worker.jobs.waiting_answers_key)
 BATCH_OUTBOX_PREFIX = "batch:"  # an outbox member for a batch's webhook, beside the job ids (which have no ':')
 ENDED_KEY_PREFIX = "blipq:ended:"  # a job's end, pushed for the API's long polls (worker.jobs.ended_key)
 ENDED_KEY_TTL_S = 120  # long enough for any waiting read to see it
@@ -20,26 +21,15 @@ ENDED_KEY_TTL_S = 120  # long enough for any waiting read to see it
 # What every script below starts with. `end_job` writes the final fields, deletes the upload and, when the job names
 # a webhook, puts its delivery in the outbox, due now: in the same script, so an ended job's webhook is never lost.
 # A job's end is also pushed on its `ended` list, which wakes the API's reads waiting for it.
-# A batch item also counts itself ended on its batch's hash; the item that ends the batch queues the batch's webhook.
-# (The batch's key is built here from the job's `batch_id`: the scripts run on one Redis, not a cluster.)
+# A job leaves its level's set of jobs never started once, and the count of answers waiting in the queue with it
+# (`leave_queue`: the admission check reads that count, worker.jobs.waiting_answers_key).
 _LUA_LIBRARY = (
     "local ENDED = {"
     + ", ".join(f"{status}=true" for status in sorted(ENDED_STATUSES))
     + "}\n"
-    + f"local BATCH_KEY_PREFIX, BATCH_OUTBOX_PREFIX = '{BATCH_KEY_PREFIX}', '{BATCH_OUTBOX_PREFIX}'\n"
+    + f"local WAITING = '{WAITING_ANSWERS_KEY}'\n"
     + f"local ENDED_KEY_PREFIX, ENDED_KEY_TTL = '{ENDED_KEY_PREFIX}', {ENDED_KEY_TTL_S}"
     + """
-local function end_batch_item(batch_id, outbox, now)
-  local batch = BATCH_KEY_PREFIX .. batch_id
-  if redis.call('exists', batch) == 0 then return end
-  local ended = redis.call('hincrby', batch, 'ended', 1)
-  if ended ~= tonumber(redis.call('hget', batch, 'count')) then return end
-  local webhook = redis.call('hget', batch, 'webhook')
-  if webhook and webhook ~= '' then
-    redis.call('hset', batch, 'webhook_status', 'pending')
-    redis.call('zadd', outbox, now, BATCH_OUTBOX_PREFIX .. batch_id)
-  end
-end
 local function end_job(job, upload, outbox, now, fields)
   redis.call('hset', job, unpack(fields))
   redis.call('del', upload)
@@ -54,15 +44,16 @@ local function end_job(job, upload, outbox, now, fields)
   local ended = ENDED_KEY_PREFIX .. redis.call('hget', job, 'id')
   redis.call('rpush', ended, '1')
   redis.call('expire', ended, ENDED_KEY_TTL)
-  local batch_id = redis.call('hget', job, 'batch_id')
-  if batch_id and batch_id ~= '' then end_batch_item(batch_id, outbox, now) end
+end
+local function leave_queue(unstarted, id)
+  if redis.call('zrem', unstarted, id) == 1 then redis.call('hincrby', WAITING, unstarted, -1) end
 end
 local function overdue(job, now)
   local deadline = redis.call('hget', job, 'deadline_at')
   return deadline and deadline ~= '' and tonumber(now) >= tonumber(deadline)
 end
 local function expire(job, upload, outbox, unstarted, deadlines, id, now, finished_at, message)
-  redis.call('zrem', unstarted, id)
+  leave_queue(unstarted, id)
   redis.call('zrem', deadlines, id)
   end_job(job, upload, outbox, now, {'status', 'expired', 'error_code', 'deadline_exceeded', 'error_message', message,
                                      'finished_at', finished_at})
@@ -83,7 +74,7 @@ START_LUA = (
     + """
 local enqueued = redis.call('zscore', KEYS[3], ARGV[6])
 if enqueued then
-  redis.call('zrem', KEYS[3], ARGV[6])
+  leave_queue(KEYS[3], ARGV[6])
   local mark = redis.call('get', KEYS[4])
   if (not mark) or tonumber(enqueued) > tonumber(mark) then redis.call('set', KEYS[4], enqueued) end
 end
@@ -154,7 +145,7 @@ if status == 'queued' and overdue(KEYS[1], ARGV[1]) then
 end
 redis.call('hset', KEYS[1], 'cancel_requested', '1')
 if status ~= 'queued' then return 2 end
-redis.call('zrem', KEYS[4], ARGV[3])
+leave_queue(KEYS[4], ARGV[3])
 redis.call('zrem', KEYS[5], ARGV[3])
 end_job(KEYS[1], KEYS[2], KEYS[3], ARGV[1], {'status', 'canceled', 'error_code', 'canceled', 'error_message', ARGV[5],
                                              'finished_at', ARGV[2]})

@@ -33,7 +33,8 @@ import requests
 from urllib3.exceptions import HTTPError as TransportError
 from urllib3.exceptions import TimeoutError as TransportTimeoutError
 
-from worker.batches import BatchStore
+from worker.batch_scripts import ITEM_OUTBOX_PREFIX, ITEM_WEBHOOK_PREFIX
+from worker.batches import BatchStore, split_item_id
 from worker.errors import ImageFetchError, UrlNotAllowedError
 from worker.fetch import new_session
 from worker.jobs import JobStore, batch_key, job_key, webhook_outbox_key
@@ -185,22 +186,32 @@ class Outbox:
 
 
 def delivery_record_key(member: str) -> str:
-    """The hash that keeps the state of an outbox member's delivery: a batch's (`batch:<id>`), else the job's."""
+    """The hash that keeps the state of an outbox member's delivery: a batch's (`batch:<id>`), a batch item's own
+    (`item:<batch id>.<index>`), else the job's."""
     if member.startswith(BATCH_OUTBOX_PREFIX):
         return batch_key(member.removeprefix(BATCH_OUTBOX_PREFIX))
+    if member.startswith(ITEM_OUTBOX_PREFIX):
+        return ITEM_WEBHOOK_PREFIX + member.removeprefix(ITEM_OUTBOX_PREFIX)
     return job_key(member)
 
 
 def delivery_content(store: JobStore, member: str) -> tuple[str, dict[str, Any]] | None:
     """The URL and body of an outbox member's delivery: a job's public JSON, or a batch's summary; None when gone."""
     if member.startswith(BATCH_OUTBOX_PREFIX):
-        batches = BatchStore(store)
-        batch = batches.get(member.removeprefix(BATCH_OUTBOX_PREFIX))
+        batch = BatchStore(store).get(member.removeprefix(BATCH_OUTBOX_PREFIX))
         if batch is None or not batch.webhook:
             return None
-        summary = batches.summary(batch)
+        summary = batch.summary()
         del summary["webhook_delivery"]
         return batch.webhook, summary
+    if member.startswith(ITEM_OUTBOX_PREFIX):
+        batch_id, index = split_item_id(member.removeprefix(ITEM_OUTBOX_PREFIX)) or ("", -1)
+        batches = BatchStore(store)
+        batch = batches.get(batch_id)
+        item = batches.item(batch, index) if batch is not None else None
+        if item is None or not item.webhook:
+            return None
+        return item.webhook, item.to_webhook_body()
     job = store.get(member)
     if job is None or not job.webhook:
         return None

@@ -1,0 +1,270 @@
+"""The Lua scripts that move a batch's items, a chunk at a time, and keep the batch's counts as they go.
+
+A batch's items are not jobs of their own: an item is an entry of the batch's item list (its image number and text)
+and, once it reached the model, a field of the batch's outcome hash (`["running"]`, then its outcome). An item with
+no outcome is queued, unless its batch is closed (canceled or past its deadline): then it ended so, without running.
+The batch's hash keeps the counts by status (`queued`, `running`, `succeeded`, ...), which these scripts move in the
+same call as the items: a summary is one read, whatever the batch's size. Each call that ends items publishes on the
+batch's `ended` channel (worker.jobs.ended_key of the batch's id), which wakes the API's reads waiting for an item.
+
+Each script runs a handful of Redis commands per chunk (variadic HMGET/HSET over the chunk's items), not per item.
+`worker.batches.BatchStore` registers and calls them.
+"""
+
+from __future__ import annotations
+
+from worker.transitions import BATCH_OUTBOX_PREFIX
+
+RUNNING = '["running"]'  # an item's outcome field while the model answers it (its worker may die meanwhile)
+ITEM_OUTBOX_PREFIX = "item:"  # an outbox member for a batch item's own webhook (`item:<batch id>.<index>`)
+ITEM_WEBHOOK_PREFIX = "blipq:item-webhook:"  # the hash of a batch item's webhook delivery (worker.batches)
+SKIPPED = "skipped"  # what a worker reports for an item the model did not answer because its batch closed
+
+_LIBRARY = (
+    f"local RUNNING, SKIPPED = '{RUNNING}', '{SKIPPED}'\n"
+    f"local BATCH_OUTBOX_PREFIX, ITEM_OUTBOX_PREFIX = '{BATCH_OUTBOX_PREFIX}', '{ITEM_OUTBOX_PREFIX}'\n"
+    f"local ITEM_WEBHOOK_PREFIX = '{ITEM_WEBHOOK_PREFIX}'\n"
+    + """
+local function closed_as(batch)
+  local closed = redis.call('hget', batch, 'closed')
+  if closed and closed ~= '' then return closed end
+  return nil
+end
+local function wake(ended)
+  redis.call('publish', ended, '1')
+end
+local function item_webhooks(batch, outbox, now, indices)
+  if redis.call('hget', batch, 'webhook_items') ~= '1' or #indices == 0 then return end
+  local id, ttl = redis.call('hget', batch, 'id'), redis.call('ttl', batch)
+  local members = {}
+  for _, index in ipairs(indices) do
+    local item = id .. '.' .. index
+    local record = ITEM_WEBHOOK_PREFIX .. item
+    redis.call('hset', record, 'webhook_status', 'pending', 'webhook_attempts', 0)
+    if ttl > 0 then redis.call('expire', record, ttl) end
+    members[#members + 1] = now
+    members[#members + 1] = ITEM_OUTBOX_PREFIX .. item
+  end
+  redis.call('zadd', outbox, unpack(members))
+end
+local function count_ended(batch, outbox, now, ended_now)
+  if ended_now == 0 then return end
+  local ended = redis.call('hincrby', batch, 'ended', ended_now)
+  if ended ~= tonumber(redis.call('hget', batch, 'count')) then return end
+  local webhook = redis.call('hget', batch, 'webhook')
+  if webhook and webhook ~= '' then
+    redis.call('hset', batch, 'webhook_status', 'pending')
+    redis.call('zadd', outbox, now, BATCH_OUTBOX_PREFIX .. redis.call('hget', batch, 'id'))
+  end
+end
+-- Close the batch: every item that has not reached the model ends `why` (canceled | expired) at once, counted here;
+-- an item's read derives it from the closed batch. Items the model is answering run to their end.
+local function close(batch, out, items, outbox, ended, now, why)
+  local queued = tonumber(redis.call('hget', batch, 'queued'))
+  redis.call('hset', batch, 'closed', why, 'queued', 0)
+  if queued > 0 then
+    redis.call('hincrby', batch, why, queued)
+    if redis.call('hget', batch, 'webhook_items') == '1' then
+      local has = {}
+      for _, index in ipairs(redis.call('hkeys', out)) do has[index] = true end
+      local closed = {}
+      for index = 0, redis.call('llen', items) - 1 do
+        if not has[tostring(index)] then closed[#closed + 1] = tostring(index) end
+      end
+      item_webhooks(batch, outbox, now, closed)
+    end
+    count_ended(batch, outbox, now, queued)
+  end
+  wake(ended)
+  return queued
+end
+local function close_if_overdue(batch, out, items, outbox, ended, now)
+  local closed = closed_as(batch)
+  if closed then return closed end
+  local deadline = redis.call('hget', batch, 'deadline_at')
+  if deadline and deadline ~= '' and tonumber(now) >= tonumber(deadline) then
+    close(batch, out, items, outbox, ended, now, 'expired')
+    return 'expired'
+  end
+  return nil
+end
+-- End items with their outcomes: entries of {index, status, code, value}; an item already ended keeps its outcome.
+-- A `skipped` item (not answered: its batch closed) ends as its batch closed if it was running, else stays as it is.
+local function end_items(batch, out, outbox, ended, outcomes, now, entries)
+  if #entries == 0 then return 0 end
+  local closed = closed_as(batch)
+  local indices = {}
+  for k, entry in ipairs(entries) do indices[k] = entry[1] end
+  local current = redis.call('hmget', out, unpack(indices))
+  local fields, written, counts, from_running, from_queued = {}, {}, {}, 0, 0
+  for k, entry in ipairs(entries) do
+    local cur, status, code, value = current[k], entry[2], entry[3], entry[4]
+    if status == SKIPPED then
+      status = nil
+      if cur == RUNNING and closed then status, code, value = closed, closed, '["' .. closed .. '"]' end
+      if closed == 'expired' then code = 'deadline_exceeded' end
+    end
+    local fresh = (not cur) and not closed
+    if status and (cur == RUNNING or fresh) then
+      if cur == RUNNING then from_running = from_running + 1 else from_queued = from_queued + 1 end
+      fields[#fields + 1] = entry[1]
+      fields[#fields + 1] = value
+      written[#written + 1] = entry[1]
+      counts[status] = (counts[status] or 0) + 1
+      if code ~= '' and code ~= status then counts['err:' .. code] = (counts['err:' .. code] or 0) + 1 end
+      local outcome = status .. ':' .. (code == status and '' or code)
+      counts['@' .. outcome] = (counts['@' .. outcome] or 0) + 1
+    end
+  end
+  if #written == 0 then return 0 end
+  redis.call('hset', out, unpack(fields))
+  if from_running > 0 then redis.call('hincrby', batch, 'running', -from_running) end
+  if from_queued > 0 then redis.call('hincrby', batch, 'queued', -from_queued) end
+  for name, count in pairs(counts) do
+    if string.sub(name, 1, 1) == '@' then
+      redis.call('hincrby', outcomes, string.sub(name, 2), count)
+    else
+      redis.call('hincrby', batch, name, count)
+    end
+  end
+  item_webhooks(batch, outbox, now, written)
+  count_ended(batch, outbox, now, #written)
+  wake(ended)
+  return #written
+end
+"""
+)
+
+# A worker received a chunk. Takes it off its level's set of messages never started (moving the level's mark, as a
+# job's start does, and the queue's count of waiting answers), then counts the attempt, records the worker and puts
+# the chunk in the queue's running set (the reaper's watch). A batch closed (or past its deadline) runs nothing; a
+# chunk started too many times without ending ends its items `worker_lost`.
+# KEYS = batch, chunks, never-started set, mark, running set, stats, outcome hash, item list, outbox, ended list,
+# outcomes, waiting answers; ARGV = member, number, now, worker, max attempts, gave-up message, answers, model.
+# Returns the attempt number (>= 1) or a START_* code of worker/transitions.py.
+START_CHUNK_LUA = (
+    _LIBRARY
+    + """
+local enqueued = redis.call('zscore', KEYS[3], ARGV[1])
+if enqueued then
+  redis.call('zrem', KEYS[3], ARGV[1])
+  local mark = redis.call('get', KEYS[4])
+  if (not mark) or tonumber(enqueued) > tonumber(mark) then redis.call('set', KEYS[4], enqueued) end
+  redis.call('hincrby', KEYS[12], KEYS[3], -tonumber(ARGV[7]))
+end
+if redis.call('exists', KEYS[1]) == 0 then
+  redis.call('zrem', KEYS[5], ARGV[1])
+  return -1
+end
+local closed = close_if_overdue(KEYS[1], KEYS[7], KEYS[8], KEYS[9], KEYS[10], ARGV[3])
+if closed and tonumber(redis.call('hget', KEYS[1], 'running')) == 0 then
+  redis.call('hdel', KEYS[2], ARGV[2], ARGV[2] .. ':a', ARGV[2] .. ':w')
+  redis.call('zrem', KEYS[5], ARGV[1])
+  if closed == 'expired' then return -4 end
+  return -3
+end
+local attempt = redis.call('hincrby', KEYS[2], ARGV[2] .. ':a', 1)
+if attempt > tonumber(ARGV[5]) then
+  local payload = redis.call('hget', KEYS[2], ARGV[2])
+  local entries = {}
+  if payload then
+    local value = cjson.encode({'failed', 'worker_lost', ARGV[6]})
+    for _, image in ipairs(cjson.decode(payload)['images']) do
+      for _, item in ipairs(image['items']) do
+        entries[#entries + 1] = {tostring(item[1]), 'failed', 'worker_lost', value}
+      end
+    end
+  end
+  local lost = end_items(KEYS[1], KEYS[7], KEYS[9], KEYS[10], KEYS[11], ARGV[3], entries)
+  redis.call('hincrby', KEYS[6], 'worker_lost', lost)
+  redis.call('hdel', KEYS[2], ARGV[2], ARGV[2] .. ':a', ARGV[2] .. ':w')
+  redis.call('zrem', KEYS[5], ARGV[1])
+  return -2
+end
+redis.call('hset', KEYS[2], ARGV[2] .. ':w', ARGV[4])
+redis.call('zadd', KEYS[5], ARGV[3], ARGV[1])
+redis.call('hset', KEYS[1], 'model', ARGV[8])
+redis.call('hincrby', KEYS[6], 'executions', tonumber(ARGV[7]))
+if attempt > 1 then redis.call('hincrby', KEYS[6], 'reruns', tonumber(ARGV[7])) end
+return attempt
+"""
+)
+
+# The model is about to answer these items of one batch: each that has no outcome becomes running; one already
+# running (its worker died) runs again; one that ended, or any of a closed batch, is not answered.
+# KEYS = batch, outcome hash, item list, outbox, ended list; ARGV = now, index, index, ...
+# Returns the indices to answer.
+RUN_ITEMS_LUA = (
+    _LIBRARY
+    + """
+if redis.call('exists', KEYS[1]) == 0 then return {} end
+if close_if_overdue(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], ARGV[1]) then return {} end
+local current = redis.call('hmget', KEYS[2], unpack(ARGV, 2))
+local run, fields = {}, {}
+for k, cur in ipairs(current) do
+  local index = ARGV[k + 1]
+  if not cur then
+    fields[#fields + 1] = index
+    fields[#fields + 1] = RUNNING
+    run[#run + 1] = index
+  elseif cur == RUNNING then
+    run[#run + 1] = index
+  end
+end
+if #fields > 0 then
+  redis.call('hset', KEYS[2], unpack(fields))
+  redis.call('hincrby', KEYS[1], 'queued', -#fields / 2)
+  redis.call('hincrby', KEYS[1], 'running', #fields / 2)
+end
+return run
+"""
+)
+
+# A chunk's items end, together: answers, failures and counts in one call. With ARGV[4] = '1' the chunk is done: its
+# record and its place in the running set go.
+# KEYS = batch, outcome hash, chunks, running set, outbox, ended list, outcomes; ARGV = now, number, member, done,
+# then index, status, code, value for each item. Returns how many items it ended (an ended one is never changed).
+END_CHUNK_LUA = (
+    _LIBRARY
+    + """
+if redis.call('exists', KEYS[1]) == 0 then return -1 end
+local entries = {}
+for k = 5, #ARGV, 4 do entries[#entries + 1] = {ARGV[k], ARGV[k + 1], ARGV[k + 2], ARGV[k + 3]} end
+local written = end_items(KEYS[1], KEYS[2], KEYS[5], KEYS[6], KEYS[7], ARGV[1], entries)
+if ARGV[4] == '1' then
+  redis.call('hdel', KEYS[3], ARGV[2], ARGV[2] .. ':a', ARGV[2] .. ':w')
+  redis.call('zrem', KEYS[4], ARGV[3])
+end
+return written
+"""
+)
+
+# Cancels a batch (or ends it `expired` when a read finds it past its deadline, ARGV[2] = 'expired'): see `close`.
+# KEYS = batch, outcome hash, item list, outbox, ended list; ARGV = now, why.
+# Returns {items closed now, items running, items ended before}; {-1} when the batch is gone, {-2} when it was closed.
+CLOSE_BATCH_LUA = (
+    _LIBRARY
+    + """
+if redis.call('exists', KEYS[1]) == 0 then return {-1} end
+if closed_as(KEYS[1]) then return {-2} end
+local ended_before = tonumber(redis.call('hget', KEYS[1], 'ended'))
+local closed = close(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], ARGV[1], ARGV[2])
+return {closed, tonumber(redis.call('hget', KEYS[1], 'running')), ended_before}
+"""
+)
+
+# Cancels one item of a batch: a queued one ends `canceled` and never runs; a running one runs to its end.
+# KEYS = batch, outcome hash, item list, outbox, ended list, outcomes; ARGV = now, index.
+# Returns a CANCEL_* code of worker/transitions.py.
+CANCEL_ITEM_LUA = (
+    _LIBRARY
+    + """
+if redis.call('exists', KEYS[1]) == 0 then return -1 end
+if close_if_overdue(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], ARGV[1]) then return 0 end
+local cur = redis.call('hget', KEYS[2], ARGV[2])
+if cur == RUNNING then return 2 end
+if cur then return 0 end
+end_items(KEYS[1], KEYS[2], KEYS[4], KEYS[5], KEYS[6], ARGV[1], {{ARGV[2], 'canceled', 'canceled', '["canceled"]'}})
+return 1
+"""
+)
