@@ -244,13 +244,14 @@ class BatchCounts(BaseModel):
 
 
 class BatchResponse(BaseModel):
-    """A batch as the API shows it (worker.batches.BatchStore.summary); its webhook receives this, less the delivery."""
+    """A batch as the API shows it (worker.batches.Batch.summary); its webhook receives this, less the delivery."""
 
     model_config = ConfigDict(extra="forbid")
 
     id: str
     count: int = Field(ge=1)
     counts: BatchCounts
+    errors: dict[str, int] = Field(description="Failed items by error code (`deadline_exceeded` for expired ones).")
     ended: int = Field(ge=0, description="Items that ended, in any of the four end states.")
     progress: float = Field(ge=0, le=1, description="`ended` / `count`.")
     created_at: datetime
