@@ -33,7 +33,7 @@ from tests.conftest import (
 from tests.fixtures.images import shape_png
 from tests.test_chaos import QUICK_RECOVERY, reference_answers
 from tests.test_webhooks import QUICK_WEBHOOKS, SECRET, Receiver, serve, verify_signature
-from worker.batches import BatchStore
+from worker.batches import BatchStore, outcome_value
 from worker.broker import create_celery, publish_chunk
 from worker.jobs import JobStore
 from worker.reaper import ReaperPolicy, sweep
@@ -360,3 +360,107 @@ def test_high_priority_jobs_overtake_a_large_low_priority_batch(
     assert batch["count"] == PRIORITY_IMAGES * len(QUESTIONS) == 200
     assert ended_when_high_done <= 100, f"{ended_when_high_done} of 200 batch items ended before the high jobs"
     assert batch["counts"]["succeeded"] == 200
+
+
+# Bookkeeping: a few Redis commands per batch, per chunk and per model call, none per item
+
+
+def commands_run(client: redis.Redis, action: Any) -> int:
+    """How many commands Redis ran for `action()` (scripts' own commands included), less the two INFO reads."""
+    before = int(client.info("stats")["total_commands_processed"])
+    action()
+    return int(client.info("stats")["total_commands_processed"]) - before - 1
+
+
+def test_a_batch_summary_is_one_read_whatever_the_batch_size(idle_api: FlaskClient, redis_client: redis.Redis) -> None:
+    small = submit_batch(
+        idle_api, {"images": [f"https://images.example.com/{n}.png" for n in range(2)], "questions": ["a?"]}
+    )
+    large = submit_batch(
+        idle_api, {"images": [f"https://images.example.com/{n}.png" for n in range(2000)], "questions": ["a?", "b?"]}
+    )
+
+    reads = [commands_run(redis_client, lambda b=b: idle_api.get(f"/v1/batches/{b}")) for b in (small, large)]
+
+    assert reads[0] == reads[1] <= 2, reads
+    assert idle_api.get(f"/v1/batches/{large}").get_json()["counts"]["queued"] == 4000
+
+
+def test_a_chunk_starts_runs_and_ends_in_one_script_call_each_and_an_ended_item_never_changes(
+    idle_api: FlaskClient, redis_server: RedisProcess, redis_client: redis.Redis
+) -> None:
+    # Given a batch of one chunk of 32 answers, as a worker receives it
+    body = {"images": [f"https://images.example.com/{n}.png" for n in range(8)], "questions": QUESTIONS}
+    batch_id = submit_batch(idle_api, body)
+    queue = idle_api.application.extensions["blipq"].settings.queue
+    batches = BatchStore(JobStore.from_url(redis_server.url, ttl_s=600))
+    payload = batches.chunk_payload(batch_id, 0)
+    assert payload is not None
+    indices = [index for image in payload["images"] for index, _ in image["items"]]
+    assert len(indices) == 32
+
+    # When it starts, its items reach the model, and it ends (every call through redis-py's scripts: one EVALSHA)
+    calls = [
+        commands_run(redis_client, lambda: batches.start_chunk(payload, queue, "w1", 3, "tiny")),
+        commands_run(redis_client, lambda: batches.run_items([(batch_id, indices)])),
+    ]
+    outcomes = [[str(i), *outcome_value("succeeded", answer=f"a{i}")] for i in indices[:-1]]
+    outcomes.append([str(indices[-1]), *outcome_value("failed", code="image_invalid", message="not an image")])
+    calls.append(commands_run(redis_client, lambda: batches.end_chunk(payload, queue, outcomes)))
+    again = batches.end_chunk(payload, queue, [[str(i), *outcome_value("succeeded", answer="late")] for i in indices])
+
+    # Then each is one call of a few commands per chunk (not per item), and the counts moved with the items
+    assert all(calls_made <= 40 for calls_made in calls), calls
+    summary = idle_api.get(f"/v1/batches/{batch_id}").get_json()
+    counts = {"queued": 0, "running": 0, "succeeded": 31, "failed": 1, "canceled": 0, "expired": 0}
+    assert summary["counts"] == counts
+    assert (summary["ended"], summary["progress"], summary["errors"]) == (32, 1.0, {"image_invalid": 1})
+    assert again == 0, "an ended item is never written again"
+    lines = results(idle_api, batch_id)
+    assert [line["answer"] for line in lines[:-1]] == [f"a{i}" for i in range(31)]
+    assert lines[-1]["error"] == {"code": "image_invalid", "message": "not an image"}
+    item = idle_api.get(f"/v1/jobs/{batch_id}.0").get_json()
+    assert (item["status"], item["answer"], item["batch_id"], item["model"]) == ("succeeded", "a0", batch_id, "tiny")
+
+
+def test_a_batch_cancel_mid_run_stops_every_item_not_yet_in_a_model_call(
+    redis_server: RedisProcess, worker: WorkerProcess, images: Images
+) -> None:
+    # Given a batch running on a worker, its images slow to arrive, so that chunks are held and fetching
+    client = api_client(redis_server.url, QUEUE, batch_chunk_size=2)
+    urls = [
+        images.url(c, s, delay=0.2 + n / 1000)
+        for n, (c, s) in enumerate(itertools.product(COLORS, ["circle", "square", "triangle"]))
+    ]
+    batch_id = submit_batch(client, {"images": urls * 4, "questions": QUESTIONS[:1]})
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while client.get(f"/v1/batches/{batch_id}").get_json()["counts"]["succeeded"] == 0:
+        assert time.monotonic() < deadline, worker.log_tail()
+        time.sleep(0.02)
+
+    # When it is canceled after its first answers
+    canceled = client.post(f"/v1/batches/{batch_id}/cancel").get_json()
+    batch = wait_for_batch(client, batch_id, worker)
+
+    # Then exactly the items the model was answering at that instant ran on; every other item was canceled
+    assert canceled["canceled"] > 0, canceled
+    assert batch["counts"]["succeeded"] == canceled["already_ended"] + canceled["cancel_requested"], (canceled, batch)
+    assert batch["counts"]["canceled"] == canceled["canceled"] == 36 - batch["counts"]["succeeded"]
+
+
+def test_the_queue_bound_counts_answers_not_requests(redis_server: RedisProcess, redis_client: redis.Redis) -> None:
+    queue = f"bounded-{secrets.token_hex(4)}"
+    client = api_client(redis_server.url, queue, max_queue_depth=5)
+    image = "https://images.example.com/1.png"
+    too_large = client.post("/v1/batches", json={"images": [image] * 3000, "questions": ["a?", "b?", "c?"]})
+    four = client.post("/v1/batches", json={"images": [image] * 2, "questions": ["a?", "b?"]})
+    two = client.post("/v1/batches", json={"images": [image] * 2, "questions": ["a?"]})
+    fifth = client.post("/v1/jobs", json={"image_url": image, "question": "a?"})
+    sixth = client.post("/v1/jobs", json={"image_url": image, "question": "a?"})
+    redis_client.delete(*queue_names(queue))
+
+    assert (too_large.status_code, too_large.get_json()["error"]["code"]) == (422, "batch_too_large")
+    assert four.status_code == 202
+    assert (two.status_code, two.get_json()["error"]["code"], two.headers["Retry-After"]) == (503, "queue_full", "10")
+    assert fifth.status_code == 202
+    assert (sixth.status_code, sixth.get_json()["error"]["code"]) == (503, "queue_full")
