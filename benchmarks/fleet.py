@@ -199,7 +199,7 @@ class ImageServer:
 
     def __init__(self, directory: Path) -> None:
         handler = functools.partial(QuietHandler, directory=str(directory))
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.server = BackloggedHTTPServer(("127.0.0.1", 0), handler)
         self.port = int(self.server.server_address[1])
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
@@ -214,6 +214,13 @@ class ImageServer:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+class BackloggedHTTPServer(ThreadingHTTPServer):
+    """A threading HTTP server with a listen backlog above socketserver's 5: a worker's fetch threads connect at once,
+    and connections the kernel drops wait a second for their retry."""
+
+    request_queue_size = 128
 
 
 class QuietHandler(SimpleHTTPRequestHandler):
