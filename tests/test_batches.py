@@ -35,7 +35,7 @@ from tests.test_chaos import QUICK_RECOVERY, reference_answers
 from tests.test_webhooks import QUICK_WEBHOOKS, SECRET, Receiver, serve, verify_signature
 from worker.batches import BatchStore, outcome_value
 from worker.broker import create_celery, publish_chunk
-from worker.jobs import JobStore
+from worker.jobs import JobStore, running_key
 from worker.reaper import ReaperPolicy, sweep
 from worker.states import JobStatus
 from worker.webhooks import SIGNATURE_HEADER
@@ -464,3 +464,44 @@ def test_the_queue_bound_counts_answers_not_requests(redis_server: RedisProcess,
     assert (two.status_code, two.get_json()["error"]["code"], two.headers["Retry-After"]) == (503, "queue_full", "10")
     assert fifth.status_code == 202
     assert (sixth.status_code, sixth.get_json()["error"]["code"]) == (503, "queue_full")
+
+
+def test_a_worker_holds_about_its_intake_in_answers_and_a_high_job_overtakes_within_it(
+    redis_server: RedisProcess, redis_client: redis.Redis, images: Images, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    # Given a worker that holds 16 answers at most (two chunks of 8), and a large low-priority batch of slow images
+    queue = f"intake-{secrets.token_hex(4)}"
+    env = {"BLIPQ_WORKER_INTAKE": "16", "BLIPQ_BATCH_MAX_SIZE": "8", "BLIPQ_REAPER_INTERVAL_S": "3600"}
+    worker = start_worker(redis_server.url, tiny_model_dir, queue, tmp_path / "worker.log", **env)
+    try:
+        client = api_client(redis_server.url, queue, batch_chunk_size=8)
+        wait_for_job(
+            client,
+            client.post("/v1/jobs", json={"image_url": images.url("red"), "question": "?"}).get_json()["id"],
+            worker,
+        )
+        shapes = itertools.islice(itertools.cycle(itertools.product(COLORS, ["circle", "square"])), PRIORITY_IMAGES)
+        urls = [images.url(c, s, delay=PRIORITY_IMAGE_S + n / 1000) for n, (c, s) in enumerate(shapes)]
+        batch_id = submit_batch(client, {"images": urls, "questions": QUESTIONS, "priority": "low"})
+        held = []
+        while (summary := client.get(f"/v1/batches/{batch_id}").get_json())["ended"] < 40:
+            held.append(redis_client.zcard(running_key(queue)))  # chunks started and not ended
+            assert worker.process.poll() is None, worker.log_tail()
+
+        # When high-priority jobs arrive behind the held chunks
+        ended_before = summary["ended"]
+        high = [
+            client.post("/v1/jobs", json={"image_url": images.url("teal"), "question": f"q{n}", "priority": "high"})
+            for n in range(HIGH_JOBS)
+        ]
+        for response in high:
+            assert wait_for_job(client, response.get_json()["id"], worker)["status"] == "succeeded"
+        ended_after = client.get(f"/v1/batches/{batch_id}").get_json()["ended"]
+        batch = wait_for_batch(client, batch_id, worker)
+    finally:
+        stop_process(worker.process)
+
+    # Then the worker never held more than its intake, and the high jobs waited for about what it held
+    assert max(held) <= 2, f"held up to {max(held)} chunks of 8 answers"
+    assert ended_after - ended_before <= 24, f"{ended_after - ended_before} batch items ended before the high jobs"
+    assert batch["counts"]["succeeded"] == 200

@@ -14,6 +14,7 @@ from celery import Celery
 from celery.signals import worker_init, worker_ready, worker_shutdown, worker_shutting_down
 
 from worker.broker import create_celery, visibility_timeout_for
+from worker.intake import Intake
 from worker.jobs import JobStore
 from worker.logs import use_json_logs_in_celery
 from worker.metrics import WorkerOps
@@ -33,7 +34,8 @@ def create_worker_app(settings: WorkerSettings) -> Celery:
 
     The thread pool runs one thread per message held (`concurrency`): they fetch images while the model answers,
     and the model answers the texts of many messages at once (worker/batching.py). With late acknowledgement and a
-    prefetch multiplier of 1, a worker holds at most `concurrency` messages: the rest wait on the queue for others.
+    prefetch multiplier of 1, a worker holds at most `concurrency` messages, and takes one only while it holds fewer
+    than `intake` answers (worker/intake.py): the rest wait on the queue, for it or for others.
     Time limits are the worker's own (Celery's are not enforced in a thread pool): a job fails `timeout` after
     BLIPQ_JOB_TIME_LIMIT_S less 10 s, and a model call that runs past the limit ends the worker.
     """
@@ -53,6 +55,7 @@ def create_worker_app(settings: WorkerSettings) -> Celery:
     worker_init.connect(grace.arm, weak=False)
     worker_shutting_down.connect(grace.begin, weak=False)
     register_tasks(app, runtime)
+    Intake(settings.intake).connect(app)
     ops.connect()
     if settings.log_format == "json":
         use_json_logs_in_celery()

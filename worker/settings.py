@@ -150,7 +150,8 @@ class WorkerSettings:
     torch_threads: int = 0  # 0: torch's own default
     batch_max_size: int = 32  # texts (questions, caption prompts) answered by one generate call, at most
     batch_max_wait_ms: float = 5.0  # a batch's first text waits this long for others to join it, at most
-    concurrency: int = 64  # messages held (and images fetched) at once: one thread each; the bounded prefetch
+    concurrency: int = 64  # messages held at once, at most: one thread each
+    intake: int = 64  # answers held at once (messages received, not finished): about two model batches
     fetch_threads: int = 8  # threads that fetch and decode the images of a batch's chunk
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
     max_image_pixels: int = 40_000_000  # far below Pillow's 89M default: a 40 MP photo is plenty for a 384 px model
@@ -190,8 +191,10 @@ class WorkerSettings:
             torch_threads=env_int(env, "BLIPQ_TORCH_THREADS", 0),
             batch_max_size=batch_max_size,
             batch_max_wait_ms=env_float(env, "BLIPQ_BATCH_MAX_WAIT_MS", 5.0, inclusive=True),
-            # Enough messages held to fill the next batch while one runs (a chunk is one message of many texts).
+            # Threads enough for the single jobs of two model batches (a chunk is one message of many texts)...
             concurrency=env_int(env, "BLIPQ_WORKER_CONCURRENCY", 2 * batch_max_size, minimum=1),
+            # ...and answers enough to fill the next model batch while one runs: the rest waits on the queue.
+            intake=env_int(env, "BLIPQ_WORKER_INTAKE", 2 * batch_max_size, minimum=1),
             fetch_threads=env_int(env, "BLIPQ_FETCH_THREADS", 8, minimum=1),
             max_image_bytes=env_int(env, "BLIPQ_MAX_IMAGE_BYTES", DEFAULT_MAX_IMAGE_BYTES, minimum=1024),
             max_image_pixels=env_int(env, "BLIPQ_MAX_IMAGE_PIXELS", 40_000_000, minimum=1),
