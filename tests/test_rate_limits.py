@@ -15,7 +15,6 @@ from api.auth import ApiKey, hash_api_key, new_api_key
 from api.settings import DEFAULT_MAX_QUEUE_DEPTH, ApiSettings
 from api.up import RedisProcess, start_redis
 from tests.conftest import api_client
-from worker.broker import TASK_VQA, create_celery
 from worker.errors import SettingsError
 
 JOB = {"question": "what is it?", "image_url": "https://images.example.com/dog.png"}
@@ -124,18 +123,19 @@ def test_a_full_queue_refuses_jobs_with_503_and_stores_nothing(
     assert queue_depth(redis_client, queue) == 3
 
 
-def test_the_queue_depth_counts_messages_of_every_priority(
+def test_the_queue_bound_counts_the_answers_waiting_at_every_priority(
     redis_server: RedisProcess, redis_client: redis.Redis, queue: str
 ) -> None:
-    """Kombu keeps a list per priority step; a message sent with a priority is waiting work all the same."""
-    celery = create_celery(redis_server.url, queue)
-    for priority in (0, 4, 9):
-        celery.send_task(TASK_VQA, args=[{}], queue=queue, priority=priority)
+    """Kombu keeps a list per priority step; a job waiting at any level is waiting work all the same."""
+    api = api_client(redis_server.url, queue, max_queue_depth=3)
+    accepted = [
+        api.post("/v1/jobs", json={**JOB, "priority": level}).status_code for level in ("high", "normal", "low")
+    ]
 
+    assert accepted == [202, 202, 202]
     assert redis_client.llen(queue) == 1, "the others went to kombu's priority lists"
     assert queue_depth(redis_client, queue) == 3
-    api = api_client(redis_server.url, queue, max_queue_depth=3)
-    assert api.post("/v1/jobs", json=JOB).status_code == 503
+    assert api.post("/v1/jobs", json={**JOB, "priority": "high"}).status_code == 503
 
 
 def test_an_unbounded_queue_takes_every_job(redis_server: RedisProcess, redis_client: redis.Redis, queue: str) -> None:
