@@ -57,9 +57,10 @@ def test_submissions_within_the_wait_share_one_call_and_keep_their_order(started
     model = Model()
     batcher = start(started, model, max_size=8, max_wait_s=0.3)
 
-    first = batcher.submit(pixel(1), ["a", "b"])
-    second = batcher.submit(pixel(2), ["c"])
-    third = batcher.submit(pixel(3), ["d", "e"])
+    with batcher.loading_images():  # as a task thread loads and submits its images
+        first = batcher.submit(pixel(1), ["a", "b"])
+        second = batcher.submit(pixel(2), ["c"])
+        third = batcher.submit(pixel(3), ["d", "e"])
 
     assert outputs(first) == ["a@1", "b@1"]
     assert (outputs(second), outputs(third)) == (["c@2"], ["d@3", "e@3"])
@@ -88,6 +89,37 @@ def test_a_lone_submission_waits_no_longer_than_max_wait(started: list[Batcher])
 
     assert outputs([future]) == ["alone@1"]
     assert time.monotonic() - began < 1.0
+
+
+def test_an_idle_batcher_answers_a_lone_submission_without_waiting(started: list[Batcher]) -> None:
+    batcher = start(started, Model(), max_size=64, max_wait_s=60.0)  # a wait the test would never outlast
+
+    [future] = batcher.submit(pixel(1), ["alone"])  # no task thread is loading images: nothing is on its way
+
+    assert outputs([future], timeout_s=30.0) == ["alone@1"]
+
+
+def test_a_gathering_batch_waits_for_the_images_being_loaded(started: list[Batcher]) -> None:
+    model = Model()
+    batcher = start(started, model, max_size=8, max_wait_s=60.0)
+    loading, loaded = threading.Event(), threading.Event()
+    late: list = []  # type: ignore[type-arg]
+
+    def task_thread() -> None:
+        with batcher.loading_images():
+            loading.set()
+            loaded.wait()
+            late.extend(batcher.submit(pixel(2), ["late"]))
+
+    thread = threading.Thread(target=task_thread)
+    thread.start()
+    loading.wait()
+    first = batcher.submit(pixel(1), ["first"])  # the batch gathers while another thread loads an image...
+    loaded.set()
+    thread.join()
+
+    assert outputs(first + late, timeout_s=30.0) == ["first@1", "late@2"]
+    assert model.batches == [["first", "late"]], "...and that image joins it"
 
 
 def test_what_arrives_while_the_model_runs_forms_the_next_batch(started: list[Batcher]) -> None:

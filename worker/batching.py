@@ -2,8 +2,9 @@
 
 Task threads (Celery's thread pool, one per message the worker holds) fetch and decode their images in parallel and
 submit each image with its texts; the model thread takes the first pending image, gathers more until the batch holds
-`max_size` texts or `max_wait_s` has passed since that first one arrived, and answers them in one call. While the
-model runs, the next batch gathers, so under load a batch forms at once and is full.
+`max_size` texts or `max_wait_s` has passed since that first one arrived (waiting only while some thread is still
+loading images: an idle worker answers a lone job at once), and answers them in one call. While the model runs, the
+next batch gathers, so under load a batch forms at once and is full.
 
 On a CUDA out-of-memory error the batch is split in halves and each half tried again; a text that fails alone fails
 with ModelOutOfMemoryError (code `oom`), the others are answered.
@@ -16,8 +17,9 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -76,6 +78,8 @@ class Batcher:
     ) -> None:
         self.call, self.max_size, self.max_wait_s, self.hard_limit_s = call, max_size, max_wait_s, hard_limit_s
         self.admit = admit
+        self.loading = 0  # task threads loading images to submit (loading_images)
+        self._loading_lock = threading.Lock()
         self.pending: queue.SimpleQueue[Pending | None] = queue.SimpleQueue()
         self.carried: Pending | None = None  # taken from the queue but left for the next batch (it did not fit)
         self.busy_since = 0.0  # when the running model call started; 0 when idle
@@ -97,6 +101,18 @@ class Batcher:
         self.pending.put(None)
         if self.thread.is_alive():
             self.thread.join(timeout_s)
+
+    @contextmanager
+    def loading_images(self) -> Iterator[None]:
+        """Around a task thread's loading of images it will submit: a gathering batch waits for them (up to
+        max_wait_s), and only for them."""
+        with self._loading_lock:
+            self.loading += 1
+        try:
+            yield
+        finally:
+            with self._loading_lock:
+                self.loading -= 1
 
     def submit(
         self, pixels: torch.Tensor, texts: list[str], gate: tuple[str, list[int]] | None = None
@@ -128,7 +144,8 @@ class Batcher:
         batch, size = [first], len(first.texts)
         deadline = first.arrived + self.max_wait_s
         while size < self.max_size:
-            remaining = deadline - time.monotonic()
+            # Wait only for images being loaded now: with none, nothing is on its way, and the model would idle.
+            remaining = deadline - time.monotonic() if self.loading else 0.0
             try:  # past the deadline, what is already pending still joins: no wait, but no reason to leave it
                 entry = self.pending.get(timeout=remaining) if remaining > 0 else self.pending.get_nowait()
             except queue.Empty:

@@ -158,9 +158,10 @@ class WorkerRuntime:
         deadline = time.monotonic() + self.job_limit_s
         try:
             self._check_task(payload)
-            pixels = self._pixels(job_id, payload.get("image_url", ""), payload.get("upload", ""))
             assert self.batcher is not None
-            [future] = self.batcher.submit(pixels, [payload["question"]])
+            with self.batcher.loading_images():
+                pixels = self._pixels(job_id, payload.get("image_url", ""), payload.get("upload", ""))
+                [future] = self.batcher.submit(pixels, [payload["question"]])
             answer = self._result(future, deadline)
         except BlipqError as exc:
             return self._fail(job_id, exc.code, exc.message)
@@ -205,7 +206,9 @@ class WorkerRuntime:
                 for index, _ in image.get("items", [])
             ]
         else:
-            answers = self._load_and_submit(payload, deadline, outcomes)
+            assert self.batcher is not None
+            with self.batcher.loading_images():
+                answers = self._load_and_submit(payload, deadline, outcomes)
             for index, future in answers:
                 outcomes.append([str(index), *self._chunk_outcome(future, deadline)])
         self.batches.end_chunk(payload, settings.queue, outcomes)
