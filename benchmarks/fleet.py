@@ -224,7 +224,9 @@ class BackloggedHTTPServer(ThreadingHTTPServer):
 
 
 class QuietHandler(SimpleHTTPRequestHandler):
-    """Serves files without a log line per request."""
+    """Serves files without a log line per request, keeping connections open as image hosts do (HTTP/1.1)."""
+
+    protocol_version = "HTTP/1.1"
 
     def log_message(self, format: str, *args: Any) -> None:
         pass

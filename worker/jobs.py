@@ -392,6 +392,11 @@ class JobStore:
         data = self.client.get(key or upload_key(job_id))
         return data if isinstance(data, bytes) else None
 
+    def load_uploads(self, keys: list[str]) -> list[bytes | None]:
+        """The uploaded images at `keys` (a batch's), in one read; None for one no longer stored."""
+        values: list[bytes | None] = self.client.mget(keys)  # type: ignore[assignment]
+        return values
+
     def claim_idempotency_key(self, key: str, claim: str, pending_s: int) -> str | None:
         """Claim `key` for `claim` for `pending_s` (until the job is stored); None when claimed, else what holds it."""
         held = self._claim_key(keys=[key], args=[claim, pending_s])

@@ -239,11 +239,15 @@ class WorkerRuntime:
         """
         assert self.batcher is not None
         batch_id = str(payload.get("batch_id", ""))
+        images = payload.get("images", [])
+        # A chunk's uploaded images come in one read (MGET), not one round trip each from the fetch threads.
+        upload_keys = [str(image["upload"]) for image in images if image.get("upload")]
+        uploads = dict(zip(upload_keys, self.store.load_uploads(upload_keys), strict=True)) if upload_keys else {}
         loads = {
-            self.fetchers.submit(self._pixels, "", str(image.get("image_url", "")), str(image.get("upload", ""))): [
-                (int(index), str(text)) for index, text in image.get("items", [])
-            ]
-            for image in payload.get("images", [])
+            self.fetchers.submit(
+                self._pixels, "", str(image.get("image_url", "")), str(image.get("upload", "")), uploads
+            ): [(int(index), str(text)) for index, text in image.get("items", [])]
+            for image in images
         }
         answers: list[tuple[int, Future[Output]]] = []
 
@@ -339,15 +343,21 @@ class WorkerRuntime:
         log.info("job %s failed: %s %s", job_id, code, message, extra={"job_id": job_id, "error_code": code})
         return {"status": "failed", "code": code}
 
-    def _pixels(self, job_id: str, image_url: str, upload_key: str = "") -> torch.Tensor:
-        """Fetch the image at `image_url`, or read the upload (a batch's at `upload_key`, else the job's): decoded and
-        resized for the model (worker.inference.pixel_tensor), in the calling thread."""
+    def _pixels(
+        self, job_id: str, image_url: str, upload_key: str = "", uploads: Mapping[str, bytes | None] | None = None
+    ) -> torch.Tensor:
+        """Fetch the image at `image_url`, or read the upload (a batch's at `upload_key`, else the job's; from
+        `uploads` when it was read already): decoded and resized for the model (worker.inference.pixel_tensor), in
+        the calling thread."""
         from worker.inference import pixel_tensor
 
         if image_url:
             data = fetch_image_bytes(self.session, image_url, self.limits)
         else:
-            upload = self.store.load_upload(job_id, upload_key)
+            if uploads is not None and upload_key in uploads:
+                upload = uploads[upload_key]
+            else:
+                upload = self.store.load_upload(job_id, upload_key)
             if upload is None:
                 raise UploadMissingError("the uploaded image is no longer stored (it expired before the job ran)")
             data = upload
