@@ -173,19 +173,26 @@ class Batcher:
 
     def _admit(self, batch: list[Pending]) -> None:
         """Cancel the futures of the batch items that may no longer run (one round trip for the whole model call)."""
-        gated = [entry for entry in batch if entry.gate is not None]
-        if self.admit is None or not gated:
+        by_batch: dict[str, list[Pending]] = {}
+        for entry in batch:
+            if entry.gate is not None:
+                by_batch.setdefault(entry.gate[0], []).append(entry)
+        if self.admit is None or not by_batch:
             return
+        gates = [
+            (batch_id, [i for e in entries if e.gate for i in e.gate[1]]) for batch_id, entries in by_batch.items()
+        ]
         try:
-            admitted = self.admit([entry.gate for entry in gated if entry.gate is not None])
+            admitted = self.admit(gates)  # one question per batch of the call, all in one round trip
         except Exception:  # Redis away: answer them all; the end script still records each outcome once
-            log.exception("could not mark %d entries running; answered all the same", len(gated))
+            log.exception("could not mark the items of %d batches running; answered all the same", len(gates))
             return
-        for entry, allowed in zip(gated, admitted, strict=True):
-            assert entry.gate is not None
-            for index, future in zip(entry.gate[1], entry.futures, strict=True):
-                if index not in allowed:
-                    future.cancel()
+        for entries, allowed in zip(by_batch.values(), admitted, strict=True):
+            for entry in entries:
+                assert entry.gate is not None
+                for index, future in zip(entry.gate[1], entry.futures, strict=True):
+                    if index not in allowed:
+                        future.cancel()
 
     def _answer_items(self, pixels: list[torch.Tensor], items: list[tuple[int, str, Future[Output]]]) -> None:
         """Answer `items` (pixel index, text, future); on out-of-memory, halve and retry down to one text."""
