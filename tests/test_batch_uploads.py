@@ -17,7 +17,7 @@ from api.admission import queue_names
 from api.up import RedisProcess, stop_process
 from tests.conftest import WorkerProcess, api_client, start_worker, wait_for_batch, wait_for_job
 from tests.fixtures.images import shape_png
-from worker.batches import BatchStore
+from worker.batches import BatchStore, outcome_value
 from worker.broker import create_celery, publish_chunk
 from worker.jobs import JobStore
 
@@ -91,7 +91,7 @@ def test_uploaded_images_are_stored_once_and_answered_as_single_uploads_are(
     assert count == len(COLORS) * len(QUESTIONS) == 6
     assert batch["counts"]["succeeded"] == count
     assert len(stored_at_submit) == len(COLORS), "each image is stored once, not once per question"
-    assert len(upload_keys(redis_client)) == len(COLORS), "no item's end deletes its batch's shared upload"
+    assert upload_keys(redis_client) == [], "an upload goes as soon as every item that needs it ended"
     assert [(line["image_name"], line["image_url"], line["question"]) for line in lines] == [
         (f"{color}.png", None, question) for color in COLORS for question in QUESTIONS
     ]
@@ -99,6 +99,44 @@ def test_uploaded_images_are_stored_once_and_answered_as_single_uploads_are(
     item = api.get(f"/v1/jobs/{lines[0]['job_id']}").get_json()
     assert (item["image_name"], item["image_url"], item["batch_id"]) == ("red.png", None, batch_id)
     assert "upload_key" not in item
+
+
+def test_an_upload_is_deleted_when_the_last_item_that_needs_it_ends_and_not_before(
+    idle_api: FlaskClient, redis_server: RedisProcess, redis_client: redis.Redis
+) -> None:
+    # Given a batch of two uploaded images, two questions each, as a worker runs its chunk
+    form = upload_form([(shape_png("red"), "red.png"), (shape_png("blue"), "blue.png")], questions=QUESTIONS[:2])
+    batch_id = idle_api.post("/v1/batches", data=form, content_type="multipart/form-data").get_json()["id"]
+    queue = idle_api.application.extensions["blipq"].settings.queue
+    batches = BatchStore(JobStore.from_url(redis_server.url, 3600))
+    payload = batches.chunk_payload(batch_id, 0)
+    assert payload is not None
+    red, blue = (f"blipq:batch-upload:{batch_id}:{number}".encode() for number in (0, 1))
+    batches.start_chunk(payload, queue, "w1", 3, "tiny")
+    batches.run_items([(batch_id, [0, 1, 2, 3])])
+
+    # When both of the red image's items and one of the blue's end...
+    answered = [[str(index), *outcome_value("succeeded", answer="yes")] for index in (0, 1, 2)]
+    batches.end_chunk(payload, queue, answered, done=False)
+    after_three = sorted(upload_keys(redis_client))
+    # ...and then the last
+    batches.end_chunk(payload, queue, [["3", *outcome_value("failed", code="internal_error", message="x")]])
+
+    # Then the red image went with its last item, the blue one with its own
+    assert after_three == [blue]
+    assert red not in after_three
+    assert upload_keys(redis_client) == []
+    assert redis_client.exists(f"blipq:batch-left:{batch_id}") == 0
+
+
+def test_a_canceled_batch_deletes_its_uploads_at_once(idle_api: FlaskClient, redis_client: redis.Redis) -> None:
+    form = upload_form(color_images())
+    batch_id = idle_api.post("/v1/batches", data=form, content_type="multipart/form-data").get_json()["id"]
+    assert len(upload_keys(redis_client)) == len(COLORS)
+
+    assert idle_api.post(f"/v1/batches/{batch_id}/cancel").status_code == 200
+
+    assert upload_keys(redis_client) == []
 
 
 def test_a_chunk_published_again_is_answered_from_the_shared_upload(

@@ -20,8 +20,12 @@ ITEM_OUTBOX_PREFIX = "item:"  # an outbox member for a batch item's own webhook 
 ITEM_WEBHOOK_PREFIX = "blipq:item-webhook:"  # the hash of a batch item's webhook delivery (worker.batches)
 SKIPPED = "skipped"  # what a worker reports for an item the model did not answer because its batch closed
 
+UPLOADS_LEFT_PREFIX = "blipq:batch-left:"  # worker.batches.uploads_left_key
+UNPACK_MAX = 1000  # arguments a script passes to one command at most (Lua's unpack stops near 8,000)
+
 _LIBRARY = (
     f"local RUNNING, SKIPPED = '{RUNNING}', '{SKIPPED}'\n"
+    f"local UPLOADS_LEFT_PREFIX, UNPACK_MAX = '{UPLOADS_LEFT_PREFIX}', {UNPACK_MAX}\n"
     f"local BATCH_OUTBOX_PREFIX, ITEM_OUTBOX_PREFIX = '{BATCH_OUTBOX_PREFIX}', '{ITEM_OUTBOX_PREFIX}'\n"
     f"local ITEM_WEBHOOK_PREFIX = '{ITEM_WEBHOOK_PREFIX}'\n"
     + """
@@ -57,11 +61,28 @@ local function count_ended(batch, outbox, now, ended_now)
     redis.call('zadd', outbox, now, BATCH_OUTBOX_PREFIX .. redis.call('hget', batch, 'id'))
   end
 end
+-- An uploaded image goes as soon as the last item that needs it ended: `freed` counts the items that ended now.
+local function free_uploads(batch, freed)
+  local left = UPLOADS_LEFT_PREFIX .. redis.call('hget', batch, 'id')
+  for upload, count in pairs(freed) do
+    if redis.call('hincrby', left, upload, -count) <= 0 then
+      redis.call('del', upload)
+      redis.call('hdel', left, upload)
+    end
+  end
+end
 -- Close the batch: every item that has not reached the model ends `why` (canceled | expired) at once, counted here;
--- an item's read derives it from the closed batch. Items the model is answering run to their end.
+-- an item's read derives it from the closed batch. Items the model is answering run to their end (their images are
+-- loaded already): every uploaded image goes now.
 local function close(batch, out, items, outbox, ended, now, why)
   local queued = tonumber(redis.call('hget', batch, 'queued'))
   redis.call('hset', batch, 'closed', why, 'queued', 0)
+  local id = redis.call('hget', batch, 'id')
+  local left = redis.call('hkeys', UPLOADS_LEFT_PREFIX .. id)
+  for first = 1, #left, UNPACK_MAX do
+    redis.call('del', unpack(left, first, math.min(#left, first + UNPACK_MAX - 1)))
+  end
+  redis.call('del', UPLOADS_LEFT_PREFIX .. id)
   if queued > 0 then
     redis.call('hincrby', batch, why, queued)
     if redis.call('hget', batch, 'webhook_items') == '1' then
@@ -88,7 +109,8 @@ local function close_if_overdue(batch, out, items, outbox, ended, now)
   end
   return nil
 end
--- End items with their outcomes: entries of {index, status, code, value}; an item already ended keeps its outcome.
+-- End items with their outcomes: entries of {index, status, code, value, upload key or ''}; an item already ended
+-- keeps its outcome.
 -- A `skipped` item (not answered: its batch closed) ends as its batch closed if it was running, else stays as it is.
 local function end_items(batch, out, outbox, ended, outcomes, now, entries)
   if #entries == 0 then return 0 end
@@ -96,7 +118,7 @@ local function end_items(batch, out, outbox, ended, outcomes, now, entries)
   local indices = {}
   for k, entry in ipairs(entries) do indices[k] = entry[1] end
   local current = redis.call('hmget', out, unpack(indices))
-  local fields, written, counts, from_running, from_queued = {}, {}, {}, 0, 0
+  local fields, written, counts, from_running, from_queued, freed = {}, {}, {}, 0, 0, {}
   for k, entry in ipairs(entries) do
     local cur, status, code, value = current[k], entry[2], entry[3], entry[4]
     if status == SKIPPED then
@@ -110,6 +132,7 @@ local function end_items(batch, out, outbox, ended, outcomes, now, entries)
       fields[#fields + 1] = entry[1]
       fields[#fields + 1] = value
       written[#written + 1] = entry[1]
+      if entry[5] and entry[5] ~= '' then freed[entry[5]] = (freed[entry[5]] or 0) + 1 end
       counts[status] = (counts[status] or 0) + 1
       if code ~= '' and code ~= status then counts['err:' .. code] = (counts['err:' .. code] or 0) + 1 end
       local outcome = status .. ':' .. (code == status and '' or code)
@@ -127,6 +150,7 @@ local function end_items(batch, out, outbox, ended, outcomes, now, entries)
       redis.call('hincrby', batch, name, count)
     end
   end
+  free_uploads(batch, freed)
   item_webhooks(batch, outbox, now, written)
   count_ended(batch, outbox, now, #written)
   wake(ended)
@@ -171,7 +195,7 @@ if attempt > tonumber(ARGV[5]) then
     local value = cjson.encode({'failed', 'worker_lost', ARGV[6]})
     for _, image in ipairs(cjson.decode(payload)['images']) do
       for _, item in ipairs(image['items']) do
-        entries[#entries + 1] = {tostring(item[1]), 'failed', 'worker_lost', value}
+        entries[#entries + 1] = {tostring(item[1]), 'failed', 'worker_lost', value, image['upload'] or ''}
       end
     end
   end
@@ -223,13 +247,14 @@ return run
 # A chunk's items end, together: answers, failures and counts in one call. With ARGV[4] = '1' the chunk is done: its
 # record and its place in the running set go.
 # KEYS = batch, outcome hash, chunks, running set, outbox, ended list, outcomes; ARGV = now, number, member, done,
-# then index, status, code, value for each item. Returns how many items it ended (an ended one is never changed).
+# then index, status, code, value, upload key for each item. Returns how many items it ended (an ended one is never
+# changed).
 END_CHUNK_LUA = (
     _LIBRARY
     + """
 if redis.call('exists', KEYS[1]) == 0 then return -1 end
 local entries = {}
-for k = 5, #ARGV, 4 do entries[#entries + 1] = {ARGV[k], ARGV[k + 1], ARGV[k + 2], ARGV[k + 3]} end
+for k = 5, #ARGV, 5 do entries[#entries + 1] = {ARGV[k], ARGV[k + 1], ARGV[k + 2], ARGV[k + 3], ARGV[k + 4]} end
 local written = end_items(KEYS[1], KEYS[2], KEYS[5], KEYS[6], KEYS[7], ARGV[1], entries)
 if ARGV[4] == '1' then
   redis.call('hdel', KEYS[3], ARGV[2], ARGV[2] .. ':a', ARGV[2] .. ':w')
@@ -254,7 +279,7 @@ return {closed, tonumber(redis.call('hget', KEYS[1], 'running')), ended_before}
 )
 
 # Cancels one item of a batch: a queued one ends `canceled` and never runs; a running one runs to its end.
-# KEYS = batch, outcome hash, item list, outbox, ended list, outcomes; ARGV = now, index.
+# KEYS = batch, outcome hash, item list, outbox, ended list, outcomes; ARGV = now, index, its image's upload key.
 # Returns a CANCEL_* code of worker/transitions.py.
 CANCEL_ITEM_LUA = (
     _LIBRARY
@@ -264,7 +289,8 @@ if close_if_overdue(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], ARGV[1]) then r
 local cur = redis.call('hget', KEYS[2], ARGV[2])
 if cur == RUNNING then return 2 end
 if cur then return 0 end
-end_items(KEYS[1], KEYS[2], KEYS[4], KEYS[5], KEYS[6], ARGV[1], {{ARGV[2], 'canceled', 'canceled', '["canceled"]'}})
+local entry = {ARGV[2], 'canceled', 'canceled', '["canceled"]', ARGV[3]}
+end_items(KEYS[1], KEYS[2], KEYS[4], KEYS[5], KEYS[6], ARGV[1], {entry})
 return 1
 """
 )

@@ -5,7 +5,8 @@ after submission):
 - `blipq:batch:<id>`, a hash: the batch's fields and its items' counts by status (kept by worker/batch_scripts.py);
 - `blipq:batch-items:<id>`, a list: each item's image number and text (a question, or a caption's prompt);
 - `blipq:batch-images:<id>`, a hash: each distinct image, a URL or an uploaded file's name (the upload itself is
-  `worker.jobs.batch_upload_key`, stored once for all its questions);
+  `worker.jobs.batch_upload_key`, stored once for all its questions, and deleted as soon as the last of them ended:
+  `blipq:batch-left:<id>` counts them);
 - `blipq:batch-out:<id>`, a hash: each item's outcome once the model took it (running, then answered or failed);
 - `blipq:batch-chunks:<id>`, a hash: each chunk not yet ended, as its message carries it (for the reaper).
 Items travel to the workers in chunks (worker/broker.py's TASK_VQA_CHUNK): each chunk lists images, each with its
@@ -29,6 +30,7 @@ from worker.batch_scripts import (
     ITEM_WEBHOOK_PREFIX,
     RUN_ITEMS_LUA,
     START_CHUNK_LUA,
+    UPLOADS_LEFT_PREFIX,
 )
 from worker.fleet import outcomes_key as outcomes_key_of_queue
 from worker.jobs import (
@@ -66,6 +68,11 @@ def images_key(batch_id: str) -> str:
 
 def outcomes_key(batch_id: str) -> str:
     return f"{KEY_PREFIX}batch-out:{batch_id}"
+
+
+def uploads_left_key(batch_id: str) -> str:
+    """The hash of each uploaded image's items not yet ended (its key: a count); the image goes when it reaches 0."""
+    return f"{UPLOADS_LEFT_PREFIX}{batch_id}"
 
 
 def chunks_key(batch_id: str) -> str:
@@ -185,16 +192,6 @@ class Batch:
 
 
 @dataclass(frozen=True)
-class Item:
-    """What a batch item asks: which image (a URL, or an upload's name and key) and which text."""
-
-    image_url: str
-    image_name: str
-    upload_key: str
-    text: str
-
-
-@dataclass(frozen=True)
 class CancelCounts:
     """What a batch cancel did to its items."""
 
@@ -271,6 +268,13 @@ class BatchStore:
                 pipe.zadd(deadlines_key(queue), {DEADLINE_MEMBER_PREFIX + bid: float(batch.deadline_at)})
             for key, data in (uploads or {}).items():
                 pipe.set(key, data, ex=ttl_s)
+            if uploads:
+                left: dict[str, int] = {}
+                for image, _ in items:
+                    key = images[image].get("upload", "")
+                    left[key] = left.get(key, 0) + 1
+                pipe.hset(uploads_left_key(bid), mapping=left)  # type: ignore[arg-type]
+                pipe.expire(uploads_left_key(bid), ttl_s)
             pipe.execute()
 
     def delete(self, batch: Batch, chunks: list[dict[str, Any]], queue: str, uploads: list[str]) -> None:
@@ -278,6 +282,7 @@ class BatchStore:
         bid = batch.id
         with self.client.pipeline(transaction=True) as pipe:
             pipe.delete(batch_key(bid), items_key(bid), images_key(bid), outcomes_key(bid), chunks_key(bid), *uploads)
+            pipe.delete(uploads_left_key(bid))
             pipe.zrem(unstarted_key(queue, batch.priority), *(chunk["member"] for chunk in chunks))
             pipe.zrem(deadlines_key(queue), DEADLINE_MEMBER_PREFIX + bid)
             pipe.hincrby(waiting_answers_key(), unstarted_key(queue, batch.priority), -batch.count)
@@ -305,8 +310,9 @@ class BatchStore:
 
     def cancel_item(self, batch: Batch, index: int) -> int:
         """Cancel one item: a CANCEL_* code of worker/transitions.py."""
+        item = self.item(batch, index)
         keys = [*self._item_keys(batch.id), outcomes_key_of_queue(batch.queue)]
-        return int(self._cancel_item(keys=keys, args=[time.time(), index]))
+        return int(self._cancel_item(keys=keys, args=[time.time(), index, item.upload_key if item else ""]))
 
     def item(self, batch: Batch, index: int) -> Job | None:
         """A batch item shown as a job, or None when there is no such item."""
@@ -358,13 +364,15 @@ class BatchStore:
         return [{int(index) for index in reply} for reply in replies]
 
     def end_chunk(self, payload: dict[str, Any], queue: str, outcomes: list[list[str]], done: bool = True) -> int:
-        """End a chunk's items with their outcomes ([index, status, code, value JSON] each), in one call."""
+        """End a chunk's items with their outcomes ([index, status, code, value JSON] each), in one call; an uploaded
+        image whose last item ends goes with it."""
+        upload_of = {str(i): str(image.get("upload", "")) for image in payload["images"] for i, _ in image["items"]}
         bid, number, member = str(payload["batch_id"]), int(payload["number"]), str(payload["member"])
         keys = [batch_key(bid), outcomes_key(bid), chunks_key(bid), running_key(queue), webhook_outbox_key()]
         keys += [ended_key(bid), outcomes_key_of_queue(queue)]
         args: list[str | int | float] = [time.time(), number, member, "1" if done else "0"]
         for outcome in outcomes:
-            args += outcome
+            args += [*outcome, upload_of.get(outcome[0], "")]
         return int(self._end(keys=keys, args=args))
 
     def chunk_payload(self, batch_id: str, number: int) -> dict[str, Any] | None:
