@@ -31,10 +31,10 @@ from api.errors import (
     ValidationError,
 )
 from api.schemas import BatchRequest, validate_batch_request
-from api.views import JOB_ID_PATTERN, check_webhook, services
+from api.views import JOB_ID_PATTERN, check_webhook, earlier_submission, fingerprint, idempotency_header, services
 from worker.batches import MAX_BATCH_ANSWERS, READ_PAGE, Batch, BatchStore, chunk_member, plan_chunks
 from worker.broker import publish_chunk
-from worker.jobs import batch_upload_key, new_job_id, utc_iso
+from worker.jobs import JobStore, batch_upload_key, idempotency_key, new_job_id, utc_iso
 from worker.states import JobTask
 
 log = logging.getLogger("blipq.api")
@@ -58,8 +58,11 @@ def submit_batch() -> tuple[Response, int, dict[str, str]]:
     """Validate a batch (JSON, or multipart with uploaded images), store it and enqueue its chunks.
 
     202 means the batch, its items and every uploaded image (stored once) are in Redis: a few round trips in all.
+    With an Idempotency-Key, the same request again (same key, same owner, same body and files) answers the first
+    one's batch.
     """
     svc = services()
+    idempotency = idempotency_header()
     if request.mimetype == "multipart/form-data":
         upload = parse_batch_upload(svc.settings)
         batch_request, uploaded = upload.batch_request, upload.images
@@ -68,12 +71,22 @@ def submit_batch() -> tuple[Response, int, dict[str, str]]:
     # The body says the task, and so the queue whose depth counts (the one the items would wait in).
     queue = svc.settings.queue_for(batch_request.task)
     new = _new_batch(batch_request, queue, svc.settings.batch_chunk_size, uploaded)
-    check_queue_room(svc.store.client, queue, svc.settings.max_queue_depth, answers=new.batch.count)
     batches = BatchStore(svc.store)
+    claim = None
+    if idempotency is not None:
+        body = batch_request.model_dump(mode="json")
+        sent = fingerprint(body, [image.data for image in uploaded or ()])
+        claim = (idempotency_key(new.batch.owner, f"batch\0{idempotency}"), f"{sent}:{new.batch.id}")
+        earlier = earlier_submission(svc.store, *claim, batches.get)
+        if earlier is not None:
+            headers = {"Location": f"/v1/batches/{earlier.id}", "Idempotent-Replayed": "true"}
+            return jsonify(id=earlier.id, count=earlier.count), 202, headers
+    check_queue_room(svc.store.client, queue, svc.settings.max_queue_depth, answers=new.batch.count)
     try:
-        batches.create(new.batch, new.images, new.items, new.chunks, queue, new.uploads)
+        batches.create(new.batch, new.images, new.items, new.chunks, queue, new.uploads, claim)
     except redis.RedisError as exc:
         log.warning("cannot store batch: %s", exc)
+        _release(svc.store, claim)
         raise ServiceUnavailableError("broker_unavailable", "the job queue is unavailable; retry later") from None
     try:
         for chunk in new.chunks:
@@ -82,6 +95,7 @@ def submit_batch() -> tuple[Response, int, dict[str, str]]:
         # Chunks already sent find their batch gone and run nothing; the rest are never sent.
         log.warning("cannot enqueue batch %s: %s", new.batch.id, exc)
         _forget(batches, new, queue)
+        _release(svc.store, claim)
         raise ServiceUnavailableError("broker_unavailable", "the job queue is unavailable; retry later") from None
     headers = {"Location": f"/v1/batches/{new.batch.id}"}
     return jsonify(id=new.batch.id, count=new.batch.count), 202, headers
@@ -254,6 +268,16 @@ def _new_batch(
             }
         )
     return NewBatch(batch, images, items, chunks, uploads)
+
+
+def _release(store: JobStore, claim: tuple[str, str] | None) -> None:
+    """Free an Idempotency-Key whose batch was not stored: a retry of the request makes it anew."""
+    if claim is None:
+        return
+    try:
+        store.release_idempotency_key(*claim)
+    except redis.RedisError:  # Redis is away: the claim expires by itself
+        log.warning("could not release an idempotency key")
 
 
 def _forget(batches: BatchStore, new: NewBatch, queue: str) -> None:

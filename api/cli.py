@@ -111,7 +111,14 @@ def add_client_parsers(commands: Any) -> None:
     )
     tag.add_argument("--url", default=os.environ.get("BLIPQ_URL", "http://127.0.0.1:8000"), help="the API ($BLIPQ_URL)")
     tag.add_argument(
-        "--per-request", type=int, default=10_000, metavar="N", help="answers per batch request (at most 10,000)"
+        "--per-request", type=int, default=1_000, metavar="N", help="answers per batch request (default 1,000)"
+    )
+    tag.add_argument(
+        "--in-flight",
+        type=int,
+        default=4,
+        metavar="N",
+        help="batch requests on the service at once (default 4)",
     )
 
 
@@ -128,7 +135,17 @@ def run_client_command(parser: argparse.ArgumentParser, args: argparse.Namespace
     if args.prompt is not None and not args.caption:
         parser.error("tag: --prompt goes with --caption (a question is asked with -q)")
     texts = args.questions or []
-    return run_tag(args.url, args.images, args.urls, texts, args.out, args.per_request, args.caption, args.prompt or "")
+    return run_tag(
+        args.url,
+        args.images,
+        args.urls,
+        texts,
+        args.out,
+        args.per_request,
+        args.caption,
+        args.prompt or "",
+        args.in_flight,
+    )
 
 
 def run_ask(url: str, image: str, question: str | None, timeout_s: float, prompt: str = "") -> int:

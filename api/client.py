@@ -1,6 +1,11 @@
 """A Python client of the blipq HTTP API: submit a job, wait for it with back-off, ask and get the answer.
 
-Imports only `requests`: a user's script can use it without the service's own dependencies.
+Imports only `requests` (and its urllib3): a user's script can use it without the service's own dependencies.
+
+It never gives up on a service that comes back: connection errors, resets, and 429/502/503/504 answers are retried
+with exponential back-off and jitter by urllib3's `Retry` (honouring Retry-After), for about ten minutes. Every job
+and batch it submits carries an Idempotency-Key of its own, the same on each retry, so a submission whose answer was
+lost returns the first job or batch rather than making a second.
 
     from api.client import BlipqClient
     client = BlipqClient("http://127.0.0.1:8000")
@@ -12,16 +17,22 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
 
 FINAL_STATUSES = frozenset({"succeeded", "failed", "canceled", "expired"})
-RETRYABLE_STATUSES = frozenset({429, 503})  # rate limited, queue full, Redis away: worth another try later
-MAX_SUBMIT_TRIES = 5
+RETRYABLE_STATUSES = frozenset({429, 502, 503, 504})  # rate limited, queue full, Redis or a proxy away: try later
+RETRIES = 30  # tries of one request after the first: with the back-off below, about ten minutes
+BACKOFF_S = 0.5  # the first retry's wait, doubled each time...
+BACKOFF_MAX_S = 30.0  # ...up to this (Retry-After, when the service gives one, is waited out instead)
+BACKOFF_JITTER_S = 1.0  # plus up to this much at random: clients that failed together do not retry in step
 FIRST_POLL_S = 0.05  # a demo-model answer is ready in tens of milliseconds
 MAX_POLL_S = 2.0  # a long job is polled every 2 s, not hammered
 LONG_POLL_S = 10.0  # each read of `wait` waits this long on the server for the job to end (GET ...?wait=)
@@ -57,6 +68,19 @@ class BlipqClient:
     def __post_init__(self) -> None:
         self.base_url = self.base_url.rstrip("/")
         self.session = requests.Session()
+        retry = Retry(
+            total=RETRIES,
+            backoff_factor=BACKOFF_S,
+            backoff_max=BACKOFF_MAX_S,
+            backoff_jitter=BACKOFF_JITTER_S,
+            status_forcelist=RETRYABLE_STATUSES,
+            allowed_methods=None,  # POSTs too: each carries an Idempotency-Key, so a retry never makes a second job
+            respect_retry_after_header=True,
+            raise_on_status=False,  # the last answer comes back, and its error code with it
+        )
+        adapter = HTTPAdapter(max_retries=retry)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
         if self.api_key:
             self.session.headers["Authorization"] = f"Bearer {self.api_key}"
 
@@ -64,18 +88,13 @@ class BlipqClient:
         """Submit one question about one image (an http(s) URL, a local file, or image bytes); returns the job id.
 
         Extra `fields` (priority, deadline_s, webhook...) are sent as they are; `task="caption"` with no question
-        (and an optional `prompt`) submits a caption job. Fields that are None are not sent. A 429 or 503 is retried
-        after the Retry-After the service gives, a few times.
+        (and an optional `prompt`) submits a caption job. Fields that are None are not sent.
         """
-        for attempt in range(MAX_SUBMIT_TRIES):
-            response = self._post_job(image, question, fields)
-            if response.status_code == 202:
-                job_id: str = response.json()["id"]
-                return job_id
-            if response.status_code not in RETRYABLE_STATUSES or attempt == MAX_SUBMIT_TRIES - 1:
-                raise _error_of(response)
-            time.sleep(_retry_after_s(response, default=2.0**attempt))
-        raise AssertionError("unreachable")
+        response = self._post_job(image, question, fields)
+        if response.status_code != 202:
+            raise _error_of(response)
+        job_id: str = response.json()["id"]
+        return job_id
 
     def get(self, job_id: str, wait_s: float = 0.0) -> dict[str, Any]:
         """The job as the service shows it now; with `wait_s`, once it ended or after that many seconds."""
@@ -121,7 +140,7 @@ class BlipqClient:
 
         The images are either all http(s) URLs (sent as JSON) or all local files (uploaded as one multipart form);
         the items are ordered image by image. `caption=True` (or `task="caption"`) captions each image once instead,
-        with no questions and an optional `prompt=`. A 429 or 503 is retried as `submit` does.
+        with no questions and an optional `prompt=`.
         """
         if caption:
             fields["task"] = CAPTION
@@ -134,12 +153,12 @@ class BlipqClient:
         url = f"{self.base_url}/v1/batches"
         if all(is_url):
             body = {"images": [str(image) for image in images], **texts, **fields}
-            response = self._post_retrying(url, json=body)
+            response = self._post_once(url, json=body)
         elif not any(is_url):
             form = {key: json.dumps(value) for key, value in texts.items()}
             form |= {key: _form_value(value) for key, value in fields.items()}
             files = [("images", (Path(image).name, Path(image).read_bytes())) for image in images]
-            response = self._post_retrying(url, data=form, files=files)
+            response = self._post_once(url, data=form, files=files)
         else:
             raise ValueError("a batch's images are either all http(s) URLs or all local files")
         created: dict[str, Any] = response.json()
@@ -214,25 +233,34 @@ class BlipqClient:
         answer: str = job["answer"]
         return answer
 
-    def _post_retrying(self, url: str, **body: Any) -> requests.Response:
-        for attempt in range(MAX_SUBMIT_TRIES):
-            response = self.session.post(url, timeout=self.timeout_s, **body)
-            if response.status_code == 202:
-                return response
-            if response.status_code not in RETRYABLE_STATUSES or attempt == MAX_SUBMIT_TRIES - 1:
-                raise _error_of(response)
-            time.sleep(_retry_after_s(response, default=2.0**attempt))
-        raise AssertionError("unreachable")
+    def cancel_batch(self, batch_id: str) -> dict[str, Any]:
+        """Cancel the batch's items not yet answered; its counts ({} when every item had ended already)."""
+        response = self.session.post(f"{self.base_url}/v1/batches/{batch_id}/cancel", timeout=self.timeout_s)
+        if response.status_code == 409:
+            return {}
+        if response.status_code != 200:
+            raise _error_of(response)
+        counts: dict[str, Any] = response.json()
+        return counts
+
+    def _post_once(self, url: str, **body: Any) -> requests.Response:
+        """POST a submission under an Idempotency-Key of its own (its retries reuse it); the 202, or its error."""
+        headers = {"Idempotency-Key": uuid.uuid4().hex}
+        response = self.session.post(url, timeout=self.timeout_s, headers=headers, **body)
+        if response.status_code != 202:
+            raise _error_of(response)
+        return response
 
     def _post_job(self, image: str | Path | bytes, question: str | None, fields: dict[str, Any]) -> requests.Response:
         url = f"{self.base_url}/v1/jobs"
+        headers = {"Idempotency-Key": uuid.uuid4().hex}  # the same on each of the adapter's retries
         fields = {key: value for key, value in {"question": question, **fields}.items() if value is not None}
         if isinstance(image, str) and image.startswith(("http://", "https://")):
-            return self.session.post(url, json={"image_url": image, **fields}, timeout=self.timeout_s)
+            return self.session.post(url, json={"image_url": image, **fields}, timeout=self.timeout_s, headers=headers)
         data = image if isinstance(image, bytes) else Path(image).read_bytes()
         name = "image" if isinstance(image, bytes) else Path(image).name
         form = {key: str(value) for key, value in fields.items()}
-        return self.session.post(url, data=form, files={"image": (name, data)}, timeout=self.timeout_s)
+        return self.session.post(url, data=form, files={"image": (name, data)}, timeout=self.timeout_s, headers=headers)
 
 
 def _error_of(response: requests.Response) -> BlipqClientError:
@@ -247,8 +275,3 @@ def _error_of(response: requests.Response) -> BlipqClientError:
 
 def _form_value(value: Any) -> str:
     return json.dumps(value) if isinstance(value, bool) else str(value)  # `true`, not Python's `True`
-
-
-def _retry_after_s(response: requests.Response, default: float) -> float:
-    value = response.headers.get("Retry-After", "")
-    return float(value) if value.isdigit() else default

@@ -1,12 +1,17 @@
 """`blipq tag`: every question about every image, sent as batches, one JSON line per answer, resumable.
 
 Images are http(s) URLs (the workers fetch them) or local files, found also in directories (recursively, by
-extension) and uploaded with the batch. A request holds at most `--per-request` answers (10,000, the service's limit),
-and for uploads at most MAX_FILES_PER_UPLOAD files and about MAX_UPLOAD_BYTES.
+extension) and uploaded with the batch. The images stream: requests of at most `--per-request` answers (and, for
+uploads, MAX_FILES_PER_UPLOAD files and about MAX_UPLOAD_BYTES) are made as the inputs are read, and up to
+`--in-flight` of them wait on the service at once, so that the next uploads overlap the answers of the earlier ones;
+a request's lines are written as soon as it ended, and the progress bar moves with every item that ends. Memory
+holds the requests in flight and one small hash per pair already answered, however many images: a file of a million
+URLs is read a line at a time. A full queue (503 `queue_full`) is waited out by the client's retries.
 
 OUT holds one line per (image, question): `{"image", "question", "status", "answer", "error"}`. A re-run with the same
 OUT keeps its succeeded lines and does not ask those pairs again; every other pair (failed, canceled, expired, or
-never answered) is asked again and its old line replaced.
+never answered) is asked again and its old line replaced. Ctrl-C cancels the requests in flight, keeps what was
+written and says how to go on.
 
 With `--caption` each image is captioned once instead (continuing `--prompt`, if any), and OUT holds
 `{"image", "prompt", "status", "caption", "error"}`, resumed the same way.
@@ -17,18 +22,26 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections import Counter
+import time
+from collections import Counter, deque
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import requests
 from tqdm import tqdm
 
 from api.client import BlipqClient, BlipqClientError
 
 MAX_ANSWERS_PER_REQUEST = 10_000  # the service's limit on one batch (worker/batches.py MAX_BATCH_ANSWERS)
+DEFAULT_PER_REQUEST = 1_000  # answers per request: small enough that lines and progress come often
+DEFAULT_IN_FLIGHT = 4  # requests waiting on the service at once: the workers never wait for the next upload
 MAX_FILES_PER_UPLOAD = 64  # images in one multipart request: a failed request re-sends little
 MAX_UPLOAD_BYTES = 32 * 1024 * 1024  # about this many image bytes per multipart request (one larger file goes alone)
+POLL_S = 0.2  # between two looks at the requests in flight, when none ended
+CANCEL_TIMEOUT_S = 5.0  # a cancel on Ctrl-C is tried once, this long at most: the user is leaving
+EXIT_INTERRUPTED = 130  # as a shell reports a command ended by SIGINT
 URL_PREFIXES = ("http://", "https://")
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 
@@ -39,140 +52,130 @@ class TagInputError(Exception):
     """Raised when an input is neither an http(s) URL nor an existing file or directory."""
 
 
+@dataclass
+class Request:
+    """One batch request: its images, the texts asked of each, and once submitted its id and the items seen ended."""
+
+    images: list[str]
+    texts: list[str]
+    batch_id: str = ""
+    shown: int = 0
+
+
+@dataclass
+class Tally:
+    """What the run's pairs came to: succeeded, or the count of each error code; lines written this run."""
+
+    succeeded: int = 0
+    failed: Counter[str] = field(default_factory=Counter)
+    written: int = 0
+
+    def add(self, record: dict[str, Any]) -> None:
+        if record["status"] == "succeeded":
+            self.succeeded += 1
+        else:
+            self.failed[(record.get("error") or {}).get("code") or record["status"] or "unknown"] += 1
+
+
 def run_tag(
     url: str,
     inputs: list[str],
     urls_file: Path | None,
     questions: list[str],
     out: Path,
-    per_request: int,
+    per_request: int = DEFAULT_PER_REQUEST,
     caption: bool = False,
     prompt: str = "",
+    in_flight: int = DEFAULT_IN_FLIGHT,
 ) -> int:
     """Answer every question about every image (or, `caption`, caption every image once) into OUT.
 
-    Returns 0 when every pair succeeded, else 1 (2: bad input).
+    Returns 0 when every pair succeeded, else 1 (2: bad input, 130: interrupted).
     """
     text_key = "prompt" if caption else "question"
+    texts = [prompt] if caption else list(dict.fromkeys(questions))
     try:
-        images = collect_images(inputs, urls_file)
-        kept = read_succeeded(out, text_key)
-        write_lines(out, kept.values(), mode="w")  # drops the lines of pairs that will be asked again
+        check_inputs(inputs, urls_file)
+        done = keep_succeeded(out, text_key)  # drops the lines of pairs that will be asked again
+        pending = sum(len(_pending_texts(image, texts, done)) for image in iter_images(inputs, urls_file))
     except (TagInputError, OSError) as exc:
         print(f"blipq tag: {exc}", file=sys.stderr)
         return 2
-    texts = [prompt] if caption else list(dict.fromkeys(questions))
-    pending = [(image, text) for image in images for text in texts if (image, text) not in kept]
     client = BlipqClient(url, api_key=os.environ.get("BLIPQ_API_KEY") or None)
     per_request = max(1, min(per_request, MAX_ANSWERS_PER_REQUEST))
-    with tqdm(total=len(pending), unit="answer", file=sys.stderr, dynamic_ncols=True) as bar:
+    requests_ = plan_requests(
+        ((image, _pending_texts(image, texts, done)) for image in iter_images(inputs, urls_file)), per_request
+    )
+    tally = Tally(succeeded=len(done))
+    flight: deque[Request] = deque()
+    with tqdm(total=pending, unit="answer", file=sys.stderr, dynamic_ncols=True) as bar:
         try:
-            for batch_images, batch_texts in plan_requests(pending, per_request):
-                for record in ask_batch(client, batch_images, batch_texts, bar, caption):
-                    kept[(record["image"], record[text_key])] = record
-                    write_lines(out, [record], mode="a")
-        except (BlipqClientError, OSError, TimeoutError) as exc:
+            stream_requests(client, requests_, flight, max(1, in_flight), bar, out, tally, caption)
+        except KeyboardInterrupt:
+            bar.close()
+            canceled = cancel_all(client, flight)
+            print(
+                f"blipq tag: interrupted; {tally.written} answers written to {out}, {canceled} requests in flight "
+                "canceled; re-run the same command to go on",
+                file=sys.stderr,
+            )
+            return EXIT_INTERRUPTED
+        except (BlipqClientError, requests.RequestException, OSError, TimeoutError) as exc:
             bar.close()
             print(f"blipq tag: {exc} (re-run the same command to go on)", file=sys.stderr)
             return 1
-    return report([kept.get((image, text)) for image in images for text in texts])
+    return report(tally)
 
 
-def collect_images(inputs: Iterable[str], urls_file: Path | None) -> list[str]:
-    """The images to tag, each once: URLs and files as named, directories' image files, `urls_file`'s lines."""
-    images: list[str] = []
-    for name in inputs:
-        if name.startswith(URL_PREFIXES) or Path(name).is_file():
-            images.append(name)
-        elif Path(name).is_dir():
-            found = (path for path in Path(name).rglob("*") if path.suffix.lower() in IMAGE_SUFFIXES)
-            images.extend(str(path) for path in sorted(found) if path.is_file())
-        else:
-            raise TagInputError(f"{name!r} is not an http(s) URL, a file or a directory")
-    if urls_file is not None:
-        for line in urls_file.read_text().splitlines():
-            url = line.split("#", 1)[0].strip()
-            if url:
-                images.append(url)
-    if not images:
-        raise TagInputError("no image: name URLs, files or directories, or a file of URLs with --urls")
-    return list(dict.fromkeys(images))
+def stream_requests(
+    client: BlipqClient,
+    planned: Iterator[Request],
+    flight: deque[Request],
+    in_flight: int,
+    bar: tqdm[Any],
+    out: Path,
+    tally: Tally,
+    caption: bool,
+) -> None:
+    """Keep `in_flight` requests on the service, write each one's lines as soon as it ended, until all are written."""
+    while True:
+        while len(flight) < in_flight and (request := next(planned, None)) is not None:
+            request.batch_id = submit(client, request, caption)
+            flight.append(request)
+        if not flight:
+            return
+        ended_any = False
+        for request in list(flight):
+            summary = client.batch(request.batch_id)
+            bar.update(summary["ended"] - request.shown)
+            request.shown = summary["ended"]
+            if summary["ended"] >= summary["count"]:
+                records = list(result_records(client, request, caption))
+                write_lines(out, records, mode="a")
+                for record in records:
+                    tally.add(record)
+                tally.written += len(records)
+                flight.remove(request)
+                ended_any = True
+        if not ended_any:
+            time.sleep(POLL_S)
 
 
-def read_succeeded(out: Path, text_key: str = "question") -> dict[Pair, dict[str, Any]]:
-    """The succeeded lines of an earlier run's OUT, by (image, question or prompt); nothing when OUT does not exist.
-
-    `text_key` names the line's text: "question", or "prompt" for captions (lines of the other kind are dropped).
-    """
-    if not out.exists():
-        return {}
-    kept: dict[Pair, dict[str, Any]] = {}
-    for line in out.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue  # a line cut short by an interrupted run: its pair is asked again
-        if isinstance(record, dict) and record.get("status") == "succeeded" and text_key in record:
-            kept[(record["image"], record[text_key])] = record
-    return kept
-
-
-def plan_requests(pending: list[Pair], per_request: int) -> Iterator[tuple[list[str], list[str]]]:
-    """Group pending pairs into tagging-shape requests (images x questions) of at most `per_request` answers.
-
-    Images that still need the same questions go together; URLs and local files never share a request.
-    """
-    by_image: dict[str, list[str]] = {}
-    for image, question in pending:
-        by_image.setdefault(image, []).append(question)
-    groups: dict[tuple[bool, tuple[str, ...]], list[str]] = {}
-    for image, image_questions in by_image.items():
-        groups.setdefault((image.startswith(URL_PREFIXES), tuple(image_questions)), []).append(image)
-    for (is_url, group_questions), group_images in groups.items():
-        for first in range(0, len(group_questions), per_request):
-            questions = list(group_questions[first : first + per_request])
-            most = max(1, per_request // len(questions))
-            for images in _split(group_images, most if is_url else min(most, MAX_FILES_PER_UPLOAD), is_url):
-                yield images, questions
-
-
-def _split(images: list[str], most: int, is_url: bool) -> Iterator[list[str]]:
-    """`images` in runs of at most `most`, and for local files of about MAX_UPLOAD_BYTES at most."""
-    run: list[str] = []
-    size = 0
-    for image in images:
-        image_size = 0 if is_url else Path(image).stat().st_size
-        if run and (len(run) == most or size + image_size > MAX_UPLOAD_BYTES):
-            yield run
-            run, size = [], 0
-        run.append(image)
-        size += image_size
-    if run:
-        yield run
-
-
-def ask_batch(
-    client: BlipqClient, images: list[str], texts: list[str], bar: tqdm[Any], caption: bool = False
-) -> Iterator[dict[str, Any]]:
-    """Submit one batch, advance `bar` as its items end, then yield one OUT record per item.
-
-    `texts` are the questions asked about every image, or (`caption`) the one prompt of every caption.
-    """
+def submit(client: BlipqClient, request: Request, caption: bool) -> str:
+    """Submit one request as a batch (its images x its texts); the batch's id."""
     if caption:
-        batch_id, _count = client.submit_batch(images, caption=True, prompt=texts[0] or None)
+        batch_id, _ = client.submit_batch(request.images, caption=True, prompt=request.texts[0] or None)
     else:
-        batch_id, _count = client.submit_batch(images, texts)
-    shown = 0
+        batch_id, _ = client.submit_batch(request.images, request.texts)
+    return batch_id
 
-    def on_progress(summary: dict[str, Any]) -> None:
-        nonlocal shown
-        bar.update(summary["ended"] - shown)
-        shown = summary["ended"]
 
-    client.wait_batch(batch_id, on_progress=on_progress)
+def result_records(client: BlipqClient, request: Request, caption: bool) -> Iterator[dict[str, Any]]:
+    """One OUT record per item of an ended request, in item order (image by image)."""
     text_key, answer_key = ("prompt", "caption") if caption else ("question", "answer")
-    for item in client.results(batch_id):
-        image, text = images[item["index"] // len(texts)], texts[item["index"] % len(texts)]  # image by image
+    texts = request.texts
+    for item in client.results(request.batch_id):
+        image, text = request.images[item["index"] // len(texts)], texts[item["index"] % len(texts)]
         yield {
             "image": image,
             text_key: text,
@@ -182,6 +185,123 @@ def ask_batch(
         }
 
 
+def cancel_all(client: BlipqClient, flight: Iterable[Request]) -> int:
+    """Cancel the requests in flight, once each and quickly (a service that is away is not waited for)."""
+    canceled = 0
+    for request in flight:
+        try:
+            response = requests.post(
+                f"{client.base_url}/v1/batches/{request.batch_id}/cancel",
+                headers=dict(client.session.headers),
+                timeout=CANCEL_TIMEOUT_S,
+            )
+            canceled += response.status_code == 200
+        except requests.RequestException:
+            pass
+    return canceled
+
+
+def check_inputs(inputs: Iterable[str], urls_file: Path | None) -> None:
+    """Refuse at once an input that is neither a URL nor a file or directory, and a run with no input at all."""
+    for name in inputs:
+        if not (name.startswith(URL_PREFIXES) or Path(name).is_file() or Path(name).is_dir()):
+            raise TagInputError(f"{name!r} is not an http(s) URL, a file or a directory")
+    if urls_file is not None and not urls_file.is_file():
+        raise TagInputError(f"{str(urls_file)!r} (--urls) is not a file")
+    if next(iter_images(inputs, urls_file), None) is None:
+        raise TagInputError("no image: name URLs, files or directories, or a file of URLs with --urls")
+
+
+def iter_images(inputs: Iterable[str], urls_file: Path | None) -> Iterator[str]:
+    """The images to tag, each once, as they are read: URLs and files as named, directories' image files, and
+    `urls_file`'s lines (one at a time). Repeats are recognised by a hash of the name, not kept whole."""
+    seen: set[int] = set()
+
+    def named() -> Iterator[str]:
+        for name in inputs:
+            if Path(name).is_dir() and not name.startswith(URL_PREFIXES):
+                found = (path for path in Path(name).rglob("*") if path.suffix.lower() in IMAGE_SUFFIXES)
+                yield from (str(path) for path in sorted(found) if path.is_file())
+            else:
+                yield name
+        if urls_file is not None:
+            with urls_file.open(encoding="utf-8") as lines:
+                for line in lines:
+                    if url := line.split("#", 1)[0].strip():
+                        yield url
+
+    for image in named():
+        if hash(image) not in seen:
+            seen.add(hash(image))
+            yield image
+
+
+def keep_succeeded(out: Path, text_key: str = "question") -> set[int]:
+    """Rewrite an earlier run's OUT with its succeeded lines only, a line at a time; the hashes of their pairs.
+
+    `text_key` names the line's text: "question", or "prompt" for captions (lines of the other kind are dropped).
+    """
+    done: set[int] = set()
+    kept = out.with_name(out.name + ".kept")
+    with kept.open("w", encoding="utf-8") as stream:
+        if out.exists():
+            with out.open(encoding="utf-8") as lines:
+                for line in lines:
+                    record = read_succeeded_line(line, text_key)
+                    if record is not None and hash((record["image"], record[text_key])) not in done:
+                        done.add(hash((record["image"], record[text_key])))
+                        stream.write(json.dumps(record, ensure_ascii=False) + "\n")
+    os.replace(kept, out)
+    return done
+
+
+def read_succeeded_line(line: str, text_key: str) -> dict[str, Any] | None:
+    """The record of a succeeded line of OUT, or None (another status, another kind, or a line cut short)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None  # a line cut short by an interrupted run: its pair is asked again
+    if isinstance(record, dict) and record.get("status") == "succeeded" and text_key in record:
+        return record
+    return None
+
+
+def _pending_texts(image: str, texts: list[str], done: set[int]) -> tuple[str, ...]:
+    return tuple(text for text in texts if hash((image, text)) not in done)
+
+
+def plan_requests(images: Iterable[tuple[str, tuple[str, ...]]], per_request: int) -> Iterator[Request]:
+    """Group images, in the order read, with the texts still to ask of each, into tagging-shape requests (images x
+    texts) of at most `per_request` answers.
+
+    Consecutive images that need the same texts go together; URLs and local files never share a request.
+    """
+    run: list[str] = []
+    run_key: tuple[bool, tuple[str, ...]] | None = None
+    size = 0
+    for image, texts in images:
+        if not texts:
+            continue
+        is_url = image.startswith(URL_PREFIXES)
+        for first in range(0, len(texts), per_request):
+            part = texts[first : first + per_request]
+            image_size = 0 if is_url else Path(image).stat().st_size
+            most = (
+                max(1, per_request // len(part))
+                if is_url
+                else min(max(1, per_request // len(part)), MAX_FILES_PER_UPLOAD)
+            )
+            if run and ((is_url, part) != run_key or len(run) == most or size + image_size > MAX_UPLOAD_BYTES):
+                assert run_key is not None
+                yield Request(run, list(run_key[1]))
+                run, size = [], 0
+            run_key = (is_url, part)
+            run.append(image)
+            size += image_size
+    if run and run_key is not None:
+        yield Request(run, list(run_key[1]))
+
+
 def write_lines(out: Path, records: Iterable[dict[str, Any]], mode: str) -> None:
     """Write (or append) records to OUT as JSON lines, flushed: an interrupted run keeps what it wrote."""
     with out.open(mode, encoding="utf-8") as stream:
@@ -189,17 +309,12 @@ def write_lines(out: Path, records: Iterable[dict[str, Any]], mode: str) -> None
             stream.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
-def report(records: list[dict[str, Any] | None]) -> int:
+def report(tally: Tally) -> int:
     """0 when every pair succeeded; else 1, with the count of each error code on stderr."""
-    codes: Counter[str] = Counter()
-    for record in records:
-        if record is None:
-            codes["not_answered"] += 1
-        elif record["status"] != "succeeded":
-            codes[(record.get("error") or {}).get("code") or record["status"] or "unknown"] += 1
-    if not codes:
-        print(f"blipq tag: {len(records)} answers, all succeeded", file=sys.stderr)
+    total = tally.succeeded + sum(tally.failed.values())
+    if not tally.failed:
+        print(f"blipq tag: {total} answers, all succeeded", file=sys.stderr)
         return 0
-    summary = ", ".join(f"{code}: {count}" for code, count in codes.most_common())
-    print(f"blipq tag: {sum(codes.values())} of {len(records)} answers failed ({summary})", file=sys.stderr)
+    summary = ", ".join(f"{code}: {count}" for code, count in tally.failed.most_common())
+    print(f"blipq tag: {sum(tally.failed.values())} of {total} answers failed ({summary})", file=sys.stderr)
     return 1

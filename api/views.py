@@ -8,8 +8,9 @@ import logging
 import math
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 from celery import Celery
@@ -42,6 +43,7 @@ from worker.transitions import CANCEL_ENDED
 
 log = logging.getLogger("blipq.api")
 bp = Blueprint("jobs", __name__)
+T = TypeVar("T")
 
 JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
 ITEM_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{16,64}\.[0-9]{1,6}$")  # a batch item: `<batch id>.<index>`
@@ -90,7 +92,7 @@ def submit_job() -> tuple[Response, int, dict[str, str]]:
     With an Idempotency-Key, the same request again (same key, same owner, same body) answers the first one's job.
     """
     svc = services()
-    idempotency = _idempotency_header()
+    idempotency = idempotency_header()
     submission = _parse_job_request(svc.settings)
     # The body says the task, and so the queue whose depth counts (the one the job would wait in).
     queue = svc.settings.queue_for(submission.job_request.task)
@@ -244,7 +246,8 @@ def _accepted(job: Job, headers: dict[str, str] | None = None) -> tuple[Response
     return jsonify(id=job.id, status=str(job.status)), 202, {"Location": f"/v1/jobs/{job.id}", **(headers or {})}
 
 
-def _idempotency_header() -> str | None:
+def idempotency_header() -> str | None:
+    """The request's Idempotency-Key, or None; refused when it is not 1 to 255 visible ASCII characters."""
     key = request.headers.get(IDEMPOTENCY_HEADER)
     if key is not None and not IDEMPOTENCY_KEY_PATTERN.match(key):
         raise BadRequestError("idempotency_key_invalid", "an Idempotency-Key is 1 to 255 visible ASCII characters")
@@ -252,7 +255,13 @@ def _idempotency_header() -> str | None:
 
 
 def _earlier_job(store: JobStore, key: str, claim: str) -> Job | None:
-    """The job an earlier request with this Idempotency-Key made, or None once this request holds the key.
+    """The job an earlier request with this Idempotency-Key made, or None once this request holds the key."""
+    return earlier_submission(store, key, claim, store.get)
+
+
+def earlier_submission(store: JobStore, key: str, claim: str, lookup: Callable[[str], T | None]) -> T | None:
+    """What an earlier request with this Idempotency-Key made (`lookup` finds it by id: a job, a batch), or None once
+    this request holds the key.
 
     A request that finds the key claimed but its job not stored yet (the two arrived together) waits for it.
     """
@@ -262,7 +271,7 @@ def _earlier_job(store: JobStore, key: str, claim: str) -> Job | None:
         try:
             held = store.claim_idempotency_key(key, claim, IDEMPOTENCY_PENDING_S)
             held_fingerprint, _, job_id = (held or "").partition(":")
-            job = store.get(job_id) if held is not None and held_fingerprint == fingerprint else None
+            job = lookup(job_id) if held is not None and held_fingerprint == fingerprint else None
         except redis.RedisError as exc:
             log.warning("cannot claim an idempotency key: %s", exc)
             raise ServiceUnavailableError("broker_unavailable", "the job queue is unavailable; retry later") from None
@@ -279,7 +288,13 @@ def _earlier_job(store: JobStore, key: str, claim: str) -> Job | None:
 
 def _fingerprint(data: Any, upload: bytes | None) -> str:
     """A hash of the request as sent: its JSON body or form fields, and the upload's bytes."""
-    image_sha256 = hashlib.sha256(upload).hexdigest() if upload is not None else None
+    return fingerprint(data, [] if upload is None else [upload])
+
+
+def fingerprint(data: Any, uploads: list[bytes]) -> str:
+    """A hash of a request as sent: its JSON body or form fields, and each upload's bytes."""
+    images = [hashlib.sha256(upload).hexdigest() for upload in uploads]
+    image_sha256 = images[0] if len(images) == 1 else (images or None)  # a single upload's, as it always was
     canonical = json.dumps({"body": data, "image_sha256": image_sha256}, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 

@@ -245,11 +245,13 @@ class BatchStore:
         chunks: list[dict[str, Any]],
         queue: str,
         uploads: dict[str, bytes] | None = None,
+        idempotency: tuple[str, str] | None = None,
     ) -> None:
         """Write the batch, its images, items and chunks in one transaction, all expiring after the TTL.
 
         `images` are `{"image_url": ...}` or `{"image_name": ..., "upload": key}`; `chunks` the messages to send
-        (payloads with their `number` and `member`); `uploads` maps each uploaded image's key to its bytes.
+        (payloads with their `number` and `member`); `uploads` maps each uploaded image's key to its bytes;
+        `idempotency` (key, claim) ties an Idempotency-Key to the batch for as long as it lives.
         """
         ttl_s = self.store.ttl_s
         enqueued = time.time()  # one score for every chunk: the reaper must not take a later chunk for a lost one
@@ -268,6 +270,8 @@ class BatchStore:
                 pipe.zadd(deadlines_key(queue), {DEADLINE_MEMBER_PREFIX + bid: float(batch.deadline_at)})
             for key, data in (uploads or {}).items():
                 pipe.set(key, data, ex=ttl_s)
+            if idempotency is not None:
+                pipe.set(idempotency[0], idempotency[1], ex=ttl_s)
             if uploads:
                 left: dict[str, int] = {}
                 for image, _ in items:
