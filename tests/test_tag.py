@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
+import requests
 
 from api.client import BlipqClient
 from api.settings import ApiSettings
@@ -175,3 +180,130 @@ def test_tag_takes_questions_or_caption_not_both(caption_service_url: str, tmp_p
     assert both.returncode == 2 and "--caption" in both.stderr, both.stderr
     assert prompt_alone.returncode == 2 and "--prompt" in prompt_alone.stderr, prompt_alone.stderr
     assert not (tmp_path / "out.jsonl").exists()
+
+
+class FlakyFront:
+    """A real HTTP front for the API that misbehaves as networks and proxies do, and counts what it did.
+
+    It answers with HTTP/1.1 keep-alive, then closes every connection after one answer without saying so (the next
+    request a client sends on it meets a closed socket); it answers the first `unavailable` requests with 503; and it
+    forwards the first batch submission but drops its answer (the client never learns that the batch was made).
+    """
+
+    def __init__(self, target: str, unavailable: int) -> None:
+        self.target, self.unavailable = target, unavailable
+        self.lost_answers = 0
+        self.lock = threading.Lock()
+
+    def handler(self) -> type[BaseHTTPRequestHandler]:
+        front = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                self.forward()
+
+            def do_POST(self) -> None:
+                self.forward()
+
+            def forward(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                with front.lock:
+                    refuse = front.unavailable > 0
+                    front.unavailable -= refuse
+                    lose = not refuse and self.path == "/v1/batches" and front.lost_answers == 0
+                    front.lost_answers += lose
+                if refuse:
+                    self.reply(503, b'{"error": {"code": "queue_full", "message": "later"}}', "application/json")
+                    return
+                headers = {name: value for name, value in self.headers.items() if name.lower() != "host"}
+                answer = requests.request(
+                    self.command, front.target + self.path, data=body, headers=headers, timeout=30
+                )
+                if lose:
+                    self.close_connection = True  # the batch was made; its answer never reaches the client
+                    return
+                self.reply(answer.status_code, answer.content, answer.headers.get("Content-Type", "text/plain"))
+
+            def reply(self, status: int, body: bytes, content_type: str) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                if status == 503:
+                    self.send_header("Retry-After", "1")
+                self.end_headers()
+                self.wfile.write(body)
+                self.close_connection = True  # and no "Connection: close": the client finds out on its next request
+
+        return Handler
+
+
+def test_tag_rides_out_dropped_connections_503s_and_a_lost_answer_without_a_second_batch(
+    service_url: str, counting_images: tuple[str, Counter[str]], redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    base, _ = counting_images
+    urls = tmp_path / "urls.txt"
+    urls.write_text("".join(f"{base}/{color}.png\n" for color in COLORS))
+    front = FlakyFront(service_url, unavailable=3)
+    with http_server(front.handler()) as port:
+        out = tmp_path / "out.jsonl"
+        tagged = blipq_tag(f"http://127.0.0.1:{port}", "--urls", str(urls), "-o", str(out), "--per-request", "2")
+
+    assert tagged.returncode == 0, tagged.stderr
+    assert "Traceback" not in tagged.stderr
+    assert front.lost_answers == 1 and front.unavailable == 0, "the front misbehaved as it should"
+    assert len(read_out(out)) == len(COLORS) * len(QUESTIONS)
+    assert all(record["status"] == "succeeded" for record in read_out(out).values())
+    batches = [key for key in redis_client.scan_iter("blipq:batch:*")]
+    assert len(batches) == len(COLORS), "one batch per request: the retried submission returned the first batch"
+
+
+def test_ctrl_c_cancels_what_is_in_flight_keeps_what_was_written_and_a_rerun_finishes(
+    service_url: str, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    # Given a run over slow images, one request of one image at a time, that has written its first lines
+    ready = threading.Event()
+
+    class Slow(QuietHandler):
+        def do_GET(self) -> None:
+            if not self.path.startswith("/fast"):
+                ready.wait(60)  # held until Ctrl-C went: the requests in flight cannot end before
+            self.answer(200, "image/png", shape_png("red"))
+
+    with http_server(Slow) as port:
+        urls = tmp_path / "urls.txt"
+        urls.write_text(
+            f"http://127.0.0.1:{port}/fast/0.png\n" + "".join(f"http://127.0.0.1:{port}/{n}.png\n" for n in range(6))
+        )
+        out = tmp_path / "out.jsonl"
+        command = [sys.executable, "-m", "api.cli", "tag", "--urls", str(urls), "-o", str(out), "--url", service_url]
+        command += ["-q", QUESTIONS[0], "--per-request", "1", "--in-flight", "2"]
+        run = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 60
+            while not (out.exists() and out.read_text().count("\n") >= 1):
+                assert run.poll() is None and time.monotonic() < deadline
+                time.sleep(0.05)
+            # When the user presses Ctrl-C
+            run.send_signal(signal.SIGINT)
+            _, stderr = run.communicate(timeout=60)
+        finally:
+            ready.set()
+            run.kill()
+
+        # Then it ends cleanly, keeps the line written, and the requests in flight are canceled
+        assert run.returncode == 130, stderr
+        assert "Traceback" not in stderr
+        assert "interrupted" in stderr and "re-run the same command" in stderr
+        assert [record["status"] for record in read_out(out).values()] == ["succeeded"]
+        closed = [redis_client.hget(key, "closed") for key in redis_client.scan_iter("blipq:batch:*")]
+        assert closed.count(b"canceled") == 2, closed
+
+        # And a re-run asks only what is missing, and finishes
+        rerun = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    assert rerun.returncode == 0, rerun.stderr
+    assert len(read_out(out)) == 7
