@@ -171,6 +171,9 @@ class WorkerSettings:
     webhook_max_attempts: int = 6  # tries of one webhook delivery (retried on timeouts, connection errors, 5xx, 429)
     webhook_timeout_s: float = 10.0  # to connect to a webhook receiver, and again for its answer
     webhook_backoff_s: float = 20.0  # the wait before the 2nd try, doubled before each next one (6 tries: ~10 min)
+    answer_cache: bool = True  # give an answer again without the model for the same image bytes and text
+    answer_cache_ttl_s: int = 7 * 24 * 3600  # how long a cached answer is kept
+    answer_cache_max: int = 1_000_000  # cached answers at most (about 200 bytes of Redis each), the oldest go first
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> WorkerSettings:
@@ -214,4 +217,7 @@ class WorkerSettings:
             webhook_max_attempts=env_int(env, "BLIPQ_WEBHOOK_MAX_ATTEMPTS", 6, minimum=1),
             webhook_timeout_s=env_float(env, "BLIPQ_WEBHOOK_TIMEOUT_S", 10.0),
             webhook_backoff_s=env_float(env, "BLIPQ_WEBHOOK_BACKOFF_S", 20.0),
+            answer_cache=env_str(env, "BLIPQ_ANSWER_CACHE", "on", ("on", "off")) == "on",
+            answer_cache_ttl_s=env_int(env, "BLIPQ_ANSWER_CACHE_TTL_S", 7 * 24 * 3600, minimum=1),
+            answer_cache_max=env_int(env, "BLIPQ_ANSWER_CACHE_MAX", 1_000_000, minimum=1),
         )

@@ -8,6 +8,7 @@ them to the worker's one Batcher (worker/batching.py), which answers pending tex
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -23,6 +24,7 @@ from worker.batch_scripts import SKIPPED
 from worker.batches import BatchStore, outcome_value
 from worker.batching import Batcher, Output
 from worker.broker import SOFT_LIMIT_MARGIN_S, TASK_VQA, TASK_VQA_CHUNK
+from worker.cache import AnswerCache, PreparedImage, answer_cache_for
 from worker.errors import BlipqError, JobTimeoutError, UploadMissingError, WrongTaskError
 from worker.fetch import FetchLimits, fetch_image_bytes, new_session
 from worker.images import decode_image
@@ -78,6 +80,7 @@ class WorkerRuntime:
         self.fetchers = ThreadPoolExecutor(settings.fetch_threads, thread_name_prefix="blipq-fetch")
         self._store: JobStore | None = None
         self._batches: BatchStore | None = None
+        self._cache: AnswerCache | None = None
         self._sessions = threading.local()  # one HTTP session per thread; each carries the network policy
         self._start_lock = threading.Lock()
 
@@ -103,6 +106,7 @@ class WorkerRuntime:
                 self.loaded.dtype,
                 time.monotonic() - started,
             )
+            self._cache = answer_cache_for(self.store.client, self.loaded, settings)
             self.batcher = Batcher(
                 self._generate,
                 settings.batch_max_size,
@@ -136,6 +140,11 @@ class WorkerRuntime:
         return self._store
 
     @property
+    def cache(self) -> AnswerCache:
+        assert self._cache is not None, "the answer cache is made when the model loads"
+        return self._cache
+
+    @property
     def batches(self) -> BatchStore:
         if self._batches is None:
             self._batches = BatchStore(self.store)
@@ -160,9 +169,11 @@ class WorkerRuntime:
             self._check_task(payload)
             assert self.batcher is not None
             with self.batcher.loading_images():
-                pixels = self._pixels(job_id, payload.get("image_url", ""), payload.get("upload", ""))
-                [future] = self.batcher.submit(pixels, [payload["question"]])
+                texts = [payload["question"]]
+                image = self._prepare(job_id, payload.get("image_url", ""), payload.get("upload", ""), texts)
+                [future] = image.cached_or_submit(self.batcher, texts)
             answer = self._result(future, deadline)
+            image.keep(self.cache, {0: answer})
         except BlipqError as exc:
             return self._fail(job_id, exc.code, exc.message)
         except Exception as exc:  # a bug or a model error: fail this job, keep the worker
@@ -207,10 +218,12 @@ class WorkerRuntime:
             ]
         else:
             assert self.batcher is not None
+            prepared: dict[tuple[int, ...], PreparedImage] = {}
             with self.batcher.loading_images():
-                answers = self._load_and_submit(payload, deadline, outcomes)
+                answers = self._load_and_submit(payload, deadline, outcomes, prepared)
             for index, future in answers:
                 outcomes.append([str(index), *self._chunk_outcome(future, deadline)])
+            self._keep_answers(prepared, outcomes)
         self.batches.end_chunk(payload, settings.queue, outcomes)
         counts: dict[str, int] = {}
         for _, status, code, _ in outcomes:
@@ -230,12 +243,17 @@ class WorkerRuntime:
             return outcome_value(JobStatus.FAILED, code="internal_error", message=message)
 
     def _load_and_submit(
-        self, payload: dict[str, Any], deadline: float, outcomes: list[list[str]]
+        self,
+        payload: dict[str, Any],
+        deadline: float,
+        outcomes: list[list[str]],
+        prepared: dict[tuple[int, ...], PreparedImage],
     ) -> list[tuple[int, Future[Output]]]:
         """Load a chunk's images in the fetch threads and submit each, as it is ready, with its questions.
 
-        Returns (item index, future) for every text submitted; an item whose image failed, or was still loading at
-        the deadline, gets its failure in `outcomes`.
+        Returns (item index, future) for every text submitted (a cached answer's future is resolved already); an
+        item whose image failed, or was still loading at the deadline, gets its failure in `outcomes`. `prepared`
+        receives each image loaded, by its items' indices, to keep its new answers in the cache.
         """
         assert self.batcher is not None
         batch_id = str(payload.get("batch_id", ""))
@@ -245,7 +263,12 @@ class WorkerRuntime:
         uploads = dict(zip(upload_keys, self.store.load_uploads(upload_keys), strict=True)) if upload_keys else {}
         loads = {
             self.fetchers.submit(
-                self._pixels, "", str(image.get("image_url", "")), str(image.get("upload", "")), uploads
+                self._prepare,
+                "",
+                str(image.get("image_url", "")),
+                str(image.get("upload", "")),
+                [str(text) for _, text in image.get("items", [])],
+                uploads,
             ): [(int(index), str(text)) for index, text in image.get("items", [])]
             for image in images
         }
@@ -258,7 +281,7 @@ class WorkerRuntime:
             for load in as_completed(loads, timeout=max(0.0, deadline - time.monotonic())):
                 pairs = loads.pop(load)
                 try:
-                    pixels = load.result()
+                    image = load.result()
                 except BlipqError as exc:
                     fail(pairs, exc.code, exc.message)
                     continue
@@ -267,8 +290,9 @@ class WorkerRuntime:
                     fail(pairs, "internal_error", f"the worker could not answer: {type(exc).__name__}")
                     continue
                 indices = [index for index, _ in pairs]
-                futures = self.batcher.submit(pixels, [text for _, text in pairs], gate=(batch_id, indices))
+                futures = image.cached_or_submit(self.batcher, [text for _, text in pairs], (batch_id, indices))
                 answers += zip(indices, futures, strict=True)
+                prepared[tuple(indices)] = image
         except TimeoutError:  # images still loading at the limit: their items fail `timeout`
             for load, pairs in loads.items():
                 load.cancel()
@@ -343,26 +367,50 @@ class WorkerRuntime:
         log.info("job %s failed: %s %s", job_id, code, message, extra={"job_id": job_id, "error_code": code})
         return {"status": "failed", "code": code}
 
-    def _pixels(
-        self, job_id: str, image_url: str, upload_key: str = "", uploads: Mapping[str, bytes | None] | None = None
-    ) -> torch.Tensor:
-        """Fetch the image at `image_url`, or read the upload (a batch's at `upload_key`, else the job's; from
-        `uploads` when it was read already): decoded and resized for the model (worker.inference.pixel_tensor), in
-        the calling thread."""
+    def _keep_answers(self, prepared: dict[tuple[int, ...], PreparedImage], outcomes: list[list[str]]) -> None:
+        """Keep a chunk's new answers in the cache, in one call."""
+        answers = {int(index): json.loads(value)[1] for index, status, _, value in outcomes if status == "succeeded"}
+        new: dict[str, str] = {}
+        for indices, image in prepared.items():
+            new |= image.new_answers({n: answers[i] for n, i in enumerate(indices) if i in answers})
+        self.cache.store(new)
+
+    def _prepare(
+        self,
+        job_id: str,
+        image_url: str,
+        upload_key: str,
+        texts: list[str],
+        uploads: Mapping[str, bytes | None] | None = None,
+    ) -> PreparedImage:
+        """Load an image (fetched, or an upload: from `uploads` when it was read already), look its texts up in the
+        answer cache, and decode and resize it for the model (worker.inference.pixel_tensor) unless every answer was
+        cached; in the calling thread."""
         from worker.inference import pixel_tensor
 
-        if image_url:
-            data = fetch_image_bytes(self.session, image_url, self.limits)
-        else:
-            if uploads is not None and upload_key in uploads:
-                upload = uploads[upload_key]
-            else:
-                upload = self.store.load_upload(job_id, upload_key)
-            if upload is None:
-                raise UploadMissingError("the uploaded image is no longer stored (it expired before the job ran)")
-            data = upload
+        data = self._image_bytes(job_id, image_url, upload_key, uploads)
+        keys = self.cache.keys(data, texts)
+        cached = self.cache.lookup(keys)
         assert self.loaded is not None
-        return pixel_tensor(self.loaded, decode_image(data, self.limits.max_pixels))
+        pixels = (
+            None
+            if all(answer is not None for answer in cached)
+            else pixel_tensor(self.loaded, decode_image(data, self.limits.max_pixels))
+        )
+        return PreparedImage(keys, cached, pixels)
+
+    def _image_bytes(
+        self, job_id: str, image_url: str, upload_key: str, uploads: Mapping[str, bytes | None] | None
+    ) -> bytes:
+        """The image's bytes: fetched from `image_url`, or the upload (a batch's at `upload_key`, else the job's)."""
+        if image_url:
+            return fetch_image_bytes(self.session, image_url, self.limits)
+        upload = uploads[upload_key] if uploads is not None and upload_key in uploads else None
+        if upload is None:
+            upload = self.store.load_upload(job_id, upload_key)
+        if upload is None:
+            raise UploadMissingError("the uploaded image is no longer stored (it expired before the job ran)")
+        return upload
 
 
 def job_priority(payload: Mapping[str, Any]) -> JobPriority:

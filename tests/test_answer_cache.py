@@ -1,0 +1,143 @@
+"""The answer cache: the same image bytes and text, on the same model and settings, are answered without the model."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from flask.testing import FlaskClient
+
+from api.up import RedisProcess, stop_process
+from tests.conftest import ImageServer, WorkerProcess, api_client, start_worker, wait_for_batch, wait_for_job
+from tests.fixtures.images import shape_png
+from tests.fixtures.tiny_model import build_tiny_vqa_model
+from worker.cache import ENTRY_PREFIX, INDEX_KEY
+
+COLORS = ["red", "green", "blue"]
+QUESTIONS = ["what color is the shape?", "is there a circle?"]
+NEW_QUESTION = "what shape is in the image?"
+PLANTED = "from the cache"  # an answer no model gives: seeing it proves the cache answered
+
+
+@pytest.fixture(scope="module")
+def urls(image_server: ImageServer) -> list[str]:
+    for color in COLORS:
+        image_server.routes[f"/cache/{color}.png"] = (200, "image/png", shape_png(color))
+        image_server.routes[f"/cache/copy-of-{color}.png"] = (200, "image/png", shape_png(color))
+    return [image_server.url(f"/cache/{color}.png") for color in COLORS]
+
+
+@pytest.fixture(scope="module")
+def worker(redis_server: RedisProcess, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    log_path = tmp_path_factory.mktemp("cache") / "worker.log"
+    process = start_worker(redis_server.url, tiny_model_dir, "cache", log_path)
+    yield process
+    stop_process(process.process)
+
+
+def tag(client: FlaskClient, worker: WorkerProcess, images: list[str], questions: list[str]) -> list[dict[str, Any]]:
+    """Every question about every image as one batch; its result lines once it ended."""
+    response = client.post("/v1/batches", json={"images": images, "questions": questions})
+    assert response.status_code == 202, response.get_json()
+    batch_id = response.get_json()["id"]
+    assert wait_for_batch(client, batch_id, worker)["counts"]["succeeded"] == len(images) * len(questions)
+    lines = client.get(f"/v1/batches/{batch_id}/results").get_data(as_text=True).splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def entries(client: redis.Redis) -> list[bytes]:
+    return sorted(client.scan_iter(f"{ENTRY_PREFIX}*"))
+
+
+def plant(client: redis.Redis) -> list[bytes]:
+    """Overwrite every cached answer with PLANTED; the keys."""
+    keys = entries(client)
+    for key in keys:
+        client.set(key, PLANTED, keepttl=True)
+    return keys
+
+
+def test_a_rerun_with_one_new_question_asks_the_model_only_the_new_one(
+    redis_server: RedisProcess, redis_client: redis.Redis, worker: WorkerProcess, urls: list[str]
+) -> None:
+    client = api_client(redis_server.url, worker.queue)
+    first = tag(client, worker, urls, QUESTIONS)
+    assert len(entries(redis_client)) == len(urls) * len(QUESTIONS), "each new answer was kept"
+    plant(redis_client)
+
+    again = tag(client, worker, urls, [*QUESTIONS, NEW_QUESTION])
+
+    kept = [line["answer"] for line in again if line["question"] != NEW_QUESTION]
+    new = [line["answer"] for line in again if line["question"] == NEW_QUESTION]
+    assert kept == [PLANTED] * len(first), "the pairs asked before came from the cache"
+    assert PLANTED not in new and all(new), "the new question went to the model"
+    assert len(entries(redis_client)) == len(urls) * 3
+    assert redis_client.zcard(INDEX_KEY) == len(urls) * 3
+
+
+def test_the_same_bytes_at_another_url_and_a_single_job_hit_the_cache(
+    redis_server: RedisProcess, redis_client: redis.Redis, worker: WorkerProcess, urls: list[str]
+) -> None:
+    client = api_client(redis_server.url, worker.queue)
+    tag(client, worker, urls[:1], QUESTIONS[:1])
+    plant(redis_client)
+
+    copy = urls[0].replace("/cache/", "/cache/copy-of-")
+    job_id = client.post("/v1/jobs", json={"image_url": copy, "question": QUESTIONS[0]}).get_json()["id"]
+
+    assert wait_for_job(client, job_id, worker)["answer"] == PLANTED
+
+
+def test_the_cache_holds_at_most_its_bound_the_newest_entries(
+    redis_server: RedisProcess, redis_client: redis.Redis, tiny_model_dir: Path, urls: list[str], tmp_path: Path
+) -> None:
+    bounded = start_worker(
+        redis_server.url, tiny_model_dir, "cache-bounded", tmp_path / "w.log", BLIPQ_ANSWER_CACHE_MAX="4"
+    )
+    try:
+        client = api_client(redis_server.url, bounded.queue)
+        tag(client, bounded, urls, QUESTIONS)
+    finally:
+        stop_process(bounded.process)
+
+    assert len(entries(redis_client)) == 4
+    assert redis_client.zcard(INDEX_KEY) == 4
+
+
+def test_with_the_cache_off_nothing_is_kept(
+    redis_server: RedisProcess, redis_client: redis.Redis, tiny_model_dir: Path, urls: list[str], tmp_path: Path
+) -> None:
+    off = start_worker(redis_server.url, tiny_model_dir, "cache-off", tmp_path / "w.log", BLIPQ_ANSWER_CACHE="off")
+    try:
+        client = api_client(redis_server.url, off.queue)
+        tag(client, off, urls, QUESTIONS)
+        assert entries(redis_client) == []
+        answers = [line["answer"] for line in tag(client, off, urls, QUESTIONS)]
+    finally:
+        stop_process(off.process)
+
+    assert PLANTED not in answers
+
+
+def test_another_model_revision_misses(
+    redis_server: RedisProcess,
+    redis_client: redis.Redis,
+    worker: WorkerProcess,
+    urls: list[str],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    tag(api_client(redis_server.url, worker.queue), worker, urls, QUESTIONS)
+    plant(redis_client)
+    other_model = build_tiny_vqa_model(tmp_path_factory.mktemp("other-model"), seed=1)  # the same model, retrained
+    other = start_worker(redis_server.url, other_model, "cache-other", tmp_path_factory.mktemp("o") / "w.log")
+    try:
+        answers = [line["answer"] for line in tag(api_client(redis_server.url, other.queue), other, urls, QUESTIONS)]
+    finally:
+        stop_process(other.process)
+
+    assert PLANTED not in answers
+    assert len(entries(redis_client)) == 2 * len(urls) * len(QUESTIONS)
