@@ -31,8 +31,6 @@ def publish_job(celery: Celery, job: Job, queue: str) -> None:
         "priority": str(job.priority),
         "task": str(job.task),
     }
-    if job.upload_key:  # a batch item's uploaded image (a reaper's republish): the worker reads it there
-        payload["upload"] = job.upload_key
     celery.send_task(TASK_VQA, args=[payload], task_id=job.id, queue=queue, priority=BROKER_PRIORITY[job.priority])
 
 

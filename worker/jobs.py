@@ -139,8 +139,8 @@ def upload_key(job_id: str) -> str:
 
 
 def batch_upload_key(batch_id: str, number: int) -> str:
-    """The Redis string that holds image `number` uploaded with a batch, shared by all its questions; it expires with
-    the batch, after the TTL."""
+    """The Redis string that holds image `number` uploaded with a batch, shared by all its questions; deleted when the
+    last of them ended (worker/batch_scripts.py), or with the batch after the TTL."""
     return f"{KEY_PREFIX}batch-upload:{batch_id}:{number}"
 
 

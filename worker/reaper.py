@@ -23,8 +23,11 @@ again as soon as the worker's record (worker/fleet.py, refreshed every few secon
 the job's next start counts an attempt, so a job that kills every worker that takes it ends `worker_lost`. The old
 message, once restored, finds the job ended or running and is skipped or runs once more (its answer is dropped).
 
-The reaper also ends `expired` the queued jobs whose deadline has passed, so that they end (and their webhooks go
-out) at their deadline rather than when a worker reaches their message.
+A batch's chunks are watched the same way, as members `chunk:<batch id>:<number>:<answers>` of the same sets: a chunk
+whose message was lost, or whose worker died, is published again from the copy its batch keeps until the chunk ends.
+
+The reaper also ends `expired` the queued jobs whose deadline has passed, and closes the batches past theirs, so
+that they end (and their webhooks go out) at their deadline rather than when a worker reaches their message.
 
 One reaper per queue runs at a time (a Redis lock); each worker's main process runs the loop in a thread.
 """
