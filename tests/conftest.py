@@ -145,6 +145,8 @@ def start_worker(redis_url: str, model: Path, queue: str, log_path: Path, **env:
         # The tests' image servers listen on 127.0.0.1 on free ports: private, so allowed explicitly.
         "BLIPQ_FETCH_ALLOW_NETWORKS": "127.0.0.1/32",
         "BLIPQ_FETCH_ALLOW_PORTS": "1024-65535",
+        # No worker of the suite contends for the default metrics port; a test that reads the metrics names one.
+        "BLIPQ_METRICS_PORT": "0",
         **env,
     }
     log = log_path.open("wb")

@@ -116,3 +116,19 @@ def test_the_api_process_does_not_import_torch() -> None:
         check=False, args=[sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_settings_documented_as_accepting_zero_accept_it() -> None:
+    settings = WorkerSettings.from_env({"BLIPQ_REAPER_INTERVAL_S": "0", "BLIPQ_METRICS_PORT": "0"})
+
+    assert (settings.reaper_interval_s, settings.metrics_port) == (0.0, 0)
+    with pytest.raises(SettingsError, match="BLIPQ_REAPER_INTERVAL_S"):
+        WorkerSettings.from_env({"BLIPQ_REAPER_INTERVAL_S": "-1"})
+
+
+def test_the_answer_cache_settings_are_read_and_checked() -> None:
+    settings = WorkerSettings.from_env({"BLIPQ_ANSWER_CACHE": "off", "BLIPQ_ANSWER_CACHE_MAX": "10"})
+
+    assert (settings.answer_cache, settings.answer_cache_max, WorkerSettings().answer_cache) == (False, 10, True)
+    with pytest.raises(SettingsError, match="BLIPQ_ANSWER_CACHE"):
+        WorkerSettings.from_env({"BLIPQ_ANSWER_CACHE": "maybe"})

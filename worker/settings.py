@@ -208,7 +208,7 @@ class WorkerSettings:
             job_time_limit_s=env_int(env, "BLIPQ_JOB_TIME_LIMIT_S", DEFAULT_TIME_LIMIT_S, minimum=15),
             max_attempts=env_int(env, "BLIPQ_MAX_ATTEMPTS", 3, minimum=1),
             shutdown_grace_s=env_float(env, "BLIPQ_SHUTDOWN_GRACE_S", 30.0),
-            reaper_interval_s=env_float(env, "BLIPQ_REAPER_INTERVAL_S", 30.0),
+            reaper_interval_s=env_float(env, "BLIPQ_REAPER_INTERVAL_S", 30.0, inclusive=True),  # 0: never
             log_format=env_str(env, "BLIPQ_LOG_FORMAT", "json", LOG_FORMATS),
             metrics_port=env_port(env, "BLIPQ_METRICS_PORT", DEFAULT_METRICS_PORT),
             metrics_addr=env_str(env, "BLIPQ_METRICS_ADDR", "0.0.0.0"),
