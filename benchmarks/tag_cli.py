@@ -21,7 +21,8 @@ directory) and two easy-VQA questions ("what color is the shape?", "what shape i
     fleet's, peak(large)/peak(small) (goal <= 1.5), what stays after the run (the results, kept for their TTL) and the
     keys `blipq:batch-upload:*` left when the command exited (goal 0: an upload is freed as its items end).
 Every run checks the exit status and that OUT has one succeeded line per pair; the service's answers are compared with
-the core's. About 4 minutes on a 2-core machine; --quick (200 images, memory 200 and 2,000), about 1.5 minutes.
+the core's, and the CPU each process spent in runs 1-2 is printed. About 1.5 minutes on a 2-core machine; --quick (200
+images, memory runs of 200 and 2,000), 40 s.
 """
 
 from __future__ import annotations
@@ -30,13 +31,14 @@ import argparse
 import io
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -47,6 +49,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks.fleet import Fleet, ImageServer, easy_vqa_image_paths, wait_until_serving  # noqa: E402
+from benchmarks.machinery import session_cpu_s  # noqa: E402
 
 QUESTIONS = ["what color is the shape?", "what shape is in the image?"]
 THIRD_QUESTION = "what shape is present?"  # easy-VQA's third most asked, for the cache's re-run with a new question
@@ -140,6 +143,27 @@ def tag(base: str, sources: Sequence[str], questions: Sequence[str], out: Path, 
     if run.returncode != 0:
         raise RuntimeError(f"blipq tag exited {run.returncode}: {log.read_text()[-2000:]}")
     return seconds
+
+
+def cpu_by_process(fleet: Fleet) -> dict[str, float]:
+    """CPU seconds so far of each side of a run: the ended `blipq tag` runs (children waited for), this process (the
+    image server's threads), the API, the worker and Redis (each a session of its own, whose id is its pid)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {
+        "cli": children.ru_utime + children.ru_stime,
+        "image_server": time.process_time(),
+        "api": session_cpu_s(fleet.api.pid),
+        "worker": session_cpu_s(fleet.workers[0].process.pid),
+        "redis": session_cpu_s(fleet.redis.process.pid),
+    }
+
+
+def with_cpu(fleet: Fleet, run: Callable[[], float]) -> dict[str, Any]:
+    """`run`'s seconds and the CPU seconds each process spent meanwhile: on two cores, who took the model's share."""
+    before = cpu_by_process(fleet)
+    seconds = run()
+    after = cpu_by_process(fleet)
+    return {"seconds": seconds, "cpu_s": {name: after[name] - before[name] for name in before}}
 
 
 def read_out(out: Path) -> dict[tuple[str, str], str]:
@@ -255,19 +279,18 @@ def throughput_runs(work: Path, paths: list[Path], loaded: Any) -> dict[str, Any
     urls.write_text("".join(server.url(path.name) + "\n" for path in paths))
     try:
         with serving({"BLIPQ_ANSWER_CACHE": "off", **server.fetch_env()}) as fleet:
-            upload_s = tag(fleet.base, [str(directory)], QUESTIONS, work / "upload.jsonl")
-            left = upload_keys(redis.Redis.from_url(fleet.redis.url))
-            url_s = tag(fleet.base, [], QUESTIONS, work / "url.jsonl", urls=urls)
+            upload = with_cpu(fleet, lambda: tag(fleet.base, [str(directory)], QUESTIONS, work / "upload.jsonl"))
+            upload["upload_keys_left"] = upload_keys(redis.Redis.from_url(fleet.redis.url))
+            url = with_cpu(fleet, lambda: tag(fleet.base, [], QUESTIONS, work / "url.jsonl", urls=urls))
     finally:
         server.stop()
     answers = count * len(QUESTIONS)
+    for run, out in ((upload, "upload.jsonl"), (url, "url.jsonl")):
+        run["rate"] = answers / run["seconds"]
+        run["differing_from_core"] = differing(checked(work / out, count, QUESTIONS), core)
     return {
-        "upload": {"seconds": upload_s, "rate": answers / upload_s, "upload_keys_left": left,
-                   "differing_from_core": differing(checked(work / "upload.jsonl", count, QUESTIONS), core)},
-        "url": {"seconds": url_s, "rate": answers / url_s,
-                "differing_from_core": differing(checked(work / "url.jsonl", count, QUESTIONS), core)},
-        "core": {"seconds": core_s, "rate": answers / core_s},
-        "ratio_upload_core": core_s / upload_s, "ratio_url_core": core_s / url_s,
+        "upload": upload, "url": url, "core": {"seconds": core_s, "rate": answers / core_s},
+        "ratio_upload_core": core_s / upload["seconds"], "ratio_url_core": core_s / url["seconds"],
     }  # fmt: skip
 
 
@@ -307,6 +330,11 @@ def report(args: argparse.Namespace, start_s: float, runs: dict[str, Any], cache
         f"answers differing from the core: uploads {upload['differing_from_core']}, URLs {url['differing_from_core']}"
         f" of {answers}; {UPLOAD_PATTERN} keys after run 1: {upload['upload_keys_left']}"
     )
+    print("CPU seconds by process during runs 1 and 2 (cores busy: their sum / the run's seconds)")
+    for label, run in (("1 uploads", upload), ("2 URLs", url)):
+        spent = run["cpu_s"]
+        busy = sum(spent.values()) / run["seconds"]
+        print(f"  {label:<10} {', '.join(f'{name} {cpu:.2f}' for name, cpu in spent.items())}; cores busy {busy:.2f}")
     print("\n4 answer cache on")
     print(f"{'first run':<52} {cache['first_s']:8.2f} {answers / cache['first_s']:10.1f}")
     print(
