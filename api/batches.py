@@ -138,6 +138,17 @@ def cancel_batch(batch_id: str) -> Response:
     )
 
 
+@bp.delete("/v1/batches/<batch_id>")
+def delete_batch(batch_id: str) -> tuple[str, int]:
+    """Delete an ended batch and its results at once, rather than at its TTL (a client that saved them frees Redis)."""
+    batches = BatchStore(services().store)
+    batch = batches.expire_if_overdue(_owned_batch(batches, batch_id), time.time())
+    if not batches.delete_ended(batch):
+        message = "some item of the batch has not ended: cancel the batch, or wait for it, before deleting it"
+        raise ConflictError("batch_running", message)
+    return "", 204
+
+
 def _result_lines(batches: BatchStore, batch: Batch, start: int, stop: int) -> Iterator[str]:
     for first in range(start, stop + 1, READ_PAGE):
         for job in batches.results(batch, first, min(stop, first + READ_PAGE - 1)):

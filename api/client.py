@@ -243,6 +243,12 @@ class BlipqClient:
         counts: dict[str, Any] = response.json()
         return counts
 
+    def delete_batch(self, batch_id: str) -> None:
+        """Delete an ended batch and its results now (once they are saved), rather than at its TTL."""
+        response = self.session.delete(f"{self.base_url}/v1/batches/{batch_id}", timeout=self.timeout_s)
+        if response.status_code not in (204, 404):  # 404: gone already (a retry of a delete that went through)
+            raise _error_of(response)
+
     def _post_once(self, url: str, **body: Any) -> requests.Response:
         """POST a submission under an Idempotency-Key of its own (its retries reuse it); the 202, or its error."""
         headers = {"Idempotency-Key": uuid.uuid4().hex}

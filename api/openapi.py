@@ -88,15 +88,16 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
     "webhook_unavailable": (422, "a webhook is named but the service sends none (BLIPQ_WEBHOOK_SECRET is unset)"),
     "batch_not_found": (404, "no batch has this id (or it expired, or another API key made it)"),
     "batch_ended": (409, "every item of the batch has already ended: there is nothing to cancel"),
+    "batch_running": (409, "some item of the batch has not ended: cancel the batch, or wait, before deleting it"),
     "batch_empty": (422, "the batch asks no question: no items, or no images or no questions"),
-    "batch_too_large": (422, "the batch asks for more than 10,000 answers"),
+    "batch_too_large": (422, "the batch asks for more than 10,000 answers, or more than the queue's bound"),
     "questions_invalid": (422, "a batch upload's `questions` is not a JSON array of non-empty strings"),
     "batch_invalid": (422, "both `items` and `images`/`questions`, or `images` without `questions` (or the reverse)"),
     "pagination_invalid": (422, "`offset` or `limit` is not a whole number >= 0"),
     "wait_invalid": (422, "`wait` is not a number of seconds above 0 and at most 20"),
     "rate_limited": (429, "the client used up its request budget; retry after Retry-After seconds"),
     "broker_unavailable": (503, "Redis cannot take the job right now; retry later"),
-    "queue_full": (503, "the queue holds BLIPQ_MAX_QUEUE_DEPTH jobs; retry after Retry-After seconds"),
+    "queue_full": (503, "the submission would take the queue past BLIPQ_MAX_QUEUE_DEPTH waiting answers; retry later"),
     "store_unavailable": (503, "Redis is unavailable; retry after Retry-After seconds"),
 }
 PROTECTED_CODES = ("api_key_missing", "api_key_invalid", "rate_limited", "store_unavailable")  # any /v1 route
@@ -429,11 +430,20 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
     },
     ("post", "/v1/batches/{batch_id}/cancel"): {
         "operationId": "cancelBatch",
-        "summary": "Cancel a batch: its queued items end `canceled` and never run; running ones run to their end.",
+        "summary": "Cancel a batch: items not yet in a model call end `canceled` and never run; running ones run on.",
         "parameters": [BATCH_ID_PARAMETER],
         "responses": {
             "200": _ok("What the cancel did to the items.", "BatchCancelCounts"),
             **_errors("batch_not_found", "batch_ended", *PROTECTED_CODES),
+        },
+    },
+    ("delete", "/v1/batches/{batch_id}"): {
+        "operationId": "deleteBatch",
+        "summary": "Delete an ended batch and its results now, rather than at its TTL (a client that saved them).",
+        "parameters": [BATCH_ID_PARAMETER],
+        "responses": {
+            "204": {"description": "The batch, its items and their results are gone."},
+            **_errors("batch_not_found", "batch_running", *PROTECTED_CODES),
         },
     },
     ("get", "/v1/stats"): {

@@ -4,9 +4,10 @@ Images are http(s) URLs (the workers fetch them) or local files, found also in d
 extension) and uploaded with the batch. The images stream: requests of at most `--per-request` answers (and, for
 uploads, MAX_FILES_PER_UPLOAD files and about MAX_UPLOAD_BYTES) are made as the inputs are read, and up to
 `--in-flight` of them wait on the service at once, so that the next uploads overlap the answers of the earlier ones;
-a request's lines are written as soon as it ended, and the progress bar moves with every item that ends. Memory
-holds the requests in flight and one small hash per pair already answered, however many images: a file of a million
-URLs is read a line at a time. A full queue (503 `queue_full`) is waited out by the client's retries.
+a request's lines are written as soon as it ended (and its batch deleted from the service: Redis holds only what is
+in flight), and the progress bar moves with every item that ends. Memory holds the requests in flight and one small
+hash per pair already answered, however many images: a file of a million URLs is read a line at a time. A full
+queue (503 `queue_full`) is waited out by the client's retries.
 
 OUT holds one line per (image, question): `{"image", "question", "status", "answer", "error"}`. A re-run with the same
 OUT keeps its succeeded lines and does not ask those pairs again; every other pair (failed, canceled, expired, or
@@ -152,6 +153,7 @@ def stream_requests(
             if summary["ended"] >= summary["count"]:
                 records = list(result_records(client, request, caption))
                 write_lines(out, records, mode="a")
+                client.delete_batch(request.batch_id)  # its lines are saved: Redis holds only what is in flight
                 for record in records:
                     tally.add(record)
                 tally.written += len(records)

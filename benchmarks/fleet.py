@@ -227,6 +227,7 @@ class QuietHandler(SimpleHTTPRequestHandler):
     """Serves files without a log line per request, keeping connections open as image hosts do (HTTP/1.1)."""
 
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # a kept-alive answer would otherwise wait on the client's delayed ACK (~40 ms)
 
     def log_message(self, format: str, *args: Any) -> None:
         pass

@@ -505,3 +505,20 @@ def test_a_worker_holds_about_its_intake_in_answers_and_a_high_job_overtakes_wit
     assert max(held) <= 2, f"held up to {max(held)} chunks of 8 answers"
     assert ended_after - ended_before <= 24, f"{ended_after - ended_before} batch items ended before the high jobs"
     assert batch["counts"]["succeeded"] == 200
+
+
+def test_an_ended_batch_can_be_deleted_at_once_and_a_running_one_cannot(
+    idle_api: FlaskClient, redis_client: redis.Redis
+) -> None:
+    batch_id = submit_batch(
+        idle_api, {"images": [f"https://images.example.com/{n}.png" for n in range(3)], "questions": ["a?"]}
+    )
+
+    running = idle_api.delete(f"/v1/batches/{batch_id}")
+    idle_api.post(f"/v1/batches/{batch_id}/cancel")
+    deleted = idle_api.delete(f"/v1/batches/{batch_id}")
+
+    assert (running.status_code, running.get_json()["error"]["code"]) == (409, "batch_running")
+    assert deleted.status_code == 204
+    assert idle_api.get(f"/v1/batches/{batch_id}").status_code == 404
+    assert list(redis_client.scan_iter(f"*{batch_id}*")) == [], "no key of the batch is left"

@@ -193,6 +193,8 @@ class FlakyFront:
     def __init__(self, target: str, unavailable: int) -> None:
         self.target, self.unavailable = target, unavailable
         self.lost_answers = 0
+        self.batches_made: list[str] = []  # the id of every batch the API answered a submission with
+        self.deletes = 0
         self.lock = threading.Lock()
 
     def handler(self) -> type[BaseHTTPRequestHandler]:
@@ -210,6 +212,10 @@ class FlakyFront:
             def do_POST(self) -> None:
                 self.forward()
 
+            def do_DELETE(self) -> None:
+                front.deletes += 1
+                self.forward()
+
             def forward(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 with front.lock:
@@ -224,6 +230,8 @@ class FlakyFront:
                 answer = requests.request(
                     self.command, front.target + self.path, data=body, headers=headers, timeout=30
                 )
+                if self.command == "POST" and self.path == "/v1/batches" and answer.status_code == 202:
+                    front.batches_made.append(answer.json()["id"])
                 if lose:
                     self.close_connection = True  # the batch was made; its answer never reaches the client
                     return
@@ -258,8 +266,10 @@ def test_tag_rides_out_dropped_connections_503s_and_a_lost_answer_without_a_seco
     assert front.lost_answers == 1 and front.unavailable == 0, "the front misbehaved as it should"
     assert len(read_out(out)) == len(COLORS) * len(QUESTIONS)
     assert all(record["status"] == "succeeded" for record in read_out(out).values())
-    batches = [key for key in redis_client.scan_iter("blipq:batch:*")]
-    assert len(batches) == len(COLORS), "one batch per request: the retried submission returned the first batch"
+    assert len(front.batches_made) == len(COLORS) + 1, "the submission whose answer was lost was sent again"
+    assert len(set(front.batches_made)) == len(COLORS), "one batch per request: the retry returned the first batch"
+    assert front.deletes == len(COLORS), "each batch was deleted once its lines were written"
+    assert list(redis_client.scan_iter("blipq:batch:*")) == []
 
 
 def test_ctrl_c_cancels_what_is_in_flight_keeps_what_was_written_and_a_rerun_finishes(

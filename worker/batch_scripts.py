@@ -294,3 +294,12 @@ end_items(KEYS[1], KEYS[2], KEYS[4], KEYS[5], KEYS[6], ARGV[1], {entry})
 return 1
 """
 )
+
+# Deletes a batch whose items all ended, with its results (a client that saved them frees Redis before the TTL).
+# KEYS = batch, then its other keys. Returns 1 when deleted, 0 when an item has not ended (nothing deleted).
+DELETE_ENDED_LUA = """
+local fields = redis.call('hmget', KEYS[1], 'ended', 'count')
+if not fields[1] or fields[1] ~= fields[2] then return 0 end
+redis.call('del', unpack(KEYS))
+return 1
+"""

@@ -26,6 +26,7 @@ from typing import Any
 from worker.batch_scripts import (
     CANCEL_ITEM_LUA,
     CLOSE_BATCH_LUA,
+    DELETE_ENDED_LUA,
     END_CHUNK_LUA,
     ITEM_WEBHOOK_PREFIX,
     RUN_ITEMS_LUA,
@@ -236,6 +237,7 @@ class BatchStore:
         self._end = self.client.register_script(END_CHUNK_LUA)
         self._close = self.client.register_script(CLOSE_BATCH_LUA)
         self._cancel_item = self.client.register_script(CANCEL_ITEM_LUA)
+        self._delete = self.client.register_script(DELETE_ENDED_LUA)
 
     def create(
         self,
@@ -291,6 +293,13 @@ class BatchStore:
             pipe.zrem(deadlines_key(queue), DEADLINE_MEMBER_PREFIX + bid)
             pipe.hincrby(waiting_answers_key(), unstarted_key(queue, batch.priority), -batch.count)
             pipe.execute()
+
+    def delete_ended(self, batch: Batch) -> bool:
+        """Delete a batch whose items all ended, with its results; False (nothing deleted) when one has not ended."""
+        bid = batch.id
+        keys = [batch_key(bid), items_key(bid), images_key(bid), outcomes_key(bid), chunks_key(bid)]
+        keys.append(uploads_left_key(bid))
+        return int(self._delete(keys=keys)) == 1
 
     def get(self, batch_id: str) -> Batch | None:
         """The batch with this id, or None if it was never made or has expired."""
