@@ -29,8 +29,17 @@ _LIBRARY = (
     f"local BATCH_OUTBOX_PREFIX, ITEM_OUTBOX_PREFIX = '{BATCH_OUTBOX_PREFIX}', '{ITEM_OUTBOX_PREFIX}'\n"
     f"local ITEM_WEBHOOK_PREFIX = '{ITEM_WEBHOOK_PREFIX}'\n"
     + """
+-- The batch's fields a script needs, read once per call (one HMGET); `count` is false when the batch is gone.
+local M
+local function meta(batch)
+  if not M then
+    local f = redis.call('hmget', batch, 'id', 'count', 'closed', 'deadline_at', 'webhook_items', 'webhook', 'model')
+    M = {id = f[1], count = f[2], closed = f[3], deadline = f[4], webhook_items = f[5], webhook = f[6], model = f[7]}
+  end
+  return M
+end
 local function closed_as(batch)
-  local closed = redis.call('hget', batch, 'closed')
+  local closed = meta(batch).closed
   if closed and closed ~= '' then return closed end
   return nil
 end
@@ -38,8 +47,8 @@ local function wake(ended)
   redis.call('publish', ended, '1')
 end
 local function item_webhooks(batch, outbox, now, indices)
-  if redis.call('hget', batch, 'webhook_items') ~= '1' or #indices == 0 then return end
-  local id, ttl = redis.call('hget', batch, 'id'), redis.call('ttl', batch)
+  if meta(batch).webhook_items ~= '1' or #indices == 0 then return end
+  local id, ttl = meta(batch).id, redis.call('ttl', batch)
   local members = {}
   for _, index in ipairs(indices) do
     local item = id .. '.' .. index
@@ -54,16 +63,17 @@ end
 local function count_ended(batch, outbox, now, ended_now)
   if ended_now == 0 then return end
   local ended = redis.call('hincrby', batch, 'ended', ended_now)
-  if ended ~= tonumber(redis.call('hget', batch, 'count')) then return end
-  local webhook = redis.call('hget', batch, 'webhook')
+  if ended ~= tonumber(meta(batch).count) then return end
+  local webhook = meta(batch).webhook
   if webhook and webhook ~= '' then
     redis.call('hset', batch, 'webhook_status', 'pending')
-    redis.call('zadd', outbox, now, BATCH_OUTBOX_PREFIX .. redis.call('hget', batch, 'id'))
+    redis.call('zadd', outbox, now, BATCH_OUTBOX_PREFIX .. meta(batch).id)
   end
 end
 -- An uploaded image goes as soon as the last item that needs it ended: `freed` counts the items that ended now.
 local function free_uploads(batch, freed)
-  local left = UPLOADS_LEFT_PREFIX .. redis.call('hget', batch, 'id')
+  if next(freed) == nil then return end
+  local left = UPLOADS_LEFT_PREFIX .. meta(batch).id
   for upload, count in pairs(freed) do
     if redis.call('hincrby', left, upload, -count) <= 0 then
       redis.call('del', upload)
@@ -77,7 +87,8 @@ end
 local function close(batch, out, items, outbox, ended, now, why)
   local queued = tonumber(redis.call('hget', batch, 'queued'))
   redis.call('hset', batch, 'closed', why, 'queued', 0)
-  local id = redis.call('hget', batch, 'id')
+  meta(batch).closed = why
+  local id = meta(batch).id
   local left = redis.call('hkeys', UPLOADS_LEFT_PREFIX .. id)
   for first = 1, #left, UNPACK_MAX do
     redis.call('del', unpack(left, first, math.min(#left, first + UNPACK_MAX - 1)))
@@ -85,7 +96,7 @@ local function close(batch, out, items, outbox, ended, now, why)
   redis.call('del', UPLOADS_LEFT_PREFIX .. id)
   if queued > 0 then
     redis.call('hincrby', batch, why, queued)
-    if redis.call('hget', batch, 'webhook_items') == '1' then
+    if meta(batch).webhook_items == '1' then
       local has = {}
       for _, index in ipairs(redis.call('hkeys', out)) do has[index] = true end
       local closed = {}
@@ -102,7 +113,7 @@ end
 local function close_if_overdue(batch, out, items, outbox, ended, now)
   local closed = closed_as(batch)
   if closed then return closed end
-  local deadline = redis.call('hget', batch, 'deadline_at')
+  local deadline = meta(batch).deadline
   if deadline and deadline ~= '' and tonumber(now) >= tonumber(deadline) then
     close(batch, out, items, outbox, ended, now, 'expired')
     return 'expired'
@@ -176,7 +187,7 @@ if enqueued then
   if (not mark) or tonumber(enqueued) > tonumber(mark) then redis.call('set', KEYS[4], enqueued) end
   redis.call('hincrby', KEYS[12], KEYS[3], -tonumber(ARGV[7]))
 end
-if redis.call('exists', KEYS[1]) == 0 then
+if not meta(KEYS[1]).count then
   redis.call('zrem', KEYS[5], ARGV[1])
   return -1
 end
@@ -207,7 +218,7 @@ if attempt > tonumber(ARGV[5]) then
 end
 redis.call('hset', KEYS[2], ARGV[2] .. ':w', ARGV[4])
 redis.call('zadd', KEYS[5], ARGV[3], ARGV[1])
-redis.call('hset', KEYS[1], 'model', ARGV[8])
+if meta(KEYS[1]).model ~= ARGV[8] then redis.call('hset', KEYS[1], 'model', ARGV[8]) end
 redis.call('hincrby', KEYS[6], 'executions', tonumber(ARGV[7]))
 if attempt > 1 then redis.call('hincrby', KEYS[6], 'reruns', tonumber(ARGV[7])) end
 return attempt
@@ -221,7 +232,7 @@ return attempt
 RUN_ITEMS_LUA = (
     _LIBRARY
     + """
-if redis.call('exists', KEYS[1]) == 0 then return {} end
+if not meta(KEYS[1]).count then return {} end
 if close_if_overdue(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], ARGV[1]) then return {} end
 local current = redis.call('hmget', KEYS[2], unpack(ARGV, 2))
 local run, fields = {}, {}
@@ -252,7 +263,7 @@ return run
 END_CHUNK_LUA = (
     _LIBRARY
     + """
-if redis.call('exists', KEYS[1]) == 0 then return -1 end
+if not meta(KEYS[1]).count then return -1 end
 local entries = {}
 for k = 5, #ARGV, 5 do entries[#entries + 1] = {ARGV[k], ARGV[k + 1], ARGV[k + 2], ARGV[k + 3], ARGV[k + 4]} end
 local written = end_items(KEYS[1], KEYS[2], KEYS[5], KEYS[6], KEYS[7], ARGV[1], entries)
@@ -270,7 +281,7 @@ return written
 CLOSE_BATCH_LUA = (
     _LIBRARY
     + """
-if redis.call('exists', KEYS[1]) == 0 then return {-1} end
+if not meta(KEYS[1]).count then return {-1} end
 if closed_as(KEYS[1]) then return {-2} end
 local ended_before = tonumber(redis.call('hget', KEYS[1], 'ended'))
 local closed = close(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], ARGV[1], ARGV[2])
@@ -284,7 +295,7 @@ return {closed, tonumber(redis.call('hget', KEYS[1], 'running')), ended_before}
 CANCEL_ITEM_LUA = (
     _LIBRARY
     + """
-if redis.call('exists', KEYS[1]) == 0 then return -1 end
+if not meta(KEYS[1]).count then return -1 end
 if close_if_overdue(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], ARGV[1]) then return 0 end
 local cur = redis.call('hget', KEYS[2], ARGV[2])
 if cur == RUNNING then return 2 end
