@@ -78,6 +78,9 @@ class Fleet:
             "BLIPQ_TORCH_THREADS": "1",
             "BLIPQ_JOB_TIME_LIMIT_S": str(time_limit_s),
             "BLIPQ_SHUTDOWN_GRACE_S": "5",
+            # Benchmarks compare the service with the model: an answer from the cache would be neither. A run that
+            # measures the cache turns it on.
+            "BLIPQ_ANSWER_CACHE": "off",
             **(env or {}),
         }
         self.log = (self.data_dir / "service.log").open("wb")
