@@ -57,10 +57,10 @@ def test_submissions_within_the_wait_share_one_call_and_keep_their_order(started
     model = Model()
     batcher = start(started, model, max_size=8, max_wait_s=0.3)
 
-    with batcher.loading_images():  # as a task thread loads and submits its images
-        first = batcher.submit(pixel(1), ["a", "b"])
-        second = batcher.submit(pixel(2), ["c"])
-        third = batcher.submit(pixel(3), ["d", "e"])
+    with batcher.expect(3) as expected:  # as a task thread announces, loads and submits its images
+        first = batcher.submit(pixel(1), ["a", "b"], expected=expected)
+        second = batcher.submit(pixel(2), ["c"], expected=expected)
+        third = batcher.submit(pixel(3), ["d", "e"], expected=expected)
 
     assert outputs(first) == ["a@1", "b@1"]
     assert (outputs(second), outputs(third)) == (["c@2"], ["d@3", "e@3"])
@@ -106,10 +106,10 @@ def test_a_gathering_batch_waits_for_the_images_being_loaded(started: list[Batch
     late: list = []  # type: ignore[type-arg]
 
     def task_thread() -> None:
-        with batcher.loading_images():
+        with batcher.expect(1) as expected:
             loading.set()
             loaded.wait()
-            late.extend(batcher.submit(pixel(2), ["late"]))
+            late.extend(batcher.submit(pixel(2), ["late"], expected=expected))
 
     thread = threading.Thread(target=task_thread)
     thread.start()

@@ -17,9 +17,8 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -102,26 +101,29 @@ class Batcher:
         if self.thread.is_alive():
             self.thread.join(timeout_s)
 
-    @contextmanager
-    def loading_images(self) -> Iterator[None]:
-        """Around a task thread's loading of images it will submit: a gathering batch waits for them (up to
-        max_wait_s), and only for them."""
+    def expect(self, images: int) -> Expected:
+        """Images a task thread is loading and will submit (a context): a gathering batch waits for them, up to
+        max_wait_s, and only for them."""
+        return Expected(self, images)
+
+    def _expect(self, images: int) -> None:
         with self._loading_lock:
-            self.loading += 1
-        try:
-            yield
-        finally:
-            with self._loading_lock:
-                self.loading -= 1
+            self.loading += images
 
     def submit(
-        self, pixels: torch.Tensor, texts: list[str], gate: tuple[str, list[int]] | None = None
+        self,
+        pixels: torch.Tensor,
+        texts: list[str],
+        gate: tuple[str, list[int]] | None = None,
+        expected: Expected | None = None,
     ) -> list[Future[Output]]:
         """Queue one image and its texts; the futures resolve to the outputs, in the order of `texts`.
 
         With a `gate` (batch id, item indices), a text its batch no longer runs is not answered: its future is
-        canceled.
+        canceled. With `expected`, the image is one of those it announced: no batch waits for it any more.
         """
+        if expected is not None:
+            expected.settle()  # before the image is queued: the batch that takes it must not wait for it as well
         futures: list[Future[Output]] = [Future() for _ in texts]
         for start in range(0, len(texts), self.max_size):  # more texts than a batch holds: several entries
             end = start + self.max_size
@@ -237,3 +239,24 @@ class Batcher:
                 log.critical("a model call has run for over %.0f s: the worker exits", self.hard_limit_s)
                 logging.shutdown()
                 os._exit(EXIT_MODEL_HUNG)
+
+
+class Expected:
+    """Images a task thread announced it would submit (Batcher.expect); each settles once, submitted or given up."""
+
+    def __init__(self, batcher: Batcher, images: int) -> None:
+        self.batcher, self.left = batcher, images
+
+    def __enter__(self) -> Expected:
+        self.batcher._expect(self.left)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.batcher._expect(-self.left)  # those never submitted (failed, cached, timed out): no batch waits for them
+        self.left = 0
+
+    def settle(self) -> None:
+        """One of the images will not be waited for any more: it is being submitted, or it failed."""
+        if self.left > 0:
+            self.left -= 1
+            self.batcher._expect(-1)

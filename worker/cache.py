@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 from prometheus_client import Counter
 
-from worker.batching import Batcher, Output
+from worker.batching import Batcher, Expected, Output
 from worker.jobs import KEY_PREFIX
 from worker.settings import WorkerSettings
 
@@ -115,7 +115,11 @@ class PreparedImage:
     pixels: torch.Tensor | None
 
     def cached_or_submit(
-        self, batcher: Batcher, texts: list[str], gate: tuple[str, list[int]] | None = None
+        self,
+        batcher: Batcher,
+        texts: list[str],
+        gate: tuple[str, list[int]] | None = None,
+        expected: Expected | None = None,
     ) -> list[Future[Output]]:
         """The futures of the texts' answers: resolved at once for cached ones, the batcher's for the rest."""
         futures: list[Future[Output]] = []
@@ -127,8 +131,11 @@ class PreparedImage:
         if missing:
             assert self.pixels is not None
             part = (gate[0], [gate[1][n] for n in missing]) if gate is not None else None
-            for n, future in zip(missing, batcher.submit(self.pixels, [texts[n] for n in missing], part), strict=True):
+            submitted = batcher.submit(self.pixels, [texts[n] for n in missing], part, expected)
+            for n, future in zip(missing, submitted, strict=True):
                 futures[n] = future
+        elif expected is not None:
+            expected.settle()
         return futures
 
     def new_answers(self, answers: dict[int, str]) -> dict[str, str]:

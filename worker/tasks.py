@@ -22,7 +22,7 @@ from celery import Celery
 
 from worker.batch_scripts import SKIPPED
 from worker.batches import BatchStore, outcome_value
-from worker.batching import Batcher, Output
+from worker.batching import Batcher, Expected, Output
 from worker.broker import SOFT_LIMIT_MARGIN_S, TASK_VQA, TASK_VQA_CHUNK
 from worker.cache import AnswerCache, PreparedImage, answer_cache_for
 from worker.errors import BlipqError, JobTimeoutError, UploadMissingError, WrongTaskError
@@ -168,10 +168,10 @@ class WorkerRuntime:
         try:
             self._check_task(payload)
             assert self.batcher is not None
-            with self.batcher.loading_images():
+            with self.batcher.expect(1) as expected:
                 texts = [payload["question"]]
                 image = self._prepare(job_id, payload.get("image_url", ""), payload.get("upload", ""), texts)
-                [future] = image.cached_or_submit(self.batcher, texts)
+                [future] = image.cached_or_submit(self.batcher, texts, expected=expected)
             answer = self._result(future, deadline)
             image.keep(self.cache, {0: answer})
         except BlipqError as exc:
@@ -219,8 +219,8 @@ class WorkerRuntime:
         else:
             assert self.batcher is not None
             prepared: dict[tuple[int, ...], PreparedImage] = {}
-            with self.batcher.loading_images():
-                answers = self._load_and_submit(payload, deadline, outcomes, prepared)
+            with self.batcher.expect(len(payload.get("images", []))) as expected:
+                answers = self._load_and_submit(payload, deadline, outcomes, prepared, expected)
             for index, future in answers:
                 outcomes.append([str(index), *self._chunk_outcome(future, deadline)])
             self._keep_answers(prepared, outcomes)
@@ -248,6 +248,7 @@ class WorkerRuntime:
         deadline: float,
         outcomes: list[list[str]],
         prepared: dict[tuple[int, ...], PreparedImage],
+        expected: Expected,
     ) -> list[tuple[int, Future[Output]]]:
         """Load a chunk's images in the fetch threads and submit each, as it is ready, with its questions.
 
@@ -275,6 +276,7 @@ class WorkerRuntime:
         answers: list[tuple[int, Future[Output]]] = []
 
         def fail(pairs: list[tuple[int, str]], code: str, message: str) -> None:
+            expected.settle()
             outcomes.extend([str(i), *outcome_value(JobStatus.FAILED, code=code, message=message)] for i, _ in pairs)
 
         try:
@@ -290,7 +292,9 @@ class WorkerRuntime:
                     fail(pairs, "internal_error", f"the worker could not answer: {type(exc).__name__}")
                     continue
                 indices = [index for index, _ in pairs]
-                futures = image.cached_or_submit(self.batcher, [text for _, text in pairs], (batch_id, indices))
+                futures = image.cached_or_submit(
+                    self.batcher, [text for _, text in pairs], (batch_id, indices), expected
+                )
                 answers += zip(indices, futures, strict=True)
                 prepared[tuple(indices)] = image
         except TimeoutError:  # images still loading at the limit: their items fail `timeout`
