@@ -50,7 +50,7 @@ RESULT_FIELDS = (
     "status",
     "answer",
     "error",
-)  # of an item's job, on its results line
+)  # of an item's view, on its results line
 
 
 @bp.post("/v1/batches")

@@ -60,14 +60,17 @@ STATUS_COUNTS = tuple(str(status) for status in JobStatus)
 
 
 def items_key(batch_id: str) -> str:
+    """The list of a batch's items, in item order: `[image number, text]` each."""
     return f"{KEY_PREFIX}batch-items:{batch_id}"
 
 
 def images_key(batch_id: str) -> str:
+    """The hash of a batch's distinct images by number: {"image_url"}, or {"image_name", "upload"} for an upload."""
     return f"{KEY_PREFIX}batch-images:{batch_id}"
 
 
 def outcomes_key(batch_id: str) -> str:
+    """The hash of a batch's item outcomes by index, once the model took them."""
     return f"{KEY_PREFIX}batch-out:{batch_id}"
 
 
@@ -77,6 +80,7 @@ def uploads_left_key(batch_id: str) -> str:
 
 
 def chunks_key(batch_id: str) -> str:
+    """The hash of a batch's chunks not yet ended (number -> payload), their attempts and workers."""
     return f"{KEY_PREFIX}batch-chunks:{batch_id}"
 
 
@@ -92,6 +96,7 @@ def parse_chunk_member(member: str) -> tuple[str, int, int]:
 
 
 def item_id(batch_id: str, index: int) -> str:
+    """A batch item's id, as its results line and `GET /v1/jobs/<id>` name it."""
     return f"{batch_id}.{index}"
 
 
