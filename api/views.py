@@ -101,7 +101,7 @@ def submit_job() -> tuple[Response, int, dict[str, str]]:
     claim = None
     if idempotency is not None:
         claim = (idempotency_key(job.owner, idempotency), f"{submission.fingerprint}:{job.id}")
-        earlier = _earlier_job(svc.store, *claim)
+        earlier = earlier_submission(svc.store, *claim, svc.store.get)
         if earlier is not None:
             return _accepted(earlier, {"Idempotent-Replayed": "true"})
     try:
@@ -254,11 +254,6 @@ def idempotency_header() -> str | None:
     return key
 
 
-def _earlier_job(store: JobStore, key: str, claim: str) -> Job | None:
-    """The job an earlier request with this Idempotency-Key made, or None once this request holds the key."""
-    return earlier_submission(store, key, claim, store.get)
-
-
 def earlier_submission(store: JobStore, key: str, claim: str, lookup: Callable[[str], T | None]) -> T | None:
     """What an earlier request with this Idempotency-Key made (`lookup` finds it by id: a job, a batch), or None once
     this request holds the key.
@@ -284,11 +279,6 @@ def earlier_submission(store: JobStore, key: str, claim: str, lookup: Callable[[
             message = "a request with this Idempotency-Key is still being stored; retry in a moment"
             raise ConflictError("idempotency_key_in_use", message)
         time.sleep(IDEMPOTENCY_POLL_S)
-
-
-def _fingerprint(data: Any, upload: bytes | None) -> str:
-    """A hash of the request as sent: its JSON body or form fields, and the upload's bytes."""
-    return fingerprint(data, [] if upload is None else [upload])
 
 
 def fingerprint(data: Any, uploads: list[bytes]) -> str:
@@ -322,7 +312,7 @@ def _parse_job_request(settings: ApiSettings) -> Submission:
     if job_request.image_url is not None and upload is not None:
         raise ValidationError("image_conflict", "give either 'image_url' or a file named 'image', not both")
     check_webhook(job_request.webhook, settings)
-    return Submission(job_request, upload, _fingerprint(data, upload))
+    return Submission(job_request, upload, fingerprint(data, [] if upload is None else [upload]))
 
 
 def check_webhook(webhook: HttpUrl | None, settings: ApiSettings) -> None:

@@ -13,7 +13,7 @@ Each script runs a handful of Redis commands per chunk (variadic HMGET/HSET over
 
 from __future__ import annotations
 
-from worker.transitions import BATCH_OUTBOX_PREFIX
+from worker.transitions import BATCH_OUTBOX_PREFIX, TAKE_FROM_QUEUE_LUA
 
 RUNNING = '["running"]'  # an item's outcome field while the model answers it (its worker may die meanwhile)
 ITEM_OUTBOX_PREFIX = "item:"  # an outbox member for a batch item's own webhook (`item:<batch id>.<index>`)
@@ -24,7 +24,7 @@ UPLOADS_LEFT_PREFIX = "blipq:batch-left:"  # worker.batches.uploads_left_key
 UNPACK_MAX = 1000  # arguments a script passes to one command at most (Lua's unpack stops near 8,000)
 
 _LIBRARY = (
-    f"local RUNNING, SKIPPED = '{RUNNING}', '{SKIPPED}'\n"
+    TAKE_FROM_QUEUE_LUA + f"local RUNNING, SKIPPED = '{RUNNING}', '{SKIPPED}'\n"
     f"local UPLOADS_LEFT_PREFIX, UNPACK_MAX = '{UPLOADS_LEFT_PREFIX}', {UNPACK_MAX}\n"
     f"local BATCH_OUTBOX_PREFIX, ITEM_OUTBOX_PREFIX = '{BATCH_OUTBOX_PREFIX}', '{ITEM_OUTBOX_PREFIX}'\n"
     f"local ITEM_WEBHOOK_PREFIX = '{ITEM_WEBHOOK_PREFIX}'\n"
@@ -45,6 +45,11 @@ local function closed_as(batch)
 end
 local function wake(ended)
   redis.call('publish', ended, '1')
+end
+-- A chunk ended (or will never run): its record and its place in the queue's running set go.
+local function drop_chunk(chunks, number, running, member)
+  redis.call('hdel', chunks, number, number .. ':a', number .. ':w')
+  redis.call('zrem', running, member)
 end
 local function item_webhooks(batch, outbox, now, indices)
   if meta(batch).webhook_items ~= '1' or #indices == 0 then return end
@@ -170,31 +175,24 @@ end
 """
 )
 
-# A worker received a chunk. Takes it off its level's set of messages never started (moving the level's mark, as a
-# job's start does, and the queue's count of waiting answers), then counts the attempt, records the worker and puts
-# the chunk in the queue's running set (the reaper's watch). A batch closed (or past its deadline) runs nothing; a
-# chunk started too many times without ending ends its items `worker_lost`.
+# A worker received a chunk. Takes it off its level's set of messages never started (`take_from_queue`, as a job's
+# start does), then counts the attempt, records the worker and puts the chunk in the queue's running set (the
+# reaper's watch). A batch closed (or past its deadline) runs nothing; a chunk started too many times without ending
+# ends its items `worker_lost`.
 # KEYS = batch, chunks, never-started set, mark, running set, stats, outcome hash, item list, outbox, ended list,
-# outcomes, waiting answers; ARGV = member, number, now, worker, max attempts, gave-up message, answers, model.
+# outcomes; ARGV = member, number, now, worker, max attempts, gave-up message, answers, model.
 # Returns the attempt number (>= 1) or a START_* code of worker/transitions.py.
 START_CHUNK_LUA = (
     _LIBRARY
     + """
-local enqueued = redis.call('zscore', KEYS[3], ARGV[1])
-if enqueued then
-  redis.call('zrem', KEYS[3], ARGV[1])
-  local mark = redis.call('get', KEYS[4])
-  if (not mark) or tonumber(enqueued) > tonumber(mark) then redis.call('set', KEYS[4], enqueued) end
-  redis.call('hincrby', KEYS[12], KEYS[3], -tonumber(ARGV[7]))
-end
+take_from_queue(KEYS[3], KEYS[4], ARGV[1], tonumber(ARGV[7]))
 if not meta(KEYS[1]).count then
   redis.call('zrem', KEYS[5], ARGV[1])
   return -1
 end
 local closed = close_if_overdue(KEYS[1], KEYS[7], KEYS[8], KEYS[9], KEYS[10], ARGV[3])
 if closed and tonumber(redis.call('hget', KEYS[1], 'running')) == 0 then
-  redis.call('hdel', KEYS[2], ARGV[2], ARGV[2] .. ':a', ARGV[2] .. ':w')
-  redis.call('zrem', KEYS[5], ARGV[1])
+  drop_chunk(KEYS[2], ARGV[2], KEYS[5], ARGV[1])
   if closed == 'expired' then return -4 end
   return -3
 end
@@ -212,8 +210,7 @@ if attempt > tonumber(ARGV[5]) then
   end
   local lost = end_items(KEYS[1], KEYS[7], KEYS[9], KEYS[10], KEYS[11], ARGV[3], entries)
   redis.call('hincrby', KEYS[6], 'worker_lost', lost)
-  redis.call('hdel', KEYS[2], ARGV[2], ARGV[2] .. ':a', ARGV[2] .. ':w')
-  redis.call('zrem', KEYS[5], ARGV[1])
+  drop_chunk(KEYS[2], ARGV[2], KEYS[5], ARGV[1])
   return -2
 end
 redis.call('hset', KEYS[2], ARGV[2] .. ':w', ARGV[4])
@@ -267,10 +264,7 @@ if not meta(KEYS[1]).count then return -1 end
 local entries = {}
 for k = 5, #ARGV, 5 do entries[#entries + 1] = {ARGV[k], ARGV[k + 1], ARGV[k + 2], ARGV[k + 3], ARGV[k + 4]} end
 local written = end_items(KEYS[1], KEYS[2], KEYS[5], KEYS[6], KEYS[7], ARGV[1], entries)
-if ARGV[4] == '1' then
-  redis.call('hdel', KEYS[3], ARGV[2], ARGV[2] .. ':a', ARGV[2] .. ':w')
-  redis.call('zrem', KEYS[4], ARGV[3])
-end
+if ARGV[4] == '1' then drop_chunk(KEYS[3], ARGV[2], KEYS[4], ARGV[3]) end
 return written
 """
 )

@@ -84,6 +84,12 @@ def chunks_key(batch_id: str) -> str:
     return f"{KEY_PREFIX}batch-chunks:{batch_id}"
 
 
+def batch_keys(batch_id: str) -> list[str]:
+    """Every key of a batch but its uploads, its hash first."""
+    keys = [batch_key(batch_id), items_key(batch_id), images_key(batch_id), outcomes_key(batch_id)]
+    return [*keys, chunks_key(batch_id), uploads_left_key(batch_id)]
+
+
 def chunk_member(batch_id: str, number: int, answers: int) -> str:
     """A chunk's name in its queue's never-started and running sets; it says how many answers it holds."""
     return f"{CHUNK_MEMBER_PREFIX}{batch_id}:{number}:{answers}"
@@ -292,8 +298,7 @@ class BatchStore:
         """Remove a batch (used when its chunks could not be enqueued); chunks already sent find it gone."""
         bid = batch.id
         with self.client.pipeline(transaction=True) as pipe:
-            pipe.delete(batch_key(bid), items_key(bid), images_key(bid), outcomes_key(bid), chunks_key(bid), *uploads)
-            pipe.delete(uploads_left_key(bid))
+            pipe.delete(*batch_keys(bid), *uploads)
             pipe.zrem(unstarted_key(queue, batch.priority), *(chunk["member"] for chunk in chunks))
             pipe.zrem(deadlines_key(queue), DEADLINE_MEMBER_PREFIX + bid)
             pipe.hincrby(waiting_answers_key(), unstarted_key(queue, batch.priority), -batch.count)
@@ -301,10 +306,7 @@ class BatchStore:
 
     def delete_ended(self, batch: Batch) -> bool:
         """Delete a batch whose items all ended, with its results; False (nothing deleted) when one has not ended."""
-        bid = batch.id
-        keys = [batch_key(bid), items_key(bid), images_key(bid), outcomes_key(bid), chunks_key(bid)]
-        keys.append(uploads_left_key(bid))
-        return int(self._delete(keys=keys)) == 1
+        return int(self._delete(keys=batch_keys(batch.id))) == 1
 
     def get(self, batch_id: str) -> Batch | None:
         """The batch with this id, or None if it was never made or has expired."""
@@ -369,7 +371,7 @@ class BatchStore:
         message = f"the chunk was started {max_attempts} times and its worker died each time; it is not tried again"
         keys = [batch_key(bid), chunks_key(bid), unstarted_key(queue, priority), started_mark_key(queue, priority)]
         keys += [running_key(queue), stats_key(), outcomes_key(bid), items_key(bid), webhook_outbox_key()]
-        keys += [ended_key(bid), outcomes_key_of_queue(queue), waiting_answers_key()]
+        keys += [ended_key(bid), outcomes_key_of_queue(queue)]
         args: list[str | int | float] = [member, number, time.time(), worker, max_attempts, message, answers, model]
         return int(self._start(keys=keys, args=args))
 

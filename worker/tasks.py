@@ -170,7 +170,7 @@ class WorkerRuntime:
             assert self.batcher is not None
             with self.batcher.expect(1) as expected:
                 texts = [payload["question"]]
-                image = self._prepare(job_id, payload.get("image_url", ""), payload.get("upload", ""), texts)
+                image = self._prepare(job_id, payload.get("image_url", ""), "", texts)
                 [future] = image.cached_or_submit(self.batcher, texts, expected=expected)
             answer = self._result(future, deadline)
             image.keep(self.cache, {0: answer})

@@ -22,12 +22,29 @@ ENDED_KEY_TTL_S = 120  # long enough for any waiting read to see it
 # a webhook, puts its delivery in the outbox, due now: in the same script, so an ended job's webhook is never lost.
 # A job's end is also pushed on its `ended` list, which wakes the API's reads waiting for it.
 # A job leaves its level's set of jobs never started once, and the count of answers waiting in the queue with it
-# (`leave_queue`: the admission check reads that count, worker.jobs.waiting_answers_key).
+# (`leave_queue`, or `take_from_queue` below: the admission check reads that count, worker.jobs.waiting_answers_key).
+#
+# A start, of a job or of a batch's chunk (worker/batch_scripts.py uses this too), takes the member off its level's
+# set of jobs never started, with its answers from the waiting count, and moves the level's mark (the latest enqueue
+# time of a job started) forward: see worker/reaper.py.
+TAKE_FROM_QUEUE_LUA = (
+    f"local WAITING = '{WAITING_ANSWERS_KEY}'\n"
+    + """
+local function take_from_queue(unstarted, mark, member, answers)
+  local enqueued = redis.call('zscore', unstarted, member)
+  if not enqueued then return end
+  redis.call('zrem', unstarted, member)
+  redis.call('hincrby', WAITING, unstarted, -answers)
+  local latest = redis.call('get', mark)
+  if (not latest) or tonumber(enqueued) > tonumber(latest) then redis.call('set', mark, enqueued) end
+end
+"""
+)
 _LUA_LIBRARY = (
-    "local ENDED = {"
+    TAKE_FROM_QUEUE_LUA
+    + "local ENDED = {"
     + ", ".join(f"{status}=true" for status in sorted(ENDED_STATUSES))
     + "}\n"
-    + f"local WAITING = '{WAITING_ANSWERS_KEY}'\n"
     + f"local ENDED_KEY_PREFIX, ENDED_KEY_TTL = '{ENDED_KEY_PREFIX}', {ENDED_KEY_TTL_S}"
     + """
 local function end_job(job, upload, outbox, now, fields)
@@ -62,9 +79,9 @@ end
 )
 
 # Starts a run of a job, unless it expired, ended or was canceled; counts its attempts and gives up after too many.
-# It also takes the job off its level's set of jobs never started, and moves the level's mark (the latest enqueue
-# time of a job started) forward: see worker/reaper.py. A job still queued at its deadline ends `expired` here, and
-# one whose cancel was asked while it ran (its worker died since) ends `canceled`: neither runs.
+# It also takes the job off its level's set of jobs never started (`take_from_queue`). A job still queued at its
+# deadline ends `expired` here, and one whose cancel was asked while it ran (its worker died since) ends `canceled`:
+# neither runs.
 # A job that runs is in its queue's running set (until it ends), for the reaper to notice a worker that died with it.
 # KEYS = job hash, stats hash, never-started set, mark, upload, webhook outbox, deadlines set, running set;
 # ARGV = max attempts, started_at, model, worker, gave-up message, job id, now (epoch s), deadline message,
@@ -72,12 +89,7 @@ end
 START_LUA = (
     _LUA_LIBRARY
     + """
-local enqueued = redis.call('zscore', KEYS[3], ARGV[6])
-if enqueued then
-  leave_queue(KEYS[3], ARGV[6])
-  local mark = redis.call('get', KEYS[4])
-  if (not mark) or tonumber(enqueued) > tonumber(mark) then redis.call('set', KEYS[4], enqueued) end
-end
+take_from_queue(KEYS[3], KEYS[4], ARGV[6], 1)
 redis.call('zrem', KEYS[7], ARGV[6])
 if redis.call('exists', KEYS[1]) == 0 then return -1 end
 local status = redis.call('hget', KEYS[1], 'status')
