@@ -41,7 +41,7 @@ def install_rate_limits(app: Flask, settings: ApiSettings, *blueprints: Blueprin
     limiter = Limiter(
         key_func=_client_identity,
         app=app,
-        storage_uri=settings.redis_url,
+        storage_uri=settings.redis.limits_uri,
         storage_options={
             "key_prefix": RATE_LIMIT_KEY_PREFIX,
             "socket_connect_timeout": REDIS_TIMEOUT_S,

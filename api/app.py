@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import redis
 from flask import Flask
 
 from api.admission import install_rate_limits
@@ -26,9 +25,9 @@ def create_app(settings: ApiSettings | None = None) -> Flask:
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.extensions["blipq"] = Services(
         settings=settings,
-        store=JobStore.from_url(settings.redis_url, settings.job_ttl_s),
-        celery=create_celery(settings.redis_url, settings.queue, settings.job_time_limit_s),
-        waiter=redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5, socket_timeout=MAX_WAIT_S + 5),
+        store=JobStore.connect(settings.redis, settings.job_ttl_s),
+        celery=create_celery(settings.redis, settings.queue, settings.job_time_limit_s),
+        waiter=settings.redis.client(socket_connect_timeout=5, socket_timeout=MAX_WAIT_S + 5),
     )
     install_api_keys(app, settings.api_keys)
     install_rate_limits(app, settings, bp, batches_bp)  # after the keys: it counts per key name

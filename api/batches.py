@@ -15,7 +15,6 @@ from typing import Any
 
 import redis
 from flask import Blueprint, Response, jsonify, request
-from kombu.exceptions import OperationalError
 from werkzeug.exceptions import BadRequest
 
 from api.admission import check_queue_room
@@ -31,10 +30,19 @@ from api.errors import (
     ValidationError,
 )
 from api.schemas import BatchRequest, validate_batch_request
-from api.views import JOB_ID_PATTERN, check_webhook, earlier_submission, fingerprint, idempotency_header, services
+from api.views import (
+    JOB_ID_PATTERN,
+    check_webhook,
+    earlier_submission,
+    enqueue,
+    fingerprint,
+    idempotency_header,
+    release_claim,
+    services,
+)
 from worker.batches import MAX_BATCH_ANSWERS, READ_PAGE, Batch, BatchStore, chunk_member, plan_chunks
 from worker.broker import publish_chunk
-from worker.jobs import JobStore, batch_upload_key, idempotency_key, new_job_id, utc_iso
+from worker.jobs import batch_upload_key, idempotency_key, new_job_id, utc_iso
 from worker.states import JobTask
 
 log = logging.getLogger("blipq.api")
@@ -86,17 +94,20 @@ def submit_batch() -> tuple[Response, int, dict[str, str]]:
         batches.create(new.batch, new.images, new.items, new.chunks, queue, new.uploads, claim)
     except redis.RedisError as exc:
         log.warning("cannot store batch: %s", exc)
-        _release(svc.store, claim)
+        release_claim(svc.store, claim)
         raise ServiceUnavailableError("broker_unavailable", "the job queue is unavailable; retry later") from None
-    try:
+
+    def publish() -> None:
         for chunk in new.chunks:
             publish_chunk(svc.celery, queue, chunk)
-    except (OperationalError, redis.RedisError) as exc:
-        # Chunks already sent find their batch gone and run nothing; the rest are never sent.
-        log.warning("cannot enqueue batch %s: %s", new.batch.id, exc)
-        _forget(batches, new, queue)
-        _release(svc.store, claim)
-        raise ServiceUnavailableError("broker_unavailable", "the job queue is unavailable; retry later") from None
+
+    enqueue(
+        f"batch {new.batch.id}",
+        publish=publish,
+        accept=lambda replicas, timeout_ms: batches.accept(new.batch, new.chunks, queue, replicas, timeout_ms),
+        withdraw=lambda: batches.withdraw(new.batch, new.chunks, queue, list(new.uploads)),
+        release=lambda: release_claim(svc.store, claim),
+    )
     headers = {"Location": f"/v1/batches/{new.batch.id}"}
     return jsonify(id=new.batch.id, count=new.batch.count), 202, headers
 
@@ -279,20 +290,3 @@ def _new_batch(
             }
         )
     return NewBatch(batch, images, items, chunks, uploads)
-
-
-def _release(store: JobStore, claim: tuple[str, str] | None) -> None:
-    """Free an Idempotency-Key whose batch was not stored: a retry of the request makes it anew."""
-    if claim is None:
-        return
-    try:
-        store.release_idempotency_key(*claim)
-    except redis.RedisError:  # Redis is away: the claim expires by itself
-        log.warning("could not release an idempotency key")
-
-
-def _forget(batches: BatchStore, new: NewBatch, queue: str) -> None:
-    try:
-        batches.delete(new.batch, new.chunks, queue, list(new.uploads))
-    except redis.RedisError:  # Redis is away: the records expire by themselves
-        log.warning("could not delete unqueued batch %s", new.batch.id)

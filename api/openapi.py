@@ -97,6 +97,10 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
     "wait_invalid": (422, "`wait` is not a number of seconds above 0 and at most 20"),
     "rate_limited": (429, "the client used up its request budget; retry after Retry-After seconds"),
     "broker_unavailable": (503, "Redis cannot take the job right now; retry later"),
+    "replicas_unavailable": (
+        503,
+        "fewer than BLIPQ_MIN_REPLICAS_ACK Redis replicas acknowledged the job in time; retry later",
+    ),
     "queue_full": (503, "the submission would take the queue past BLIPQ_MAX_QUEUE_DEPTH waiting answers; retry later"),
     "store_unavailable": (503, "Redis is unavailable; retry after Retry-After seconds"),
 }
@@ -113,11 +117,12 @@ BATCH_SUBMIT_CODES = (
     *("invalid_json", "body_too_large", "image_too_large", "unsupported_media_type"),
     *(code for code in VALIDATION_CODES if code not in JOB_ONLY_CODES),
     *("batch_empty", "batch_too_large", "batch_invalid", "questions_invalid", "broker_unavailable", "queue_full"),
+    "replicas_unavailable",
 )
 SUBMIT_CODES = (
     *("invalid_json", "idempotency_key_invalid", "idempotency_conflict", "idempotency_key_in_use"),
     *("body_too_large", "image_too_large", "unsupported_media_type", *VALIDATION_CODES),
-    *("broker_unavailable", "queue_full"),
+    *("broker_unavailable", "replicas_unavailable", "queue_full"),
 )
 
 HEADERS: dict[str, dict[str, Any]] = {

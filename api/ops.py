@@ -34,7 +34,7 @@ class Ops:
 
 def install_ops(app: Flask, settings: ApiSettings) -> None:
     """Add /readyz and /metrics to `app`, and count, time and log its requests."""
-    client = fleet_client(settings.redis_url)
+    client = fleet_client(settings.redis)
     registry = CollectorRegistry()
     fleet = FleetCollector(client, (settings.queue, settings.caption_queue))
     registry.register(fleet)

@@ -11,6 +11,7 @@ from limits import parse_many
 
 from api.auth import ApiKey, parse_api_keys
 from worker.errors import SettingsError
+from worker.redis_target import DEFAULT_MASTER, RedisTarget
 from worker.settings import (
     DEFAULT_CAPTION_QUEUE,
     DEFAULT_JOB_TTL_S,
@@ -20,7 +21,7 @@ from worker.settings import (
     DEFAULT_TIME_LIMIT_S,
     LOG_FORMATS,
     env_int,
-    env_redis_url,
+    env_redis_target,
     env_str,
     env_webhook_secret,
 )
@@ -38,6 +39,11 @@ class ApiSettings:
     """Everything the API process needs."""
 
     redis_url: str = DEFAULT_REDIS_URL
+    redis_sentinels: tuple[tuple[str, int], ...] = ()  # Sentinel's addresses: the primary is found through them
+    redis_master: str = DEFAULT_MASTER  # the name the sentinels know the primary by
+    # Replicas that must hold a job (Redis WAIT) before it is answered 202; 0: answered once the primary holds it.
+    min_replicas_ack: int = 0
+    replica_ack_timeout_ms: int = 500  # how long to wait for them; then the job is withdrawn and answered 503
     queue: str = DEFAULT_QUEUE  # vqa jobs (`"task": "vqa"`, the default)
     caption_queue: str = DEFAULT_CAPTION_QUEUE  # caption jobs, served by captioning workers
     job_ttl_s: int = DEFAULT_JOB_TTL_S
@@ -52,6 +58,11 @@ class ApiSettings:
     webhooks_enabled: bool = False  # BLIPQ_WEBHOOK_SECRET is set (the workers sign with it): jobs may name a webhook
     batch_chunk_size: int = 32  # answers per chunk of a batch sent to the workers (one message, one model call)
     max_batch_upload_bytes: int = DEFAULT_MAX_BATCH_UPLOAD_BYTES  # the body of a batch with uploaded images
+
+    @property
+    def redis(self) -> RedisTarget:
+        """Where Redis is (worker/redis_target.py)."""
+        return RedisTarget(self.redis_url, self.redis_sentinels, self.redis_master)
 
     def queue_for(self, task: JobTask) -> str:
         """The queue of a job of this task: only workers with a model for that task read it."""
@@ -70,8 +81,13 @@ class ApiSettings:
         caption_queue = env_str(env, "BLIPQ_CAPTION_QUEUE", DEFAULT_CAPTION_QUEUE)
         if caption_queue == queue:  # a vqa worker would take caption jobs, and answer them as questions
             raise SettingsError(f"BLIPQ_CAPTION_QUEUE={caption_queue!r} must differ from BLIPQ_QUEUE")
+        target = env_redis_target(env)
         return cls(
-            redis_url=env_redis_url(env),
+            redis_url=target.url,
+            redis_sentinels=target.sentinels,
+            redis_master=target.master,
+            min_replicas_ack=env_int(env, "BLIPQ_MIN_REPLICAS_ACK", 0),
+            replica_ack_timeout_ms=env_int(env, "BLIPQ_REPLICA_ACK_TIMEOUT_MS", 500, minimum=1),
             queue=queue,
             caption_queue=caption_queue,
             job_ttl_s=env_int(env, "BLIPQ_JOB_TTL_S", DEFAULT_JOB_TTL_S, minimum=60),

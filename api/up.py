@@ -71,11 +71,17 @@ class RedisProcess:
 
 
 def start_redis(
-    data_dir: Path | None = None, port: int | None = None, avoid: frozenset[int] = frozenset()
+    data_dir: Path | None = None,
+    port: int | None = None,
+    avoid: frozenset[int] = frozenset(),
+    replica_of: int | None = None,
 ) -> RedisProcess:
-    """Start redis-server: append-only file in `data_dir` (every second, never evict), or nothing on disk."""
+    """Start redis-server: append-only file in `data_dir` (every second, never evict), or nothing on disk; with
+    `replica_of`, a replica of the server on that port of 127.0.0.1."""
     port = port or free_port(avoid)
     args = [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+    if replica_of is not None:
+        args += ["--replicaof", "127.0.0.1", str(replica_of)]
     args += ["--maxmemory-policy", "noeviction"]  # evicting a queued job would lose it
     if data_dir is not None:
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -98,6 +104,98 @@ def start_redis(
             time.sleep(0.05)
         finally:
             client.close()
+
+
+SENTINEL_DOWN_AFTER_MS = 1000  # a local primary silent this long is down (production: several seconds)
+SENTINEL_FAILOVER_TIMEOUT_MS = 5000
+
+
+@dataclass
+class SentinelGroup:
+    """A primary, its replicas and three sentinels watching it as `master`, on 127.0.0.1 (tests, chaos runs)."""
+
+    master: str
+    servers: list[RedisProcess]  # the primary first, then its replicas
+    sentinels: list[subprocess.Popen[bytes]]
+    sentinel_ports: list[int]
+
+    @property
+    def sentinel_addresses(self) -> str:
+        """The value of BLIPQ_REDIS_SENTINELS for this group."""
+        return ",".join(f"127.0.0.1:{port}" for port in self.sentinel_ports)
+
+    def primary_port(self) -> int:
+        """The port of the primary the sentinels name now."""
+        client = redis.Redis(port=self.sentinel_ports[0], socket_timeout=2, decode_responses=True)
+        try:
+            address: tuple[str, int] = client.sentinel_get_master_addr_by_name(self.master)  # type: ignore[assignment]
+            return int(address[1])
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        for process in [*self.sentinels, *(server.process for server in self.servers)]:
+            stop_process(process)
+
+
+def start_sentinel_group(data_dir: Path, replicas: int = 1, master: str = "blipq") -> SentinelGroup:
+    """Start a primary, `replicas` replicas and three sentinels (quorum 2), each on a free port, and wait until the
+    sentinels know the replicas (a failover needs one)."""
+    primary = start_redis(data_dir / "primary")
+    servers = [primary]
+    sentinels: list[subprocess.Popen[bytes]] = []
+    ports: list[int] = []
+    group = SentinelGroup(master, servers, sentinels, ports)
+    try:
+        for n in range(replicas):
+            servers.append(start_redis(data_dir / f"replica{n}", replica_of=primary.port))
+        for n in range(3):
+            port = free_port(frozenset(ports))
+            config = data_dir / f"sentinel{n}.conf"  # a sentinel rewrites its file: one each
+            config.write_text(
+                f"port {port}\nbind 127.0.0.1\ndir {data_dir}\n"
+                f"sentinel monitor {master} 127.0.0.1 {primary.port} 2\n"
+                f"sentinel down-after-milliseconds {master} {SENTINEL_DOWN_AFTER_MS}\n"
+                f"sentinel failover-timeout {master} {SENTINEL_FAILOVER_TIMEOUT_MS}\n"
+            )
+            command = [redis_server_binary(), str(config), "--sentinel"]
+            sentinels.append(subprocess.Popen(command, stdout=subprocess.DEVNULL, start_new_session=True))
+            ports.append(port)
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while not (
+            all(_replica_in_sync(server) for server in servers[1:])
+            and all(_sentinel_sees_group(port, master, replicas) for port in ports)
+        ):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the sentinels do not see the whole group")
+            time.sleep(0.1)
+    except BaseException:
+        group.stop()
+        raise
+    return group
+
+
+def _sentinel_sees_group(port: int, master: str, replicas: int) -> bool:
+    """The sentinel on `port` knows `master`, its `replicas` and the two other sentinels."""
+    client = redis.Redis(port=port, socket_connect_timeout=1, socket_timeout=2, decode_responses=True)
+    try:
+        known: dict[str, str] = client.sentinel_master(master)  # type: ignore[assignment]
+    except redis.RedisError:
+        return False
+    finally:
+        client.close()
+    return int(known.get("num-slaves", 0)) >= replicas and int(known.get("num-other-sentinels", 0)) >= 2
+
+
+def _replica_in_sync(server: RedisProcess) -> bool:
+    """The replica's link to its primary is up (its first full copy is done)."""
+    client = redis.Redis(port=server.port, socket_connect_timeout=1, socket_timeout=2, decode_responses=True)
+    try:
+        return client.info("replication").get("master_link_status") == "up"
+    except redis.RedisError:
+        return False
+    finally:
+        client.close()
 
 
 def stop_process(process: subprocess.Popen[bytes], grace_s: float = STOP_GRACE_S) -> None:

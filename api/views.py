@@ -108,15 +108,69 @@ def submit_job() -> tuple[Response, int, dict[str, str]]:
         svc.store.create(job, queue, submission.upload, claim)
     except redis.RedisError as exc:
         log.warning("cannot store job: %s", exc)
-        _forget(svc.store, job, queue, claim)
+        release_claim(svc.store, claim)
         raise ServiceUnavailableError("broker_unavailable", "the job queue is unavailable; retry later") from None
-    try:
-        publish_job(svc.celery, job, queue)
-    except (OperationalError, redis.RedisError) as exc:
-        log.warning("cannot enqueue job %s: %s", job.id, exc)
-        _forget(svc.store, job, queue, claim)
-        raise ServiceUnavailableError("broker_unavailable", "the job queue is unavailable; retry later") from None
+    enqueue(
+        f"job {job.id}",
+        publish=lambda: publish_job(svc.celery, job, queue),
+        accept=lambda replicas, timeout_ms: svc.store.accept(job, queue, replicas, timeout_ms),
+        withdraw=lambda: svc.store.withdraw(job, queue),
+        release=lambda: release_claim(svc.store, claim),
+    )
     return _accepted(job)
+
+
+def enqueue(
+    what: str,
+    publish: Callable[[], None],
+    accept: Callable[[int, int], int | None],
+    withdraw: Callable[[], bool],
+    release: Callable[[], None],
+) -> None:
+    """Publish a submission stored `pending` and accept it; returns once it is promised to run (the 202), else raises
+    503 with the submission withdrawn, so that it never runs.
+
+    The order is what keeps the promise both ways. A pending submission is run by no worker and seen by no reaper,
+    so one whose message could not be published is withdrawn and never runs. Acceptance comes after the publish, on
+    the connection that stored it: with BLIPQ_MIN_REPLICAS_ACK replicas, Redis WAIT then covers the record, the
+    message and the acceptance together, and a submission that too few replicas hold is withdrawn (503) unless a
+    worker started it already (it then runs: 202). Should Redis fail between the acceptance and its reply, the
+    submission is withdrawn if Redis still answers; if not, it may run: a client that retries with its
+    Idempotency-Key then gets that same job, not a second one.
+    """
+    settings = services().settings
+    try:
+        publish()
+        replicas = accept(settings.min_replicas_ack, settings.replica_ack_timeout_ms)
+    except (OperationalError, redis.RedisError) as exc:
+        log.warning("cannot enqueue %s: %s", what, exc)
+        _withdraw_or_accept(what, withdraw, accept, release)
+        raise ServiceUnavailableError("broker_unavailable", "the job queue is unavailable; retry later") from None
+    if replicas is None:  # not pending any more: it expired meanwhile (a TTL shorter than this request)
+        release()
+        raise ServiceUnavailableError("broker_unavailable", "the job queue is unavailable; retry later")
+    if replicas < settings.min_replicas_ack:
+        log.warning("%s: %d of %d replicas acknowledged it in time", what, replicas, settings.min_replicas_ack)
+        if _withdraw_or_accept(what, withdraw, accept, release):
+            message = f"the job could not be copied to {settings.min_replicas_ack} Redis replicas in time; retry later"
+            raise ServiceUnavailableError("replicas_unavailable", message)
+
+
+def _withdraw_or_accept(
+    what: str, withdraw: Callable[[], bool], accept: Callable[[int, int], int | None], release: Callable[[], None]
+) -> bool:
+    """Withdraw a submission that cannot be promised; True when it is withdrawn (or cannot run: Redis is away), False
+    when a worker had started it (it is then accepted, without waiting for replicas, and runs)."""
+    try:
+        if withdraw():
+            release()
+            return True
+        accept(0, 0)  # a batch with a chunk started: the chunks never published go out through the reaper
+    except (OperationalError, redis.RedisError) as exc:
+        log.warning("cannot withdraw %s: %s", what, exc)
+        return True
+    log.warning("%s was started by a worker before it could be withdrawn: it runs", what)
+    return False
 
 
 @bp.get("/v1/jobs/<job_id>")
@@ -339,10 +393,11 @@ def read_upload(file: FileStorage | None, settings: ApiSettings) -> bytes | None
     return data
 
 
-def _forget(store: JobStore, job: Job, queue: str, claim: tuple[str, str] | None) -> None:
+def release_claim(store: JobStore, claim: tuple[str, str] | None) -> None:
+    """Free an Idempotency-Key whose submission was not stored or was withdrawn: a retry makes it anew."""
+    if claim is None:
+        return
     try:
-        store.delete(job, queue)
-        if claim is not None:
-            store.release_idempotency_key(*claim)
-    except redis.RedisError:  # Redis is away: the record expires by itself and no task refers to it
-        log.warning("could not delete unqueued job %s", job.id)
+        store.release_idempotency_key(*claim)
+    except redis.RedisError:  # Redis is away: the claim expires by itself
+        log.warning("could not release an idempotency key")

@@ -134,8 +134,11 @@ class WorkerProcess:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
 
-def start_worker(redis_url: str, model: Path, queue: str, log_path: Path, **env: str) -> WorkerProcess:
-    """Start a worker for `model` consuming `queue`; it loads the model before it takes messages."""
+def start_worker(
+    redis_url: str, model: Path, queue: str, log_path: Path, module: str = "worker", **env: str
+) -> WorkerProcess:
+    """Start a worker for `model` consuming `queue`; it loads the model before it takes messages. `module` is the
+    worker's entry point (`python -m worker`, or a test's own around it)."""
     full_env = {
         **os.environ,
         "BLIPQ_REDIS_URL": redis_url,
@@ -150,7 +153,7 @@ def start_worker(redis_url: str, model: Path, queue: str, log_path: Path, **env:
         **env,
     }
     log = log_path.open("wb")
-    args = [sys.executable, "-m", "worker", f"--hostname={queue}@%h", "--loglevel=INFO"]
+    args = [sys.executable, "-m", module, f"--hostname={queue}@%h", "--loglevel=INFO"]
     process = subprocess.Popen(args, env=full_env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     return WorkerProcess(process, queue, log_path)
 

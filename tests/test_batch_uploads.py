@@ -108,7 +108,7 @@ def test_an_upload_is_deleted_when_the_last_item_that_needs_it_ends_and_not_befo
     form = upload_form([(shape_png("red"), "red.png"), (shape_png("blue"), "blue.png")], questions=QUESTIONS[:2])
     batch_id = idle_api.post("/v1/batches", data=form, content_type="multipart/form-data").get_json()["id"]
     queue = idle_api.application.extensions["blipq"].settings.queue
-    batches = BatchStore(JobStore.from_url(redis_server.url, 3600))
+    batches = BatchStore(JobStore.connect(redis_server.url, 3600))
     payload = batches.chunk_payload(batch_id, 0)
     assert payload is not None
     red, blue = (f"blipq:batch-upload:{batch_id}:{number}".encode() for number in (0, 1))
@@ -148,7 +148,7 @@ def test_a_chunk_published_again_is_answered_from_the_shared_upload(
     assert response.status_code == 202, response.get_json()
     batch_id = response.get_json()["id"]
     job_id = json.loads(idle_api.get(f"/v1/batches/{batch_id}/results").get_data())["job_id"]
-    payload = BatchStore(JobStore.from_url(redis_server.url, 3600)).chunk_payload(batch_id, 0)
+    payload = BatchStore(JobStore.connect(redis_server.url, 3600)).chunk_payload(batch_id, 0)
     assert payload is not None and payload["images"][0]["upload"]
 
     # ...when the chunk, as the reaper publishes it again, reaches a worker...

@@ -100,7 +100,7 @@ def test_no_job_is_lost_and_no_answer_changes_under_kills_and_a_redis_restart(
     logs = (tmp_path / f"worker{i}.log" for i in itertools.count())
     workers = [start_worker(server.url, tiny_model_dir, QUEUE, next(logs), **env) for _ in (0, 1)]
     client = api_client(server.url, QUEUE, job_time_limit_s=20)
-    store = JobStore.from_url(server.url, 3600, outage_s=30)
+    store = JobStore.connect(server.url, 3600, outage_s=30)
     try:
         job_ids = [submit(client, image, question) for image, question in inputs]
 

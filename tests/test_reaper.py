@@ -31,6 +31,7 @@ def stored_job(store: JobStore, queue: str, enqueued_at: float, priority: JobPri
         priority=priority,
     )
     store.create(job, queue, shape_png("green"))
+    store.accept(job, queue)
     store.client.zadd(unstarted_key(queue, priority), {job.id: enqueued_at})
     return job.id
 

@@ -132,3 +132,30 @@ def test_the_answer_cache_settings_are_read_and_checked() -> None:
     assert (settings.answer_cache, settings.answer_cache_max, WorkerSettings().answer_cache) == (False, 10, True)
     with pytest.raises(SettingsError, match="BLIPQ_ANSWER_CACHE"):
         WorkerSettings.from_env({"BLIPQ_ANSWER_CACHE": "maybe"})
+
+
+def test_sentinels_are_read_for_both_processes_and_reach_each_library() -> None:
+    env = {
+        "BLIPQ_REDIS_URL": "redis://:s%3Acret@ignored:6379/2",
+        "BLIPQ_REDIS_SENTINELS": "sentinel-1:26379, 10.0.0.7:26380",
+        "BLIPQ_REDIS_MASTER": "jobs",
+        "BLIPQ_MIN_REPLICAS_ACK": "1",
+    }
+    api, worker = ApiSettings.from_env(env), WorkerSettings.from_env(env)
+    assert api.redis == worker.redis
+    assert api.min_replicas_ack == 1
+    target = api.redis
+    assert target.sentinels == (("sentinel-1", 26379), ("10.0.0.7", 26380)) and target.master == "jobs"
+    assert target.broker_url == "sentinel://:s%3Acret@sentinel-1:26379/2;sentinel://:s%3Acret@10.0.0.7:26380/2"
+    assert target.broker_options["master_name"] == "jobs"
+    assert target.broker_options["sentinel_kwargs"]["password"] == "s:cret"
+    assert target.limits_uri == "redis+sentinel://:s%3Acret@sentinel-1:26379,10.0.0.7:26380/jobs"
+    plain = ApiSettings.from_env({"BLIPQ_REDIS_URL": "redis://cache:6379/0"}).redis
+    assert (plain.broker_url, plain.limits_uri, plain.broker_options) == ("redis://cache:6379/0",) * 2 + ({},)
+
+
+@pytest.mark.parametrize("value", ["sentinel-1", "sentinel-1:port", ":26379", "sentinel-1:70000"])
+def test_a_sentinel_address_that_is_not_host_and_port_is_refused_at_start(value: str) -> None:
+    for settings in (ApiSettings, WorkerSettings):
+        with pytest.raises(SettingsError, match="BLIPQ_REDIS_SENTINELS"):
+            settings.from_env({"BLIPQ_REDIS_SENTINELS": value})

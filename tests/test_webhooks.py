@@ -258,6 +258,7 @@ def test_a_delivery_whose_sender_died_mid_attempt_is_made_again(redis_client: re
         webhook="http://127.0.0.1:9/hook",
     )
     store.create(job, "nowhere")
+    store.accept(job, "nowhere")
     assert store.mark_succeeded(job.id, "red") == 1
     assert redis_client.zscore(webhook_outbox_key(), job.id) is not None
     outbox = Outbox(redis_client)

@@ -11,17 +11,18 @@ from collections.abc import Callable
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_init, worker_ready, worker_shutdown, worker_shutting_down
+from celery.signals import task_received, worker_init, worker_ready, worker_shutdown, worker_shutting_down
 
 from worker.broker import create_celery, visibility_timeout_for
+from worker.fleet import fleet_client
 from worker.intake import Intake
 from worker.jobs import JobStore
 from worker.logs import use_json_logs_in_celery
 from worker.metrics import WorkerOps
 from worker.netguard import NetworkPolicy
-from worker.reaper import ReaperPolicy, ReaperThread
+from worker.reaper import ReaperPolicy, ReaperThread, Receipts
 from worker.settings import WorkerSettings
-from worker.tasks import WorkerRuntime, register_tasks
+from worker.tasks import WorkerRuntime, register_tasks, worker_identity
 from worker.webhooks import WebhookPolicy, WebhookSender
 
 log = logging.getLogger("blipq.worker")
@@ -39,7 +40,7 @@ def create_worker_app(settings: WorkerSettings) -> Celery:
     Time limits are the worker's own (Celery's are not enforced in a thread pool): a job fails `timeout` after
     BLIPQ_JOB_TIME_LIMIT_S less 10 s, and a model call that runs past the limit ends the worker.
     """
-    app = create_celery(settings.redis_url, settings.queue, settings.job_time_limit_s)
+    app = create_celery(settings.redis, settings.queue, settings.job_time_limit_s)
     app.conf.update(
         worker_pool="threads",
         worker_concurrency=settings.concurrency,
@@ -55,6 +56,9 @@ def create_worker_app(settings: WorkerSettings) -> Celery:
     worker_init.connect(grace.arm, weak=False)
     worker_shutting_down.connect(grace.begin, weak=False)
     register_tasks(app, runtime)
+    # Each message received is recorded as held until its job starts: a worker that dies holding it loses nothing.
+    receipts = Receipts(fleet_client(settings.redis), settings.queue, worker_identity())
+    task_received.connect(receipts.received, weak=False)
     Intake(settings.intake).connect(app)
     ops.connect()
     if settings.log_format == "json":
@@ -101,9 +105,9 @@ def start_reaper_when_ready(app: Celery, settings: WorkerSettings) -> None:
     policy = ReaperPolicy(behind_mark_s=time_limit_s, waiting_s=visibility_timeout_for(time_limit_s))
 
     def start(**_: Any) -> None:
-        store = JobStore.from_url(settings.redis_url, settings.job_ttl_s)
+        store = JobStore.connect(settings.redis, settings.job_ttl_s)
         # A Celery app of its own to publish with: the worker's connections belong to its event loop and thread.
-        publisher = create_celery(settings.redis_url, settings.queue, time_limit_s)
+        publisher = create_celery(settings.redis, settings.queue, time_limit_s)
         ReaperThread(store, publisher, settings.queue, policy, settings.reaper_interval_s).start()
         log.info("reaper of queue %s: a look every %g s", settings.queue, settings.reaper_interval_s)
 
@@ -121,7 +125,7 @@ def start_webhook_senders_when_ready(app: Celery, settings: WorkerSettings) -> N
     network_policy = NetworkPolicy(settings.fetch_allow_networks, settings.fetch_allow_ports)
 
     def start(**_: Any) -> None:
-        store = JobStore.from_url(settings.redis_url, settings.job_ttl_s)
+        store = JobStore.connect(settings.redis, settings.job_ttl_s)
         for number in range(WEBHOOK_SENDERS):
             WebhookSender(store, policy, network_policy, f"blipq-webhooks-{number}").start()
         log.info("webhooks: %d senders", WEBHOOK_SENDERS)

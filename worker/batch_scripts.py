@@ -33,8 +33,10 @@ _LIBRARY = (
 local M
 local function meta(batch)
   if not M then
-    local f = redis.call('hmget', batch, 'id', 'count', 'closed', 'deadline_at', 'webhook_items', 'webhook', 'model')
-    M = {id = f[1], count = f[2], closed = f[3], deadline = f[4], webhook_items = f[5], webhook = f[6], model = f[7]}
+    local f = redis.call('hmget', batch, 'id', 'count', 'closed', 'deadline_at', 'webhook_items', 'webhook', 'model',
+                         'pending')
+    M = {id = f[1], count = f[2], closed = f[3], deadline = f[4], webhook_items = f[5], webhook = f[6], model = f[7],
+         pending = f[8]}
   end
   return M
 end
@@ -180,11 +182,14 @@ end
 # reaper's watch). A batch closed (or past its deadline) runs nothing; a chunk started too many times without ending
 # ends its items `worker_lost`.
 # KEYS = batch, chunks, never-started set, mark, running set, stats, outcome hash, item list, outbox, ended list,
-# outcomes; ARGV = member, number, now, worker, max attempts, gave-up message, answers, model.
-# Returns the attempt number (>= 1) or a START_* code of worker/transitions.py.
+# outcomes, held set; ARGV = member, number, now, worker, max attempts, gave-up message, answers, model, task id.
+# Returns the attempt number (>= 1) or a START_* code of worker/transitions.py (START_PENDING while the batch's
+# submission is not accepted yet, as for a job).
 START_CHUNK_LUA = (
     _LIBRARY
     + """
+if meta(KEYS[1]).pending == '1' then return -5 end
+redis.call('srem', KEYS[12], ARGV[9])
 take_from_queue(KEYS[3], KEYS[4], ARGV[1], tonumber(ARGV[7]))
 if not meta(KEYS[1]).count then
   redis.call('zrem', KEYS[5], ARGV[1])
@@ -296,6 +301,53 @@ if cur == RUNNING then return 2 end
 if cur then return 0 end
 local entry = {ARGV[2], 'canceled', 'canceled', '["canceled"]', ARGV[3]}
 end_items(KEYS[1], KEYS[2], KEYS[4], KEYS[5], KEYS[6], ARGV[1], {entry})
+return 1
+"""
+)
+
+# Accepts a batch stored `pending` once its chunks are published (see ACCEPT_LUA of worker/transitions.py): its chunks
+# join their level's set of chunks never started, and its answers the count of answers waiting.
+# KEYS = batch, never-started set; ARGV = now, answers, then each chunk's member. Returns 1, or 0 when not pending.
+ACCEPT_BATCH_LUA = (
+    _LIBRARY
+    + """
+if meta(KEYS[1]).pending ~= '1' then return 0 end
+redis.call('hdel', KEYS[1], 'pending')
+for first = 3, #ARGV, UNPACK_MAX do
+  local scored = {}
+  for k = first, math.min(#ARGV, first + UNPACK_MAX - 1) do
+    scored[#scored + 1] = ARGV[1]
+    scored[#scored + 1] = ARGV[k]
+  end
+  redis.call('zadd', KEYS[2], unpack(scored))
+end
+redis.call('hincrby', WAITING, KEYS[2], tonumber(ARGV[2]))
+return 1
+"""
+)
+
+# Withdraws a batch whose submission failed (see WITHDRAW_LUA of worker/transitions.py): deleted, with its uploads,
+# unless a worker started one of its chunks already (it then runs, and the API answers 202).
+# KEYS = batch, chunks, never-started set, deadlines set, then the keys to delete (the batch's and its uploads);
+# ARGV = deadline member, answers, then each chunk's member. Returns 1 when withdrawn, 0 when a chunk had started,
+# -1 when the batch is missing.
+WITHDRAW_BATCH_LUA = (
+    _LIBRARY
+    + """
+if not meta(KEYS[1]).count then return -1 end
+for _, field in ipairs(redis.call('hkeys', KEYS[2])) do
+  if string.sub(field, -2) == ':w' then return 0 end
+end
+if meta(KEYS[1]).pending ~= '1' then
+  for first = 3, #ARGV, UNPACK_MAX do
+    redis.call('zrem', KEYS[3], unpack(ARGV, first, math.min(#ARGV, first + UNPACK_MAX - 1)))
+  end
+  redis.call('hincrby', WAITING, KEYS[3], -tonumber(ARGV[2]))
+end
+redis.call('zrem', KEYS[4], ARGV[1])
+for first = 5, #KEYS, UNPACK_MAX do
+  redis.call('del', unpack(KEYS, first, math.min(#KEYS, first + UNPACK_MAX - 1)))
+end
 return 1
 """
 )

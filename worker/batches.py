@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from worker.batch_scripts import (
+    ACCEPT_BATCH_LUA,
     CANCEL_ITEM_LUA,
     CLOSE_BATCH_LUA,
     DELETE_ENDED_LUA,
@@ -32,20 +33,22 @@ from worker.batch_scripts import (
     RUN_ITEMS_LUA,
     START_CHUNK_LUA,
     UPLOADS_LEFT_PREFIX,
+    WITHDRAW_BATCH_LUA,
 )
 from worker.fleet import outcomes_key as outcomes_key_of_queue
 from worker.jobs import (
     KEY_PREFIX,
+    PENDING_FIELD,
     Job,
     JobStore,
     batch_key,
     deadlines_key,
     ended_key,
+    held_key,
     running_key,
     started_mark_key,
     stats_key,
     unstarted_key,
-    waiting_answers_key,
     webhook_delivery,
     webhook_outbox_key,
 )
@@ -249,6 +252,8 @@ class BatchStore:
         self._close = self.client.register_script(CLOSE_BATCH_LUA)
         self._cancel_item = self.client.register_script(CANCEL_ITEM_LUA)
         self._delete = self.client.register_script(DELETE_ENDED_LUA)
+        self._accept = self.client.register_script(ACCEPT_BATCH_LUA)
+        self._withdraw = self.client.register_script(WITHDRAW_BATCH_LUA)
 
     def create(
         self,
@@ -260,25 +265,24 @@ class BatchStore:
         uploads: dict[str, bytes] | None = None,
         idempotency: tuple[str, str] | None = None,
     ) -> None:
-        """Write the batch, its images, items and chunks in one transaction, all expiring after the TTL.
+        """Write the batch `pending`, with its images, items and chunks, in one transaction, all expiring after the TTL.
+
+        A pending batch runs nothing until `accept` (after its chunks were published), as a pending job (JobStore).
 
         `images` are `{"image_url": ...}` or `{"image_name": ..., "upload": key}`; `chunks` the messages to send
         (payloads with their `number` and `member`); `uploads` maps each uploaded image's key to its bytes;
         `idempotency` (key, claim) ties an Idempotency-Key to the batch for as long as it lives.
         """
         ttl_s = self.store.ttl_s
-        enqueued = time.time()  # one score for every chunk: the reaper must not take a later chunk for a lost one
         bid = batch.id
         keys = [batch_key(bid), items_key(bid), images_key(bid), chunks_key(bid)]
         with self.client.pipeline(transaction=True) as pipe:
-            pipe.hset(batch_key(bid), mapping=batch.to_redis())  # type: ignore[arg-type]
+            pipe.hset(batch_key(bid), mapping={**batch.to_redis(), PENDING_FIELD: "1"})  # type: ignore[dict-item]
             pipe.rpush(items_key(bid), *(json.dumps(item, separators=(",", ":")) for item in items))
             pipe.hset(images_key(bid), mapping={str(n): json.dumps(image) for n, image in enumerate(images)})
             pipe.hset(chunks_key(bid), mapping={str(c["number"]): json.dumps(c) for c in chunks})
             for key in keys:
                 pipe.expire(key, ttl_s)
-            pipe.zadd(unstarted_key(queue, batch.priority), {chunk["member"]: enqueued for chunk in chunks})
-            pipe.hincrby(waiting_answers_key(), unstarted_key(queue, batch.priority), batch.count)
             if batch.deadline_at:
                 pipe.zadd(deadlines_key(queue), {DEADLINE_MEMBER_PREFIX + bid: float(batch.deadline_at)})
             for key, data in (uploads or {}).items():
@@ -294,15 +298,28 @@ class BatchStore:
                 pipe.expire(uploads_left_key(bid), ttl_s)
             pipe.execute()
 
-    def delete(self, batch: Batch, chunks: list[dict[str, Any]], queue: str, uploads: list[str]) -> None:
-        """Remove a batch (used when its chunks could not be enqueued); chunks already sent find it gone."""
+    def accept(
+        self, batch: Batch, chunks: list[dict[str, Any]], queue: str, replicas: int = 0, timeout_ms: int = 0
+    ) -> int | None:
+        """Accept a pending batch whose chunks are published, as JobStore.accept does a job (same return value)."""
+        members = [chunk["member"] for chunk in chunks]
+        keys = [batch_key(batch.id), unstarted_key(queue, batch.priority)]
+        with self.client.pipeline(transaction=False) as pipe:
+            self._accept(keys=keys, args=[time.time(), batch.count, *members], client=pipe)
+            if replicas > 0:
+                pipe.execute_command("WAIT", replicas, timeout_ms)
+            replies = pipe.execute()
+        if not replies[0]:
+            return None
+        return int(replies[1]) if replicas > 0 else 0
+
+    def withdraw(self, batch: Batch, chunks: list[dict[str, Any]], queue: str, uploads: list[str]) -> bool:
+        """Delete a batch whose submission failed, unless a worker started one of its chunks (then False: it runs)."""
         bid = batch.id
-        with self.client.pipeline(transaction=True) as pipe:
-            pipe.delete(*batch_keys(bid), *uploads)
-            pipe.zrem(unstarted_key(queue, batch.priority), *(chunk["member"] for chunk in chunks))
-            pipe.zrem(deadlines_key(queue), DEADLINE_MEMBER_PREFIX + bid)
-            pipe.hincrby(waiting_answers_key(), unstarted_key(queue, batch.priority), -batch.count)
-            pipe.execute()
+        keys = [batch_key(bid), chunks_key(bid), unstarted_key(queue, batch.priority), deadlines_key(queue)]
+        keys += [*batch_keys(bid), *uploads]
+        args = [DEADLINE_MEMBER_PREFIX + bid, batch.count, *(chunk["member"] for chunk in chunks)]
+        return int(self._withdraw(keys=keys, args=args)) != 0
 
     def delete_ended(self, batch: Batch) -> bool:
         """Delete a batch whose items all ended, with its results; False (nothing deleted) when one has not ended."""
@@ -311,7 +328,9 @@ class BatchStore:
     def get(self, batch_id: str) -> Batch | None:
         """The batch with this id, or None if it was never made or has expired."""
         raw: dict[bytes, bytes] = self.client.hgetall(batch_key(batch_id))  # type: ignore[assignment]
-        return Batch.from_redis({k.decode(): v.decode() for k, v in raw.items()}) if raw else None
+        if not raw or raw.get(PENDING_FIELD.encode()) == b"1":  # a submission still under way is not a batch yet
+            return None
+        return Batch.from_redis({k.decode(): v.decode() for k, v in raw.items()})
 
     def expire_if_overdue(self, batch: Batch, now: float) -> Batch:
         """Close the batch `expired` if it is open past its deadline; the batch as it then is."""
@@ -371,8 +390,9 @@ class BatchStore:
         message = f"the chunk was started {max_attempts} times and its worker died each time; it is not tried again"
         keys = [batch_key(bid), chunks_key(bid), unstarted_key(queue, priority), started_mark_key(queue, priority)]
         keys += [running_key(queue), stats_key(), outcomes_key(bid), items_key(bid), webhook_outbox_key()]
-        keys += [ended_key(bid), outcomes_key_of_queue(queue)]
+        keys += [ended_key(bid), outcomes_key_of_queue(queue), held_key(queue, worker)]
         args: list[str | int | float] = [member, number, time.time(), worker, max_attempts, message, answers, model]
+        args.append(f"{bid}.{number}")  # the chunk's task id, as the worker's set of messages held names it
         return int(self._start(keys=keys, args=args))
 
     def run_items(self, groups: list[tuple[str, list[int]]]) -> list[set[int]]:

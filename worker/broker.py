@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 from celery import Celery
 from kombu.transport.redis import PRIORITY_STEPS
 
+from worker.redis_target import RedisTarget, as_target
 from worker.settings import DEFAULT_TIME_LIMIT_S
 from worker.states import BROKER_PRIORITY, JobPriority
 
@@ -46,7 +47,7 @@ def publish_chunk(celery: Celery, queue: str, payload: dict[str, Any]) -> None:
     celery.send_task(TASK_VQA_CHUNK, args=[payload], task_id=task_id, queue=queue, priority=priority)
 
 
-def create_celery(redis_url: str, queue: str, time_limit_s: int = DEFAULT_TIME_LIMIT_S) -> Celery:
+def create_celery(where: RedisTarget | str, queue: str, time_limit_s: int = DEFAULT_TIME_LIMIT_S) -> Celery:
     """The Celery app both sides use: a Redis broker, JSON only, one queue per model, no result backend.
 
     Outcomes live in the job and batch records, written by the scripts that end them; a second copy in Celery's
@@ -55,8 +56,9 @@ def create_celery(redis_url: str, queue: str, time_limit_s: int = DEFAULT_TIME_L
     `time_limit_s` is the hard limit of one job: the visibility timeout is derived from it, and must be the same
     in every process that uses the broker (Redis's transport uses the shortest one it is given).
     """
+    target = as_target(where)
     visibility_timeout_s = visibility_timeout_for(time_limit_s)
-    app = Celery("blipq", broker=redis_url)
+    app = Celery("blipq", broker=target.broker_url)
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],  # never pickle: a message must not be able to run code in a worker
@@ -82,6 +84,7 @@ def create_celery(redis_url: str, queue: str, time_limit_s: int = DEFAULT_TIME_L
             "visibility_timeout": visibility_timeout_s,
             "socket_connect_timeout": 5,
             "priority_steps": list(PRIORITY_STEPS),  # kombu's default, named: BROKER_PRIORITY and the reaper need it
+            **target.broker_options,  # with Sentinel, the primary's name
         },
         visibility_timeout=visibility_timeout_s,
         # Celery enforces these in a process pool only; blipq's workers time their jobs themselves (worker/tasks.py).

@@ -23,6 +23,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from worker.jobs import KEY_PREFIX
+from worker.redis_target import RedisTarget, as_target
 
 log = logging.getLogger("blipq.worker")
 
@@ -82,10 +83,9 @@ def outcomes_key(queue: str) -> str:
     return f"{KEY_PREFIX}stats:outcomes:{queue}"
 
 
-def fleet_client(url: str) -> redis.Redis:
+def fleet_client(where: RedisTarget | str) -> redis.Redis:
     """A client for these keys: short timeouts, decoded strings."""
-    return redis.Redis.from_url(
-        url,
+    return as_target(where).client(
         socket_connect_timeout=REDIS_TIMEOUT_S,
         socket_timeout=REDIS_TIMEOUT_S,
         retry=Retry(NoBackoff(), 1),  # once more (a stale pooled connection), then report Redis away

@@ -21,8 +21,10 @@ from kombu.transport.redis import Channel
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
+from worker.redis_target import RedisTarget, as_target
 from worker.states import BROKER_PRIORITY, JobPriority, JobStatus, JobTask
 from worker.transitions import (
+    ACCEPT_LUA,
     BATCH_KEY_PREFIX,
     CANCEL_LUA,
     CANCELED_MESSAGE,
@@ -35,12 +37,14 @@ from worker.transitions import (
     RELEASE_KEY_LUA,
     START_LUA,
     WAITING_ANSWERS_KEY,
+    WITHDRAW_LUA,
 )
 
 KEY_PREFIX = "blipq:"  # worker/transitions.py's BATCH_KEY_PREFIX starts with it
 JOB_ID_BYTES = 16  # 128 random bits: ids are unguessable
 OUTAGE_BACKOFF_CAP_S = 1.0  # the longest wait between two tries of a worker's Redis command while Redis is away
 API_RETRIES = 1  # the API tries a failed Redis command once more (a stale pooled connection), then answers 503
+PENDING_FIELD = "pending"  # "1" on a job or batch record stored by a submission not yet accepted (transitions.py)
 STATS_FIELDS = ("executions", "reruns", "duplicate_deliveries", "duplicate_executions", "worker_lost", "republished")
 
 
@@ -142,6 +146,16 @@ def batch_upload_key(batch_id: str, number: int) -> str:
     """The Redis string that holds image `number` uploaded with a batch, shared by all its questions; deleted when the
     last of them ended (worker/batch_scripts.py), or with the batch after the TTL."""
     return f"{KEY_PREFIX}batch-upload:{batch_id}:{number}"
+
+
+def held_key(queue: str, worker: str) -> str:
+    """The set of the messages (task ids) a worker of `queue` received and has not started yet (worker/reaper.py)."""
+    return f"{KEY_PREFIX}held:{queue}:{worker}"
+
+
+def holders_key(queue: str) -> str:
+    """The set of the workers of `queue` that have a set of messages held (worker/reaper.py)."""
+    return f"{KEY_PREFIX}holders:{queue}"
 
 
 def idempotency_key(owner: str, key: str) -> str:
@@ -259,9 +273,11 @@ class JobStore:
         self._expire = client.register_script(EXPIRE_LUA)
         self._claim_key = client.register_script(CLAIM_KEY_LUA)
         self._release_key = client.register_script(RELEASE_KEY_LUA)
+        self._accept = client.register_script(ACCEPT_LUA)
+        self._withdraw = client.register_script(WITHDRAW_LUA)
 
     @classmethod
-    def from_url(cls, url: str, ttl_s: int, timeout_s: float = 5.0, outage_s: float = 0.0) -> JobStore:
+    def connect(cls, where: RedisTarget | str, ttl_s: int, timeout_s: float = 5.0, outage_s: float = 0.0) -> JobStore:
         """A store on its own connection pool, with timeouts so a dead Redis fails fast instead of hanging.
 
         `outage_s` > 0 retries commands that fail for want of a connection for about that long: a worker that
@@ -273,8 +289,7 @@ class JobStore:
             retry = Retry(ExponentialBackoff(cap=OUTAGE_BACKOFF_CAP_S, base=0.05), retries)
         else:
             retry = Retry(NoBackoff(), API_RETRIES)
-        client = redis.Redis.from_url(
-            url,
+        client = as_target(where).client(
             socket_connect_timeout=timeout_s,
             socket_timeout=timeout_s,
             health_check_interval=30,
@@ -285,42 +300,51 @@ class JobStore:
     def create(
         self, job: Job, queue: str, upload: bytes | None = None, idempotency: tuple[str, str] | None = None
     ) -> None:
-        """Write a new job record (and its uploaded image) atomically, both expiring after the TTL.
+        """Write a new job record `pending` (and its uploaded image) atomically, both expiring after the TTL.
 
-        The job also joins its queue level's set of jobs never started, from which the reaper republishes a job
-        whose message was lost (see worker/reaper.py), and its queue's set of deadlines if it has one.
-        `idempotency` (key, claim) ties an Idempotency-Key to the job for as long as the job lives.
+        A pending job is not run, nor seen by the reaper, until `accept` (after its message was published): a
+        submission that fails is never run. `idempotency` (key, claim) ties an Idempotency-Key to the job for as long
+        as the job lives.
         """
         with self.client.pipeline(transaction=True) as pipe:
-            self.add_to_pipeline(pipe, job, queue)
-            pipe.zadd(unstarted_key(queue, job.priority), {job.id: time.time()})
-            pipe.hincrby(waiting_answers_key(), unstarted_key(queue, job.priority), 1)
+            pipe.hset(job_key(job.id), mapping={**job.to_redis(), PENDING_FIELD: "1"})  # type: ignore[dict-item]
+            pipe.expire(job_key(job.id), self.ttl_s)
+            if job.deadline_at:
+                pipe.zadd(deadlines_key(queue), {job.id: float(job.deadline_at)})
             if upload is not None:
                 pipe.set(upload_key(job.id), upload, ex=self.ttl_s)
             if idempotency is not None:
                 pipe.set(idempotency[0], idempotency[1], ex=self.ttl_s)
             pipe.execute()
 
-    def add_to_pipeline(self, pipe: redis.client.Pipeline, job: Job, queue: str) -> None:
-        """Queue on `pipe` the writes of a new job's record and deadline; the caller adds it to its unstarted set."""
-        pipe.hset(job_key(job.id), mapping=job.to_redis())  # type: ignore[arg-type]  # redis-py: invariant Mapping
-        pipe.expire(job_key(job.id), self.ttl_s)
-        if job.deadline_at:
-            pipe.zadd(deadlines_key(queue), {job.id: float(job.deadline_at)})
+    def accept(self, job: Job, queue: str, replicas: int = 0, timeout_ms: int = 0) -> int | None:
+        """Accept a pending job whose message is published (ACCEPT_LUA); None when it was not pending any more.
 
-    def delete(self, job: Job, queue: str) -> None:
-        """Remove a job and its upload (used when its task could not be enqueued)."""
-        with self.client.pipeline(transaction=True) as pipe:
-            pipe.delete(job_key(job.id), upload_key(job.id))
-            pipe.zrem(unstarted_key(queue, job.priority), job.id)
-            pipe.hincrby(waiting_answers_key(), unstarted_key(queue, job.priority), -1)
-            pipe.zrem(deadlines_key(queue), job.id)
-            pipe.execute()
+        With `replicas` > 0, Redis WAITs (on the same connection, so after the job's record, its message and this
+        acceptance) until that many replicas acknowledged them, or `timeout_ms`: returns how many did (else 0).
+        """
+        with self.client.pipeline(transaction=False) as pipe:
+            self._accept(
+                keys=[job_key(job.id), unstarted_key(queue, job.priority)], args=[job.id, time.time()], client=pipe
+            )
+            if replicas > 0:
+                pipe.execute_command("WAIT", replicas, timeout_ms)
+            replies = pipe.execute()
+        if not replies[0]:
+            return None
+        return int(replies[1]) if replicas > 0 else 0
+
+    def withdraw(self, job: Job, queue: str) -> bool:
+        """Delete a job whose submission failed, unless a worker started it already (then False: it runs)."""
+        keys = [job_key(job.id), upload_key(job.id), unstarted_key(queue, job.priority), deadlines_key(queue)]
+        return int(self._withdraw(keys=keys, args=[job.id])) != 0
 
     def get(self, job_id: str) -> Job | None:
         """The job with this id, or None if it was never issued or has expired."""
         raw: dict[bytes, bytes] = self.client.hgetall(job_key(job_id))  # type: ignore[assignment]
-        return Job.from_redis({k.decode(): v.decode() for k, v in raw.items()}) if raw else None
+        if not raw or raw.get(PENDING_FIELD.encode()) == b"1":  # a submission still under way is not a job yet
+            return None
+        return Job.from_redis({k.decode(): v.decode() for k, v in raw.items()})
 
     def start(
         self,
@@ -351,6 +375,7 @@ class JobStore:
                 args += [DEADLINE_MESSAGE, CANCELED_RERUN_MESSAGE]
                 keys = [job_key(job_id), stats_key(), unstarted_key(queue, priority), started_mark_key(queue, priority)]
                 keys += [upload_key(job_id), webhook_outbox_key(), deadlines_key(queue), running_key(queue)]
+                keys += [held_key(queue, worker)]
                 self._start(keys=keys, args=args, client=pipe)
             return [int(attempt) for attempt in pipe.execute()]
 

@@ -193,7 +193,7 @@ class WorkerOps:
     @property
     def client(self) -> redis.Redis:
         if self._client is None:  # made on first use, once the worker runs
-            self._client = fleet_client(self.settings.redis_url)
+            self._client = fleet_client(self.settings.redis)
         return self._client
 
     def _count_in_redis(self, status: str, code: str) -> None:

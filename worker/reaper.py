@@ -23,6 +23,13 @@ again as soon as the worker's record (worker/fleet.py, refreshed every few secon
 the job's next start counts an attempt, so a job that kills every worker that takes it ends `worker_lost`. The old
 message, once restored, finds the job ended or running and is skipped or runs once more (its answer is dropped).
 
+A job or chunk that a worker had received but not started yet when it died is not in the running set, and no later
+start may move its level's mark soon (a burst's jobs all share a few seconds of enqueue times). A worker therefore
+records each message it receives, before a thread starts it, in its set of messages held (`Receipts`; the start
+script takes it out): once the worker's record has expired, the reaper publishes again every message in that set
+whose job (or chunk) has not started. Every job a dead worker held, started or not, runs again within about the
+record's expiry and one sweep.
+
 A batch's chunks are watched the same way, as members `chunk:<batch id>:<number>:<answers>` of the same sets: a chunk
 whose message was lost, or whose worker died, is published again from the copy its batch keeps until the chunk ends.
 
@@ -38,6 +45,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 from celery import Celery
@@ -54,6 +62,8 @@ from worker.jobs import (
     JobStore,
     broker_list_key,
     deadlines_key,
+    held_key,
+    holders_key,
     running_key,
     started_mark_key,
     stats_key,
@@ -69,6 +79,7 @@ log = logging.getLogger("blipq.reaper")
 
 SWEEP_BATCH = 200  # jobs looked at per level and sweep, at most: a sweep stays short however deep the backlog
 LOCK_PREFIX = "blipq:reaper-lock:"
+HELD_TTL_S = 24 * 3600  # a worker's set of messages held outlives any message it names (a job's time limit)
 
 
 @dataclass(frozen=True)
@@ -107,7 +118,71 @@ def sweep(store: JobStore, celery: Celery, queue: str, policy: ReaperPolicy) -> 
     republished = 0
     for priority in JobPriority:
         republished += _republish_lost(store, celery, queue, policy, priority)
+    republished += republish_held(store, celery, queue)
     return republished + republish_orphans(store, celery, queue, policy)
+
+
+def republish_held(store: JobStore, celery: Celery, queue: str) -> int:
+    """Publish again the messages that the queue's dead workers had received and not started; returns how many."""
+    client = store.client
+    holders = [member.decode() for member in client.smembers(holders_key(queue))]  # type: ignore[union-attr]
+    if not holders:
+        return 0
+    with client.pipeline(transaction=False) as pipe:
+        for worker in holders:
+            pipe.exists(worker_key(worker))
+        alive = pipe.execute()
+    republished = 0
+    for worker in (worker for worker, live in zip(holders, alive, strict=True) if not live):
+        held: set[bytes] = client.smembers(held_key(queue, worker))  # type: ignore[assignment]
+        for task_id in sorted(member.decode() for member in held):
+            republished += _republish_held(store, celery, queue, task_id)
+        client.delete(held_key(queue, worker))
+        client.srem(holders_key(queue), worker)
+        if held:
+            log.warning("worker %s is gone with %d messages it had not started; published again", worker, len(held))
+    return republished
+
+
+def _republish_held(store: JobStore, celery: Celery, queue: str, task_id: str) -> int:
+    """Publish again a held message (a job id, or `<batch id>.<number>`) unless its job or chunk started; 1 if so."""
+    batch_id, dot, number = task_id.partition(".")
+    if dot:
+        batches = BatchStore(store)
+        payload = batches.chunk_payload(batch_id, int(number))
+        if payload is None or batches.chunk_worker(batch_id, int(number)) is not None:  # ended, or started
+            return 0
+        priority = JobPriority(payload.get("priority") or JobPriority.NORMAL)
+        # Its wait starts again (the reaper's other rules): before the publish, which a worker may start at once.
+        store.client.zadd(unstarted_key(queue, priority), {payload["member"]: time.time()}, xx=True)
+        publish_chunk(celery, queue, payload)
+    else:
+        job = store.get(task_id)
+        if job is None or job.status is not JobStatus.QUEUED:  # ended, started elsewhere, or pending
+            return 0
+        store.client.zadd(unstarted_key(queue, job.priority), {job.id: time.time()}, xx=True)
+        publish_job(celery, job, queue)
+    store.client.hincrby(stats_key(), "republished", 1)
+    return 1
+
+
+class Receipts:
+    """Records each message a worker receives in its set of messages held (one round trip, in the consumer thread,
+    before a pool thread starts it): connected to Celery's `task_received`."""
+
+    def __init__(self, client: redis.Redis, queue: str, worker: str) -> None:
+        self.client, self.queue, self.worker = client, queue, worker
+
+    def received(self, request: Any, **_: Any) -> None:
+        key = held_key(self.queue, self.worker)
+        try:
+            with self.client.pipeline(transaction=False) as pipe:
+                pipe.sadd(key, request.id)
+                pipe.expire(key, HELD_TTL_S)
+                pipe.sadd(holders_key(self.queue), self.worker)
+                pipe.execute()
+        except (redis.RedisError, OSError) as exc:  # the reaper's slower rules still find the job if this worker dies
+            log.warning("cannot record message %s as held: %s", request.id, exc)
 
 
 def republish_orphans(store: JobStore, celery: Celery, queue: str, policy: ReaperPolicy) -> int:

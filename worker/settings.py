@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from worker.errors import SettingsError
+from worker.redis_target import DEFAULT_MASTER, RedisTarget
 from worker.states import JobTask
 
 # Defaults shared by the API and the worker: both read these variables and must agree.
@@ -113,6 +114,22 @@ def env_redis_url(env: Mapping[str, str]) -> str:
     return url
 
 
+def env_redis_sentinels(env: Mapping[str, str]) -> tuple[tuple[str, int], ...]:
+    """Read BLIPQ_REDIS_SENTINELS: the sentinels' `host:port` addresses, comma-separated; none: no Sentinel."""
+    sentinels = []
+    for item in filter(None, (part.strip() for part in env.get("BLIPQ_REDIS_SENTINELS", "").split(","))):
+        host, _, port = item.rpartition(":")
+        if not host or not port.isdecimal() or not 1 <= int(port) <= 65535:
+            raise SettingsError(f"BLIPQ_REDIS_SENTINELS: {item!r} is not a host:port address (sentinel-1:26379)")
+        sentinels.append((host.strip("[]"), int(port)))
+    return tuple(sentinels)
+
+
+def env_redis_target(env: Mapping[str, str]) -> RedisTarget:
+    """Read where Redis is: BLIPQ_REDIS_URL, and BLIPQ_REDIS_SENTINELS with BLIPQ_REDIS_MASTER for Sentinel."""
+    return RedisTarget(env_redis_url(env), env_redis_sentinels(env), env_str(env, "BLIPQ_REDIS_MASTER", DEFAULT_MASTER))
+
+
 def env_device(env: Mapping[str, str]) -> str:
     """Read BLIPQ_DEVICE: auto, cpu, cuda or cuda:N."""
     value = env_str(env, "BLIPQ_DEVICE", "auto")
@@ -139,6 +156,8 @@ class WorkerSettings:
     """Everything a worker process needs, from BLIPQ_* variables."""
 
     redis_url: str = DEFAULT_REDIS_URL
+    redis_sentinels: tuple[tuple[str, int], ...] = ()  # Sentinel's addresses: the primary is found through them
+    redis_master: str = DEFAULT_MASTER  # the name the sentinels know the primary by
     task: JobTask = JobTask.VQA  # picks the default model and queue; the model's architecture decides what it does
     queue: str = DEFAULT_QUEUE
     job_ttl_s: int = DEFAULT_JOB_TTL_S
@@ -162,11 +181,11 @@ class WorkerSettings:
     job_time_limit_s: int = DEFAULT_TIME_LIMIT_S  # hard; the soft limit (job fails `timeout`) is 10 s earlier
     max_attempts: int = 3  # starts of one job whose worker died each time, before it fails `worker_lost`
     shutdown_grace_s: float = 30.0  # on SIGTERM, the jobs held have this long to finish, then go to other workers
-    reaper_interval_s: float = 30.0  # between two looks for jobs whose message was lost (worker/reaper.py); 0: never
+    reaper_interval_s: float = 5.0  # between two looks for jobs whose message was lost (worker/reaper.py); 0: never
     log_format: str = "json"
     metrics_port: int = DEFAULT_METRICS_PORT  # the worker serves /metrics here; 0: no endpoint
     metrics_addr: str = "0.0.0.0"  # all interfaces: Prometheus scrapes each worker from elsewhere
-    announce_interval_s: float = 10.0  # between two refreshes of the worker's record that /readyz reads
+    announce_interval_s: float = 5.0  # between two refreshes of the worker's record that /readyz reads
     webhook_secret: str = field(default="", repr=False)  # signs webhooks; "": this worker delivers none
     webhook_max_attempts: int = 6  # tries of one webhook delivery (retried on timeouts, connection errors, 5xx, 429)
     webhook_timeout_s: float = 10.0  # to connect to a webhook receiver, and again for its answer
@@ -175,14 +194,22 @@ class WorkerSettings:
     answer_cache_ttl_s: int = 7 * 24 * 3600  # how long a cached answer is kept
     answer_cache_max: int = 1_000_000  # cached answers at most (about 200 bytes of Redis each), the oldest go first
 
+    @property
+    def redis(self) -> RedisTarget:
+        """Where Redis is (worker/redis_target.py)."""
+        return RedisTarget(self.redis_url, self.redis_sentinels, self.redis_master)
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> WorkerSettings:
         """Build settings from the environment; raises SettingsError naming the variable at fault."""
         env = os.environ if env is None else env
         task = JobTask(env_str(env, "BLIPQ_TASK", "vqa", TASKS))
         batch_max_size = env_int(env, "BLIPQ_BATCH_MAX_SIZE", 32, minimum=1)
+        target = env_redis_target(env)
         return cls(
-            redis_url=env_redis_url(env),
+            redis_url=target.url,
+            redis_sentinels=target.sentinels,
+            redis_master=target.master,
             task=task,
             queue=env_str(env, "BLIPQ_QUEUE", DEFAULT_QUEUES[task]),
             job_ttl_s=env_int(env, "BLIPQ_JOB_TTL_S", DEFAULT_JOB_TTL_S, minimum=60),
@@ -208,11 +235,11 @@ class WorkerSettings:
             job_time_limit_s=env_int(env, "BLIPQ_JOB_TIME_LIMIT_S", DEFAULT_TIME_LIMIT_S, minimum=15),
             max_attempts=env_int(env, "BLIPQ_MAX_ATTEMPTS", 3, minimum=1),
             shutdown_grace_s=env_float(env, "BLIPQ_SHUTDOWN_GRACE_S", 30.0),
-            reaper_interval_s=env_float(env, "BLIPQ_REAPER_INTERVAL_S", 30.0, inclusive=True),  # 0: never
+            reaper_interval_s=env_float(env, "BLIPQ_REAPER_INTERVAL_S", 5.0, inclusive=True),  # 0: never
             log_format=env_str(env, "BLIPQ_LOG_FORMAT", "json", LOG_FORMATS),
             metrics_port=env_port(env, "BLIPQ_METRICS_PORT", DEFAULT_METRICS_PORT),
             metrics_addr=env_str(env, "BLIPQ_METRICS_ADDR", "0.0.0.0"),
-            announce_interval_s=env_float(env, "BLIPQ_ANNOUNCE_INTERVAL_S", 10.0),
+            announce_interval_s=env_float(env, "BLIPQ_ANNOUNCE_INTERVAL_S", 5.0),
             webhook_secret=env_webhook_secret(env),
             webhook_max_attempts=env_int(env, "BLIPQ_WEBHOOK_MAX_ATTEMPTS", 6, minimum=1),
             webhook_timeout_s=env_float(env, "BLIPQ_WEBHOOK_TIMEOUT_S", 10.0),

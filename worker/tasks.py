@@ -14,7 +14,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor, as_completed
 from typing import TYPE_CHECKING, Any
 
@@ -32,7 +32,14 @@ from worker.jobs import JobStore
 from worker.netguard import NetworkPolicy
 from worker.settings import WorkerSettings
 from worker.states import JobPriority, JobStatus
-from worker.transitions import START_CANCELED, START_ENDED, START_EXPIRED, START_GAVE_UP, START_MISSING
+from worker.transitions import (
+    START_CANCELED,
+    START_ENDED,
+    START_EXPIRED,
+    START_GAVE_UP,
+    START_MISSING,
+    START_PENDING,
+)
 
 if TYPE_CHECKING:  # torch is imported when the model loads, not when the API imports this package
     import requests
@@ -43,6 +50,10 @@ if TYPE_CHECKING:  # torch is imported when the model loads, not when the API im
 log = logging.getLogger("blipq.worker")
 
 REDIS_OUTAGE_S = 60.0  # how long a worker's job-record writes keep retrying while Redis is away (a restart)
+# A message can arrive before the API accepted its job (it publishes, then accepts: worker/transitions.py): the start
+# is asked again, sooner first, for this long. A job accepted later still (an API stalled that long) is left to the
+# reaper, which publishes it again.
+PENDING_WAIT_S = 3.0
 
 
 class JobTiming(threading.local):
@@ -136,7 +147,7 @@ class WorkerRuntime:
         if self._store is None:
             settings = self.settings
             # Writes retry across a Redis restart (for REDIS_OUTAGE_S): an answer is recorded, not lost.
-            self._store = JobStore.from_url(settings.redis_url, settings.job_ttl_s, outage_s=REDIS_OUTAGE_S)
+            self._store = JobStore.connect(settings.redis, settings.job_ttl_s, outage_s=REDIS_OUTAGE_S)
         return self._store
 
     @property
@@ -201,8 +212,10 @@ class WorkerRuntime:
         self.start()
         settings = self.settings
         batch_id = str(payload.get("batch_id", ""))
-        attempt = self.batches.start_chunk(
-            payload, settings.queue, worker_identity(), settings.max_attempts, settings.model
+        attempt = when_accepted(
+            lambda: self.batches.start_chunk(
+                payload, settings.queue, worker_identity(), settings.max_attempts, settings.model
+            )
         )
         if attempt < 1:
             return {"batch_id": batch_id, "skipped": attempt}
@@ -330,40 +343,30 @@ class WorkerRuntime:
     def _begin(self, job_id: str, priority: JobPriority) -> dict[str, str] | None:
         """Record the start of a run; the outcome when the job must not run (expired, ended, canceled, given up)."""
         settings = self.settings
-        attempt = self.store.start(
-            job_id, settings.queue, settings.model, worker_identity(), settings.max_attempts, priority
+        attempt = when_accepted(
+            lambda: self.store.start(
+                job_id, settings.queue, settings.model, worker_identity(), settings.max_attempts, priority
+            )
         )
         return self._start_outcome(job_id, attempt)
 
     def _start_outcome(self, job_id: str, attempt: int) -> dict[str, str] | None:
         """What the start script's answer means for the job: None when it runs, else its outcome."""
-        if attempt == START_MISSING:
-            log.warning("job %s expired before it ran; skipped", job_id, extra={"job_id": job_id})
-            return {"status": "expired"}
-        if attempt == START_ENDED:  # delivered again after it ended: its answer stands, the model is not run again
-            log.info("job %s already ended; not run again", job_id, extra={"job_id": job_id})
-            return {"status": "duplicate"}
-        if attempt == START_CANCELED:
-            log.info("job %s was canceled; not run", job_id)
-            return {"status": "canceled"}
-        if attempt == START_EXPIRED:
-            log.info("job %s was still queued at its deadline; not run", job_id)
-            return {"status": "expired", "code": "deadline_exceeded"}
+        extra = {"job_id": job_id}
+        if attempt in NOT_RUN:
+            level, message, outcome = NOT_RUN[attempt]
+            log.log(level, message, job_id, extra=extra)
+            return outcome
         if attempt == START_GAVE_UP:
             log.error(
                 "job %s failed: worker_lost (its worker died %d times)",
                 job_id,
                 self.settings.max_attempts,
-                extra={"job_id": job_id, "error_code": "worker_lost"},
+                extra={**extra, "error_code": "worker_lost"},
             )
             return {"status": "failed", "code": "worker_lost"}
         if attempt > 1:
-            log.warning(
-                "job %s: attempt %d (a worker died while running it)",
-                job_id,
-                attempt,
-                extra={"job_id": job_id, "attempt": attempt},
-            )
+            log.warning("job %s: attempt %d (a worker died while running it)", job_id, attempt, extra=extra)
         return None
 
     def _fail(self, job_id: str, code: str, message: str) -> dict[str, str]:
@@ -415,6 +418,34 @@ class WorkerRuntime:
         if upload is None:
             raise UploadMissingError("the uploaded image is no longer stored (it expired before the job ran)")
         return upload
+
+
+# The start script's answers for a job that is not run: how it is logged, and what the task returns.
+NOT_RUN: dict[int, tuple[int, str, dict[str, str]]] = {
+    START_MISSING: (logging.WARNING, "job %s expired before it ran; skipped", {"status": "expired"}),
+    # Delivered again after it ended: its answer stands, the model is not run again.
+    START_ENDED: (logging.INFO, "job %s already ended; not run again", {"status": "duplicate"}),
+    START_CANCELED: (logging.INFO, "job %s was canceled; not run", {"status": "canceled"}),
+    START_EXPIRED: (
+        logging.INFO,
+        "job %s was still queued at its deadline; not run",
+        {"status": "expired", "code": "deadline_exceeded"},
+    ),
+    START_PENDING: (
+        logging.WARNING,
+        f"job %s was not accepted within {PENDING_WAIT_S:g} s; if it is, the reaper publishes it again",
+        {"status": "pending"},
+    ),
+}
+
+
+def when_accepted(start: Callable[[], int]) -> int:
+    """Call a start script until it says anything but START_PENDING, for up to PENDING_WAIT_S."""
+    given_up_at, pause = time.monotonic() + PENDING_WAIT_S, 0.002
+    while (attempt := start()) == START_PENDING and time.monotonic() < given_up_at:
+        time.sleep(pause)
+        pause = min(pause * 2, 0.2)
+    return attempt
 
 
 def job_priority(payload: Mapping[str, Any]) -> JobPriority:

@@ -78,17 +78,55 @@ end
 """
 )
 
+# Makes a job stored `pending` (by the API, before its message was published) one that runs: it joins its level's set
+# of jobs never started (the reaper's watch) and the count of answers waiting. Until then no worker starts it (the
+# start script answers START_PENDING) and the reaper does not see it: a job whose submission fails is never run.
+# KEYS = job hash, never-started set; ARGV = job id, now (epoch s). Returns 1 when accepted, 0 when it was not pending.
+ACCEPT_LUA = (
+    TAKE_FROM_QUEUE_LUA
+    + """
+if redis.call('hget', KEYS[1], 'pending') ~= '1' then return 0 end
+redis.call('hdel', KEYS[1], 'pending')
+if redis.call('hget', KEYS[1], 'status') == 'queued' then
+  redis.call('zadd', KEYS[2], ARGV[2], ARGV[1])
+  redis.call('hincrby', WAITING, KEYS[2], 1)
+end
+return 1
+"""
+)
+
+# Withdraws a job whose submission failed (its message could not be published, or too few replicas acknowledged
+# it): deleted with its upload, unless a worker started it already (it then runs, and the API answers 202).
+# KEYS = job hash, upload, never-started set, deadlines set; ARGV = job id.
+# Returns 1 when withdrawn, 0 when a worker had started it, -1 when the job is missing.
+WITHDRAW_LUA = (
+    _LUA_LIBRARY
+    + """
+local status = redis.call('hget', KEYS[1], 'status')
+if not status then return -1 end
+if status ~= 'queued' then return 0 end
+leave_queue(KEYS[3], ARGV[1])
+redis.call('zrem', KEYS[4], ARGV[1])
+redis.call('del', KEYS[1], KEYS[2])
+return 1
+"""
+)
+
 # Starts a run of a job, unless it expired, ended or was canceled; counts its attempts and gives up after too many.
 # It also takes the job off its level's set of jobs never started (`take_from_queue`). A job still queued at its
 # deadline ends `expired` here, and one whose cancel was asked while it ran (its worker died since) ends `canceled`:
 # neither runs.
 # A job that runs is in its queue's running set (until it ends), for the reaper to notice a worker that died with it.
-# KEYS = job hash, stats hash, never-started set, mark, upload, webhook outbox, deadlines set, running set;
+# A job still pending (its submission not yet accepted) is not started: the worker asks again shortly. Any other
+# answer takes the job off the worker's set of jobs held (see worker/reaper.py).
+# KEYS = job hash, stats hash, never-started set, mark, upload, webhook outbox, deadlines set, running set, held set;
 # ARGV = max attempts, started_at, model, worker, gave-up message, job id, now (epoch s), deadline message,
 # canceled-rerun message. Returns the attempt number (>= 1) or one of the START_* codes below.
 START_LUA = (
     _LUA_LIBRARY
     + """
+if redis.call('hget', KEYS[1], 'pending') == '1' then return -5 end
+redis.call('srem', KEYS[9], ARGV[6])
 take_from_queue(KEYS[3], KEYS[4], ARGV[6], 1)
 redis.call('zrem', KEYS[7], ARGV[6])
 if redis.call('exists', KEYS[1]) == 0 then return -1 end
@@ -204,6 +242,7 @@ START_MISSING = -1  # the job expired (or was never issued)
 START_GAVE_UP = -2  # the job started too many times without ending (it kills its worker): failed `worker_lost`
 START_CANCELED = -3  # the job was canceled: it is not run
 START_EXPIRED = -4  # the job was still queued at its deadline: it is (now) `expired`, not run
+START_PENDING = -5  # the job's submission is not accepted yet (the API is still publishing it): ask again shortly
 CANCEL_MISSING = -1  # no such job (expired)
 CANCEL_ENDED = 0  # the job had ended (or just expired at its deadline): nothing to cancel
 CANCEL_DONE = 1  # the job was queued: it is now `canceled` and will never run

@@ -1,0 +1,95 @@
+"""Where Redis is: one server (BLIPQ_REDIS_URL), or a primary found through Redis Sentinel (BLIPQ_REDIS_SENTINELS).
+
+With Sentinel, failover is Redis's own: the sentinels elect a new primary when the old one is unreachable, and each
+client asks them where the primary is whenever it (re)connects. blipq only hands the same addresses to the three
+clients it runs, each through its library's own Sentinel support:
+- the job store and the fleet's keys: redis-py's `Sentinel.master_for`, whose connections rediscover the primary
+  (and drop a connection to a primary that was demoted to a replica: redis-py turns its READONLY error into a
+  connection error);
+- Celery's broker: kombu's `sentinel://` transport, with the master name in its transport options;
+- the API's rate limits: the `limits` library's `redis+sentinel://` storage.
+While no primary is reachable, every call fails with a connection error, which the API answers 503.
+
+BLIPQ_REDIS_URL still gives the database number and the password (the primary's, and the sentinels' too: the three
+libraries send it to both); its host and port are not used with Sentinel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote, unquote, urlsplit
+
+import redis
+from redis.sentinel import Sentinel
+
+DEFAULT_MASTER = "blipq"
+SENTINEL_TIMEOUT_S = 1.0  # a sentinel that does not answer this fast is skipped for the next one
+
+
+@dataclass(frozen=True)
+class RedisTarget:
+    """The Redis every blipq process talks to, and how to reach it from each library."""
+
+    url: str
+    sentinels: tuple[tuple[str, int], ...] = ()  # none: `url` names the server itself
+    master: str = DEFAULT_MASTER
+
+    def client(self, **options: Any) -> redis.Redis:
+        """A redis-py client with these connection `options` (timeouts, retry, decode_responses...)."""
+        if not self.sentinels:
+            return redis.Redis.from_url(self.url, **options)
+        sentinel = Sentinel(list(self.sentinels), sentinel_kwargs=self._sentinel_options())
+        return sentinel.master_for(self.master, **self._credentials(), **options)
+
+    @property
+    def broker_url(self) -> str:
+        """The broker URL for kombu: the server's URL, or one `sentinel://` address per sentinel."""
+        if not self.sentinels:
+            return self.url
+        parts = urlsplit(self.url)
+        auth = f":{quote(unquote(parts.password), safe='')}@" if parts.password else ""
+        db = parts.path or "/0"
+        return ";".join(f"sentinel://{auth}{host}:{port}{db}" for host, port in self.sentinels)
+
+    @property
+    def broker_options(self) -> dict[str, Any]:
+        """kombu's transport options that the target needs (the master's name, with Sentinel)."""
+        if not self.sentinels:
+            return {}
+        return {"master_name": self.master, "sentinel_kwargs": self._sentinel_options()}
+
+    @property
+    def limits_uri(self) -> str:
+        """The storage URI for the `limits` library (the API's rate limits)."""
+        if not self.sentinels:
+            return self.url
+        parts = urlsplit(self.url)
+        auth = f":{quote(unquote(parts.password), safe='')}@" if parts.password else ""
+        addresses = ",".join(f"{host}:{port}" for host, port in self.sentinels)
+        return f"redis+sentinel://{auth}{addresses}/{self.master}"
+
+    def _sentinel_options(self) -> dict[str, Any]:
+        """How to talk to the sentinels: short timeouts, and the primary's password (as `limits` sends it too)."""
+        options: dict[str, Any] = {"socket_timeout": SENTINEL_TIMEOUT_S, "socket_connect_timeout": SENTINEL_TIMEOUT_S}
+        password = urlsplit(self.url).password
+        if password:
+            options["password"] = unquote(password)
+        return options
+
+    def _credentials(self) -> dict[str, Any]:
+        """The database and credentials that BLIPQ_REDIS_URL gives, for connections to the primary."""
+        parts = urlsplit(self.url)
+        options: dict[str, Any] = {"db": int(parts.path.strip("/") or 0)}
+        if parts.username:
+            options["username"] = unquote(parts.username)
+        if parts.password:
+            options["password"] = unquote(parts.password)
+        if parts.scheme == "rediss":
+            options["ssl"] = True
+        return options
+
+
+def as_target(where: RedisTarget | str) -> RedisTarget:
+    """A target from a target, or from a plain redis:// URL (one server)."""
+    return where if isinstance(where, RedisTarget) else RedisTarget(where)
