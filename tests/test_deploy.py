@@ -1,25 +1,37 @@
-"""deploy/k8s and deploy/prometheus.yml, checked without a cluster: named objects that select their own pods, probes
-on routes the API has, known settings, a GPU per worker, KEDA scaling the worker on the jobs in hand."""
+"""deploy/k8s, deploy/k8s-ha and deploy/prometheus.yml, checked without a cluster: named objects that select their own
+pods, probes on routes the API has, known settings, a GPU per worker, KEDA scaling the worker on the jobs in hand, and
+the overlay that puts blipq on Bitnami's redis chart with Sentinel."""
 
 from __future__ import annotations
 
+import copy
 import os
+import re
+import shlex
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
 
+from api.admission import queue_names
 from api.app import create_app
 from api.settings import ApiSettings
 from tests.conftest import ROOT
 from tests.test_compose import BLIPQ_COMMANDS, FOREIGN_VARIABLES, known_variables
 
 K8S = ROOT / "deploy" / "k8s"
+HA = ROOT / "deploy" / "k8s-ha"  # beside the base, not in it: kustomize refuses an overlay inside its base
 PROMETHEUS = ROOT / "deploy" / "prometheus.yml"
 WORKLOADS = ("Deployment", "StatefulSet")
 KUBERNETES_VERSION = "1.30.0"  # the oldest release the manifests are meant for
 DEFAULT_METRICS_PORT = 9808  # a worker's BLIPQ_METRICS_PORT when unset
+CHART_SENTINEL_PORT = 26379  # the redis chart's sentinel.service.ports.sentinel when unset
+CHART_REDIS_PORT = 6379  # and its sentinel.service.ports.redis
+KEDA_NAMESPACE = "keda"  # where KEDA's operator, which runs the triggers, is installed by default
 
 
 def load_manifests() -> list[tuple[Path, dict[str, Any]]]:
@@ -207,7 +219,8 @@ def test_keda_scales_the_worker_on_jobs_queued_and_running() -> None:
     assert int(trigger["metadata"]["threshold"]) >= 1
 
 
-def test_manifests_match_the_kubernetes_schemas() -> None:
+def schema_errors(docs: list[tuple[str, dict[str, Any]]]) -> list[str]:
+    """What kubernetes-validate finds wrong in these (file, object) pairs; skips (fails on CI) without it."""
     try:
         import kubernetes_validate
     except ImportError:
@@ -215,13 +228,18 @@ def test_manifests_match_the_kubernetes_schemas() -> None:
             pytest.fail("kubernetes-validate is not installed (a dev dependency)")
         pytest.skip("kubernetes-validate is not installed: pip install -e '.[dev]'")
     errors = []
-    for path, doc in MANIFESTS:
+    for source, doc in docs:
         if doc["apiVersion"].startswith("keda.sh/"):
             continue  # a custom resource: no schema ships for it
         try:
             kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)  # strict: no unknown field either
         except kubernetes_validate.ValidationError as exc:
-            errors.append(f"{path.name}: {doc['kind']} {doc['metadata']['name']}: {exc.message}")
+            errors.append(f"{source}: {doc['kind']} {doc['metadata']['name']}: {exc.message}")
+    return errors
+
+
+def test_manifests_match_the_kubernetes_schemas() -> None:
+    errors = schema_errors([(path.name, doc) for path, doc in MANIFESTS])
     assert not errors, "\n".join(errors)
 
 
@@ -245,3 +263,222 @@ def test_prometheus_scrapes_the_api_and_every_worker_of_compose() -> None:
     assert str(worker_port) in [str(port) for port in compose["worker"].get("expose", [])]
     assert all(path.get("metrics_path", "/metrics") == "/metrics" for path in jobs.values())
     assert ("flower", 5555) in targets(jobs["flower"])
+
+
+# deploy/k8s-ha: the base on Bitnami's redis chart with Sentinel.
+
+
+def json_patch(doc: dict[str, Any], operations: list[dict[str, Any]], source: str) -> None:
+    """Apply a JSON patch (RFC 6902: the operations kustomize's patches use here) to `doc` in place."""
+    for operation in operations:
+        *parents, last = (part.replace("~1", "/").replace("~0", "~") for part in operation["path"].split("/")[1:])
+        node: Any = doc
+        for part in parents:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        key: Any = (len(node) if last == "-" else int(last)) if isinstance(node, list) else last
+        where = f"{source}: {operation['op']} {operation['path']} in {doc['kind']} {doc['metadata']['name']}"
+        if operation["op"] == "add":
+            if isinstance(node, list):
+                node.insert(key, operation["value"])
+            else:
+                node[key] = operation["value"]
+            continue
+        assert (0 <= key < len(node)) if isinstance(node, list) else key in node, f"{where}: no such place"
+        if operation["op"] == "test":
+            assert node[key] == operation["value"], f"{where}: the base has {node[key]!r}"
+        elif operation["op"] == "replace":
+            node[key] = operation["value"]
+        elif operation["op"] == "remove":
+            del node[key]
+        else:
+            pytest.fail(f"{where}: an operation these tests do not read")
+
+
+def build_overlay(directory: Path) -> list[dict[str, Any]]:
+    """What `kubectl apply -k directory` applies, for the kustomize features the overlay uses: the base, files of its
+    own, JSON patches and strategic-merge deletions on targets, a namespace. Anything else fails rather than be
+    misread. Patches that match nothing in the base, or whose `test` operations fail, fail too."""
+    kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    unread = set(kustomization) - {"apiVersion", "kind", "namespace", "resources", "patches"}
+    assert not unread, f"the tests' overlay reader does not know {unread}"
+    docs: list[dict[str, Any]] = []
+    for resource in kustomization["resources"]:
+        path = (directory / resource).resolve()
+        if path == K8S.resolve():
+            docs += [copy.deepcopy(doc) for _, doc in MANIFESTS]
+        else:
+            docs += [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+    for patch in kustomization.get("patches", []):
+        assert set(patch) <= {"path", "target"}, patch
+        body = yaml.safe_load((directory / patch["path"]).read_text())
+        target = patch.get("target") or {"kind": body["kind"], "name": body["metadata"]["name"]}
+        assert set(target) <= {"kind", "name"}, target
+        fields = {"kind": lambda doc: doc["kind"], "name": lambda doc: doc["metadata"]["name"]}
+        matched = [doc for doc in docs if all(re.fullmatch(target[f], fields[f](doc)) for f in target)]
+        assert matched, f"{patch['path']} patches nothing: {target}"
+        if isinstance(body, list):
+            for doc in matched:
+                json_patch(doc, body, patch["path"])
+        else:
+            assert body.get("$patch") == "delete", f"{patch['path']}: only deletions are strategic-merge patches here"
+            docs = [doc for doc in docs if not any(doc is gone for gone in matched)]
+    for doc in docs:
+        if doc["kind"] != "Namespace" and "namespace" in kustomization:
+            doc["metadata"]["namespace"] = kustomization["namespace"]
+    return docs
+
+
+@pytest.fixture(scope="module")
+def ha() -> list[dict[str, Any]]:
+    return build_overlay(HA)
+
+
+@pytest.fixture(scope="module")
+def chart() -> dict[str, Any]:
+    """The redis chart's values for the overlay."""
+    return yaml.safe_load((HA / "redis-values.yaml").read_text())  # type: ignore[no-any-return]
+
+
+def of(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    found = [doc for doc in docs if doc["kind"] == kind and doc["metadata"]["name"] == name]
+    assert len(found) == 1, f"expected one {kind} named {name}"
+    return found[0]
+
+
+def sentinel_address(chart: dict[str, Any]) -> tuple[str, int]:
+    """The chart's Service (fullnameOverride) and its sentinel port."""
+    ports = chart.get("sentinel", {}).get("service", {}).get("ports", {})
+    return chart["fullnameOverride"], int(ports.get("sentinel", CHART_SENTINEL_PORT))
+
+
+def chart_secret(chart: dict[str, Any]) -> tuple[str, str]:
+    """The Secret and key of the Redis password that the chart reads (made before the install)."""
+    auth = chart["auth"]
+    assert auth["enabled"] and auth["existingSecret"], "Redis asks for a password, kept in a Secret of blipq's"
+    return auth["existingSecret"], auth["existingSecretPasswordKey"]
+
+
+def test_the_ha_overlay_keeps_the_base_but_its_redis(ha: list[dict[str, Any]], chart: dict[str, Any]) -> None:
+    base = {(doc["kind"], doc["metadata"]["name"]) for _, doc in MANIFESTS}
+    built = {(doc["kind"], doc["metadata"]["name"]) for doc in ha}
+    single_redis = {("StatefulSet", "redis"), ("Service", "redis"), ("NetworkPolicy", "redis")}
+    assert single_redis <= base and not single_redis & built, "the chart's Redis replaces the base's"
+    assert base - single_redis <= built
+    service, _ = sentinel_address(chart)
+    for workload in (doc for doc in ha if doc["kind"] in WORKLOADS):
+        for container in containers(workload):
+            url = environment(container).get("BLIPQ_REDIS_URL")
+            assert url is None or urlsplit(url).hostname == service, "nothing points at the base's Redis"
+
+
+def test_the_ha_overlay_is_what_kustomize_builds(ha: list[dict[str, Any]]) -> None:
+    kustomize, kubectl = shutil.which("kustomize"), shutil.which("kubectl")
+    if kustomize:
+        command = [kustomize, "build", str(HA)]
+    elif kubectl:
+        command = [kubectl, "kustomize", str(HA)]
+    else:
+        pytest.skip("neither kustomize nor kubectl is installed: the other tests read the overlay themselves")
+    output = subprocess.run(command, check=True, capture_output=True, text=True, timeout=120).stdout
+    built = {(doc["kind"], doc["metadata"]["name"]): doc for doc in yaml.safe_load_all(output) if doc}
+    read = {(doc["kind"], doc["metadata"]["name"]): doc for doc in ha}
+    assert built.keys() == read.keys()
+    for key, doc in built.items():
+        assert doc["metadata"].get("namespace") == read[key]["metadata"].get("namespace"), key
+        if key[0] in WORKLOADS:
+            assert [c.get("env") for c in containers(doc)] == [c.get("env") for c in containers(read[key])], key
+        elif key[0] in ("ScaledObject", "TriggerAuthentication"):
+            assert doc["spec"] == read[key]["spec"], key
+
+
+def test_the_api_and_workers_find_the_primary_through_the_charts_sentinels(
+    ha: list[dict[str, Any]], chart: dict[str, Any]
+) -> None:
+    service, port = sentinel_address(chart)
+    replicas = chart["replica"]["replicaCount"] - 1  # with Sentinel, one of the chart's data pods is the primary
+    base_url = urlsplit(environment(containers(named("Deployment", "blipq-worker"))[0])["BLIPQ_REDIS_URL"])
+    for name in ("blipq-api", "blipq-worker"):
+        (container,) = containers(of(ha, "Deployment", name))
+        env = environment(container)
+        assert env["BLIPQ_REDIS_SENTINELS"] == f"{service}:{port}", name
+        assert env["BLIPQ_REDIS_MASTER"] == chart["sentinel"]["masterSet"], name
+        url = urlsplit(env["BLIPQ_REDIS_URL"])
+        assert url.path == base_url.path, "the same database"
+        reference = re.fullmatch(r"\$\((\w+)\)", url.password or "")
+        assert reference, "the password comes from the chart's Secret, through a variable"
+        names = [item["name"] for item in container["env"]]
+        assert names.index(reference[1]) < names.index("BLIPQ_REDIS_URL"), "Kubernetes expands earlier variables only"
+        secret = container["env"][names.index(reference[1])]["valueFrom"]["secretKeyRef"]
+        assert (secret["name"], secret["key"]) == chart_secret(chart)
+    # The API's 202 waits for this many replicas to hold the job: no more than the chart runs.
+    api = environment(containers(of(ha, "Deployment", "blipq-api"))[0])
+    assert 1 <= int(api["BLIPQ_MIN_REPLICAS_ACK"]) <= replicas
+
+
+def test_every_variable_the_ha_overlay_sets_is_read(ha: list[dict[str, Any]]) -> None:
+    known = known_variables() | FOREIGN_VARIABLES
+    for workload in (doc for doc in ha if doc["kind"] in WORKLOADS):
+        for container in containers(workload):
+            env = container.get("env", [])
+            for position, item in enumerate(env):
+                later = " ".join(str(other.get("value", "")) for other in env[position + 1 :])
+                # Read by blipq, or spelled into a later variable that is.
+                assert item["name"] in known or f"$({item['name']})" in later, (workload["metadata"]["name"], item)
+
+
+def test_the_chart_runs_sentinels_over_a_primary_and_replicas_that_keep_jobs(chart: dict[str, Any]) -> None:
+    assert chart["architecture"] == "replication" and chart["sentinel"]["enabled"] is True
+    pods = chart["replica"]["replicaCount"]  # one sentinel beside each
+    assert pods >= 3 and pods // 2 < chart["sentinel"]["quorum"] <= pods, "a majority of sentinels decides a failover"
+    config = [shlex.split(line) for line in chart["commonConfiguration"].splitlines() if line.strip()]
+    assert ["appendonly", "yes"] in config and ["maxmemory-policy", "noeviction"] in config
+    args = containers(named("StatefulSet", "redis"))[0]["args"]
+    assert ["maxmemory", args[args.index("--maxmemory") + 1]] in config, "the base's memory cap"
+    chart_secret(chart)
+
+
+def test_the_charts_network_policy_lets_in_blipq_and_keda(ha: list[dict[str, Any]], chart: dict[str, Any]) -> None:
+    policy = chart["networkPolicy"]
+    assert policy["enabled"] and policy["allowExternal"] is False, "as the base's Redis: only blipq's pods reach it"
+    _, sentinel_port = sentinel_address(chart)
+    for name in ("blipq-api", "blipq-worker"):
+        labels = pod_labels(of(ha, "Deployment", name))
+        ports = {
+            port["port"]
+            for rule in policy["extraIngress"]
+            if any(selects(peer.get("podSelector", {}).get("matchLabels", {}), labels) for peer in rule["from"])
+            for port in rule["ports"]
+        }
+        assert {CHART_REDIS_PORT, sentinel_port} <= ports, name
+    (scaled,) = [doc for doc in ha if doc["kind"] == "ScaledObject"]
+    if any(trigger["type"] == "redis-sentinel" for trigger in scaled["spec"]["triggers"]):
+        assert policy["ingressNSMatchLabels"] == {"kubernetes.io/metadata.name": KEDA_NAMESPACE}
+
+
+def test_keda_keeps_its_query_and_reads_the_queue_through_the_sentinels(
+    ha: list[dict[str, Any]], chart: dict[str, Any]
+) -> None:
+    (scaled,) = [doc for doc in ha if doc["kind"] == "ScaledObject"]
+    (query,) = objects("ScaledObject")[0]["spec"]["triggers"]
+    triggers = scaled["spec"]["triggers"]
+    assert [trigger for trigger in triggers if trigger["type"] != "redis-sentinel"] == [query]
+    (trigger,) = [trigger for trigger in triggers if trigger["type"] == "redis-sentinel"]
+    metadata = trigger["metadata"]
+    assert metadata["sentinelMaster"] == chart["sentinel"]["masterSet"]
+    service, port = sentinel_address(chart)
+    # KEDA's operator runs in its own namespace: the Service by its namespaced name.
+    assert metadata["addresses"] == f"{service}.{scaled['metadata']['namespace']}.svc:{port}"
+    worker = environment(containers(of(ha, "Deployment", "blipq-worker"))[0])
+    assert metadata["listName"] in queue_names(worker.get("BLIPQ_QUEUE", "blipq")), "one of the worker's lists"
+    # One list of queued jobs, never more workers than the query of jobs queued and running.
+    assert int(metadata["listLength"]) >= int(query["metadata"]["threshold"])
+    authentication = of(ha, "TriggerAuthentication", trigger["authenticationRef"]["name"])
+    secrets = {ref["parameter"]: (ref["name"], ref["key"]) for ref in authentication["spec"]["secretTargetRef"]}
+    assert secrets["password"] == chart_secret(chart)
+    if chart["auth"].get("sentinel", True):  # the chart's default: the sentinels ask for the password too
+        assert secrets["sentinelPassword"] == chart_secret(chart)
+
+
+def test_the_ha_overlay_matches_the_kubernetes_schemas(ha: list[dict[str, Any]]) -> None:
+    errors = schema_errors([("deploy/k8s-ha", doc) for doc in ha])
+    assert not errors, "\n".join(errors)
