@@ -33,7 +33,7 @@ from tests.conftest import (
 from tests.fixtures.images import shape_png
 from tests.test_chaos import QUICK_RECOVERY, reference_answers
 from tests.test_webhooks import QUICK_WEBHOOKS, SECRET, Receiver, serve, verify_signature
-from worker.batches import BatchStore, outcome_value
+from worker.batches import BatchStore, batch_keys, outcome_value, outcomes_key
 from worker.broker import create_celery, publish_chunk
 from worker.jobs import JobStore, running_key
 from worker.reaper import ReaperPolicy, sweep
@@ -169,6 +169,9 @@ def test_a_tagging_batch_answers_every_question_about_every_image_as_single_jobs
     job = api.get(f"/v1/jobs/{lines[5]['job_id']}").get_json()
     assert (job["batch_id"], job["answer"]) == (batch_id, lines[5]["answer"])
     assert singles[0]["batch_id"] is None
+    client = api.application.extensions["blipq"].store.client
+    kept = [key for key in batch_keys(batch_id) if client.exists(key)]
+    assert outcomes_key(batch_id) in kept and all(client.ttl(key) > 0 for key in kept), "every key expires"
 
 
 def test_results_are_paginated_in_item_order(api: FlaskClient, worker: WorkerProcess, images: Images) -> None:
@@ -265,7 +268,7 @@ def test_a_chunk_whose_message_was_lost_is_published_again_by_the_reaper_and_ans
     batch_id = submit_batch(idle_api, {"items": [{"image_url": images.url("red"), "question": QUESTIONS[0]}]})
     idle_queue = idle_api.application.extensions["blipq"].settings.queue
     redis_client.delete(*queue_names(idle_queue))
-    store = JobStore.from_url(redis_server.url, ttl_s=600)
+    store = JobStore.connect(redis_server.url, ttl_s=600)
 
     # When the reaper sweeps that queue (a message waiting longer than 0 s on an empty queue counts as lost)
     republished = sweep(store, create_celery(redis_server.url, idle_queue), idle_queue, ReaperPolicy(3600, 0))
@@ -393,7 +396,7 @@ def test_a_chunk_starts_runs_and_ends_in_one_script_call_each_and_an_ended_item_
     body = {"images": [f"https://images.example.com/{n}.png" for n in range(8)], "questions": QUESTIONS}
     batch_id = submit_batch(idle_api, body)
     queue = idle_api.application.extensions["blipq"].settings.queue
-    batches = BatchStore(JobStore.from_url(redis_server.url, ttl_s=600))
+    batches = BatchStore(JobStore.connect(redis_server.url, ttl_s=600))
     payload = batches.chunk_payload(batch_id, 0)
     assert payload is not None
     indices = [index for image in payload["images"] for index, _ in image["items"]]

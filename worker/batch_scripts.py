@@ -45,6 +45,13 @@ local function closed_as(batch)
   if closed and closed ~= '' then return closed end
   return nil
 end
+-- A key a script makes for a batch (its outcome hash) expires with the batch.
+local function expire_with(batch, key)
+  if redis.call('ttl', key) == -1 then
+    local ttl = redis.call('ttl', batch)
+    if ttl > 0 then redis.call('expire', key, ttl) end
+  end
+end
 local function wake(ended)
   redis.call('publish', ended, '1')
 end
@@ -159,6 +166,7 @@ local function end_items(batch, out, outbox, ended, outcomes, now, entries)
   end
   if #written == 0 then return 0 end
   redis.call('hset', out, unpack(fields))
+  expire_with(batch, out)
   if from_running > 0 then redis.call('hincrby', batch, 'running', -from_running) end
   if from_queued > 0 then redis.call('hincrby', batch, 'queued', -from_queued) end
   for name, count in pairs(counts) do
@@ -250,6 +258,7 @@ for k, cur in ipairs(current) do
 end
 if #fields > 0 then
   redis.call('hset', KEYS[2], unpack(fields))
+  expire_with(KEYS[1], KEYS[2])
   redis.call('hincrby', KEYS[1], 'queued', -#fields / 2)
   redis.call('hincrby', KEYS[1], 'running', #fields / 2)
 end
