@@ -21,10 +21,24 @@ from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
 import redis
-from redis.sentinel import Sentinel
+from redis.sentinel import Sentinel, SentinelManagedConnection
 
 DEFAULT_MASTER = "blipq"
 SENTINEL_TIMEOUT_S = 1.0  # a sentinel that does not answer this fast is skipped for the next one
+
+
+class PrimaryConnection(SentinelManagedConnection):
+    """A connection to the primary that asks the sentinels where it is each time it (re)connects.
+
+    redis-py's own asks in `connect()`; but a command whose connection dropped reconnects through
+    `connect_check_health()`, to the address it had: after a failover, the old primary, for as long as the command's
+    retries last (a worker recording an answer then gave up after a minute, in the failover test).
+    """
+
+    def _connect(self) -> Any:
+        if self.connection_pool.is_master:
+            self.host, self.port = self.connection_pool.get_master_address()
+        return super()._connect()
 
 
 @dataclass(frozen=True)
@@ -40,7 +54,7 @@ class RedisTarget:
         if not self.sentinels:
             return redis.Redis.from_url(self.url, **options)
         sentinel = Sentinel(list(self.sentinels), sentinel_kwargs=self._sentinel_options())
-        return sentinel.master_for(self.master, **self._credentials(), **options)
+        return sentinel.master_for(self.master, connection_class=PrimaryConnection, **self._credentials(), **options)
 
     @property
     def broker_url(self) -> str:
