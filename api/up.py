@@ -163,7 +163,7 @@ def start_sentinel_group(data_dir: Path, replicas: int = 1, master: str = "blipq
             ports.append(port)
         deadline = time.monotonic() + READY_TIMEOUT_S
         while not (
-            all(_replica_in_sync(server) for server in servers[1:])
+            all(replica_in_sync(server) for server in servers[1:])
             and all(_sentinel_sees_group(port, master, replicas) for port in ports)
         ):
             if time.monotonic() > deadline:
@@ -187,7 +187,7 @@ def _sentinel_sees_group(port: int, master: str, replicas: int) -> bool:
     return int(known.get("num-slaves", 0)) >= replicas and int(known.get("num-other-sentinels", 0)) >= 2
 
 
-def _replica_in_sync(server: RedisProcess) -> bool:
+def replica_in_sync(server: RedisProcess) -> bool:
     """The replica's link to its primary is up (its first full copy is done)."""
     client = redis.Redis(port=server.port, socket_connect_timeout=1, socket_timeout=2, decode_responses=True)
     try:

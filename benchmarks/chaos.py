@@ -1,18 +1,24 @@
-"""Chaos run: a stream of jobs through the real service while workers are killed and Redis restarts.
+"""Chaos run: a stream of jobs through the real service while workers are killed and the Redis primary is lost.
 
-    python benchmarks/chaos.py [--jobs 3000] [--rate 60] [--workers 2] [--time-limit 30]
+    python benchmarks/chaos.py [--jobs 3000] [--rate 60] [--workers 2] [--time-limit 30] [--redis sentinel|single]
 
-Starts its own Redis (append-only file on), the API (gunicorn, real HTTP) and N workers serving the shipped demo
-model; submits easy-VQA test questions as uploads at a steady rate while, one after the other: a worker is
-SIGKILLed (twice, on two workers: the OOM killer, a lost node), a worker gets SIGTERM (a deploy), and Redis is stopped
-and started again. Every stopped worker is started again, as a supervisor would. Then it waits for every accepted job
-to end and prints: submitted, accepted, succeeded, failed (by code), lost, duplicate executions, answers changed,
-redelivery latency after each kind of kill and p50/p99 end-to-end latency.
+Starts its own Redis (by default a primary, two replicas and three sentinels, which every process goes through; with
+`--redis single`, one server with its append-only file on), the API (gunicorn, real HTTP) and N workers serving the
+shipped demo model; submits easy-VQA test questions as uploads at a steady rate while, one after the other: a worker
+is SIGKILLed (twice, on two workers: the OOM killer, a lost node), a worker gets SIGTERM (a deploy), and the Redis
+primary is SIGKILLed (the sentinels promote a replica; the old primary comes back as a replica) or, with a single
+server, Redis is stopped and started again. Every stopped worker is started again, as a supervisor would. Then it
+waits for every accepted job to end and prints: submitted, accepted, refused by code, succeeded, failed (by code),
+202s lost, jobs run although their submission was refused, duplicate executions, answers changed, the delay before
+each job a killed worker held (running, or received and not started) ran again, with the worst, and p50/p99
+end-to-end latency.
 
 "Answers changed" counts answers that differ from the same model answering in this process, one job at a time (an
 undisturbed run), plus answers that changed between two readings. The jobs a killed worker held are published again
 by the reaper once the worker's record expires (workers announce every 2 s here, so 6 s; the reaper looks every 2 s);
-their old messages come back after the visibility timeout (--time-limit + 60 s) and are skipped.
+their old messages come back after the visibility timeout (--time-limit + 60 s) and are skipped. "Run although
+refused" counts the job records that are not pending and were never answered 202 (a submission answered 503 is
+withdrawn, or stays pending, which nothing runs).
 """
 
 from __future__ import annotations
@@ -32,13 +38,15 @@ from pathlib import Path
 
 import redis
 import requests
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks.fleet import Fleet, Worker, load_items, wait_until_serving  # noqa: E402
 from worker.broker import visibility_timeout_for  # noqa: E402
-from worker.jobs import JobStore, job_key  # noqa: E402
+from worker.jobs import JobStore, held_key, job_key  # noqa: E402
 
 FINAL = (b"succeeded", b"failed")
 BLOW_INTERVAL_S = 6.0  # between two blows: long enough for the fleet to be busy again
@@ -51,8 +59,10 @@ class Run:
     items: list[tuple[bytes, str, str]]  # (image, question, reference answer)
     accepted: dict[str, int] = field(default_factory=dict)  # job id -> item index
     submitted: int = 0
-    refused: Counter[int] = field(default_factory=Counter)  # HTTP status -> count (503 while Redis is away)
+    refused: Counter[str] = field(default_factory=Counter)  # error code (or HTTP status) -> count, all retried
     blows: list[tuple[str, float, set[str]]] = field(default_factory=list)  # (kind, wall time, jobs it hit)
+    held: dict[str, tuple[float, str]] = field(default_factory=dict)  # job received, not started -> (blow, worker)
+    before: set[str] = field(default_factory=set)  # job ids in Redis before the run (the warm-up job)
     done_submitting: threading.Event = field(default_factory=threading.Event)
 
 
@@ -67,13 +77,16 @@ def submit_all(base: str, run: Run, rate: float) -> None:
                 files = {"image": ("q.png", image, "image/png")}
                 response = session.post(f"{base}/v1/jobs", data={"question": question}, files=files, timeout=30)
             except requests.RequestException:
-                run.refused[0] += 1
+                run.refused["no answer"] += 1
                 time.sleep(0.5)
                 continue
             if response.status_code == 202:
                 run.accepted[response.json()["id"]] = index
                 break
-            run.refused[response.status_code] += 1
+            try:
+                run.refused[f"{response.status_code} {response.json()['error']['code']}"] += 1
+            except (ValueError, KeyError):
+                run.refused[str(response.status_code)] += 1
             time.sleep(0.5)
         time.sleep(max(0.0, due - time.monotonic()))
     run.done_submitting.set()
@@ -98,6 +111,7 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=60.0, help="jobs submitted per second (above capacity: busy)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--time-limit", type=int, default=30, help="BLIPQ_JOB_TIME_LIMIT_S of the workers")
+    parser.add_argument("--redis", choices=("sentinel", "single"), default="sentinel")
     args = parser.parse_args()
 
     # SIGTERM (a timeout, pkill) stops the fleet too, through the `finally` below.
@@ -105,20 +119,30 @@ def main() -> int:
     print(f"preparing {args.jobs} questions and their in-process answers...", flush=True)
     run = Run(load_items(args.jobs))
     quick_recovery = {"BLIPQ_ANNOUNCE_INTERVAL_S": "2", "BLIPQ_REAPER_INTERVAL_S": "2"}
-    fleet = Fleet(max(2, args.workers), args.time_limit, quick_recovery)
-    client = redis.Redis.from_url(fleet.redis.url)
+    fleet = Fleet(max(2, args.workers), args.time_limit, quick_recovery, sentinel=args.redis == "sentinel")
+    client = fleet.target.client(retry=Retry(ExponentialBackoff(cap=1.0), 30))  # reads ride out the failover
     host = socket.gethostname()
     try:
         wait_until_serving(fleet, run.items[0])
+        run.before = {key.decode().removeprefix("blipq:job:") for key in client.scan_iter(match="blipq:job:*")}
         started = time.time()
         submitter = threading.Thread(target=submit_all, args=(fleet.base, run, args.rate), daemon=True)
         submitter.start()
 
-        def blow(kind: str, worker: Worker | None, action: Callable[[], None]) -> None:
+        def blow(kind: str, worker: Worker | None, action: Callable[[], object]) -> None:
             time.sleep(BLOW_INTERVAL_S)
             holder = {f"{host}:{worker.process.pid}"} if worker else set()
+            # Messages the worker received and has not started: they, too, must run again.
+            held = {
+                (member.decode(), worker_id)
+                for worker_id in holder
+                for member in client.smembers(held_key("blipq", worker_id))
+            }
             at = time.time()
-            action()
+            outcome = action()
+            run.held |= {job_id: (at, worker_id) for job_id, worker_id in held if job_id in run.accepted}
+            if isinstance(outcome, float):
+                print(f"{at - started:6.1f} s  {kind}: the sentinels named a new primary after {outcome:.1f} s")
             # A job still `running` on the worker after the blow was cut short (that process is gone).
             hit = running_on(client, list(run.accepted), holder) if holder else set()
             run.blows.append((kind, at, hit))
@@ -128,7 +152,10 @@ def main() -> int:
         blow("SIGKILL worker", first, lambda: fleet.restart_worker(first, signal.SIGKILL))
         blow("SIGKILL worker", last, lambda: fleet.restart_worker(last, signal.SIGKILL))
         blow("SIGTERM worker", first, lambda: fleet.restart_worker(first, signal.SIGTERM))
-        blow("Redis restart", None, fleet.restart_redis)
+        if fleet.group is not None:
+            blow("Redis primary SIGKILL", None, fleet.fail_over)
+        else:
+            blow("Redis restart", None, fleet.restart_redis)
         submitter.join()
 
         deadline = time.monotonic() + visibility_timeout_for(args.time_limit) + 120
@@ -160,7 +187,7 @@ def wait_for_all(client: redis.Redis, job_ids: list[str], deadline: float) -> di
 
 def report(run: Run, client: redis.Redis, store: JobStore, first: dict[str, str], started: float) -> None:
     """Print the run's figures."""
-    fields = ["status", "answer", "error_code", "created_at", "started_at", "finished_at", "attempts"]
+    fields = ["status", "answer", "error_code", "created_at", "started_at", "finished_at", "attempts", "worker"]
     with client.pipeline(transaction=False) as pipe:
         for job_id in run.accepted:
             pipe.hmget(job_key(job_id), fields)
@@ -188,7 +215,8 @@ def report(run: Run, client: redis.Redis, store: JobStore, first: dict[str, str]
     print(f"refused                  {dict(run.refused)}  (0 = no HTTP answer; 503 = Redis away, retried)")
     print(f"succeeded                {statuses.get('succeeded', 0)}")
     print(f"failed by code           {dict(failed_codes)}")
-    print(f"lost                     {lost}")
+    print(f"202s lost                {lost}")
+    print(f"run although refused     {ghosts(client, run)}  (job records never answered 202 that are not pending)")
     print(f"executions               {stats['executions']}  (reruns after a kill: {stats['reruns']})")
     print(f"duplicate executions     {stats['duplicate_executions']}  (answers computed twice, the second dropped)")
     print(f"duplicate deliveries     {stats['duplicate_deliveries']}  (delivered after they ended; not run again)")
@@ -196,16 +224,39 @@ def report(run: Run, client: redis.Redis, store: JobStore, first: dict[str, str]
         f"answers changed          {changed_vs_reference + changed_after_read}  "
         f"(vs undisturbed run: {changed_vs_reference}, between two readings: {changed_after_read})"
     )
+    every_delay = []
     for kind, at, hit in run.blows:
         delays = [
             seconds_since(at, rows[job_id]["started_at"]) for job_id in hit if int(rows[job_id]["attempts"] or 0) > 1
         ]
-        shown = ", ".join(f"{delay:.1f} s" for delay in delays) or "no job ran again (none was cut short)"
+        # A held job counts when another worker ran it (the blown one may have started it before it went).
+        delays += [
+            seconds_since(at, rows[job_id]["started_at"])
+            for job_id, (held_at, worker_id) in run.held.items()
+            if held_at == at and (rows[job_id]["worker"] or b"").decode() != worker_id
+        ]
+        every_delay += delays
+        shown = ", ".join(f"{delay:.1f} s" for delay in sorted(delays)) or "no job ran again (none was cut short)"
         print(f"redelivery after {kind:22s} {shown}")
+    if every_delay:
+        print(
+            f"redelivery of the jobs killed workers held ({len(every_delay)}, started or not): "
+            f"p50 {statistics.median(every_delay):.1f} s, worst {max(every_delay):.1f} s"
+        )
     if latencies:
         p50 = statistics.median(latencies)
         p99 = latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]
         print(f"end-to-end latency       p50 {p50:.2f} s, p99 {p99:.2f} s (created -> finished)")
+
+
+def ghosts(client: redis.Redis, run: Run) -> int:
+    """Job records that are not pending (a worker may run them) although no submission was answered 202 with them."""
+    count = 0
+    for key in client.scan_iter(match="blipq:job:*", count=1000):
+        job_id = key.decode().removeprefix("blipq:job:")
+        if job_id not in run.accepted and job_id not in run.before and client.hget(key, "pending") != b"1":
+            count += 1
+    return count
 
 
 def parse_time(value: bytes | None) -> float:

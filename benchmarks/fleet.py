@@ -26,7 +26,8 @@ import requests
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from api.up import free_port, start_redis, stop_process  # noqa: E402
+from api.up import SentinelGroup, free_port, start_redis, start_sentinel_group, stop_process  # noqa: E402
+from worker.redis_target import RedisTarget  # noqa: E402
 
 REDIS_DOWN_S = 2.0  # how long Redis stays away when it restarts
 BATCH_POLL_S = 0.1  # between two reads of a batch's summary: the client's back-off (up to 2 s) would blur a rate
@@ -66,15 +67,28 @@ class Fleet:
     """The service's processes: Redis, the API and the workers, each started again after a blow, as a supervisor
     would."""
 
-    def __init__(self, workers: int, time_limit_s: int, env: Mapping[str, str] | None = None) -> None:
-        """Start Redis, the API and `workers` workers; `env` overrides BLIPQ_* variables for all of them."""
+    def __init__(
+        self, workers: int, time_limit_s: int, env: Mapping[str, str] | None = None, sentinel: bool = False
+    ) -> None:
+        """Start Redis, the API and `workers` workers; `env` overrides BLIPQ_* variables for all of them.
+
+        With `sentinel`, Redis is a primary, two replicas and three sentinels, which every process goes through.
+        """
         self.data_dir = Path(tempfile.mkdtemp(prefix="blipq-chaos-"))
-        self.redis = start_redis(self.data_dir / "redis")
+        self.group: SentinelGroup | None = None
+        redis_env: dict[str, str] = {}
+        if sentinel:
+            self.group = start_sentinel_group(self.data_dir / "redis", replicas=2)
+            self.redis = self.group.servers[0]
+            redis_env = {"BLIPQ_REDIS_SENTINELS": self.group.sentinel_addresses, "BLIPQ_REDIS_MASTER": "blipq"}
+        else:
+            self.redis = start_redis(self.data_dir / "redis")
         self.port = free_port(frozenset({self.redis.port}))
         self.base = f"http://127.0.0.1:{self.port}"
         self.env = {
             **os.environ,
             "BLIPQ_REDIS_URL": self.redis.url,
+            **redis_env,
             "BLIPQ_TORCH_THREADS": "1",
             "BLIPQ_JOB_TIME_LIMIT_S": str(time_limit_s),
             "BLIPQ_SHUTDOWN_GRACE_S": "5",
@@ -99,11 +113,38 @@ class Fleet:
         time.sleep(REDIS_DOWN_S)
         self.redis = start_redis(self.redis.data_dir, port=self.redis.port)
 
+    @property
+    def target(self) -> RedisTarget:
+        """Where the service's Redis is, as its processes find it."""
+        if self.group is None:
+            return RedisTarget(self.redis.url)
+        sentinels = tuple(("127.0.0.1", port) for port in self.group.sentinel_ports)
+        return RedisTarget(self.redis.url, sentinels, self.group.master)
+
+    def fail_over(self) -> float:
+        """SIGKILL the primary; once the sentinels name another, start the old one again as its replica. Returns
+        the seconds until the sentinels named the new primary."""
+        assert self.group is not None, "a failover needs Sentinel"
+        old = self.redis
+        os.kill(old.process.pid, 9)
+        old.process.wait()
+        killed = time.monotonic()
+        while (port := self.group.primary_port()) == old.port:
+            time.sleep(0.05)
+        named_after_s = time.monotonic() - killed
+        [self.redis] = [server for server in self.group.servers if server.port == port]
+        self.group.servers.remove(old)
+        self.group.servers.append(start_redis(old.data_dir, port=old.port, replica_of=port))
+        return named_after_s
+
     def stop(self) -> None:
         for worker in self.workers:
             stop_process(worker.process)
         stop_process(self.api)
-        self.redis.stop()
+        if self.group is not None:
+            self.group.stop()
+        else:
+            self.redis.stop()
 
     def _spawn_worker(self, index: int) -> subprocess.Popen[bytes]:
         return self._spawn([sys.executable, "-m", "worker", f"--hostname=w{index}.{time.time():.0f}@%h"])

@@ -23,8 +23,8 @@ worker's within each process's life, as the kills restart them; a process's own 
 
 Job records live BLIPQ_JOB_TTL_S after submission, a day by default, so Redis grows with every job for a day. The
 soak runs the service with BLIPQ_JOB_TTL_S=--job-ttl-s (default 300) so that records expire within the run. The TTL
-must be above the visibility timeout (--time-limit + 60 s): a job that a killed worker had received but not started
-comes back only after the time limit (the reaper) or that timeout (Celery), and would expire first. Once the first
+must be above the visibility timeout (--time-limit + 60 s): a killed worker's old messages come back after it, and
+a job whose record expired first would be counted as one that never ended. Once the first
 records have expired (after the TTL, or the 120 s of a job's wake-up list when that is longer), Redis holds a steady
 window of jobs, and the slopes are taken from then on (from the warm-up when the run is too short for that, and it
 says so). A slope near zero there says nothing grows without bound; a kind of key that still grows is marked. The
@@ -430,8 +430,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("soak.json"))
     args = parser.parse_args()
     if args.job_ttl_s <= visibility_timeout_for(args.time_limit):
-        # A job that a killed worker had received but not started comes back after the time limit (the reaper) or
-        # the visibility timeout (Celery): a shorter TTL expires it first, and the soak would count it lost.
+        # A killed worker's old messages come back after the visibility timeout: a job whose record expired before
+        # could not say how it ended, and the soak would count it lost.
         parser.error(
             f"--job-ttl-s must be above the visibility timeout, {visibility_timeout_for(args.time_limit)} s with "
             f"--time-limit {args.time_limit}"

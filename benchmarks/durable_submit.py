@@ -1,0 +1,74 @@
+"""What durable acceptance costs per submission: the same API answering 202 with and without a replica's WAIT.
+
+    python benchmarks/durable_submit.py [--jobs 2000] [--rounds 5]
+
+Starts a Redis primary and one replica (its own, on free ports) and two instances of the real API app in this
+process, identical but for BLIPQ_MIN_REPLICAS_ACK (0 and 1); submits the same JSON job (an image URL and a question,
+on a queue no worker reads) to each in turn, one submission each, through Flask's test client (the API's own work
+and its Redis round trips, without an HTTP server's). Prints the median time per submission of each, and the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from api.admission import queue_names  # noqa: E402
+from api.app import create_app  # noqa: E402
+from api.settings import ApiSettings  # noqa: E402
+from api.up import replica_in_sync, start_redis  # noqa: E402
+
+QUEUE = "durable-bench"
+BODY = {"image_url": "https://example.com/cat.jpg", "question": "what is in the picture?"}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--jobs", type=int, default=2000, help="submissions to each instance per round")
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+
+    data = Path(tempfile.mkdtemp(prefix="blipq-durable-"))
+    primary = start_redis(data / "primary")
+    replica = start_redis(data / "replica", replica_of=primary.port)
+    try:
+        while not replica_in_sync(replica):
+            time.sleep(0.05)
+        clients = {
+            replicas: create_app(
+                ApiSettings(redis_url=primary.url, queue=QUEUE, min_replicas_ack=replicas, max_queue_depth=0)
+            ).test_client()
+            for replicas in (0, 1)
+        }
+        timings: dict[int, list[float]] = {0: [], 1: []}
+        for _ in range(args.rounds):
+            for _ in range(args.jobs):
+                for replicas, client in clients.items():  # one of each in turn: a busy moment weighs on both
+                    started = time.perf_counter()
+                    response = client.post("/v1/jobs", json=BODY)
+                    timings[replicas].append(time.perf_counter() - started)
+                    if response.status_code != 202:
+                        raise RuntimeError(f"a submission was answered {response.status_code}: {response.get_json()}")
+            # The queue is nobody's: empty it between rounds, so that its depth does not grow across the run.
+            store = clients[0].application.extensions["blipq"].store
+            store.client.delete(*queue_names(QUEUE))
+        plain, durable = (statistics.median(timings[n]) * 1000 for n in (0, 1))
+        print(f"submissions: {args.jobs} x {args.rounds} rounds per instance, JSON with an image URL")
+        print(f"BLIPQ_MIN_REPLICAS_ACK=0   median {plain:.3f} ms per submission")
+        print(f"BLIPQ_MIN_REPLICAS_ACK=1   median {durable:.3f} ms per submission (replica on the same machine)")
+        print(f"cost of WAIT               {durable - plain:+.3f} ms, ratio {durable / plain:.2f}")
+    finally:
+        replica.stop()
+        primary.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
