@@ -20,8 +20,9 @@ from kombu.transport.redis import PRIORITY_STEPS, Channel
 from api.auth import api_key_name, is_public_request
 from api.errors import QueueFullError, RateLimitedError, ServiceUnavailableError, ValidationError, error_response
 from api.settings import ApiSettings
+from worker.fleet import has_live_worker
 from worker.jobs import unstarted_key, waiting_answers_key
-from worker.states import JobPriority
+from worker.states import JobPriority, JobTask
 
 log = logging.getLogger("blipq.api")
 
@@ -102,6 +103,31 @@ def check_queue_room(client: redis.Redis, queue: str, max_depth: int, answers: i
     if depth + answers > max_depth:
         message = f"the queue holds {depth} answers to give; {answers} more would pass its limit of {max_depth}"
         raise QueueFullError(f"{message}; retry later", QUEUE_FULL_RETRY_AFTER_S)
+
+
+LIVE_WORKER_CHECK_S = 1.0  # how long one look at a queue's workers answers for: a look per submission would cost more
+_live_workers: dict[str, tuple[float, bool]] = {}  # queue -> (when looked, some worker live), per API process
+
+
+def check_workers(client: redis.Redis, queue: str, task: JobTask, wait_for_workers: bool) -> None:
+    """Refuse a submission (503 no_worker) for a queue that no live worker serves, unless jobs may wait for workers
+    (BLIPQ_WAIT_FOR_WORKERS: a fleet that scales from zero); a job with no worker would sit queued for good."""
+    if wait_for_workers:
+        return
+    now = time.monotonic()
+    looked = _live_workers.get(queue)
+    if looked is None or now - looked[0] > LIVE_WORKER_CHECK_S:
+        try:
+            looked = _live_workers[queue] = (now, has_live_worker(client, queue))
+        except redis.RedisError as exc:
+            log.warning("cannot look for live workers: %s", exc)
+            raise ServiceUnavailableError("broker_unavailable", "the job queue is unavailable; retry later") from None
+    if not looked[1]:
+        message = (
+            f"no worker serves {task} jobs right now (queue {queue!r}): start one, or set BLIPQ_WAIT_FOR_WORKERS=on "
+            "to let jobs wait for one"
+        )
+        raise ServiceUnavailableError("no_worker", message)
 
 
 def _client_identity() -> str:

@@ -17,7 +17,7 @@ import redis
 from flask import Blueprint, Response, jsonify, request
 from werkzeug.exceptions import BadRequest
 
-from api.admission import check_queue_room
+from api.admission import check_queue_room, check_workers
 from api.auth import api_key_name
 from api.batch_uploads import UploadedImage, parse_batch_upload
 from api.errors import (
@@ -89,6 +89,7 @@ def submit_batch() -> tuple[Response, int, dict[str, str]]:
         if earlier is not None:
             headers = {"Location": f"/v1/batches/{earlier.id}", "Idempotent-Replayed": "true"}
             return jsonify(id=earlier.id, count=earlier.count), 202, headers
+    check_workers(svc.store.client, queue, batch_request.task, svc.settings.wait_for_workers)
     check_queue_room(svc.store.client, queue, svc.settings.max_queue_depth, answers=new.batch.count)
     try:
         batches.create(new.batch, new.images, new.items, new.chunks, queue, new.uploads, claim)

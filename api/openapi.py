@@ -32,6 +32,7 @@ from api.schemas import (
     JobAccepted,
     JobRequest,
     JobResponse,
+    Models,
     Readiness,
     Stats,
 )
@@ -97,6 +98,7 @@ ERROR_CODES: dict[str, tuple[int, str]] = {
     "wait_invalid": (422, "`wait` is not a number of seconds above 0 and at most 20"),
     "rate_limited": (429, "the client used up its request budget; retry after Retry-After seconds"),
     "broker_unavailable": (503, "Redis cannot take the job right now; retry later"),
+    "no_worker": (503, "no live worker serves the job's task (its queue), and BLIPQ_WAIT_FOR_WORKERS is off"),
     "replicas_unavailable": (
         503,
         "fewer than BLIPQ_MIN_REPLICAS_ACK Redis replicas acknowledged the job in time; retry later",
@@ -118,11 +120,12 @@ BATCH_SUBMIT_CODES = (
     *(code for code in VALIDATION_CODES if code not in JOB_ONLY_CODES),
     *("batch_empty", "batch_too_large", "batch_invalid", "questions_invalid", "broker_unavailable", "queue_full"),
     "replicas_unavailable",
+    "no_worker",
 )
 SUBMIT_CODES = (
     *("invalid_json", "idempotency_key_invalid", "idempotency_conflict", "idempotency_key_in_use"),
     *("body_too_large", "image_too_large", "unsupported_media_type", *VALIDATION_CODES),
-    *("broker_unavailable", "replicas_unavailable", "queue_full"),
+    *("broker_unavailable", "replicas_unavailable", "queue_full", "no_worker"),
 )
 
 HEADERS: dict[str, dict[str, Any]] = {
@@ -251,7 +254,7 @@ def openapi_path(rule: Rule) -> str:
 
 
 def _add_components(spec: APISpec, settings: ApiSettings) -> None:
-    responses: tuple[type[BaseModel], ...] = (Error, JobAccepted, JobResponse, Stats, Health, Readiness)
+    responses: tuple[type[BaseModel], ...] = (Error, JobAccepted, JobResponse, Stats, Health, Readiness, Models)
     responses += (BatchAccepted, BatchResponse, BatchResult, BatchCancelCounts)
     models: list[tuple[type[BaseModel], JsonSchemaMode]] = [(JobRequest, "validation"), (BatchRequest, "validation")]
     models += [(model, "serialization") for model in responses]
@@ -456,6 +459,11 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
         "summary": "The fleet's reliability counters: executions, reruns, duplicates, jobs failed `worker_lost`.",
         "responses": {"200": _ok("The counters.", "Stats"), **_errors(*PROTECTED_CODES)},
     },
+    ("get", "/v1/models"): {
+        "operationId": "listModels",
+        "summary": "Each task: its queue, the models and workers serving it, answers waiting, runs by outcome.",
+        "responses": {"200": _ok("The tasks.", "Models"), **_errors(*PROTECTED_CODES)},
+    },
     ("get", "/healthz"): {
         "operationId": "healthz",
         "summary": "Liveness: the API process answers (it does not check Redis or the workers).",
@@ -464,7 +472,7 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
     },
     ("get", "/readyz"): {
         "operationId": "readyz",
-        "summary": "Readiness: Redis answers and a worker with its model loaded serves this API's queue.",
+        "summary": "Readiness: Redis answers and each task served (BLIPQ_TASKS) has a worker with its model loaded.",
         "security": [],
         "responses": {
             "200": _ok("Ready: jobs submitted now will run.", "Readiness"),

@@ -1,8 +1,9 @@
 """Routes for operators, open without an API key: readiness (/readyz) and Prometheus metrics (/metrics).
 
 `GET /healthz` (api/views.py) says the process lives; `GET /readyz` says whether jobs submitted now will run: Redis
-answers and at least one worker serving this API's queue has its model loaded (workers announce themselves in
-Redis: worker/fleet.py).
+answers and each task the deployment serves has a worker with its model loaded (workers announce themselves in
+Redis: worker/fleet.py). `GET /v1/models` (behind the API keys, like every /v1 route) lists each task's models,
+workers, waiting answers and outcomes: what the web page's fleet panel shows.
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ import redis
 from flask import Blueprint, Flask, Response, current_app, jsonify
 from prometheus_client import CollectorRegistry
 
+from api.admission import waiting_answers
 from api.auth import public
 from api.metrics import FleetCollector, RequestMetrics, scrape
 from api.settings import ApiSettings
-from worker.fleet import fleet_client, live_workers
+from worker.fleet import fleet_client, live_workers, outcome_counts
+from worker.states import JobTask
 
 bp = Blueprint("ops", __name__)
 
@@ -50,24 +53,48 @@ def _ops() -> Ops:
 @bp.get("/readyz")
 @public
 def readyz() -> tuple[Response, int]:
-    """200 when Redis answers and a worker with its model loaded serves the queue; 503, saying what is missing."""
+    """200 when Redis answers and each task the deployment serves (BLIPQ_TASKS) has a worker with its model loaded;
+    503, saying what is missing (`redis`, or `worker:<task>` for each task with none)."""
     ops = _ops()
-    queue = ops.settings.queue
-    workers: list[dict[str, Any]] = []
+    settings = ops.settings
+    tasks: dict[str, dict[str, Any]] = {}
     try:
         ops.client.ping()
-        workers = [asdict(worker) for worker in live_workers(ops.client, queue)]
-        redis_state, missing = "ok", [] if workers else ["worker"]
+        for task in settings.tasks:
+            queue = settings.queue_for(task)
+            workers = [asdict(worker) for worker in live_workers(ops.client, queue)]
+            tasks[task.value] = {"queue": queue, "workers": workers}
+        redis_state = "ok"
+        missing = [f"worker:{task}" for task, state in tasks.items() if not state["workers"]]
     except (redis.RedisError, OSError):
         redis_state, missing = "unreachable", ["redis"]
-    body = {
-        "status": "not_ready" if missing else "ready",
-        "queue": queue,
-        "redis": redis_state,
-        "workers": workers,
-        "missing": missing,
-    }
+    body = {"status": "not_ready" if missing else "ready", "redis": redis_state, "tasks": tasks, "missing": missing}
     return jsonify(body), 503 if missing else 200
+
+
+@bp.get("/v1/models")
+def models() -> Response:
+    """Each task this API takes jobs for: its queue, the models its live workers serve, its workers, the answers
+    waiting in its queue and how the runs of its jobs ended (counts since Redis started keeping them)."""
+    ops = _ops()
+    listed = []
+    for task in JobTask:
+        queue = ops.settings.queue_for(task)
+        workers = live_workers(ops.client, queue)
+        outcomes: dict[str, int] = {}
+        for (status, _), count in outcome_counts(ops.client, queue).items():
+            outcomes[status] = outcomes.get(status, 0) + count
+        listed.append(
+            {
+                "task": task.value,
+                "queue": queue,
+                "models": sorted({worker.model for worker in workers}),
+                "workers": [asdict(worker) for worker in workers],
+                "waiting": waiting_answers(ops.client, queue),
+                "outcomes": outcomes,
+            }
+        )
+    return jsonify(models=listed)
 
 
 @bp.get("/metrics")

@@ -302,14 +302,38 @@ class Health(BaseModel):
     status: Literal["ok"]
 
 
+class TaskWorkers(BaseModel):
+    """A task's queue, and the workers serving it with their model loaded."""
+
+    queue: str
+    workers: list[WorkerRecord]
+
+
 class Readiness(BaseModel):
-    """Whether jobs submitted now will run: Redis answers, and a worker with its model loaded serves the queue."""
+    """Whether jobs submitted now will run: Redis answers, and each task the deployment serves (BLIPQ_TASKS) has a
+    worker with its model loaded."""
 
     status: Literal["ready", "not_ready"]
-    queue: str
     redis: Literal["ok", "unreachable"]
-    workers: list[WorkerRecord] = Field(description="The workers serving the queue with their model loaded.")
-    missing: list[Literal["redis", "worker"]] = Field(description="What keeps the service from being ready.")
+    tasks: dict[JobTask, TaskWorkers] = Field(description="Each task the deployment serves (empty when Redis is away).")
+    missing: list[str] = Field(description="What keeps the service from being ready: `redis`, or `worker:<task>`.")
+
+
+class ModelEntry(BaseModel):
+    """A task the API takes jobs for, and what serves it."""
+
+    task: JobTask
+    queue: str
+    models: list[str] = Field(description="The models its live workers serve (a model id or a directory).")
+    workers: list[WorkerRecord]
+    waiting: int = Field(ge=0, description="Answers waiting in its queue (single jobs and batch items not started).")
+    outcomes: dict[str, int] = Field(description="Runs of its jobs by how they ended, since Redis started counting.")
+
+
+class Models(BaseModel):
+    """The tasks the API takes jobs for."""
+
+    models: list[ModelEntry]
 
 
 def validate_job_request(data: Any, max_question_chars: int, max_deadline_s: int | None = None) -> JobRequest:

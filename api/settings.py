@@ -54,6 +54,9 @@ class ApiSettings:
     rate_limit: str = ""  # job submissions per key (or client address), e.g. "120/minute"; "": no limit
     poll_rate_limit: str = ""  # reads of jobs per key (or client address), a budget of their own; "": no limit
     max_queue_depth: int = DEFAULT_MAX_QUEUE_DEPTH  # 0: unbounded
+    # Jobs for a task that no live worker serves wait for one (a fleet that scales from zero); off: refused, no_worker.
+    wait_for_workers: bool = False
+    tasks: tuple[JobTask, ...] = tuple(JobTask)  # the tasks this deployment serves: /readyz wants a worker for each
     log_format: str = "json"  # how `blipq api` logs (gunicorn and the app): json or text
     webhooks_enabled: bool = False  # BLIPQ_WEBHOOK_SECRET is set (the workers sign with it): jobs may name a webhook
     batch_chunk_size: int = 32  # answers per chunk of a batch sent to the workers (one message, one model call)
@@ -98,6 +101,8 @@ class ApiSettings:
             rate_limit=env_rate_limit(env, "BLIPQ_RATE_LIMIT"),
             poll_rate_limit=env_rate_limit(env, "BLIPQ_POLL_RATE_LIMIT"),
             max_queue_depth=env_int(env, "BLIPQ_MAX_QUEUE_DEPTH", DEFAULT_MAX_QUEUE_DEPTH),
+            wait_for_workers=env_str(env, "BLIPQ_WAIT_FOR_WORKERS", "off", ("on", "off")) == "on",
+            tasks=env_tasks(env),
             batch_chunk_size=env_int(env, "BLIPQ_BATCH_CHUNK_SIZE", 32, minimum=1),
             max_batch_upload_bytes=env_int(
                 env, "BLIPQ_MAX_BATCH_UPLOAD_BYTES", DEFAULT_MAX_BATCH_UPLOAD_BYTES, minimum=1024
@@ -105,6 +110,16 @@ class ApiSettings:
             log_format=env_str(env, "BLIPQ_LOG_FORMAT", "json", LOG_FORMATS),
             webhooks_enabled=bool(env_webhook_secret(env)),
         )
+
+
+def env_tasks(env: Mapping[str, str]) -> tuple[JobTask, ...]:
+    """Read BLIPQ_TASKS: the tasks the deployment serves, comma-separated (vqa, caption); both by default."""
+    names = [name.strip() for name in env.get("BLIPQ_TASKS", "").split(",") if name.strip()]
+    known = ", ".join(task.value for task in JobTask)
+    for name in names:
+        if name not in known.split(", "):
+            raise SettingsError(f"BLIPQ_TASKS: {name!r} is not a task ({known})")
+    return tuple(JobTask(name) for name in dict.fromkeys(names)) or tuple(JobTask)
 
 
 def env_api_keys(env: Mapping[str, str]) -> tuple[ApiKey, ...]:

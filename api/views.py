@@ -20,7 +20,7 @@ from pydantic import HttpUrl
 from werkzeug.datastructures import FileStorage
 from werkzeug.exceptions import BadRequest
 
-from api.admission import check_queue_room
+from api.admission import check_queue_room, check_workers
 from api.auth import api_key_name, public
 from api.errors import (
     BadRequestError,
@@ -96,6 +96,7 @@ def submit_job() -> tuple[Response, int, dict[str, str]]:
     submission = _parse_job_request(svc.settings)
     # The body says the task, and so the queue whose depth counts (the one the job would wait in).
     queue = svc.settings.queue_for(submission.job_request.task)
+    check_workers(svc.store.client, queue, submission.job_request.task, svc.settings.wait_for_workers)
     check_queue_room(svc.store.client, queue, svc.settings.max_queue_depth)
     job = _new_job(submission.job_request)
     claim = None

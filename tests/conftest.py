@@ -23,6 +23,7 @@ from api.app import create_app
 from api.settings import ApiSettings
 from api.up import RedisProcess, start_redis, stop_process
 from tests.fixtures.tiny_model import build_tiny_caption_model, build_tiny_vqa_model
+from worker.fleet import fleet_client, live_workers
 
 ROOT = Path(__file__).resolve().parent.parent
 JOB_TIMEOUT_S = 120.0  # generous: the first job of a worker waits for its model to load on a busy CI machine
@@ -193,8 +194,9 @@ def caption_service_url(
 
 
 def api_client(redis_url: str, queue: str, **overrides: Any) -> FlaskClient:
-    """A test client of the real Flask app, talking to a real Redis."""
-    settings = ApiSettings(redis_url=redis_url, queue=queue, **overrides)
+    """A test client of the real Flask app, talking to a real Redis. Its jobs may wait for a worker (many tests hold
+    them in queues no worker reads); a test of the refusal says otherwise."""
+    settings = ApiSettings(redis_url=redis_url, queue=queue, **{"wait_for_workers": True, **overrides})
     return create_app(settings).test_client()
 
 
@@ -242,3 +244,12 @@ def wait_for_status(
             return job
         time.sleep(poll_s)
     raise AssertionError(f"job {job_id} never became {status}\n{worker.log_tail()}")
+
+
+def wait_for_worker_record(redis_url: str, queue: str, count: int, worker: WorkerProcess) -> None:
+    """Wait until `count` workers of `queue` have announced themselves (their models are loaded)."""
+    client = fleet_client(redis_url)
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while len(live_workers(client, queue)) < count:
+        assert time.monotonic() < deadline and worker.process.poll() is None, worker.log_tail()
+        time.sleep(0.05)

@@ -31,12 +31,12 @@ from tests.conftest import (
     start_worker,
     wait_for_batch,
     wait_for_job,
+    wait_for_worker_record,
 )
 from tests.fixtures.hanging_worker import HANGING_QUESTION
 from tests.fixtures.images import shape_png
 from worker.batching import EXIT_MODEL_HUNG
 from worker.broker import create_celery, publish_job
-from worker.fleet import fleet_client, live_workers
 from worker.jobs import Job, JobStore, new_job_id, unstarted_key, utc_now, waiting_answers_key
 from worker.reaper import ReaperPolicy, sweep
 from worker.states import JobStatus
@@ -299,12 +299,3 @@ def test_a_job_too_few_replicas_acknowledge_is_withdrawn_and_answered_503(
     assert not redis_client.zcard(unstarted_key(queue))
     assert int(redis_client.hget(waiting_answers_key(), unstarted_key(queue)) or 0) == 0
     redis_client.delete(*queue_names(queue))
-
-
-def wait_for_worker_record(redis_url: str, queue: str, count: int, worker: WorkerProcess) -> None:
-    """Wait until `count` workers of `queue` have announced themselves (their models are loaded)."""
-    client = fleet_client(redis_url)
-    deadline = time.monotonic() + JOB_TIMEOUT_S
-    while len(live_workers(client, queue)) < count:
-        assert time.monotonic() < deadline and worker.process.poll() is None, worker.log_tail()
-        time.sleep(0.05)

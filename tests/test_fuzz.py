@@ -36,6 +36,7 @@ from api.settings import ApiSettings
 from api.up import RedisProcess, stop_process
 from tests.conftest import JOB_TIMEOUT_S, WorkerProcess, start_worker, wait_for_job
 from tests.fixtures.images import shape_png
+from worker.states import JobTask
 
 QUEUE = "fuzz"
 MAX_EXAMPLES = 50  # random requests per operation, beside the boundary cases of the coverage phase: seconds in all
@@ -79,7 +80,8 @@ def fuzz_worker(
 @pytest.fixture(scope="module")
 def open_app(redis_server: RedisProcess, fuzz_worker: WorkerProcess) -> Flask:
     """The API as `blipq up` runs it (no keys, no rate limits), once its worker is ready: /readyz answers 200."""
-    app = create_app(ApiSettings(redis_url=redis_server.url, queue=QUEUE, **OPEN))
+    # A deployment of VQA only: /readyz wants no captioning worker (a caption job gets 503 no_worker).
+    app = create_app(ApiSettings(redis_url=redis_server.url, queue=QUEUE, tasks=(JobTask.VQA,), **OPEN))
     deadline = time.monotonic() + JOB_TIMEOUT_S
     while app.test_client().get("/readyz").status_code != 200:
         assert time.monotonic() < deadline, f"the worker never became ready\n{fuzz_worker.log_tail()}"

@@ -103,6 +103,17 @@ def live_workers(client: redis.Redis, queue: str) -> list[WorkerRecord]:
     return [WorkerRecord.from_redis(fields) for fields in records if fields]
 
 
+def has_live_worker(client: redis.Redis, queue: str) -> bool:
+    """Whether some worker of `queue` has a record that has not expired (any client: nothing is decoded)."""
+    ids: list[bytes | str] = client.zrange(workers_key(queue), 0, -1)  # type: ignore[assignment]
+    if not ids:
+        return False
+    with client.pipeline(transaction=False) as pipe:
+        for worker_id in ids:
+            pipe.exists(worker_key(worker_id.decode() if isinstance(worker_id, bytes) else worker_id))
+        return any(pipe.execute())
+
+
 def count_outcome(client: redis.Redis, queue: str, status: str, code: str) -> None:
     """Count one run of a job of `queue` that ended with `status` (and error `code`, "" on success)."""
     client.hincrby(outcomes_key(queue), f"{status}:{code}", 1)

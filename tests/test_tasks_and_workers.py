@@ -1,0 +1,83 @@
+"""Each task needs a live worker: a job no worker can run is refused (unless jobs may wait), /readyz names each task
+without a worker, and GET /v1/models lists each task's models, workers and waiting answers."""
+
+from __future__ import annotations
+
+import io
+import secrets
+
+import redis
+
+from api.up import RedisProcess
+from tests.conftest import WorkerProcess, api_client, wait_for_job, wait_for_worker_record
+from tests.fixtures.images import shape_png
+
+
+def test_a_job_or_batch_for_a_task_no_worker_serves_is_refused_no_worker_naming_the_task(
+    redis_server: RedisProcess, tiny_worker: WorkerProcess, redis_client: redis.Redis
+) -> None:
+    # Given VQA workers (the tiny one) and no captioning worker, and jobs that may not wait for one
+    nobody = f"nobody-{secrets.token_hex(4)}"
+    api = api_client(redis_server.url, tiny_worker.queue, caption_queue=nobody, wait_for_workers=False)
+    wait_for_worker_record(redis_server.url, tiny_worker.queue, 1, tiny_worker)
+    image = {"image": (io.BytesIO(shape_png("red")), "red.png")}
+
+    caption = api.post("/v1/jobs", data={"task": "caption", **image})
+    batch = api.post("/v1/batches", json={"task": "caption", "images": ["https://example.com/a.png"]})
+    question = api.post("/v1/jobs", data={"question": "what color?", "image": (io.BytesIO(shape_png("red")), "r")})
+
+    for refused in (caption, batch):
+        assert refused.status_code == 503, refused.get_json()
+        error = refused.get_json()["error"]
+        assert error["code"] == "no_worker" and "caption" in error["message"] and nobody in error["message"]
+    assert question.status_code == 202
+    assert wait_for_job(api, question.get_json()["id"], tiny_worker)["status"] == "succeeded"
+    assert not redis_client.zcard(f"blipq:unstarted:{nobody}"), "nothing of the refused jobs was stored"
+
+
+def test_with_wait_for_workers_a_job_for_a_task_with_no_worker_waits_queued(redis_server: RedisProcess) -> None:
+    nobody = f"nobody-{secrets.token_hex(4)}"
+    api = api_client(redis_server.url, nobody, wait_for_workers=True)
+
+    response = api.post("/v1/jobs", json={"image_url": "https://example.com/a.png", "question": "what?"})
+
+    assert response.status_code == 202, response.get_json()
+    assert api.get(f"/v1/jobs/{response.get_json()['id']}").get_json()["status"] == "queued"
+
+
+def test_readyz_names_each_task_without_a_worker_and_is_ready_once_every_task_has_one(
+    redis_server: RedisProcess, tiny_worker: WorkerProcess, tiny_caption_worker: WorkerProcess
+) -> None:
+    vqa_only = api_client(redis_server.url, tiny_worker.queue, caption_queue=f"nobody-{secrets.token_hex(4)}")
+    both = api_client(redis_server.url, tiny_worker.queue, caption_queue=tiny_caption_worker.queue)
+    wait_for_job(both, both.post("/v1/jobs", data={"task": "caption", "image": (io.BytesIO(shape_png("red")), "r")})
+                 .get_json()["id"], tiny_caption_worker)  # fmt: skip  # both workers have loaded their models
+
+    missing_one = vqa_only.get("/readyz")
+    ready = both.get("/readyz")
+
+    assert missing_one.status_code == 503 and missing_one.get_json()["missing"] == ["worker:caption"]
+    assert missing_one.get_json()["tasks"]["vqa"]["workers"], missing_one.get_json()
+    assert ready.status_code == 200, ready.get_json()
+    assert {task: state["queue"] for task, state in ready.get_json()["tasks"].items()} == {
+        "vqa": tiny_worker.queue,
+        "caption": tiny_caption_worker.queue,
+    }
+
+
+def test_models_lists_each_task_its_models_workers_and_waiting_answers(
+    redis_server: RedisProcess, tiny_worker: WorkerProcess, tiny_model_dir: object
+) -> None:
+    nobody = f"nobody-{secrets.token_hex(4)}"
+    api = api_client(redis_server.url, tiny_worker.queue, caption_queue=nobody)
+    job = api.post("/v1/jobs", data={"question": "what color?", "image": (io.BytesIO(shape_png("red")), "r")})
+    wait_for_job(api, job.get_json()["id"], tiny_worker)
+    api.post("/v1/batches", json={"task": "caption", "images": ["https://example.com/a.png"] * 3})  # waits: nobody
+
+    models = {entry["task"]: entry for entry in api.get("/v1/models").get_json()["models"]}
+
+    vqa, caption = models["vqa"], models["caption"]
+    assert (vqa["queue"], vqa["models"]) == (tiny_worker.queue, [str(tiny_model_dir)])
+    assert [worker["pid"] for worker in vqa["workers"]] == [tiny_worker.process.pid]
+    assert vqa["outcomes"].get("succeeded", 0) >= 1
+    assert (caption["queue"], caption["models"], caption["workers"], caption["waiting"]) == (nobody, [], [], 3)
