@@ -38,6 +38,7 @@ from api.views import (
     fingerprint,
     idempotency_header,
     release_claim,
+    released_on_refusal,
     services,
 )
 from worker.batches import MAX_BATCH_ANSWERS, READ_PAGE, Batch, BatchStore, chunk_member, plan_chunks
@@ -89,8 +90,9 @@ def submit_batch() -> tuple[Response, int, dict[str, str]]:
         if earlier is not None:
             headers = {"Location": f"/v1/batches/{earlier.id}", "Idempotent-Replayed": "true"}
             return jsonify(id=earlier.id, count=earlier.count), 202, headers
-    check_workers(svc.store.client, queue, batch_request.task, svc.settings.wait_for_workers)
-    check_queue_room(svc.store.client, queue, svc.settings.max_queue_depth, answers=new.batch.count)
+    with released_on_refusal(svc.store, claim):
+        check_workers(svc.store.client, queue, batch_request.task, svc.settings.wait_for_workers)
+        check_queue_room(svc.store.client, queue, svc.settings.max_queue_depth, answers=new.batch.count)
     try:
         batches.create(new.batch, new.images, new.items, new.chunks, queue, new.uploads, claim)
     except redis.RedisError as exc:

@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> None:
     up = commands.add_parser("up", help="Redis, the API and workers on this machine, until Ctrl-C")
     up.add_argument("--host", default="127.0.0.1", help="address the API listens on (default 127.0.0.1)")
     up.add_argument("--port", type=int, default=8000, help="port the API listens on (default 8000)")
-    up.add_argument("--workers", type=int, default=1, help="worker processes, one per GPU (default 1)")
+    up.add_argument("--workers", type=int, default=1, help="VQA worker processes, one per GPU (default 1)")
+    up.add_argument("--caption-workers", type=int, default=1, help="captioning worker processes (default 1; 0: none)")
     up.add_argument("--data-dir", type=Path, default=Path(".blipq"), help="where Redis keeps its append-only file")
 
     api = commands.add_parser("api", help="the HTTP API under gunicorn")
@@ -68,7 +69,9 @@ def main(argv: list[str] | None = None) -> None:
         from api.up import run_up
 
         os.environ.setdefault("BLIPQ_LOG_FORMAT", "text")  # `up` is for a person at a terminal
-        sys.exit(run_up(args.host, args.port, args.workers, args.data_dir))
+        if min(args.workers, args.caption_workers) < 0 or args.workers + args.caption_workers < 1:
+            sys.exit("blipq up: --workers and --caption-workers are 0 or more, and at least one worker runs")
+        sys.exit(run_up(args.host, args.port, args.workers, args.data_dir, args.caption_workers))
     if args.command == "api":
         # prometheus_client's multiprocess mode: each gunicorn worker process keeps its counters in files here, and
         # /metrics adds them up. Read when prometheus_client is imported, so set before gunicorn starts.
@@ -104,7 +107,7 @@ def add_client_parsers(commands: Any) -> None:
         "--urls", type=Path, metavar="FILE", help="a file of image URLs, one per line (# starts a comment)"
     )
     tag.add_argument("-q", "--question", dest="questions", action="append", metavar="QUESTION", help="repeat for more")
-    tag.add_argument("--caption", action="store_true", help="caption every image once instead of asking questions")
+    tag.add_argument("--caption", action="store_true", help="caption every image once (besides any questions)")
     tag.add_argument("--prompt", help="with --caption: every caption starts with this text (default: none)")
     tag.add_argument(
         "-o", "--out", type=Path, required=True, metavar="OUT.jsonl", help="JSON Lines output; re-run with it to resume"
@@ -130,8 +133,8 @@ def run_client_command(parser: argparse.ArgumentParser, args: argparse.Namespace
         return run_ask(args.url, args.image, None, args.timeout, args.prompt)
     from api.tag import run_tag
 
-    if bool(args.questions) == args.caption:
-        parser.error("tag: give questions (-q QUESTION, repeated) or --caption, one of the two")
+    if not (args.questions or args.caption):
+        parser.error("tag: give questions (-q QUESTION, repeated), --caption, or both")
     if args.prompt is not None and not args.caption:
         parser.error("tag: --prompt goes with --caption (a question is asked with -q)")
     texts = args.questions or []

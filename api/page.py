@@ -1,8 +1,9 @@
-"""The web page at `GET /`: ask a question about an image from a browser and watch the job end.
+"""The web page at `GET /`, the service's console in a browser: ask a question about an image or caption it and
+watch the job end; start or open a batch and watch its progress; see each task's workers and answers per second.
 
 One HTML file, one script and one style sheet from api/static/page/, served as they are (no build step). They hold
-no secret and are public; the API calls the page makes carry the key that the user typed in it, which the browser
-keeps in its localStorage.
+no secret and are public; the API calls the page makes (the /v1 routes, /v1/models for the workers) carry the key
+that the user typed in it, which the browser keeps in its localStorage.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from api.auth import public
 
 PAGE_DIR = Path(__file__).resolve().parent / "static" / "page"
 # The page runs only its own script and talks only to this API (an API key sits in its storage): nothing inline,
-# nothing from elsewhere. An uploaded image is previewed from a blob: URL.
+# nothing from elsewhere. An uploaded image is previewed from a blob: URL; a batch's results, read with the key, are
+# saved from one (a download is no fetch: connect-src need not allow blob:).
 CONTENT_SECURITY_POLICY = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob:; connect-src 'self'; "
     "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"

@@ -14,12 +14,14 @@ OUT keeps its succeeded lines and does not ask those pairs again; every other pa
 never answered) is asked again and its old line replaced. Ctrl-C cancels the requests in flight, keeps what was
 written and says how to go on.
 
-With `--caption` each image is captioned once instead (continuing `--prompt`, if any), and OUT holds
-`{"image", "prompt", "status", "caption", "error"}`, resumed the same way.
+With `--caption` each image is also captioned once (continuing `--prompt`, if any), with or without questions:
+OUT then holds, besides any question lines, one `{"image", "prompt", "status", "caption", "error"}` line per image,
+resumed the same way. A batch has one task, so the captions go as batches of their own, before the questions'.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sys
@@ -46,7 +48,7 @@ EXIT_INTERRUPTED = 130  # as a shell reports a command ended by SIGINT
 URL_PREFIXES = ("http://", "https://")
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 
-Pair = tuple[str, str]  # (image, question), or (image, prompt) for captions
+TEXT_KEYS = ("question", "prompt")  # what a line's text is: a question, or a caption's prompt
 
 
 class TagInputError(Exception):
@@ -59,6 +61,7 @@ class Request:
 
     images: list[str]
     texts: list[str]
+    caption: bool = False  # its texts are one caption prompt ("" for none), not questions
     batch_id: str = ""
     shown: int = 0
 
@@ -89,29 +92,41 @@ def run_tag(
     prompt: str = "",
     in_flight: int = DEFAULT_IN_FLIGHT,
 ) -> int:
-    """Answer every question about every image (or, `caption`, caption every image once) into OUT.
+    """Answer every question about every image (and, `caption`, caption every image once) into OUT.
 
     Returns 0 when every pair succeeded, else 1 (2: bad input, 130: interrupted).
     """
-    text_key = "prompt" if caption else "question"
-    texts = [prompt] if caption else list(dict.fromkeys(questions))
+    kinds: list[tuple[str, list[str]]] = []  # ("prompt", [the prompt]) for captions, ("question", questions)
+    if caption:
+        kinds.append(("prompt", [prompt]))
+    if questions:
+        kinds.append(("question", list(dict.fromkeys(questions))))
     try:
         check_inputs(inputs, urls_file)
-        done = keep_succeeded(out, text_key)  # drops the lines of pairs that will be asked again
-        pending = sum(len(_pending_texts(image, texts, done)) for image in iter_images(inputs, urls_file))
+        done = keep_succeeded(out)  # drops the lines of pairs that will be asked again
+        pending = sum(
+            len(_pending_texts(image, key, texts, done))
+            for key, texts in kinds
+            for image in iter_images(inputs, urls_file)
+        )
     except (TagInputError, OSError) as exc:
         print(f"blipq tag: {exc}", file=sys.stderr)
         return 2
     client = BlipqClient(url, api_key=os.environ.get("BLIPQ_API_KEY") or None)
     per_request = max(1, min(per_request, MAX_ANSWERS_PER_REQUEST))
-    requests_ = plan_requests(
-        ((image, _pending_texts(image, texts, done)) for image in iter_images(inputs, urls_file)), per_request
+    requests_ = itertools.chain.from_iterable(
+        plan_requests(
+            ((image, _pending_texts(image, key, texts, done)) for image in iter_images(inputs, urls_file)),
+            per_request,
+            caption=key == "prompt",
+        )
+        for key, texts in kinds
     )
     tally = Tally(succeeded=len(done))
     flight: deque[Request] = deque()
     with tqdm(total=pending, unit="answer", file=sys.stderr, dynamic_ncols=True) as bar:
         try:
-            stream_requests(client, requests_, flight, max(1, in_flight), bar, out, tally, caption)
+            stream_requests(client, requests_, flight, max(1, in_flight), bar, out, tally)
         except KeyboardInterrupt:
             bar.close()
             canceled = cancel_all(client, flight)
@@ -136,12 +151,11 @@ def stream_requests(
     bar: tqdm[Any],
     out: Path,
     tally: Tally,
-    caption: bool,
 ) -> None:
     """Keep `in_flight` requests on the service, write each one's lines as soon as it ended, until all are written."""
     while True:
         while len(flight) < in_flight and (request := next(planned, None)) is not None:
-            request.batch_id = submit(client, request, caption)
+            request.batch_id = submit(client, request)
             flight.append(request)
         if not flight:
             return
@@ -151,7 +165,7 @@ def stream_requests(
             bar.update(summary["ended"] - request.shown)
             request.shown = summary["ended"]
             if summary["ended"] >= summary["count"]:
-                records = list(result_records(client, request, caption))
+                records = list(result_records(client, request))
                 write_lines(out, records, mode="a")
                 client.delete_batch(request.batch_id)  # its lines are saved: Redis holds only what is in flight
                 for record in records:
@@ -163,18 +177,18 @@ def stream_requests(
             time.sleep(POLL_S)
 
 
-def submit(client: BlipqClient, request: Request, caption: bool) -> str:
+def submit(client: BlipqClient, request: Request) -> str:
     """Submit one request as a batch (its images x its texts); the batch's id."""
-    if caption:
+    if request.caption:
         batch_id, _ = client.submit_batch(request.images, caption=True, prompt=request.texts[0] or None)
     else:
         batch_id, _ = client.submit_batch(request.images, request.texts)
     return batch_id
 
 
-def result_records(client: BlipqClient, request: Request, caption: bool) -> Iterator[dict[str, Any]]:
+def result_records(client: BlipqClient, request: Request) -> Iterator[dict[str, Any]]:
     """One OUT record per item of an ended request, in item order (image by image)."""
-    text_key, answer_key = ("prompt", "caption") if caption else ("question", "answer")
+    text_key, answer_key = ("prompt", "caption") if request.caption else ("question", "answer")
     texts = request.texts
     for item in client.results(request.batch_id):
         image, text = request.images[item["index"] // len(texts)], texts[item["index"] % len(texts)]
@@ -238,41 +252,46 @@ def iter_images(inputs: Iterable[str], urls_file: Path | None) -> Iterator[str]:
             yield image
 
 
-def keep_succeeded(out: Path, text_key: str = "question") -> set[int]:
-    """Rewrite an earlier run's OUT with its succeeded lines only, a line at a time; the hashes of their pairs.
-
-    `text_key` names the line's text: "question", or "prompt" for captions (lines of the other kind are dropped).
-    """
+def keep_succeeded(out: Path) -> set[int]:
+    """Rewrite an earlier run's OUT with its succeeded lines only, a line at a time; the hashes of their pairs
+    (image, "question" or "prompt", text)."""
     done: set[int] = set()
     kept = out.with_name(out.name + ".kept")
     with kept.open("w", encoding="utf-8") as stream:
         if out.exists():
             with out.open(encoding="utf-8") as lines:
                 for line in lines:
-                    record = read_succeeded_line(line, text_key)
-                    if record is not None and hash((record["image"], record[text_key])) not in done:
-                        done.add(hash((record["image"], record[text_key])))
+                    record = read_succeeded_line(line)
+                    if record is None:
+                        continue
+                    key = next(key for key in TEXT_KEYS if key in record)
+                    pair = hash((record["image"], key, record[key]))
+                    if pair not in done:
+                        done.add(pair)
                         stream.write(json.dumps(record, ensure_ascii=False) + "\n")
     os.replace(kept, out)
     return done
 
 
-def read_succeeded_line(line: str, text_key: str) -> dict[str, Any] | None:
-    """The record of a succeeded line of OUT, or None (another status, another kind, or a line cut short)."""
+def read_succeeded_line(line: str) -> dict[str, Any] | None:
+    """The record of a succeeded line of OUT (a question's or a caption's), or None (another status, a line cut
+    short)."""
     try:
         record = json.loads(line)
     except ValueError:
         return None  # a line cut short by an interrupted run: its pair is asked again
-    if isinstance(record, dict) and record.get("status") == "succeeded" and text_key in record:
+    if isinstance(record, dict) and record.get("status") == "succeeded" and any(key in record for key in TEXT_KEYS):
         return record
     return None
 
 
-def _pending_texts(image: str, texts: list[str], done: set[int]) -> tuple[str, ...]:
-    return tuple(text for text in texts if hash((image, text)) not in done)
+def _pending_texts(image: str, key: str, texts: list[str], done: set[int]) -> tuple[str, ...]:
+    return tuple(text for text in texts if hash((image, key, text)) not in done)
 
 
-def plan_requests(images: Iterable[tuple[str, tuple[str, ...]]], per_request: int) -> Iterator[Request]:
+def plan_requests(
+    images: Iterable[tuple[str, tuple[str, ...]]], per_request: int, caption: bool = False
+) -> Iterator[Request]:
     """Group images, in the order read, with the texts still to ask of each, into tagging-shape requests (images x
     texts) of at most `per_request` answers.
 
@@ -295,13 +314,13 @@ def plan_requests(images: Iterable[tuple[str, tuple[str, ...]]], per_request: in
             )
             if run and ((is_url, part) != run_key or len(run) == most or size + image_size > MAX_UPLOAD_BYTES):
                 assert run_key is not None
-                yield Request(run, list(run_key[1]))
+                yield Request(run, list(run_key[1]), caption)
                 run, size = [], 0
             run_key = (is_url, part)
             run.append(image)
             size += image_size
     if run and run_key is not None:
-        yield Request(run, list(run_key[1]))
+        yield Request(run, list(run_key[1]), caption)
 
 
 def write_lines(out: Path, records: Iterable[dict[str, Any]], mode: str) -> None:

@@ -215,6 +215,7 @@ class WorkerSlot:
 
     index: int
     process: subprocess.Popen[bytes]
+    task: str = "vqa"
     restarts: int = 0
     restart_at: float = 0.0
 
@@ -222,12 +223,16 @@ class WorkerSlot:
 class Stack:
     """The processes of a local service, started and stopped in order."""
 
-    def __init__(self, host: str, port: int, workers: int, data_dir: Path) -> None:
-        self.host, self.port, self.workers, self.data_dir = host, port, workers, data_dir
+    def __init__(self, host: str, port: int, workers: int, data_dir: Path, caption_workers: int = 1) -> None:
+        self.host, self.port, self.data_dir = host, port, data_dir
+        # The workers of each task, VQA first: worker i takes metrics port BLIPQ_METRICS_PORT + i.
+        self.tasks = ["vqa"] * workers + ["caption"] * caption_workers
         self.redis: RedisProcess | None = None
         self.api: subprocess.Popen[bytes] | None = None
         self.slots: list[WorkerSlot] = []
         self.env = dict(os.environ)
+        # /readyz wants a worker for each task served: a task started with no worker is not served.
+        self.env.setdefault("BLIPQ_TASKS", ",".join(dict.fromkeys(self.tasks)))
         self.env.setdefault("BLIPQ_SHUTDOWN_GRACE_S", str(LOCAL_SHUTDOWN_GRACE_S))
         self.worker_grace_s = env_float(self.env, "BLIPQ_SHUTDOWN_GRACE_S", LOCAL_SHUTDOWN_GRACE_S) + STOP_GRACE_S
 
@@ -239,7 +244,7 @@ class Stack:
             print(f"blipq: redis on {self.redis.url} (append-only file in {self.redis.data_dir})", flush=True)
         bind = f"{self.host}:{self.port}"
         self.api = self._spawn([sys.executable, "-m", "gunicorn", "--bind", bind, *GUNICORN_LOCAL, "api.wsgi:app"])
-        self.slots = [WorkerSlot(i, self._spawn_worker(i)) for i in range(self.workers)]
+        self.slots = [WorkerSlot(i, self._spawn_worker(i, task), task) for i, task in enumerate(self.tasks)]
         self._wait_for_api()
 
     def supervise(self) -> int:
@@ -276,16 +281,20 @@ class Stack:
         now = time.monotonic()
         if not slot.restart_at:
             delay = RESTART_BACKOFF_S[min(slot.restarts, len(RESTART_BACKOFF_S) - 1)]
-            print(f"blipq: worker {slot.index} exited with {slot.process.returncode}; restarting in {delay:g} s")
+            code = slot.process.returncode
+            print(f"blipq: {slot.task} worker {slot.index} exited with {code}; restarting in {delay:g} s")
             slot.restart_at = now + delay
         elif now >= slot.restart_at:
-            slot.process = self._spawn_worker(slot.index)
+            slot.process = self._spawn_worker(slot.index, slot.task)
             slot.restarts += 1
             slot.restart_at = 0.0
 
-    def _spawn_worker(self, index: int) -> subprocess.Popen[bytes]:
-        metrics = worker_metrics_env(self.env, index, self.host)
-        return self._spawn([sys.executable, "-m", "worker", f"--hostname=worker{index}@%h"], metrics)
+    def _spawn_worker(self, index: int, task: str) -> subprocess.Popen[bytes]:
+        extra = {**worker_metrics_env(self.env, index, self.host), "BLIPQ_TASK": task}
+        if task == "caption":  # BLIPQ_MODEL and BLIPQ_QUEUE, when set, are the VQA workers'; "": the task's default
+            extra["BLIPQ_MODEL"] = self.env.get("BLIPQ_CAPTION_MODEL", "")
+            extra["BLIPQ_QUEUE"] = self.env.get("BLIPQ_CAPTION_QUEUE", "")  # the API's caption queue, if set
+        return self._spawn([sys.executable, "-m", "worker", f"--hostname={task}{index}@%h"], extra)
 
     def _spawn(self, args: list[str], extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         # Own session: Ctrl-C reaches `up` only, which then stops everything in order.
@@ -305,6 +314,19 @@ class Stack:
             time.sleep(0.2)
         raise RuntimeError(f"the API did not answer on {url}")
 
+    def wait_until_ready(self) -> bool:
+        """Wait (up to READY_TIMEOUT_S) until /readyz says every task has a worker with its model loaded."""
+        url = f"http://{self.host}:{self.port}/readyz"
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(url, timeout=5).ok:
+                    return True
+            except requests.RequestException:
+                pass
+            time.sleep(0.2)
+        return False
+
 
 def worker_metrics_env(env: dict[str, str], index: int, host: str) -> dict[str, str]:
     """Worker `index`'s metrics endpoint: BLIPQ_METRICS_PORT (9808) + index, on the API's address; 0 stays off."""
@@ -316,7 +338,7 @@ def worker_metrics_env(env: dict[str, str], index: int, host: str) -> dict[str, 
 GUNICORN_LOCAL = ["--workers", "1", "--threads", "32", "--access-logfile", "-"]  # long polls hold threads
 
 
-def run_up(host: str, port: int, workers: int, data_dir: Path) -> int:
+def run_up(host: str, port: int, workers: int, data_dir: Path, caption_workers: int = 1) -> int:
     """Run the whole service until Ctrl-C (or SIGTERM); returns the exit status."""
 
     def interrupt(signum: int, frame: FrameType | None) -> None:
@@ -325,9 +347,11 @@ def run_up(host: str, port: int, workers: int, data_dir: Path) -> int:
     # Both installed explicitly: a shell that starts `up` in the background hands it SIGINT ignored.
     signal.signal(signal.SIGTERM, interrupt)
     signal.signal(signal.SIGINT, interrupt)
-    stack = Stack(host, port, workers, data_dir)
+    stack = Stack(host, port, workers, data_dir, caption_workers)
     try:
         stack.start()
+        if not stack.wait_until_ready():  # a job for a task with no worker yet would be refused
+            print(f"blipq: some workers are still loading their models: see http://{host}:{port}/readyz", flush=True)
         print(try_it_banner(host, port), flush=True)
         return stack.supervise()
     except KeyboardInterrupt:
@@ -349,6 +373,8 @@ def try_it_banner(host: str, port: int) -> str:
             f"blipq: the API is up on {base} (Ctrl-C stops everything)",
             "Try it:",
             f"  curl -s -F image=@{example} -F 'question=what color is the shape?' {base}/v1/jobs",
-            f"  curl -s {base}/v1/jobs/<id>",
+            f"  curl -s -F image=@{example} -F task=caption {base}/v1/jobs",
+            f"  curl -s '{base}/v1/jobs/<id>?wait=10'",
+            f"  or open {base}/ in a browser",
         ]
     )

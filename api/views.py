@@ -8,7 +8,8 @@ import logging
 import math
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -23,6 +24,7 @@ from werkzeug.exceptions import BadRequest
 from api.admission import check_queue_room, check_workers
 from api.auth import api_key_name, public
 from api.errors import (
+    ApiError,
     BadRequestError,
     ConflictError,
     NotFoundError,
@@ -96,15 +98,16 @@ def submit_job() -> tuple[Response, int, dict[str, str]]:
     submission = _parse_job_request(svc.settings)
     # The body says the task, and so the queue whose depth counts (the one the job would wait in).
     queue = svc.settings.queue_for(submission.job_request.task)
-    check_workers(svc.store.client, queue, submission.job_request.task, svc.settings.wait_for_workers)
-    check_queue_room(svc.store.client, queue, svc.settings.max_queue_depth)
     job = _new_job(submission.job_request)
     claim = None
     if idempotency is not None:
         claim = (idempotency_key(job.owner, idempotency), f"{submission.fingerprint}:{job.id}")
         earlier = earlier_submission(svc.store, *claim, svc.store.get)
-        if earlier is not None:
+        if earlier is not None:  # a replay is answered as the first request was, whatever the queue is like now
             return _accepted(earlier, {"Idempotent-Replayed": "true"})
+    with released_on_refusal(svc.store, claim):
+        check_workers(svc.store.client, queue, submission.job_request.task, svc.settings.wait_for_workers)
+        check_queue_room(svc.store.client, queue, svc.settings.max_queue_depth)
     try:
         svc.store.create(job, queue, submission.upload, claim)
     except redis.RedisError as exc:
@@ -392,6 +395,17 @@ def read_upload(file: FileStorage | None, settings: ApiSettings) -> bytes | None
     except ImageInvalidError as exc:
         raise ValidationError("image_invalid", exc.message) from None
     return data
+
+
+@contextmanager
+def released_on_refusal(store: JobStore, claim: tuple[str, str] | None) -> Iterator[None]:
+    """Free the request's Idempotency-Key claim when an admission check refuses it: its retry must be made anew, not
+    told that the key is in use."""
+    try:
+        yield
+    except ApiError:
+        release_claim(store, claim)
+        raise
 
 
 def release_claim(store: JobStore, claim: tuple[str, str] | None) -> None:

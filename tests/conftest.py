@@ -190,6 +190,8 @@ def caption_service_url(
 ) -> Iterator[str]:
     """The API over HTTP with both queues: the tiny VQA worker's, and the tiny captioning worker's for captions."""
     settings = ApiSettings(redis_url=redis_server.url, queue=tiny_worker.queue, caption_queue=tiny_caption_worker.queue)
+    for worker in (tiny_worker, tiny_caption_worker):  # a task with no live worker yet is refused
+        wait_for_worker_record(redis_server.url, worker.queue, 1, worker)
     yield from serve_app(settings)
 
 

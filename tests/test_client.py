@@ -13,14 +13,15 @@ import redis
 from api.client import BlipqClient, BlipqClientError, JobFailedError
 from api.settings import ApiSettings
 from api.up import RedisProcess
-from tests.conftest import ROOT, ImageServer, WorkerProcess, serve_app
+from tests.conftest import ROOT, ImageServer, WorkerProcess, serve_app, wait_for_worker_record
 from tests.fixtures.images import shape_png
 from tests.test_chaos import reference_answers
 
 
 @pytest.fixture
 def service_url(redis_server: RedisProcess, tiny_worker: WorkerProcess, redis_client: redis.Redis) -> Iterator[str]:
-    """The API over HTTP, enqueueing on the tiny worker's queue."""
+    """The API over HTTP, enqueueing on the tiny worker's queue, once that worker is live."""
+    wait_for_worker_record(redis_server.url, tiny_worker.queue, 1, tiny_worker)
     yield from serve_app(ApiSettings(redis_url=redis_server.url, queue=tiny_worker.queue))
 
 
@@ -55,7 +56,7 @@ def test_a_refused_request_raises_with_the_service_code(service_url: str) -> Non
 
 def test_waiting_is_bounded(redis_server: RedisProcess, redis_client: redis.Redis) -> None:
     # A queue no worker consumes: the job stays queued, and `wait` gives up at its timeout.
-    for url in serve_app(ApiSettings(redis_url=redis_server.url, queue="nobody-listens")):
+    for url in serve_app(ApiSettings(redis_url=redis_server.url, queue="nobody-listens", wait_for_workers=True)):
         client = BlipqClient(url)
         job_id = client.submit(shape_png("blue"), "what color?")
         with pytest.raises(TimeoutError):
@@ -123,7 +124,7 @@ def test_a_batch_of_local_files_is_uploaded(service_url: str, tmp_path: Path) ->
 def test_waiting_for_a_batch_is_bounded_and_mixed_images_are_refused(
     redis_server: RedisProcess, redis_client: redis.Redis, tmp_path: Path
 ) -> None:
-    for url in serve_app(ApiSettings(redis_url=redis_server.url, queue="nobody-listens")):
+    for url in serve_app(ApiSettings(redis_url=redis_server.url, queue="nobody-listens", wait_for_workers=True)):
         client = BlipqClient(url)
         batch_id, _ = client.submit_batch(["https://example.com/a.png"], ["what color?"])
         with pytest.raises(TimeoutError):

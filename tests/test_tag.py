@@ -21,7 +21,7 @@ import requests
 from api.client import BlipqClient
 from api.settings import ApiSettings
 from api.up import RedisProcess
-from tests.conftest import ROOT, QuietHandler, WorkerProcess, http_server, serve_app
+from tests.conftest import ROOT, QuietHandler, WorkerProcess, http_server, serve_app, wait_for_worker_record
 from tests.fixtures.images import shape_png
 from tests.test_chaos import reference_answers
 
@@ -31,7 +31,8 @@ COLORS = ["red", "blue", "green"]
 
 @pytest.fixture
 def service_url(redis_server: RedisProcess, tiny_worker: WorkerProcess, redis_client: redis.Redis) -> Iterator[str]:
-    """The API over HTTP, enqueueing on the tiny worker's queue."""
+    """The API over HTTP, enqueueing on the tiny worker's queue, once that worker is live."""
+    wait_for_worker_record(redis_server.url, tiny_worker.queue, 1, tiny_worker)
     yield from serve_app(ApiSettings(redis_url=redis_server.url, queue=tiny_worker.queue))
 
 
@@ -168,16 +169,55 @@ def test_tag_caption_writes_one_caption_per_image_and_resumes(
     assert [json.loads(line) for line in out.read_text().splitlines()] == records
 
 
-def test_tag_takes_questions_or_caption_not_both(caption_service_url: str, tmp_path: Path) -> None:
+def test_tag_captions_and_answers_questions_in_one_run_and_resumes_both(
+    caption_service_url: str,
+    counting_images: tuple[str, Counter[str]],
+    tmp_path: Path,
+    tiny_model_dir: Path,
+    tiny_caption_model_dir: Path,
+) -> None:
+    base, fetches = counting_images
+    images = [f"{base}/red.png", f"{base}/blue.png"]
+    out = tmp_path / "both.jsonl"
+    questions = ["what color is the shape?", "is there a circle?"]
+    ask = ["-q", questions[0], "-q", questions[1], "-o", str(out)]
+
+    tagged = blipq_tag_captions(caption_service_url, *images, *ask)
+
+    # One caption line per image and one answer line per (image, question), each as the models give them
+    assert tagged.returncode == 0, tagged.stderr
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    captions = {record["image"]: record["caption"] for record in records if "prompt" in record}
+    answers = {(record["image"], record["question"]): record["answer"] for record in records if "question" in record}
+    pictures = [shape_png(color) for color in ("red", "blue")]
+    assert captions == dict(
+        zip(images, reference_answers(tiny_caption_model_dir, [(p, "") for p in pictures]), strict=True)
+    )
+    pairs = [(image, question) for image in images for question in questions]
+    expected = reference_answers(tiny_model_dir, [(pictures[images.index(i)], q) for i, q in pairs])
+    assert answers == dict(zip(pairs, expected, strict=True))
+    assert len(records) == 6 and all(record["status"] == "succeeded" for record in records)
+
+    # A re-run asks nothing again, of either kind
+    fetches.clear()
+    again = blipq_tag_captions(caption_service_url, *images, *ask)
+    assert again.returncode == 0, again.stderr
+    assert not fetches and [json.loads(line) for line in out.read_text().splitlines()] == records
+
+
+def test_tag_needs_questions_or_caption_and_a_prompt_goes_with_caption(
+    caption_service_url: str, tmp_path: Path
+) -> None:
     picture = tmp_path / "red.png"
     picture.write_bytes(shape_png("red"))
 
-    both = blipq_tag_captions(caption_service_url, str(picture), "-q", "what?", "-o", str(tmp_path / "out.jsonl"))
+    command = [sys.executable, "-m", "api.cli", "tag", str(picture), "-o", str(tmp_path / "out.jsonl")]
+    neither = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=ROOT, check=False)
     command = [sys.executable, "-m", "api.cli", "tag", str(picture), "-q", "what?", "--prompt", "the"]
     command += ["-o", str(tmp_path / "out.jsonl")]
     prompt_alone = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=ROOT, check=False)
 
-    assert both.returncode == 2 and "--caption" in both.stderr, both.stderr
+    assert neither.returncode == 2 and "--caption" in neither.stderr, neither.stderr
     assert prompt_alone.returncode == 2 and "--prompt" in prompt_alone.stderr, prompt_alone.stderr
     assert not (tmp_path / "out.jsonl").exists()
 

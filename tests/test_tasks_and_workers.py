@@ -81,3 +81,22 @@ def test_models_lists_each_task_its_models_workers_and_waiting_answers(
     assert [worker["pid"] for worker in vqa["workers"]] == [tiny_worker.process.pid]
     assert vqa["outcomes"].get("succeeded", 0) >= 1
     assert (caption["queue"], caption["models"], caption["workers"], caption["waiting"]) == (nobody, [], [], 3)
+
+
+def test_a_request_refused_no_worker_is_made_anew_when_retried_with_its_idempotency_key(
+    redis_server: RedisProcess,
+) -> None:
+    nobody = f"nobody-{secrets.token_hex(4)}"
+    refusing = api_client(redis_server.url, nobody, wait_for_workers=False)
+    waiting = api_client(redis_server.url, nobody, wait_for_workers=True)  # as once a worker serves the queue
+    job = {"image_url": "https://example.com/a.png", "question": "what?"}
+    batch = {"images": ["https://example.com/a.png"], "questions": ["what?"]}
+
+    for path, body in (("/v1/jobs", job), ("/v1/batches", batch)):
+        headers = {"Idempotency-Key": f"retry-{secrets.token_hex(4)}"}
+        refused = refusing.post(path, json=body, headers=headers)
+        retried = waiting.post(path, json=body, headers=headers)
+
+        assert refused.status_code == 503 and refused.get_json()["error"]["code"] == "no_worker"
+        assert retried.status_code == 202, retried.get_json()  # not 409 idempotency_key_in_use
+        assert "Idempotent-Replayed" not in retried.headers

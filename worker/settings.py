@@ -23,11 +23,14 @@ DEFAULT_TIME_LIMIT_S = 300  # the hard limit of one job (a 20 s fetch and a gene
 # The model that ships in the repository: what `blipq up` and `blipq worker` serve when BLIPQ_MODEL is unset.
 DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "demo_model" / "blip-vqa-easy"
 
+# The captioning model that ships beside it: what a worker with BLIPQ_TASK=caption serves when BLIPQ_MODEL is unset
+# (production sets Salesforce/blip-image-captioning-base).
+DEMO_CAPTION_MODEL_DIR = DEMO_MODEL_DIR.parent / "blip-caption-easy"
+
 # What a worker serves when BLIPQ_MODEL is unset, by BLIPQ_TASK.
-CAPTION_MODEL = "Salesforce/blip-image-captioning-base"
 TASKS = tuple(task.value for task in JobTask)
 DEFAULT_QUEUES = {JobTask.VQA: DEFAULT_QUEUE, JobTask.CAPTION: DEFAULT_CAPTION_QUEUE}
-DEFAULT_MODELS = {JobTask.VQA: str(DEMO_MODEL_DIR), JobTask.CAPTION: CAPTION_MODEL}
+DEFAULT_MODELS = {JobTask.VQA: str(DEMO_MODEL_DIR), JobTask.CAPTION: str(DEMO_CAPTION_MODEL_DIR)}
 
 DEVICES = ("auto", "cpu", "cuda")
 LOG_FORMATS = ("json", "text")  # json: one object per line, for log collectors; text: for people at a terminal
