@@ -1,5 +1,5 @@
-"""docker-compose.yml, checked without a Docker engine: real entry points, known settings, production choices, and
-the `ha` profile's Redis with failover."""
+"""docker-compose.yml, checked without a Docker engine: real entry points, known settings, production choices, a
+worker for each task the API serves, and the `ha` profile's Redis with failover."""
 
 from __future__ import annotations
 
@@ -11,7 +11,10 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
+from api.settings import ApiSettings
 from tests.conftest import ROOT
+from worker.settings import WorkerSettings
+from worker.states import JobTask
 
 SETTINGS_SOURCES = [ROOT / "worker" / "settings.py", ROOT / "api" / "settings.py"]
 FOREIGN_VARIABLES = {"HF_HOME", "CUDA_VISIBLE_DEVICES"}  # read by transformers and CUDA, not by blipq
@@ -19,7 +22,11 @@ BLIPQ_COMMANDS = {"api", "worker"}  # `blipq up` is for one machine, not for pro
 HA_PROFILE = "ha"
 REDIS_PORT = 6379  # redis-server's port when not set
 SENTINEL_PORT = 26379  # a sentinel's port when its config sets none
-# What the `ha` variants of api and worker set differently: where Redis is, and how many replicas hold a job.
+# The models production serves, by task (with BLIPQ_MODEL unset, a worker serves a demo model of the repository).
+PRODUCTION_MODELS = {JobTask.VQA: "Salesforce/blip-vqa-base", JobTask.CAPTION: "Salesforce/blip-image-captioning-base"}
+# The worker services, by the task each serves: one of each starts by default.
+WORKERS = {"worker": JobTask.VQA, "caption-worker": JobTask.CAPTION}
+# What the `ha` variants of api and the workers set differently: where Redis is, and how many replicas hold a job.
 SENTINEL_VARIABLES = {"BLIPQ_REDIS_URL", "BLIPQ_REDIS_SENTINELS", "BLIPQ_REDIS_MASTER", "BLIPQ_MIN_REPLICAS_ACK"}
 
 
@@ -35,9 +42,31 @@ def known_variables() -> set[str]:
     return names
 
 
+def blipq_services(services: dict[str, dict[str, Any]], command: str | None = None) -> dict[str, dict[str, Any]]:
+    """The services built from the repository's Dockerfile; with `command`, those that run `blipq COMMAND`."""
+    return {
+        name: service
+        for name, service in services.items()
+        if "build" in service and (command is None or service["command"][:2] == ["blipq", command])
+    }
+
+
+def worker_settings(environment: dict[str, Any]) -> WorkerSettings:
+    """What a worker makes of this environment, as `blipq worker` reads it."""
+    return WorkerSettings.from_env({name: str(value) for name, value in environment.items()})
+
+
+def api_settings(environment: dict[str, Any]) -> ApiSettings:
+    """What the API makes of this environment (but its keys file, which exists only where the API runs)."""
+    env = {name: str(value) for name, value in environment.items() if name != "BLIPQ_API_KEYS_FILE"}
+    return ApiSettings.from_env(env)
+
+
 def test_every_service_runs_a_real_blipq_command(compose: dict[str, Any]) -> None:
-    for name in ("api", "worker"):
-        command = compose["services"][name]["command"]
+    built = blipq_services(compose["services"])
+    assert {"api", *WORKERS} <= built.keys()
+    for name, service in built.items():
+        command = service["command"]
         assert command[0] == "blipq" and command[1] in BLIPQ_COMMANDS, (name, command)
     entry_points = (ROOT / "pyproject.toml").read_text()
     assert 'blipq = "api.cli:main"' in entry_points
@@ -62,19 +91,42 @@ def test_redis_keeps_jobs(compose: dict[str, Any]) -> None:
     assert any(volume.endswith(":/data") for volume in redis["volumes"])
 
 
-def test_workers_reserve_a_gpu_share_the_cache_and_scale(compose: dict[str, Any]) -> None:
-    worker = compose["services"]["worker"]
+@pytest.mark.parametrize("name", WORKERS)
+def test_workers_reserve_a_gpu_share_the_cache_and_scale(compose: dict[str, Any], name: str) -> None:
+    worker = compose["services"][name]
+    assert worker["command"][:2] == ["blipq", "worker"]
     devices = worker["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["capabilities"] == ["gpu"] and devices[0]["count"] == 1
-    assert worker["environment"]["BLIPQ_MODEL"] == "Salesforce/blip-vqa-base"
+    settings = worker_settings(worker["environment"])
+    assert settings.task is WORKERS[name], f"{name} serves {settings.task}"
+    assert settings.model == PRODUCTION_MODELS[settings.task] and settings.dtype == "float16"
     cache = worker["environment"]["HF_HOME"]
     assert any(volume.endswith(f":{cache}") for volume in worker["volumes"])
     assert "ports" not in worker and "container_name" not in worker, "replicas of a scaled service must not clash"
+    grace = re.fullmatch(r"(\d+)s", worker["stop_grace_period"])
+    assert grace and int(grace[1]) > settings.shutdown_grace_s, "Docker's SIGKILL must wait for the jobs' grace"
+
+
+def test_each_task_the_api_serves_has_a_worker_on_its_queue(compose: dict[str, Any]) -> None:
+    for profile in (None, HA_PROFILE):
+        services = profiled(compose, profile)
+        ((api_name, api),) = blipq_services(services, "api").items()
+        settings = api_settings(api["environment"])
+        assert set(settings.tasks) == set(JobTask), "captions are served beside answers"
+        workers = {name: worker_settings(s["environment"]) for name, s in blipq_services(services, "worker").items()}
+        for task in settings.tasks:
+            # With BLIPQ_WAIT_FOR_WORKERS off, a task with no worker started along with the API gets only 503s.
+            serving = [name for name, worker in workers.items() if worker.queue == settings.queue_for(task)]
+            assert serving, f"no worker beside {api_name} reads the {task} queue {settings.queue_for(task)!r}"
+            for name in serving:
+                assert workers[name].task is task and workers[name].model == PRODUCTION_MODELS[task], name
+        queues = {settings.queue_for(task) for task in settings.tasks}
+        assert {worker.queue for worker in workers.values()} <= queues, "a worker on a queue the API never fills"
 
 
 def test_images_build_from_the_dockerfile(compose: dict[str, Any]) -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
-    for name in ("api", "worker"):
+    for name in ("api", *WORKERS):
         assert compose["services"][name]["build"]["context"] == "."
     for copied in re.findall(r"^COPY (\S+)", dockerfile, flags=re.MULTILINE):
         assert (ROOT / copied).exists(), f"the Dockerfile copies {copied}, which is not in the repository"
@@ -84,10 +136,11 @@ def test_flower_watches_the_workers_broker_and_sees_their_tasks(compose: dict[st
     flower = compose["services"]["flower"]
     command = flower["command"]
     assert command[0] == "celery" and "flower" in command
-    assert f"--broker={compose['services']['worker']['environment']['BLIPQ_REDIS_URL']}" in command
     assert "--port=5555" in command and flower["ports"] == ["127.0.0.1:5555:5555"], "no password: local only"
-    worker_command = compose["services"]["worker"]["command"]
-    assert "--task-events" in worker_command, "without task events Flower lists the workers but not their tasks"
+    for name in WORKERS:
+        worker = compose["services"][name]
+        assert f"--broker={worker['environment']['BLIPQ_REDIS_URL']}" in command, name
+        assert "--task-events" in worker["command"], "without task events Flower lists the workers but not their tasks"
 
 
 def test_prometheus_reads_the_scrape_config_of_the_repository(compose: dict[str, Any]) -> None:
@@ -163,7 +216,7 @@ def sentinel_directives(text: str) -> list[list[str]]:
 
 def test_the_default_deployment_needs_no_profile(compose: dict[str, Any]) -> None:
     default, ha = profiled(compose, None), profiled(compose, HA_PROFILE)
-    assert {"redis", "api", "worker"} <= default.keys()
+    assert {"redis", "api", *WORKERS} <= default.keys()
     for services in (default, ha):
         for name, service in services.items():
             for dependency in service.get("depends_on", {}):
@@ -220,8 +273,9 @@ def test_three_sentinels_watch_the_master_that_the_services_ask_for(compose: dic
     assert ["sentinel", "announce-hostnames", "yes"] in directives
     timings = {d[1]: int(d[3]) for d in directives if d[0] == "sentinel" and len(d) == 4 and d[2] == master}
     assert timings["down-after-milliseconds"] > 0 and timings["failover-timeout"] > 0
-    for name in ("api-ha", "worker-ha"):
-        env = ha[name]["environment"]
+    assert {"api-ha", *(f"{name}-ha" for name in WORKERS)} <= blipq_services(ha).keys()
+    for name, service in blipq_services(ha).items():
+        env = service["environment"]
         assert env["BLIPQ_REDIS_MASTER"] == master, name
         assert sorted(env["BLIPQ_REDIS_SENTINELS"].split(",")) == sorted(f"{s}:{port}" for s in sentinels), name
         assert urlsplit(env["BLIPQ_REDIS_URL"]).hostname in ha, "never the `redis` of the default deployment"
@@ -235,8 +289,11 @@ def test_the_ha_api_and_workers_are_the_default_ones_on_the_ha_redis(compose: di
     scraped = {
         name for job in prometheus["scrape_configs"] for sd in job.get("dns_sd_configs", []) for name in sd["names"]
     }
-    for name in ("api", "worker"):
-        default, ha = services[name], services[f"{name}-ha"]
+    defaults = blipq_services(profiled(compose, None))
+    assert {"api", *WORKERS} <= defaults.keys()
+    for name, default in defaults.items():
+        assert f"{name}-ha" in services, f"the ha profile has no variant of {name}"
+        ha = services[f"{name}-ha"]
         assert HA_PROFILE in ha["profiles"]
         for key in ("build", "command", "deploy", "secrets", "ports", "expose", "volumes", "stop_grace_period"):
             assert ha.get(key) == default.get(key), (name, key)

@@ -1,6 +1,7 @@
 """deploy/k8s, deploy/k8s-ha and deploy/prometheus.yml, checked without a cluster: named objects that select their own
-pods, probes on routes the API has, known settings, a GPU per worker, KEDA scaling the worker on the jobs in hand, and
-the overlay that puts blipq on Bitnami's redis chart with Sentinel."""
+pods, probes on routes the API has, known settings, a GPU per worker, workers for each task the API serves (vqa and
+caption), KEDA scaling each on its own queue's jobs in hand, and the overlay that puts blipq on Bitnami's redis chart
+with Sentinel."""
 
 from __future__ import annotations
 
@@ -21,7 +22,16 @@ from api.admission import queue_names
 from api.app import create_app
 from api.settings import ApiSettings
 from tests.conftest import ROOT
-from tests.test_compose import BLIPQ_COMMANDS, FOREIGN_VARIABLES, known_variables
+from tests.test_compose import (
+    BLIPQ_COMMANDS,
+    FOREIGN_VARIABLES,
+    PRODUCTION_MODELS,
+    api_settings,
+    known_variables,
+    worker_settings,
+)
+from worker.settings import WorkerSettings
+from worker.states import JobTask
 
 K8S = ROOT / "deploy" / "k8s"
 HA = ROOT / "deploy" / "k8s-ha"  # beside the base, not in it: kustomize refuses an overlay inside its base
@@ -32,6 +42,8 @@ DEFAULT_METRICS_PORT = 9808  # a worker's BLIPQ_METRICS_PORT when unset
 CHART_SENTINEL_PORT = 26379  # the redis chart's sentinel.service.ports.sentinel when unset
 CHART_REDIS_PORT = 6379  # and its sentinel.service.ports.redis
 KEDA_NAMESPACE = "keda"  # where KEDA's operator, which runs the triggers, is installed by default
+WORKER_DEPLOYMENTS = {"blipq-worker": JobTask.VQA, "blipq-caption-worker": JobTask.CAPTION}  # by the task served
+KEDA_DEFAULT_MIN_REPLICAS = 0  # a ScaledObject's minReplicaCount when unset
 
 
 def load_manifests() -> list[tuple[Path, dict[str, Any]]]:
@@ -80,6 +92,26 @@ def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
 
 def pod_labels(workload: dict[str, Any]) -> dict[str, str]:
     return workload["spec"]["template"]["metadata"]["labels"]  # type: ignore[no-any-return]
+
+
+def blipq_deployments(docs: list[dict[str, Any]], command: str | None = None) -> dict[str, dict[str, Any]]:
+    """The Deployments whose container runs blipq (with `command`: `blipq COMMAND`), by name."""
+    return {
+        doc["metadata"]["name"]: doc
+        for doc in docs
+        if doc["kind"] == "Deployment"
+        and containers(doc)[0]["command"][0] == "blipq"
+        and (command is None or containers(doc)[0]["command"][1] == command)
+    }
+
+
+def deployment_settings(deployment: dict[str, Any]) -> WorkerSettings:
+    """What the worker of this Deployment makes of its env."""
+    return worker_settings(environment(containers(deployment)[0]))
+
+
+def base_api_settings() -> ApiSettings:
+    return api_settings(environment(containers(named("Deployment", "blipq-api"))[0]))
 
 
 @pytest.fixture(scope="module")
@@ -151,13 +183,16 @@ def test_secrets_used_are_defined_with_their_keys() -> None:
                 reference = item.get("valueFrom", {}).get("secretKeyRef")
                 if reference:  # an optional key may be left out: the feature it turns on stays off
                     assert reference.get("optional") or reference["key"] in defined[reference["name"]], item["name"]
+    deployments = blipq_deployments([doc for _, doc in MANIFESTS])
+    assert {"blipq-api", *WORKER_DEPLOYMENTS} <= deployments.keys()
     webhook_keys = [
         item["valueFrom"]["secretKeyRef"]
-        for name in ("blipq-api", "blipq-worker")
-        for item in containers(named("Deployment", name))[0]["env"]
+        for deployment in deployments.values()
+        for item in containers(deployment)[0]["env"]
         if item["name"] == "BLIPQ_WEBHOOK_SECRET"
     ]
-    assert len(webhook_keys) == 2 and webhook_keys[0] == webhook_keys[1], "the API and workers share the signing key"
+    assert len(webhook_keys) == len(deployments), "the API and every worker read the signing key"
+    assert all(key == webhook_keys[0] for key in webhook_keys), "the API and workers share the signing key"
     api = named("Deployment", "blipq-api")
     keys_file = environment(containers(api)[0])["BLIPQ_API_KEYS_FILE"]
     mounts = containers(api)[0]["volumeMounts"]
@@ -176,22 +211,76 @@ def test_redis_keeps_jobs_on_a_volume() -> None:
     assert urls == {f"redis://{service['metadata']['name']}:{service['spec']['ports'][0]['port']}/0"}
 
 
-def test_the_worker_has_a_gpu_the_real_model_and_time_to_finish_its_job() -> None:
-    worker = named("Deployment", "blipq-worker")
+@pytest.mark.parametrize("name", WORKER_DEPLOYMENTS)
+def test_the_worker_has_a_gpu_the_real_model_and_time_to_finish_its_job(name: str) -> None:
+    worker = named("Deployment", name)
     (container,) = containers(worker)
     env = environment(container)
+    settings = deployment_settings(worker)
     assert container["command"][:2] == ["blipq", "worker"]
     assert int(container["resources"]["limits"]["nvidia.com/gpu"]) == 1
-    assert env["BLIPQ_MODEL"] == "Salesforce/blip-vqa-base" and env["BLIPQ_DTYPE"] == "float16"
+    assert settings.task is WORKER_DEPLOYMENTS[name], f"{name} serves {settings.task}"
+    assert settings.model == PRODUCTION_MODELS[settings.task] and settings.dtype == "float16"
     pod = worker["spec"]["template"]["spec"]
-    assert pod["terminationGracePeriodSeconds"] > float(env["BLIPQ_SHUTDOWN_GRACE_S"])
+    assert pod["terminationGracePeriodSeconds"] > settings.shutdown_grace_s
     assert any(mount["mountPath"] == env["HF_HOME"] for mount in container["volumeMounts"]), "the model cache"
+    claims = {
+        volume["persistentVolumeClaim"]["claimName"] for volume in pod["volumes"] if "persistentVolumeClaim" in volume
+    }
+    assert claims <= {claim["metadata"]["name"] for claim in objects("PersistentVolumeClaim")}, "claims that exist"
     api_env = environment(containers(named("Deployment", "blipq-api"))[0])
     assert api_env["BLIPQ_JOB_TIME_LIMIT_S"] == env["BLIPQ_JOB_TIME_LIMIT_S"], "the visibility timeout must agree"
 
 
-def test_the_worker_metrics_port_is_declared_and_announced_to_prometheus() -> None:
-    worker = named("Deployment", "blipq-worker")
+def test_the_caption_worker_is_the_vqa_worker_with_a_captioning_model() -> None:
+    vqa, caption = named("Deployment", "blipq-worker"), named("Deployment", "blipq-caption-worker")
+    assert caption["spec"]["strategy"] == vqa["spec"]["strategy"]
+    assert caption["spec"]["template"]["metadata"]["annotations"] == vqa["spec"]["template"]["metadata"]["annotations"]
+    vqa_pod, caption_pod = vqa["spec"]["template"]["spec"], caption["spec"]["template"]["spec"]
+    for key in ("terminationGracePeriodSeconds", "securityContext", "tolerations", "volumes"):
+        assert caption_pod.get(key) == vqa_pod.get(key), key
+    (vqa_container,), (caption_container,) = vqa_pod["containers"], caption_pod["containers"]
+    for key in ("image", "command", "ports", "volumeMounts", "readinessProbe", "livenessProbe", "startupProbe"):
+        assert caption_container.get(key) == vqa_container.get(key), key
+    # The same settings but the task's: its queue and its model.
+    task_variables = {"BLIPQ_TASK", "BLIPQ_QUEUE", "BLIPQ_MODEL"}
+
+    def shared(container: dict[str, Any]) -> list[dict[str, Any]]:
+        return [item for item in container["env"] if item["name"] not in task_variables]
+
+    assert shared(caption_container) == shared(vqa_container)
+
+
+def test_each_task_the_api_serves_has_workers_on_its_queue() -> None:
+    api = base_api_settings()
+    assert set(api.tasks) == set(JobTask), "captions are served beside answers"
+    workers = {
+        name: deployment_settings(doc) for name, doc in blipq_deployments([d for _, d in MANIFESTS], "worker").items()
+    }
+    assert workers.keys() == set(WORKER_DEPLOYMENTS)
+    for task in api.tasks:
+        serving = [name for name, worker in workers.items() if worker.queue == api.queue_for(task)]
+        assert serving, f"no Deployment reads the {task} queue {api.queue_for(task)!r}"
+        assert all(workers[name].task is task for name in serving), serving
+    queues = {api.queue_for(task) for task in api.tasks}
+    assert {worker.queue for worker in workers.values()} <= queues, "a worker on a queue the API never fills"
+
+
+def test_the_api_lets_jobs_wait_for_workers_only_where_a_fleet_scales_from_zero() -> None:
+    from_zero = [
+        scaled["metadata"]["name"]
+        for scaled in objects("ScaledObject")
+        if scaled["spec"].get("minReplicaCount", KEDA_DEFAULT_MIN_REPLICAS) == 0
+    ]
+    if from_zero:  # no job would ever be queued to scale these up: the API would refuse each, no_worker
+        assert base_api_settings().wait_for_workers, f"{from_zero} scale to zero: BLIPQ_WAIT_FOR_WORKERS=on"
+    else:  # a worker is always meant to be up: a job with none is refused at once, not left queued
+        assert not base_api_settings().wait_for_workers, "every fleet keeps a worker: BLIPQ_WAIT_FOR_WORKERS=off"
+
+
+@pytest.mark.parametrize("name", WORKER_DEPLOYMENTS)
+def test_the_worker_metrics_port_is_declared_and_announced_to_prometheus(name: str) -> None:
+    worker = named("Deployment", name)
     (container,) = containers(worker)
     port = int(environment(container).get("BLIPQ_METRICS_PORT", DEFAULT_METRICS_PORT))
     assert port in container_ports(worker)
@@ -202,21 +291,27 @@ def test_the_worker_metrics_port_is_declared_and_announced_to_prometheus() -> No
     assert int(api_annotations["prometheus.io/port"]) in container_ports(api)
 
 
-def test_keda_scales_the_worker_on_jobs_queued_and_running() -> None:
-    (scaled,) = objects("ScaledObject")
-    assert scaled["apiVersion"] == "keda.sh/v1alpha1"
-    target = scaled["spec"]["scaleTargetRef"]
-    assert target.get("kind", "Deployment") == "Deployment" and named("Deployment", target["name"])
-    assert target["name"] == "blipq-worker"
-    assert 0 <= scaled["spec"]["minReplicaCount"] < scaled["spec"]["maxReplicaCount"]
-    assert scaled["spec"]["cooldownPeriod"] > 0
-    (trigger,) = scaled["spec"]["triggers"]
-    assert trigger["type"] == "prometheus"
-    query = trigger["metadata"]["query"]
-    queue = environment(containers(named("Deployment", "blipq-worker"))[0]).get("BLIPQ_QUEUE", "blipq")
-    for metric in ("blipq_jobs_queued", "blipq_jobs_running"):
-        assert f'{metric}{{queue="{queue}"}}' in query, f"the query counts {metric} of the worker's queue"
-    assert int(trigger["metadata"]["threshold"]) >= 1
+def test_keda_scales_each_worker_on_its_queues_jobs_queued_and_running() -> None:
+    scaled_objects = {scaled["spec"]["scaleTargetRef"]["name"]: scaled for scaled in objects("ScaledObject")}
+    assert len(scaled_objects) == len(objects("ScaledObject")), "two ScaledObjects for one Deployment"
+    assert scaled_objects.keys() == set(WORKER_DEPLOYMENTS), "each worker Deployment has its ScaledObject"
+    api = base_api_settings()
+    for name, scaled in scaled_objects.items():
+        assert scaled["apiVersion"] == "keda.sh/v1alpha1"
+        target = scaled["spec"]["scaleTargetRef"]
+        assert target.get("kind", "Deployment") == "Deployment" and named("Deployment", name)
+        assert 0 <= scaled["spec"]["minReplicaCount"] < scaled["spec"]["maxReplicaCount"], name
+        assert scaled["spec"]["cooldownPeriod"] > 0
+        (trigger,) = scaled["spec"]["triggers"]
+        assert trigger["type"] == "prometheus"
+        query = trigger["metadata"]["query"]
+        queue = deployment_settings(named("Deployment", name)).queue
+        for metric in ("blipq_jobs_queued", "blipq_jobs_running"):
+            assert f'{metric}{{queue="{queue}"}}' in query, f"{name}: the query counts {metric} of its workers' queue"
+        assert set(re.findall(r'queue="([^"]*)"', query)) == {queue}, f"{name} would scale on another queue's jobs"
+        # The API exports these gauges for each queue it fills (test_ops reads them for both).
+        assert queue in {api.queue_for(task) for task in api.tasks}, f"{name}: no gauges for {queue!r}"
+        assert int(trigger["metadata"]["threshold"]) >= 1
 
 
 def schema_errors(docs: list[tuple[str, dict[str, Any]]]) -> list[str]:
@@ -255,12 +350,14 @@ def test_prometheus_scrapes_the_api_and_every_worker_of_compose() -> None:
         return found
 
     api_port = int(compose["api"]["command"][compose["api"]["command"].index("--bind") + 1].rpartition(":")[2])
-    worker_port = int(compose["worker"]["environment"].get("BLIPQ_METRICS_PORT", DEFAULT_METRICS_PORT))
     assert ("api", api_port) in targets(jobs["blipq-api"])
-    # By DNS, not a fixed list: the service name resolves to every replica of `--scale worker=N`.
-    assert jobs["blipq-worker"]["dns_sd_configs"][0]["names"] == ["worker"]
-    assert ("worker", worker_port) in targets(jobs["blipq-worker"])
-    assert str(worker_port) in [str(port) for port in compose["worker"].get("expose", [])]
+    # By DNS, not a fixed list: the service name resolves to every replica of `--scale worker=N`. A worker's metrics
+    # carry no task label: each worker service is a job of its own.
+    for service, job in (("worker", "blipq-worker"), ("caption-worker", "blipq-caption-worker")):
+        worker_port = int(compose[service]["environment"].get("BLIPQ_METRICS_PORT", DEFAULT_METRICS_PORT))
+        assert jobs[job]["dns_sd_configs"][0]["names"] == [service]
+        assert (service, worker_port) in targets(jobs[job])
+        assert str(worker_port) in [str(port) for port in compose[service].get("expose", [])]
     assert all(path.get("metrics_path", "/metrics") == "/metrics" for path in jobs.values())
     assert ("flower", 5555) in targets(jobs["flower"])
 
@@ -397,8 +494,10 @@ def test_the_api_and_workers_find_the_primary_through_the_charts_sentinels(
     service, port = sentinel_address(chart)
     replicas = chart["replica"]["replicaCount"] - 1  # with Sentinel, one of the chart's data pods is the primary
     base_url = urlsplit(environment(containers(named("Deployment", "blipq-worker"))[0])["BLIPQ_REDIS_URL"])
-    for name in ("blipq-api", "blipq-worker"):
-        (container,) = containers(of(ha, "Deployment", name))
+    deployments = blipq_deployments(ha)
+    assert {"blipq-api", *WORKER_DEPLOYMENTS} <= deployments.keys()
+    for name, deployment in deployments.items():
+        (container,) = containers(deployment)
         env = environment(container)
         assert env["BLIPQ_REDIS_SENTINELS"] == f"{service}:{port}", name
         assert env["BLIPQ_REDIS_MASTER"] == chart["sentinel"]["masterSet"], name
@@ -441,8 +540,8 @@ def test_the_charts_network_policy_lets_in_blipq_and_keda(ha: list[dict[str, Any
     policy = chart["networkPolicy"]
     assert policy["enabled"] and policy["allowExternal"] is False, "as the base's Redis: only blipq's pods reach it"
     _, sentinel_port = sentinel_address(chart)
-    for name in ("blipq-api", "blipq-worker"):
-        labels = pod_labels(of(ha, "Deployment", name))
+    for name, deployment in blipq_deployments(ha).items():
+        labels = pod_labels(deployment)
         ports = {
             port["port"]
             for rule in policy["extraIngress"]
@@ -450,33 +549,37 @@ def test_the_charts_network_policy_lets_in_blipq_and_keda(ha: list[dict[str, Any
             for port in rule["ports"]
         }
         assert {CHART_REDIS_PORT, sentinel_port} <= ports, name
-    (scaled,) = [doc for doc in ha if doc["kind"] == "ScaledObject"]
-    if any(trigger["type"] == "redis-sentinel" for trigger in scaled["spec"]["triggers"]):
+    triggers = [trigger for doc in ha if doc["kind"] == "ScaledObject" for trigger in doc["spec"]["triggers"]]
+    if any(trigger["type"] == "redis-sentinel" for trigger in triggers):
         assert policy["ingressNSMatchLabels"] == {"kubernetes.io/metadata.name": KEDA_NAMESPACE}
 
 
 def test_keda_keeps_its_query_and_reads_the_queue_through_the_sentinels(
     ha: list[dict[str, Any]], chart: dict[str, Any]
 ) -> None:
-    (scaled,) = [doc for doc in ha if doc["kind"] == "ScaledObject"]
-    (query,) = objects("ScaledObject")[0]["spec"]["triggers"]
-    triggers = scaled["spec"]["triggers"]
-    assert [trigger for trigger in triggers if trigger["type"] != "redis-sentinel"] == [query]
-    (trigger,) = [trigger for trigger in triggers if trigger["type"] == "redis-sentinel"]
-    metadata = trigger["metadata"]
-    assert metadata["sentinelMaster"] == chart["sentinel"]["masterSet"]
+    queries = {scaled["metadata"]["name"]: scaled["spec"]["triggers"] for scaled in objects("ScaledObject")}
+    scaled_objects = [doc for doc in ha if doc["kind"] == "ScaledObject"]
+    assert {scaled["metadata"]["name"] for scaled in scaled_objects} == queries.keys()
     service, port = sentinel_address(chart)
-    # KEDA's operator runs in its own namespace: the Service by its namespaced name.
-    assert metadata["addresses"] == f"{service}.{scaled['metadata']['namespace']}.svc:{port}"
-    worker = environment(containers(of(ha, "Deployment", "blipq-worker"))[0])
-    assert metadata["listName"] in queue_names(worker.get("BLIPQ_QUEUE", "blipq")), "one of the worker's lists"
-    # One list of queued jobs, never more workers than the query of jobs queued and running.
-    assert int(metadata["listLength"]) >= int(query["metadata"]["threshold"])
-    authentication = of(ha, "TriggerAuthentication", trigger["authenticationRef"]["name"])
-    secrets = {ref["parameter"]: (ref["name"], ref["key"]) for ref in authentication["spec"]["secretTargetRef"]}
-    assert secrets["password"] == chart_secret(chart)
-    if chart["auth"].get("sentinel", True):  # the chart's default: the sentinels ask for the password too
-        assert secrets["sentinelPassword"] == chart_secret(chart)
+    for scaled in scaled_objects:
+        name = scaled["metadata"]["name"]
+        (query,) = queries[name]
+        triggers = scaled["spec"]["triggers"]
+        assert [trigger for trigger in triggers if trigger["type"] != "redis-sentinel"] == [query], name
+        (trigger,) = [trigger for trigger in triggers if trigger["type"] == "redis-sentinel"]
+        metadata = trigger["metadata"]
+        assert metadata["sentinelMaster"] == chart["sentinel"]["masterSet"]
+        # KEDA's operator runs in its own namespace: the Service by its namespaced name.
+        assert metadata["addresses"] == f"{service}.{scaled['metadata']['namespace']}.svc:{port}"
+        queue = deployment_settings(of(ha, "Deployment", scaled["spec"]["scaleTargetRef"]["name"])).queue
+        assert metadata["listName"] in queue_names(queue), f"{name}: one of its workers' lists"
+        # One list of queued jobs, never more workers than the query of jobs queued and running.
+        assert int(metadata["listLength"]) >= int(query["metadata"]["threshold"])
+        authentication = of(ha, "TriggerAuthentication", trigger["authenticationRef"]["name"])
+        secrets = {ref["parameter"]: (ref["name"], ref["key"]) for ref in authentication["spec"]["secretTargetRef"]}
+        assert secrets["password"] == chart_secret(chart)
+        if chart["auth"].get("sentinel", True):  # the chart's default: the sentinels ask for the password too
+            assert secrets["sentinelPassword"] == chart_secret(chart)
 
 
 def test_the_ha_overlay_matches_the_kubernetes_schemas(ha: list[dict[str, Any]]) -> None:
