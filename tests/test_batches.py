@@ -35,7 +35,7 @@ from tests.test_chaos import QUICK_RECOVERY, reference_answers
 from tests.test_webhooks import QUICK_WEBHOOKS, SECRET, Receiver, serve, verify_signature
 from worker.batches import BatchStore, batch_keys, outcome_value, outcomes_key
 from worker.broker import create_celery, publish_chunk
-from worker.jobs import JobStore, running_key
+from worker.jobs import JobStore, running_key, webhook_outbox_key
 from worker.reaper import ReaperPolicy, sweep
 from worker.states import JobStatus
 from worker.webhooks import SIGNATURE_HEADER
@@ -319,7 +319,7 @@ def test_a_worker_killed_mid_batch_changes_no_answer(
 
 
 def test_the_batch_webhook_is_posted_once_signed_when_the_last_item_ends(
-    api: FlaskClient, worker: WorkerProcess, images: Images, receiver: Receiver
+    api: FlaskClient, worker: WorkerProcess, images: Images, receiver: Receiver, redis_client: redis.Redis
 ) -> None:
     batch_id = submit_batch(api, tagging_body(images, webhook=receiver.url("/batch")))
 
@@ -328,7 +328,10 @@ def test_the_batch_webhook_is_posted_once_signed_when_the_last_item_ends(
     while (api.get(f"/v1/batches/{batch_id}").get_json()["webhook_delivery"] or {}).get("status") != "delivered":
         assert time.monotonic() < deadline, worker.log_tail()
         time.sleep(0.05)
-    time.sleep(1.0)  # a second delivery, were there one, would have come by now (senders poll every 0.5 s)
+    # Every item has ended (nothing can add it to the outbox again) and nothing of the batch is left there: no sender
+    # holds a claim on it, nor will find it due, so no delivery can come after the one recorded.
+    outbox = [member.decode() for member in redis_client.zrange(webhook_outbox_key(), 0, -1)]
+    assert [member for member in outbox if batch_id in member] == []
 
     [delivery] = receiver.to("/batch")
     summary = json.loads(delivery.body)

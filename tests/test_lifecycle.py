@@ -7,6 +7,7 @@ import secrets
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -30,12 +31,11 @@ from tests.conftest import (
 )
 from tests.fixtures.images import shape_png
 from worker.broker import TASK_VQA
-from worker.jobs import JobStore, broker_list_key, deadlines_key, unstarted_key, upload_key
+from worker.jobs import JobStore, broker_list_key, deadlines_key, job_key, unstarted_key, upload_key
 from worker.reaper import expire_overdue
 from worker.states import JobPriority
 
 WORKER_QUEUE = "lifecycle"
-SLOW_S = 2.0  # how long a slow image takes to arrive: its job surely runs while the test acts
 BACKLOG_IMAGE_S = 0.15  # each backlog job's image delay: 60 of them, 4 at a time, keep the worker busy for 2 s or more
 CONCURRENCY = 4  # messages the worker holds at once: priorities order the queue, not what a worker already holds
 LOW_JOBS, HIGH_JOBS = 60, 3
@@ -55,6 +55,30 @@ def slow_images() -> Iterator[str]:
 
     with http_server(Handler) as port:
         yield f"http://127.0.0.1:{port}"
+
+
+@dataclass
+class HeldImage:
+    """An image URL whose response waits until `release` is set: a job of it runs (or waits queued) until then."""
+
+    url: str
+    release: threading.Event
+
+
+@pytest.fixture
+def held_image() -> Iterator[HeldImage]:
+    release = threading.Event()
+
+    class Handler(QuietHandler):
+        def do_GET(self) -> None:
+            release.wait(60)
+            self.answer(200, "image/png", shape_png("red"))
+
+    with http_server(Handler) as port:
+        try:
+            yield HeldImage(f"http://127.0.0.1:{port}/held.png", release)
+        finally:
+            release.set()
 
 
 @pytest.fixture(scope="module")
@@ -112,22 +136,20 @@ def assert_error(response: TestResponse, status: int, code: str) -> None:
 # Cancels
 
 
-def occupy(api: FlaskClient, worker: WorkerProcess, slow_images: str) -> list[str]:
-    """Give the worker a slow job for each message it can hold, and wait until all run: the next job waits queued."""
-    busy = [
-        submit(api, {"question": "what color?", "image_url": f"{slow_images}/{SLOW_S}/red.png"})
-        for _ in range(CONCURRENCY)
-    ]
+def occupy(api: FlaskClient, worker: WorkerProcess, held_image: HeldImage) -> list[str]:
+    """Give the worker a held job for each message it can hold, and wait until all run: until the test releases
+    them, the next job waits queued."""
+    busy = [submit(api, {"question": "what color?", "image_url": held_image.url}) for _ in range(CONCURRENCY)]
     for job_id in busy:
         wait_for_status(api, job_id, "running", worker)
     return busy
 
 
 def test_a_queued_job_that_is_canceled_never_runs(
-    api: FlaskClient, worker: WorkerProcess, slow_images: str, redis_client: redis.Redis
+    api: FlaskClient, worker: WorkerProcess, slow_images: str, held_image: HeldImage, redis_client: redis.Redis
 ) -> None:
-    # Given: the worker busy with slow jobs, and a job queued behind them.
-    busy = occupy(api, worker, slow_images)
+    # Given: the worker busy with held jobs, and a job queued behind them.
+    busy = occupy(api, worker, held_image)
     queued = submit(api, {"question": "what color?", "image_url": f"{slow_images}/0/blue.png"})
 
     # When: the queued job is canceled...
@@ -138,6 +160,7 @@ def test_a_queued_job_that_is_canceled_never_runs(
     canceled = response.get_json()
     assert canceled["status"] == "canceled" and canceled["cancel_requested"] is True
     assert canceled["error"]["code"] == "canceled" and canceled["finished_at"]
+    held_image.release.set()
     after = submit(api, {"question": "what color?", "image_url": f"{slow_images}/0/green.png"})
     assert wait_for_job(api, after, worker)["status"] == "succeeded"
     assert all(wait_for_job(api, job_id, worker)["status"] == "succeeded" for job_id in busy)
@@ -150,15 +173,16 @@ def test_a_queued_job_that_is_canceled_never_runs(
 
 
 def test_a_running_job_that_is_canceled_ends_as_it_would_with_its_cancel_reported(
-    api: FlaskClient, worker: WorkerProcess, slow_images: str
+    api: FlaskClient, worker: WorkerProcess, held_image: HeldImage
 ) -> None:
-    job_id = submit(api, {"question": "what color?", "image_url": f"{slow_images}/{SLOW_S}/red.png"})
+    job_id = submit(api, {"question": "what color?", "image_url": held_image.url})
     wait_for_status(api, job_id, "running", worker)
 
     response = api.post(f"/v1/jobs/{job_id}/cancel")
 
     assert response.status_code == 200, response.get_json()
     assert response.get_json()["status"] == "running" and response.get_json()["cancel_requested"] is True
+    held_image.release.set()
     job = wait_for_job(api, job_id, worker)
     assert job["status"] == "succeeded" and job["answer"], job
     assert job["cancel_requested"] is True
@@ -309,15 +333,25 @@ def test_high_priority_jobs_overtake_a_backlog_of_low_priority_ones(
 # Deadlines
 
 
+def pass_deadline(redis_client: redis.Redis, queue: str, job_id: str) -> None:
+    """Move a queued job's deadline a minute into the past, in its record and its queue's set of deadlines: as if
+    the test had waited for it, with no race against the clock."""
+    past = time.time() - 60
+    redis_client.hset(job_key(job_id), "deadline_at", str(past))
+    redis_client.zadd(deadlines_key(queue), {job_id: past})
+
+
 def test_a_job_still_queued_at_its_deadline_expires_unrun_when_the_worker_reaches_it(
-    api: FlaskClient, worker: WorkerProcess, slow_images: str, redis_client: redis.Redis
+    api: FlaskClient, worker: WorkerProcess, slow_images: str, held_image: HeldImage, redis_client: redis.Redis
 ) -> None:
-    # Given: the worker busy with slow jobs, and a job with a short deadline queued behind them.
-    occupy(api, worker, slow_images)
-    hurried = submit(api, {"question": "what color?", "image_url": f"{slow_images}/0/blue.png", "deadline_s": 0.5})
+    # Given: the worker busy with held jobs, and a job queued behind them whose deadline passed.
+    occupy(api, worker, held_image)
+    hurried = submit(api, {"question": "what color?", "image_url": f"{slow_images}/0/blue.png", "deadline_s": 300})
+    pass_deadline(redis_client, WORKER_QUEUE, hurried)
     after = submit(api, {"question": "what color?", "image_url": f"{slow_images}/0/green.png"})
 
     # When: the worker gets to it, past its deadline (the test reads Redis, not the API, which would expire it too)...
+    held_image.release.set()
     assert wait_for_job(api, after, worker)["status"] == "succeeded"
 
     # Then: the start script ended it expired, and the model never ran for it.
@@ -335,12 +369,12 @@ def test_a_job_still_queued_at_its_deadline_expires_unrun_when_the_worker_reache
 def test_a_read_past_the_deadline_shows_the_job_expired(
     idle_api: FlaskClient, redis_client: redis.Redis, idle_queue: str
 ) -> None:
-    form = {"question": "what?", "deadline_s": "0.3", "image": (io.BytesIO(shape_png("red")), "i.png", "image/png")}
+    form = {"question": "what?", "deadline_s": "300", "image": (io.BytesIO(shape_png("red")), "i.png", "image/png")}
     job_id = idle_api.post("/v1/jobs", data=form).get_json()["id"]
     queued = idle_api.get(f"/v1/jobs/{job_id}").get_json()
     assert queued["status"] == "queued" and queued["deadline_at"] and queued["error"] is None
 
-    time.sleep(0.4)
+    pass_deadline(redis_client, idle_queue, job_id)
     job = idle_api.get(f"/v1/jobs/{job_id}").get_json()
 
     assert job["status"] == "expired" and job["error"]["code"] == "deadline_exceeded", job
@@ -354,10 +388,10 @@ def test_a_read_past_the_deadline_shows_the_job_expired(
 def test_the_reaper_expires_jobs_whose_deadline_passed_and_only_those(
     idle_api: FlaskClient, redis_client: redis.Redis, idle_queue: str
 ) -> None:
-    hurried = submit(idle_api, {**JOB, "deadline_s": 0.2})
+    hurried = submit(idle_api, {**JOB, "deadline_s": 300})
     patient = submit(idle_api, {**JOB, "deadline_s": 300})
     store = JobStore(redis_client, 600)
-    time.sleep(0.3)
+    pass_deadline(redis_client, idle_queue, hurried)
 
     assert expire_overdue(store, idle_queue) == 1
 

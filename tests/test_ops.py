@@ -27,6 +27,7 @@ from api.up import RedisProcess, free_port, stop_process, worker_metrics_env
 from tests.conftest import JOB_TIMEOUT_S, ROOT, ImageServer, WorkerProcess, api_client, start_worker, wait_for_job
 from tests.fixtures.images import shape_png
 from worker.metrics import watch_gpu_memory
+from worker.states import JobTask
 
 QUEUE = "ops"
 IDLE_QUEUE = "ops-idle"  # no worker ever serves it
@@ -49,8 +50,9 @@ def ops_worker(
 
 @pytest.fixture
 def ops_api(redis_server: RedisProcess, ops_worker: OpsWorker, redis_client: redis.Redis) -> FlaskClient:
-    """The API of queue `ops`, once its worker is ready (the fixtures wipe its record: it comes back within 1 s)."""
-    client = api_client(redis_server.url, QUEUE)
+    """The API of queue `ops` (a deployment of VQA only), once its worker is ready (the fixtures wipe its record: it
+    comes back within 1 s)."""
+    client = api_client(redis_server.url, QUEUE, tasks=(JobTask.VQA,))
     deadline = time.monotonic() + JOB_TIMEOUT_S
     while client.get("/readyz").status_code != 200:
         assert time.monotonic() < deadline, ops_worker[0].log_tail()
@@ -79,7 +81,9 @@ def test_readyz_is_503_until_a_worker_serves_the_queue(redis_server: RedisProces
 
     assert response.status_code == 503
     body = response.get_json()
-    assert body == {"status": "not_ready", "queue": IDLE_QUEUE, "redis": "ok", "workers": [], "missing": ["worker"]}
+    tasks = {"vqa": {"queue": IDLE_QUEUE, "workers": []}, "caption": {"queue": "blipq-caption", "workers": []}}
+    missing = ["worker:vqa", "worker:caption"]
+    assert body == {"status": "not_ready", "redis": "ok", "tasks": tasks, "missing": missing}
 
 
 def test_readyz_is_503_and_metrics_say_so_when_redis_is_away() -> None:
@@ -102,7 +106,7 @@ def test_readyz_lists_the_worker_once_its_model_is_loaded(
     assert response.status_code == 200
     body = response.get_json()
     assert (body["status"], body["redis"], body["missing"]) == ("ready", "ok", [])
-    [worker] = body["workers"]
+    [worker] = body["tasks"]["vqa"]["workers"]
     assert (worker["model"], worker["device"], worker["dtype"]) == (str(tiny_model_dir), "cpu", "float32")
     assert (worker["queue"], worker["metrics_port"]) == (QUEUE, ops_worker[1])
     assert worker["id"] == f"{worker['host']}:{worker['pid']}" and worker["pid"] == ops_worker[0].process.pid
@@ -216,6 +220,15 @@ def test_worker_metrics_show_answers_and_inference_latency(
     assert (value(after, "process_resident_memory_bytes") or 0) > 0
 
 
+def json_records(worker: WorkerProcess) -> list[dict[str, Any]]:
+    """The worker's log so far, one JSON object a line (a line still being written is left for the next read)."""
+    text = worker.log_path.read_text()
+    lines = text[: text.rfind("\n") + 1].splitlines()
+    # Celery warns about running as root before its logging starts (the tests may run as root): from there on...
+    first = next((i for i, line in enumerate(lines) if line.startswith("{")), len(lines))
+    return [json.loads(line) for line in lines[first:] if line.strip()]
+
+
 def test_worker_log_lines_are_json_objects_that_name_their_job(
     ops_api: FlaskClient, ops_worker: OpsWorker, image_server: ImageServer
 ) -> None:
@@ -223,12 +236,12 @@ def test_worker_log_lines_are_json_objects_that_name_their_job(
     failed = ops_api.post("/v1/jobs", json={"image_url": image_server.url("/ops-gone.png"), "question": "what?"})
     job_id = failed.get_json()["id"]
     assert wait_for_job(ops_api, job_id, ops_worker[0])["status"] == "failed"
-    time.sleep(0.2)  # the worker logs the job's end just after recording it
-
-    lines = ops_worker[0].log_path.read_text().splitlines()
-    # Celery warns about running as root before its logging starts (the tests may run as root): from there on...
-    first = next(i for i, line in enumerate(lines) if line.startswith("{"))
-    records = [json.loads(line) for line in lines[first:] if line.strip()]
+    # The worker logs the job's end (its last line, with its timings) just after recording it: read on until it is in.
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while not any(job_id in r["message"] and "inference_s" in r for r in json_records(ops_worker[0])):
+        assert time.monotonic() < deadline, ops_worker[0].log_tail()
+        time.sleep(0.05)
+    records = json_records(ops_worker[0])
 
     assert all({"time", "level", "logger", "pid", "message"} <= record.keys() for record in records)
     about_job = [record for record in records if job_id in record["message"]]

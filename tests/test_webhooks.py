@@ -264,11 +264,12 @@ def test_a_delivery_whose_sender_died_mid_attempt_is_made_again(redis_client: re
     outbox = Outbox(redis_client)
 
     # When: a sender claims it and dies before recording anything...
-    assert outbox.claim(job.id, time.time(), lease_s=0.3) == 1
+    # (the clock is the claims' own argument: a minute's lease outlives the test, so no running sender can take it)
+    now = time.time()
+    assert outbox.claim(job.id, now, lease_s=60) == 1
     # Then: no other sender takes it while the lease holds, and the next one does once it ran out.
-    assert outbox.claim(job.id, time.time(), lease_s=0.3) == 0
-    time.sleep(0.4)
-    assert outbox.claim(job.id, time.time(), lease_s=0.3) == 2
+    assert outbox.claim(job.id, now + 59, lease_s=60) == 0
+    assert outbox.claim(job.id, now + 61, lease_s=60) == 2
     outbox.record(job.id, "delivered")
     assert redis_client.zscore(webhook_outbox_key(), job.id) is None
     assert store.get(job.id).webhook_status == "delivered"  # type: ignore[union-attr]
