@@ -442,6 +442,11 @@ function renderBatch(batch) {
   $("batch-progress").dataset.ended = batch.ended;
   $("batch-progress").dataset.count = batch.count;
   $("batch-progress-text").textContent = `${batch.ended} of ${batch.count} ended (${percent}%)`;
+  // Announced once, at the end: the progress itself changes every second, too often to be read out.
+  const ends = ["succeeded", "failed", "canceled", "expired"].filter((status) => batch.counts[status]);
+  $("batch-outcome").textContent = done
+    ? `Every item ended: ${ends.map((status) => `${batch.counts[status]} ${status}`).join(", ")}.`
+    : "";
   for (const cell of $("batch-counts").children) {
     cell.textContent = String(batch.counts[cell.dataset.status] ?? 0);
   }
@@ -689,16 +694,25 @@ function drawChart(canvas, rates) {
   context.fillText("now", width - pad.right, height - 3);
 
   if (!rates.length) return;
-  context.strokeStyle = style.getPropertyValue("--accent").trim() || "#2f6fd6";
+  const accent = style.getPropertyValue("--accent").trim() || "#2f6fd6";
+  const line = new Path2D();
+  rates.forEach(([at, rate], index) => {
+    if (index === 0) line.moveTo(x(at), y(rate));
+    else line.lineTo(x(at), y(rate));
+  });
+  if (rates.length === 1) line.lineTo(x(rates[0][0]) + 2, y(rates[0][1])); // one point: a dot
+  const area = new Path2D(line);
+  area.lineTo(x(rates[rates.length - 1][0]), y(0));
+  area.lineTo(x(rates[0][0]), y(0));
+  area.closePath();
+  context.fillStyle = accent;
+  context.globalAlpha = 0.15;
+  context.fill(area);
+  context.globalAlpha = 1;
+  context.strokeStyle = accent;
   context.lineWidth = 2;
   context.lineJoin = "round";
-  context.beginPath();
-  rates.forEach(([at, rate], index) => {
-    if (index === 0) context.moveTo(x(at), y(rate));
-    else context.lineTo(x(at), y(rate));
-  });
-  if (rates.length === 1) context.lineTo(x(rates[0][0]) + 2, y(rates[0][1])); // one point: a dot
-  context.stroke();
+  context.stroke(line);
 }
 
 // ---- Views and set-up ----
