@@ -12,6 +12,7 @@ COPY pyproject.toml README.md ./
 COPY api ./api
 COPY worker ./worker
 COPY demo_model/blip-vqa-easy ./demo_model/blip-vqa-easy
+COPY demo_model/blip-caption-easy ./demo_model/blip-caption-easy
 COPY demo_model/examples ./demo_model/examples
 # Editable, so that the shipped demo model is found beside the code.
 RUN pip install -e .

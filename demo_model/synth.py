@@ -7,8 +7,9 @@ drawn with PIL (no anti-aliasing) and then resized to 64x64 with bilinear resamp
 know what we drew.  Questions come from the 24 easy-VQA templates (extracted from the train split), with yes/no
 questions balanced between "present" and "absent" and between plain and negated wording.
 
-Also offers the augmentations used in training (PNG / JPEG round trips, upscale + downscale round trips) and a
-helper to recover the (shape, colour) label of every easy-VQA *train* image from its questions.
+Also offers the augmentations used in training (PNG / JPEG round trips, upscale + downscale round trips), a
+helper to recover the (shape, colour) label of every easy-VQA *train* image from its questions, and the captioning
+demo's caption grammar ("a red circle", after a prompt such as "a picture of" when there is one).
 """
 
 from __future__ import annotations
@@ -206,6 +207,27 @@ def label_from_questions(questions, answers) -> tuple[str | None, str | None]:
                     if q == tmpl.format(c=c):
                         color = c
     return shape, color
+
+
+# ---------------------------------------------------------------- captions
+# The captioning demo's grammar: "a <colour> <shape>", after the prompt when there is one. Every colour word starts
+# with a consonant, so the article is always "a".
+CAPTION_FORM = "a {color} {shape}"
+CAPTION_PROMPTS = ["a picture of", "a photo of", "an image of"]  # the prompt forms the captioner is trained with
+
+
+def make_caption(shape: str, color: str, prompt: str = "") -> str:
+    """The caption of a picture of one shape in one colour: "a red circle", or "a picture of a red circle" after
+    the prompt "a picture of"."""
+    caption = CAPTION_FORM.format(color=color, shape=shape)
+    return f"{prompt} {caption}" if prompt else caption
+
+
+def caption_words_match(caption: str, shape: str, color: str) -> bool:
+    """Whether the caption names exactly this colour and this shape: one colour word and one shape word, the right
+    ones (the prompt forms name neither)."""
+    words = caption.split()
+    return [w for w in words if w in COLORS] == [color] and [w for w in words if w in SHAPES] == [shape]
 
 
 # ---------------------------------------------------------------- image banks

@@ -45,8 +45,9 @@ def build_vocab() -> list[str]:
     return [*SPECIALS, "?", *sorted(words)]
 
 
-def build_processor(image_size: int) -> BlipProcessor:
-    vocab = build_vocab()
+def build_processor(image_size: int, vocab: list[str] | None = None) -> BlipProcessor:
+    """The tokenizer (`vocab`, the VQA words by default) and image processor of a demo model."""
+    vocab = vocab or build_vocab()
     tok = BertTokenizerFast(
         vocab={w: i for i, w in enumerate(vocab)},
         do_lower_case=True,

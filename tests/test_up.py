@@ -16,6 +16,7 @@ import requests
 from api.up import free_port, redis_server_binary, start_redis
 from tests.conftest import JOB_TIMEOUT_S, ROOT
 from tests.fixtures.images import shape_png
+from worker.settings import DEMO_CAPTION_MODEL_DIR, DEMO_MODEL_DIR
 
 STARTUP_TIMEOUT_S = 60.0
 
@@ -72,6 +73,21 @@ def test_up_serves_jobs_revives_workers_and_ctrl_c_stops_everything(tmp_path: Pa
         job = wait_for_answer(base, response.json()["id"])
         assert job["status"] == "succeeded", job
         assert (tmp_path / "data" / "redis").is_dir(), "up keeps Redis's append-only file in its data dir"
+
+        # Its captioning worker serves the shipped demo captioner: a caption of the example, unprompted and prompted.
+        example = (DEMO_MODEL_DIR.parent / "examples" / "red-circle.png").read_bytes()
+        captions = []
+        for prompt in ("", "a picture of"):
+            response = requests.post(
+                f"{base}/v1/jobs",
+                files={"image": ("red-circle.png", example, "image/png")},
+                data={"task": "caption", **({"prompt": prompt} if prompt else {})},
+                timeout=10,
+            )
+            assert response.status_code == 202, response.text
+            captions.append(wait_for_answer(base, response.json()["id"]))
+        assert [(job["status"], job["model"]) for job in captions] == [("succeeded", str(DEMO_CAPTION_MODEL_DIR))] * 2
+        assert [job["answer"] for job in captions] == ["a red circle", "a picture of a red circle"], captions
 
         # A worker killed outright (the OOM killer, say) is started again by `up`.
         os.kill(worker_pid(up.pid), signal.SIGKILL)
