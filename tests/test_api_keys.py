@@ -50,6 +50,7 @@ def keys_file(tmp_path: Path, keys: dict[str, str]) -> Path:
 @pytest.fixture
 def api(redis_server: RedisProcess, queue: str, keys_file: Path) -> FlaskClient:
     env = {"BLIPQ_REDIS_URL": redis_server.url, "BLIPQ_QUEUE": queue, "BLIPQ_API_KEYS_FILE": str(keys_file)}
+    env["BLIPQ_WAIT_FOR_WORKERS"] = "on"  # its jobs wait in a queue no worker reads
     return create_app(ApiSettings.from_env(env)).test_client()
 
 
@@ -210,6 +211,7 @@ def test_blipq_api_key_new_prints_a_working_key_and_its_line(
     assert key != next(word for word in second if word.startswith("blipq_"))
     settings = ApiSettings.from_env(
         {"BLIPQ_REDIS_URL": redis_server.url, "BLIPQ_QUEUE": queue, "BLIPQ_API_KEY_HASHES": line}
+        | {"BLIPQ_WAIT_FOR_WORKERS": "on"}
     )
     assert create_app(settings).test_client().post("/v1/jobs", json=JOB, headers=bearer(key)).status_code == 202
 

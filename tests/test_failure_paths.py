@@ -243,7 +243,7 @@ def test_a_submission_whose_message_cannot_be_published_is_withdrawn_and_never_r
     redis_server: RedisProcess, redis_client: redis.Redis, tiny_worker: WorkerProcess
 ) -> None:
     # Given an API whose broker is unreachable while its job store is not
-    app = create_app(ApiSettings(redis_url=redis_server.url, queue=tiny_worker.queue))
+    app = create_app(ApiSettings(redis_url=redis_server.url, queue=tiny_worker.queue, wait_for_workers=True))
     services = app.extensions["blipq"]
     app.extensions["blipq"] = dataclasses.replace(services, celery=create_celery("redis://127.0.0.1:1/0", "x"))
     before = redis_client.dbsize()

@@ -92,7 +92,7 @@ def open_app(redis_server: RedisProcess, fuzz_worker: WorkerProcess) -> Flask:
 @pytest.fixture(scope="module")
 def keyed_app(redis_server: RedisProcess, open_app: Flask) -> Flask:
     """The API with one configured key (and a ready worker)."""
-    return create_app(ApiSettings(redis_url=redis_server.url, queue=QUEUE, **KEYED))
+    return create_app(ApiSettings(redis_url=redis_server.url, queue=QUEUE, tasks=(JobTask.VQA,), **KEYED))
 
 
 def load_schema(**settings: Any) -> schemathesis.BaseSchema:

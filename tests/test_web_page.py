@@ -465,40 +465,44 @@ def download_results(browser: Any, downloads: Path, batch_id: str, count: int) -
     return [json.loads(line) for line in saved.read_text().splitlines()]
 
 
+# The fleet panel redraws every poll: a card is read in one script, so no element goes stale between two reads.
+READ_FLEET_CARD = """
+const card = document.querySelector(`#fleet-tasks [data-task="${arguments[0]}"]`);
+if (!card) return null;
+const text = (name) => (card.querySelector("." + name) || {textContent: ""}).textContent.trim();
+const chart = card.querySelector(".chart");
+return {
+  count: text("workers-count"), queue: text("queue"), waiting: text("waiting"), outcomes: text("outcomes"),
+  rate: text("rate"),
+  peak: Number((chart && chart.dataset.peak) || 0),
+  samples: Number((chart && chart.dataset.samples) || 0),
+  rows: [...card.querySelectorAll(".workers tbody tr")].map((row) => [
+    row.dataset.workerId,
+    row.querySelector(".model").textContent.trim(),
+    row.querySelector(".device").textContent.trim(),
+  ]),
+};
+"""
+
+
 def check_fleet_panel(browser: Any, fleet: Fleet) -> None:
     """The fleet panel shows each task's live workers as Redis lists them, and the answers per second it measured
     while the page was open (a batch ran meanwhile)."""
-    from selenium.webdriver.common.by import By
-
     show_view(browser, "fleet")
     records = fleet_client(fleet.redis_url)
     for task, worker in (("vqa", fleet.vqa), ("caption", fleet.caption)):
         expected = live_workers(records, worker.queue)
-        card = browser.find_element(By.CSS_SELECTOR, f'#fleet-tasks [data-task="{task}"]')
-        assert card.find_element(By.CLASS_NAME, "workers-count").text == "1 worker"
-        assert card.find_element(By.CLASS_NAME, "queue").text == worker.queue
-        rows = card.find_elements(By.CSS_SELECTOR, ".workers tbody tr")
-        shown_rows = [
-            (
-                row.get_attribute("data-worker-id"),
-                row.find_element(By.CLASS_NAME, "model").text,
-                row.find_element(By.CLASS_NAME, "device").text,
-            )
-            for row in rows
-        ]
-        assert shown_rows == [(record.id, record.model, f"{record.device} · {record.dtype}") for record in expected]
-    vqa_card = browser.find_element(By.CSS_SELECTOR, '#fleet-tasks [data-task="vqa"]')
-    assert "blip-vqa-easy" in vqa_card.find_element(By.CLASS_NAME, "model").text
-    chart = vqa_card.find_element(By.CLASS_NAME, "chart")
+        card = wait_until(browser, lambda driver, task=task: driver.execute_script(READ_FLEET_CARD, task))
+        assert (card["count"], card["queue"]) == ("1 worker", worker.queue), card
+        assert card["rows"] == [[record.id, record.model, f"{record.device} · {record.dtype}"] for record in expected]
     # A poll after the batch's items ended saw the total grow: a rate above 0 on the chart.
-    wait_until(browser, lambda _: float(chart.get_attribute("data-peak") or 0) > 0)
-    assert int(chart.get_attribute("data-samples")) >= 1
-    assert vqa_card.find_element(By.CLASS_NAME, "waiting").text == "0 answers waiting"
-    assert re.search(r"succeeded \d+", vqa_card.find_element(By.CLASS_NAME, "outcomes").text)
-    assert re.fullmatch(
-        r"Answers ended per second: [\d.]+ now, [\d.]+ at most in the last 5 minutes",
-        vqa_card.find_element(By.CLASS_NAME, "rate").text,
+    vqa = wait_until(
+        browser, lambda driver: (card := driver.execute_script(READ_FLEET_CARD, "vqa"))["peak"] > 0 and card
     )
+    assert "blip-vqa-easy" in vqa["rows"][0][1] and vqa["samples"] >= 1
+    assert vqa["waiting"] == "0 answers waiting"
+    assert re.search(r"succeeded \d+", vqa["outcomes"])
+    assert re.fullmatch(r"Answers ended per second: [\d.]+ now, [\d.]+ at most in the last 5 minutes", vqa["rate"])
     assert browser.save_screenshot(str(FLEET_SCREENSHOT))
 
 
