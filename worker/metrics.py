@@ -67,7 +67,7 @@ MODEL = Info("blipq_worker_model", "The model this process holds")
 
 @contextmanager
 def observe_inference(questions: int) -> Iterator[None]:
-    """Measure one answer_questions call of `questions` questions (answered only when it returns)."""
+    """Measure one model call on `questions` texts (answered only when it returns)."""
     started = time.perf_counter()
     yield
     elapsed = time.perf_counter() - started
