@@ -44,7 +44,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import redis
@@ -153,17 +155,24 @@ def _republish_held(store: JobStore, celery: Celery, queue: str, task_id: str) -
         if payload is None or batches.chunk_worker(batch_id, int(number)) is not None:  # ended, or started
             return 0
         priority = JobPriority(payload.get("priority") or JobPriority.NORMAL)
-        # Its wait starts again (the reaper's other rules): before the publish, which a worker may start at once.
-        store.client.zadd(unstarted_key(queue, priority), {payload["member"]: time.time()}, xx=True)
-        publish_chunk(celery, queue, payload)
+        _publish_again(store, queue, priority, payload["member"], partial(publish_chunk, celery, queue, payload))
     else:
         job = store.get(task_id)
         if job is None or job.status is not JobStatus.QUEUED:  # ended, started elsewhere, or pending
             return 0
-        store.client.zadd(unstarted_key(queue, job.priority), {job.id: time.time()}, xx=True)
-        publish_job(celery, job, queue)
-    store.client.hincrby(stats_key(), "republished", 1)
+        _publish_again(store, queue, job.priority, job.id, partial(publish_job, celery, job, queue))
     return 1
+
+
+def _publish_again(
+    store: JobStore, queue: str, priority: JobPriority, member: str, publish: Callable[[], None]
+) -> None:
+    """Publish a job or chunk again, and count it. Its wait in its level's never-started set starts again (it is not
+    published a third time unless this message is lost too), before the publish: a worker may start it at once and
+    take it off the set, which this must not undo (XX: only a member still waiting)."""
+    store.client.zadd(unstarted_key(queue, priority), {member: time.time()}, xx=True)
+    publish()
+    store.client.hincrby(stats_key(), "republished", 1)
 
 
 class Receipts:
@@ -268,17 +277,14 @@ def _republish_lost_chunk(store: JobStore, celery: Celery, queue: str, priority:
         if store.client.zrem(unstarted_key(queue, priority), member):
             store.client.hincrby(waiting_answers_key(), unstarted_key(queue, priority), -answers)
         return 0
-    store.client.zadd(unstarted_key(queue, priority), {member: time.time()})
-    publish_chunk(celery, queue, payload)
-    store.client.hincrby(stats_key(), "republished", 1)
+    _publish_again(store, queue, priority, member, partial(publish_chunk, celery, queue, payload))
     log.warning("chunk %d of batch %s had lost its message; published again", number, batch_id)
     return 1
 
 
 def _republish_lost(store: JobStore, celery: Celery, queue: str, policy: ReaperPolicy, priority: JobPriority) -> int:
-    now = time.time()
     republished = 0
-    for job_id in find_lost(store, queue, policy, now, priority):
+    for job_id in find_lost(store, queue, policy, time.time(), priority):
         if job_id.startswith(CHUNK_MEMBER_PREFIX):
             republished += _republish_lost_chunk(store, celery, queue, priority, job_id)
             continue
@@ -287,11 +293,7 @@ def _republish_lost(store: JobStore, celery: Celery, queue: str, policy: ReaperP
             if store.client.zrem(unstarted_key(queue, priority), job_id):
                 store.client.hincrby(waiting_answers_key(), unstarted_key(queue, priority), -1)
             continue
-        # Its wait starts again: it is not published a third time unless this message is lost too. Before the
-        # publish: a worker may start the job (and take it off the set) before this line would run after it.
-        store.client.zadd(unstarted_key(queue, priority), {job_id: now})
-        publish_job(celery, job, queue)
-        store.client.hincrby(stats_key(), "republished", 1)
+        _publish_again(store, queue, priority, job_id, partial(publish_job, celery, job, queue))
         republished += 1
         log.warning("job %s had lost its message; published again", job_id)
     return republished
