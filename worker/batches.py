@@ -302,16 +302,9 @@ class BatchStore:
         self, batch: Batch, chunks: list[dict[str, Any]], queue: str, replicas: int = 0, timeout_ms: int = 0
     ) -> int | None:
         """Accept a pending batch whose chunks are published, as JobStore.accept does a job (same return value)."""
-        members = [chunk["member"] for chunk in chunks]
         keys = [batch_key(batch.id), unstarted_key(queue, batch.priority)]
-        with self.client.pipeline(transaction=False) as pipe:
-            self._accept(keys=keys, args=[time.time(), batch.count, *members], client=pipe)
-            if replicas > 0:
-                pipe.execute_command("WAIT", replicas, timeout_ms)
-            replies = pipe.execute()
-        if not replies[0]:
-            return None
-        return int(replies[1]) if replicas > 0 else 0
+        args = [time.time(), batch.count, *(chunk["member"] for chunk in chunks)]
+        return self.store.accept_and_wait(self._accept, keys, args, replicas, timeout_ms)
 
     def withdraw(self, batch: Batch, chunks: list[dict[str, Any]], queue: str, uploads: list[str]) -> bool:
         """Delete a batch whose submission failed, unless a worker started one of its chunks (then False: it runs)."""

@@ -19,6 +19,7 @@ from typing import Any
 import redis
 from kombu.transport.redis import Channel
 from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.commands.core import Script
 from redis.retry import Retry
 
 from worker.redis_target import RedisTarget, as_target
@@ -323,10 +324,16 @@ class JobStore:
         With `replicas` > 0, Redis WAITs (on the same connection, so after the job's record, its message and this
         acceptance) until that many replicas acknowledged them, or `timeout_ms`: returns how many did (else 0).
         """
+        keys = [job_key(job.id), unstarted_key(queue, job.priority)]
+        return self.accept_and_wait(self._accept, keys, [job.id, time.time()], replicas, timeout_ms)
+
+    def accept_and_wait(
+        self, script: Script, keys: list[str], args: list[Any], replicas: int, timeout_ms: int
+    ) -> int | None:
+        """Run an acceptance script (a job's or a batch's) and, with `replicas` > 0, WAIT in the same pipeline: how
+        many replicas acknowledged (0 without WAIT), or None when the script found nothing pending."""
         with self.client.pipeline(transaction=False) as pipe:
-            self._accept(
-                keys=[job_key(job.id), unstarted_key(queue, job.priority)], args=[job.id, time.time()], client=pipe
-            )
+            script(keys=keys, args=args, client=pipe)
             if replicas > 0:
                 pipe.execute_command("WAIT", replicas, timeout_ms)
             replies = pipe.execute()
