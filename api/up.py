@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -302,27 +303,22 @@ class Stack:
 
     def _wait_for_api(self) -> None:
         url = f"http://{self.host}:{self.port}/healthz"
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while time.monotonic() < deadline:
-            try:
-                if requests.get(url, timeout=5).ok:
-                    return
-            except requests.RequestException:  # not listening yet, or still importing the app
-                pass
-            if self.api is not None and self.api.poll() is not None:
-                break
-            time.sleep(0.2)
-        raise RuntimeError(f"the API did not answer on {url}")
+        if not self._answers_ok(url, stop_when=lambda: self.api is not None and self.api.poll() is not None):
+            raise RuntimeError(f"the API did not answer on {url}")
 
     def wait_until_ready(self) -> bool:
         """Wait (up to READY_TIMEOUT_S) until /readyz says every task has a worker with its model loaded."""
-        url = f"http://{self.host}:{self.port}/readyz"
+        return self._answers_ok(f"http://{self.host}:{self.port}/readyz")
+
+    @staticmethod
+    def _answers_ok(url: str, stop_when: Callable[[], bool] = lambda: False) -> bool:
+        """Whether `url` answers 2xx within READY_TIMEOUT_S (asked every 0.2 s, until `stop_when()`)."""
         deadline = time.monotonic() + READY_TIMEOUT_S
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not stop_when():
             try:
                 if requests.get(url, timeout=5).ok:
                     return True
-            except requests.RequestException:
+            except requests.RequestException:  # not listening yet, or still importing the app
                 pass
             time.sleep(0.2)
         return False

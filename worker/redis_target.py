@@ -61,10 +61,8 @@ class RedisTarget:
         """The broker URL for kombu: the server's URL, or one `sentinel://` address per sentinel."""
         if not self.sentinels:
             return self.url
-        parts = urlsplit(self.url)
-        auth = f":{quote(unquote(parts.password), safe='')}@" if parts.password else ""
-        db = parts.path or "/0"
-        return ";".join(f"sentinel://{auth}{host}:{port}{db}" for host, port in self.sentinels)
+        db = urlsplit(self.url).path or "/0"
+        return ";".join(f"sentinel://{self._auth()}{host}:{port}{db}" for host, port in self.sentinels)
 
     @property
     def broker_options(self) -> dict[str, Any]:
@@ -78,17 +76,19 @@ class RedisTarget:
         """The storage URI for the `limits` library (the API's rate limits)."""
         if not self.sentinels:
             return self.url
-        parts = urlsplit(self.url)
-        auth = f":{quote(unquote(parts.password), safe='')}@" if parts.password else ""
         addresses = ",".join(f"{host}:{port}" for host, port in self.sentinels)
-        return f"redis+sentinel://{auth}{addresses}/{self.master}"
+        return f"redis+sentinel://{self._auth()}{addresses}/{self.master}"
+
+    def _auth(self) -> str:
+        """The password of BLIPQ_REDIS_URL as a URL's `:password@` (quoted), or "" without one."""
+        password = self._credentials().get("password")
+        return f":{quote(password, safe='')}@" if password else ""
 
     def _sentinel_options(self) -> dict[str, Any]:
         """How to talk to the sentinels: short timeouts, and the primary's password (as `limits` sends it too)."""
         options: dict[str, Any] = {"socket_timeout": SENTINEL_TIMEOUT_S, "socket_connect_timeout": SENTINEL_TIMEOUT_S}
-        password = urlsplit(self.url).password
-        if password:
-            options["password"] = unquote(password)
+        if password := self._credentials().get("password"):
+            options["password"] = password
         return options
 
     def _credentials(self) -> dict[str, Any]:
