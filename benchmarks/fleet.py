@@ -7,6 +7,7 @@ bare Celery no-op baseline.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import os
@@ -103,8 +104,10 @@ class Fleet:
         self.workers = [Worker(i, self._spawn_worker(i)) for i in range(workers)]
 
     def restart_worker(self, worker: Worker, sig: int) -> None:
-        """Send `sig` to the worker's whole process group, wait for it to exit, start a new one."""
-        os.killpg(worker.process.pid, sig)
+        """Send `sig` to the worker's whole process group (if anything is left of it: a worker may have exited by
+        itself), wait for it to exit, start a new one."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(worker.process.pid, sig)
         worker.process.wait()
         worker.process = self._spawn_worker(worker.index)
 

@@ -391,11 +391,14 @@ def growth(samples: list[dict[str, Any]], warmup_s: float, window_s: float) -> d
 
 
 def wait_for_workers(base: str, count: int, timeout_s: float) -> None:
-    """Wait until /readyz lists `count` workers with their model loaded (wait_until_serving waits for one)."""
+    """Wait until /readyz lists `count` VQA workers with their model loaded (wait_until_serving waits for one).
+
+    /readyz itself stays 503 here, with no captioning worker: its body still lists each task's workers."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
-            if len(requests.get(f"{base}/readyz", timeout=5).json().get("workers", [])) >= count:
+            tasks = requests.get(f"{base}/readyz", timeout=5).json().get("tasks", {})
+            if len(tasks.get("vqa", {}).get("workers", [])) >= count:
                 return
         except (requests.RequestException, ValueError):
             pass
@@ -515,10 +518,7 @@ class Soak:
             if worker.process.poll() is None:
                 continue
             print(f"worker {worker.index} exited on its own ({worker.process.returncode}); starting another")
-            try:
-                fleet.restart_worker(worker, signal.SIGKILL)  # whatever is left of its process group goes too
-            except ProcessLookupError:  # nothing is left of it: restart_worker stops before it starts the new one
-                worker.process = fleet._spawn_worker(worker.index)
+            fleet.restart_worker(worker, signal.SIGKILL)  # whatever is left of its process group goes too
             self.started[worker.index] = time.monotonic()
             self.revived += 1
 
