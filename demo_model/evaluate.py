@@ -49,9 +49,9 @@ def load_test(limit: int | None, seed: int = 0):
     return items, get_test_image_paths()
 
 
-def encode_variant(path: str, variant: str) -> tuple[bytes, str]:
-    """The bytes a user would send for this variant, and their content type."""
-    im = Image.open(path).convert("RGB")
+def encode_variant(image: str | Image.Image, variant: str) -> tuple[bytes, str]:
+    """The bytes a user would send for this variant of an image (a file's path, or a picture), and their type."""
+    im = Image.open(image).convert("RGB") if isinstance(image, str) else image
     buf = io.BytesIO()
     if variant == "png":
         im.save(buf, format="PNG")
@@ -133,6 +133,37 @@ def run_direct(args, variants):
 
 
 # ---------------------------------------------------------------- service mode
+def submit_and_wait(session, url: str, data: bytes, ctype: str, form: dict[str, str], timeout_s: float):
+    """Submit one job (an uploaded image and `form`) and poll until it ends: (answer or None, error or None)."""
+    import requests
+
+    name = "image" + (".png" if ctype == "image/png" else ".jpg")
+    try:
+        r = session.post(f"{url}/v1/jobs", files={"image": (name, data, ctype)}, data=form, timeout=60)
+    except requests.RequestException as e:
+        return None, f"submit: {type(e).__name__}"
+    if r.status_code != 202:
+        return None, f"submit: HTTP {r.status_code} {r.text[:120]}"
+    job_id = r.json()["id"]
+    delay, deadline = 0.05, time.time() + timeout_s
+    while time.time() < deadline:
+        time.sleep(delay)
+        delay = min(delay * 1.5, 1.0)
+        try:
+            g = session.get(f"{url}/v1/jobs/{job_id}", timeout=30)
+        except requests.RequestException:
+            continue
+        if g.status_code != 200:
+            continue
+        body = g.json()
+        if body.get("status") == "succeeded":
+            return (body.get("answer") or "").strip(), None
+        if body.get("status") in ("failed", "canceled", "expired"):
+            err = body.get("error") or {}
+            return None, f"{body.get('status')}: {err.get('code')} {err.get('message')}"
+    return None, "timeout"
+
+
 def run_service(args, variants):
     from concurrent.futures import ThreadPoolExecutor
 
@@ -150,36 +181,7 @@ def run_service(args, variants):
     def one(job):
         """Submit one question, poll until it finishes. Returns (answer or None, error string or None)."""
         q, data, ctype = job
-        s = session()
-        try:
-            r = s.post(
-                f"{url}/v1/jobs",
-                files={"image": ("image" + (".png" if ctype == "image/png" else ".jpg"), data, ctype)},
-                data={"question": q},
-                timeout=60,
-            )
-        except requests.RequestException as e:
-            return None, f"submit: {type(e).__name__}"
-        if r.status_code != 202:
-            return None, f"submit: HTTP {r.status_code} {r.text[:120]}"
-        job_id = r.json()["id"]
-        delay, deadline = 0.05, time.time() + args.job_timeout
-        while time.time() < deadline:
-            time.sleep(delay)
-            delay = min(delay * 1.5, 1.0)
-            try:
-                g = s.get(f"{url}/v1/jobs/{job_id}", timeout=30)
-            except requests.RequestException:
-                continue
-            if g.status_code != 200:
-                continue
-            body = g.json()
-            if body.get("status") == "succeeded":
-                return (body.get("answer") or "").strip(), None
-            if body.get("status") == "failed":
-                err = body.get("error") or {}
-                return None, f"failed: {err.get('code')} {err.get('message')}"
-        return None, "timeout"
+        return submit_and_wait(session(), url, data, ctype, {"question": q}, args.job_timeout)
 
     lines = []
     for v in variants:

@@ -23,7 +23,6 @@ workers serve this model (a multipart upload to POST /v1/jobs with task=caption,
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import random
 import sys
@@ -34,6 +33,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 from demo_model import synth
+from demo_model.evaluate import encode_variant, submit_and_wait
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -78,21 +78,6 @@ def easyvqa_test_pictures() -> list[tuple[Image.Image, str, str]]:
 
 def load_set(name: str, n: int) -> list[tuple[Image.Image, str, str]]:
     return heldout_pictures(n) if name == "synth" else easyvqa_test_pictures()
-
-
-def encode_variant(image: Image.Image, variant: str) -> tuple[bytes, str]:
-    """The bytes a user would send for this variant, and their content type."""
-    buf = io.BytesIO()
-    if variant == "png":
-        image.save(buf, format="PNG")
-        return buf.getvalue(), "image/png"
-    if variant == "jpeg90":
-        image.save(buf, format="JPEG", quality=90)
-        return buf.getvalue(), "image/jpeg"
-    if variant == "up256":
-        image.resize((256, 256), resample=Image.BICUBIC).save(buf, format="PNG")
-        return buf.getvalue(), "image/png"
-    raise ValueError(variant)
 
 
 # ---------------------------------------------------------------- reporting
@@ -178,33 +163,8 @@ def run_service(args) -> list[str]:
         data, ctype, prompt = job
         if not hasattr(local, "session"):
             local.session = requests.Session()
-        s = local.session
         form = {"task": "caption", **({"prompt": prompt} if prompt else {})}
-        name = "image" + (".png" if ctype == "image/png" else ".jpg")
-        try:
-            r = s.post(f"{url}/v1/jobs", files={"image": (name, data, ctype)}, data=form, timeout=60)
-        except requests.RequestException as e:
-            return None, f"submit: {type(e).__name__}"
-        if r.status_code != 202:
-            return None, f"submit: HTTP {r.status_code} {r.text[:120]}"
-        job_id = r.json()["id"]
-        delay, deadline = 0.05, time.time() + args.job_timeout
-        while time.time() < deadline:
-            time.sleep(delay)
-            delay = min(delay * 1.5, 1.0)
-            try:
-                g = s.get(f"{url}/v1/jobs/{job_id}", timeout=30)
-            except requests.RequestException:
-                continue
-            if g.status_code != 200:
-                continue
-            body = g.json()
-            if body.get("status") == "succeeded":
-                return (body.get("answer") or "").strip(), None
-            if body.get("status") in ("failed", "canceled", "expired"):
-                err = body.get("error") or {}
-                return None, f"{body.get('status')}: {err.get('code')} {err.get('message')}"
-        return None, "timeout"
+        return submit_and_wait(local.session, url, data, ctype, form, args.job_timeout)
 
     lines = []
     for name in args.sets:

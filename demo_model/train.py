@@ -143,22 +143,20 @@ def get_bank(n: int, seed: int, cache_dir: str, workers: int):
     return X, S, C
 
 
-class Batcher:
-    """Deterministic batches: each image gets `k` questions (template, asked attribute and negation drawn
-    from a seeded RNG).  Images come from the synthetic bank (shuffled per epoch) and, with probability
-    `real_frac`, from the easy-VQA train split (augmented on the fly)."""
+class ImageStream:
+    """Training pictures, one at a time, deterministically: from the synthetic bank (shuffled per epoch) or, with
+    probability `real_frac`, from the easy-VQA train split (augmented on the fly). Its `rng` is the batch's: the
+    texts drawn for each picture come from the same stream, in the same order."""
 
-    def __init__(self, bank, real, tok, batch, k, real_frac, seed, mean, std):
+    def __init__(self, bank, real, real_frac, seed, mean, std):
         self.X, self.S, self.C = bank
         self.real = [r for r in real if r[1] is not None and r[2] is not None]
-        self.tok, self.batch, self.k, self.real_frac = tok, batch, k, real_frac
+        self.real_frac = real_frac
         self.rng = random.Random(seed)
         self.nprng = np.random.RandomState(seed)
         self.perm, self.pos = self.nprng.permutation(len(self.X)), 0
         self.mean = torch.tensor(mean).view(1, 3, 1, 1)
         self.std = torch.tensor(std).view(1, 3, 1, 1)
-        self.vocab = tok.get_vocab()
-        self.dec, self.sep = self.vocab["[DEC]"], self.vocab["[SEP]"]
 
     def _next_bank(self):
         if self.pos >= len(self.perm):
@@ -167,17 +165,37 @@ class Batcher:
         self.pos += 1
         return self.X[j], int(self.S[j]), int(self.C[j])
 
+    def draw(self):
+        """The next picture (uint8 HxWx3) with its shape and colour indices."""
+        if self.real and self.rng.random() < self.real_frac:
+            x, s, c, _ = self.real[self.rng.randrange(len(self.real))]
+            im = Image.fromarray(x)
+            if self.rng.random() < 0.6:
+                im = synth.back_to_size(synth.augment(im, self.rng), x.shape[0], self.rng)
+            return np.asarray(im, dtype=np.uint8), s, c
+        return self._next_bank()
+
+    def pixels(self, imgs):
+        """The model's pixel values for a list of pictures, normalized as the processor does."""
+        px = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float().div_(255.0)
+        return (px - self.mean) / self.std
+
+
+class Batcher:
+    """Deterministic batches: each image (ImageStream) gets `k` questions (template, asked attribute and negation
+    drawn from the same seeded RNG)."""
+
+    def __init__(self, bank, real, tok, batch, k, real_frac, seed, mean, std):
+        self.images = ImageStream(bank, real, real_frac, seed, mean, std)
+        self.real, self.rng = self.images.real, self.images.rng
+        self.tok, self.batch, self.k = tok, batch, k
+        self.vocab = tok.get_vocab()
+        self.dec, self.sep = self.vocab["[DEC]"], self.vocab["[SEP]"]
+
     def next(self):
         imgs, shp, col, qs, ans = [], [], [], [], []
         for _ in range(self.batch):
-            if self.real and self.rng.random() < self.real_frac:
-                x, s, c, _ = self.real[self.rng.randrange(len(self.real))]
-                im = Image.fromarray(x)
-                if self.rng.random() < 0.6:
-                    im = synth.back_to_size(synth.augment(im, self.rng), x.shape[0], self.rng)
-                x = np.asarray(im, dtype=np.uint8)
-            else:
-                x, s, c = self._next_bank()
+            x, s, c = self.images.draw()
             imgs.append(x)
             shp.append(s)
             col.append(c)
@@ -185,8 +203,7 @@ class Batcher:
                 q, a = synth.make_question(self.rng, synth.SHAPES[s], synth.COLOR_NAMES[c])
                 qs.append(q)
                 ans.append(a)
-        px = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float().div_(255.0)
-        px = (px - self.mean) / self.std
+        px = self.images.pixels(imgs)
         enc = self.tok(qs, padding=True, return_tensors="pt")
         labels = torch.tensor([[self.dec, self.vocab[a], self.sep] for a in ans])
         return px, enc["input_ids"], enc["attention_mask"], labels, torch.tensor(shp), torch.tensor(col)
@@ -289,6 +306,26 @@ def validate(model, processor, held, max_q=None):
     return acc, {k: v[0] / max(1, v[1]) for k, v in correct.items()}, n
 
 
+def optimizer(params, args):
+    """AdamW (no weight decay on biases and norms) and its learning rate by step: linear warm-up, then cosine down
+    to 2% of `args.lr`."""
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.wd}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr,
+        betas=(0.9, 0.98),
+    )
+
+    def lr_at(step):
+        if step < args.warmup:
+            return args.lr * (step + 1) / args.warmup
+        p = (step - args.warmup) / max(1, args.steps - args.warmup)
+        return args.lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * p)))
+
+    return opt, lr_at
+
+
 def save(model, processor, out):
     os.makedirs(out, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
@@ -363,19 +400,7 @@ def main():
     )
 
     params = list(model.parameters()) + list(aux.parameters()) + list(match.parameters())
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": args.wd}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=args.lr,
-        betas=(0.9, 0.98),
-    )
-
-    def lr_at(step):
-        if step < args.warmup:
-            return args.lr * (step + 1) / args.warmup
-        p = (step - args.warmup) / max(1, args.steps - args.warmup)
-        return args.lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * p)))
+    opt, lr_at = optimizer(params, args)
 
     model.train()
     t_train = time.time()

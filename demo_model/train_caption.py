@@ -20,7 +20,6 @@ starts from random weights. Seeded and deterministic (single process, fixed data
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import random
 import sys
@@ -34,7 +33,7 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository, for worker/
 import synth
-from train import SPECIALS, AuxHead, build_config, get_bank, real_train_images, save
+from train import SPECIALS, AuxHead, ImageStream, build_config, get_bank, optimizer, real_train_images, save
 from train import build_processor as build_demo_processor
 from transformers import (
     BlipForConditionalGeneration,
@@ -76,39 +75,19 @@ def sequence(tok, prompt: str, shape: str, colour: str) -> tuple[list[int], int]
 
 # ---------------------------------------------------------------- data
 class Batcher:
-    """Deterministic batches of (image, caption sequence). Images come from the synthetic bank (shuffled per epoch)
-    and, with probability `real_frac`, from the easy-VQA train split (augmented on the fly); each gets a prompt from
-    PROMPTS with probability `prompt_frac`, else none."""
+    """Deterministic batches of (image, caption sequence): each image (train.ImageStream) gets a prompt from PROMPTS
+    with probability `prompt_frac`, else none."""
 
     def __init__(self, bank, real, tok, batch, real_frac, prompt_frac, seed, mean, std):
-        self.X, self.S, self.C = bank
-        self.real = [r for r in real if r[1] is not None and r[2] is not None]
-        self.tok, self.batch, self.real_frac, self.prompt_frac = tok, batch, real_frac, prompt_frac
-        self.rng = random.Random(seed)
-        self.nprng = np.random.RandomState(seed)
-        self.perm, self.pos = self.nprng.permutation(len(self.X)), 0
-        self.mean = torch.tensor(mean).view(1, 3, 1, 1)
-        self.std = torch.tensor(std).view(1, 3, 1, 1)
+        self.images = ImageStream(bank, real, real_frac, seed, mean, std)
+        self.real, self.rng = self.images.real, self.images.rng
+        self.tok, self.batch, self.prompt_frac = tok, batch, prompt_frac
         self.pad = tok.pad_token_id
-
-    def _next_bank(self):
-        if self.pos >= len(self.perm):
-            self.perm, self.pos = self.nprng.permutation(len(self.X)), 0
-        j = self.perm[self.pos]
-        self.pos += 1
-        return self.X[j], int(self.S[j]), int(self.C[j])
 
     def next(self):
         imgs, shp, col, seqs, prefixes = [], [], [], [], []
         for _ in range(self.batch):
-            if self.real and self.rng.random() < self.real_frac:
-                x, s, c, _ = self.real[self.rng.randrange(len(self.real))]
-                im = Image.fromarray(x)
-                if self.rng.random() < 0.6:
-                    im = synth.back_to_size(synth.augment(im, self.rng), x.shape[0], self.rng)
-                x = np.asarray(im, dtype=np.uint8)
-            else:
-                x, s, c = self._next_bank()
+            x, s, c = self.images.draw()
             prompt = self.rng.choice(PROMPTS) if self.rng.random() < self.prompt_frac else ""
             ids, prefix = sequence(self.tok, prompt, synth.SHAPES[s], synth.COLOR_NAMES[c])
             imgs.append(x)
@@ -116,8 +95,7 @@ class Batcher:
             col.append(c)
             seqs.append(ids)
             prefixes.append(prefix)
-        px = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float().div_(255.0)
-        px = (px - self.mean) / self.std
+        px = self.images.pixels(imgs)
         width = max(len(ids) for ids in seqs)
         input_ids = torch.full((len(seqs), width), self.pad, dtype=torch.long)
         mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -244,19 +222,7 @@ def main():
     )
 
     params = list(model.parameters()) + list(aux.parameters())
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": args.wd}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=args.lr,
-        betas=(0.9, 0.98),
-    )
-
-    def lr_at(step):
-        if step < args.warmup:
-            return args.lr * (step + 1) / args.warmup
-        p = (step - args.warmup) / max(1, args.steps - args.warmup)
-        return args.lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * p)))
+    opt, lr_at = optimizer(params, args)
 
     model.train()
     t_train = time.time()
