@@ -24,10 +24,13 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -155,8 +158,9 @@ def stream_requests(
     """Keep `in_flight` requests on the service, write each one's lines as soon as it ended, until all are written."""
     while True:
         while len(flight) < in_flight and (request := next(planned, None)) is not None:
-            request.batch_id = submit(client, request)
-            flight.append(request)
+            with ctrl_c_after():  # a batch the service accepted is always in `flight`, so Ctrl-C cancels it
+                request.batch_id = submit(client, request)
+                flight.append(request)
         if not flight:
             return
         ended_any = False
@@ -175,6 +179,32 @@ def stream_requests(
                 ended_any = True
         if not ended_any:
             time.sleep(POLL_S)
+
+
+@contextmanager
+def ctrl_c_after() -> Iterator[None]:
+    """Hold a first Ctrl-C until the block ended, then raise it; a second one raises at once.
+
+    A submission interrupted between the service's 202 and the batch id being kept would leave a batch that no one
+    cancels. Outside the main thread (where no signal arrives) the block runs as it is.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pressed: list[int] = []
+
+    def hold(signum: int, frame: object) -> None:
+        if pressed:
+            raise KeyboardInterrupt
+        pressed.append(signum)
+
+    previous = signal.signal(signal.SIGINT, hold)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pressed:
+        raise KeyboardInterrupt
 
 
 def submit(client: BlipqClient, request: Request) -> str:

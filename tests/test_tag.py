@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import requests
 
 from api.client import BlipqClient
 from api.settings import ApiSettings
+from api.tag import ctrl_c_after
 from api.up import RedisProcess
 from tests.conftest import ROOT, QuietHandler, WorkerProcess, http_server, serve_app, wait_for_worker_record
 from tests.fixtures.images import shape_png
@@ -310,6 +312,26 @@ def test_tag_rides_out_dropped_connections_503s_and_a_lost_answer_without_a_seco
     assert len(set(front.batches_made)) == len(COLORS), "one batch per request: the retry returned the first batch"
     assert front.deletes == len(COLORS), "each batch was deleted once its lines were written"
     assert list(redis_client.scan_iter("blipq:batch:*")) == []
+
+
+def test_a_ctrl_c_during_a_submission_is_raised_once_the_submission_is_kept() -> None:
+    # Given a block standing for a submission, which receives Ctrl-C halfway
+    kept = []
+    with pytest.raises(KeyboardInterrupt), ctrl_c_after():
+        os.kill(os.getpid(), signal.SIGINT)
+        kept.append("batch id")  # runs: the interrupt is held
+    # Then the block ended before the interrupt was raised, and Ctrl-C behaves as before afterwards
+    assert kept == ["batch id"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_second_ctrl_c_during_a_submission_leaves_at_once() -> None:
+    reached = []
+    with pytest.raises(KeyboardInterrupt), ctrl_c_after():
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+        reached.append("after the second")
+    assert reached == []
 
 
 def test_ctrl_c_cancels_what_is_in_flight_keeps_what_was_written_and_a_rerun_finishes(
