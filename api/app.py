@@ -13,8 +13,8 @@ from api.ops import install_ops
 from api.page import bp as page_bp
 from api.settings import ApiSettings
 from api.views import MAX_WAIT_S, Services, bp
-from worker.broker import create_celery
-from worker.jobs import JobStore
+from worker.contract.broker import create_celery
+from worker.contract.jobs import JobStore
 
 
 def create_app(settings: ApiSettings | None = None) -> Flask:

@@ -3,8 +3,8 @@
 The images are files named `images`; the form field `questions` holds a JSON array of the questions asked about every
 image; `priority`, `deadline_s`, `webhook` and `webhook_items` are as in a JSON batch. With the field `task` set to
 `caption`, each image is captioned once instead, continuing the optional field `prompt` (no `questions` then). Each
-image is stored once in Redis (worker.jobs.batch_upload_key), for all its jobs, and expires with the batch after the
-TTL.
+image is stored once in Redis (worker.contract.jobs.batch_upload_key), for all its jobs, and expires with the batch
+after the TTL.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from api.errors import PayloadTooLargeError, ValidationError
 from api.schemas import BatchRequest, validate_batch_request
 from api.settings import ApiSettings
 from api.views import check_webhook, read_upload
-from worker.batches import MAX_BATCH_ANSWERS
-from worker.states import JobTask
+from worker.contract.batches import MAX_BATCH_ANSWERS
+from worker.contract.states import JobTask
 
 IMAGES_FIELD = "images"
 QUESTIONS_FIELD = "questions"

@@ -1,7 +1,7 @@
 """The batch routes: submit many questions about many images at once, follow the batch, read its results, cancel it.
 
-A batch and its items are a few Redis keys (worker/batches.py), sent to the workers in chunks, so that an image is
-fetched once for all its questions; an item is shown as a job at `/v1/jobs/<batch id>.<index>`.
+A batch and its items are a few Redis keys (worker/contract/batches.py), sent to the workers in chunks, so that an image
+is fetched once for all its questions; an item is shown as a job at `/v1/jobs/<batch id>.<index>`.
 """
 
 from __future__ import annotations
@@ -41,10 +41,10 @@ from api.views import (
     released_on_refusal,
     services,
 )
-from worker.batches import MAX_BATCH_ANSWERS, READ_PAGE, Batch, BatchStore, chunk_member, plan_chunks
-from worker.broker import publish_chunk
-from worker.jobs import batch_upload_key, idempotency_key, new_job_id, utc_iso
-from worker.states import JobTask
+from worker.contract.batches import MAX_BATCH_ANSWERS, READ_PAGE, Batch, BatchStore, chunk_member, plan_chunks
+from worker.contract.broker import publish_chunk
+from worker.contract.jobs import batch_upload_key, idempotency_key, new_job_id, utc_iso
+from worker.contract.states import JobTask
 
 log = logging.getLogger("blipq.api")
 bp = Blueprint("batches", __name__)

@@ -14,7 +14,7 @@ from typing import Any
 
 from api.auth import NAME_PATTERN, hash_api_key, new_api_key
 from api.settings import ApiSettings
-from worker.errors import SettingsError
+from worker.contract.errors import SettingsError
 from worker.settings import WorkerSettings
 
 CLIENT_COMMANDS = ("ask", "caption", "tag")  # the commands that use a running service (api.client)

@@ -1,7 +1,7 @@
 """Gunicorn's settings for `blipq api` (`gunicorn -c python:api.gunicorn_conf`): logs and multiprocess metrics.
 
 - Logs: every line, gunicorn's and the app's, goes to stderr in BLIPQ_LOG_FORMAT (json by default); gunicorn's
-  access log is off, as the app logs each request itself (worker/logs.py).
+  access log is off, as the app logs each request itself (worker/contract/logs.py).
 - Metrics: `blipq api` points PROMETHEUS_MULTIPROC_DIR at a directory where each gunicorn worker process keeps its
   counters, so that /metrics adds them up (api/metrics.py). Stale files of an earlier run are removed at start, and
   a process that exits is marked dead.
@@ -16,7 +16,7 @@ from typing import Any
 from prometheus_client import multiprocess
 
 from api.metrics import MULTIPROCESS_DIR_VARIABLE
-from worker.logs import gunicorn_logging
+from worker.contract.logs import gunicorn_logging
 from worker.settings import LOG_FORMATS, env_str
 
 logconfig_dict = gunicorn_logging(env_str(os.environ, "BLIPQ_LOG_FORMAT", "json", LOG_FORMATS))

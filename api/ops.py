@@ -2,7 +2,7 @@
 
 `GET /healthz` (api/views.py) says the process lives; `GET /readyz` says whether jobs submitted now will run: Redis
 answers and each task the deployment serves has a worker with its model loaded (workers announce themselves in
-Redis: worker/fleet.py). `GET /v1/models` (behind the API keys, like every /v1 route) lists each task's models,
+Redis: worker/contract/fleet.py). `GET /v1/models` (behind the API keys, like every /v1 route) lists each task's models,
 workers, waiting answers and outcomes: what the web page's fleet panel shows.
 """
 
@@ -19,8 +19,8 @@ from api.admission import waiting_answers
 from api.auth import public
 from api.metrics import FleetCollector, RequestMetrics, scrape
 from api.settings import ApiSettings
-from worker.fleet import fleet_client, live_workers, outcome_counts
-from worker.states import JobTask
+from worker.contract.fleet import fleet_client, live_workers, outcome_counts
+from worker.contract.states import JobTask
 
 bp = Blueprint("ops", __name__)
 

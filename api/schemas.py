@@ -22,9 +22,9 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from api.errors import ValidationError
-from worker.fleet import WorkerRecord
-from worker.jobs import STATS_FIELDS
-from worker.states import JobPriority, JobStatus, JobTask
+from worker.contract.fleet import WorkerRecord
+from worker.contract.jobs import STATS_FIELDS
+from worker.contract.states import JobPriority, JobStatus, JobTask
 
 # (field, pydantic error type) -> our code; the first match wins, (field, None) matches any type.
 ERROR_CODES = {
@@ -198,7 +198,7 @@ class WebhookDelivery(BaseModel):
 
 
 class JobResponse(BaseModel):
-    """A job as the API shows it (worker.jobs.Job.to_public): every field is always there, null when unset."""
+    """A job as the API shows it (worker.contract.jobs.Job.to_public): every field is always there, null when unset."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -244,7 +244,8 @@ class BatchCounts(BaseModel):
 
 
 class BatchResponse(BaseModel):
-    """A batch as the API shows it (worker.batches.Batch.summary); its webhook receives this, less the delivery."""
+    """A batch as the API shows it (worker.contract.batches.Batch.summary); its webhook receives this, less the
+    delivery."""
 
     model_config = ConfigDict(extra="forbid")
 

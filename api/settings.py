@@ -10,8 +10,9 @@ from pathlib import Path
 from limits import parse_many
 
 from api.auth import ApiKey, parse_api_keys
-from worker.errors import SettingsError
-from worker.redis_target import DEFAULT_MASTER, RedisTarget
+from worker.contract.errors import SettingsError
+from worker.contract.redis_target import DEFAULT_MASTER, RedisTarget
+from worker.contract.states import JobTask
 from worker.settings import (
     DEFAULT_CAPTION_QUEUE,
     DEFAULT_JOB_TTL_S,
@@ -25,7 +26,6 @@ from worker.settings import (
     env_str,
     env_webhook_secret,
 )
-from worker.states import JobTask
 
 FORM_OVERHEAD_BYTES = 64 * 1024  # room for the multipart boundaries and text fields beside one image
 # Answers waiting in a queue (single jobs and batch items not yet taken by a worker) beyond which submissions are
@@ -65,7 +65,7 @@ class ApiSettings:
 
     @property
     def redis(self) -> RedisTarget:
-        """Where Redis is (worker/redis_target.py)."""
+        """Where Redis is (worker/contract/redis_target.py)."""
         return RedisTarget(self.redis_url, self.redis_sentinels, self.redis_master)
 
     def queue_for(self, task: JobTask) -> str:

@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from api.client import BlipqClient, BlipqClientError
 
-MAX_ANSWERS_PER_REQUEST = 10_000  # the service's limit on one batch (worker/batches.py MAX_BATCH_ANSWERS)
+MAX_ANSWERS_PER_REQUEST = 10_000  # the service's limit on one batch (worker/contract/batches.py MAX_BATCH_ANSWERS)
 DEFAULT_PER_REQUEST = 1_000  # answers per request: small enough that lines and progress come often
 DEFAULT_IN_FLIGHT = 4  # requests waiting on the service at once: the workers never wait for the next upload
 MAX_FILES_PER_UPLOAD = 64  # images in one multipart request: a failed request re-sends little

@@ -35,13 +35,13 @@ from api.errors import (
 )
 from api.schemas import JobRequest, validate_job_request
 from api.settings import ApiSettings
-from worker.batches import Batch, BatchStore, split_item_id
-from worker.broker import publish_job
-from worker.errors import ImageInvalidError, ImageTooLargeError
-from worker.images import open_image
-from worker.jobs import Job, JobStore, ended_key, idempotency_key, new_job_id, utc_iso
-from worker.states import ENDED_STATUSES, JobStatus
-from worker.transitions import CANCEL_ENDED
+from worker.contract.batches import Batch, BatchStore, split_item_id
+from worker.contract.broker import publish_job
+from worker.contract.errors import ImageInvalidError, ImageTooLargeError
+from worker.contract.images import open_image
+from worker.contract.jobs import Job, JobStore, ended_key, idempotency_key, new_job_id, utc_iso
+from worker.contract.states import ENDED_STATUSES, JobStatus
+from worker.contract.transitions import CANCEL_ENDED
 
 log = logging.getLogger("blipq.api")
 bp = Blueprint("jobs", __name__)

@@ -45,8 +45,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks.fleet import Fleet, Worker, load_items, wait_until_serving  # noqa: E402
-from worker.broker import visibility_timeout_for  # noqa: E402
-from worker.jobs import JobStore, held_key, job_key  # noqa: E402
+from worker.contract.broker import visibility_timeout_for  # noqa: E402
+from worker.contract.jobs import JobStore, held_key, job_key  # noqa: E402
 
 FINAL = (b"succeeded", b"failed")
 BLOW_INTERVAL_S = 6.0  # between two blows: long enough for the fleet to be busy again

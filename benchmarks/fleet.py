@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from api.up import SentinelGroup, free_port, start_redis, start_sentinel_group, stop_process  # noqa: E402
-from worker.redis_target import RedisTarget  # noqa: E402
+from worker.contract.redis_target import RedisTarget  # noqa: E402
 
 REDIS_DOWN_S = 2.0  # how long Redis stays away when it restarts
 BATCH_POLL_S = 0.1  # between two reads of a batch's summary: the client's back-off (up to 2 s) would blur a rate
@@ -47,7 +47,7 @@ def load_items(count: int) -> list[tuple[bytes, str, str]]:
     from easy_vqa import get_test_image_paths, get_test_questions
     from PIL import Image
 
-    from worker.images import decode_image
+    from worker.contract.images import decode_image
     from worker.inference import answer_questions, load_model
     from worker.settings import DEMO_MODEL_DIR
 

@@ -118,7 +118,7 @@ def synthetic_photos(count: int, seed: int = 0) -> list[bytes]:
 
 def pixels_of(loaded: Any, photos: list[bytes]) -> list[Any]:
     """Each photo decoded and resized as the worker does it, as a uint8 tensor (done before any clock starts)."""
-    from worker.images import decode_image
+    from worker.contract.images import decode_image
     from worker.inference import pixel_tensor
 
     return [pixel_tensor(loaded, decode_image(photo, 10**8)) for photo in photos]

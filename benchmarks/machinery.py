@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO))
 
 from api.client import BlipqClient  # noqa: E402
 from benchmarks.fleet import Fleet, ImageServer, percentile, run_clients, wait_until_serving  # noqa: E402
-from worker.batches import MAX_BATCH_ANSWERS  # noqa: E402
+from worker.contract.batches import MAX_BATCH_ANSWERS  # noqa: E402
 
 MAX_NEW_TOKENS = 1  # the tiny model's generate is then near-instant: the machinery is what remains
 POLL_HZ = 10.0  # a dashboard's reads of a batch's summary, kept at this rate whatever each read costs
@@ -75,7 +75,7 @@ def write_images(directory: Path, count: int) -> list[Path]:
 
 def core_seconds(loaded: Any, items: Sequence[tuple[Path, str]], batch_size: int) -> float:
     """The inference core on `items` in chunks of `batch_size`, each image of a chunk read and decoded once."""
-    from worker.images import decode_image
+    from worker.contract.images import decode_image
     from worker.inference import answer_questions
 
     started = time.perf_counter()
@@ -227,7 +227,7 @@ def batch_mixes(args: argparse.Namespace, fleet: Fleet, server: ImageServer, loa
 
 def single_jobs(args: argparse.Namespace, fleet: Fleet, loaded: Any, paths: list[Path]) -> dict[str, Any]:
     """Mix 5: single jobs from many clients against the core at that batch size; then at idle, one at a time."""
-    from worker.images import decode_image
+    from worker.contract.images import decode_image
     from worker.inference import answer_questions
 
     items = [(path, QUESTIONS[index % args.questions]) for index, path in enumerate(paths[: args.single_jobs])]

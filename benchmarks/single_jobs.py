@@ -35,7 +35,7 @@ def direct_latencies(items: list[tuple[bytes, str, str]]) -> list[float]:
     """Each question answered in this process by the inference core (decode + generate), one at a time."""
     import torch
 
-    from worker.images import decode_image
+    from worker.contract.images import decode_image
     from worker.inference import answer_questions, load_model
     from worker.settings import DEMO_MODEL_DIR
 

@@ -62,9 +62,9 @@ sys.path.insert(0, str(REPO))
 
 from api.client import FINAL_STATUSES, LONG_POLL_S, BlipqClient, BlipqClientError  # noqa: E402
 from benchmarks.fleet import Fleet, ImageServer, load_items, percentile, wait_until_serving  # noqa: E402
-from worker.broker import visibility_timeout_for  # noqa: E402
-from worker.jobs import JobStore, waiting_answers_key  # noqa: E402
-from worker.transitions import ENDED_KEY_TTL_S  # noqa: E402
+from worker.contract.broker import visibility_timeout_for  # noqa: E402
+from worker.contract.jobs import JobStore, waiting_answers_key  # noqa: E402
+from worker.contract.transitions import ENDED_KEY_TTL_S  # noqa: E402
 
 MIB = 1024 * 1024
 QUICK_RECOVERY = {"BLIPQ_ANNOUNCE_INTERVAL_S": "2", "BLIPQ_REAPER_INTERVAL_S": "2"}  # as chaos.py

@@ -188,7 +188,7 @@ def checked(out: Path, images: int, questions: Sequence[str]) -> dict[tuple[str,
 def core_run(loaded: Any, paths: Sequence[Path], questions: Sequence[str]) -> tuple[float, dict[tuple[str, str], str]]:
     """The inference core on every (image, question), BATCH_SIZE answers at a time, each image read and decoded once
     per batch; its seconds and answers."""
-    from worker.images import decode_image
+    from worker.contract.images import decode_image
     from worker.inference import answer_questions
 
     items = [(path, question) for path in paths for question in questions]

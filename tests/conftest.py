@@ -23,7 +23,7 @@ from api.app import create_app
 from api.settings import ApiSettings
 from api.up import RedisProcess, start_redis, stop_process
 from tests.fixtures.tiny_model import build_tiny_caption_model, build_tiny_vqa_model
-from worker.fleet import fleet_client, live_workers
+from worker.contract.fleet import fleet_client, live_workers
 
 ROOT = Path(__file__).resolve().parent.parent
 JOB_TIMEOUT_S = 120.0  # generous: the first job of a worker waits for its model to load on a busy CI machine

@@ -19,7 +19,7 @@ from api.cli import main
 from api.settings import ApiSettings
 from api.up import RedisProcess
 from tests.conftest import api_client
-from worker.errors import SettingsError
+from worker.contract.errors import SettingsError
 
 JOB = {"question": "what is it?", "image_url": "https://images.example.com/dog.png"}
 

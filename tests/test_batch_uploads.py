@@ -17,9 +17,9 @@ from api.admission import queue_names
 from api.up import RedisProcess, stop_process
 from tests.conftest import WorkerProcess, api_client, start_worker, wait_for_batch, wait_for_job
 from tests.fixtures.images import shape_png
-from worker.batches import BatchStore, outcome_value
-from worker.broker import create_celery, publish_chunk
-from worker.jobs import JobStore
+from worker.contract.batches import BatchStore, outcome_value
+from worker.contract.broker import create_celery, publish_chunk
+from worker.contract.jobs import JobStore
 
 QUEUE = "batch-uploads"
 COLORS = ["red", "green", "blue"]

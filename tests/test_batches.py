@@ -33,11 +33,11 @@ from tests.conftest import (
 from tests.fixtures.images import shape_png
 from tests.test_chaos import QUICK_RECOVERY, reference_answers
 from tests.test_webhooks import QUICK_WEBHOOKS, SECRET, Receiver, serve, verify_signature
-from worker.batches import BatchStore, batch_keys, outcome_value, outcomes_key
-from worker.broker import create_celery, publish_chunk
-from worker.jobs import JobStore, running_key, webhook_outbox_key
+from worker.contract.batches import BatchStore, batch_keys, outcome_value, outcomes_key
+from worker.contract.broker import create_celery, publish_chunk
+from worker.contract.jobs import JobStore, running_key, webhook_outbox_key
+from worker.contract.states import JobStatus
 from worker.reaper import ReaperPolicy, sweep
-from worker.states import JobStatus
 from worker.webhooks import SIGNATURE_HEADER
 
 QUEUE = "batches"

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from worker.batching import Batcher, Output
-from worker.errors import ModelOutOfMemoryError
+from worker.contract.errors import ModelOutOfMemoryError
 
 
 class Model:

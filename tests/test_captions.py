@@ -22,9 +22,9 @@ from api.up import RedisProcess
 from tests.conftest import ImageServer, WorkerProcess, api_client, wait_for_job
 from tests.fixtures.images import shape_png
 from tests.test_chaos import reference_answers
-from worker.errors import SettingsError
-from worker.jobs import broker_list_key, unstarted_key
-from worker.states import JobPriority
+from worker.contract.errors import SettingsError
+from worker.contract.jobs import broker_list_key, unstarted_key
+from worker.contract.states import JobPriority
 
 COLORS = ["red", "green", "blue"]
 PROMPT = "a picture of"

@@ -17,9 +17,9 @@ from flask.testing import FlaskClient
 from api.up import RedisProcess, start_redis, stop_process
 from tests.conftest import QuietHandler, WorkerProcess, api_client, http_server, start_worker, wait_for_status
 from tests.fixtures.images import shape_png
-from worker.images import decode_image
+from worker.contract.images import decode_image
+from worker.contract.jobs import JobStore
 from worker.inference import answer_questions, load_model
-from worker.jobs import JobStore
 
 QUEUE = "chaos"
 JOB_COUNT = 240

@@ -13,8 +13,8 @@ import yaml
 
 from api.settings import ApiSettings
 from tests.conftest import ROOT
+from worker.contract.states import JobTask
 from worker.settings import WorkerSettings
-from worker.states import JobTask
 
 SETTINGS_SOURCES = [ROOT / "worker" / "settings.py", ROOT / "api" / "settings.py"]
 FOREIGN_VARIABLES = {"HF_HOME", "CUDA_VISIBLE_DEVICES"}  # read by transformers and CUDA, not by blipq

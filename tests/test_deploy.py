@@ -30,8 +30,8 @@ from tests.test_compose import (
     known_variables,
     worker_settings,
 )
+from worker.contract.states import JobTask
 from worker.settings import WorkerSettings
-from worker.states import JobTask
 
 K8S = ROOT / "deploy" / "k8s"
 HA = ROOT / "deploy" / "k8s-ha"  # beside the base, not in it: kustomize refuses an overlay inside its base

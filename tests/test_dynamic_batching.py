@@ -18,7 +18,7 @@ from tests.conftest import WorkerProcess, api_client, start_worker, wait_for_bat
 from tests.fixtures.images import shape_png
 from tests.test_inference import model_card_answer
 from tests.test_ops import value
-from worker.images import decode_image
+from worker.contract.images import decode_image
 from worker.inference import load_model
 
 QUEUE = "dynamic"

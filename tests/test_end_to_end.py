@@ -16,7 +16,7 @@ from transformers import BlipForQuestionAnswering, BlipProcessor
 
 from tests.conftest import JOB_TIMEOUT_S, ImageServer, WorkerProcess, wait_for_job
 from tests.fixtures.images import shape_png, truncated_png
-from worker.broker import TASK_VQA
+from worker.contract.broker import TASK_VQA
 
 MAX_NEW_TOKENS = 20  # the worker's default BLIPQ_MAX_NEW_TOKENS
 

@@ -24,10 +24,10 @@ import redis
 from api.up import SentinelGroup, start_sentinel_group, stop_process
 from tests.conftest import QuietHandler, api_client, http_server, start_worker
 from tests.fixtures.images import shape_png
-from worker.images import decode_image
+from worker.contract.images import decode_image
+from worker.contract.jobs import JobStore
+from worker.contract.redis_target import RedisTarget
 from worker.inference import answer_questions, load_model
-from worker.jobs import JobStore
-from worker.redis_target import RedisTarget
 
 QUEUE = "failover"
 JOB_COUNT = 300

@@ -36,10 +36,10 @@ from tests.conftest import (
 from tests.fixtures.hanging_worker import HANGING_QUESTION
 from tests.fixtures.images import shape_png
 from worker.batching import EXIT_MODEL_HUNG
-from worker.broker import create_celery, publish_job
-from worker.jobs import Job, JobStore, new_job_id, unstarted_key, utc_now, waiting_answers_key
+from worker.contract.broker import create_celery, publish_job
+from worker.contract.jobs import Job, JobStore, new_job_id, unstarted_key, utc_now, waiting_answers_key
+from worker.contract.states import JobStatus
 from worker.reaper import ReaperPolicy, sweep
-from worker.states import JobStatus
 
 SLOW_S = 30.0  # an image that arrives this late is still loading when a 5 s job limit ends
 HANGING_MODULE = "tests.fixtures.hanging_worker"

@@ -36,7 +36,7 @@ from api.settings import ApiSettings
 from api.up import RedisProcess, stop_process
 from tests.conftest import JOB_TIMEOUT_S, WorkerProcess, start_worker, wait_for_job
 from tests.fixtures.images import shape_png
-from worker.states import JobTask
+from worker.contract.states import JobTask
 
 QUEUE = "fuzz"
 MAX_EXAMPLES = 50  # random requests per operation, beside the boundary cases of the coverage phase: seconds in all

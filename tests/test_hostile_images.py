@@ -10,8 +10,8 @@ from PIL import Image
 
 from tests.fixtures import hostile
 from tests.fixtures.images import encode
-from worker.errors import ImageInvalidError, ImageTooLargeError
-from worker.images import decode_image, sniff_image_format
+from worker.contract.errors import ImageInvalidError, ImageTooLargeError
+from worker.contract.images import decode_image, sniff_image_format
 from worker.settings import WorkerSettings
 
 MAX_PIXELS = WorkerSettings().max_image_pixels  # the worker's default limit

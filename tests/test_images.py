@@ -9,9 +9,9 @@ from PIL import Image
 
 from tests.conftest import ImageServer
 from tests.fixtures.images import encode, rotated_jpeg, shape_png, truncated_png
-from worker.errors import ImageFetchError, ImageInvalidError, ImageTooLargeError
+from worker.contract.errors import ImageFetchError, ImageInvalidError, ImageTooLargeError
+from worker.contract.images import decode_image
 from worker.fetch import FetchLimits, fetch_image_bytes, new_session
-from worker.images import decode_image
 from worker.netguard import NetworkPolicy
 
 LIMITS = FetchLimits(max_bytes=50_000, max_pixels=1_000_000, connect_timeout_s=2, total_timeout_s=5)

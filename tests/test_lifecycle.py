@@ -30,10 +30,10 @@ from tests.conftest import (
     wait_for_status,
 )
 from tests.fixtures.images import shape_png
-from worker.broker import TASK_VQA
-from worker.jobs import JobStore, broker_list_key, deadlines_key, job_key, unstarted_key, upload_key
+from worker.contract.broker import TASK_VQA
+from worker.contract.jobs import JobStore, broker_list_key, deadlines_key, job_key, unstarted_key, upload_key
+from worker.contract.states import JobPriority
 from worker.reaper import expire_overdue
-from worker.states import JobPriority
 
 WORKER_QUEUE = "lifecycle"
 BACKLOG_IMAGE_S = 0.15  # each backlog job's image delay: 60 of them, 4 at a time, keep the worker busy for 2 s or more

@@ -18,8 +18,8 @@ from api.openapi import ERROR_CODES, build_openapi, openapi_path
 from api.schemas import ERROR_CODES as FIELD_ERROR_CODES
 from api.schemas import JobRequest, JobResponse
 from api.settings import ApiSettings
-from worker.jobs import Job
-from worker.states import JobPriority, JobStatus, JobTask
+from worker.contract.jobs import Job
+from worker.contract.states import JobPriority, JobStatus, JobTask
 
 API_DIR = Path(__file__).resolve().parent.parent / "api"
 NO_REDIS = "redis://redis.invalid:1/0"  # serving the document never reaches Redis

@@ -26,8 +26,8 @@ from api.admission import queue_names
 from api.up import RedisProcess, free_port, stop_process, worker_metrics_env
 from tests.conftest import JOB_TIMEOUT_S, ROOT, ImageServer, WorkerProcess, api_client, start_worker, wait_for_job
 from tests.fixtures.images import shape_png
+from worker.contract.states import JobTask
 from worker.metrics import watch_gpu_memory
-from worker.states import JobTask
 
 QUEUE = "ops"
 IDLE_QUEUE = "ops-idle"  # no worker ever serves it

@@ -15,7 +15,7 @@ from api.auth import ApiKey, hash_api_key, new_api_key
 from api.settings import DEFAULT_MAX_QUEUE_DEPTH, ApiSettings
 from api.up import RedisProcess, start_redis
 from tests.conftest import api_client
-from worker.errors import SettingsError
+from worker.contract.errors import SettingsError
 
 JOB = {"question": "what is it?", "image_url": "https://images.example.com/dog.png"}
 ALICE, BOB = new_api_key(), new_api_key()

@@ -14,9 +14,9 @@ import redis
 from api.up import RedisProcess, stop_process
 from tests.conftest import api_client, start_worker, wait_for_job
 from tests.fixtures.images import shape_png
-from worker.jobs import Job, JobStore, broker_list_key, new_job_id, started_mark_key, unstarted_key, utc_now
+from worker.contract.jobs import Job, JobStore, broker_list_key, new_job_id, started_mark_key, unstarted_key, utc_now
+from worker.contract.states import JobPriority, JobStatus
 from worker.reaper import ReaperPolicy, find_lost
-from worker.states import JobPriority, JobStatus
 
 POLICY = ReaperPolicy(behind_mark_s=50, waiting_s=1000)
 

@@ -11,7 +11,7 @@ import pytest
 
 from api.settings import ApiSettings
 from tests.conftest import ROOT
-from worker.errors import SettingsError
+from worker.contract.errors import SettingsError
 from worker.settings import DEMO_MODEL_DIR, WorkerSettings
 
 

@@ -39,7 +39,7 @@ from tests.conftest import (
     start_worker,
     wait_for_worker_record,
 )
-from worker.fleet import fleet_client, live_workers
+from worker.contract.fleet import fleet_client, live_workers
 from worker.settings import DEMO_CAPTION_MODEL_DIR, DEMO_MODEL_DIR
 
 ARTIFACTS = ROOT / "tests" / "artifacts"  # gitignored

@@ -24,10 +24,10 @@ from api.admission import queue_names
 from api.up import RedisProcess, stop_process
 from tests.conftest import JOB_TIMEOUT_S, ImageServer, WorkerProcess, api_client, start_worker
 from tests.fixtures.images import shape_png
+from worker.contract.jobs import Job, JobStore, new_job_id, utc_now, webhook_outbox_key
+from worker.contract.states import JobStatus
 from worker.fetch import new_session
-from worker.jobs import Job, JobStore, new_job_id, utc_now, webhook_outbox_key
 from worker.netguard import NetworkPolicy
-from worker.states import JobStatus
 from worker.webhooks import SIGNATURE_HEADER, Outbox, attempt_delivery, post_json, sign
 
 QUEUE = "webhooks"

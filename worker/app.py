@@ -13,16 +13,16 @@ from typing import Any
 from celery import Celery
 from celery.signals import task_received, worker_init, worker_ready, worker_shutdown, worker_shutting_down
 
-from worker.broker import create_celery, visibility_timeout_for
-from worker.fleet import fleet_client
+from worker.contract.broker import create_celery, visibility_timeout_for
+from worker.contract.fleet import fleet_client, worker_identity
+from worker.contract.jobs import JobStore
+from worker.contract.logs import use_json_logs_in_celery
 from worker.intake import Intake
-from worker.jobs import JobStore
-from worker.logs import use_json_logs_in_celery
 from worker.metrics import WorkerOps
 from worker.netguard import NetworkPolicy
 from worker.reaper import ReaperPolicy, ReaperThread, Receipts
 from worker.settings import WorkerSettings
-from worker.tasks import WorkerRuntime, register_tasks, worker_identity
+from worker.tasks import WorkerRuntime, register_tasks
 from worker.webhooks import WebhookPolicy, WebhookSender
 
 log = logging.getLogger("blipq.worker")

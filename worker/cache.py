@@ -24,7 +24,7 @@ import redis
 from prometheus_client import Counter
 
 from worker.batching import Batcher, Expected, Output
-from worker.jobs import KEY_PREFIX
+from worker.contract.jobs import KEY_PREFIX
 from worker.settings import WorkerSettings
 
 if TYPE_CHECKING:

@@ -18,8 +18,8 @@ import requests
 from urllib3.exceptions import HTTPError as TransportError
 from urllib3.exceptions import TimeoutError as TransportTimeoutError
 
-from worker.errors import ImageFetchError, ImageFetchTimeoutError, ImageInvalidError, ImageTooLargeError
-from worker.images import ALLOWED_FORMATS, SNIFF_BYTES, sniff_image_format
+from worker.contract.errors import ImageFetchError, ImageFetchTimeoutError, ImageInvalidError, ImageTooLargeError
+from worker.contract.images import ALLOWED_FORMATS, SNIFF_BYTES, sniff_image_format
 from worker.netguard import AddressGuard, GuardedAdapter, NetworkPolicy, Resolver, check_url
 
 CHUNK_BYTES = 64 * 1024  # the most one read returns

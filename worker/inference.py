@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from transformers import BlipConfig, BlipForConditionalGeneration, BlipForQuestionAnswering, BlipProcessor
 
-from worker.states import JobTask
+from worker.contract.states import JobTask
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 CAPTION_ARCHITECTURE = "BlipForConditionalGeneration"

@@ -1,8 +1,8 @@
 """A worker's metrics, readiness record and job log lines, hooked in through Celery's signals.
 
-The worker process holds the model (its task threads share it), so it counts, announces itself (worker/fleet.py) and
-serves Prometheus's text format on BLIPQ_METRICS_PORT (one port per worker). Its metrics are
-prometheus_client's default registry: the ones below, plus the process's own (`process_resident_memory_bytes`...).
+The worker process holds the model (its task threads share it), so it counts, announces itself
+(worker/contract/fleet.py) and serves Prometheus's text format on BLIPQ_METRICS_PORT (one port per worker). Its metrics
+are prometheus_client's default registry: the ones below, plus the process's own (`process_resident_memory_bytes`...).
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,12 +29,11 @@ from prometheus_client import (
     start_http_server,
 )
 
-from worker.batch_scripts import SKIPPED
-from worker.broker import TASK_VQA, TASK_VQA_CHUNK
-from worker.fleet import Announcer, WorkerRecord, count_outcome, fleet_client
-from worker.jobs import utc_now
+from worker.contract.batch_scripts import SKIPPED
+from worker.contract.broker import TASK_VQA, TASK_VQA_CHUNK
+from worker.contract.fleet import Announcer, WorkerRecord, count_outcome, fleet_client, worker_identity
+from worker.contract.jobs import utc_now
 from worker.settings import WorkerSettings
-from worker.tasks import CURRENT_JOB, WorkerRuntime, worker_identity
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     import torch
 
     from worker.inference import LoadedModel
+    from worker.tasks import WorkerRuntime
 
 log = logging.getLogger("blipq.worker")
 
@@ -63,6 +64,20 @@ MODEL_LOAD_SECONDS = Gauge(
     "blipq_worker_model_load_seconds", "How long this process took to get its model ready (imports included)"
 )
 MODEL = Info("blipq_worker_model", "The model this process holds")
+
+
+class JobTiming(threading.local):
+    """The message a task thread is running: when it started, and the time of the model calls it waited for."""
+
+    started = 0.0
+    model_s = 0.0
+    calls: set[int] = set()  # noqa: RUF012  (replaced per message by `begin`, never mutated on the class)
+
+    def begin(self) -> None:
+        self.started, self.model_s, self.calls = time.perf_counter(), 0.0, set()
+
+
+CURRENT_JOB = JobTiming()
 
 
 @contextmanager

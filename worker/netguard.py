@@ -31,7 +31,7 @@ from urllib3.exceptions import ConnectTimeoutError, LocationParseError, NameReso
 from urllib3.response import HTTPResponse
 from urllib3.util import parse_url
 
-from worker.errors import ImageFetchError, UrlNotAllowedError
+from worker.contract.errors import ImageFetchError, UrlNotAllowedError
 
 if TYPE_CHECKING:
     from urllib3._base_connection import BaseHTTPConnection

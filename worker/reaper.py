@@ -19,9 +19,9 @@ delivery finds it ended and is skipped.
 
 A job whose worker died while running it (the whole worker: killed, out of memory, its machine gone) still has its
 message, unacknowledged, but Redis's transport restores it only after the visibility timeout. The reaper publishes it
-again as soon as the worker's record (worker/fleet.py, refreshed every few seconds by a live worker) has expired:
-the job's next start counts an attempt, so a job that kills every worker that takes it ends `worker_lost`. The old
-message, once restored, finds the job ended or running and is skipped or runs once more (its answer is dropped).
+again as soon as the worker's record (worker/contract/fleet.py, refreshed every few seconds by a live worker) has
+expired: the job's next start counts an attempt, so a job that kills every worker that takes it ends `worker_lost`. The
+old message, once restored, finds the job ended or running and is skipped or runs once more (its answer is dropped).
 
 A job or chunk that a worker had received but not started yet when it died is not in the running set, and no later
 start may move its level's mark soon (a burst's jobs all share a few seconds of enqueue times). A worker therefore
@@ -52,15 +52,15 @@ from typing import Any
 import redis
 from celery import Celery
 
-from worker.batches import (
+from worker.contract.batches import (
     CHUNK_MEMBER_PREFIX,
     DEADLINE_MEMBER_PREFIX,
     BatchStore,
     parse_chunk_member,
 )
-from worker.broker import publish_chunk, publish_job
-from worker.fleet import worker_key
-from worker.jobs import (
+from worker.contract.broker import publish_chunk, publish_job
+from worker.contract.fleet import worker_key
+from worker.contract.jobs import (
     JobStore,
     broker_list_key,
     deadlines_key,
@@ -72,10 +72,10 @@ from worker.jobs import (
     unstarted_key,
     waiting_answers_key,
 )
-from worker.jobs import (
+from worker.contract.jobs import (
     job_key as job_key_of,
 )
-from worker.states import JobPriority, JobStatus
+from worker.contract.states import JobPriority, JobStatus
 
 log = logging.getLogger("blipq.reaper")
 

@@ -8,9 +8,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from worker.errors import SettingsError
-from worker.redis_target import DEFAULT_MASTER, RedisTarget
-from worker.states import JobTask
+from worker.contract.errors import SettingsError
+from worker.contract.redis_target import DEFAULT_MASTER, RedisTarget
+from worker.contract.states import JobTask
 
 # Defaults shared by the API and the worker: both read these variables and must agree.
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -199,7 +199,7 @@ class WorkerSettings:
 
     @property
     def redis(self) -> RedisTarget:
-        """Where Redis is (worker/redis_target.py)."""
+        """Where Redis is (worker/contract/redis_target.py)."""
         return RedisTarget(self.redis_url, self.redis_sentinels, self.redis_master)
 
     @classmethod

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -20,19 +18,17 @@ from typing import TYPE_CHECKING, Any
 
 from celery import Celery
 
-from worker.batch_scripts import SKIPPED
-from worker.batches import BatchStore, outcome_value
 from worker.batching import Batcher, Expected, Output
-from worker.broker import SOFT_LIMIT_MARGIN_S, TASK_VQA, TASK_VQA_CHUNK
 from worker.cache import AnswerCache, PreparedImage, answer_cache_for
-from worker.errors import BlipqError, JobTimeoutError, UploadMissingError, WrongTaskError
-from worker.fetch import FetchLimits, fetch_image_bytes, new_session
-from worker.images import decode_image
-from worker.jobs import JobStore
-from worker.netguard import NetworkPolicy
-from worker.settings import WorkerSettings
-from worker.states import JobPriority, JobStatus
-from worker.transitions import (
+from worker.contract.batch_scripts import SKIPPED
+from worker.contract.batches import BatchStore, outcome_value
+from worker.contract.broker import SOFT_LIMIT_MARGIN_S, TASK_VQA, TASK_VQA_CHUNK
+from worker.contract.errors import BlipqError, JobTimeoutError, UploadMissingError, WrongTaskError
+from worker.contract.fleet import worker_identity
+from worker.contract.images import decode_image
+from worker.contract.jobs import JobStore
+from worker.contract.states import JobPriority, JobStatus
+from worker.contract.transitions import (
     START_CANCELED,
     START_ENDED,
     START_EXPIRED,
@@ -40,6 +36,10 @@ from worker.transitions import (
     START_MISSING,
     START_PENDING,
 )
+from worker.fetch import FetchLimits, fetch_image_bytes, new_session
+from worker.metrics import CURRENT_JOB, observe_inference
+from worker.netguard import NetworkPolicy
+from worker.settings import WorkerSettings
 
 if TYPE_CHECKING:  # torch is imported when the model loads, not when the API imports this package
     import requests
@@ -50,24 +50,10 @@ if TYPE_CHECKING:  # torch is imported when the model loads, not when the API im
 log = logging.getLogger("blipq.worker")
 
 REDIS_OUTAGE_S = 60.0  # how long a worker's job-record writes keep retrying while Redis is away (a restart)
-# A message can arrive before the API accepted its job (it publishes, then accepts: worker/transitions.py): the start
-# is asked again, sooner first, for this long. A job accepted later still (an API stalled that long) is left to the
-# reaper, which publishes it again.
+# A message can arrive before the API accepted its job (it publishes, then accepts: worker/contract/transitions.py): the
+# start is asked again, sooner first, for this long. A job accepted later still (an API stalled that long) is left to
+# the reaper, which publishes it again.
 PENDING_WAIT_S = 3.0
-
-
-class JobTiming(threading.local):
-    """The message a task thread is running: when it started, and the time of the model calls it waited for."""
-
-    started = 0.0
-    model_s = 0.0
-    calls: set[int] = set()  # noqa: RUF012  (replaced per message by `begin`, never mutated on the class)
-
-    def begin(self) -> None:
-        self.started, self.model_s, self.calls = time.perf_counter(), 0.0, set()
-
-
-CURRENT_JOB = JobTiming()
 
 
 class WorkerRuntime:
@@ -135,7 +121,6 @@ class WorkerRuntime:
     def _generate(self, pixels: list[torch.Tensor], rows: list[int], texts: list[str]) -> list[str]:
         """The batcher's model call."""
         from worker.inference import generate_texts
-        from worker.metrics import observe_inference
 
         assert self.loaded is not None
         settings = self.settings
@@ -202,7 +187,7 @@ class WorkerRuntime:
         return {"status": "succeeded", "answer": answer}
 
     def run_chunk(self, payload: dict[str, Any]) -> dict[str, Any]:
-        """Answer a chunk of a batch's items (see worker/batches.py): one script call starts it, one ends it.
+        """Answer a chunk of a batch's items (see worker/contract/batches.py): one script call starts it, one ends it.
 
         The chunk's images are fetched and decoded in parallel by the fetch threads, each once for all its questions,
         and each goes to the batcher as soon as it is ready; its items become running only when the model takes them
@@ -454,11 +439,6 @@ def job_priority(payload: Mapping[str, Any]) -> JobPriority:
         return JobPriority(payload.get("priority") or JobPriority.NORMAL)
     except ValueError:
         return JobPriority.NORMAL
-
-
-def worker_identity() -> str:
-    """Which worker runs a job, recorded on it: host name and process id (its record in worker/fleet.py)."""
-    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def register_tasks(app: Celery, runtime: WorkerRuntime) -> None:

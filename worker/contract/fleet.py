@@ -13,6 +13,8 @@ Imports neither Flask nor torch: the workers write these keys, the API reads the
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
 from collections.abc import Mapping
@@ -22,8 +24,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from worker.jobs import KEY_PREFIX
-from worker.redis_target import RedisTarget, as_target
+from worker.contract.jobs import KEY_PREFIX
+from worker.contract.redis_target import RedisTarget, as_target
 
 log = logging.getLogger("blipq.worker")
 
@@ -170,3 +172,8 @@ class Announcer(threading.Thread):
                 pipe.execute()
         except (redis.RedisError, OSError) as exc:  # it expires by itself
             log.warning("cannot withdraw worker %s: %s", self.record.id, exc)
+
+
+def worker_identity() -> str:
+    """Which worker runs a job, recorded on it: host name and process id."""
+    return f"{socket.gethostname()}:{os.getpid()}"

@@ -5,22 +5,23 @@ and, once it reached the model, a field of the batch's outcome hash (`["running"
 no outcome is queued, unless its batch is closed (canceled or past its deadline): then it ended so, without running.
 The batch's hash keeps the counts by status (`queued`, `running`, `succeeded`, ...), which these scripts move in the
 same call as the items: a summary is one read, whatever the batch's size. Each call that ends items publishes on the
-batch's `ended` channel (worker.jobs.ended_key of the batch's id), which wakes the API's reads waiting for an item.
+batch's `ended` channel (worker.contract.jobs.ended_key of the batch's id), which wakes the API's reads waiting for an
+item.
 
 Each script runs a handful of Redis commands per chunk (variadic HMGET/HSET over the chunk's items), not per item.
-`worker.batches.BatchStore` registers and calls them.
+`worker.contract.batches.BatchStore` registers and calls them.
 """
 
 from __future__ import annotations
 
-from worker.transitions import BATCH_OUTBOX_PREFIX, TAKE_FROM_QUEUE_LUA
+from worker.contract.transitions import BATCH_OUTBOX_PREFIX, TAKE_FROM_QUEUE_LUA
 
 RUNNING = '["running"]'  # an item's outcome field while the model answers it (its worker may die meanwhile)
 ITEM_OUTBOX_PREFIX = "item:"  # an outbox member for a batch item's own webhook (`item:<batch id>.<index>`)
-ITEM_WEBHOOK_PREFIX = "blipq:item-webhook:"  # the hash of a batch item's webhook delivery (worker.batches)
+ITEM_WEBHOOK_PREFIX = "blipq:item-webhook:"  # the hash of a batch item's webhook delivery (worker.contract.batches)
 SKIPPED = "skipped"  # what a worker reports for an item the model did not answer because its batch closed
 
-UPLOADS_LEFT_PREFIX = "blipq:batch-left:"  # worker.batches.uploads_left_key
+UPLOADS_LEFT_PREFIX = "blipq:batch-left:"  # worker.contract.batches.uploads_left_key
 UNPACK_MAX = 1000  # arguments a script passes to one command at most (Lua's unpack stops near 8,000)
 
 _LIBRARY = (
@@ -191,7 +192,7 @@ end
 # ends its items `worker_lost`.
 # KEYS = batch, chunks, never-started set, mark, running set, stats, outcome hash, item list, outbox, ended list,
 # outcomes, held set; ARGV = member, number, now, worker, max attempts, gave-up message, answers, model, task id.
-# Returns the attempt number (>= 1) or a START_* code of worker/transitions.py (START_PENDING while the batch's
+# Returns the attempt number (>= 1) or a START_* code of worker/contract/transitions.py (START_PENDING while the batch's
 # submission is not accepted yet, as for a job).
 START_CHUNK_LUA = (
     _LIBRARY
@@ -299,7 +300,7 @@ return {closed, tonumber(redis.call('hget', KEYS[1], 'running')), ended_before}
 
 # Cancels one item of a batch: a queued one ends `canceled` and never runs; a running one runs to its end.
 # KEYS = batch, outcome hash, item list, outbox, ended list, outcomes; ARGV = now, index, its image's upload key.
-# Returns a CANCEL_* code of worker/transitions.py.
+# Returns a CANCEL_* code of worker/contract/transitions.py.
 CANCEL_ITEM_LUA = (
     _LIBRARY
     + """
@@ -314,7 +315,7 @@ return 1
 """
 )
 
-# Accepts a batch stored `pending` once its chunks are published (see ACCEPT_LUA of worker/transitions.py): its chunks
+# Accepts a batch stored `pending` once its chunks are published (see ACCEPT_LUA of transitions.py): its chunks
 # join their level's set of chunks never started, and its answers the count of answers waiting.
 # KEYS = batch, never-started set; ARGV = now, answers, then each chunk's member. Returns 1, or 0 when not pending.
 ACCEPT_BATCH_LUA = (
@@ -335,7 +336,7 @@ return 1
 """
 )
 
-# Withdraws a batch whose submission failed (see WITHDRAW_LUA of worker/transitions.py): deleted, with its uploads,
+# Withdraws a batch whose submission failed (see WITHDRAW_LUA of transitions.py): deleted, with its uploads,
 # unless a worker started one of its chunks already (it then runs, and the API answers 202).
 # KEYS = batch, chunks, never-started set, deadlines set, then the keys to delete (the batch's and its uploads);
 # ARGV = deadline member, answers, then each chunk's member. Returns 1 when withdrawn, 0 when a chunk had started,

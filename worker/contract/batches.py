@@ -2,14 +2,15 @@
 
 Imports neither Flask nor torch. A batch is a few Redis keys, whatever its size (all expire together, `job_ttl_s`
 after submission):
-- `blipq:batch:<id>`, a hash: the batch's fields and its items' counts by status (kept by worker/batch_scripts.py);
+- `blipq:batch:<id>`, a hash: the batch's fields and its items' counts by status (kept by
+worker/contract/batch_scripts.py);
 - `blipq:batch-items:<id>`, a list: each item's image number and text (a question, or a caption's prompt);
 - `blipq:batch-images:<id>`, a hash: each distinct image, a URL or an uploaded file's name (the upload itself is
-  `worker.jobs.batch_upload_key`, stored once for all its questions, and deleted as soon as the last of them ended:
+  `jobs.batch_upload_key`, stored once for all its questions, and deleted as soon as the last of them ended:
   `blipq:batch-left:<id>` counts them);
 - `blipq:batch-out:<id>`, a hash: each item's outcome once the model took it (running, then answered or failed);
 - `blipq:batch-chunks:<id>`, a hash: each chunk not yet ended, as its message carries it (for the reaper).
-Items travel to the workers in chunks (worker/broker.py's TASK_VQA_CHUNK): each chunk lists images, each with its
+Items travel to the workers in chunks (broker.TASK_VQA_CHUNK): each chunk lists images, each with its
 (item index, text) pairs, so a worker fetches an image once for all its questions. A chunk starts in one script call
 (when a worker receives it), its items become running in one call per model batch, and end in one call.
 
@@ -23,7 +24,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from worker.batch_scripts import (
+from worker.contract.batch_scripts import (
     ACCEPT_BATCH_LUA,
     CANCEL_ITEM_LUA,
     CLOSE_BATCH_LUA,
@@ -35,8 +36,8 @@ from worker.batch_scripts import (
     UPLOADS_LEFT_PREFIX,
     WITHDRAW_BATCH_LUA,
 )
-from worker.fleet import outcomes_key as outcomes_key_of_queue
-from worker.jobs import (
+from worker.contract.fleet import outcomes_key as outcomes_key_of_queue
+from worker.contract.jobs import (
     KEY_PREFIX,
     PENDING_FIELD,
     Job,
@@ -52,8 +53,8 @@ from worker.jobs import (
     webhook_delivery,
     webhook_outbox_key,
 )
-from worker.states import ENDED_STATUSES, JobPriority, JobStatus, JobTask
-from worker.transitions import CANCELED_MESSAGE, DEADLINE_MESSAGE
+from worker.contract.states import ENDED_STATUSES, JobPriority, JobStatus, JobTask
+from worker.contract.transitions import CANCELED_MESSAGE, DEADLINE_MESSAGE
 
 MAX_BATCH_ANSWERS = 10_000  # answers one batch request may ask for
 READ_PAGE = 500  # items read per round trip when a batch's results stream
@@ -341,7 +342,7 @@ class BatchStore:
         return CancelCounts(canceled, running, ended)
 
     def cancel_item(self, batch: Batch, index: int) -> int:
-        """Cancel one item: a CANCEL_* code of worker/transitions.py."""
+        """Cancel one item: a CANCEL_* code of worker/contract/transitions.py."""
         item = self.item(batch, index)
         keys = [*self._item_keys(batch.id), outcomes_key_of_queue(batch.queue)]
         return int(self._cancel_item(keys=keys, args=[time.time(), index, item.upload_key if item else ""]))
@@ -376,7 +377,7 @@ class BatchStore:
         ]
 
     def start_chunk(self, payload: dict[str, Any], queue: str, worker: str, max_attempts: int, model: str) -> int:
-        """Record that a worker received a chunk: its attempt number, or a START_* code (worker/transitions.py)."""
+        """Record that a worker received a chunk: its attempt number, or a START_* code (transitions.py)."""
         bid, number, member = str(payload["batch_id"]), int(payload["number"]), str(payload["member"])
         priority = JobPriority(payload.get("priority") or JobPriority.NORMAL)
         answers = parse_chunk_member(member)[2]

@@ -2,29 +2,30 @@
 
 Every change of a job's state is one of these scripts, run atomically by Redis: a job that ended never changes
 again, two runs of one job publish one answer, and a job that names a webhook gets its delivery queued by the very
-script that ends it (worker/webhooks.py sends it). `worker.jobs.JobStore` registers and calls them.
+script that ends it (worker/webhooks.py sends it). `worker.contract.jobs.JobStore` registers and calls them.
 """
 
 from __future__ import annotations
 
-from worker.states import ENDED_STATUSES
+from worker.contract.states import ENDED_STATUSES
 
 DEADLINE_MESSAGE = "the job was still queued at its deadline; it was not run"
 CANCELED_MESSAGE = "the job was canceled before it started; it was not run"
 CANCELED_RERUN_MESSAGE = "the job was canceled while it ran and its worker died; it is not run again"
-BATCH_KEY_PREFIX = "blipq:batch:"  # a batch's hash (worker.jobs.batch_key)
-WAITING_ANSWERS_KEY = "blipq:waiting-answers"  # answers waiting per queue level (worker.jobs.waiting_answers_key)
+BATCH_KEY_PREFIX = "blipq:batch:"  # a batch's hash (jobs.batch_key)
+WAITING_ANSWERS_KEY = "blipq:waiting-answers"  # answers waiting per queue level (jobs.waiting_answers_key)
 BATCH_OUTBOX_PREFIX = "batch:"  # an outbox member for a batch's webhook, beside the job ids (which have no ':')
-ENDED_KEY_PREFIX = "blipq:ended:"  # a job's end, pushed for the API's long polls (worker.jobs.ended_key)
+ENDED_KEY_PREFIX = "blipq:ended:"  # a job's end, pushed for the API's long polls (jobs.ended_key)
 ENDED_KEY_TTL_S = 120  # long enough for any waiting read to see it
 
 # What every script below starts with. `end_job` writes the final fields, deletes the upload and, when the job names
 # a webhook, puts its delivery in the outbox, due now: in the same script, so an ended job's webhook is never lost.
 # A job's end is also pushed on its `ended` list, which wakes the API's reads waiting for it.
 # A job leaves its level's set of jobs never started once, and the count of answers waiting in the queue with it
-# (`leave_queue`, or `take_from_queue` below: the admission check reads that count, worker.jobs.waiting_answers_key).
+# (`leave_queue`, or `take_from_queue` below: the admission check reads that count,
+# worker.contract.jobs.waiting_answers_key).
 #
-# A start, of a job or of a batch's chunk (worker/batch_scripts.py uses this too), takes the member off its level's
+# A start, of a job or of a batch's chunk (batch_scripts.py uses this too), takes the member off its level's
 # set of jobs never started, with its answers from the waiting count, and moves the level's mark (the latest enqueue
 # time of a job started) forward: see worker/reaper.py.
 TAKE_FROM_QUEUE_LUA = (

@@ -8,7 +8,7 @@ import warnings
 
 from PIL import Image, ImageOps
 
-from worker.errors import ImageInvalidError, ImageTooLargeError
+from worker.contract.errors import ImageInvalidError, ImageTooLargeError
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 SNIFF_BYTES = 12  # enough of a file's start to tell every allowed format

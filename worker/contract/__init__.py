@@ -1,0 +1,16 @@
+"""The job contract that the API and the workers share: everything both processes must agree on, in one place.
+
+- `states`: a job's statuses, tasks and priorities;
+- `transitions`: the Lua scripts that move a job from one status to the next, and which moves are allowed;
+- `jobs`: a job's record and its Redis keys (`JobStore`), acceptance and withdrawal;
+- `batches` and `batch_scripts`: a batch's record, its items and chunks, and their scripts (`BatchStore`);
+- `broker`: the Celery app, the task (message) names and how a job or chunk is published;
+- `fleet`: the worker records the API reads to know who is serving which task;
+- `redis_target`: one Redis or a Sentinel group, as every client of the store and the broker reaches it;
+- `images`: what an image may be (formats, size, pixels), checked by the API on upload and by the worker on fetch;
+- `errors`: the error codes a client can see;
+- `settings`: the settings both processes read and must agree on;
+- `logs`: the one log line format.
+
+Nothing here imports Flask or torch; the API imports the worker package only through this package.
+"""
