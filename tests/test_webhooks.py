@@ -42,7 +42,7 @@ QUICK_WEBHOOKS = {
 
 
 def verify_signature(secret: str, header: str, body: bytes, tolerance_s: int = 300) -> bool:
-    """The README's receiver snippet: whether `header` signs `body` with `secret`, and is recent."""
+    """The receiver snippet of docs/api.md: whether `header` signs `body` with `secret`, and is recent."""
     try:
         fields = dict(part.split("=", 1) for part in header.split(","))
         timestamp = int(fields["t"])

@@ -51,11 +51,13 @@ INFERENCE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10
 
 disable_created_metrics()  # no `_created` series: they would double the series of every counter, for little use
 BATCH_SIZE = Histogram(
-    "blipq_worker_batch_size", "Questions per answer_questions call (one job: 1)", buckets=BATCH_SIZE_BUCKETS
+    "blipq_worker_batch_size",
+    "Texts (questions or prompts) per model call (generate_texts)",
+    buckets=BATCH_SIZE_BUCKETS,
 )
 INFERENCE_SECONDS = Histogram(
     "blipq_worker_inference_seconds",
-    "Time of one answer_questions call: preprocessing, generate and decoding",
+    "Time of one model call (generate_texts): tokenizing, generate and decoding, on pixels prepared beforehand",
     buckets=INFERENCE_BUCKETS,
 )
 ANSWERS = Counter("blipq_worker_answers", "Answers the model gave (rate() of it: answers per second)")
