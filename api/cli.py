@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from api.auth import NAME_PATTERN, hash_api_key, new_api_key
-from api.settings import ApiSettings
+from api.settings import ApiSettings, ClientSettings
 from worker.contract.errors import SettingsError
 from worker.settings import WorkerSettings
 
@@ -85,18 +85,17 @@ def main(argv: list[str] | None = None) -> None:
 
 def add_client_parsers(commands: Any) -> None:
     """The options of `ask`, `caption` and `tag`, the commands that use a running service."""
+    client = ClientSettings.from_env()
     ask = commands.add_parser("ask", help="ask a running service one question about one image; print the answer")
     ask.add_argument("image", help="a local image file, or an http(s) URL the workers fetch")
     ask.add_argument("question")
-    ask.add_argument("--url", default=os.environ.get("BLIPQ_URL", "http://127.0.0.1:8000"), help="the API ($BLIPQ_URL)")
+    ask.add_argument("--url", default=client.url, help="the API ($BLIPQ_URL)")
     ask.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the answer (default 300)")
 
     caption = commands.add_parser("caption", help="ask a running service for a caption of one image; print it")
     caption.add_argument("image", help="a local image file, or an http(s) URL the workers fetch")
     caption.add_argument("--prompt", default="", help="the caption starts with this text (default: none)")
-    caption.add_argument(
-        "--url", default=os.environ.get("BLIPQ_URL", "http://127.0.0.1:8000"), help="the API ($BLIPQ_URL)"
-    )
+    caption.add_argument("--url", default=client.url, help="the API ($BLIPQ_URL)")
     caption.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the caption (default 300)")
 
     tag = commands.add_parser(
@@ -112,7 +111,7 @@ def add_client_parsers(commands: Any) -> None:
     tag.add_argument(
         "-o", "--out", type=Path, required=True, metavar="OUT.jsonl", help="JSON Lines output; re-run with it to resume"
     )
-    tag.add_argument("--url", default=os.environ.get("BLIPQ_URL", "http://127.0.0.1:8000"), help="the API ($BLIPQ_URL)")
+    tag.add_argument("--url", default=client.url, help="the API ($BLIPQ_URL)")
     tag.add_argument(
         "--per-request", type=int, default=1_000, metavar="N", help="answers per batch request (default 1,000)"
     )
@@ -155,7 +154,7 @@ def run_ask(url: str, image: str, question: str | None, timeout_s: float, prompt
     """Print the answer, or with no question the caption (exit 0), or the job's or the request's error (exit 1)."""
     from api.client import BlipqClient, BlipqClientError
 
-    client = BlipqClient(url, api_key=os.environ.get("BLIPQ_API_KEY") or None)
+    client = BlipqClient(url, api_key=ClientSettings.from_env().api_key)
     command = "ask" if question is not None else "caption"
     try:
         if question is not None:

@@ -17,9 +17,9 @@ from prometheus_client import multiprocess
 
 from api.metrics import MULTIPROCESS_DIR_VARIABLE
 from worker.contract.logs import gunicorn_logging
-from worker.settings import LOG_FORMATS, env_str
+from worker.contract.settings import SharedSettings
 
-logconfig_dict = gunicorn_logging(env_str(os.environ, "BLIPQ_LOG_FORMAT", "json", LOG_FORMATS))
+logconfig_dict = gunicorn_logging(SharedSettings.from_env().log_format)
 
 
 def on_starting(server: Any) -> None:

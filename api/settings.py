@@ -1,72 +1,93 @@
-"""Typed settings for the API process, read from BLIPQ_* environment variables."""
+"""The settings of the API process, of the client commands and of `blipq up`, read from BLIPQ_* variables; and the
+configuration reference page, generated from every process's model."""
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Any
 
 from limits import parse_many
+from pydantic import ValidationInfo, field_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import NoDecode
 
 from api.auth import ApiKey, parse_api_keys
 from worker.contract.errors import SettingsError
-from worker.contract.redis_target import DEFAULT_MASTER, RedisTarget
-from worker.contract.states import JobTask
-from worker.settings import (
+from worker.contract.settings import (
     DEFAULT_CAPTION_QUEUE,
-    DEFAULT_JOB_TTL_S,
-    DEFAULT_MAX_IMAGE_BYTES,
     DEFAULT_QUEUE,
-    DEFAULT_REDIS_URL,
-    DEFAULT_TIME_LIMIT_S,
-    LOG_FORMATS,
-    env_int,
-    env_redis_target,
-    env_str,
-    env_webhook_secret,
+    BlipqSettings,
+    OnOff,
+    SharedSettings,
+    comma_separated,
+    derived,
+    field_extra,
+    rule_of,
+    setting,
 )
+from worker.contract.states import JobTask
 
 FORM_OVERHEAD_BYTES = 64 * 1024  # room for the multipart boundaries and text fields beside one image
 # Answers waiting in a queue (single jobs and batch items not yet taken by a worker) beyond which submissions are
 # refused (503 queue_full): about a minute of work for a few GPU workers, and a bound on what Redis holds for them.
 DEFAULT_MAX_QUEUE_DEPTH = 100_000
 DEFAULT_MAX_BATCH_UPLOAD_BYTES = 256 * 1024 * 1024  # a multipart batch's whole body: its images and its fields
+DEFAULT_SERVICE_URL = "http://127.0.0.1:8000"  # where `blipq up` serves the API
+RATE_LIMIT_RULE = "a rate limit such as 120/minute, or several: 10/second;300/hour"
 
 
-@dataclass(frozen=True)
-class ApiSettings:
+class ApiSettings(SharedSettings):
     """Everything the API process needs."""
 
-    redis_url: str = DEFAULT_REDIS_URL
-    redis_sentinels: tuple[tuple[str, int], ...] = ()  # Sentinel's addresses: the primary is found through them
-    redis_master: str = DEFAULT_MASTER  # the name the sentinels know the primary by
     # Replicas that must hold a job (Redis WAIT) before it is answered 202; 0: answered once the primary holds it.
-    min_replicas_ack: int = 0
-    replica_ack_timeout_ms: int = 500  # how long to wait for them; then the job is withdrawn and answered 503
-    queue: str = DEFAULT_QUEUE  # vqa jobs (`"task": "vqa"`, the default)
-    caption_queue: str = DEFAULT_CAPTION_QUEUE  # caption jobs, served by captioning workers
-    job_ttl_s: int = DEFAULT_JOB_TTL_S
-    job_time_limit_s: int = DEFAULT_TIME_LIMIT_S  # the workers' value: the visibility timeout derives from it
-    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
-    max_question_chars: int = 500
-    api_keys: tuple[ApiKey, ...] = ()  # none: the API is open, as `blipq up` runs it
-    rate_limit: str = ""  # job submissions per key (or client address), e.g. "120/minute"; "": no limit
-    poll_rate_limit: str = ""  # reads of jobs per key (or client address), a budget of their own; "": no limit
-    max_queue_depth: int = DEFAULT_MAX_QUEUE_DEPTH  # 0: unbounded
-    # Jobs for a task that no live worker serves wait for one (a fleet that scales from zero); off: refused, no_worker.
-    wait_for_workers: bool = False
-    tasks: tuple[JobTask, ...] = tuple(JobTask)  # the tasks this deployment serves: /readyz wants a worker for each
-    log_format: str = "json"  # how `blipq api` logs (gunicorn and the app): json or text
-    webhooks_enabled: bool = False  # BLIPQ_WEBHOOK_SECRET is set (the workers sign with it): jobs may name a webhook
-    # Answers per chunk of a batch sent to the workers: one message; its texts share the worker's model calls.
-    batch_chunk_size: int = 32
-    max_batch_upload_bytes: int = DEFAULT_MAX_BATCH_UPLOAD_BYTES  # the body of a batch with uploaded images
-
-    @property
-    def redis(self) -> RedisTarget:
-        """Where Redis is (worker/contract/redis_target.py)."""
-        return RedisTarget(self.redis_url, self.redis_sentinels, self.redis_master)
+    min_replicas_ack: int = setting(
+        0, "Redis replicas that must hold a job before it is answered 202 (0: the primary alone)", ge=0
+    )
+    replica_ack_timeout_ms: int = setting(
+        500, "How long to wait for those replicas; then the job is withdrawn and answered 503", ge=1
+    )
+    queue: str = setting(DEFAULT_QUEUE, "The queue of vqa jobs (the default task)")
+    caption_queue: str = setting(
+        DEFAULT_CAPTION_QUEUE, "The queue of caption jobs, served by captioning workers", rule="not BLIPQ_QUEUE"
+    )
+    max_question_chars: int = setting(500, "The longest question or caption prompt", ge=1)
+    api_keys_file: str = setting(
+        "",
+        "A file of API keys, one `name:sha256hex` line each (`blipq api-key new NAME` prints one), `#` comments",
+        rule="a readable file holding at least one key",
+    )
+    # Validated after api_keys_file, whose keys it adds to its own.
+    api_keys: Annotated[tuple[ApiKey, ...], NoDecode] = setting(
+        (),
+        "API keys besides the file's; no key at all: the API is open (as `blipq up` runs it)",
+        variable="BLIPQ_API_KEY_HASHES",
+        rule="name:sha256hex entries, comma-separated; each name once",
+        validate_default=True,
+    )
+    rate_limit: str = setting("", "Job submissions per key (or client address); unset: no limit", rule=RATE_LIMIT_RULE)
+    poll_rate_limit: str = setting(
+        "", "Reads of jobs per key (or client address), a budget of their own; unset: no limit", rule=RATE_LIMIT_RULE
+    )
+    max_queue_depth: int = setting(
+        DEFAULT_MAX_QUEUE_DEPTH, "Answers waiting in a queue beyond which submissions are refused (0: unbounded)", ge=0
+    )
+    wait_for_workers: OnOff = setting(
+        False, "Jobs for a task no live worker serves wait for one (a fleet that scales from zero); off: no_worker"
+    )
+    tasks: Annotated[tuple[JobTask, ...], NoDecode] = setting(
+        tuple(JobTask),
+        "The tasks this deployment serves: /readyz wants a worker for each",
+        rule="tasks (vqa, caption), comma-separated",
+    )
+    batch_chunk_size: int = setting(
+        32, "Answers per chunk of a batch: one message, whose texts share a worker's model calls", ge=1
+    )
+    max_batch_upload_bytes: int = setting(
+        DEFAULT_MAX_BATCH_UPLOAD_BYTES, "The largest body of a batch with uploaded images", ge=1024
+    )
+    webhooks_enabled: bool = derived(
+        None, "BLIPQ_WEBHOOK_SECRET is set (workers sign with it): jobs may name a webhook"
+    )
 
     def queue_for(self, task: JobTask) -> str:
         """The queue of a job of this task: only workers with a model for that task read it."""
@@ -77,84 +98,161 @@ class ApiSettings:
         """The largest request body accepted: one image plus the form around it."""
         return self.max_image_bytes + FORM_OVERHEAD_BYTES
 
+    @field_validator("caption_queue")
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> ApiSettings:
-        """Build settings from the environment; raises SettingsError naming the variable at fault."""
-        env = os.environ if env is None else env
-        queue = env_str(env, "BLIPQ_QUEUE", DEFAULT_QUEUE)
-        caption_queue = env_str(env, "BLIPQ_CAPTION_QUEUE", DEFAULT_CAPTION_QUEUE)
-        if caption_queue == queue:  # a vqa worker would take caption jobs, and answer them as questions
-            raise SettingsError(f"BLIPQ_CAPTION_QUEUE={caption_queue!r} must differ from BLIPQ_QUEUE")
-        target = env_redis_target(env)
-        return cls(
-            redis_url=target.url,
-            redis_sentinels=target.sentinels,
-            redis_master=target.master,
-            min_replicas_ack=env_int(env, "BLIPQ_MIN_REPLICAS_ACK", 0),
-            replica_ack_timeout_ms=env_int(env, "BLIPQ_REPLICA_ACK_TIMEOUT_MS", 500, minimum=1),
-            queue=queue,
-            caption_queue=caption_queue,
-            job_ttl_s=env_int(env, "BLIPQ_JOB_TTL_S", DEFAULT_JOB_TTL_S, minimum=60),
-            job_time_limit_s=env_int(env, "BLIPQ_JOB_TIME_LIMIT_S", DEFAULT_TIME_LIMIT_S, minimum=15),
-            max_image_bytes=env_int(env, "BLIPQ_MAX_IMAGE_BYTES", DEFAULT_MAX_IMAGE_BYTES, minimum=1024),
-            max_question_chars=env_int(env, "BLIPQ_MAX_QUESTION_CHARS", 500, minimum=1),
-            api_keys=env_api_keys(env),
-            rate_limit=env_rate_limit(env, "BLIPQ_RATE_LIMIT"),
-            poll_rate_limit=env_rate_limit(env, "BLIPQ_POLL_RATE_LIMIT"),
-            max_queue_depth=env_int(env, "BLIPQ_MAX_QUEUE_DEPTH", DEFAULT_MAX_QUEUE_DEPTH),
-            wait_for_workers=env_str(env, "BLIPQ_WAIT_FOR_WORKERS", "off", ("on", "off")) == "on",
-            tasks=env_tasks(env),
-            batch_chunk_size=env_int(env, "BLIPQ_BATCH_CHUNK_SIZE", 32, minimum=1),
-            max_batch_upload_bytes=env_int(
-                env, "BLIPQ_MAX_BATCH_UPLOAD_BYTES", DEFAULT_MAX_BATCH_UPLOAD_BYTES, minimum=1024
-            ),
-            log_format=env_str(env, "BLIPQ_LOG_FORMAT", "json", LOG_FORMATS),
-            webhooks_enabled=bool(env_webhook_secret(env)),
-        )
+    def differs_from_queue(cls, caption_queue: str, info: ValidationInfo) -> str:
+        """Refuse the vqa queue: a vqa worker would take caption jobs, and answer them as questions."""
+        if caption_queue == info.data.get("queue"):
+            raise ValueError("must differ from BLIPQ_QUEUE")
+        return caption_queue
 
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def parse_key_hashes(cls, value: Any) -> Any:
+        """Read `name:sha256hex` entries, comma-separated."""
+        return parse_api_keys(value.split(","), "BLIPQ_API_KEY_HASHES") if isinstance(value, str) else value
 
-def env_tasks(env: Mapping[str, str]) -> tuple[JobTask, ...]:
-    """Read BLIPQ_TASKS: the tasks the deployment serves, comma-separated (vqa, caption); both by default."""
-    names = [name.strip() for name in env.get("BLIPQ_TASKS", "").split(",") if name.strip()]
-    known = ", ".join(task.value for task in JobTask)
-    for name in names:
-        if name not in known.split(", "):
-            raise SettingsError(f"BLIPQ_TASKS: {name!r} is not a task ({known})")
-    return tuple(JobTask(name) for name in dict.fromkeys(names)) or tuple(JobTask)
+    @field_validator("api_keys")
+    @classmethod
+    def add_file_keys(cls, keys: tuple[ApiKey, ...], info: ValidationInfo) -> tuple[ApiKey, ...]:
+        """Add the keys of BLIPQ_API_KEYS_FILE; a name may appear only once in all."""
+        path = info.data.get("api_keys_file")
+        if path:
+            keys += read_api_keys_file(path)
+        names = [key.name for key in keys]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise SettingsError(
+                f"BLIPQ_API_KEYS_FILE / BLIPQ_API_KEY_HASHES: the name {duplicates[0]!r} is there twice"
+            )
+        return keys
 
-
-def env_api_keys(env: Mapping[str, str]) -> tuple[ApiKey, ...]:
-    """Read the hashed API keys: lines of BLIPQ_API_KEYS_FILE, and entries of BLIPQ_API_KEY_HASHES (comma-separated).
-
-    Both hold `name:sha256hex` entries (`blipq api-key new NAME` makes one); a name may appear only once.
-    """
-    keys = parse_api_keys(env.get("BLIPQ_API_KEY_HASHES", "").split(","), "BLIPQ_API_KEY_HASHES")
-    path = env.get("BLIPQ_API_KEYS_FILE", "").strip()
-    if path:
+    @field_validator("rate_limit", "poll_rate_limit")
+    @classmethod
+    def check_rate_limit(cls, value: str) -> str:
+        """Accept what the `limits` library parses, each limit allowing at least 1 request."""
+        if not value:
+            return value
         try:
-            lines = Path(path).read_text().splitlines()
-        except OSError as exc:
-            raise SettingsError(f"BLIPQ_API_KEYS_FILE={path!r} cannot be read: {exc.strerror}") from None
-        from_file = parse_api_keys(lines, f"BLIPQ_API_KEYS_FILE={path!r}")
-        if not from_file:  # a file named but empty must not leave the API open
-            raise SettingsError(f"BLIPQ_API_KEYS_FILE={path!r} holds no key: add one (`blipq api-key new NAME`)")
-        keys += from_file
-    names = [key.name for key in keys]
-    duplicates = sorted({name for name in names if names.count(name) > 1})
-    if duplicates:
-        raise SettingsError(f"BLIPQ_API_KEYS_FILE / BLIPQ_API_KEY_HASHES: the name {duplicates[0]!r} is there twice")
+            items = parse_many(value)
+        except ValueError:
+            raise ValueError(f"is not {RATE_LIMIT_RULE}") from None
+        if any(item.amount < 1 for item in items):
+            raise ValueError("must allow at least 1 request in each limit")
+        return value
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def parse_tasks(cls, value: Any) -> Any:
+        """Read task names, comma-separated; none: every task."""
+        if not isinstance(value, str):
+            return value
+        known = tuple(task.value for task in JobTask)
+        names = comma_separated(value)
+        for name in names:
+            if name not in known:
+                raise ValueError(f"has {name!r}, which is not a task ({', '.join(known)})")
+        return tuple(JobTask(name) for name in dict.fromkeys(names)) or tuple(JobTask)
+
+    @field_validator("webhooks_enabled", mode="before")
+    @classmethod
+    def webhooks_when_signed(cls, value: Any, info: ValidationInfo) -> Any:
+        """Unset: whether there is a key to sign webhooks with."""
+        return bool(info.data.get("webhook_secret")) if value is None else value
+
+
+def read_api_keys_file(path: str) -> tuple[ApiKey, ...]:
+    """The keys of a BLIPQ_API_KEYS_FILE; one that cannot be read, or holds none, is a SettingsError."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as exc:
+        raise SettingsError(f"BLIPQ_API_KEYS_FILE={path!r} cannot be read: {exc.strerror}") from None
+    keys = parse_api_keys(lines, f"BLIPQ_API_KEYS_FILE={path!r}")
+    if not keys:  # a file named but empty must not leave the API open
+        raise SettingsError(f"BLIPQ_API_KEYS_FILE={path!r} holds no key: add one (`blipq api-key new NAME`)")
     return keys
 
 
-def env_rate_limit(env: Mapping[str, str], name: str) -> str:
-    """Read a rate limit such as "120/minute" or "10/second;300/hour" (any of them stops a client); "" is none."""
-    value = env.get(name, "").strip()
-    if not value:
-        return ""
-    try:
-        items = parse_many(value)
-    except ValueError:
-        raise SettingsError(f"{name}={value!r} is not a rate limit such as 120/minute or 10/second;300/hour") from None
-    if any(item.amount < 1 for item in items):
-        raise SettingsError(f"{name}={value!r}: each limit must allow at least 1 request")
-    return value
+class ClientSettings(BlipqSettings):
+    """What `blipq ask`, `caption` and `tag` read: where the service is, and the key to present."""
+
+    url: str = setting(DEFAULT_SERVICE_URL, "The API the client commands use (their --url overrides it)")
+    api_key: str | None = setting(None, "The API key the client commands present; unset: none", secret=True)
+
+
+class UpSettings(BlipqSettings):
+    """What `blipq up` reads besides the API's and the workers' settings (it starts both)."""
+
+    caption_model: str = setting(
+        "",
+        "The model of `blipq up`'s captioning workers (BLIPQ_MODEL is its VQA workers')",
+        shown_default="demo_model/blip-caption-easy",
+    )
+
+
+def configuration_tables() -> list[tuple[str, str, type[BlipqSettings], list[str]]]:
+    """Each table of the configuration page: its title, its introduction, its model and the fields it lists."""
+    from worker.settings import WorkerSettings  # the worker's model; importing it loads no torch
+
+    shared = list(SharedSettings.model_fields)
+
+    def own(model: type[BlipqSettings]) -> list[str]:
+        return [name for name in model.model_fields if name not in shared]
+
+    return [
+        ("Shared", "Read by the API and by every worker: give them the same values.", SharedSettings, shared),
+        ("API (`blipq api`)", "Read by the API process.", ApiSettings, own(ApiSettings)),
+        ("Worker (`blipq worker`)", "Read by each worker process.", WorkerSettings, own(WorkerSettings)),
+        (
+            "Local service (`blipq up`)",
+            "Read by `blipq up`, besides the settings of the API and the workers it starts.",
+            UpSettings,
+            own(UpSettings),
+        ),
+        (
+            "Client (`blipq ask`, `caption`, `tag`)",
+            "Read by the commands that use a running service.",
+            ClientSettings,
+            own(ClientSettings),
+        ),
+    ]
+
+
+def configuration_markdown() -> str:
+    """docs/configuration.md: every BLIPQ_* variable of every process, from the settings models."""
+    lines = [
+        "# Configuration",
+        "",
+        "Every blipq process reads its settings from `BLIPQ_*` environment variables, once, at start. A variable that",
+        "is unset or blank takes its default; lists are comma-separated. A value that breaks its rule stops the",
+        "process with one line naming the variable, the value and the rule, such as",
+        "`BLIPQ_WORKER_CONCURRENCY='0' must be at least 1`.",
+        "",
+        "This page is generated from the settings models (`api/settings.py`, `worker/settings.py`,",
+        "`worker/contract/settings.py`) by `python -m api.reference`.",
+    ]
+    for title, introduction, model, names in configuration_tables():
+        lines += ["", f"## {title}", "", introduction, "", "| Variable | Default | Rule | Description |"]
+        lines.append("| --- | --- | --- | --- |")
+        for name in names:
+            if field_extra(model.model_fields[name], "derived"):
+                continue
+            field = model.model_fields[name]
+            cells = [f"`{model.variable(name)}`", shown_default(field), rule_of(field), field.description or ""]
+            lines.append("| " + " | ".join(cell.replace("|", r"\|") for cell in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def shown_default(field: FieldInfo) -> str:
+    """A field's default as the configuration page shows it."""
+    noted = field_extra(field, "shown_default")
+    if noted:
+        return str(noted)
+    default = field.default
+    if default in ("", (), None):
+        return "unset"
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    if isinstance(default, tuple):
+        return "`" + ",".join(str(item) for item in default) + "`"
+    return f"`{default}`"

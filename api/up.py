@@ -19,7 +19,8 @@ from types import FrameType
 import redis
 import requests
 
-from worker.settings import DEFAULT_METRICS_PORT, env_float, env_port
+from api.settings import ApiSettings, UpSettings
+from worker.settings import WorkerSettings
 
 READY_TIMEOUT_S = 60.0  # for Redis and the API to answer after they start, on a busy machine
 STOP_GRACE_S = 15.0  # for a process to exit after SIGTERM before it is killed
@@ -235,11 +236,16 @@ class Stack:
         # /readyz wants a worker for each task served: a task started with no worker is not served.
         self.env.setdefault("BLIPQ_TASKS", ",".join(dict.fromkeys(self.tasks)))
         self.env.setdefault("BLIPQ_SHUTDOWN_GRACE_S", str(LOCAL_SHUTDOWN_GRACE_S))
-        self.worker_grace_s = env_float(self.env, "BLIPQ_SHUTDOWN_GRACE_S", LOCAL_SHUTDOWN_GRACE_S) + STOP_GRACE_S
+        self.worker_grace_s = WorkerSettings.from_env(self.env).shutdown_grace_s + STOP_GRACE_S
+        api = ApiSettings.from_env(self.env)
+        self.own_redis = "redis_url" not in api.model_fields_set  # no BLIPQ_REDIS_URL: `up` starts a Redis of its own
+        # The captioning workers' model and queue: `blipq up`'s own setting, and the API's caption queue.
+        self.caption_model = UpSettings.from_env(self.env).caption_model
+        self.caption_queue = api.caption_queue
 
     def start(self) -> None:
         """Start Redis (unless BLIPQ_REDIS_URL is set), the API and the workers; wait for the API."""
-        if not self.env.get("BLIPQ_REDIS_URL"):
+        if self.own_redis:
             self.redis = start_redis(self.data_dir / "redis", avoid=frozenset({self.port}))
             self.env["BLIPQ_REDIS_URL"] = self.redis.url
             print(f"blipq: redis on {self.redis.url} (append-only file in {self.redis.data_dir})", flush=True)
@@ -293,8 +299,8 @@ class Stack:
     def _spawn_worker(self, index: int, task: str) -> subprocess.Popen[bytes]:
         extra = {**worker_metrics_env(self.env, index, self.host), "BLIPQ_TASK": task}
         if task == "caption":  # BLIPQ_MODEL and BLIPQ_QUEUE, when set, are the VQA workers'; "": the task's default
-            extra["BLIPQ_MODEL"] = self.env.get("BLIPQ_CAPTION_MODEL", "")
-            extra["BLIPQ_QUEUE"] = self.env.get("BLIPQ_CAPTION_QUEUE", "")  # the API's caption queue, if set
+            extra["BLIPQ_MODEL"] = self.caption_model
+            extra["BLIPQ_QUEUE"] = self.caption_queue
         return self._spawn([sys.executable, "-m", "worker", f"--hostname={task}{index}@%h"], extra)
 
     def _spawn(self, args: list[str], extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
@@ -326,7 +332,7 @@ class Stack:
 
 def worker_metrics_env(env: dict[str, str], index: int, host: str) -> dict[str, str]:
     """Worker `index`'s metrics endpoint: BLIPQ_METRICS_PORT (9808) + index, on the API's address; 0 stays off."""
-    base = env_port(env, "BLIPQ_METRICS_PORT", DEFAULT_METRICS_PORT)
+    base = WorkerSettings.from_env(env).metrics_port
     return {"BLIPQ_METRICS_PORT": str(base + index if base else 0), "BLIPQ_METRICS_ADDR": host}
 
 

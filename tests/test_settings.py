@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 
-from api.settings import ApiSettings
+from api.settings import ApiSettings, ClientSettings, UpSettings, configuration_tables
 from tests.conftest import ROOT
 from worker.contract.errors import SettingsError
-from worker.settings import DEMO_MODEL_DIR, WorkerSettings
+from worker.contract.states import JobTask
+from worker.settings import DEMO_CAPTION_MODEL_DIR, DEMO_MODEL_DIR, WorkerSettings
+
+VARIABLE = re.compile(r"\bBLIPQ_[A-Z0-9_]*[A-Z0-9]\b")
 
 
 def test_defaults_serve_the_shipped_demo_model() -> None:
@@ -159,3 +163,118 @@ def test_a_sentinel_address_that_is_not_host_and_port_is_refused_at_start(value:
     for settings in (ApiSettings, WorkerSettings):
         with pytest.raises(SettingsError, match="BLIPQ_REDIS_SENTINELS"):
             settings.from_env({"BLIPQ_REDIS_SENTINELS": value})
+
+
+@pytest.mark.parametrize(
+    ("settings", "env", "message"),
+    [
+        (WorkerSettings, {"BLIPQ_WORKER_CONCURRENCY": "0"}, "BLIPQ_WORKER_CONCURRENCY='0' must be at least 1"),
+        (WorkerSettings, {"BLIPQ_NUM_BEAMS": "two"}, "BLIPQ_NUM_BEAMS='two' is not an integer"),
+        (WorkerSettings, {"BLIPQ_FETCH_TIMEOUT_S": "soon"}, "BLIPQ_FETCH_TIMEOUT_S='soon' is not a number"),
+        (WorkerSettings, {"BLIPQ_FETCH_TIMEOUT_S": "0"}, "BLIPQ_FETCH_TIMEOUT_S='0' must be greater than 0"),
+        (WorkerSettings, {"BLIPQ_METRICS_PORT": "70000"}, "BLIPQ_METRICS_PORT='70000' must be at most 65535"),
+        (WorkerSettings, {"BLIPQ_LOG_FORMAT": "xml"}, "BLIPQ_LOG_FORMAT='xml' is not one of json, text"),
+        (WorkerSettings, {"BLIPQ_TASK": "ocr"}, "BLIPQ_TASK='ocr' is not one of vqa, caption"),
+        (WorkerSettings, {"BLIPQ_DEVICE": "cuda:x"}, "BLIPQ_DEVICE='cuda:x' is not one of auto, cpu, cuda, cuda:N"),
+        (
+            WorkerSettings,
+            {"BLIPQ_FETCH_ALLOW_PORTS": "8080, 9000-"},
+            "BLIPQ_FETCH_ALLOW_PORTS='8080, 9000-' has '9000-', which is not a port (8080) or a port range (9000-9099)",
+        ),
+        (ApiSettings, {"BLIPQ_WAIT_FOR_WORKERS": "yes"}, "BLIPQ_WAIT_FOR_WORKERS='yes' is not one of on, off"),
+        (
+            ApiSettings,
+            {"BLIPQ_TASKS": "vqa,ocr"},
+            "BLIPQ_TASKS='vqa,ocr' has 'ocr', which is not a task (vqa, caption)",
+        ),
+        (
+            ApiSettings,
+            {"BLIPQ_REDIS_URL": "http://x"},
+            "BLIPQ_REDIS_URL='http://x' must start with redis:// or rediss://",
+        ),
+        (
+            ApiSettings,
+            {"BLIPQ_QUEUE": "jobs", "BLIPQ_CAPTION_QUEUE": "jobs"},
+            "BLIPQ_CAPTION_QUEUE='jobs' must differ from BLIPQ_QUEUE",
+        ),
+    ],
+)
+def test_a_bad_value_is_one_line_naming_the_variable_the_value_and_the_rule(
+    settings: type[ApiSettings | WorkerSettings], env: dict[str, str], message: str
+) -> None:
+    with pytest.raises(SettingsError) as error:
+        settings.from_env(env)
+
+    assert str(error.value) == message
+    assert error.value.__cause__ is None and error.value.__suppress_context__, "no pydantic traceback behind it"
+
+
+def test_every_bad_value_is_named_in_the_same_line() -> None:
+    with pytest.raises(SettingsError) as error:
+        WorkerSettings.from_env({"BLIPQ_DTYPE": "float8", "BLIPQ_MAX_ATTEMPTS": "0"})
+
+    assert str(error.value) == (
+        "BLIPQ_DTYPE='float8' is not one of auto, float32, float16, bfloat16; BLIPQ_MAX_ATTEMPTS='0' must be at least 1"
+    )
+
+
+def test_a_short_webhook_secret_is_refused_without_showing_it() -> None:
+    secret = "hunter2-hunter2"  # 15 characters
+    for settings in (ApiSettings, WorkerSettings):
+        with pytest.raises(SettingsError, match=r"BLIPQ_WEBHOOK_SECRET=.* must be at least 16 characters") as error:
+            settings.from_env({"BLIPQ_WEBHOOK_SECRET": secret})
+        assert secret not in str(error.value)
+    worker = WorkerSettings.from_env({"BLIPQ_WEBHOOK_SECRET": secret + "!"})
+    assert worker.webhook_secret == secret + "!" and secret not in repr(worker)
+    assert ApiSettings.from_env({"BLIPQ_WEBHOOK_SECRET": secret + "!"}).webhooks_enabled
+
+
+def test_a_blank_value_is_unset_and_values_are_stripped() -> None:
+    settings = WorkerSettings.from_env({"BLIPQ_MAX_NEW_TOKENS": "  ", "BLIPQ_QUEUE": "", "BLIPQ_DTYPE": " float16 "})
+
+    assert (settings.max_new_tokens, settings.queue, settings.dtype) == (20, "blipq", "float16")
+
+
+def test_only_the_upper_case_names_are_read() -> None:
+    assert WorkerSettings.from_env({"blipq_max_new_tokens": "5", "Blipq_Max_New_Tokens": "6"}).max_new_tokens == 20
+
+
+def test_the_task_picks_the_default_queue_and_model_and_the_batch_size_the_concurrency() -> None:
+    settings = WorkerSettings.from_env({"BLIPQ_TASK": "caption", "BLIPQ_BATCH_MAX_SIZE": "4"})
+
+    assert (settings.task, settings.queue, settings.model) == (
+        JobTask.CAPTION,
+        "blipq-caption",
+        str(DEMO_CAPTION_MODEL_DIR),
+    )
+    assert (settings.concurrency, settings.intake) == (8, 8)
+    assert WorkerSettings.from_env({"BLIPQ_TASK": "caption", "BLIPQ_QUEUE": "gpu"}).queue == "gpu"
+
+
+def test_settings_built_in_code_ignore_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BLIPQ_QUEUE", "from-the-environment")
+    monkeypatch.setenv("BLIPQ_URL", "http://elsewhere:8000")
+
+    assert (ApiSettings().queue, WorkerSettings().queue) == ("blipq", "blipq")
+    assert ApiSettings.from_env().queue == "from-the-environment"
+    assert (ClientSettings().url, ClientSettings.from_env().url) == ("http://127.0.0.1:8000", "http://elsewhere:8000")
+
+
+def test_every_variable_the_code_names_is_a_setting_of_a_model() -> None:
+    """A variable read somewhere but missing from the models would be neither checked at start nor documented."""
+    named = {
+        variable
+        for package in ("api", "worker")
+        for path in (ROOT / package).rglob("*.py")
+        for variable in VARIABLE.findall(path.read_text())
+    }
+    models = [model for _, _, model, _ in configuration_tables()]
+    read = {variable for model in models for variable in model.variables()}
+    documented = {model.variable(name) for _, _, model, names in configuration_tables() for name in names}
+
+    assert {ApiSettings, WorkerSettings, ClientSettings, UpSettings} <= set(models)
+    assert named - read == set(), "named in the code but read by no settings model"
+    assert read <= documented, "read but not on the configuration page"
+    for model in models:
+        for name, field in model.model_fields.items():
+            assert field.description and "\n" not in field.description, f"{model.__name__}.{name}: one line, please"

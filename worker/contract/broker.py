@@ -8,8 +8,8 @@ from celery import Celery
 from kombu.transport.redis import PRIORITY_STEPS
 
 from worker.contract.redis_target import RedisTarget, as_target
+from worker.contract.settings import DEFAULT_TIME_LIMIT_S
 from worker.contract.states import BROKER_PRIORITY, JobPriority
-from worker.settings import DEFAULT_TIME_LIMIT_S
 
 if TYPE_CHECKING:
     from worker.contract.jobs import Job
