@@ -8,7 +8,6 @@ from typing import Annotated, Any
 
 from limits import parse_many
 from pydantic import ValidationInfo, field_validator
-from pydantic.fields import FieldInfo
 from pydantic_settings import NoDecode
 
 from api.auth import ApiKey, parse_api_keys
@@ -21,8 +20,6 @@ from worker.contract.settings import (
     SharedSettings,
     comma_separated,
     derived,
-    field_extra,
-    rule_of,
     setting,
 )
 from worker.contract.states import JobTask
@@ -188,71 +185,3 @@ class UpSettings(BlipqSettings):
         "The model of `blipq up`'s captioning workers (BLIPQ_MODEL is its VQA workers')",
         shown_default="demo_model/blip-caption-easy",
     )
-
-
-def configuration_tables() -> list[tuple[str, str, type[BlipqSettings], list[str]]]:
-    """Each table of the configuration page: its title, its introduction, its model and the fields it lists."""
-    from worker.settings import WorkerSettings  # the worker's model; importing it loads no torch
-
-    shared = list(SharedSettings.model_fields)
-
-    def own(model: type[BlipqSettings]) -> list[str]:
-        return [name for name in model.model_fields if name not in shared]
-
-    return [
-        ("Shared", "Read by the API and by every worker: give them the same values.", SharedSettings, shared),
-        ("API (`blipq api`)", "Read by the API process.", ApiSettings, own(ApiSettings)),
-        ("Worker (`blipq worker`)", "Read by each worker process.", WorkerSettings, own(WorkerSettings)),
-        (
-            "Local service (`blipq up`)",
-            "Read by `blipq up`, besides the settings of the API and the workers it starts.",
-            UpSettings,
-            own(UpSettings),
-        ),
-        (
-            "Client (`blipq ask`, `caption`, `tag`)",
-            "Read by the commands that use a running service.",
-            ClientSettings,
-            own(ClientSettings),
-        ),
-    ]
-
-
-def configuration_markdown() -> str:
-    """docs/configuration.md: every BLIPQ_* variable of every process, from the settings models."""
-    lines = [
-        "# Configuration",
-        "",
-        "Every blipq process reads its settings from `BLIPQ_*` environment variables, once, at start. A variable that",
-        "is unset or blank takes its default; lists are comma-separated. A value that breaks its rule stops the",
-        "process with one line naming the variable, the value and the rule, such as",
-        "`BLIPQ_WORKER_CONCURRENCY='0' must be at least 1`.",
-        "",
-        "This page is generated from the settings models (`api/settings.py`, `worker/settings.py`,",
-        "`worker/contract/settings.py`) by `python -m api.reference`.",
-    ]
-    for title, introduction, model, names in configuration_tables():
-        lines += ["", f"## {title}", "", introduction, "", "| Variable | Default | Rule | Description |"]
-        lines.append("| --- | --- | --- | --- |")
-        for name in names:
-            if field_extra(model.model_fields[name], "derived"):
-                continue
-            field = model.model_fields[name]
-            cells = [f"`{model.variable(name)}`", shown_default(field), rule_of(field), field.description or ""]
-            lines.append("| " + " | ".join(cell.replace("|", r"\|") for cell in cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def shown_default(field: FieldInfo) -> str:
-    """A field's default as the configuration page shows it."""
-    noted = field_extra(field, "shown_default")
-    if noted:
-        return str(noted)
-    default = field.default
-    if default in ("", (), None):
-        return "unset"
-    if isinstance(default, bool):
-        return "on" if default else "off"
-    if isinstance(default, tuple):
-        return "`" + ",".join(str(item) for item in default) + "`"
-    return f"`{default}`"

@@ -39,6 +39,7 @@ import requests
 from tqdm import tqdm
 
 from api.client import BlipqClient, BlipqClientError
+from api.settings import ClientSettings
 
 MAX_ANSWERS_PER_REQUEST = 10_000  # the service's limit on one batch (worker/contract/batches.py MAX_BATCH_ANSWERS)
 DEFAULT_PER_REQUEST = 1_000  # answers per request: small enough that lines and progress come often
@@ -115,7 +116,7 @@ def run_tag(
     except (TagInputError, OSError) as exc:
         print(f"blipq tag: {exc}", file=sys.stderr)
         return 2
-    client = BlipqClient(url, api_key=os.environ.get("BLIPQ_API_KEY") or None)
+    client = BlipqClient(url, api_key=ClientSettings.from_env().api_key)
     per_request = max(1, min(per_request, MAX_ANSWERS_PER_REQUEST))
     requests_ = itertools.chain.from_iterable(
         plan_requests(

@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-from api.settings import ApiSettings, ClientSettings, UpSettings, configuration_tables
+from api.reference import configuration_tables
+from api.settings import ApiSettings, ClientSettings, UpSettings
 from tests.conftest import ROOT
 from worker.contract.errors import SettingsError
 from worker.contract.states import JobTask
