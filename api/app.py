@@ -8,11 +8,12 @@ from api.admission import install_rate_limits
 from api.auth import install_api_keys
 from api.batches import bp as batches_bp
 from api.errors import register_error_handlers
-from api.openapi import bp as openapi_bp
+from api.openapi import install_openapi
 from api.ops import install_ops
 from api.page import bp as page_bp
+from api.services import EXTENSION_KEY, MAX_WAIT_S, Services
 from api.settings import ApiSettings
-from api.views import MAX_WAIT_S, Services, bp
+from api.views import bp
 from worker.contract.broker import create_celery
 from worker.contract.jobs import JobStore
 
@@ -23,7 +24,7 @@ def create_app(settings: ApiSettings | None = None) -> Flask:
     app = Flask("blipq")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]
-    app.extensions["blipq"] = Services(
+    app.extensions[EXTENSION_KEY] = Services(
         settings=settings,
         store=JobStore.connect(settings.redis, settings.job_ttl_s),
         celery=create_celery(settings.redis, settings.queue, settings.job_time_limit_s),
@@ -33,8 +34,8 @@ def create_app(settings: ApiSettings | None = None) -> Flask:
     install_rate_limits(app, settings, bp, batches_bp)  # after the keys: it counts per key name
     app.register_blueprint(bp)
     app.register_blueprint(batches_bp)  # /v1/batches
-    app.register_blueprint(openapi_bp)  # /openapi.json and /docs
     app.register_blueprint(page_bp)  # GET /: the web page
     install_ops(app, settings)  # /readyz, /metrics, and a metric and a log line per request
+    install_openapi(app, settings)  # /openapi.json and /docs: last, as it describes the routes registered before it
     register_error_handlers(app)
     return app

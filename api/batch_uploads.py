@@ -15,16 +15,16 @@ from typing import Any
 
 from flask import request
 
-from api.errors import PayloadTooLargeError, ValidationError
-from api.schemas import BatchRequest, validate_batch_request
+from api.errors import ValidationError
+from api.intake import check_body_size, check_webhook, read_upload
+from api.schemas import BATCH_FORM_OPTIONS, BatchRequest, validate_batch_request
 from api.settings import ApiSettings
-from api.views import check_webhook, read_upload
 from worker.contract.batches import MAX_BATCH_ANSWERS
 from worker.contract.states import JobTask
 
 IMAGES_FIELD = "images"
 QUESTIONS_FIELD = "questions"
-FORM_FIELDS = frozenset({QUESTIONS_FIELD, "task", "prompt", "priority", "deadline_s", "webhook", "webhook_items"})
+FORM_FIELDS = frozenset({QUESTIONS_FIELD, *BATCH_FORM_OPTIONS})
 MAX_FORM_PARTS = MAX_BATCH_ANSWERS + len(FORM_FIELDS)  # one file per image at most, and the text fields
 
 
@@ -47,8 +47,7 @@ class BatchUpload:
 def parse_batch_upload(settings: ApiSettings) -> BatchUpload:
     """Read and check a multipart batch; raises the API error of its first problem, before anything is stored."""
     limit = settings.max_batch_upload_bytes
-    if request.content_length is not None and request.content_length > limit:
-        raise PayloadTooLargeError("body_too_large", f"the body is over {limit} bytes")
+    check_body_size(limit)
     # The app's limits are a single job's; a batch upload has its own (a chunked body is cut at `limit` too).
     request.max_content_length = limit
     request.max_form_memory_size = limit  # `questions` may hold 10,000 questions

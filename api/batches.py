@@ -15,32 +15,25 @@ from typing import Any
 
 import redis
 from flask import Blueprint, Response, jsonify, request
-from werkzeug.exceptions import BadRequest
 
 from api.admission import check_queue_room, check_workers
 from api.auth import api_key_name
 from api.batch_uploads import UploadedImage, parse_batch_upload
-from api.errors import (
-    BadRequestError,
-    ConflictError,
-    NotFoundError,
-    PayloadTooLargeError,
-    ServiceUnavailableError,
-    UnsupportedMediaTypeError,
-    ValidationError,
+from api.errors import ConflictError, NotFoundError, UnsupportedMediaTypeError, ValidationError
+from api.intake import JOB_ID_PATTERN, check_body_size, check_webhook, fingerprint, idempotency_header, json_body
+from api.openapi import BATCH_SUBMIT_CODES, documented
+from api.schemas import (
+    BatchAccepted,
+    BatchCancelCounts,
+    BatchForm,
+    BatchRequest,
+    BatchResponse,
+    BatchResult,
+    PageQuery,
+    validate_batch_request,
 )
-from api.schemas import BatchRequest, validate_batch_request
-from api.views import (
-    JOB_ID_PATTERN,
-    check_webhook,
-    earlier_submission,
-    enqueue,
-    fingerprint,
-    idempotency_header,
-    release_claim,
-    released_on_refusal,
-    services,
-)
+from api.services import services
+from api.submission import broker_unavailable, earlier_submission, enqueue, release_claim, released_on_refusal
 from worker.contract.batches import MAX_BATCH_ANSWERS, READ_PAGE, Batch, BatchStore, chunk_member, plan_chunks
 from worker.contract.broker import publish_chunk
 from worker.contract.jobs import batch_upload_key, idempotency_key, new_job_id, utc_iso
@@ -48,6 +41,8 @@ from worker.contract.states import JobTask
 
 log = logging.getLogger("blipq.api")
 bp = Blueprint("batches", __name__)
+
+BATCH_ID = {"batch_id": "A batch's id, as its submission answered it."}
 
 RESULTS_MEDIA_TYPE = "application/x-ndjson"
 RESULT_FIELDS = (
@@ -63,13 +58,26 @@ RESULT_FIELDS = (
 
 
 @bp.post("/v1/batches")
+@documented(
+    "submitBatch",
+    "batches",
+    {202: (BatchAccepted, "The batch is stored and enqueued; its URL is in `Location`.")},
+    BATCH_SUBMIT_CODES,
+    json=BatchRequest,
+    form=BatchForm,
+    response_headers={202: {"Location": "BatchLocation"}},
+)
 def submit_batch() -> tuple[Response, int, dict[str, str]]:
-    """Validate a batch (JSON, or multipart with uploaded images), store it and enqueue its chunks.
+    """Submit many questions about images: `items`, or every one of `questions` about every image.
 
-    202 means the batch, its items and every uploaded image (stored once) are in Redis: a few round trips in all.
-    With an Idempotency-Key, the same request again (same key, same owner, same body and files) answers the first
-    one's batch.
+    Up to 10,000 answers. Each item is a job of its own (`GET /v1/jobs/{id}` shows it, with its `batch_id`); the
+    workers fetch each image once for all its questions. `202` means every item is stored and enqueued. As
+    multipart/form-data, the images are uploaded (files `images`) and each is asked every one of `questions`. With
+    `"task": "caption"`, `images` are captioned once each (no `questions`; an optional `prompt` for all), or `items`
+    give each image with its optional `prompt`.
     """
+    # 202 means the batch, its items and every uploaded image (stored once) are in Redis: a few round trips in all.
+    # With an Idempotency-Key, the same request again (same key, owner, body and files) answers the first one's batch.
     svc = services()
     idempotency = idempotency_header()
     if request.mimetype == "multipart/form-data":
@@ -98,7 +106,7 @@ def submit_batch() -> tuple[Response, int, dict[str, str]]:
     except redis.RedisError as exc:
         log.warning("cannot store batch: %s", exc)
         release_claim(svc.store, claim)
-        raise ServiceUnavailableError("broker_unavailable", "the job queue is unavailable; retry later") from None
+        raise broker_unavailable() from None
 
     def publish() -> None:
         for chunk in new.chunks:
@@ -116,19 +124,27 @@ def submit_batch() -> tuple[Response, int, dict[str, str]]:
 
 
 @bp.get("/v1/batches/<batch_id>")
+@documented("getBatch", "batches", {200: (BatchResponse, "The batch.")}, ("batch_not_found",), path=BATCH_ID)
 def get_batch(batch_id: str) -> Response:
-    """A batch's progress: its items counted by status and failures by code (one read), and its webhook's delivery."""
+    """A batch's progress: its items counted by status, and its webhook's delivery."""
     batches = BatchStore(services().store)
     batch = batches.expire_if_overdue(_owned_batch(batches, batch_id), time.time())
     return jsonify(batch.summary())
 
 
 @bp.get("/v1/batches/<batch_id>/results")
+@documented(
+    "getBatchResults",
+    "batches",
+    {200: (BatchResult, "One line per item, from `offset`, at most `limit` lines.")},
+    ("batch_not_found", "pagination_invalid"),
+    query=PageQuery,
+    path=BATCH_ID,
+    media_type=RESULTS_MEDIA_TYPE,
+)
 def batch_results(batch_id: str) -> Response:
-    """The batch's items in order, one JSON line each, from `offset`, at most `limit` of them (default: all).
-
-    Streamed a page at a time: each page is two reads, whatever the batch's size.
-    """
+    """The batch's items in order, as JSON Lines: one `BatchResult` object per line."""
+    # Streamed a page at a time: each page is two reads, whatever the batch's size.
     batches = BatchStore(services().store)
     batch = batches.expire_if_overdue(_owned_batch(batches, batch_id), time.time())
     offset = _query_int("offset", 0)
@@ -140,8 +156,15 @@ def batch_results(batch_id: str) -> Response:
 
 
 @bp.post("/v1/batches/<batch_id>/cancel")
+@documented(
+    "cancelBatch",
+    "batches",
+    {200: (BatchCancelCounts, "What the cancel did to the items.")},
+    ("batch_not_found", "batch_ended"),
+    path=BATCH_ID,
+)
 def cancel_batch(batch_id: str) -> Response:
-    """Cancel a batch: every item not yet in a model call ends `canceled` and never runs; running ones run on."""
+    """Cancel a batch: items not yet in a model call end `canceled` and never run; running ones run on."""
     batches = BatchStore(services().store)
     batch = batches.expire_if_overdue(_owned_batch(batches, batch_id), time.time())
     counts = batches.cancel(batch)
@@ -153,8 +176,15 @@ def cancel_batch(batch_id: str) -> Response:
 
 
 @bp.delete("/v1/batches/<batch_id>")
+@documented(
+    "deleteBatch",
+    "batches",
+    {204: (None, "The batch, its items and their results are gone.")},
+    ("batch_not_found", "batch_running"),
+    path=BATCH_ID,
+)
 def delete_batch(batch_id: str) -> tuple[str, int]:
-    """Delete an ended batch and its results at once, rather than at its TTL (a client that saved them frees Redis)."""
+    """Delete an ended batch and its results now, rather than at its TTL (a client that saved them)."""
     batches = BatchStore(services().store)
     batch = batches.expire_if_overdue(_owned_batch(batches, batch_id), time.time())
     if not batches.delete_ended(batch):
@@ -190,15 +220,11 @@ def _owned_batch(batches: BatchStore, batch_id: str) -> Batch:
 def _parse_batch_request() -> BatchRequest:
     svc = services()
     settings = svc.settings
-    if request.content_length is not None and request.content_length > settings.max_body_bytes:
-        raise PayloadTooLargeError("body_too_large", f"the body is over {settings.max_body_bytes} bytes")
+    check_body_size(settings.max_body_bytes)
     if request.mimetype != "application/json":
         message = "send a batch as application/json, or as multipart/form-data with its images"
         raise UnsupportedMediaTypeError("unsupported_media_type", message)
-    try:
-        data = request.get_json()
-    except (BadRequest, RecursionError):
-        raise BadRequestError("invalid_json", "the body is not valid JSON") from None
+    data = json_body()
     _check_size(data)  # before validation: validating a huge list is the cost the limit is there to refuse
     batch_request = validate_batch_request(data, settings.max_question_chars, max_deadline_s=settings.job_ttl_s)
     if batch_request.items is not None and (batch_request.images is not None or batch_request.questions is not None):

@@ -1,4 +1,8 @@
-"""API errors: each has an HTTP status and a stable code, and is answered as {"error": {"code", "message"}}."""
+"""API errors: each has an HTTP status and a stable code, and is answered as {"error": {"code", "message"}}.
+
+The codes, their statuses and meanings are worker.contract.errors.REGISTRY's; the web framework's own errors (an
+unknown route, a wrong method) get the code that the registry gives their status.
+"""
 
 from __future__ import annotations
 
@@ -9,23 +13,16 @@ import redis
 from flask import Flask, Response, jsonify
 from werkzeug.exceptions import HTTPException
 
+from worker.contract.errors import FRAMEWORK_CODES, FRAMEWORK_FALLBACK_CODE, http_status
+
 log = logging.getLogger("blipq.api")
 
 STORE_RETRY_AFTER_S = 2  # what a client is told to wait while Redis is away (a restart takes seconds)
 
-# Werkzeug's own HTTP errors, given stable codes of ours.
-HTTP_CODES = {
-    400: "bad_request",
-    404: "not_found",
-    405: "method_not_allowed",
-    413: "body_too_large",
-    415: "unsupported_media_type",
-    429: "rate_limited",
-}
-
 
 class ApiError(Exception):
-    """Root of the errors the API answers with; subclasses fix the HTTP status."""
+    """Root of the errors the API answers with; subclasses fix the HTTP status, which is their codes' in the registry
+    (tests/test_errors.py checks each code raised against it)."""
 
     status = 400
 
@@ -126,16 +123,21 @@ def register_error_handlers(app: Flask) -> None:
         status = exc.code or 500
         # Werkzeug's headers but its HTML content type: the Allow of a 405 (RFC 9110 requires it there).
         headers = {name: value for name, value in exc.get_headers() if name.lower() != "content-type"}
-        return error_response(status, HTTP_CODES.get(status, "http_error"), exc.description or exc.name, headers)
+        code = FRAMEWORK_CODES.get(status, FRAMEWORK_FALLBACK_CODE)
+        return error_response(status, code, exc.description or exc.name, headers)
 
     @app.errorhandler(redis.RedisError)
     def handle_redis_away(exc: redis.RedisError) -> Response:
         # Redis is away (a restart, a network cut): the client may retry; this is not a bug of ours.
         log.warning("redis unavailable: %s", exc)
         message = "the job store is unavailable; retry later"
-        return error_response(503, "store_unavailable", message, {"Retry-After": str(STORE_RETRY_AFTER_S)})
+        return error_response(
+            http_status("store_unavailable"), "store_unavailable", message, {"Retry-After": str(STORE_RETRY_AFTER_S)}
+        )
 
     @app.errorhandler(Exception)
     def handle_unexpected(exc: Exception) -> Response:
         log.exception("unhandled error")
-        return error_response(500, "internal_error", "an unexpected error occurred; it has been logged")
+        return error_response(
+            http_status("internal_error"), "internal_error", "an unexpected error occurred; it has been logged"
+        )

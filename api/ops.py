@@ -18,6 +18,8 @@ from prometheus_client import CollectorRegistry
 from api.admission import waiting_answers
 from api.auth import public
 from api.metrics import FleetCollector, RequestMetrics, scrape
+from api.openapi import documented
+from api.schemas import MetricsText, Models, Readiness
 from api.settings import ApiSettings
 from worker.contract.fleet import fleet_client, live_workers, outcome_counts
 from worker.contract.states import JobTask
@@ -52,9 +54,19 @@ def _ops() -> Ops:
 
 @bp.get("/readyz")
 @public
+@documented(
+    "readyz",
+    "operations",
+    {
+        200: (Readiness, "Ready: jobs submitted now will run."),
+        503: (Readiness, "Not ready: `missing` says what is missing."),
+    },
+)
 def readyz() -> tuple[Response, int]:
-    """200 when Redis answers and each task the deployment serves (BLIPQ_TASKS) has a worker with its model loaded;
-    503, saying what is missing (`redis`, or `worker:<task>` for each task with none)."""
+    """Readiness: Redis answers and each task served (BLIPQ_TASKS) has a worker with its model loaded.
+
+    503 says what is missing: `redis`, or `worker:<task>` for each task with none.
+    """
     ops = _ops()
     settings = ops.settings
     tasks: dict[str, dict[str, Any]] = {}
@@ -73,9 +85,13 @@ def readyz() -> tuple[Response, int]:
 
 
 @bp.get("/v1/models")
+@documented("listModels", "operations", {200: (Models, "The tasks.")})
 def models() -> Response:
-    """Each task this API takes jobs for: its queue, the models its live workers serve, its workers, the answers
-    waiting in its queue and how the runs of its jobs ended (counts since Redis started keeping them)."""
+    """Each task: its queue, the models and workers serving it, answers waiting, runs by outcome.
+
+    Each task this API takes jobs for: its queue, the models its live workers serve, its workers, the answers waiting
+    in its queue and how the runs of its jobs ended (counts since Redis started keeping them).
+    """
     ops = _ops()
     listed = []
     for task in JobTask:
@@ -99,6 +115,7 @@ def models() -> Response:
 
 @bp.get("/metrics")
 @public
+@documented("metrics", "operations", {200: (MetricsText, "Prometheus's text format.")}, media_type="text/plain")
 def metrics() -> Response:
     """Prometheus's text format: this API's requests, and the queue, workers and job outcomes read from Redis."""
     ops = _ops()

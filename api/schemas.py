@@ -1,6 +1,7 @@
 """Request and response schemas (pydantic), and the translation of request errors into stable error codes.
 
-The response models validate nothing at run time: they describe what the API answers, for /openapi.json.
+The response models, and the request models of forms, query strings and headers, validate nothing at run time: they
+describe what the API answers and takes, for /openapi.json (the views read forms, queries and headers themselves).
 """
 
 from __future__ import annotations
@@ -16,12 +17,19 @@ from pydantic import (
     ConfigDict,
     Field,
     HttpUrl,
+    RootModel,
+    StringConstraints,
     ValidationInfo,
+    WithJsonSchema,
     create_model,
 )
+from pydantic.config import JsonDict
+from pydantic.json_schema import SkipJsonSchema
 from pydantic_core import PydanticCustomError
 
 from api.errors import ValidationError
+from api.intake import IDEMPOTENCY_HEADER, IDEMPOTENCY_KEY_PATTERN
+from api.services import MAX_WAIT_S
 from worker.contract.fleet import WorkerRecord
 from worker.contract.jobs import STATS_FIELDS
 from worker.contract.states import JobPriority, JobStatus, JobTask
@@ -95,10 +103,33 @@ PROMPT_DESCRIPTION = (
 )
 
 
+JSON_EXAMPLE: JsonDict = {
+    "image_url": "https://images.example.com/dog.jpg",
+    "question": "how many dogs are in the picture?",
+}
+BATCH_EXAMPLE: JsonDict = {
+    "images": ["https://images.example.com/1.jpg", "https://images.example.com/2.jpg"],
+    "questions": ["what color is the shape?", "is there a circle?"],
+    "priority": "low",
+}
+
+
+def _no_default(schema: dict[str, Any]) -> None:
+    """Leave a field's `"default": null` out of its schema: absent, the field is not sent, never sent as null."""
+    schema.pop("default", None)
+
+
+# An uploaded file, in OpenAPI 3.1's spelling (the content of a multipart part), and a form field that holds JSON.
+FILE_SCHEMA: JsonDict = {"type": "string", "contentMediaType": "application/octet-stream"}
+Upload = Annotated[bytes, WithJsonSchema(FILE_SCHEMA)]
+OptionalUpload = Annotated[bytes | None, WithJsonSchema(FILE_SCHEMA)]
+OptionalJsonField = Annotated[str | None, WithJsonSchema({"type": "string", "contentMediaType": "application/json"})]
+
+
 class JobRequest(BaseModel):
     """One question about one image, or a caption of it; the image is a URL here or an upload beside it."""
 
-    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True, json_schema_extra={"examples": [JSON_EXAMPLE]})
 
     task: JobTask = Field(default=JobTask.VQA, description=TASK_DESCRIPTION)
     question: Question | None = Field(default=None, description=QUESTION_DESCRIPTION)
@@ -127,7 +158,9 @@ class BatchRequest(BaseModel):
     With `"task": "caption"`: `items` (each an image and an optional prompt), or `images`, each captioned once.
     """
 
-    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+    model_config = ConfigDict(
+        extra="forbid", str_strip_whitespace=True, json_schema_extra={"examples": [BATCH_EXAMPLE]}
+    )
 
     task: JobTask = Field(default=JobTask.VQA, description=TASK_DESCRIPTION + " One task for every item.")
     items: list[BatchItem] | None = Field(default=None, description="Each item is one question about one image.")
@@ -161,6 +194,101 @@ class BatchRequest(BaseModel):
         if self.items is not None:
             return [(str(item.image_url), _item_text(item, self)) for item in self.items]
         return [(str(image), text) for image in self.images or () for text in self.texts()]
+
+
+class JobForm(JobRequest):
+    """A job as form fields, with the image uploaded as the file `image` (or `image_url` given)."""
+
+    model_config = ConfigDict(json_schema_extra=None)
+
+    image: OptionalUpload = Field(
+        default=None,
+        json_schema_extra=_no_default,
+        description="The image file: JPEG, PNG, WebP, GIF, BMP or TIFF, recognised by its content.",
+    )
+
+
+# A batch upload's form: the images as files, `questions` as JSON in a field, and a JSON batch's options.
+BATCH_FORM_OPTIONS = ("task", "prompt", "priority", "deadline_s", "webhook", "webhook_items")
+BatchForm = create_model(
+    "BatchForm",
+    __config__=ConfigDict(extra="forbid"),
+    __doc__=(
+        "A batch of uploaded images: every question about every image, items ordered image by image; the whole body "
+        "at most BLIPQ_MAX_BATCH_UPLOAD_BYTES."
+    ),
+    images=(
+        list[Upload],
+        Field(
+            description=(
+                "The image files (the field repeated), each at most BLIPQ_MAX_IMAGE_BYTES: JPEG, PNG, WebP, GIF, BMP "
+                "or TIFF. Each is stored once, for all its questions, and expires with the batch after the TTL."
+            )
+        ),
+    ),
+    questions=(
+        OptionalJsonField,
+        Field(
+            default=None,
+            json_schema_extra=_no_default,
+            description=(
+                'A JSON array of the questions asked about every image, e.g. `["what is it?"]`: required for `vqa`, '
+                "refused for `caption`."
+            ),
+        ),
+    ),
+    **{
+        name: (BatchRequest.model_fields[name].annotation, BatchRequest.model_fields[name])
+        for name in BATCH_FORM_OPTIONS
+    },  # type: ignore[call-overload]
+)
+
+
+class WaitQuery(BaseModel):
+    """The query string of `GET /v1/jobs/{job_id}`."""
+
+    wait: Annotated[float, Field(gt=0, le=MAX_WAIT_S)] | SkipJsonSchema[None] = Field(
+        default=None,
+        json_schema_extra=_no_default,
+        description=(
+            f"Long polling: a job that has not ended is answered when it ends, or after this many seconds (above 0, "
+            f"at most {MAX_WAIT_S:g}). Without it, the job is answered as it is now."
+        ),
+    )
+
+
+class PageQuery(BaseModel):
+    """The query string of `GET /v1/batches/{batch_id}/results`."""
+
+    offset: Annotated[int, Field(ge=0)] | SkipJsonSchema[None] = Field(
+        default=None, json_schema_extra=_no_default, description="The first item (0-based). Default 0."
+    )
+    limit: Annotated[int, Field(ge=0)] | SkipJsonSchema[None] = Field(
+        default=None, json_schema_extra=_no_default, description="At most this many items. Default: all the rest."
+    )
+
+
+IdempotencyKey = Annotated[str, StringConstraints(pattern=IDEMPOTENCY_KEY_PATTERN.pattern)] | SkipJsonSchema[None]
+
+
+class IdempotencyHeaders(BaseModel):
+    """The headers a job submission reads."""
+
+    # The alias is the header's name, kept in one constant (mypy wants a literal there).
+    idempotency_key: IdempotencyKey = Field(  # type: ignore[literal-required]
+        default=None,
+        json_schema_extra=_no_default,
+        alias=IDEMPOTENCY_HEADER,
+        description=(
+            "Makes a retry safe: the same request again with the same key (same API key, same body) answers the first "
+            "request's job, with `Idempotent-Replayed: true`, for as long as that job is kept; the same key with "
+            "another body is `409 idempotency_conflict`."
+        ),
+    )
+
+
+class MetricsText(RootModel[str]):
+    """Prometheus's text format."""
 
 
 def _item_text(item: BatchItem, batch: BatchRequest) -> str:

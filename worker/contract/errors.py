@@ -1,12 +1,199 @@
-"""Errors a job can end with, each with a stable machine-readable code."""
+"""Every error code a client can see, in one registry, and the errors a job can end with.
+
+A code is stable and machine-readable; its message is for people. The registry says, for each code, where it is given
+(an HTTP error of the API, a job's or batch item's failure, a webhook delivery's failure, a setting refused at start),
+its HTTP status for an HTTP error, and when it is given. The API's error answers, the OpenAPI document and
+docs/errors.md all read it; tests/test_errors.py fails when a code is given that it lacks, or when it lists a code that
+nothing gives.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from http import HTTPStatus
+
+
+class ErrorKind(StrEnum):
+    """Where a code is given."""
+
+    HTTP = "http"  # the API answers `{"error": {"code", "message"}}` with an HTTP status
+    FAILURE = "failure"  # a job or batch item ended `failed` (or `canceled`, `expired`) with it: its `error`
+    WEBHOOK = "webhook"  # a webhook's delivery failed with it: `webhook_delivery.error`
+    SETTING = "setting"  # a process refused to start: a BLIPQ_* variable cannot be used
+
+
+@dataclass(frozen=True)
+class ErrorCode:
+    """One code of one kind: when it is given, its HTTP status (HTTP errors) and whether trying again may help."""
+
+    code: str
+    kind: ErrorKind
+    when: str
+    status: int | None = None  # an HTTP error's status; None for the framework's errors of any other status
+    retry: bool | None = None  # whether the same request again may succeed; None where that is not known
+    framework: bool = False  # an HTTP code that also answers the web framework's own error of its status
+
+
+def _http(code: str, status: int | None, when: str, framework: bool = False) -> ErrorCode:
+    return ErrorCode(code, ErrorKind.HTTP, when, status=status, framework=framework)
+
+
+def _failure(code: str, when: str, retry: bool | None) -> ErrorCode:
+    return ErrorCode(code, ErrorKind.FAILURE, when, retry=retry)
+
+
+def _webhook(code: str, when: str, retry: bool) -> ErrorCode:
+    return ErrorCode(code, ErrorKind.WEBHOOK, when, retry=retry)
+
+
+REGISTRY: tuple[ErrorCode, ...] = (
+    _http("bad_request", 400, "the request cannot be read at all", framework=True),
+    _http("invalid_json", 400, "the JSON body does not parse"),
+    _http("idempotency_key_invalid", 400, "the Idempotency-Key is not 1 to 255 visible ASCII characters"),
+    _http("api_key_missing", 401, "API keys are on and the request has none"),
+    _http("api_key_invalid", 401, "the request's API key is not configured"),
+    _http("not_found", 404, "no route has this path", framework=True),
+    _http("job_not_found", 404, "no job has this id (or it expired, or another API key made it)"),
+    _http("batch_not_found", 404, "no batch has this id (or it expired, or another API key made it)"),
+    _http("method_not_allowed", 405, "the route does not take this method (`Allow` lists those it takes)", True),
+    _http("idempotency_conflict", 409, "the Idempotency-Key was used for a request with another body"),
+    _http(
+        "idempotency_key_in_use", 409, "a request with this Idempotency-Key is still being stored; retry in a moment"
+    ),
+    _http("job_ended", 409, "the job has already ended: there is nothing to cancel"),
+    _http("batch_ended", 409, "every item of the batch has already ended: there is nothing to cancel"),
+    _http("batch_running", 409, "some item of the batch has not ended: cancel the batch, or wait, before deleting it"),
+    _http("body_too_large", 413, "the body is over its limit", framework=True),
+    _http("image_too_large", 413, "the uploaded image is over BLIPQ_MAX_IMAGE_BYTES"),
+    _http("unsupported_media_type", 415, "the body is neither JSON nor multipart/form-data", framework=True),
+    _http("invalid_body", 422, "the JSON body is not an object"),
+    _http("unknown_field", 422, "a field (or a file) that a job does not have"),
+    _http("invalid_field", 422, "a field has a value it cannot take"),
+    _http("question_missing", 422, "no question"),
+    _http("question_empty", 422, "the question is blank"),
+    _http("question_too_long", 422, "the question is over BLIPQ_MAX_QUESTION_CHARS"),
+    _http("question_invalid", 422, "the question is not a string"),
+    _http(
+        "question_not_allowed", 422, "a question (or `questions`) with task `caption`, which takes an optional `prompt`"
+    ),
+    _http("prompt_too_long", 422, "the prompt is over BLIPQ_MAX_QUESTION_CHARS"),
+    _http("prompt_invalid", 422, "the prompt is not a string"),
+    _http("prompt_not_allowed", 422, "a prompt with task `vqa`: only a caption takes one"),
+    _http("task_invalid", 422, "the task is not `vqa` or `caption`"),
+    _http("image_url_invalid", 422, "the image URL is not an http(s) URL"),
+    _http("image_missing", 422, "neither an image URL nor an uploaded image (a batch upload: no file `images`)"),
+    _http("image_conflict", 422, "both an image URL and an uploaded image"),
+    _http("image_invalid", 422, "the upload is not a JPEG, PNG, WebP, GIF, BMP or TIFF image"),
+    _http("priority_invalid", 422, "the priority is not `high`, `normal` or `low`"),
+    _http("deadline_invalid", 422, "the deadline is not a positive number of seconds within the job TTL"),
+    _http("webhook_invalid", 422, "the webhook is not an http(s) URL, or carries credentials"),
+    _http("webhook_unavailable", 422, "a webhook is named but the service sends none (BLIPQ_WEBHOOK_SECRET is unset)"),
+    _http("batch_empty", 422, "the batch asks no question: no items, or no images or no questions"),
+    _http("batch_too_large", 422, "the batch asks for more than 10,000 answers, or more than the queue's bound"),
+    _http("questions_invalid", 422, "a batch upload's `questions` is not a JSON array of non-empty strings"),
+    _http(
+        "batch_invalid", 422, "both `items` and `images`/`questions`, or `images` without `questions` (or the reverse)"
+    ),
+    _http("pagination_invalid", 422, "`offset` or `limit` is not a whole number >= 0"),
+    _http("wait_invalid", 422, "`wait` is not a number of seconds above 0 and at most 20"),
+    _http("rate_limited", 429, "the client used up its request budget; retry after Retry-After seconds", True),
+    _http("internal_error", 500, "a bug: the error is logged, with its traceback", framework=True),
+    _http("broker_unavailable", 503, "Redis cannot take the job right now; retry later"),
+    _http("no_worker", 503, "no live worker serves the job's task (its queue), and BLIPQ_WAIT_FOR_WORKERS is off"),
+    _http("replicas_unavailable", 503, "fewer than BLIPQ_MIN_REPLICAS_ACK Redis replicas acknowledged the job in time"),
+    _http("queue_full", 503, "the submission would take the queue past BLIPQ_MAX_QUEUE_DEPTH waiting answers"),
+    _http("store_unavailable", 503, "Redis is unavailable; retry after Retry-After seconds"),
+    _http("http_error", None, "another error of the web server itself (its status says which, e.g. 416)"),
+    _failure("image_fetch_failed", "the image URL could not be downloaded (refused, unreachable, an HTTP error)", True),
+    _failure("image_fetch_timeout", "the image download did not finish within BLIPQ_FETCH_TIMEOUT_S", True),
+    _failure("url_not_allowed", "the image URL, or a redirect, leads where the workers must not connect", False),
+    _failure("image_too_large", "the image has more bytes or pixels than the configured limits allow", False),
+    _failure(
+        "image_invalid", "the image is not a decodable JPEG, PNG, WebP, GIF, BMP or TIFF (or is truncated)", False
+    ),
+    _failure("upload_missing", "the uploaded image expired before the job ran: submit it again", True),
+    _failure("oom", "the model ran out of device memory on this image and text alone", False),
+    _failure("wrong_task", "the job reached a worker of another task (vqa, caption): it was misrouted", True),
+    _failure("timeout", "the job did not end within its time limit (BLIPQ_JOB_TIME_LIMIT_S)", True),
+    _failure("worker_lost", "the worker running the job died, BLIPQ_MAX_ATTEMPTS times (or the job was lost)", None),
+    _failure("internal_error", "the worker could not answer (a model error); the worker goes on", None),
+    _failure("canceled", "the job (or its batch) was canceled while queued: it never ran", None),
+    _failure("deadline_exceeded", "the job was still queued at its deadline (`deadline_s`): it never ran", True),
+    _webhook("webhook_invalid", "the webhook URL does not parse", False),
+    _webhook("url_not_allowed", "the webhook URL leads where the workers must not connect", False),
+    _webhook("webhook_timeout", "the receiver did not answer in time", True),
+    _webhook("webhook_unreachable", "the receiver could not be reached", True),
+    _webhook("webhook_rejected", "the receiver answered with a status other than 2xx (429 and 5xx are retried)", True),
+    ErrorCode("bad_setting", ErrorKind.SETTING, "a BLIPQ_* variable has a value that cannot be used: nothing starts"),
+)
+
+ERRORS: dict[tuple[ErrorKind, str], ErrorCode] = {(entry.kind, entry.code): entry for entry in REGISTRY}
+HTTP_ERRORS: dict[str, ErrorCode] = {entry.code: entry for entry in REGISTRY if entry.kind is ErrorKind.HTTP}
+# The web framework's own errors (an unknown route, a wrong method...), by status; any other status is `http_error`.
+FRAMEWORK_CODES: dict[int, str] = {
+    entry.status: entry.code for entry in HTTP_ERRORS.values() if entry.framework and entry.status is not None
+}
+FRAMEWORK_FALLBACK_CODE = "http_error"
+
+
+def registered(kind: ErrorKind, code: str) -> str:
+    """`code`, once checked to be in the registry as a code of `kind`; raises KeyError (at import) when it is not."""
+    if (kind, code) not in ERRORS:
+        raise KeyError(f"error code {code!r} of kind {kind} is not in worker.contract.errors.REGISTRY")
+    return code
+
+
+def http_status(code: str) -> int:
+    """The HTTP status the API answers `code` with; raises KeyError for a code that is not an HTTP error's."""
+    status = HTTP_ERRORS[code].status
+    if status is None:
+        raise KeyError(f"{code!r} has no status of its own")
+    return status
+
+
+def errors_markdown() -> str:
+    """docs/errors.md: the error shape, and every HTTP error and job failure code with what it means."""
+    lines = [
+        "# Error codes",
+        "",
+        "<!-- Generated from worker/contract/errors.py by `make reference`; do not edit by hand. -->",
+        "",
+        'Every error the API answers has the shape `{"error": {"code": "...", "message": "..."}}`, and so has the',
+        "`error` of a job or batch item that failed, and of a webhook delivery that failed. The code is stable:",
+        "programs may compare it. The message is for people: its wording may change.",
+        "",
+        "## HTTP errors",
+        "",
+        "| status | code | when |",
+        "| --- | --- | --- |",
+    ]
+    http = sorted(HTTP_ERRORS.values(), key=lambda entry: (entry.status or 999, entry.code))
+    for entry in http:
+        status = f"{entry.status} {HTTPStatus(entry.status).phrase}" if entry.status else "any other"
+        lines.append(f"| {status} | `{entry.code}` | {entry.when} |")
+    sections = (
+        (ErrorKind.FAILURE, "Job and batch item failures", "A job's (or batch item's) `error`, once it ended."),
+        (ErrorKind.WEBHOOK, "Webhook delivery failures", "`webhook_delivery.error` of a job or batch, once it failed."),
+    )
+    for kind, title, intro in sections:
+        lines += ["", f"## {title}", "", intro, "", "| code | when | may a retry help? |", "| --- | --- | --- |"]
+        for entry in (entry for entry in REGISTRY if entry.kind is kind):
+            retry = {True: "yes", False: "no", None: "-"}[entry.retry]
+            lines.append(f"| `{entry.code}` | {entry.when} | {retry} |")
+    lines += ["", "## At start-up", "", "| code | when |", "| --- | --- |"]
+    lines += [f"| `{entry.code}` | {entry.when} |" for entry in REGISTRY if entry.kind is ErrorKind.SETTING]
+    return "\n".join(lines) + "\n"
+
+
+def _failure_code(code: str) -> str:
+    return registered(ErrorKind.FAILURE, code)
 
 
 class BlipqError(Exception):
     """Root of the errors blipq raises; `code` is stable, the message is for humans."""
 
-    code = "internal_error"
+    code = _failure_code("internal_error")
 
     def __init__(self, message: str, code: str | None = None) -> None:
         super().__init__(message)
@@ -18,58 +205,58 @@ class BlipqError(Exception):
 class SettingsError(BlipqError):
     """Raised when a BLIPQ_* environment variable has a value that cannot be used."""
 
-    code = "bad_setting"
+    code = registered(ErrorKind.SETTING, "bad_setting")
 
 
 class ImageFetchError(BlipqError):
     """Raised when an image URL cannot be downloaded (refused, unreachable, HTTP error)."""
 
-    code = "image_fetch_failed"
+    code = _failure_code("image_fetch_failed")
 
 
 class UrlNotAllowedError(BlipqError):
     """Raised when an image URL or one of its redirects leads where the worker must not connect (never retried)."""
 
-    code = "url_not_allowed"
+    code = _failure_code("url_not_allowed")
 
 
 class ImageFetchTimeoutError(ImageFetchError):
     """Raised when an image download does not finish within its deadline."""
 
-    code = "image_fetch_timeout"
+    code = _failure_code("image_fetch_timeout")
 
 
 class ImageTooLargeError(BlipqError):
     """Raised when an image has more bytes or pixels than the configured limits allow."""
 
-    code = "image_too_large"
+    code = _failure_code("image_too_large")
 
 
 class ImageInvalidError(BlipqError):
     """Raised when bytes are not a decodable image of an allowed format (or are truncated)."""
 
-    code = "image_invalid"
+    code = _failure_code("image_invalid")
 
 
 class UploadMissingError(BlipqError):
     """Raised when a job's uploaded image is no longer in Redis (expired before the job ran)."""
 
-    code = "upload_missing"
+    code = _failure_code("upload_missing")
 
 
 class ModelOutOfMemoryError(BlipqError):
     """Raised when the model runs out of device memory on a job's image and text alone (a batch is split first)."""
 
-    code = "oom"
+    code = _failure_code("oom")
 
 
 class WrongTaskError(BlipqError):
     """Raised when a job asks for a task (vqa, caption) that the worker's model does not do: it was misrouted."""
 
-    code = "wrong_task"
+    code = _failure_code("wrong_task")
 
 
 class JobTimeoutError(BlipqError):
     """Raised when a job has not ended within its time limit (BLIPQ_JOB_TIME_LIMIT_S less a margin)."""
 
-    code = "timeout"
+    code = _failure_code("timeout")

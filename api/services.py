@@ -1,0 +1,31 @@
+"""What the routes use, built once per app by create_app, and how a request reaches it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import redis
+from celery import Celery
+from flask import current_app
+
+from api.settings import ApiSettings
+from worker.contract.jobs import JobStore
+
+EXTENSION_KEY = "blipq"  # where create_app keeps an app's Services
+MAX_WAIT_S = 20.0  # the longest a `GET /v1/jobs/<id>?wait=S` holds its request (and an API thread)
+
+
+@dataclass(frozen=True)
+class Services:
+    """What the routes use, built once by create_app."""
+
+    settings: ApiSettings
+    store: JobStore
+    celery: Celery
+    waiter: redis.Redis  # for reads that wait: its socket timeout is above MAX_WAIT_S
+
+
+def services() -> Services:
+    """The Services of the app handling the current request."""
+    found: Services = current_app.extensions[EXTENSION_KEY]
+    return found
