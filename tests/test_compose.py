@@ -11,12 +11,12 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
+from api.reference import configuration_tables
 from api.settings import ApiSettings
 from tests.conftest import ROOT
 from worker.contract.states import JobTask
 from worker.settings import WorkerSettings
 
-SETTINGS_SOURCES = [ROOT / "worker" / "settings.py", ROOT / "api" / "settings.py"]
 FOREIGN_VARIABLES = {"HF_HOME", "CUDA_VISIBLE_DEVICES"}  # read by transformers and CUDA, not by blipq
 BLIPQ_COMMANDS = {"api", "worker"}  # `blipq up` is for one machine, not for production
 HA_PROFILE = "ha"
@@ -36,10 +36,8 @@ def compose() -> dict[str, Any]:
 
 
 def known_variables() -> set[str]:
-    names: set[str] = set()
-    for source in SETTINGS_SOURCES:
-        names |= set(re.findall(r'"(BLIPQ_[A-Z0-9_]+)"', source.read_text()))
-    return names
+    """Every BLIPQ_* variable a process reads: those of its settings model (the source of docs/configuration.md)."""
+    return {model.variable(name) for _, _, model, names in configuration_tables() for name in names}
 
 
 def blipq_services(services: dict[str, dict[str, Any]], command: str | None = None) -> dict[str, dict[str, Any]]:

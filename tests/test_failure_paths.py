@@ -50,11 +50,13 @@ QUICK_RECOVERY = {"BLIPQ_ANNOUNCE_INTERVAL_S": "1", "BLIPQ_REAPER_INTERVAL_S": "
 def test_a_caption_job_sent_to_a_vqa_worker_fails_wrong_task_and_the_worker_goes_on(
     redis_server: RedisProcess, tiny_worker: WorkerProcess, redis_client: redis.Redis
 ) -> None:
-    # Given an API that routes captions to the VQA worker's queue (a misconfigured fleet)
-    client = api_client(redis_server.url, tiny_worker.queue, caption_queue=tiny_worker.queue)
+    # Given a misconfigured fleet: beside an API that sends questions to the VQA worker, another that routes captions
+    # to that worker's queue
+    client = api_client(redis_server.url, tiny_worker.queue)
+    misrouting = api_client(redis_server.url, "questions-elsewhere", caption_queue=tiny_worker.queue)
     image = {"image": (io.BytesIO(shape_png("red")), "red.png")}
 
-    wrong = client.post("/v1/jobs", data={"task": "caption", **image}).get_json()["id"]
+    wrong = misrouting.post("/v1/jobs", data={"task": "caption", **image}).get_json()["id"]
     right = client.post("/v1/jobs", data={"question": "what color?", "image": (io.BytesIO(shape_png("red")), "r")})
 
     failed = wait_for_job(client, wrong, tiny_worker)
