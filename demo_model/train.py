@@ -337,6 +337,18 @@ def save(model, processor, out):
         f.write("".join(w + "\n" for w, _ in sorted(vocab.items(), key=lambda kv: kv[1])))
 
 
+def finish(model, processor, args, t_train, t0):
+    """The end of a training run: the model saved (unless --bench), and how long the loop and the run took."""
+    train_s = time.time() - t_train
+    if not args.bench:
+        save(model, processor, args.out)
+    print(
+        f"[done] training loop {train_s:.0f}s ({train_s / 60:.1f} min); total wall time {time.time() - t0:.0f}s "
+        f"({(time.time() - t0) / 60:.1f} min); saved to {args.out}",
+        flush=True,
+    )
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "blip-vqa-easy"))
@@ -443,14 +455,7 @@ def main():
                 flush=True,
             )
             save(model, processor, args.out)
-    train_s = time.time() - t_train
-    if not args.bench:
-        save(model, processor, args.out)
-    print(
-        f"[done] training loop {train_s:.0f}s ({train_s / 60:.1f} min); total wall time {time.time() - t0:.0f}s "
-        f"({(time.time() - t0) / 60:.1f} min); saved to {args.out}",
-        flush=True,
-    )
+    finish(model, processor, args, t_train, t0)
 
 
 if __name__ == "__main__":

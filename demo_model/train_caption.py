@@ -33,7 +33,17 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository, for worker/
 import synth
-from train import SPECIALS, AuxHead, ImageStream, build_config, get_bank, optimizer, real_train_images, save
+from train import (
+    SPECIALS,
+    AuxHead,
+    ImageStream,
+    build_config,
+    finish,
+    get_bank,
+    optimizer,
+    real_train_images,
+    save,
+)
 from train import build_processor as build_demo_processor
 from transformers import (
     BlipForConditionalGeneration,
@@ -262,14 +272,7 @@ def main():
                 flush=True,
             )
             save(model, processor, args.out)
-    train_s = time.time() - t_train
-    if not args.bench:
-        save(model, processor, args.out)
-    print(
-        f"[done] training loop {train_s:.0f}s ({train_s / 60:.1f} min); total wall time {time.time() - t0:.0f}s "
-        f"({(time.time() - t0) / 60:.1f} min); saved to {args.out}",
-        flush=True,
-    )
+    finish(model, processor, args, t_train, t0)
 
 
 if __name__ == "__main__":
