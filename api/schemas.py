@@ -27,7 +27,7 @@ from pydantic.config import JsonDict
 from pydantic.json_schema import SkipJsonSchema
 from pydantic_core import PydanticCustomError
 
-from api.errors import ValidationError
+from api.errors import RefusedImage, ValidationError
 from api.intake import IDEMPOTENCY_HEADER, IDEMPOTENCY_KEY_PATTERN
 from api.services import MAX_WAIT_S
 from worker.contract.fleet import WorkerRecord
@@ -297,11 +297,26 @@ def _item_text(item: BatchItem, batch: BatchRequest) -> str:
     return item.question or ""
 
 
+class ErrorImage(BaseModel):
+    """The image of a batch that a refusal is about."""
+
+    index: int = Field(ge=0, description="Its place in the batch's `images` (the uploaded files, in order), from 0.")
+    name: str = Field(description="Its file name (an upload) or its URL.")
+
+
 class ErrorDetail(BaseModel):
     """What went wrong: a stable code for programs and a message for humans."""
 
     code: str = Field(description="Stable and machine-readable, such as `question_empty`.")
     message: str = Field(description="For humans; its wording may change.")
+    image: ErrorImage | SkipJsonSchema[None] = Field(
+        default=None,
+        json_schema_extra=_no_default,
+        description=(
+            "Only in a refusal of a batch about one of its images (`image_invalid`, `image_too_large`, "
+            "`image_url_invalid`): which one. A client may take it out and send the rest again."
+        ),
+    )
 
 
 class Error(BaseModel):
@@ -542,4 +557,7 @@ def _translate(error: Any) -> ValidationError:
     message = error["msg"]
     if kind == "extra_forbidden":
         message = "this field is not part of a request of this kind"
-    return ValidationError(code, f"{where}: {message}" if where else message)
+    image = None
+    if len(loc) >= 2 and loc[0] == "images" and isinstance(loc[1], int):  # one image URL of the tagging shape
+        image = RefusedImage(loc[1], str(error.get("input", "")))
+    return ValidationError(code, f"{where}: {message}" if where else message, image=image)
