@@ -13,10 +13,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from flask import request
-
-from api.errors import ValidationError
-from api.intake import check_body_size, check_webhook, read_upload
+from api.errors import ApiError, ValidationError
+from api.intake import FormBounds, check_body_size, check_webhook, read_form, read_upload
 from api.schemas import BATCH_FORM_OPTIONS, BatchRequest, validate_batch_request
 from api.settings import ApiSettings
 from worker.contract.batches import MAX_BATCH_ANSWERS
@@ -45,33 +43,35 @@ class BatchUpload:
 
 
 def parse_batch_upload(settings: ApiSettings) -> BatchUpload:
-    """Read and check a multipart batch; raises the API error of its first problem, before anything is stored."""
+    """Read and check a multipart batch; raises the API error of its first problem, before anything is stored.
+
+    A refusal about one image (image_too_large, image_invalid) names it: its index and its file name.
+    """
     limit = settings.max_batch_upload_bytes
-    check_body_size(limit)
-    # The app's limits are a single job's; a batch upload has its own (a chunked body is cut at `limit` too).
-    request.max_content_length = limit
-    request.max_form_memory_size = limit  # `questions` may hold 10,000 questions
-    request.max_form_parts = MAX_FORM_PARTS
-    unknown = sorted((set(request.form) - FORM_FIELDS) | (set(request.files) - {IMAGES_FIELD}))
+    bound = "the most a batch upload's body may be (BLIPQ_MAX_BATCH_UPLOAD_BYTES)"
+    check_body_size(limit, bound)
+    # `questions` may hold 10,000 questions: a text field as large as the body.
+    form = read_form(FormBounds(limit, bound, field_bytes=limit, parts=MAX_FORM_PARTS, batch=True), settings)
+    unknown = sorted((set(form.fields) - FORM_FIELDS) | (set(form.files) - {IMAGES_FIELD}))
     if unknown:
         message = (
             f"{unknown[0]}: a batch upload has files named 'images' and the fields {', '.join(sorted(FORM_FIELDS))}"
         )
         raise ValidationError("unknown_field", message)
-    files = request.files.getlist(IMAGES_FIELD)
+    files = form.files.getlist(IMAGES_FIELD)
     if not files:
         raise ValidationError("image_missing", "upload at least one image, as a file named 'images'")
-    data: dict[str, Any] = {name: value for name, value in request.form.items() if name != QUESTIONS_FIELD}
+    data: dict[str, Any] = {name: value for name, value in form.fields.items() if name != QUESTIONS_FIELD}
     task = data.get("task", JobTask.VQA)
     if task not in tuple(JobTask):  # before `questions`, whose need depends on it
         raise ValidationError("task_invalid", f"task: {task!r} is not one of {', '.join(JobTask)}")
     if task == JobTask.CAPTION:
-        if QUESTIONS_FIELD in request.form:
+        if QUESTIONS_FIELD in form.fields:
             message = "questions: a caption batch asks no questions; give an optional 'prompt' instead"
             raise ValidationError("question_not_allowed", message)
         answers = len(files)  # one caption per image
     else:
-        questions = _questions(request.form.get(QUESTIONS_FIELD))
+        questions = _questions(form.fields.get(QUESTIONS_FIELD))
         answers = len(files) * len(questions)
         data[QUESTIONS_FIELD] = questions
     if answers > MAX_BATCH_ANSWERS:
@@ -80,8 +80,11 @@ def parse_batch_upload(settings: ApiSettings) -> BatchUpload:
     batch_request = validate_batch_request(data, settings.max_question_chars, max_deadline_s=settings.job_ttl_s)
     check_webhook(batch_request.webhook, settings)
     images = []
-    for file in files:
-        image = read_upload(file, settings)
+    for index, file in enumerate(files):
+        try:
+            image = read_upload(file, settings)
+        except ApiError as exc:
+            raise exc.about_image(index, file.filename or "") from None
         assert image is not None  # a file was given
         images.append(UploadedImage(file.filename or "", image))
     return BatchUpload(batch_request, images)

@@ -20,7 +20,7 @@ from api.admission import check_queue_room, check_workers
 from api.auth import api_key_name
 from api.batch_uploads import UploadedImage, parse_batch_upload
 from api.errors import ConflictError, NotFoundError, UnsupportedMediaTypeError, ValidationError
-from api.intake import JOB_ID_PATTERN, check_body_size, check_webhook, fingerprint, idempotency_header, json_body
+from api.intake import JOB_ID_PATTERN, check_webhook, fingerprint, idempotency_header, json_body
 from api.openapi import BATCH_SUBMIT_CODES, documented
 from api.schemas import (
     BatchAccepted,
@@ -220,7 +220,6 @@ def _owned_batch(batches: BatchStore, batch_id: str) -> Batch:
 def _parse_batch_request() -> BatchRequest:
     svc = services()
     settings = svc.settings
-    check_body_size(settings.max_body_bytes)
     if request.mimetype != "application/json":
         message = "send a batch as application/json, or as multipart/form-data with its images"
         raise UnsupportedMediaTypeError("unsupported_media_type", message)

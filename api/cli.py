@@ -164,7 +164,7 @@ def run_ask(url: str, image: str, question: str | None, timeout_s: float, prompt
         return 0
     except BlipqClientError as exc:
         print(f"blipq {command}: {exc.code}: {exc.message}", file=sys.stderr)
-    except (OSError, TimeoutError) as exc:  # an unreadable file, an unreachable service, no answer in time
+    except (OSError, TimeoutError) as exc:  # an unreadable file, a read that timed out, no answer in time
         print(f"blipq {command}: {exc}", file=sys.stderr)
     return 1
 

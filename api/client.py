@@ -2,10 +2,15 @@
 
 Imports only `requests` (and its urllib3): a user's script can use it without the service's own dependencies.
 
-It never gives up on a service that comes back: connection errors, resets, and 429/502/503/504 answers are retried
-with exponential back-off and jitter by urllib3's `Retry` (honouring Retry-After), for about ten minutes. Every job
+It never gives up on a service that comes back: once the service has answered, connection errors, resets, and
+429/502/503/504 answers are retried with exponential back-off and jitter by urllib3's `Retry` (honouring Retry-After),
+for about ten minutes. Before the service has answered at all, a host that does not resolve or refuses the connection
+is said at once (ServiceUnreachableError): a mistyped URL or a service that is not up is not waited for. Every job
 and batch it submits carries an Idempotency-Key of its own, the same on each retry, so a submission whose answer was
 lost returns the first job or batch rather than making a second.
+
+An image is an http(s) URL (the workers fetch it), a local file (uploaded) or bytes; a string with another scheme
+(ftp://, s3://, gs://, data:...) is refused with `image_url_invalid`, never read as a file's name.
 
     from api.client import BlipqClient
     client = BlipqClient("http://127.0.0.1:8000")
@@ -16,15 +21,19 @@ lost returns the first job or batch rather than making a second.
 from __future__ import annotations
 
 import json
+import re
+import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
+from urllib3.exceptions import NameResolutionError
 from urllib3.util.retry import Retry
 
 FINAL_STATUSES = frozenset({"succeeded", "failed", "canceled", "expired"})
@@ -33,28 +42,53 @@ RETRIES = 30  # tries of one request after the first: with the back-off below, a
 BACKOFF_S = 0.5  # the first retry's wait, doubled each time...
 BACKOFF_MAX_S = 30.0  # ...up to this (Retry-After, when the service gives one, is waited out instead)
 BACKOFF_JITTER_S = 1.0  # plus up to this much at random: clients that failed together do not retry in step
+# How requests are retried: everything but connecting, which the client's state decides (see __post_init__).
+RETRY_POLICY: dict[str, Any] = {
+    "total": RETRIES,
+    "backoff_factor": BACKOFF_S,
+    "backoff_max": BACKOFF_MAX_S,
+    "backoff_jitter": BACKOFF_JITTER_S,
+    "status_forcelist": RETRYABLE_STATUSES,
+    "allowed_methods": None,  # POSTs too: each carries an Idempotency-Key, so a retry never makes a second job
+    "respect_retry_after_header": True,
+    "raise_on_status": False,  # the last answer comes back, and its error code with it
+}
 FIRST_POLL_S = 0.05  # a demo-model answer is ready in tens of milliseconds
 MAX_POLL_S = 2.0  # a long job is polled every 2 s, not hammered
 LONG_POLL_S = 10.0  # each read of `wait` waits this long on the server for the job to end (GET ...?wait=)
 FIRST_BATCH_POLL_S = 0.2  # a batch takes at least a chunk's model call: no need to poll faster
 CAPTION = "caption"  # the task of caption jobs; the service's default task, "vqa", answers questions
+URL_PREFIXES = ("http://", "https://")  # the images the workers fetch
+# A URL of another scheme (ftp://, s3://, data:...): two characters at least, since `C:` starts a Windows path.
+OTHER_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")
 
 
 class BlipqClientError(Exception):
-    """Raised when the service refuses a request; `code` is the service's stable error code."""
+    """Raised when the service refuses a request, or the client cannot make it; `code` is a stable error code.
 
-    def __init__(self, code: str, message: str, status: int = 0) -> None:
+    `status` is the HTTP status of the service's refusal, None where no answer of the service is behind the error;
+    `image_index` is the place, in a batch's images, of the image the refusal is about (None: not about one image).
+    """
+
+    def __init__(self, code: str, message: str, status: int | None = None, image_index: int | None = None) -> None:
         super().__init__(f"{code}: {message}")
-        self.code, self.message, self.status = code, message, status
+        self.code, self.message, self.status, self.image_index = code, message, status, image_index
+
+
+class ServiceUnreachableError(BlipqClientError):
+    """Raised when the service cannot be reached: its host does not resolve (`service_not_found`), refuses the
+    connection (`service_refused`), or fails otherwise, retries included (`service_unreachable`)."""
 
 
 class JobFailedError(BlipqClientError):
-    """Raised by `ask` when the job ended without an answer (failed, canceled or expired)."""
+    """Raised by `ask` and `caption` when the job ended without an answer: `code` is the job's error code,
+    `job_status` how it ended (failed, canceled or expired), `job` the job as the service showed it."""
 
     def __init__(self, job: dict[str, Any]) -> None:
-        error = job.get("error") or {"code": job.get("status", "failed"), "message": f"the job is {job.get('status')}"}
-        super().__init__(error["code"], error["message"])
-        self.job = job
+        job_status = str(job.get("status") or "failed")
+        error = job.get("error") or {"code": job_status, "message": f"the job is {job_status}"}
+        super().__init__(code=error["code"], message=error["message"])
+        self.job, self.job_id, self.job_status = job, str(job.get("id", "")), job_status
 
 
 @dataclass
@@ -68,21 +102,38 @@ class BlipqClient:
     def __post_init__(self) -> None:
         self.base_url = self.base_url.rstrip("/")
         self.session = requests.Session()
-        retry = Retry(
-            total=RETRIES,
-            backoff_factor=BACKOFF_S,
-            backoff_max=BACKOFF_MAX_S,
-            backoff_jitter=BACKOFF_JITTER_S,
-            status_forcelist=RETRYABLE_STATUSES,
-            allowed_methods=None,  # POSTs too: each carries an Idempotency-Key, so a retry never makes a second job
-            respect_retry_after_header=True,
-            raise_on_status=False,  # the last answer comes back, and its error code with it
-        )
+        # Until the service first answers, a connection it refuses (or a host that does not resolve) is not retried:
+        # it is said at once. From its first answer on, the service is one that comes back: every error is retried.
+        self._mount(Retry(connect=0, **RETRY_POLICY))
+        self.session.hooks["response"].append(self._answered)
+        self.answered = False
+        if self.api_key:
+            self.session.headers["Authorization"] = f"Bearer {self.api_key}"
+
+    def _mount(self, retry: Retry) -> None:
         adapter = HTTPAdapter(max_retries=retry)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
-        if self.api_key:
-            self.session.headers["Authorization"] = f"Bearer {self.api_key}"
+
+    def _answered(self, response: requests.Response, *args: Any, **kwargs: Any) -> None:
+        if not self.answered:
+            self.answered = True
+            self._mount(Retry(**RETRY_POLICY))
+
+    def _request(self, method: str, url: str, **kwargs: Any) -> requests.Response:
+        """One request to the service; ServiceUnreachableError, which says why, when it cannot be reached."""
+        try:
+            return self.session.request(method, url, **kwargs)
+        except requests.ConnectionError as exc:
+            raise unreachable(self.base_url, exc) from exc
+
+    def models(self) -> dict[str, Any]:
+        """GET /v1/models: each task's models, input size and workers, and the service's upload `limits`."""
+        response = self._request("GET", f"{self.base_url}/v1/models", timeout=self.timeout_s)
+        if response.status_code != 200:
+            raise _error_of(response)
+        models: dict[str, Any] = response.json()
+        return models
 
     def submit(self, image: str | Path | bytes, question: str | None = None, **fields: Any) -> str:
         """Submit one question about one image (an http(s) URL, a local file, or image bytes); returns the job id.
@@ -100,7 +151,7 @@ class BlipqClient:
         """The job as the service shows it now; with `wait_s`, once it ended or after that many seconds."""
         params = {"wait": f"{wait_s:g}"} if wait_s > 0 else {}
         url = f"{self.base_url}/v1/jobs/{job_id}"
-        response = self.session.get(url, params=params, timeout=self.timeout_s + wait_s)
+        response = self._request("GET", url, params=params, timeout=self.timeout_s + wait_s)
         if response.status_code != 200:
             raise _error_of(response)
         job: dict[str, Any] = response.json()
@@ -149,7 +200,9 @@ class BlipqClient:
         if captioning and questions:
             raise ValueError("a caption batch asks no questions (give an optional prompt=)")
         texts = {} if captioning else {"questions": list(questions)}
-        is_url = [isinstance(image, str) and image.startswith(("http://", "https://")) for image in images]
+        for image in images:
+            check_image_source(image)
+        is_url = [is_image_url(image) for image in images]
         url = f"{self.base_url}/v1/batches"
         if all(is_url):
             body = {"images": [str(image) for image in images], **texts, **fields}
@@ -166,7 +219,7 @@ class BlipqClient:
 
     def batch(self, batch_id: str) -> dict[str, Any]:
         """The batch's summary as the service shows it now: counts by status, ended, progress."""
-        response = self.session.get(f"{self.base_url}/v1/batches/{batch_id}", timeout=self.timeout_s)
+        response = self._request("GET", f"{self.base_url}/v1/batches/{batch_id}", timeout=self.timeout_s)
         if response.status_code != 200:
             raise _error_of(response)
         summary: dict[str, Any] = response.json()
@@ -176,7 +229,7 @@ class BlipqClient:
         """The batch's items in order from `offset` (at most `limit`), streamed one JSON line at a time."""
         params = {"offset": offset} if limit is None else {"offset": offset, "limit": limit}
         url = f"{self.base_url}/v1/batches/{batch_id}/results"
-        with self.session.get(url, params=params, stream=True, timeout=self.timeout_s) as response:
+        with self._request("GET", url, params=params, stream=True, timeout=self.timeout_s) as response:
             if response.status_code != 200:
                 raise _error_of(response)
             for line in response.iter_lines():
@@ -235,7 +288,7 @@ class BlipqClient:
 
     def cancel_batch(self, batch_id: str) -> dict[str, Any]:
         """Cancel the batch's items not yet answered; its counts ({} when every item had ended already)."""
-        response = self.session.post(f"{self.base_url}/v1/batches/{batch_id}/cancel", timeout=self.timeout_s)
+        response = self._request("POST", f"{self.base_url}/v1/batches/{batch_id}/cancel", timeout=self.timeout_s)
         if response.status_code == 409:
             return {}
         if response.status_code != 200:
@@ -245,14 +298,14 @@ class BlipqClient:
 
     def delete_batch(self, batch_id: str) -> None:
         """Delete an ended batch and its results now (once they are saved), rather than at its TTL."""
-        response = self.session.delete(f"{self.base_url}/v1/batches/{batch_id}", timeout=self.timeout_s)
+        response = self._request("DELETE", f"{self.base_url}/v1/batches/{batch_id}", timeout=self.timeout_s)
         if response.status_code not in (204, 404):  # 404: gone already (a retry of a delete that went through)
             raise _error_of(response)
 
     def _post_once(self, url: str, **body: Any) -> requests.Response:
         """POST a submission under an Idempotency-Key of its own (its retries reuse it); the 202, or its error."""
         headers = {"Idempotency-Key": uuid.uuid4().hex}
-        response = self.session.post(url, timeout=self.timeout_s, headers=headers, **body)
+        response = self._request("POST", url, timeout=self.timeout_s, headers=headers, **body)
         if response.status_code != 202:
             raise _error_of(response)
         return response
@@ -261,19 +314,60 @@ class BlipqClient:
         url = f"{self.base_url}/v1/jobs"
         headers = {"Idempotency-Key": uuid.uuid4().hex}  # the same on each of the adapter's retries
         fields = {key: value for key, value in {"question": question, **fields}.items() if value is not None}
-        if isinstance(image, str) and image.startswith(("http://", "https://")):
-            return self.session.post(url, json={"image_url": image, **fields}, timeout=self.timeout_s, headers=headers)
+        check_image_source(image)
+        if is_image_url(image):
+            body = {"image_url": image, **fields}
+            return self._request("POST", url, json=body, timeout=self.timeout_s, headers=headers)
         data = image if isinstance(image, bytes) else Path(image).read_bytes()
         name = "image" if isinstance(image, bytes) else Path(image).name
         form = {key: str(value) for key, value in fields.items()}
-        return self.session.post(url, data=form, files={"image": (name, data)}, timeout=self.timeout_s, headers=headers)
+        files = {"image": (name, data)}
+        return self._request("POST", url, data=form, files=files, timeout=self.timeout_s, headers=headers)
+
+
+def is_image_url(image: str | Path | bytes) -> bool:
+    """Whether an image is an http(s) URL, which the workers fetch (rather than a local file, or bytes)."""
+    return isinstance(image, str) and image[:8].lower().startswith(URL_PREFIXES)
+
+
+def check_image_source(image: str | Path | bytes) -> None:
+    """Refuse a URL of another scheme than http(s) (`image_url_invalid`), unless a file has that very name."""
+    if not isinstance(image, str) or is_image_url(image):
+        return
+    scheme = OTHER_SCHEME.match(image)
+    if scheme and not Path(image).exists():
+        message = f"{image[:100]!r}: only http(s) URLs and local files are accepted, not {scheme[1]}: URLs"
+        raise BlipqClientError(code="image_url_invalid", message=message)
+
+
+def unreachable(base_url: str, exc: requests.ConnectionError) -> ServiceUnreachableError:
+    """Why the service at `base_url` could not be reached, in words and as a code, from what requests raised."""
+    causes: list[BaseException] = []
+    todo: list[object] = [exc]
+    while todo and len(causes) < 20:  # the chain of urllib3's and the socket's errors under requests'
+        cause = todo.pop()
+        if isinstance(cause, BaseException) and cause not in causes:
+            causes.append(cause)
+            todo += [getattr(cause, "reason", None), cause.__cause__, cause.__context__, *cause.args[:1]]
+    host = urlsplit(base_url).hostname or base_url
+    if any(isinstance(cause, NameResolutionError | socket.gaierror) for cause in causes):
+        code, why = "service_not_found", f"the host {host} does not resolve"
+    elif any(isinstance(cause, ConnectionRefusedError) for cause in causes):
+        code, why = "service_refused", "it refused the connection: is `blipq up` running?"
+    else:
+        code, why = "service_unreachable", str(getattr(exc.args[0], "reason", exc) if exc.args else exc)
+    return ServiceUnreachableError(code=code, message=f"cannot reach the blipq service at {base_url}: {why}")
 
 
 def _error_of(response: requests.Response) -> BlipqClientError:
     try:
         error = response.json()["error"]
-        return BlipqClientError(error["code"], error["message"], response.status_code)
-    except (ValueError, KeyError, TypeError):
+        image = error.get("image")
+        index = image.get("index") if isinstance(image, dict) else None
+        return BlipqClientError(
+            error["code"], error["message"], response.status_code, index if isinstance(index, int) else None
+        )
+    except (ValueError, KeyError, TypeError, AttributeError):
         return BlipqClientError(
             "http_error", f"HTTP {response.status_code}: {response.text[:200]}", response.status_code
         )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 
 import redis
 from flask import Flask, Response, jsonify
@@ -22,15 +23,41 @@ STORE_RETRY_AFTER_S = 2  # what a client is told to wait while Redis is away (a 
 
 class ApiError(Exception):
     """Root of the errors the API answers with; subclasses fix the HTTP status, which is their codes' in the registry
-    (tests/test_errors.py checks each code raised against it)."""
+    (tests/test_errors.py checks each code raised against it).
+
+    `image` names the image of a batch that the refusal is about: its index in `images` and its file name or URL.
+    """
 
     status = 400
 
-    def __init__(self, code: str, message: str, headers: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        headers: Mapping[str, str] | None = None,
+        image: RefusedImage | None = None,
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.headers = dict(headers or {})
+        self.image = image
+
+    def about_image(self, index: int, name: str) -> ApiError:
+        """This refusal, said of image `index` (`name`) of a batch: its message names it, and so does its body."""
+        refusal = ApiError(
+            self.code, f"images[{index}] ({name}): {self.message}", self.headers, RefusedImage(index, name)
+        )
+        refusal.status = self.status
+        return refusal
+
+
+@dataclass(frozen=True)
+class RefusedImage:
+    """The image of a batch that a refusal is about: its place in `images` (from 0), and its file name or URL."""
+
+    index: int
+    name: str
 
 
 class BadRequestError(ApiError):
@@ -101,9 +128,18 @@ class QueueFullError(ServiceUnavailableError):
         super().__init__("queue_full", message, {"Retry-After": str(retry_after_s)})
 
 
-def error_response(status: int, code: str, message: str, headers: Mapping[str, str] | None = None) -> Response:
-    """The one shape of every error the API answers."""
-    response = jsonify(error={"code": code, "message": message})
+def error_response(
+    status: int,
+    code: str,
+    message: str,
+    headers: Mapping[str, str] | None = None,
+    image: RefusedImage | None = None,
+) -> Response:
+    """The one shape of every error the API answers (with `image` when the refusal is about one image of a batch)."""
+    error: dict[str, object] = {"code": code, "message": message}
+    if image is not None:
+        error["image"] = asdict(image)
+    response = jsonify(error=error)
     response.status_code = status
     response.headers.update(headers or {})
     return response
@@ -114,7 +150,7 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(ApiError)
     def handle_api_error(exc: ApiError) -> Response:
-        return error_response(exc.status, exc.code, exc.message, exc.headers)
+        return error_response(exc.status, exc.code, exc.message, exc.headers, exc.image)
 
     @app.errorhandler(HTTPException)
     def handle_http_error(exc: HTTPException) -> Response:

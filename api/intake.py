@@ -2,22 +2,34 @@
 
 Shared by the job routes (api/views.py) and the batch routes (api/batches.py, api/batch_uploads.py); every refusal is
 an API error with its stable code.
+
+A multipart body is read as it streams in, with werkzeug's form parser and bounds of our own: an uploaded file is
+refused `image_too_large` as soon as it passes BLIPQ_MAX_IMAGE_BYTES (the rest of the body is not read), so that a
+too-large image is named as such however large the body; `body_too_large` is kept for what else makes a body too
+large (a form field, too many parts, a whole batch), and its message names the bound.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
+import itertools
 import json
 import re
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from tempfile import SpooledTemporaryFile
+from typing import IO, Any, cast
 
 from flask import request
 from pydantic import HttpUrl
-from werkzeug.datastructures import FileStorage
-from werkzeug.exceptions import BadRequest
+from werkzeug.datastructures import FileStorage, MultiDict
+from werkzeug.exceptions import BadRequest, RequestEntityTooLarge
+from werkzeug.formparser import FormDataParser
+from werkzeug.wsgi import get_input_stream
 
-from api.errors import BadRequestError, PayloadTooLargeError, ValidationError
-from api.settings import ApiSettings
+from api.errors import ApiError, BadRequestError, PayloadTooLargeError, ValidationError
+from api.settings import FORM_OVERHEAD_BYTES, MAX_JSON_BODY_BYTES, ApiSettings
 from worker.contract.errors import ImageInvalidError, ImageTooLargeError
 from worker.contract.images import open_image
 
@@ -25,7 +37,8 @@ JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{16,64}$")  # a job's or a batch's i
 ITEM_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{16,64}\.[0-9]{1,6}$")  # a batch item: `<batch id>.<index>`
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 IDEMPOTENCY_KEY_PATTERN = re.compile(r"^[\x21-\x7e]{1,255}$")  # visible ASCII, as header values safely are
-UPLOAD_SNIFF_MAX_PIXELS = 1 << 40  # the worker enforces the real pixel limit when it decodes
+MAX_JOB_FORM_PARTS = 16  # a job's form: its eight fields and its file, with room; a form of more parts is no job's
+SPOOL_BYTES = 500 * 1024  # an upload's bytes past this wait in a temporary file while the form is read (werkzeug's)
 
 
 def idempotency_header() -> str | None:
@@ -36,18 +49,133 @@ def idempotency_header() -> str | None:
     return key
 
 
-def check_body_size(limit: int) -> None:
-    """Refuse a body that says it is over `limit` bytes, before reading it."""
+def check_body_size(limit: int, bound: str) -> None:
+    """Refuse a body that says it is over `limit` bytes, before reading it; `bound` says what sets the limit."""
     if request.content_length is not None and request.content_length > limit:
-        raise PayloadTooLargeError("body_too_large", f"the body is over {limit} bytes")
+        raise PayloadTooLargeError("body_too_large", f"the body is over {limit} bytes, {bound}")
+
+
+JSON_BOUND = "the most a JSON body may be (a batch of 10,000 items with long URLs fits; images are uploaded apart)"
 
 
 def json_body() -> Any:
-    """The request's JSON body, parsed; refused (invalid_json) when it does not parse."""
+    """The request's JSON body, parsed; refused when it is over MAX_JSON_BODY_BYTES or does not parse (invalid_json)."""
+    check_body_size(MAX_JSON_BODY_BYTES, JSON_BOUND)
+    request.max_content_length = MAX_JSON_BODY_BYTES  # a chunked body, which declares no length, is cut there
     try:
         return request.get_json()
+    except RequestEntityTooLarge:
+        raise PayloadTooLargeError(
+            "body_too_large", f"the body is over {MAX_JSON_BODY_BYTES} bytes, {JSON_BOUND}"
+        ) from None
     except (BadRequest, RecursionError):  # RecursionError: JSON nested deeper than Python's stack
         raise BadRequestError("invalid_json", "the body is not valid JSON") from None
+
+
+@dataclass(frozen=True)
+class FormBounds:
+    """What one kind of multipart body may hold: the whole body (and what sets that bound, in words), each text
+    field, the parts, and whether its uploads are a batch's `images` (named by their index when refused)."""
+
+    body_bytes: int
+    body_bound: str
+    field_bytes: int
+    parts: int
+    batch: bool = False
+
+
+def job_form_bounds(settings: ApiSettings) -> FormBounds:
+    """A single job's form: one image of at most BLIPQ_MAX_IMAGE_BYTES, and its other fields in 64 KiB."""
+    bound = (
+        f"the most a job's form may be: its image (at most BLIPQ_MAX_IMAGE_BYTES, {settings.max_image_bytes} bytes) "
+        "and 64 KiB of other fields"
+    )
+    return FormBounds(settings.max_body_bytes, bound, FORM_OVERHEAD_BYTES, MAX_JOB_FORM_PARTS)
+
+
+@dataclass(frozen=True)
+class Form:
+    """A multipart body, read: its text fields and its files."""
+
+    fields: MultiDict[str, str]
+    files: MultiDict[str, FileStorage]
+
+
+def read_form(bounds: FormBounds, settings: ApiSettings) -> Form:
+    """Read the request's multipart body as it streams in; refused at the first bound it passes (see the module)."""
+    body_refusal = PayloadTooLargeError(
+        "body_too_large", f"the body is over {bounds.body_bytes} bytes, {bounds.body_bound}"
+    )
+    stream = BoundedBody(get_input_stream(request.environ, max_content_length=None), bounds.body_bytes, body_refusal)
+    parser = FormDataParser(
+        stream_factory=upload_factory(settings.max_image_bytes, bounds.batch),
+        max_form_memory_size=bounds.field_bytes,
+        max_form_parts=bounds.parts,
+    )
+    try:
+        _, fields, files = parser.parse(
+            cast(IO[bytes], stream), request.mimetype, request.content_length, request.mimetype_params
+        )
+    except RequestEntityTooLarge:
+        message = f"a text field is over {bounds.field_bytes} bytes, or the form has over {bounds.parts} parts"
+        raise PayloadTooLargeError("body_too_large", message) from None
+    return Form(fields, files)
+
+
+class BoundedBody(io.RawIOBase):
+    """A request body read up to `limit` bytes: reading past them raises `refusal`."""
+
+    def __init__(self, stream: IO[bytes], limit: int, refusal: ApiError) -> None:
+        self.stream, self.left, self.refusal = stream, limit, refusal
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.stream.read(min(len(buffer), self.left + 1))  # one byte more tells a body over the limit
+        if len(data) > self.left:
+            raise self.refusal
+        self.left -= len(data)
+        buffer[: len(data)] = data
+        return len(data)
+
+
+class BoundedUpload(SpooledTemporaryFile[bytes]):
+    """An uploaded file as the form parser writes it: in memory, then in a temporary file; refused past `limit`."""
+
+    def __init__(self, limit: int, refusal: Callable[[], ApiError]) -> None:
+        super().__init__(max_size=SPOOL_BYTES, mode="w+b")
+        self.limit, self.refusal, self.written = limit, refusal, 0
+
+    def write(self, data: Any) -> int:
+        self.written += len(data)
+        if self.written > self.limit:  # the rest of the body is never read
+            raise self.refusal()
+        return super().write(data)
+
+
+def upload_factory(max_image_bytes: int, batch: bool) -> Callable[..., IO[bytes]]:
+    """The form parser's container for each uploaded file, in order: bounded by BLIPQ_MAX_IMAGE_BYTES."""
+    ordinal = itertools.count()  # a batch's files are all `images`: the n-th file is images[n]
+
+    def container(
+        total_content_length: int | None, content_type: str | None, filename: str | None, content_length: int = 0
+    ) -> IO[bytes]:
+        index, name = next(ordinal), filename or ""
+
+        def refusal() -> ApiError:
+            refused = too_many_bytes(max_image_bytes)
+            return refused.about_image(index, name) if batch else refused
+
+        return cast(IO[bytes], BoundedUpload(max_image_bytes, refusal))
+
+    return container
+
+
+def too_many_bytes(max_image_bytes: int) -> PayloadTooLargeError:
+    """The refusal of an image over BLIPQ_MAX_IMAGE_BYTES."""
+    message = f"the image is over {max_image_bytes} bytes, the limit (BLIPQ_MAX_IMAGE_BYTES)"
+    return PayloadTooLargeError("image_too_large", message)
 
 
 def fingerprint(data: Any, uploads: list[bytes]) -> str:
@@ -67,16 +195,18 @@ def check_webhook(webhook: HttpUrl | None, settings: ApiSettings) -> None:
 
 
 def read_upload(file: FileStorage | None, settings: ApiSettings) -> bytes | None:
-    """The uploaded image's bytes, sniffed (image_too_large, image_invalid); None when no file was sent."""
+    """The uploaded image's bytes, checked from its header: its format (image_invalid), its bytes and its pixels
+    (image_too_large); None when no file was sent."""
     if file is None:
         return None
     data = file.read(settings.max_image_bytes + 1)
     if len(data) > settings.max_image_bytes:
-        raise PayloadTooLargeError("image_too_large", f"the image is over {settings.max_image_bytes} bytes")
+        raise too_many_bytes(settings.max_image_bytes)
     try:
-        open_image(data, UPLOAD_SNIFF_MAX_PIXELS)
+        open_image(data, settings.max_image_pixels)
     except ImageTooLargeError as exc:
-        raise PayloadTooLargeError("image_too_large", exc.message) from None
+        message = f"{exc.message} (BLIPQ_MAX_IMAGE_PIXELS, {settings.max_image_pixels})"
+        raise PayloadTooLargeError("image_too_large", message) from None
     except ImageInvalidError as exc:
         raise ValidationError("image_invalid", exc.message) from None
     return data

@@ -3,7 +3,8 @@
 `GET /healthz` (api/views.py) says the process lives; `GET /readyz` says whether jobs submitted now will run: Redis
 answers and each task the deployment serves has a worker with its model loaded (workers announce themselves in
 Redis: worker/contract/fleet.py). `GET /v1/models` (behind the API keys, like every /v1 route) lists each task's models,
-workers, waiting answers and outcomes: what the web page's fleet panel shows.
+input size, workers, waiting answers and outcomes (what the web page's fleet panel shows), and the API's upload limits
+(what `blipq tag` checks its files against).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from api.metrics import FleetCollector, RequestMetrics, scrape
 from api.openapi import documented
 from api.schemas import MetricsText, Models, Readiness
 from api.settings import ApiSettings
-from worker.contract.fleet import fleet_client, live_workers, outcome_counts
+from worker.contract.fleet import WorkerRecord, fleet_client, live_workers, outcome_counts
 from worker.contract.states import JobTask
 
 bp = Blueprint("ops", __name__)
@@ -85,12 +86,14 @@ def readyz() -> tuple[Response, int]:
 
 
 @bp.get("/v1/models")
-@documented("listModels", "operations", {200: (Models, "The tasks.")})
+@documented("listModels", "operations", {200: (Models, "The tasks, and the limits of what they take.")})
 def models() -> Response:
-    """Each task: its queue, the models and workers serving it, answers waiting, runs by outcome.
+    """Each task: its queue, models, input size and workers, answers waiting, runs by outcome; the upload limits.
 
-    Each task this API takes jobs for: its queue, the models its live workers serve, its workers, the answers waiting
-    in its queue and how the runs of its jobs ended (counts since Redis started keeping them).
+    Each task this API takes jobs for: its queue, the models its live workers serve, the size their processors resize
+    every image to (and how they decode images, when they say), its workers, the answers waiting in its queue and how
+    the runs of its jobs ended (counts since Redis started keeping them). `limits` are what this API accepts, so that
+    a client can check its files before it sends them.
     """
     ops = _ops()
     listed = []
@@ -105,12 +108,38 @@ def models() -> Response:
                 "task": task.value,
                 "queue": queue,
                 "models": sorted({worker.model for worker in workers}),
+                "image_size": input_size(workers),
+                "decode": decode_mode(workers),
                 "workers": [asdict(worker) for worker in workers],
                 "waiting": waiting_answers(ops.client, queue),
                 "outcomes": outcomes,
             }
         )
-    return jsonify(models=listed)
+    return jsonify(limits=upload_limits(ops.settings), models=listed)
+
+
+def input_size(workers: list[WorkerRecord]) -> dict[str, int] | None:
+    """The largest input size the workers publish (a picture shrunk to it loses nothing any of them uses), or None."""
+    sizes = [(worker.image_width, worker.image_height) for worker in workers if worker.image_width > 0]
+    if not sizes:
+        return None
+    return {"width": max(width for width, _ in sizes), "height": max(height for _, height in sizes)}
+
+
+def decode_mode(workers: list[WorkerRecord]) -> str | None:
+    """The decode mode the workers publish, when they all publish the same one; else None."""
+    modes = {worker.decode for worker in workers}
+    return modes.pop() if len(modes) == 1 and "" not in modes else None
+
+
+def upload_limits(settings: ApiSettings) -> dict[str, int]:
+    """What the API accepts of a submission, as GET /v1/models publishes it."""
+    return {
+        "max_image_bytes": settings.max_image_bytes,
+        "max_image_pixels": settings.max_image_pixels,
+        "max_batch_upload_bytes": settings.max_batch_upload_bytes,
+        "max_question_chars": settings.max_question_chars,
+    }
 
 
 @bp.get("/metrics")

@@ -27,7 +27,7 @@ from pydantic.config import JsonDict
 from pydantic.json_schema import SkipJsonSchema
 from pydantic_core import PydanticCustomError
 
-from api.errors import ValidationError
+from api.errors import RefusedImage, ValidationError
 from api.intake import IDEMPOTENCY_HEADER, IDEMPOTENCY_KEY_PATTERN
 from api.services import MAX_WAIT_S
 from worker.contract.fleet import WorkerRecord
@@ -297,11 +297,26 @@ def _item_text(item: BatchItem, batch: BatchRequest) -> str:
     return item.question or ""
 
 
+class ErrorImage(BaseModel):
+    """The image of a batch that a refusal is about."""
+
+    index: int = Field(ge=0, description="Its place in the batch's `images` (the uploaded files, in order), from 0.")
+    name: str = Field(description="Its file name (an upload) or its URL.")
+
+
 class ErrorDetail(BaseModel):
     """What went wrong: a stable code for programs and a message for humans."""
 
     code: str = Field(description="Stable and machine-readable, such as `question_empty`.")
     message: str = Field(description="For humans; its wording may change.")
+    image: ErrorImage | SkipJsonSchema[None] = Field(
+        default=None,
+        json_schema_extra=_no_default,
+        description=(
+            "Only in a refusal of a batch about one of its images (`image_invalid`, `image_too_large`, "
+            "`image_url_invalid`): which one. A client may take it out and send the rest again."
+        ),
+    )
 
 
 class Error(BaseModel):
@@ -448,20 +463,46 @@ class Readiness(BaseModel):
     missing: list[str] = Field(description="What keeps the service from being ready: `redis`, or `worker:<task>`.")
 
 
+class ImageSize(BaseModel):
+    """The size, in pixels, that a model's processor resizes every image to."""
+
+    width: int = Field(ge=1)
+    height: int = Field(ge=1)
+
+
 class ModelEntry(BaseModel):
     """A task the API takes jobs for, and what serves it."""
 
     task: JobTask
     queue: str
     models: list[str] = Field(description="The models its live workers serve (a model id or a directory).")
+    image_size: ImageSize | None = Field(
+        description=(
+            "The model input size its live workers publish (the largest, should they differ): a picture shrunk to it "
+            "before upload is answered as the original would be, for fewer bytes. null when no live worker says."
+        )
+    )
+    decode: str | None = Field(
+        description="How its live workers decode images, when they publish it and all the same way; else null."
+    )
     workers: list[WorkerRecord]
     waiting: int = Field(ge=0, description="Answers waiting in its queue (single jobs and batch items not started).")
     outcomes: dict[str, int] = Field(description="Runs of its jobs by how they ended, since Redis started counting.")
 
 
-class Models(BaseModel):
-    """The tasks the API takes jobs for."""
+class UploadLimits(BaseModel):
+    """What the API accepts of a submission (its settings), so that a client can check its files before it sends."""
 
+    max_image_bytes: int = Field(ge=1, description="BLIPQ_MAX_IMAGE_BYTES: the largest image, uploaded or by URL.")
+    max_image_pixels: int = Field(ge=1, description="BLIPQ_MAX_IMAGE_PIXELS: the most pixels an image may have.")
+    max_batch_upload_bytes: int = Field(ge=1, description="BLIPQ_MAX_BATCH_UPLOAD_BYTES: a batch upload's body.")
+    max_question_chars: int = Field(ge=1, description="BLIPQ_MAX_QUESTION_CHARS: the longest question or prompt.")
+
+
+class Models(BaseModel):
+    """The tasks the API takes jobs for, and the limits of what it takes."""
+
+    limits: UploadLimits
     models: list[ModelEntry]
 
 
@@ -542,4 +583,7 @@ def _translate(error: Any) -> ValidationError:
     message = error["msg"]
     if kind == "extra_forbidden":
         message = "this field is not part of a request of this kind"
-    return ValidationError(code, f"{where}: {message}" if where else message)
+    image = None
+    if len(loc) >= 2 and loc[0] == "images" and isinstance(loc[1], int):  # one image URL of the tagging shape
+        image = RefusedImage(loc[1], str(error.get("input", "")))
+    return ValidationError(code, f"{where}: {message}" if where else message, image=image)

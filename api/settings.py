@@ -25,6 +25,8 @@ from worker.contract.settings import (
 from worker.contract.states import JobTask
 
 FORM_OVERHEAD_BYTES = 64 * 1024  # room for the multipart boundaries and text fields beside one image
+# A JSON body (a job, a batch): 10,000 batch items of long URLs and questions fit; images are uploaded as multipart.
+MAX_JSON_BODY_BYTES = 16 * 1024 * 1024
 # Answers waiting in a queue (single jobs and batch items not yet taken by a worker) beyond which submissions are
 # refused (503 queue_full): about a minute of work for a few GPU workers, and a bound on what Redis holds for them.
 DEFAULT_MAX_QUEUE_DEPTH = 100_000
@@ -92,7 +94,7 @@ class ApiSettings(SharedSettings):
 
     @property
     def max_body_bytes(self) -> int:
-        """The largest request body accepted: one image plus the form around it."""
+        """The largest body of a single job's form: one image plus the fields around it."""
         return self.max_image_bytes + FORM_OVERHEAD_BYTES
 
     @field_validator("caption_queue")

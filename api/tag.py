@@ -6,13 +6,24 @@ uploads, MAX_FILES_PER_UPLOAD files and about MAX_UPLOAD_BYTES) are made as the 
 `--in-flight` of them wait on the service at once, so that the next uploads overlap the answers of the earlier ones;
 a request's lines are written as soon as it ended (and its batch deleted from the service: Redis holds only what is
 in flight), and the progress bar moves with every item that ends. Memory holds the requests in flight and one small
-hash per pair already answered, however many images: a file of a million URLs is read a line at a time. A full
-queue (503 `queue_full`) is waited out by the client's retries.
+hash per pair settled, however many images: a file of a million URLs is read a line at a time. A full queue
+(503 `queue_full`) is waited out by the client's retries.
 
-OUT holds one line per (image, question): `{"image", "question", "status", "answer", "error"}`. A re-run with the same
-OUT keeps its succeeded lines and does not ask those pairs again; every other pair (failed, canceled, expired, or
-never answered) is asked again and its old line replaced. Ctrl-C cancels the requests in flight, keeps what was
-written and says how to go on.
+No one file stops the run. Each local file is checked before it is sent, against the service's own limits (from
+`GET /v1/models`) and with the service's own header check (worker.contract.images.open_image): a file that cannot be
+read, is not an image, or is over the limits gets its own `failed` lines, with the code the service would give, and
+is not sent. A check here costs one read of the file, where the service's refusal would cost its upload (and an
+upload refused part-way reaches the client as an answer only if every server on the way reads the rest of it;
+werkzeug's documentation warns of a reset connection otherwise). Should the service refuse
+an image all the same (another service's limits, a URL it finds invalid), it names the image (its index and name)
+and the rest of the request is sent again without it: its lines say why. A refusal of a request as a whole (a
+question too long, a key refused, a service away) stops the run: the requests in flight are answered and written
+first when the service still answers, and canceled otherwise.
+
+OUT (api/tag_lines.py) holds one line per (image, question): `{"image", "question", "status", "answer", "error"}`. A
+re-run with the same OUT keeps its settled lines (succeeded, or failed for a permanent reason) and does not ask those
+pairs again; every other pair (failed for a transient reason, canceled, expired, or never answered) is asked again
+and its old line replaced. Ctrl-C cancels the requests in flight, keeps what was written and says how to go on.
 
 With `--caption` each image is also captioned once (continuing `--prompt`, if any), with or without questions:
 OUT then holds, besides any question lines, one `{"image", "prompt", "status", "caption", "error"}` line per image,
@@ -22,24 +33,24 @@ resumed the same way. A batch has one task, so the captions go as batches of the
 from __future__ import annotations
 
 import itertools
-import json
-import os
 import signal
 import sys
 import threading
 import time
-from collections import Counter, deque
-from collections.abc import Iterable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import requests
 from tqdm import tqdm
 
-from api.client import BlipqClient, BlipqClientError
+from api.client import BlipqClient, BlipqClientError, is_image_url
 from api.settings import ClientSettings
+from api.tag_inputs import FileLimits, TagInputError, check_file, check_inputs, iter_images, unreadable
+from api.tag_lines import ANSWER_KEYS, Tally, keep_settled, pair_key, refused_records, report, write_lines
 
 MAX_ANSWERS_PER_REQUEST = 10_000  # the service's limit on one batch (worker/contract/batches.py MAX_BATCH_ANSWERS)
 DEFAULT_PER_REQUEST = 1_000  # answers per request: small enough that lines and progress come often
@@ -49,40 +60,47 @@ MAX_UPLOAD_BYTES = 32 * 1024 * 1024  # about this many image bytes per multipart
 POLL_S = 0.2  # between two looks at the requests in flight, when none ended
 CANCEL_TIMEOUT_S = 5.0  # a cancel on Ctrl-C is tried once, this long at most: the user is leaving
 EXIT_INTERRUPTED = 130  # as a shell reports a command ended by SIGINT
-URL_PREFIXES = ("http://", "https://")
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
-
-TEXT_KEYS = ("question", "prompt")  # what a line's text is: a question, or a caption's prompt
-
-
-class TagInputError(Exception):
-    """Raised when an input is neither an http(s) URL nor an existing file or directory."""
 
 
 @dataclass
 class Request:
-    """One batch request: its images, the texts asked of each, and once submitted its id and the items seen ended."""
+    """One batch request: its images, the texts asked of each, and once submitted its id and the items seen ended.
+
+    A request `refused` here (one file, checked before it was sent) is never sent: its lines say why.
+    """
 
     images: list[str]
     texts: list[str]
     caption: bool = False  # its texts are one caption prompt ("" for none), not questions
     batch_id: str = ""
     shown: int = 0
+    refused: dict[str, str] | None = None
+
+    @property
+    def text_key(self) -> str:
+        """What its texts are in OUT's lines: prompts or questions."""
+        return "prompt" if self.caption else "question"
 
 
 @dataclass
-class Tally:
-    """What the run's pairs came to: succeeded, or the count of each error code; lines written this run."""
+class Run:
+    """What a run writes to: OUT, the tally of its pairs, and the progress bar."""
 
-    succeeded: int = 0
-    failed: Counter[str] = field(default_factory=Counter)
-    written: int = 0
+    out: Path
+    tally: Tally
+    bar: tqdm[Any]
 
-    def add(self, record: dict[str, Any]) -> None:
-        if record["status"] == "succeeded":
-            self.succeeded += 1
-        else:
-            self.failed[(record.get("error") or {}).get("code") or record["status"] or "unknown"] += 1
+    def write(self, records: list[dict[str, Any]]) -> None:
+        """Append lines to OUT, and count them."""
+        write_lines(self.out, records, mode="a")
+        for record in records:
+            self.tally.add(record)
+        self.tally.written += len(records)
+
+    def refuse(self, request: Request, image: str, error: dict[str, str]) -> None:
+        """Write the lines of an image refused as a whole, one per text asked of it."""
+        self.write(refused_records(image, request.text_key, request.texts, error))
+        self.bar.update(len(request.texts))
 
 
 def run_tag(
@@ -107,7 +125,7 @@ def run_tag(
         kinds.append(("question", list(dict.fromkeys(questions))))
     try:
         check_inputs(inputs, urls_file)
-        done = keep_succeeded(out)  # drops the lines of pairs that will be asked again
+        done, tally = keep_settled(out)  # drops the lines of pairs that will be asked again
         pending = sum(
             len(_pending_texts(image, key, texts, done))
             for key, texts in kinds
@@ -117,20 +135,26 @@ def run_tag(
         print(f"blipq tag: {exc}", file=sys.stderr)
         return 2
     client = BlipqClient(url, api_key=ClientSettings.from_env().api_key)
+    try:
+        limits = FileLimits.published(client.models()) if pending else None  # the first contact: is it there?
+    except (BlipqClientError, requests.RequestException) as exc:
+        print(f"blipq tag: {exc}", file=sys.stderr)
+        return 1
     per_request = max(1, min(per_request, MAX_ANSWERS_PER_REQUEST))
     requests_ = itertools.chain.from_iterable(
         plan_requests(
             ((image, _pending_texts(image, key, texts, done)) for image in iter_images(inputs, urls_file)),
             per_request,
             caption=key == "prompt",
+            screen=lambda image: check_file(image, limits),
         )
         for key, texts in kinds
     )
-    tally = Tally(succeeded=len(done))
     flight: deque[Request] = deque()
     with tqdm(total=pending, unit="answer", file=sys.stderr, dynamic_ncols=True) as bar:
+        run = Run(out, tally, bar)
         try:
-            stream_requests(client, requests_, flight, max(1, in_flight), bar, out, tally)
+            stream_requests(client, requests_, flight, max(1, in_flight), run)
         except KeyboardInterrupt:
             bar.close()
             canceled = cancel_all(client, flight)
@@ -142,40 +166,47 @@ def run_tag(
             return EXIT_INTERRUPTED
         except (BlipqClientError, requests.RequestException, OSError, TimeoutError) as exc:
             bar.close()
-            print(f"blipq tag: {exc} (re-run the same command to go on)", file=sys.stderr)
+            cancel_all(client, flight)
+            print(
+                f"blipq tag: {exc} ({tally.written} answers written; re-run the same command to go on)", file=sys.stderr
+            )
             return 1
     return report(tally)
 
 
 def stream_requests(
-    client: BlipqClient,
-    planned: Iterator[Request],
-    flight: deque[Request],
-    in_flight: int,
-    bar: tqdm[Any],
-    out: Path,
-    tally: Tally,
+    client: BlipqClient, planned: Iterator[Request], flight: deque[Request], in_flight: int, run: Run
 ) -> None:
-    """Keep `in_flight` requests on the service, write each one's lines as soon as it ended, until all are written."""
+    """Keep `in_flight` requests on the service, write each one's lines as soon as it ended, until all are written.
+
+    A refusal of a request as a whole stops the sending; the requests in flight are still waited for and written,
+    then it is raised.
+    """
+    stopped: BlipqClientError | None = None
     while True:
-        while len(flight) < in_flight and (request := next(planned, None)) is not None:
-            with ctrl_c_after():  # a batch the service accepted is always in `flight`, so Ctrl-C cancels it
-                request.batch_id = submit(client, request)
-                flight.append(request)
+        while stopped is None and len(flight) < in_flight and (request := next(planned, None)) is not None:
+            if request.refused is not None:
+                run.refuse(request, request.images[0], request.refused)
+                continue
+            try:
+                with ctrl_c_after():  # a batch the service accepted is always in `flight`, so Ctrl-C cancels it
+                    request.batch_id = submit(client, request, run)
+                    if request.batch_id:
+                        flight.append(request)
+            except BlipqClientError as exc:
+                stopped = exc
         if not flight:
+            if stopped is not None:
+                raise stopped
             return
         ended_any = False
         for request in list(flight):
             summary = client.batch(request.batch_id)
-            bar.update(summary["ended"] - request.shown)
+            run.bar.update(summary["ended"] - request.shown)
             request.shown = summary["ended"]
             if summary["ended"] >= summary["count"]:
-                records = list(result_records(client, request))
-                write_lines(out, records, mode="a")
+                run.write(list(result_records(client, request)))
                 client.delete_batch(request.batch_id)  # its lines are saved: Redis holds only what is in flight
-                for record in records:
-                    tally.add(record)
-                tally.written += len(records)
                 flight.remove(request)
                 ended_any = True
         if not ended_any:
@@ -208,18 +239,34 @@ def ctrl_c_after() -> Iterator[None]:
         raise KeyboardInterrupt
 
 
-def submit(client: BlipqClient, request: Request) -> str:
-    """Submit one request as a batch (its images x its texts); the batch's id."""
-    if request.caption:
-        batch_id, _ = client.submit_batch(request.images, caption=True, prompt=request.texts[0] or None)
-    else:
-        batch_id, _ = client.submit_batch(request.images, request.texts)
-    return batch_id
+def submit(client: BlipqClient, request: Request, run: Run) -> str:
+    """Submit one request as a batch (its images x its texts); the batch's id ("" when every image was refused).
+
+    An image the service refuses (it names it), or a file gone since it was checked, is taken out of the request,
+    its lines written, and the rest sent again; any other refusal is raised.
+    """
+    while request.images:
+        try:
+            if request.caption:
+                batch_id, _ = client.submit_batch(request.images, caption=True, prompt=request.texts[0] or None)
+            else:
+                batch_id, _ = client.submit_batch(request.images, request.texts)
+            return batch_id
+        except BlipqClientError as exc:
+            if exc.image_index is None or not 0 <= exc.image_index < len(request.images):
+                raise
+            index, error = exc.image_index, {"code": exc.code, "message": exc.message}
+        except OSError as exc:  # reading a file to upload it
+            if exc.filename not in request.images:
+                raise
+            index, error = request.images.index(exc.filename), unreadable(exc)
+        run.refuse(request, request.images.pop(index), error)
+    return ""
 
 
 def result_records(client: BlipqClient, request: Request) -> Iterator[dict[str, Any]]:
     """One OUT record per item of an ended request, in item order (image by image)."""
-    text_key, answer_key = ("prompt", "caption") if request.caption else ("question", "answer")
+    text_key = request.text_key
     texts = request.texts
     for item in client.results(request.batch_id):
         image, text = request.images[item["index"] // len(texts)], texts[item["index"] % len(texts)]
@@ -227,7 +274,7 @@ def result_records(client: BlipqClient, request: Request) -> Iterator[dict[str, 
             "image": image,
             text_key: text,
             "status": item["status"],
-            answer_key: item["answer"],
+            ANSWER_KEYS[text_key]: item["answer"],
             "error": item["error"],
         }
 
@@ -248,85 +295,21 @@ def cancel_all(client: BlipqClient, flight: Iterable[Request]) -> int:
     return canceled
 
 
-def check_inputs(inputs: Iterable[str], urls_file: Path | None) -> None:
-    """Refuse at once an input that is neither a URL nor a file or directory, and a run with no input at all."""
-    for name in inputs:
-        if not (name.startswith(URL_PREFIXES) or Path(name).is_file() or Path(name).is_dir()):
-            raise TagInputError(f"{name!r} is not an http(s) URL, a file or a directory")
-    if urls_file is not None and not urls_file.is_file():
-        raise TagInputError(f"{str(urls_file)!r} (--urls) is not a file")
-    if next(iter_images(inputs, urls_file), None) is None:
-        raise TagInputError("no image: name URLs, files or directories, or a file of URLs with --urls")
-
-
-def iter_images(inputs: Iterable[str], urls_file: Path | None) -> Iterator[str]:
-    """The images to tag, each once, as they are read: URLs and files as named, directories' image files, and
-    `urls_file`'s lines (one at a time). Repeats are recognised by a hash of the name, not kept whole."""
-    seen: set[int] = set()
-
-    def named() -> Iterator[str]:
-        for name in inputs:
-            if Path(name).is_dir() and not name.startswith(URL_PREFIXES):
-                found = (path for path in Path(name).rglob("*") if path.suffix.lower() in IMAGE_SUFFIXES)
-                yield from (str(path) for path in sorted(found) if path.is_file())
-            else:
-                yield name
-        if urls_file is not None:
-            with urls_file.open(encoding="utf-8") as lines:
-                for line in lines:
-                    if url := line.split("#", 1)[0].strip():
-                        yield url
-
-    for image in named():
-        if hash(image) not in seen:
-            seen.add(hash(image))
-            yield image
-
-
-def keep_succeeded(out: Path) -> set[int]:
-    """Rewrite an earlier run's OUT with its succeeded lines only, a line at a time; the hashes of their pairs
-    (image, "question" or "prompt", text)."""
-    done: set[int] = set()
-    kept = out.with_name(out.name + ".kept")
-    with kept.open("w", encoding="utf-8") as stream:
-        if out.exists():
-            with out.open(encoding="utf-8") as lines:
-                for line in lines:
-                    record = read_succeeded_line(line)
-                    if record is None:
-                        continue
-                    key = next(key for key in TEXT_KEYS if key in record)
-                    pair = hash((record["image"], key, record[key]))
-                    if pair not in done:
-                        done.add(pair)
-                        stream.write(json.dumps(record, ensure_ascii=False) + "\n")
-    os.replace(kept, out)
-    return done
-
-
-def read_succeeded_line(line: str) -> dict[str, Any] | None:
-    """The record of a succeeded line of OUT (a question's or a caption's), or None (another status, a line cut
-    short)."""
-    try:
-        record = json.loads(line)
-    except ValueError:
-        return None  # a line cut short by an interrupted run: its pair is asked again
-    if isinstance(record, dict) and record.get("status") == "succeeded" and any(key in record for key in TEXT_KEYS):
-        return record
-    return None
-
-
 def _pending_texts(image: str, key: str, texts: list[str], done: set[int]) -> tuple[str, ...]:
-    return tuple(text for text in texts if hash((image, key, text)) not in done)
+    return tuple(text for text in texts if pair_key(image, key, text) not in done)
 
 
 def plan_requests(
-    images: Iterable[tuple[str, tuple[str, ...]]], per_request: int, caption: bool = False
+    images: Iterable[tuple[str, tuple[str, ...]]],
+    per_request: int,
+    caption: bool = False,
+    screen: Callable[[str], dict[str, str] | None] = lambda image: None,
 ) -> Iterator[Request]:
     """Group images, in the order read, with the texts still to ask of each, into tagging-shape requests (images x
     texts) of at most `per_request` answers.
 
-    Consecutive images that need the same texts go together; URLs and local files never share a request.
+    Consecutive images that need the same texts go together; URLs and local files never share a request. An image
+    that `screen` refuses goes alone, as a request refused with its error, never sent.
     """
     run: list[str] = []
     run_key: tuple[bool, tuple[str, ...]] | None = None
@@ -334,7 +317,11 @@ def plan_requests(
     for image, texts in images:
         if not texts:
             continue
-        is_url = image.startswith(URL_PREFIXES)
+        refused = screen(image)
+        if refused is not None:
+            yield Request([image], list(texts), caption, refused=refused)
+            continue
+        is_url = is_image_url(image)
         for first in range(0, len(texts), per_request):
             part = texts[first : first + per_request]
             image_size = 0 if is_url else Path(image).stat().st_size
@@ -352,21 +339,3 @@ def plan_requests(
             size += image_size
     if run and run_key is not None:
         yield Request(run, list(run_key[1]), caption)
-
-
-def write_lines(out: Path, records: Iterable[dict[str, Any]], mode: str) -> None:
-    """Write (or append) records to OUT as JSON lines, flushed: an interrupted run keeps what it wrote."""
-    with out.open(mode, encoding="utf-8") as stream:
-        for record in records:
-            stream.write(json.dumps(record, ensure_ascii=False) + "\n")
-
-
-def report(tally: Tally) -> int:
-    """0 when every pair succeeded; else 1, with the count of each error code on stderr."""
-    total = tally.succeeded + sum(tally.failed.values())
-    if not tally.failed:
-        print(f"blipq tag: {total} answers, all succeeded", file=sys.stderr)
-        return 0
-    summary = ", ".join(f"{code}: {count}" for code, count in tally.failed.most_common())
-    print(f"blipq tag: {sum(tally.failed.values())} of {total} answers failed ({summary})", file=sys.stderr)
-    return 1

@@ -16,11 +16,12 @@ from api.errors import ConflictError, NotFoundError, UnsupportedMediaTypeError, 
 from api.intake import (
     ITEM_ID_PATTERN,
     JOB_ID_PATTERN,
-    check_body_size,
     check_webhook,
     fingerprint,
     idempotency_header,
+    job_form_bounds,
     json_body,
+    read_form,
     read_upload,
 )
 from api.openapi import SUBMIT_CODES, documented
@@ -261,14 +262,14 @@ def _accepted(job: Job, headers: dict[str, str] | None = None) -> tuple[Response
 
 
 def _parse_job_request(settings: ApiSettings) -> Submission:
-    check_body_size(settings.max_body_bytes)
     if request.mimetype == "application/json":
         data = json_body()
         upload = None
     elif request.mimetype == "multipart/form-data":
-        data = request.form.to_dict()
-        upload = read_upload(request.files.get("image"), settings)
-        extra = set(request.files) - {"image"}
+        form = read_form(job_form_bounds(settings), settings)
+        data = form.fields.to_dict()
+        upload = read_upload(form.files.get("image"), settings)
+        extra = set(form.files) - {"image"}
         if extra:
             raise ValidationError("unknown_field", f"{sorted(extra)[0]}: only one file, named 'image', is accepted")
     else:

@@ -16,6 +16,7 @@ from flask.testing import FlaskClient
 from api.admission import queue_names
 from api.up import RedisProcess, stop_process
 from tests.conftest import WorkerProcess, api_client, start_worker, wait_for_batch, wait_for_job
+from tests.fixtures import hostile
 from tests.fixtures.images import shape_png
 from worker.contract.batches import BatchStore, outcome_value
 from worker.contract.broker import create_celery, publish_chunk
@@ -163,13 +164,53 @@ def test_a_chunk_published_again_is_answered_from_the_shared_upload(
     assert answered["answer"] == wait_for_job(api, single.get_json()["id"], worker)["answer"]
 
 
-def test_a_non_image_upload_is_refused_and_nothing_is_stored(idle_api: FlaskClient, redis_client: redis.Redis) -> None:
+def test_a_non_image_upload_is_refused_naming_it_and_nothing_is_stored(
+    idle_api: FlaskClient, redis_client: redis.Redis
+) -> None:
     form = upload_form([(shape_png("red"), "red.png"), (b"%PDF-1.4 not an image", "notes.pdf")])
     response = idle_api.post("/v1/batches", data=form, content_type="multipart/form-data")
 
     assert response.status_code == 422
-    assert response.get_json()["error"]["code"] == "image_invalid"
+    error = response.get_json()["error"]
+    assert error["code"] == "image_invalid"
+    assert error["image"] == {"index": 1, "name": "notes.pdf"} and "images[1] (notes.pdf)" in error["message"]
     assert list(redis_client.scan_iter("blipq:*")) == []
+
+
+@pytest.mark.parametrize(
+    ("refused", "setting"),
+    [
+        (shape_png("blue") + b"\0" * 40_000, "BLIPQ_MAX_IMAGE_BYTES"),  # read no further than the limit
+        (hostile.png_zero_bomb(400, 300), "BLIPQ_MAX_IMAGE_PIXELS"),  # 120,000 pixels, in a few hundred bytes
+    ],
+)
+def test_an_upload_over_the_image_limits_is_refused_naming_it_and_the_setting(
+    redis_server: RedisProcess, redis_client: redis.Redis, refused: bytes, setting: str
+) -> None:
+    # Given an API that takes images of at most 32 KiB and 100,000 pixels
+    queue = f"idle-{secrets.token_hex(4)}"
+    api = api_client(redis_server.url, queue, max_image_bytes=32 * 1024, max_image_pixels=100_000)
+    images = [(shape_png("red"), "red.png"), (shape_png("green"), "green.png"), (refused, "big.png")]
+
+    # When a batch uploads an image over one of them
+    response = api.post("/v1/batches", data=upload_form(images), content_type="multipart/form-data")
+
+    # Then it is refused image_too_large, naming the image and the setting, and nothing is stored
+    assert response.status_code == 413, response.get_json()
+    error = response.get_json()["error"]
+    assert (error["code"], error["image"]) == ("image_too_large", {"index": 2, "name": "big.png"})
+    assert setting in error["message"]
+    assert list(redis_client.scan_iter("blipq:batch*")) == []
+
+
+def test_an_invalid_url_of_a_json_batch_is_named(idle_api: FlaskClient) -> None:
+    body = {"images": ["https://example.com/a.png", "ftp://example.com/b.png"], "questions": ["what?"]}
+
+    response = idle_api.post("/v1/batches", json=body)
+
+    assert response.status_code == 422
+    error = response.get_json()["error"]
+    assert (error["code"], error["image"]) == ("image_url_invalid", {"index": 1, "name": "ftp://example.com/b.png"})
 
 
 def test_a_body_over_the_batch_upload_limit_is_refused(idle_api: FlaskClient, redis_client: redis.Redis) -> None:
@@ -178,6 +219,7 @@ def test_a_body_over_the_batch_upload_limit_is_refused(idle_api: FlaskClient, re
 
     assert response.status_code == 413
     assert response.get_json()["error"]["code"] == "body_too_large"
+    assert "BLIPQ_MAX_BATCH_UPLOAD_BYTES" in response.get_json()["error"]["message"]
     assert list(redis_client.scan_iter("blipq:*")) == []
 
 

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 
-from api.client import BlipqClient, BlipqClientError, JobFailedError
+from api.cli import main
+from api.client import BlipqClient, BlipqClientError, JobFailedError, ServiceUnreachableError
 from api.settings import ApiSettings
 from api.up import RedisProcess
 from tests.conftest import ROOT, ImageServer, WorkerProcess, serve_app, wait_for_worker_record
@@ -45,7 +49,9 @@ def test_a_failed_job_raises_with_the_service_code(service_url: str, image_serve
     with pytest.raises(JobFailedError) as failure:
         client.ask(image_server.url("/missing.png"), "what color?", timeout_s=120)
     assert failure.value.code == "image_fetch_failed"
-    assert failure.value.job["status"] == "failed"
+    assert failure.value.job_status == "failed" == failure.value.job["status"]
+    assert failure.value.job_id == failure.value.job["id"] and failure.value.job_id
+    assert failure.value.status is None, "no HTTP refusal is behind it: the job ended without an answer"
 
 
 def test_a_refused_request_raises_with_the_service_code(service_url: str) -> None:
@@ -195,3 +201,96 @@ def test_a_caption_batch_is_submitted_waited_for_and_read_back(
         assert [item["answer"] for item in results] == expected
     with pytest.raises(ValueError, match="no questions"):
         client.submit_batch(urls, ["what color?"], caption=True)
+
+
+OTHER_SCHEMES = ["ftp://example.com/x.jpg", "s3://bucket/x.jpg", "gs://bucket/x.jpg", "data:image/png;base64,iVBO"]
+
+
+def closed_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on: connecting to it is refused."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.mark.parametrize("image", OTHER_SCHEMES)
+def test_an_image_of_another_scheme_is_refused_not_read_as_a_file(image: str) -> None:
+    # A service that is not there: were anything sent, the error would be a refused connection
+    client = BlipqClient(f"http://127.0.0.1:{closed_port()}")
+
+    for call in (
+        lambda: client.submit(image, "what color?"),
+        lambda: client.ask(image, "what color?"),
+        lambda: client.caption(image),
+        lambda: client.submit_batch([image], ["what color?"]),
+    ):
+        with pytest.raises(BlipqClientError) as refused:
+            call()
+        assert refused.value.code == "image_url_invalid" and refused.value.status is None
+        assert "only http(s) URLs and local files" in refused.value.message
+        assert "No such file" not in refused.value.message
+
+
+@pytest.mark.parametrize("command", ["ask", "caption"])
+def test_blipq_ask_and_caption_refuse_an_image_of_another_scheme(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = [command, "s3://bucket/x.jpg", *(["what color?"] if command == "ask" else [])]
+
+    with pytest.raises(SystemExit) as exit_status:
+        main([*args, "--url", f"http://127.0.0.1:{closed_port()}"])
+
+    assert exit_status.value.code == 1
+    assert f"blipq {command}: image_url_invalid: 's3://bucket/x.jpg': only http(s) URLs" in capsys.readouterr().err
+
+
+UNREACHABLE = [
+    (
+        lambda: f"http://127.0.0.1:{closed_port()}",
+        "service_refused",
+        "it refused the connection: is `blipq up` running?",
+    ),
+    (
+        lambda: "http://blipq-nowhere.invalid:8000",
+        "service_not_found",
+        "the host blipq-nowhere.invalid does not resolve",
+    ),
+]
+
+
+@pytest.mark.parametrize(("make_url", "code", "why"), UNREACHABLE, ids=["refused", "dns"])
+def test_a_service_that_cannot_be_reached_is_named_at_once(make_url: Any, code: str, why: str) -> None:
+    url = make_url()
+    client = BlipqClient(url)
+
+    started = time.monotonic()
+    with pytest.raises(ServiceUnreachableError) as unreachable:
+        client.ask(shape_png("red"), "what color?")
+
+    # Said at once, not after the ten minutes of retries a service that answered before gets, with its code and why
+    assert time.monotonic() - started < 60
+    assert unreachable.value.code == code and unreachable.value.status is None
+    assert unreachable.value.message == f"cannot reach the blipq service at {url}: {why}"
+
+
+@pytest.mark.parametrize(("make_url", "code", "why"), UNREACHABLE, ids=["refused", "dns"])
+def test_blipq_ask_caption_and_tag_name_a_service_that_cannot_be_reached(
+    make_url: Any, code: str, why: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = make_url()
+    picture = tmp_path / "red.png"
+    picture.write_bytes(shape_png("red"))
+    commands = {
+        "ask": ["ask", str(picture), "what color?"],
+        "caption": ["caption", str(picture)],
+        "tag": ["tag", str(picture), "-q", "what color?", "-o", str(tmp_path / "out.jsonl")],
+    }
+
+    for command, args in commands.items():
+        with pytest.raises(SystemExit) as exit_status:
+            main([*args, "--url", url])
+
+        assert exit_status.value.code == 1, command
+        err = capsys.readouterr().err
+        assert f"blipq {command}: {code}: cannot reach the blipq service at {url}: {why}" in err, err
+        assert "Traceback" not in err and "ConnectionError" not in err

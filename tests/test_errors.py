@@ -27,6 +27,7 @@ from worker.contract.errors import (
     BlipqError,
     ErrorKind,
     errors_markdown,
+    is_transient,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -128,10 +129,16 @@ def given(package: str, exclude: tuple[str, ...] = ()) -> dict[Path, set[tuple[s
 
 REGISTRY_MODULE = "worker/contract/errors.py"  # its codes are the registry's own, not codes given
 WEBHOOK_MODULE = ROOT / "worker" / "webhooks.py"
+# The client's side of api/: what it gives is its own codes, or the service's where it refuses what the service would.
+CLIENT_MODULES = ("api/client.py", "api/cli.py", "api/tag.py", "api/tag_inputs.py", "api/tag_lines.py")
+
+
+def client_codes() -> set[str]:
+    return {code for module in CLIENT_MODULES for code, _ in codes_in(ROOT / module)}
 
 
 def test_every_code_the_api_gives_is_an_http_error_of_the_registry_with_its_status() -> None:
-    found = {pair for codes in given("api").values() for pair in codes} | {
+    found = {pair for codes in given("api", exclude=CLIENT_MODULES).values() for pair in codes} | {
         (c, None) for c in FIELD_ERROR_CODES.values()
     }
     codes = {code for code, _ in found}
@@ -148,6 +155,23 @@ def test_every_code_the_api_gives_is_an_http_error_of_the_registry_with_its_stat
     for code, raised_by in found:
         if raised_by is not None:
             assert HTTP_ERRORS[code].status == API_ERRORS[raised_by].status, (code, raised_by)
+
+
+def test_every_code_the_client_gives_is_its_own_or_one_the_service_gives_for_the_same() -> None:
+    given_by_client = client_codes()
+    own = {entry.code for entry in REGISTRY if entry.kind is ErrorKind.CLIENT}
+
+    assert {"service_not_found", "service_refused", "file_unreadable", "image_url_invalid"} <= given_by_client
+    assert given_by_client <= own | set(HTTP_ERRORS), given_by_client - own - set(HTTP_ERRORS)
+
+
+def test_a_code_is_transient_or_not_whatever_its_kind() -> None:
+    for code in {entry.code for entry in REGISTRY}:
+        kinds = {entry.kind: entry.transient for entry in REGISTRY if entry.code == code}
+        assert len(set(kinds.values())) == 1, (code, kinds)
+    assert not is_transient("image_invalid") and not is_transient("url_not_allowed")
+    assert is_transient("worker_lost") and is_transient("canceled") and is_transient("image_fetch_timeout")
+    assert is_transient("a_code_from_a_newer_service"), "an unknown code is asked again"
 
 
 def test_every_code_a_worker_gives_is_a_failure_of_the_registry() -> None:
@@ -168,7 +192,8 @@ def test_every_code_a_worker_gives_is_a_failure_of_the_registry() -> None:
 
 
 def test_every_code_of_the_registry_is_given_somewhere() -> None:
-    api_codes = {code for codes in given("api").values() for code, _ in codes} | set(FIELD_ERROR_CODES.values())
+    api_codes = {code for codes in given("api", exclude=CLIENT_MODULES).values() for code, _ in codes}
+    api_codes |= set(FIELD_ERROR_CODES.values())
     worker_found = given("worker", exclude=(REGISTRY_MODULE,))
     webhook = {code for code, _ in worker_found.pop(WEBHOOK_MODULE)}
     classes = {cls.code for cls in WORKER_ERRORS.values()}
@@ -179,6 +204,7 @@ def test_every_code_of_the_registry_is_given_somewhere() -> None:
         ErrorKind.HTTP: api_codes | framework,
         ErrorKind.FAILURE: failures,
         ErrorKind.WEBHOOK: webhook,
+        ErrorKind.CLIENT: client_codes(),
         ErrorKind.SETTING: classes & {"bad_setting"},
     }
 

@@ -10,19 +10,28 @@ import redis
 from flask.testing import FlaskClient
 
 from api.admission import queue_depth, queue_names
+from api.settings import MAX_JSON_BODY_BYTES
 from api.up import RedisProcess, start_redis
 from tests.conftest import api_client
+from tests.fixtures import hostile
 from tests.fixtures.images import shape_png
 
 UNCONSUMED_QUEUE = "unconsumed"  # no worker reads it: whatever is enqueued stays there to be counted
 MAX_IMAGE_BYTES = 64 * 1024
+MAX_IMAGE_PIXELS = 100_000
 IMAGE_URL = "https://images.example.com/dog.png"
 
 
 @pytest.fixture
 def api(redis_server: RedisProcess, redis_client: redis.Redis) -> FlaskClient:
     redis_client.delete(*queue_names(UNCONSUMED_QUEUE))
-    return api_client(redis_server.url, UNCONSUMED_QUEUE, max_image_bytes=MAX_IMAGE_BYTES, max_question_chars=100)
+    return api_client(
+        redis_server.url,
+        UNCONSUMED_QUEUE,
+        max_image_bytes=MAX_IMAGE_BYTES,
+        max_image_pixels=MAX_IMAGE_PIXELS,
+        max_question_chars=100,
+    )
 
 
 def assert_nothing_enqueued(client: redis.Redis) -> None:
@@ -75,32 +84,49 @@ def test_other_content_types_are_a_415(api: FlaskClient, redis_client: redis.Red
 
 
 @pytest.mark.parametrize(
-    ("form", "status", "code"),
+    ("form", "status", "code", "named"),
     [
-        ({"question": "what color?", "image_url": IMAGE_URL, "image": "png"}, 422, "image_conflict"),
-        ({"image": "png"}, 422, "question_missing"),
-        ({"question": "what color?"}, 422, "image_missing"),
-        ({"question": "what color?", "image": "text"}, 422, "image_invalid"),
-        ({"question": "what color?", "image": "empty"}, 422, "image_invalid"),
-        ({"question": "what color?", "image": "over_image_limit"}, 413, "image_too_large"),
-        ({"question": "what color?", "image": "over_body_limit"}, 413, "body_too_large"),
+        ({"question": "what color?", "image_url": IMAGE_URL, "image": "png"}, 422, "image_conflict", ""),
+        ({"image": "png"}, 422, "question_missing", ""),
+        ({"question": "what color?"}, 422, "image_missing", ""),
+        ({"question": "what color?", "image": "text"}, 422, "image_invalid", ""),
+        ({"question": "what color?", "image": "empty"}, 422, "image_invalid", ""),
+        ({"question": "what color?", "image": "over_image_limit"}, 413, "image_too_large", "BLIPQ_MAX_IMAGE_BYTES"),
+        # An image far over the limit is named as such, not as a body over its limit
+        ({"question": "what color?", "image": "far_over"}, 413, "image_too_large", f"{MAX_IMAGE_BYTES} bytes"),
+        ({"question": "what color?", "image": "over_pixels"}, 413, "image_too_large", "BLIPQ_MAX_IMAGE_PIXELS"),
+        # A body over its limit for another reason than its image says what bounds it
+        ({"question": "x" * 70_000, "image": "png"}, 413, "body_too_large", "65536 bytes"),
     ],
 )
 def test_bad_upload_is_refused_with_its_code(
-    api: FlaskClient, redis_client: redis.Redis, form: dict[str, str], status: int, code: str
+    api: FlaskClient, redis_client: redis.Redis, form: dict[str, str], status: int, code: str, named: str
 ) -> None:
     files = {
         "png": shape_png("red"),
         "text": b"this is not an image",
         "empty": b"",
         "over_image_limit": shape_png("red") + b"\0" * MAX_IMAGE_BYTES,
-        "over_body_limit": b"\0" * (MAX_IMAGE_BYTES * 3),
+        "far_over": shape_png("red") + b"\0" * (MAX_IMAGE_BYTES * 3),
+        "over_pixels": hostile.png_zero_bomb(400, 300),  # a valid image of 120,000 pixels, in a few hundred bytes
     }
     data: dict[str, Any] = dict(form)
     if "image" in form:
         data["image"] = (io.BytesIO(files[form["image"]]), "image.png", "image/png")
     response = api.post("/v1/jobs", data=data, content_type="multipart/form-data")
     assert_error(response, status, code)
+    assert named in response.get_json()["error"]["message"]
+    assert "image" not in response.get_json()["error"], "a job's refusal names no image of a batch"
+    assert_nothing_enqueued(redis_client)
+
+
+def test_a_json_body_over_its_limit_is_refused_naming_it(api: FlaskClient, redis_client: redis.Redis) -> None:
+    body = {"question": "what is it?", "image_url": IMAGE_URL, "padding": "x" * MAX_JSON_BODY_BYTES}
+
+    response = api.post("/v1/jobs", json=body)
+
+    assert_error(response, 413, "body_too_large")
+    assert f"over {MAX_JSON_BODY_BYTES} bytes, the most a JSON body may be" in response.get_json()["error"]["message"]
     assert_nothing_enqueued(redis_client)
 
 

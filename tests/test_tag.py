@@ -24,6 +24,7 @@ from api.settings import ApiSettings
 from api.tag import ctrl_c_after
 from api.up import RedisProcess
 from tests.conftest import ROOT, QuietHandler, WorkerProcess, http_server, serve_app, wait_for_worker_record
+from tests.fixtures import hostile
 from tests.fixtures.images import shape_png
 from tests.test_chaos import reference_answers
 
@@ -58,6 +59,10 @@ def blipq_tag(service_url: str, *args: str) -> subprocess.CompletedProcess[str]:
     command = [sys.executable, "-m", "api.cli", "tag", *args, "--url", service_url]
     for question in QUESTIONS:
         command += ["-q", question]
+    return subprocess.run(command, capture_output=True, text=True, timeout=180, cwd=ROOT, check=False)
+
+
+def run_command(command: list[str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(command, capture_output=True, text=True, timeout=180, cwd=ROOT, check=False)
 
 
@@ -131,6 +136,180 @@ def test_tag_uploads_a_directory_of_local_images(service_url: str, tmp_path: Pat
     client = BlipqClient(service_url)
     expected = {(str(path), q): client.ask(path, q, timeout_s=120) for path in paths for q in QUESTIONS}
     assert {pair: record["answer"] for pair, record in read_out(out).items()} == expected
+
+
+SMALL_IMAGE_BYTES = 64 * 1024  # the byte limit of the service below: a file over it is easy to make
+SMALL_IMAGE_PIXELS = 100_000  # and its pixel limit
+
+
+@pytest.fixture
+def small_limits_url(
+    redis_server: RedisProcess, tiny_worker: WorkerProcess, redis_client: redis.Redis
+) -> Iterator[str]:
+    """The API over HTTP, in front of the tiny worker, taking images of at most 64 KiB and 100,000 pixels."""
+    wait_for_worker_record(redis_server.url, tiny_worker.queue, 1, tiny_worker)
+    settings = ApiSettings(
+        redis_url=redis_server.url,
+        queue=tiny_worker.queue,
+        max_image_bytes=SMALL_IMAGE_BYTES,
+        max_image_pixels=SMALL_IMAGE_PIXELS,
+    )
+    yield from serve_app(settings)
+
+
+def folder_with_a_broken_and_an_oversized_file(tmp_path: Path) -> dict[str, Path]:
+    """A folder of three files: a good picture, a text file named .png, and a picture over the byte limit."""
+    pictures = tmp_path / "pictures"
+    pictures.mkdir()
+    files = {"good": pictures / "good.png", "broken": pictures / "broken.png", "big": pictures / "big.png"}
+    files["good"].write_bytes(shape_png("red"))
+    files["broken"].write_text("not a picture, whatever its name says")
+    files["big"].write_bytes(shape_png("blue") + b"\0" * SMALL_IMAGE_BYTES)  # a valid PNG, with trailing bytes
+    return files
+
+
+def test_a_broken_and_an_oversized_file_get_their_own_failed_lines_and_a_rerun_keeps_them(
+    small_limits_url: str, tmp_path: Path
+) -> None:
+    # Given a folder with a broken file, an oversized one and a good one
+    files = folder_with_a_broken_and_an_oversized_file(tmp_path)
+    out = tmp_path / "out.jsonl"
+    question = ["-q", QUESTIONS[0]]
+    command = [sys.executable, "-m", "api.cli", "tag", str(files["good"].parent), *question, "-o", str(out)]
+
+    # When the folder is tagged
+    first = run_command([*command, "--url", small_limits_url])
+
+    # Then each file has its line: two failed with their codes and names, one succeeded; the run exits 1
+    assert first.returncode == 1, first.stderr
+    lines = {Path(record["image"]).stem: record for record in map(json.loads, out.read_text().splitlines())}
+    assert set(lines) == {"good", "broken", "big"} and len(out.read_text().splitlines()) == 3
+    assert lines["good"]["status"] == "succeeded" and lines["good"]["answer"]
+    assert (lines["broken"]["status"], lines["broken"]["error"]["code"]) == ("failed", "image_invalid")
+    assert (lines["big"]["status"], lines["big"]["error"]["code"]) == ("failed", "image_too_large")
+    assert "BLIPQ_MAX_IMAGE_BYTES" in lines["big"]["error"]["message"]
+    assert all(lines[name]["image"] == str(files[name]) for name in files)
+    assert "2 of 3 answers failed" in first.stderr and "image_invalid: 1" in first.stderr, first.stderr
+
+    # When the files are mended and the same command runs again
+    files["broken"].write_bytes(shape_png("green"))
+    files["big"].write_bytes(shape_png("blue"))
+    second = run_command([*command, "--url", small_limits_url])
+
+    # Then the permanent failures are kept as they were, not asked again, and still reported
+    assert second.returncode == 1, second.stderr
+    assert [json.loads(line) for line in out.read_text().splitlines()] == list(lines.values())
+    assert "kept from an earlier run" in second.stderr, second.stderr
+
+
+class WithoutLimits(QuietHandler):
+    """A front of the API that hides the upload limits of GET /v1/models, as a service that does not publish them
+    would, and counts the batch submissions it forwards."""
+
+    target = ""
+    submissions: list[int] = []  # noqa: RUF012  (set per test on a subclass)
+
+    def do_GET(self) -> None:
+        answer = requests.get(self.target + self.path, headers=self.forwarded(), timeout=30)
+        body = answer.content
+        if self.path == "/v1/models":
+            body = json.dumps({"models": answer.json()["models"]}).encode()
+        self.answer(answer.status_code, answer.headers.get("Content-Type", "text/plain"), body)
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        answer = requests.post(self.target + self.path, data=body, headers=self.forwarded(), timeout=30)
+        if self.path == "/v1/batches":
+            self.submissions.append(answer.status_code)
+        self.answer(answer.status_code, answer.headers.get("Content-Type", "text/plain"), answer.content)
+
+    def do_DELETE(self) -> None:
+        answer = requests.delete(self.target + self.path, headers=self.forwarded(), timeout=30)
+        self.answer(answer.status_code, answer.headers.get("Content-Type", "text/plain"), answer.content)
+
+    def forwarded(self) -> dict[str, str]:
+        return {name: value for name, value in self.headers.items() if name.lower() != "host"}
+
+
+def test_a_file_the_service_refuses_is_taken_out_and_the_rest_sent_again(small_limits_url: str, tmp_path: Path) -> None:
+    # Given a service whose limits the client cannot read, and a folder of a good picture, one over the byte limit
+    # and one over the pixel limit (both valid images: nothing the client can tell without the limits)
+    files = folder_with_a_broken_and_an_oversized_file(tmp_path)
+    files.pop("broken").unlink()
+    files["pixels"] = files["good"].parent / "pixels.png"
+    files["pixels"].write_bytes(hostile.png_zero_bomb(400, 300))  # 120,000 pixels in a few hundred bytes
+    out = tmp_path / "out.jsonl"
+    front = type("Front", (WithoutLimits,), {"target": small_limits_url, "submissions": []})
+
+    # When the folder is tagged
+    with http_server(front) as port:
+        tagged = blipq_tag(f"http://127.0.0.1:{port}", str(files["good"].parent), "-o", str(out))
+
+    # Then the service named each refused file, which got its lines, and the rest was sent again without it
+    assert tagged.returncode == 1, tagged.stderr
+    assert front.submissions == [413, 413, 202], "big.png, then pixels.png refused; good.png accepted"
+    records = read_out(out)
+    for question in QUESTIONS:
+        assert records[str(files["good"]), question]["status"] == "succeeded"
+        for name, setting in (("big", "BLIPQ_MAX_IMAGE_BYTES"), ("pixels", "BLIPQ_MAX_IMAGE_PIXELS")):
+            error = records[str(files[name]), question]["error"]
+            assert error["code"] == "image_too_large" and setting in error["message"], error
+
+
+def test_a_rerun_asks_a_transient_failure_again_and_keeps_a_permanent_one(service_url: str, tmp_path: Path) -> None:
+    # Given two good pictures whose lines in OUT say they failed: one for a transient reason, one for a permanent one
+    pictures = tmp_path / "pictures"
+    pictures.mkdir()
+    lost, refused = pictures / "lost.png", pictures / "refused.png"
+    lost.write_bytes(shape_png("red"))
+    refused.write_bytes(shape_png("blue"))
+    out = tmp_path / "out.jsonl"
+    earlier = [
+        {"image": str(lost), "question": QUESTIONS[0], "status": "failed", "answer": None,
+         "error": {"code": "worker_lost", "message": "the worker died"}},
+        {"image": str(refused), "question": QUESTIONS[0], "status": "failed", "answer": None,
+         "error": {"code": "image_invalid", "message": "not an image"}},
+    ]  # fmt: skip
+    out.write_text("".join(json.dumps(record) + "\n" for record in earlier))
+    command = [sys.executable, "-m", "api.cli", "tag", str(pictures), "-q", QUESTIONS[0], "-o", str(out)]
+
+    # When the same command runs again
+    rerun = run_command([*command, "--url", service_url])
+
+    # Then the transient failure was asked again, and the permanent one kept as it was
+    assert rerun.returncode == 1, rerun.stderr
+    records = {record["image"]: record for record in map(json.loads, out.read_text().splitlines())}
+    assert records[str(lost)]["status"] == "succeeded" and records[str(lost)]["answer"]
+    assert records[str(refused)] == earlier[1]
+    assert "1 of 2 answers failed (image_invalid: 1)" in rerun.stderr, rerun.stderr
+
+
+def test_a_url_of_another_scheme_gets_its_own_failed_line(
+    service_url: str, counting_images: tuple[str, Counter[str]], tmp_path: Path
+) -> None:
+    base, _ = counting_images
+    urls = tmp_path / "urls.txt"
+    urls.write_text(f"{base}/red.png\nftp://example.com/x.jpg\ns3://bucket/y.png\n")
+    out = tmp_path / "out.jsonl"
+
+    tagged = blipq_tag(service_url, "--urls", str(urls), "-o", str(out))
+
+    assert tagged.returncode == 1, tagged.stderr
+    records = read_out(out)
+    assert {pair[0] for pair, record in records.items() if record["status"] == "succeeded"} == {f"{base}/red.png"}
+    for image in ("ftp://example.com/x.jpg", "s3://bucket/y.png"):
+        for question in QUESTIONS:
+            assert records[image, question]["error"]["code"] == "image_url_invalid"
+    assert "No such file" not in out.read_text()
+
+
+def test_an_input_of_another_scheme_is_refused_with_what_is_accepted(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "api.cli", "tag", "gs://bucket/x.jpg", "-q", "what?", "-o", str(tmp_path / "o")]
+
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=ROOT, check=False)
+
+    assert refused.returncode == 2
+    assert "'gs://bucket/x.jpg': only http(s) URLs, files and directories are accepted" in refused.stderr
 
 
 def blipq_tag_captions(service_url: str, *args: str) -> subprocess.CompletedProcess[str]:

@@ -1,16 +1,20 @@
 """Each task needs a live worker: a job no worker can run is refused (unless jobs may wait), /readyz names each task
-without a worker, and GET /v1/models lists each task's models, workers and waiting answers."""
+without a worker, and GET /v1/models lists each task's models, input size, workers and waiting answers, and the
+API's upload limits."""
 
 from __future__ import annotations
 
 import io
 import secrets
+import time
 
 import redis
 
+from api.settings import ApiSettings
 from api.up import RedisProcess
 from tests.conftest import WorkerProcess, api_client, wait_for_job, wait_for_worker_record
 from tests.fixtures.images import shape_png
+from tests.fixtures.tiny_model import IMAGE_SIZE
 
 
 def test_a_job_or_batch_for_a_task_no_worker_serves_is_refused_no_worker_naming_the_task(
@@ -81,6 +85,50 @@ def test_models_lists_each_task_its_models_workers_and_waiting_answers(
     assert [worker["pid"] for worker in vqa["workers"]] == [tiny_worker.process.pid]
     assert vqa["outcomes"].get("succeeded", 0) >= 1
     assert (caption["queue"], caption["models"], caption["workers"], caption["waiting"]) == (nobody, [], [], 3)
+    # The size the worker's processor resizes to, as it publishes it; no decode mode, since it publishes none
+    assert vqa["image_size"] == {"width": IMAGE_SIZE, "height": IMAGE_SIZE}
+    assert (vqa["workers"][0]["image_width"], vqa["decode"], caption["image_size"]) == (IMAGE_SIZE, None, None)
+
+
+def test_models_publishes_the_upload_limits_and_reads_the_records_of_older_and_newer_workers(
+    redis_server: RedisProcess, redis_client: redis.Redis
+) -> None:
+    # Given a queue served by a worker of an older version (its record has no input size) and two newer ones
+    queue = f"records-{secrets.token_hex(4)}"
+    api = api_client(redis_server.url, queue, max_image_bytes=5_000_000, max_image_pixels=6_000_000)
+    old = {"id": "old:1", "host": "old", "pid": "1", "queue": queue, "model": "m", "device": "cpu"}
+    old |= {"dtype": "float32", "loaded_at": "2026-12-06T00:00:00Z", "load_seconds": "1.5", "metrics_port": "0"}
+    newer = [
+        old | {"id": f"new:{n}", "pid": str(n), "image_width": str(side), "image_height": str(side // 2)}
+        for n, side in ((2, 384), (3, 480))
+    ]
+    for record in (old, *newer):
+        redis_client.hset(f"blipq:worker:{record['id']}", mapping=record)
+        redis_client.zadd(f"blipq:workers:{queue}", {record["id"]: time.time()})
+
+    # When a client reads the models
+    body = api.get("/v1/models").get_json()
+
+    # Then the limits are the API's own, every record is read, and the input size is the largest published
+    assert body["limits"] == {
+        "max_image_bytes": 5_000_000,
+        "max_image_pixels": 6_000_000,
+        "max_batch_upload_bytes": ApiSettings().max_batch_upload_bytes,
+        "max_question_chars": ApiSettings().max_question_chars,
+    }
+    vqa = next(entry for entry in body["models"] if entry["task"] == "vqa")
+    assert sorted((worker["id"], worker["image_width"]) for worker in vqa["workers"]) == [
+        ("new:2", 384),
+        ("new:3", 480),
+        ("old:1", 0),
+    ]
+    assert vqa["image_size"] == {"width": 480, "height": 240}
+    assert vqa["decode"] is None
+
+    # And a decode mode is shown once every worker publishes the same one
+    for record in (old, *newer):
+        redis_client.hset(f"blipq:worker:{record['id']}", "decode", "draft")
+    assert next(e for e in api.get("/v1/models").get_json()["models"] if e["task"] == "vqa")["decode"] == "draft"
 
 
 def test_a_request_refused_no_worker_is_made_anew_when_retried_with_its_idempotency_key(

@@ -179,6 +179,7 @@ class WorkerOps:
         if loaded.device.type == "cuda":
             watch_gpu_memory(loaded.device)
         port = self._serve_metrics()
+        width, height = loaded.image_size
         record = WorkerRecord(
             id=worker_identity(),
             host=socket.gethostname(),
@@ -190,6 +191,8 @@ class WorkerOps:
             loaded_at=utc_now(),
             load_seconds=round(load_seconds, 3),
             metrics_port=port,
+            image_width=width,
+            image_height=height,
         )
         self.announcer = Announcer(self.client, record, settings.announce_interval_s)
         self.announcer.start()

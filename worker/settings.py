@@ -80,8 +80,6 @@ class WorkerSettings(SharedSettings):
         ge=1,
     )
     fetch_threads: int = setting(8, "Threads that fetch and decode the images of a batch's chunk", ge=1)
-    # Far below Pillow's 89M default: a 40 MP photo is plenty for a 384 px model.
-    max_image_pixels: int = setting(40_000_000, "The most pixels an image may have", ge=1)
     fetch_connect_timeout_s: float = setting(5.0, "Seconds to connect to an image's host", gt=0)
     fetch_timeout_s: float = setting(20.0, "Seconds for a whole image download, not one read", gt=0)
     fetch_allow_networks: Annotated[tuple[Network, ...], NoDecode] = setting(

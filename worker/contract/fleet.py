@@ -2,11 +2,11 @@
 
 Imports neither Flask nor torch: the workers write these keys, the API reads them.
 
-- Each worker that has its model loaded keeps a hash `blipq:worker:<host>:<pid>` (model, device, dtype,
-  queue, when it loaded...) that expires `RECORD_TTL_FACTOR` announce intervals after its last refresh: a worker is
-  live while its hash exists. Its id is also in its queue's sorted set `blipq:workers:<queue>`, scored by the last
-  refresh, so that a reader finds a queue's workers without scanning the keyspace. A clean exit deletes both; a
-  killed process drops out when its hash expires, and out of the set an hour later.
+- Each worker that has its model loaded keeps a hash `blipq:worker:<host>:<pid>` (model, device, dtype, queue,
+  when it loaded, the model's input size...) that expires `RECORD_TTL_FACTOR` announce intervals after its last
+  refresh: a worker is live while its hash exists. Its id is also in its queue's sorted set `blipq:workers:<queue>`,
+  scored by the last refresh, so that a reader finds a queue's workers without scanning the keyspace. A clean exit
+  deletes both; a killed process drops out when its hash expires, and out of the set an hour later.
 - Each run of a job that ends adds 1 to the field `<status>:<code>` of the hash `blipq:stats:outcomes:<queue>`.
 """
 
@@ -48,6 +48,11 @@ class WorkerRecord:
     loaded_at: str  # ISO 8601 UTC
     load_seconds: float
     metrics_port: int  # 0: no metrics endpoint
+    # The model's input size, which its processor resizes every image to: a client may shrink pictures to it before
+    # uploading them. 0: not published (a record of an older worker).
+    image_width: int = 0
+    image_height: int = 0
+    decode: str = ""  # how the worker decodes images, for a worker that says; "": not published
 
     def to_redis(self) -> dict[str, str]:
         """The record as flat string fields for a Redis hash."""
@@ -55,7 +60,7 @@ class WorkerRecord:
 
     @classmethod
     def from_redis(cls, fields: Mapping[str, str]) -> WorkerRecord:
-        """Rebuild a record from its Redis hash."""
+        """Rebuild a record from its Redis hash (one written before a field was added has its default)."""
         return cls(
             id=fields["id"],
             host=fields["host"],
@@ -67,6 +72,9 @@ class WorkerRecord:
             loaded_at=fields["loaded_at"],
             load_seconds=float(fields["load_seconds"]),
             metrics_port=int(fields["metrics_port"]),
+            image_width=int(fields.get("image_width", 0)),
+            image_height=int(fields.get("image_height", 0)),
+            decode=fields.get("decode", ""),
         )
 
 

@@ -15,7 +15,7 @@ from enum import Enum
 from typing import Annotated, Any, Literal, Self, get_args, get_origin
 
 import annotated_types
-from pydantic import BeforeValidator, Field, ValidationError, field_validator
+from pydantic import BeforeValidator, Field, ValidationError, ValidationInfo, field_validator
 from pydantic.fields import FieldInfo
 from pydantic_core import ErrorDetails
 from pydantic_settings import (
@@ -36,7 +36,14 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_QUEUE = "blipq"
 DEFAULT_CAPTION_QUEUE = "blipq-caption"  # captioning jobs (`"task": "caption"`) and the workers that serve them
 DEFAULT_JOB_TTL_S = 24 * 3600  # job records, uploads and results expire a day after submission
-DEFAULT_MAX_IMAGE_BYTES = 10 * 1024 * 1024  # one image, uploaded or downloaded
+# One image, uploaded or downloaded. Far below Pillow's 89M: a 40 MP camera original is plenty for a 384 px model.
+DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
+# The byte limit follows the pixel limit, so that both admit the same camera originals: one byte per pixel admits a
+# JPEG of that many pixels up to quality 98 with 4:2:0 chroma (0.68 bytes per pixel) or 4:2:2 (0.89), as cameras and
+# phones write them, with room for their metadata (benchmarks/image_sizes.py, 2026-12-06); not 4:4:4 at quality 98
+# (1.37) nor a PNG photo (1.97), which need BLIPQ_MAX_IMAGE_BYTES raised.
+IMAGE_BYTES_PER_PIXEL = 1
+MIN_DEFAULT_IMAGE_BYTES = 1024 * 1024  # a small pixel limit still admits the headers and metadata of its images
 DEFAULT_TIME_LIMIT_S = 300  # the hard limit of one job (a 20 s fetch and a generate, with room); sets the visibility
 WEBHOOK_SECRET_MIN_CHARS = 16  # a signing key short enough to guess signs nothing
 
@@ -258,7 +265,21 @@ class SharedSettings(BlipqSettings):
         "Seconds one job may run (hard limit; it fails `timeout` 10 s earlier); sets the broker's visibility timeout",
         ge=15,
     )
-    max_image_bytes: int = setting(DEFAULT_MAX_IMAGE_BYTES, "The largest image, uploaded or downloaded", ge=1024)
+    max_image_pixels: int = setting(
+        DEFAULT_MAX_IMAGE_PIXELS,
+        "The most pixels an image may have, uploaded (checked by the API from its header) or downloaded",
+        ge=1,
+    )
+    # Validated after max_image_pixels, whose value its default follows.
+    max_image_bytes: int = setting(
+        None,
+        "The largest image, uploaded or downloaded. The default admits the JPEG camera originals of "
+        "BLIPQ_MAX_IMAGE_PIXELS up to quality 98 (4:2:0 or 4:2:2 chroma), not PNG photos (2 bytes per pixel). Each "
+        "upload waits in Redis until its job ends: up to this much Redis memory per upload in flight",
+        shown_default="1 byte per pixel of BLIPQ_MAX_IMAGE_PIXELS (40000000)",
+        validate_default=True,
+        ge=1024,
+    )
     log_format: LogFormat = setting("json", "json: one object per line, for log collectors; text: for a terminal")
     webhook_secret: str = setting(
         "",
@@ -271,6 +292,15 @@ class SharedSettings(BlipqSettings):
     def redis(self) -> RedisTarget:
         """Where Redis is (worker/contract/redis_target.py)."""
         return RedisTarget(self.redis_url, self.redis_sentinels, self.redis_master)
+
+    @field_validator("max_image_bytes", mode="before")
+    @classmethod
+    def follow_pixels(cls, value: Any, info: ValidationInfo) -> Any:
+        """Unset: one byte per pixel of BLIPQ_MAX_IMAGE_PIXELS (a bad BLIPQ_MAX_IMAGE_PIXELS is reported on its own)."""
+        if value is not None:
+            return value
+        pixels = info.data.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)
+        return max(MIN_DEFAULT_IMAGE_BYTES, pixels * IMAGE_BYTES_PER_PIXEL)
 
     @field_validator("redis_url")
     @classmethod
