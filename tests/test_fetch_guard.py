@@ -904,6 +904,24 @@ def test_hosts_with_kept_connections_are_bounded(servers: Servers) -> None:
     assert [hosts[peer] for peer in servers.origin.closed_peers] == [{f"a.test:{port}"}, {f"c.test:{port}"}]
 
 
+def test_a_request_to_a_pool_dropped_meanwhile_still_connects_and_keeps_nothing(servers: Servers) -> None:
+    # Given: a host's pool that more hosts pushed out of the session after a request picked it, before it asked it
+    # for a connection.
+    servers.origin.keep_alive = True
+    session = new_session(LOCAL, keepalive_s=LONG_KEEPALIVE_S)
+    url = servers.origin.url("/ok.png")
+    pool = session.get_adapter(url).poolmanager.connection_from_url(url)  # type: ignore[attr-defined]
+    pool.close()
+
+    # When: the request goes on with it.
+    response = pool.urlopen("GET", "/ok.png", retries=False)
+
+    # Then: it is answered on a connection of its own, which is closed after, not kept.
+    assert response.data == PNG
+    assert servers.origin.wait_until(lambda: servers.origin.closes == 1)
+    assert servers.origin.connections == 1
+
+
 def test_an_idle_connection_is_closed_after_the_keepalive(servers: Servers) -> None:
     servers.origin.keep_alive = True
     keepalive_s = 0.2

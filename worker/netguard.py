@@ -313,8 +313,8 @@ class GuardedHTTPConnectionPool(HTTPConnectionPool):
     def _put_conn(self, conn: BaseHTTPConnection | None) -> None:
         # urllib3's, less its warning on a full pool: more requests at once than the pool keeps is the normal case.
         keep = isinstance(conn, GuardedHTTPConnection) and not conn.is_closed and self.keepalive_s > 0
-        if keep:
-            conn.idle_since = time.monotonic()  # type: ignore[union-attr]
+        if isinstance(conn, GuardedHTTPConnection) and keep:
+            conn.idle_since = time.monotonic()
         elif conn is not None:
             conn.close()
         pool = self.pool
@@ -330,7 +330,9 @@ class GuardedHTTPConnectionPool(HTTPConnectionPool):
         if conn is not None:  # the pool is full, or was closed: the connection is not kept
             conn.close()
 
-    def _make_request(self, conn: BaseHTTPConnection, method: str, url: str, *args: Any, **kwargs: Any) -> Any:
+    def _make_request(
+        self, conn: BaseHTTPConnection, method: str, url: str, *args: Any, **kwargs: Any
+    ) -> BaseHTTPResponse:
         reused = not conn.is_closed  # a kept connection, open since another request
         started = time.monotonic()
         try:
@@ -342,8 +344,7 @@ class GuardedHTTPConnectionPool(HTTPConnectionPool):
         # checked again), within what was left of the read timeout. Nothing else is sent twice.
         conn.close()
         kwargs["timeout"] = self._timeout_left(kwargs.get("timeout"), time.monotonic() - started, url)
-        response: BaseHTTPResponse = super()._make_request(conn, method, url, *args, **kwargs)
-        return response
+        return super()._make_request(conn, method, url, *args, **kwargs)
 
     def _timeout_left(self, timeout: object, spent_s: float, url: str) -> object:
         if not isinstance(timeout, Timeout) or not isinstance(timeout.read_timeout, int | float):
