@@ -233,7 +233,23 @@ def first_on_a_connection(route: Route, later: Route = hang_up) -> Route:
     return answer
 
 
+def serve_closing(body: bytes) -> Route:
+    """Answer `body` with `Connection: close`, and close."""
+
+    def route(handler: Handler) -> None:
+        handler.send_response(200)
+        handler.send_header("Content-Type", "image/png")
+        handler.send_header("Content-Length", str(len(body)))
+        handler.send_header("Connection", "close")
+        handler.end_headers()
+        handler.wfile.write(body)
+        handler.close_connection = True
+
+    return route
+
+
 def set_cookie(handler: Handler) -> None:
+    """Answer PNG, and set a cookie for the host."""
     handler.send_response(200)
     handler.send_header("Content-Type", "image/png")
     handler.send_header("Set-Cookie", f"session=secret; Path=/; Domain={handler.headers['Host'].split(':')[0]}")
@@ -831,21 +847,6 @@ def test_a_name_that_turns_private_is_refused_at_its_next_new_connection(servers
     assert refused.value.code == "url_not_allowed"
     assert "127.0.0.2, a loopback address" in refused.value.message
     assert servers.untouched()
-
-
-def serve_closing(body: bytes) -> Route:
-    """Answer `body` with `Connection: close`, and close."""
-
-    def route(handler: Handler) -> None:
-        handler.send_response(200)
-        handler.send_header("Content-Type", "image/png")
-        handler.send_header("Content-Length", str(len(body)))
-        handler.send_header("Connection", "close")
-        handler.end_headers()
-        handler.wfile.write(body)
-        handler.close_connection = True
-
-    return route
 
 
 def test_two_names_for_one_address_and_port_never_share_a_connection(servers: Servers) -> None:
