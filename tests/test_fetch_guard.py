@@ -13,6 +13,7 @@ import ipaddress
 import re
 import socket
 import ssl
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -38,21 +39,38 @@ LOCAL = NetworkPolicy(allow_networks=(ipaddress.ip_network("127.0.0.1/32"),), al
 LIMITS = FetchLimits(max_bytes=100_000, max_pixels=1_000_000, connect_timeout_s=1.0, total_timeout_s=1.5)
 DRIP_INTERVAL_S = 0.3
 DEADLINE_SLACK_S = 0.75  # a hostile host may cost its deadline plus this, no more
+HOLD_S = 1.2  # most of LIMITS.total_timeout_s: what is left is less than the slack
+LONG_KEEPALIVE_S = 60.0  # no connection idles this long in a test: what closes, closes for another reason
 
 Route = Callable[["Handler"], None]
 
 
+@dataclass(frozen=True)
+class Exchange:
+    """A request as the server saw it: on which connection (the client's address and port), and what it said."""
+
+    peer: tuple[Any, ...]
+    path: str
+    headers: dict[str, str]
+
+
 class RecordingServer(ThreadingHTTPServer):
-    """A real HTTP server in a thread that counts the connections it accepts and records each request."""
+    """A real HTTP server in a thread that counts the connections it accepts and closes, and records each request."""
 
     daemon_threads = True
+    request_queue_size = 64
 
     def __init__(self, host: str, port: int = 0, tls: ssl.SSLContext | None = None) -> None:
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.routes: dict[str, Route] = {}
         self.fallback: Route = serve(b"not found", "text/plain", status=404)
+        self.keep_alive = False  # False: the server closes each connection after one request, without saying so
         self.connections = 0
+        self.closes = 0  # connections whose server end was closed, when either side ended them
+        self.closed_peers: list[tuple[Any, ...]] = []  # the client's end of each, in the order they closed
         self.requests: list[tuple[str, str]] = []  # (path, Host header)
+        self.exchanges: list[Exchange] = []
+        self.changed = threading.Condition()  # notified at each connection, request and close
         self.stopping = threading.Event()
         super().__init__((host, port), Handler)
         if tls is not None:
@@ -68,8 +86,38 @@ class RecordingServer(ThreadingHTTPServer):
         return f"http://{f'[{host}]' if ':' in host else host}:{self.port}{path}"
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
-        self.connections += 1  # every accepted connection, before a byte of it is read
+        with self.changed:
+            self.connections += 1  # every accepted connection, before a byte of it is read
+            self.changed.notify_all()
         return True
+
+    def shutdown_request(self, request: Any) -> None:
+        peer: tuple[Any, ...] = ()
+        with suppress(OSError):
+            peer = request.getpeername()
+        super().shutdown_request(request)
+        with self.changed:
+            self.closes += 1
+            self.closed_peers.append(peer)
+            self.changed.notify_all()
+
+    def record(self, handler: Handler) -> None:
+        with self.changed:
+            self.requests.append((handler.path, handler.headers.get("Host", "")))
+            self.exchanges.append(Exchange(handler.client_address, handler.path, dict(handler.headers)))
+            self.changed.notify_all()
+
+    def wait_until(self, condition: Callable[[], bool], timeout_s: float = 5.0) -> bool:
+        """Whether `condition` (on the counts above) held within `timeout_s`, waking at each change."""
+        with self.changed:
+            return self.changed.wait_for(condition, timeout_s)
+
+    def hosts_by_connection(self) -> dict[tuple[Any, ...], set[str]]:
+        """The Host headers each connection carried."""
+        hosts: dict[tuple[Any, ...], set[str]] = {}
+        for exchange in self.exchanges:
+            hosts.setdefault(exchange.peer, set()).add(exchange.headers.get("Host", ""))
+        return hosts
 
     def stop(self) -> None:
         self.stopping.set()
@@ -80,11 +128,14 @@ class RecordingServer(ThreadingHTTPServer):
 class Handler(BaseHTTPRequestHandler):
     server: RecordingServer
     protocol_version = "HTTP/1.1"
+    earlier_requests = 0  # requests this connection carried before the current one
 
     def do_GET(self) -> None:
-        self.server.requests.append((self.path, self.headers.get("Host", "")))
+        self.server.record(self)
         self.server.routes.get(self.path, self.server.fallback)(self)
-        self.close_connection = True  # one request per connection: so each fetch is counted, and a short body ends
+        self.earlier_requests += 1
+        if not self.server.keep_alive:
+            self.close_connection = True  # one request per connection: so each fetch is counted, and a short body ends
 
     def log_message(self, *args: Any) -> None:
         pass
@@ -152,6 +203,59 @@ def _drip(handler: Handler, data: bytes) -> None:
 def silent(handler: Handler) -> None:
     """Read the request, then never answer (until the test ends)."""
     handler.server.stopping.wait(30)
+
+
+def hang_up(handler: Handler) -> None:
+    """Read the request, then close the connection without a byte of answer."""
+    handler.close_connection = True
+
+
+def reset(handler: Handler) -> None:
+    """Read the request, then reset the connection (closed at once, with SO_LINGER 0: the client reads ECONNRESET)."""
+    handler.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    handler.connection.close()  # takes effect as the handler lets go of its files, before the server's FIN
+    handler.close_connection = True
+
+
+def hold_then_hang_up(handler: Handler) -> None:
+    """Hold the request for HOLD_S, then close without answering: the host's close as late as it can come."""
+    handler.server.stopping.wait(HOLD_S)
+    hang_up(handler)
+
+
+def first_on_a_connection(route: Route, later: Route = hang_up) -> Route:
+    """`route` for a connection's first request, `later` for the next: a host whose keep-alive timeout closes a kept
+    connection just as a request arrives on it."""
+
+    def answer(handler: Handler) -> None:
+        (later if handler.earlier_requests else route)(handler)
+
+    return answer
+
+
+def serve_closing(body: bytes) -> Route:
+    """Answer `body` with `Connection: close`, and close."""
+
+    def route(handler: Handler) -> None:
+        handler.send_response(200)
+        handler.send_header("Content-Type", "image/png")
+        handler.send_header("Content-Length", str(len(body)))
+        handler.send_header("Connection", "close")
+        handler.end_headers()
+        handler.wfile.write(body)
+        handler.close_connection = True
+
+    return route
+
+
+def set_cookie(handler: Handler) -> None:
+    """Answer PNG, and set a cookie for the host."""
+    handler.send_response(200)
+    handler.send_header("Content-Type", "image/png")
+    handler.send_header("Set-Cookie", f"session=secret; Path=/; Domain={handler.headers['Host'].split(':')[0]}")
+    handler.send_header("Content-Length", str(len(PNG)))
+    handler.end_headers()
+    handler.wfile.write(PNG)
 
 
 def endless(content_type: str = "image/png", chunked: bool = False, head: bytes = PNG_SIGNATURE) -> Route:
@@ -317,8 +421,8 @@ def test_a_rebinding_name_is_connected_to_the_very_address_that_was_checked(serv
     with pytest.raises(BlipqError) as second:
         fetch_image_bytes(session, url, LIMITS)
 
-    # Then: the first went where its one lookup pointed, with the name in the Host header; the second connection
-    # looked the name up again (no connection is kept) and was refused.
+    # Then: the first went where its one lookup pointed, with the name in the Host header; the server closed that
+    # connection, so the second made a new one, which looked the name up again and was refused.
     assert body == PNG
     assert servers.origin.requests == [("/ok.png", f"rebind.test:{servers.origin.port}")]
     assert calls == ["rebind.test", "rebind.test"]
@@ -646,6 +750,366 @@ def test_a_job_for_a_refused_address_fails_and_the_worker_goes_on(
     assert servers.untouched()
     assert allowed_job["status"] == "succeeded", allowed_job
     assert tiny_worker.process.poll() is None
+
+
+def in_threads(count: int, call: Callable[[], Any]) -> list[Any]:
+    """`call` from `count` threads at once; what each returned (or raised)."""
+    outcomes: list[Any] = [None] * count
+
+    def run(index: int) -> None:
+        try:
+            outcomes[index] = call()
+        except Exception as exc:
+            outcomes[index] = exc
+
+    threads = [threading.Thread(target=run, args=(index,)) for index in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    return outcomes
+
+
+def gate(parties: int) -> Route:
+    """Answers PNG once `parties` requests wait at once (so each came on a connection of its own), 503 if they never
+    do."""
+    barrier = threading.Barrier(parties)
+
+    def route(handler: Handler) -> None:
+        try:
+            barrier.wait(5)
+        except threading.BrokenBarrierError:
+            serve(b"", status=503)(handler)
+            return
+        serve(PNG)(handler)
+
+    return route
+
+
+def test_a_kept_connection_serves_the_next_images_without_a_lookup(servers: Servers) -> None:
+    servers.origin.keep_alive = True
+    calls: list[str] = []
+
+    def counting(host: str, port: int, family: int, kind: int) -> list[AddressInfo]:
+        calls.append(host)
+        return socket.getaddrinfo("127.0.0.1", port, family, kind)
+
+    session = new_session(LOCAL, counting)
+    url = f"http://images.test:{servers.origin.port}/ok.png"
+
+    bodies = [fetch_image_bytes(session, url, LIMITS) for _ in range(3)]
+
+    assert bodies == [PNG] * 3
+    assert calls == ["images.test"]
+    assert servers.origin.connections == 1
+    assert len(servers.origin.exchanges) == 3
+    assert all("close" not in exchange.headers.get("Connection", "") for exchange in servers.origin.exchanges)
+
+
+def test_without_keepalive_every_image_has_a_new_checked_connection(servers: Servers) -> None:
+    servers.origin.keep_alive = True  # the server would keep them: the session says it will not
+    session = new_session(LOCAL, keepalive_s=0)
+
+    bodies = [fetch_image_bytes(session, servers.origin.url("/ok.png"), LIMITS) for _ in range(2)]
+
+    assert bodies == [PNG] * 2
+    assert servers.origin.wait_until(lambda: servers.origin.closes == 2)
+    assert servers.origin.connections == 2
+    assert [exchange.headers["Connection"] for exchange in servers.origin.exchanges] == ["close", "close"]
+
+
+def test_a_name_that_turns_private_is_refused_at_its_next_new_connection(servers: Servers) -> None:
+    # Given: a name whose first answer is allowed and whose every later answer is the canary, on a keep-alive origin.
+    servers.origin.keep_alive = True
+    servers.origin.routes["/last.png"] = serve_closing(PNG)
+    calls: list[str] = []
+
+    def turning(host: str, port: int, family: int, kind: int) -> list[AddressInfo]:
+        calls.append(host)
+        return socket.getaddrinfo("127.0.0.1" if len(calls) == 1 else "127.0.0.2", port, family, kind)
+
+    session = new_session(LOCAL, turning)
+    base = f"http://turning.test:{servers.origin.port}"
+
+    # When: the first image opens (and checks) a connection; the next two reuse it, although the name would now
+    # resolve to a loopback address; the origin closes it after the third; a fourth needs a new connection.
+    first = fetch_image_bytes(session, f"{base}/ok.png", LIMITS)
+    reused = [fetch_image_bytes(session, f"{base}/{path}", LIMITS) for path in ("ok.png", "last.png")]
+    with pytest.raises(BlipqError) as refused:
+        fetch_image_bytes(session, f"{base}/ok.png", LIMITS)
+
+    # Then: the reuses went to the address checked when the connection was made, without a lookup (allowed: that
+    # connection's address was checked); the new connection looked the name up again and was refused.
+    assert [first, *reused] == [PNG] * 3
+    assert servers.origin.connections == 1
+    assert len(servers.origin.hosts_by_connection()) == 1
+    assert calls == ["turning.test", "turning.test"]
+    assert refused.value.code == "url_not_allowed"
+    assert "127.0.0.2, a loopback address" in refused.value.message
+    assert servers.untouched()
+
+
+def test_two_names_for_one_address_and_port_never_share_a_connection(servers: Servers) -> None:
+    servers.origin.keep_alive = True
+    session = new_session(LOCAL, resolver_of({"a.test": ["127.0.0.1"], "b.test": ["127.0.0.1"]}))
+    port = servers.origin.port
+
+    for host in ("a.test", "b.test", "a.test", "b.test"):
+        assert fetch_image_bytes(session, f"http://{host}:{port}/ok.png", LIMITS) == PNG
+
+    assert servers.origin.connections == 2
+    hosts = sorted(servers.origin.hosts_by_connection().values(), key=sorted)
+    assert hosts == [{f"a.test:{port}"}, {f"b.test:{port}"}]
+    assert len(servers.origin.exchanges) == 4
+
+
+def test_idle_connections_kept_per_host_are_bounded(servers: Servers) -> None:
+    # Given: a session that keeps 2 idle connections per host, and 3 images fetched at once from one host.
+    servers.origin.keep_alive = True
+    servers.origin.routes["/three.png"] = gate(3)
+    servers.origin.routes["/two.png"] = gate(2)
+    session = new_session(LOCAL, keepalive_s=LONG_KEEPALIVE_S, per_host=2)
+
+    at_once = in_threads(3, lambda: fetch_image_bytes(session, servers.origin.url("/three.png"), LIMITS))
+
+    # Then: 3 connections were open; the one that found the pool full was closed, the other 2 are kept.
+    assert at_once == [PNG] * 3
+    assert servers.origin.wait_until(lambda: servers.origin.closes >= 1)
+    assert (servers.origin.connections, servers.origin.closes) == (3, 1)
+    # And: 2 images at once take the 2 kept connections, and open none.
+    assert in_threads(2, lambda: fetch_image_bytes(session, servers.origin.url("/two.png"), LIMITS)) == [PNG] * 2
+    assert (servers.origin.connections, servers.origin.closes) == (3, 1)
+
+
+def test_hosts_with_kept_connections_are_bounded(servers: Servers) -> None:
+    # Given: a session that keeps connections to 2 hosts, and 3 names of the origin.
+    servers.origin.keep_alive = True
+    names = {name: ["127.0.0.1"] for name in ("a.test", "b.test", "c.test")}
+    session = new_session(LOCAL, resolver_of(names), keepalive_s=LONG_KEEPALIVE_S, max_hosts=2)
+    port = servers.origin.port
+
+    def fetch_from(host: str) -> bytes:
+        return fetch_image_bytes(session, f"http://{host}:{port}/ok.png", LIMITS)
+
+    # When: a, b, then c: c's pool pushes out the least recently used, a's, whose connection closes.
+    assert [fetch_from(host) for host in ("a.test", "b.test", "c.test")] == [PNG] * 3
+    assert servers.origin.wait_until(lambda: servers.origin.closes == 1)
+
+    # Then: b's connection is still kept; a opens a new one, and pushes out c's, the least recently used now.
+    assert fetch_from("b.test") == PNG
+    assert servers.origin.connections == 3
+    assert fetch_from("a.test") == PNG
+    assert servers.origin.connections == 4
+    assert servers.origin.wait_until(lambda: servers.origin.closes == 2)
+    hosts = servers.origin.hosts_by_connection()
+    assert [hosts[peer] for peer in servers.origin.closed_peers] == [{f"a.test:{port}"}, {f"c.test:{port}"}]
+
+
+def test_a_request_to_a_pool_dropped_meanwhile_still_connects_and_keeps_nothing(servers: Servers) -> None:
+    # Given: a host's pool that more hosts pushed out of the session after a request picked it, before it asked it
+    # for a connection.
+    servers.origin.keep_alive = True
+    session = new_session(LOCAL, keepalive_s=LONG_KEEPALIVE_S)
+    url = servers.origin.url("/ok.png")
+    pool = session.get_adapter(url).poolmanager.connection_from_url(url)  # type: ignore[attr-defined]
+    pool.close()
+
+    # When: the request goes on with it.
+    response = pool.urlopen("GET", "/ok.png", retries=False)
+
+    # Then: it is answered on a connection of its own, which is closed after, not kept.
+    assert response.data == PNG
+    assert servers.origin.wait_until(lambda: servers.origin.closes == 1)
+    assert servers.origin.connections == 1
+
+
+def test_an_idle_connection_is_closed_after_the_keepalive(servers: Servers) -> None:
+    servers.origin.keep_alive = True
+    keepalive_s = 0.2
+    session = new_session(LOCAL, keepalive_s=keepalive_s)
+    started = time.monotonic()
+
+    assert fetch_image_bytes(session, servers.origin.url("/ok.png"), LIMITS) == PNG
+
+    assert servers.origin.wait_until(lambda: servers.origin.closes == 1)
+    assert time.monotonic() - started >= keepalive_s  # not before: it was idle, not refused
+    # And: the next image opens a new connection.
+    assert fetch_image_bytes(session, servers.origin.url("/ok.png"), LIMITS) == PNG
+    assert servers.origin.connections == 2
+
+
+def test_a_connection_the_host_closed_while_idle_is_replaced_transparently(servers: Servers) -> None:
+    # Given: an origin that closes each connection after its answer, without saying so: the session keeps it.
+    session = new_session(LOCAL, keepalive_s=LONG_KEEPALIVE_S)
+    assert fetch_image_bytes(session, servers.origin.url("/ok.png"), LIMITS) == PNG
+    assert servers.origin.wait_until(lambda: servers.origin.closes == 1)
+
+    # When / then: the next image goes out on a new connection, and succeeds.
+    assert fetch_image_bytes(session, servers.origin.url("/ok.png"), LIMITS) == PNG
+    assert servers.origin.connections == 2
+
+
+def test_a_request_that_meets_the_hosts_close_of_a_kept_connection_is_sent_once_more(servers: Servers) -> None:
+    # Given: a keep-alive origin that closes a kept connection as the next request arrives on it (its idle timeout
+    # firing just then), without answering.
+    servers.origin.keep_alive = True
+    servers.origin.routes["/ok.png"] = first_on_a_connection(serve(PNG), later=hang_up)
+    session = new_session(LOCAL, keepalive_s=LONG_KEEPALIVE_S)
+    url = servers.origin.url("/ok.png")
+
+    # When: two images, the second on the kept connection.
+    bodies = [fetch_image_bytes(session, url, LIMITS) for _ in range(2)]
+
+    # Then: the second was sent again on a new connection, and succeeded.
+    assert bodies == [PNG] * 2
+    peers = [exchange.peer for exchange in servers.origin.exchanges]
+    assert len(peers) == 3
+    assert peers[0] == peers[1] != peers[2]
+    assert servers.origin.connections == 2
+
+
+def test_a_request_is_sent_again_once_only_and_only_after_a_kept_connection(servers: Servers) -> None:
+    servers.origin.keep_alive = True
+    servers.origin.routes["/hang-up.png"] = hang_up
+
+    # A new connection that the host closes without answering: not sent again.
+    error = refusal(servers.origin.url("/hang-up.png"))
+    assert error.code == "image_fetch_failed"
+    assert "the image host 127.0.0.1 closed the connection without answering" in error.message
+    assert servers.origin.connections == 1
+
+    # A kept connection, then a new one, that the host both close without answering: sent twice, not a third time.
+    session = new_session(LOCAL, keepalive_s=LONG_KEEPALIVE_S)
+    assert fetch_image_bytes(session, servers.origin.url("/ok.png"), LIMITS) == PNG
+    with pytest.raises(BlipqError) as raised:
+        fetch_image_bytes(session, servers.origin.url("/hang-up.png"), LIMITS)
+    assert raised.value.code == "image_fetch_failed"
+    assert [exchange.path for exchange in servers.origin.exchanges] == [
+        "/hang-up.png",
+        "/ok.png",
+        *["/hang-up.png"] * 2,
+    ]
+    assert servers.origin.connections == 3
+
+
+def test_a_request_sent_again_has_only_what_is_left_of_the_deadline(servers: Servers) -> None:
+    # Given: a kept connection, whose host holds the next request most of the deadline and then closes it; and a new
+    # connection that never answers.
+    servers.origin.keep_alive = True
+    servers.origin.routes["/held.png"] = first_on_a_connection(silent, later=hold_then_hang_up)
+    session = new_session(LOCAL, keepalive_s=LONG_KEEPALIVE_S)
+    assert fetch_image_bytes(session, servers.origin.url("/ok.png"), LIMITS) == PNG
+
+    # When: the held image is fetched on the kept connection.
+    started = time.monotonic()
+    with pytest.raises(BlipqError) as raised:
+        fetch_image_bytes(session, servers.origin.url("/held.png"), LIMITS)
+
+    # Then: it was sent again on a new connection, and the whole download still cost one deadline.
+    assert raised.value.code == "image_fetch_timeout", raised.value.message
+    assert time.monotonic() - started <= LIMITS.total_timeout_s + DEADLINE_SLACK_S
+    assert servers.origin.connections == 2
+
+
+def test_redirects_to_refused_addresses_are_refused_on_a_kept_alive_session(servers: Servers) -> None:
+    # Given: a keep-alive origin, whose connection the session keeps, and that redirects to refused addresses.
+    servers.origin.keep_alive = True
+    servers.origin.routes["/hop"] = redirect(servers.canary.url("/x.png"))
+    servers.origin.routes["/hop-by-name"] = redirect(f"http://evil.test:{servers.origin.port}/x.png")
+    session = new_session(LOCAL, resolver_of({"evil.test": ["127.0.0.2"]}), keepalive_s=LONG_KEEPALIVE_S)
+    assert fetch_image_bytes(session, servers.origin.url("/ok.png"), LIMITS) == PNG
+
+    # When / then: each redirect, the first on the kept connection, is refused before connecting where it leads.
+    for path in ("/hop", "/hop-by-name"):
+        with pytest.raises(BlipqError) as raised:
+            fetch_image_bytes(session, servers.origin.url(path), LIMITS)
+        assert raised.value.code == "url_not_allowed"
+        assert "loopback" in raised.value.message
+    assert servers.untouched()
+    peers = [exchange.peer for exchange in servers.origin.exchanges]
+    assert peers[0] == peers[1]  # /ok.png, then /hop on the connection kept
+
+
+def test_the_session_keeps_no_cookie(servers: Servers) -> None:
+    servers.origin.keep_alive = True
+    servers.origin.routes["/cookie.png"] = set_cookie
+    session = new_session(LOCAL)
+
+    assert fetch_image_bytes(session, servers.origin.url("/cookie.png"), LIMITS) == PNG
+    assert fetch_image_bytes(session, servers.origin.url("/ok.png"), LIMITS) == PNG
+
+    assert [exchange.path for exchange in servers.origin.exchanges] == ["/cookie.png", "/ok.png"]
+    assert "Cookie" not in servers.origin.exchanges[1].headers
+    assert len(session.cookies) == 0
+
+
+def test_a_workers_threads_share_one_session_and_its_connections(servers: Servers) -> None:
+    from worker.settings import WorkerSettings
+    from worker.tasks import WorkerRuntime
+
+    servers.origin.keep_alive = True
+    settings = WorkerSettings(fetch_allow_networks=LOCAL.allow_networks, fetch_allow_ports=LOCAL.allow_ports)
+    runtime = WorkerRuntime(settings)
+    url = servers.origin.url("/ok.png")
+
+    sessions = [in_threads(1, lambda: runtime.session)[0] for _ in range(2)]
+    bodies = [in_threads(1, lambda: fetch_image_bytes(runtime.session, url, LIMITS))[0] for _ in range(2)]
+
+    assert sessions[0] is sessions[1] is runtime.session
+    assert bodies == [PNG] * 2
+    assert servers.origin.connections == 1  # the second thread took the connection the first one kept
+
+
+@pytest.mark.parametrize(
+    ("route", "cause"),
+    [
+        (hang_up, "the image host 127.0.0.1 closed the connection without answering"),
+        (reset, "the image host 127.0.0.1 reset the connection"),
+        (
+            serve(PNG, length=len(PNG) + 100),
+            "the image host 127.0.0.1 closed the connection before the end of the image",
+        ),
+    ],
+)
+def test_a_failed_download_says_why(servers: Servers, route: Route, cause: str) -> None:
+    servers.origin.routes["/x.png"] = route
+
+    error = refusal(servers.origin.url("/x.png"))
+
+    assert error.code == "image_fetch_failed"
+    assert error.message == f"could not download {servers.origin.url('/x.png')}: {cause}"
+
+
+def test_a_host_that_does_not_resolve_or_refuses_says_so() -> None:
+    def nowhere(host: str, port: int, family: int, kind: int) -> list[AddressInfo]:
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    unresolved = refusal("http://example.invalid/x.png", resolver=nowhere)
+    with socket.socket() as closed:  # a port that nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    refused = refusal(f"http://127.0.0.1:{port}/x.png")
+
+    assert unresolved.code == refused.code == "image_fetch_failed"
+    assert unresolved.message.endswith(": the image host example.invalid does not resolve (Name or service not known)")
+    assert refused.message.endswith(": the image host 127.0.0.1 refused the connection")
+
+
+def test_a_tls_failure_says_what_failed(servers: Servers, tls_origin: tuple[RecordingServer, Path, list[str]]) -> None:
+    server, ca_file, _ = tls_origin
+    session = new_session(LOCAL)
+    session.verify = str(ca_file)
+
+    with pytest.raises(BlipqError) as wrong_name:
+        fetch_image_bytes(session, f"https://127.0.0.1:{server.port}/ok.png", LIMITS)
+    with pytest.raises(BlipqError) as not_tls:
+        fetch_image_bytes(session, f"https://127.0.0.1:{servers.origin.port}/ok.png", LIMITS)
+
+    assert (
+        "127.0.0.1's TLS certificate was refused (IP address mismatch, certificate is not valid"
+        in wrong_name.value.message
+    )
+    assert "TLS with the image host 127.0.0.1 failed (WRONG_VERSION_NUMBER)" in not_tls.value.message
 
 
 # A throwaway test CA and a certificate for images.test that it signed (EC P-256, valid 2025-2125), made with

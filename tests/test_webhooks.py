@@ -165,6 +165,7 @@ def test_an_ended_job_is_posted_to_its_webhook_signed(
     assert job["webhook_delivery"] == {"status": "delivered", "attempts": 1, "error": None}
     [delivery] = receiver.to("/hooks/blipq")
     assert delivery.headers["Content-Type"] == "application/json"
+    assert delivery.headers["Connection"] == "close", "a sender keeps no connection to a receiver"
     assert verify_signature(SECRET, delivery.headers[SIGNATURE_HEADER], delivery.body)
     assert not verify_signature("another secret of some length", delivery.headers[SIGNATURE_HEADER], delivery.body)
     assert not verify_signature(SECRET, delivery.headers[SIGNATURE_HEADER], delivery.body.replace(b"red", b"blu"))
@@ -296,6 +297,7 @@ def test_a_receiver_that_does_not_answer_or_is_down_is_worth_another_try() -> No
 
     assert (timed_out.delivered, timed_out.retry, timed_out.code) == (False, True, "webhook_timeout")
     assert (refused.delivered, refused.retry, refused.code) == (False, True, "webhook_unreachable")
+    assert refused.message == "the webhook host 127.0.0.1 refused the connection"
 
 
 def test_webhooks_go_only_through_the_guarded_session() -> None:

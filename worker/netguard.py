@@ -6,14 +6,23 @@ does it on requests. The guard needs little code: a urllib3 connection class who
 once, refuses the name if ANY answer is refused, and connects to the very addresses it checked, so a DNS answer that
 changes between check and connect (rebinding) never reaches a socket, and every spelling of an address (2130706433,
 0177.0.0.1, 0x7f.0.0.1, 127.1, ::ffff:7f00:1) is judged as the number the resolver makes of it. Only the socket's
-peer changes: the URL's host still gives the Host header, TLS SNI and the certificate check. Redirects open new
-connections, so each hop passes the same check.
+peer changes: the URL's host still gives the Host header, TLS SNI and the certificate check.
+
+Keep-alive: a connection is kept for the next request only in the pool of the scheme, host and port it was opened
+for (urllib3's pools, thread-safe), and its socket stays connected to the address checked when it was opened; every
+new connection resolves and checks again, so a name whose answer turns private is refused at the next connection.
+The pools are bounded (hosts, idle connections per host), and idle connections close after a keep-alive timeout, from
+a thread that runs while any is idle. A request that meets the host's close of a kept connection (the host's idle
+timeout raced ours) is sent once more on a new connection, within what was left of its read timeout. Redirects are
+requests like any other: each hop is checked, and a hop to another host connects (and checks) afresh.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import queue
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -27,11 +36,19 @@ from requests.adapters import DEFAULT_POOLBLOCK, HTTPAdapter
 from urllib3 import PoolManager
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
-from urllib3.exceptions import ConnectTimeoutError, LocationParseError, NameResolutionError, NewConnectionError
-from urllib3.response import HTTPResponse
-from urllib3.util import parse_url
+from urllib3.exceptions import (
+    ClosedPoolError,
+    ConnectTimeoutError,
+    LocationParseError,
+    NameResolutionError,
+    NewConnectionError,
+    ReadTimeoutError,
+)
+from urllib3.response import BaseHTTPResponse, HTTPResponse
+from urllib3.util import Timeout, parse_url
 
 from worker.contract.errors import ImageFetchError, UrlNotAllowedError
+from worker.keepalive import KEEPALIVE_S, KEPT_HOSTS, KEPT_PER_HOST, IdleConnections, IdleQueue
 
 if TYPE_CHECKING:
     from urllib3._base_connection import BaseHTTPConnection
@@ -44,6 +61,10 @@ Resolver = Callable[[str, int, int, int], Sequence[AddressInfo]]  # (host, port,
 SCHEMES = ("http", "https")
 DEFAULT_PORTS = (80, 443)  # always allowed; BLIPQ_FETCH_ALLOW_PORTS adds others
 PUBLIC_ONLY = "images are fetched from public addresses only"
+
+# Errors that, on a kept connection and before any byte of an answer, mean the host closed it meanwhile.
+STALE_CONNECTION_ERRORS = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError, ssl.SSLEOFError)
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})  # safe to send twice (RFC 9110): no other is sent again
 
 CARRIER_GRADE_NAT = ipaddress.ip_network("100.64.0.0/10")  # not is_private, not is_global either
 NAT64_WELL_KNOWN = ipaddress.ip_network("64:ff9b::/96")  # RFC 6052: the last 32 bits are the IPv4 address
@@ -241,6 +262,7 @@ class GuardedHTTPConnection(HTTPConnection):
     def __init__(self, *args: Any, address_guard: AddressGuard, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.address_guard = address_guard
+        self.idle_since = 0.0  # when it was last put back in its pool (time.monotonic)
 
     def _new_conn(self) -> socket.socket:
         # urllib3's own _new_conn with create_connection() replaced by the guard; the same errors come out.
@@ -271,16 +293,67 @@ class GuardedHTTPSConnection(GuardedHTTPConnection, HTTPSConnection):
 
 
 class GuardedHTTPConnectionPool(HTTPConnectionPool):
-    """A pool of guarded HTTP connections that keeps none open: each request connects, and is checked, afresh."""
+    """A pool of guarded HTTP connections for one scheme, host and port: it keeps at most its size of them idle, each
+    for `keepalive_s` (0: none), and sends a request once more when a kept connection turns out closed by the host."""
 
     ConnectionCls = GuardedHTTPConnection
+    QueueCls = IdleQueue
+    keepalive_s = 0.0  # set by the pool manager, with idle_connections
+    idle_connections: IdleConnections | None = None
+
+    def _get_conn(self, timeout: float | None = None) -> BaseHTTPConnection:
+        try:
+            conn = super()._get_conn(timeout)
+        except ClosedPoolError:  # dropped by the manager (too many hosts) after this request picked it
+            return self._new_conn()  # closed, not kept, when put back
+        if not conn.is_closed and time.monotonic() - getattr(conn, "idle_since", 0.0) >= self.keepalive_s:
+            conn.close()  # idle too long: reconnect (and check) rather than race the host's own timeout
+        return conn
 
     def _put_conn(self, conn: BaseHTTPConnection | None) -> None:
-        # A kept connection would skip the check for the next request, linger between jobs, and fail a job when the
-        # host closes it while idle (requests does not retry). Closed here, it reconnects through the guard.
-        if conn is not None:
+        # urllib3's, less its warning on a full pool: more requests at once than the pool keeps is the normal case.
+        keep = isinstance(conn, GuardedHTTPConnection) and not conn.is_closed and self.keepalive_s > 0
+        if isinstance(conn, GuardedHTTPConnection) and keep:
+            conn.idle_since = time.monotonic()
+        elif conn is not None:
             conn.close()
-        super()._put_conn(conn)
+        pool = self.pool
+        if pool is not None:
+            try:
+                pool.put(conn, block=False)
+            except queue.Full:
+                pass
+            else:
+                if keep and isinstance(pool, IdleQueue) and self.idle_connections is not None:
+                    self.idle_connections.kept(pool)
+                return
+        if conn is not None:  # the pool is full, or was closed: the connection is not kept
+            conn.close()
+
+    def _make_request(
+        self, conn: BaseHTTPConnection, method: str, url: str, *args: Any, **kwargs: Any
+    ) -> BaseHTTPResponse:
+        reused = not conn.is_closed  # a kept connection, open since another request
+        started = time.monotonic()
+        try:
+            return super()._make_request(conn, method, url, *args, **kwargs)
+        except STALE_CONNECTION_ERRORS:
+            if not (reused and method in IDEMPOTENT_METHODS and kwargs.get("body") is None and not args):
+                raise
+        # The host closed the kept connection as the request went out: once more on a new connection (resolved and
+        # checked again), within what was left of the read timeout. Nothing else is sent twice.
+        conn.close()
+        kwargs["timeout"] = self._timeout_left(kwargs.get("timeout"), time.monotonic() - started, url)
+        return super()._make_request(conn, method, url, *args, **kwargs)
+
+    def _timeout_left(self, timeout: object, spent_s: float, url: str) -> object:
+        if not isinstance(timeout, Timeout) or not isinstance(timeout.read_timeout, int | float):
+            return timeout
+        left = timeout.read_timeout - spent_s
+        if left <= 0:
+            raise ReadTimeoutError(self, url, f"Read timed out. (read timeout={timeout.read_timeout})")
+        connect = timeout.connect_timeout
+        return Timeout(connect=min(connect, left) if isinstance(connect, int | float) else left, read=left)
 
 
 class GuardedHTTPSConnectionPool(GuardedHTTPConnectionPool, HTTPSConnectionPool):
@@ -290,11 +363,13 @@ class GuardedHTTPSConnectionPool(GuardedHTTPConnectionPool, HTTPSConnectionPool)
 
 
 class GuardedPoolManager(PoolManager):
-    """A urllib3 pool manager whose pools make guarded connections only."""
+    """A urllib3 pool manager whose pools make guarded connections only, and keep idle ones `keepalive_s` at most."""
 
-    def __init__(self, address_guard: AddressGuard, **kwargs: Any) -> None:
+    def __init__(self, address_guard: AddressGuard, keepalive_s: float, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.address_guard = address_guard
+        self.keepalive_s = keepalive_s
+        self.idle_connections = IdleConnections(keepalive_s)
         self.pool_classes_by_scheme = {"http": GuardedHTTPConnectionPool, "https": GuardedHTTPSConnectionPool}
 
     def _new_pool(
@@ -303,22 +378,33 @@ class GuardedPoolManager(PoolManager):
         # Added here, after the pool key is made from the context: PoolKey has no field for the guard.
         context = dict(self.connection_pool_kw if request_context is None else request_context)
         context["address_guard"] = self.address_guard
-        return super()._new_pool(scheme, host, port, context)
+        pool = super()._new_pool(scheme, host, port, context)
+        if isinstance(pool, GuardedHTTPConnectionPool):
+            pool.keepalive_s, pool.idle_connections = self.keepalive_s, self.idle_connections
+        return pool
 
 
 class GuardedAdapter(HTTPAdapter):
-    """A requests transport that connects only where its guard allows, never through a proxy, never retrying."""
+    """A requests transport that connects only where its guard allows, never through a proxy, retrying only a request
+    that met the host's close of a kept connection; it keeps idle connections to `max_hosts` hosts, `per_host` each."""
 
-    def __init__(self, address_guard: AddressGuard) -> None:
+    def __init__(
+        self,
+        address_guard: AddressGuard,
+        keepalive_s: float = KEEPALIVE_S,
+        max_hosts: int = KEPT_HOSTS,
+        per_host: int = KEPT_PER_HOST,
+    ) -> None:
         self.address_guard = address_guard  # before super().__init__, which builds the pool manager
-        super().__init__(max_retries=0)
+        self.keepalive_s = keepalive_s
+        super().__init__(pool_connections=max_hosts, pool_maxsize=per_host, max_retries=0)
 
     def init_poolmanager(
         self, connections: int, maxsize: int, block: bool = DEFAULT_POOLBLOCK, **pool_kwargs: Any
     ) -> None:
         super().init_poolmanager(connections, maxsize, block, **pool_kwargs)
         self.poolmanager = GuardedPoolManager(
-            self.address_guard, num_pools=connections, maxsize=maxsize, block=block, **pool_kwargs
+            self.address_guard, self.keepalive_s, num_pools=connections, maxsize=maxsize, block=block, **pool_kwargs
         )
 
     def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> Any:

@@ -18,6 +18,7 @@ from worker.contract.settings import (
     setting,
 )
 from worker.contract.states import JobTask
+from worker.keepalive import KEEPALIVE_S
 
 # The model that ships in the repository: what `blipq up` and `blipq worker` serve when BLIPQ_MODEL is unset.
 DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "demo_model" / "blip-vqa-easy"
@@ -82,6 +83,9 @@ class WorkerSettings(SharedSettings):
     fetch_threads: int = setting(8, "Threads that fetch and decode the images of a batch's chunk", ge=1)
     fetch_connect_timeout_s: float = setting(5.0, "Seconds to connect to an image's host", gt=0)
     fetch_timeout_s: float = setting(20.0, "Seconds for a whole image download, not one read", gt=0)
+    fetch_keepalive_s: float = setting(
+        KEEPALIVE_S, "Seconds a connection to an image host stays open, idle, for the next image (0: none kept)", ge=0
+    )
     fetch_allow_networks: Annotated[tuple[Network, ...], NoDecode] = setting(
         (),
         "Private networks whose images may be fetched all the same (all private addresses are refused otherwise)",

@@ -78,7 +78,8 @@ class WorkerRuntime:
         self._store: JobStore | None = None
         self._batches: BatchStore | None = None
         self._cache: AnswerCache | None = None
-        self._sessions = threading.local()  # one HTTP session per thread; each carries the network policy
+        # One for all the worker's threads: its pools are thread-safe and bounded, and it keeps no cookie.
+        self._session = new_session(self.network_policy, keepalive_s=settings.fetch_keepalive_s)
         self._start_lock = threading.Lock()
 
     def start(self, **_signal_kwargs: Any) -> None:
@@ -148,10 +149,8 @@ class WorkerRuntime:
 
     @property
     def session(self) -> requests.Session:
-        session = getattr(self._sessions, "session", None)
-        if session is None:
-            session = self._sessions.session = new_session(self.network_policy)
-        return session
+        """The guarded HTTP session that fetches images, shared by all of the worker's threads."""
+        return self._session
 
     def run_job(self, payload: dict[str, str]) -> dict[str, str]:
         """Answer one job and record the outcome; bad input fails the job, never the worker."""

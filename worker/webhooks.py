@@ -27,6 +27,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import redis
 import requests
@@ -38,7 +39,7 @@ from worker.contract.batches import BatchStore, split_item_id
 from worker.contract.errors import ImageFetchError, UrlNotAllowedError
 from worker.contract.jobs import JobStore, batch_key, job_key, webhook_outbox_key
 from worker.contract.transitions import BATCH_OUTBOX_PREFIX
-from worker.fetch import new_session
+from worker.fetch import failure_cause, new_session
 from worker.netguard import GuardedAdapter, NetworkPolicy, check_url
 
 log = logging.getLogger("blipq.webhooks")
@@ -146,7 +147,8 @@ def attempt_delivery(
     except (requests.Timeout, TransportTimeoutError, TimeoutError):
         return Attempt(False, retry=True, code="webhook_timeout", message=f"no answer within {timeout_s:g} s")
     except (requests.RequestException, TransportError, OSError) as exc:
-        return Attempt(False, retry=True, code="webhook_unreachable", message=f"{type(exc).__name__}: {exc}"[:300])
+        cause = _webhook_wording(failure_cause(exc, urlsplit(url).hostname or url))
+        return Attempt(False, retry=True, code="webhook_unreachable", message=cause[:300])
     if 200 <= status < 300:
         return Attempt(True)
     retry = status == 429 or status >= 500
@@ -154,7 +156,7 @@ def attempt_delivery(
 
 
 def _webhook_wording(message: str) -> str:
-    """The guard's refusal, which speaks of images, told of a webhook."""
+    """The guard's words (a refusal, a failure's cause), which speak of images, told of a webhook."""
     message = re.sub(r"\bimage (URL|host)\b", r"webhook \1", message)
     return message.replace("images are fetched from", "webhooks go to")
 
@@ -251,7 +253,10 @@ class WebhookSender(threading.Thread):
         super().__init__(name=name, daemon=True)
         self.store, self.policy = store, policy
         self.outbox = Outbox(store.client)
-        self.session = new_session(network_policy)  # the image guard: a webhook reaches no private address either
+        # The image guard: a webhook reaches no private address either. No connection is kept: a receiver hears from a
+        # sender seldom (deliveries spread over senders and back-offs), and a POST that meets a kept connection's close
+        # is not sent twice by the transport (not idempotent): it would fail its attempt, and wait a back-off.
+        self.session = new_session(network_policy, keepalive_s=0)
         self.stopping = threading.Event()
 
     def run(self) -> None:
