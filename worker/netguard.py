@@ -49,6 +49,7 @@ from urllib3.util import Timeout, parse_url
 
 from worker.contract.errors import ImageFetchError, UrlNotAllowedError
 from worker.keepalive import KEEPALIVE_S, KEPT_HOSTS, KEPT_PER_HOST, IdleConnections, IdleQueue
+from worker.timers import TIMERS
 
 if TYPE_CHECKING:
     from urllib3._base_connection import BaseHTTPConnection
@@ -243,9 +244,7 @@ def _cut_off_after(seconds: object, current_socket: Callable[[], socket.socket |
             with suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
 
-    timer = threading.Timer(seconds, cut)
-    timer.daemon = True
-    timer.start()
+    cutoff = TIMERS.call_later(seconds, cut)
     try:
         yield
     except Exception as exc:
@@ -253,7 +252,7 @@ def _cut_off_after(seconds: object, current_socket: Callable[[], socket.socket |
             raise TimeoutError(f"the image host took over {seconds:g} s") from exc
         raise
     finally:
-        timer.cancel()
+        cutoff.cancel()
 
 
 class GuardedHTTPConnection(HTTPConnection):
