@@ -77,13 +77,16 @@ def start_redis(
     port: int | None = None,
     avoid: frozenset[int] = frozenset(),
     replica_of: int | None = None,
+    replica_priority: int | None = None,
 ) -> RedisProcess:
     """Start redis-server: append-only file in `data_dir` (every second, never evict), or nothing on disk; with
-    `replica_of`, a replica of the server on that port of 127.0.0.1."""
+    `replica_of`, a replica of the server on that port of 127.0.0.1 (`replica_priority` 0: never promoted)."""
     port = port or free_port(avoid)
     args = [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
     if replica_of is not None:
         args += ["--replicaof", "127.0.0.1", str(replica_of)]
+    if replica_priority is not None:
+        args += ["--replica-priority", str(replica_priority)]
     args += ["--maxmemory-policy", "noeviction"]  # evicting a queued job would lose it
     if data_dir is not None:
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -140,9 +143,11 @@ class SentinelGroup:
             stop_process(process)
 
 
-def start_sentinel_group(data_dir: Path, replicas: int = 1, master: str = "blipq") -> SentinelGroup:
+def start_sentinel_group(
+    data_dir: Path, replicas: int = 1, master: str = "blipq", never_promoted: int = 0
+) -> SentinelGroup:
     """Start a primary, `replicas` replicas and three sentinels (quorum 2), each on a free port, and wait until the
-    sentinels know the replicas (a failover needs one)."""
+    sentinels know the replicas (a failover needs one). The last `never_promoted` replicas are never promoted."""
     primary = start_redis(data_dir / "primary")
     servers = [primary]
     sentinels: list[subprocess.Popen[bytes]] = []
@@ -150,7 +155,8 @@ def start_sentinel_group(data_dir: Path, replicas: int = 1, master: str = "blipq
     group = SentinelGroup(master, servers, sentinels, ports)
     try:
         for n in range(replicas):
-            servers.append(start_redis(data_dir / f"replica{n}", replica_of=primary.port))
+            priority = 0 if n >= replicas - never_promoted else None
+            servers.append(start_redis(data_dir / f"replica{n}", replica_of=primary.port, replica_priority=priority))
         for n in range(3):
             port = free_port(frozenset(ports))
             config = data_dir / f"sentinel{n}.conf"  # a sentinel rewrites its file: one each

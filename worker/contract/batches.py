@@ -307,13 +307,22 @@ class BatchStore:
         args = [time.time(), batch.count, *(chunk["member"] for chunk in chunks)]
         return self.store.accept_and_wait(self._accept, keys, args, replicas, timeout_ms)
 
-    def withdraw(self, batch: Batch, chunks: list[dict[str, Any]], queue: str, uploads: list[str]) -> bool:
-        """Delete a batch whose submission failed, unless a worker started one of its chunks (then False: it runs)."""
+    def withdraw(
+        self,
+        batch: Batch,
+        chunks: list[dict[str, Any]],
+        queue: str,
+        uploads: list[str],
+        replicas: int = 0,
+        timeout_ms: int = 0,
+    ) -> int | None:
+        """Delete a batch whose submission failed, unless a worker started one of its chunks (then None: it runs);
+        with `replicas` > 0, WAIT as JobStore.withdraw does (same return value)."""
         bid = batch.id
         keys = [batch_key(bid), chunks_key(bid), unstarted_key(queue, batch.priority), deadlines_key(queue)]
         keys += [*batch_keys(bid), *uploads]
         args = [DEADLINE_MEMBER_PREFIX + bid, batch.count, *(chunk["member"] for chunk in chunks)]
-        return int(self._withdraw(keys=keys, args=args)) != 0
+        return self.store.accept_and_wait(self._withdraw, keys, args, replicas, timeout_ms)
 
     def delete_ended(self, batch: Batch) -> bool:
         """Delete a batch whose items all ended, with its results; False (nothing deleted) when one has not ended."""
