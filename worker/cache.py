@@ -4,9 +4,10 @@ An answer is a function of the image's bytes, the text (question or caption prom
 its configurations: the model's, the tokenizer's, the image processor's, the generation defaults) and the worker's
 generation settings (max new tokens, beams, dtype), so it is kept in Redis under a SHA-256 of all of them: the key
 names no URL (the same photo at two addresses is one entry) and no model by name only (a model directory whose
-weights or any other file changed misses). Entries expire after BLIPQ_ANSWER_CACHE_TTL_S, and the cache holds about BLIPQ_ANSWER_CACHE_MAX of them:
-an index scored by write time loses its oldest when a write passes the bound. Every worker of the fleet shares it,
-so a re-run of a tagging job with one new question costs only the new question's answers.
+weights or any other file changed misses). Entries expire after BLIPQ_ANSWER_CACHE_TTL_S, and the cache holds about
+BLIPQ_ANSWER_CACHE_MAX of them: an index scored by write time loses its oldest when a write passes the bound. Every
+worker of the fleet shares it, so a re-run of a tagging job with one new question costs only the new question's
+answers.
 
 A lookup is one MGET per image (all its texts), a write one script call per chunk or job; nothing when it is off.
 """
