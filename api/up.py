@@ -20,6 +20,7 @@ import redis
 import requests
 
 from api.settings import ApiSettings, UpSettings
+from api.up_checks import UpCheckError, check_port_free, lock_data_dir
 from worker.settings import WorkerSettings
 
 READY_TIMEOUT_S = 60.0  # for Redis and the API to answer after they start, on a busy machine
@@ -347,8 +348,21 @@ GUNICORN_LOCAL = ["--workers", "1", "--threads", "32", "--access-logfile", "-"] 
 
 
 def run_up(host: str, port: int, workers: int, data_dir: Path, caption_workers: int = 1) -> int:
-    """Run the whole service until Ctrl-C (or SIGTERM); returns the exit status."""
+    """Run the whole service until Ctrl-C (or SIGTERM); returns the exit status.
 
+    Nothing starts unless the data directory is this process's own (held for its life) and the API's port is free.
+    """
+    try:
+        lock = lock_data_dir(data_dir, host, port)
+        check_port_free(host, port)
+    except UpCheckError as exc:
+        print(f"blipq: {exc}", file=sys.stderr)
+        return 1
+    with lock:
+        return _run_stack(host, port, workers, data_dir, caption_workers)
+
+
+def _run_stack(host: str, port: int, workers: int, data_dir: Path, caption_workers: int) -> int:
     def interrupt(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 
