@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from api.up import RedisProcess
+from api.up import RedisProcess, stop_process
 from tests.conftest import JOB_TIMEOUT_S, WorkerProcess, start_worker, wait_for_worker_record
 from worker.contract.errors import SettingsError
 from worker.inference import resolve_device
@@ -44,7 +44,10 @@ def test_a_worker_on_a_cuda_device_this_machine_lacks_exits_at_start_with_the_re
     device = missing_cuda_device()
     worker = start_worker(redis_server.url, tiny_model_dir, "no-gpu", tmp_path / "w.log", BLIPQ_DEVICE=device)
 
-    status = worker.process.wait(JOB_TIMEOUT_S)
+    try:
+        status = worker.process.wait(JOB_TIMEOUT_S)
+    finally:
+        stop_process(worker.process)  # one that did not exit (it would fail its jobs instead) goes now
 
     log = worker.log_path.read_text()
     assert status == 1, log
