@@ -24,7 +24,7 @@ from worker.contract.transitions import BATCH_OUTBOX_PREFIX, CANCELED_RERUN_MESS
 RUNNING = '["running"]'  # an item's outcome field while the model answers it (its worker may die meanwhile)
 ITEM_OUTBOX_PREFIX = "item:"  # an outbox member for a batch item's own webhook (`item:<batch id>.<index>`)
 ITEM_WEBHOOK_PREFIX = "blipq:item-webhook:"  # the hash of a batch item's webhook delivery (worker.contract.batches)
-SKIPPED = "skipped"  # what a worker reports for an item the model did not answer because its batch closed
+SKIPPED = "skipped"  # what a worker reports for an item the model did not answer (RUN_ITEMS_LUA did not let it run)
 
 UPLOADS_LEFT_PREFIX = "blipq:batch-left:"  # worker.contract.batches.uploads_left_key
 CANCELS_PREFIX = "blipq:batch-cancels:"  # worker.contract.batches.cancels_key

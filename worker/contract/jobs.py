@@ -334,8 +334,8 @@ class JobStore:
         self, script: Script, keys: list[str], args: list[Any], replicas: int, timeout_ms: int
     ) -> int | None:
         """Run an acceptance or withdrawal script (a job's or a batch's) and, with `replicas` > 0, WAIT in the same
-        pipeline: how many replicas acknowledged (0 without WAIT), or None when the script answered 0 (nothing
-        pending to accept; a start that stops the withdrawal)."""
+        pipeline: how many replicas acknowledged (0 without WAIT), or None when the script answered 0 (an
+        acceptance: nothing was pending; a withdrawal: a worker had started the submission)."""
         with self.client.pipeline(transaction=False) as pipe:
             script(keys=keys, args=args, client=pipe)
             if replicas > 0:
