@@ -22,7 +22,7 @@ def test_a_worker_says_its_model_device_and_dtype_in_one_line(
     redis_server: RedisProcess, tiny_worker: WorkerProcess, tiny_model_dir: Path
 ) -> None:
     wait_for_worker_record(redis_server.url, tiny_worker.queue, 1, tiny_worker)
-    device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # BLIPQ_DEVICE=auto
     dtype = "torch.float16" if torch.cuda.is_available() else "torch.float32"
 
     lines = [line for line in tiny_worker.log_path.read_text().splitlines() if "loaded on" in line]
