@@ -7,14 +7,27 @@ BIN := $(VENV)/bin
 TORCH ?= cpu
 TORCH_VERSION ?= 2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+# Which torch the venv holds: one stamp per build, so that a change of TORCH (or TORCH_VERSION) installs the other.
+TORCH_STAMP := $(VENV)/.torch-$(TORCH)-$(TORCH_VERSION)
 ARGS ?=
+# MODELS=real: `make up`'s workers serve the real models from the Hugging Face hub, both of them (a GPU wants
+# TORCH=cuda too), where BLIPQ_MODEL and BLIPQ_CAPTION_MODEL do not name others; MODELS=demo: the shipped demo models.
+MODELS ?= demo
+REAL_VQA_MODEL := Salesforce/blip-vqa-base
+REAL_CAPTION_MODEL := Salesforce/blip-image-captioning-base
+ifeq ($(MODELS),real)
+UP_MODELS := BLIPQ_MODEL="$${BLIPQ_MODEL:-$(REAL_VQA_MODEL)}" \
+	BLIPQ_CAPTION_MODEL="$${BLIPQ_CAPTION_MODEL:-$(REAL_CAPTION_MODEL)}"
+else ifneq ($(MODELS),demo)
+$(error MODELS is demo (the shipped demo models) or real ($(REAL_VQA_MODEL) and $(REAL_CAPTION_MODEL)))
+endif
 # Where `make docs` writes the site: under build/, which git ignores.
 DOCS_SITE ?= build/site
 
 .PHONY: up test lint docs reference clean
 
 up: $(VENV)/.installed
-	$(BIN)/blipq up $(ARGS)
+	$(UP_MODELS) $(BIN)/blipq up $(ARGS)
 
 test: $(VENV)/.installed lint docs
 	$(BIN)/pytest
@@ -33,19 +46,32 @@ docs: $(VENV)/.installed
 reference: $(VENV)/.installed
 	$(BIN)/python -m api.reference
 
-# The pinned CPU build ("+cpu": never a CUDA build) from a local wheel (pip's find-links) when there is one, its
-# dependencies from the usual index; else PyTorch's CPU index; else, as a last resort, PyPI's (CUDA on Linux: GBs).
-$(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	if [ "$(TORCH)" = "cuda" ]; then \
-		$(BIN)/pip install "torch==$(TORCH_VERSION)"; \
-	else \
-		$(BIN)/pip install "torch==$(TORCH_VERSION)+cpu" 2>/dev/null \
-		|| $(BIN)/pip install "torch==$(TORCH_VERSION)" --index-url "$(TORCH_CPU_INDEX)" \
-		|| $(BIN)/pip install "torch==$(TORCH_VERSION)"; \
-	fi
+# The rest, once torch is there (order-only: another torch build needs no reinstall of the rest).
+$(VENV)/.installed: pyproject.toml | $(TORCH_STAMP)
 	$(BIN)/pip install -e ".[dev]"
+	touch $@
+
+# torch as TORCH asks. The pinned CPU build ("+cpu": never a CUDA build) from a local wheel (pip's find-links) when
+# there is one, its dependencies from the usual index; else PyTorch's CPU index; else, as a last resort, PyPI's (CUDA
+# on Linux: GBs). A torch of the other build is uninstalled first: pip takes 2.13.0+cpu for a 2.13.0 it was asked
+# for (a local version label matches), so TORCH=cuda after a CPU install would otherwise keep the CPU build. A venv
+# that holds the asked build already (made before the stamps) keeps it.
+$(TORCH_STAMP):
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	rm -f $(VENV)/.torch-*
+	if ! $(BIN)/python -c 'import sys, torch; \
+		same = torch.__version__.split("+")[0] == "$(TORCH_VERSION)" and (torch.version.cuda is None) == ("$(TORCH)" != "cuda"); \
+		sys.exit(not same)' 2>/dev/null; then \
+		$(BIN)/pip uninstall --yes torch 2>/dev/null; \
+		if [ "$(TORCH)" = "cuda" ]; then \
+			$(BIN)/pip install "torch==$(TORCH_VERSION)"; \
+		else \
+			$(BIN)/pip install "torch==$(TORCH_VERSION)+cpu" 2>/dev/null \
+			|| $(BIN)/pip install "torch==$(TORCH_VERSION)" --index-url "$(TORCH_CPU_INDEX)" \
+			|| $(BIN)/pip install "torch==$(TORCH_VERSION)"; \
+		fi \
+	fi
 	touch $@
 
 clean:

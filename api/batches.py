@@ -116,8 +116,10 @@ def submit_batch() -> tuple[Response, int, dict[str, str]]:
         f"batch {new.batch.id}",
         publish=publish,
         accept=lambda replicas, timeout_ms: batches.accept(new.batch, new.chunks, queue, replicas, timeout_ms),
-        withdraw=lambda: batches.withdraw(new.batch, new.chunks, queue, list(new.uploads)),
-        release=lambda: release_claim(svc.store, claim),
+        withdraw=lambda replicas, timeout_ms: batches.withdraw(
+            new.batch, new.chunks, queue, list(new.uploads), replicas, timeout_ms
+        ),
+        claim=claim,
     )
     headers = {"Location": f"/v1/batches/{new.batch.id}"}
     return jsonify(id=new.batch.id, count=new.batch.count), 202, headers

@@ -2,10 +2,18 @@
 (the 202) or withdrawn (the 503), so that it runs exactly when the client was told it would.
 
 Shared by the job routes (api/views.py) and the batch routes (api/batches.py).
+
+An Idempotency-Key holds its claim, `<request fingerprint>:<job or batch id>`, for as long as the job lives. When the
+submission is withdrawn, the claim is first marked `<claim>:withdrawn`, then the job deleted, then both are waited
+for on the replicas as an acceptance is: Redis replicates one stream, so a replica that holds the withdrawal holds
+the mark, and one that missed the mark still holds the job. A retry with the key finds the job if it is there (a
+failover to a replica that missed the withdrawal brought it back: the retry is answered as a replay), and takes the
+key over if the claim is marked and the job is gone.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -25,6 +33,7 @@ T = TypeVar("T")
 IDEMPOTENCY_PENDING_S = 60  # a key claimed by a request that died before storing its job is free again after this
 IDEMPOTENCY_WAIT_S = 5.0  # how long a duplicate arriving with the first waits for the first one's job to be stored
 IDEMPOTENCY_POLL_S = 0.05
+WITHDRAWN_MARK = ":withdrawn"  # ends the claim of a withdrawn submission: a retry that finds no job makes it anew
 
 
 def broker_unavailable() -> ServiceUnavailableError:
@@ -36,23 +45,30 @@ def earlier_submission(store: JobStore, key: str, claim: str, lookup: Callable[[
     """What an earlier request with this Idempotency-Key made (`lookup` finds it by id: a job, a batch), or None once
     this request holds the key.
 
-    A request that finds the key claimed but its job not stored yet (the two arrived together) waits for it.
+    A request that finds the key claimed but its job not stored yet (the two arrived together) waits for it; one that
+    finds the claim of a withdrawn submission whose job is gone takes the key over.
     """
     fingerprint = claim.partition(":")[0]
     waited_until = time.monotonic() + IDEMPOTENCY_WAIT_S
     while True:
         try:
             held = store.claim_idempotency_key(key, claim, IDEMPOTENCY_PENDING_S)
-            held_fingerprint, _, job_id = (held or "").partition(":")
-            job = lookup(job_id) if held is not None and held_fingerprint == fingerprint else None
+            if held is None:
+                return None
+            held_fingerprint, _, held_id = held.partition(":")
+            withdrawn = held_id.endswith(WITHDRAWN_MARK)
+            job = lookup(held_id.removesuffix(WITHDRAWN_MARK))
+            if job is None and withdrawn:
+                store.release_idempotency_key(key, held)  # then claimed anew, unless another retry was first
+                continue
         except redis.RedisError as exc:
             log.warning("cannot claim an idempotency key: %s", exc)
             raise broker_unavailable() from None
-        if held is None or job is not None:
-            return job
         if held_fingerprint != fingerprint:
             message = "this Idempotency-Key was used for another request; a new job needs a new key"
             raise ConflictError("idempotency_conflict", message)
+        if job is not None:
+            return job
         if time.monotonic() >= waited_until:
             message = "a request with this Idempotency-Key is still being stored; retry in a moment"
             raise ConflictError("idempotency_key_in_use", message)
@@ -84,8 +100,8 @@ def enqueue(
     what: str,
     publish: Callable[[], None],
     accept: Callable[[int, int], int | None],
-    withdraw: Callable[[], bool],
-    release: Callable[[], None],
+    withdraw: Callable[[int, int], int | None],
+    claim: tuple[str, str] | None,
 ) -> None:
     """Publish a submission stored `pending` and accept it; returns once it is promised to run (the 202), else raises
     503 with the submission withdrawn, so that it never runs.
@@ -94,9 +110,11 @@ def enqueue(
     so one whose message could not be published is withdrawn and never runs. Acceptance comes after the publish, on
     the connection that stored it: with BLIPQ_MIN_REPLICAS_ACK replicas, Redis WAIT then covers the record, the
     message and the acceptance together, and a submission that too few replicas hold is withdrawn (503) unless a
-    worker started it already (it then runs: 202). Should Redis fail between the acceptance and its reply, the
-    submission is withdrawn if Redis still answers; if not, it may run: a client that retries with its
-    Idempotency-Key then gets that same job, not a second one.
+    worker started it already (it then runs: 202). The withdrawal is waited for as the acceptance is: a failover to
+    a replica that holds the acceptance and not the withdrawal would run the job, so when too few replicas hold the
+    withdrawal either, the Idempotency-Key stays claimed (module docstring): a retry with it gets that job, should it
+    come back. Should Redis fail between the acceptance and its reply, the submission is withdrawn if Redis still
+    answers; if not, it may run: a client that retries with its Idempotency-Key then gets that same job.
     """
     settings = services().settings
     try:
@@ -104,30 +122,57 @@ def enqueue(
         replicas = accept(settings.min_replicas_ack, settings.replica_ack_timeout_ms)
     except (OperationalError, redis.RedisError) as exc:
         log.warning("cannot enqueue %s: %s", what, exc)
-        _withdraw_or_accept(what, withdraw, accept, release)
+        _withdraw_or_accept(what, withdraw, accept, claim)
         raise broker_unavailable() from None
     if replicas is None:  # not pending any more: it expired meanwhile (a TTL shorter than this request)
-        release()
+        release_claim(services().store, claim)
         raise broker_unavailable()
     if replicas < settings.min_replicas_ack:
         log.warning("%s: %d of %d replicas acknowledged it in time", what, replicas, settings.min_replicas_ack)
-        if _withdraw_or_accept(what, withdraw, accept, release):
+        outcome = _withdraw_or_accept(what, withdraw, accept, claim)
+        if outcome is not Withdrawal.STARTED:
             message = f"the job could not be copied to {settings.min_replicas_ack} Redis replicas in time; retry later"
+            if outcome is Withdrawal.UNCONFIRMED:
+                message += " (with the same Idempotency-Key: should a Redis failover bring the job back, it is found)"
             raise ServiceUnavailableError("replicas_unavailable", message)
 
 
+class Withdrawal(enum.Enum):
+    """How the withdrawal of a submission that could not be promised went."""
+
+    DONE = "done"  # withdrawn, and (with BLIPQ_MIN_REPLICAS_ACK) held by enough replicas: it never runs
+    UNCONFIRMED = "unconfirmed"  # withdrawn on the primary only as far as the API knows (or Redis went away)
+    STARTED = "started"  # a worker had started it: it is accepted, and runs
+
+
 def _withdraw_or_accept(
-    what: str, withdraw: Callable[[], bool], accept: Callable[[int, int], int | None], release: Callable[[], None]
-) -> bool:
-    """Withdraw a submission that cannot be promised; True when it is withdrawn (or cannot run: Redis is away), False
-    when a worker had started it (it is then accepted, without waiting for replicas, and runs)."""
+    what: str,
+    withdraw: Callable[[int, int], int | None],
+    accept: Callable[[int, int], int | None],
+    claim: tuple[str, str] | None,
+) -> Withdrawal:
+    """Withdraw a submission that cannot be promised, waiting for the replicas as its acceptance did; a submission a
+    worker had started is accepted instead (without waiting for replicas), and runs."""
+    settings, store = services().settings, services().store
+    marked = None if claim is None else (claim[0], claim[1] + WITHDRAWN_MARK)
     try:
-        if withdraw():
-            release()
-            return True
-        accept(0, 0)  # a batch with a chunk started: the chunks never published go out through the reaper
+        if claim is not None:  # first: a replica that holds the withdrawal holds the mark
+            store.replace_idempotency_claim(claim[0], claim[1], claim[1] + WITHDRAWN_MARK)
+        replicas = withdraw(settings.min_replicas_ack, settings.replica_ack_timeout_ms)
+        if replicas is None:
+            accept(0, 0)  # a batch with a chunk started: the chunks never published go out through the reaper
+            log.warning("%s was started by a worker before it could be withdrawn: it runs", what)
+            return Withdrawal.STARTED
     except (OperationalError, redis.RedisError) as exc:
         log.warning("cannot withdraw %s: %s", what, exc)
-        return True
-    log.warning("%s was started by a worker before it could be withdrawn: it runs", what)
-    return False
+        return Withdrawal.UNCONFIRMED
+    if replicas < settings.min_replicas_ack:
+        log.warning(
+            "%s: %d of %d replicas acknowledged its withdrawal in time; its Idempotency-Key stays claimed",
+            what,
+            replicas,
+            settings.min_replicas_ack,
+        )
+        return Withdrawal.UNCONFIRMED
+    release_claim(store, marked)
+    return Withdrawal.DONE

@@ -20,6 +20,7 @@ import redis
 import requests
 
 from api.settings import ApiSettings, UpSettings
+from api.up_checks import UpCheckError, check_port_free, lock_data_dir
 from worker.settings import WorkerSettings
 
 READY_TIMEOUT_S = 60.0  # for Redis and the API to answer after they start, on a busy machine
@@ -77,13 +78,16 @@ def start_redis(
     port: int | None = None,
     avoid: frozenset[int] = frozenset(),
     replica_of: int | None = None,
+    replica_priority: int | None = None,
 ) -> RedisProcess:
     """Start redis-server: append-only file in `data_dir` (every second, never evict), or nothing on disk; with
-    `replica_of`, a replica of the server on that port of 127.0.0.1."""
+    `replica_of`, a replica of the server on that port of 127.0.0.1 (`replica_priority` 0: never promoted)."""
     port = port or free_port(avoid)
     args = [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
     if replica_of is not None:
         args += ["--replicaof", "127.0.0.1", str(replica_of)]
+    if replica_priority is not None:
+        args += ["--replica-priority", str(replica_priority)]
     args += ["--maxmemory-policy", "noeviction"]  # evicting a queued job would lose it
     if data_dir is not None:
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -140,9 +144,11 @@ class SentinelGroup:
             stop_process(process)
 
 
-def start_sentinel_group(data_dir: Path, replicas: int = 1, master: str = "blipq") -> SentinelGroup:
+def start_sentinel_group(
+    data_dir: Path, replicas: int = 1, master: str = "blipq", never_promoted: int = 0
+) -> SentinelGroup:
     """Start a primary, `replicas` replicas and three sentinels (quorum 2), each on a free port, and wait until the
-    sentinels know the replicas (a failover needs one)."""
+    sentinels know the replicas (a failover needs one). The last `never_promoted` replicas are never promoted."""
     primary = start_redis(data_dir / "primary")
     servers = [primary]
     sentinels: list[subprocess.Popen[bytes]] = []
@@ -150,7 +156,8 @@ def start_sentinel_group(data_dir: Path, replicas: int = 1, master: str = "blipq
     group = SentinelGroup(master, servers, sentinels, ports)
     try:
         for n in range(replicas):
-            servers.append(start_redis(data_dir / f"replica{n}", replica_of=primary.port))
+            priority = 0 if n >= replicas - never_promoted else None
+            servers.append(start_redis(data_dir / f"replica{n}", replica_of=primary.port, replica_priority=priority))
         for n in range(3):
             port = free_port(frozenset(ports))
             config = data_dir / f"sentinel{n}.conf"  # a sentinel rewrites its file: one each
@@ -341,8 +348,21 @@ GUNICORN_LOCAL = ["--workers", "1", "--threads", "32", "--access-logfile", "-"] 
 
 
 def run_up(host: str, port: int, workers: int, data_dir: Path, caption_workers: int = 1) -> int:
-    """Run the whole service until Ctrl-C (or SIGTERM); returns the exit status."""
+    """Run the whole service until Ctrl-C (or SIGTERM); returns the exit status.
 
+    Nothing starts unless the data directory is this process's own (held for its life) and the API's port is free.
+    """
+    try:
+        lock = lock_data_dir(data_dir, host, port)
+        check_port_free(host, port)
+    except UpCheckError as exc:
+        print(f"blipq: {exc}", file=sys.stderr)
+        return 1
+    with lock:
+        return _run_stack(host, port, workers, data_dir, caption_workers)
+
+
+def _run_stack(host: str, port: int, workers: int, data_dir: Path, caption_workers: int) -> int:
     def interrupt(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 

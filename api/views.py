@@ -110,8 +110,8 @@ def submit_job() -> tuple[Response, int, dict[str, str]]:
         f"job {job.id}",
         publish=lambda: publish_job(svc.celery, job, queue),
         accept=lambda replicas, timeout_ms: svc.store.accept(job, queue, replicas, timeout_ms),
-        withdraw=lambda: svc.store.withdraw(job, queue),
-        release=lambda: release_claim(svc.store, claim),
+        withdraw=lambda replicas, timeout_ms: svc.store.withdraw(job, queue, replicas, timeout_ms),
+        claim=claim,
     )
     return _accepted(job)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,12 +16,15 @@ from api.up import RedisProcess, stop_process
 from tests.conftest import ImageServer, WorkerProcess, api_client, start_worker, wait_for_batch, wait_for_job
 from tests.fixtures.images import shape_png
 from tests.fixtures.tiny_model import build_tiny_vqa_model
-from worker.cache import ENTRY_PREFIX, INDEX_KEY
+from worker.cache import ENTRY_PREFIX, INDEX_KEY, answer_cache_for, model_revision
+from worker.inference import load_model
+from worker.settings import WorkerSettings
 
 COLORS = ["red", "green", "blue"]
 QUESTIONS = ["what color is the shape?", "is there a circle?"]
 NEW_QUESTION = "what shape is in the image?"
 PLANTED = "from the cache"  # an answer no model gives: seeing it proves the cache answered
+CACHE_TTL_S = 5 * 3600  # the module's worker keeps answers this long (not the default: the test sees it applied)
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +38,9 @@ def urls(image_server: ImageServer) -> list[str]:
 @pytest.fixture(scope="module")
 def worker(redis_server: RedisProcess, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     log_path = tmp_path_factory.mktemp("cache") / "worker.log"
-    process = start_worker(redis_server.url, tiny_model_dir, "cache", log_path)
+    process = start_worker(
+        redis_server.url, tiny_model_dir, "cache", log_path, BLIPQ_ANSWER_CACHE_TTL_S=str(CACHE_TTL_S)
+    )
     yield process
     stop_process(process.process)
 
@@ -141,3 +147,91 @@ def test_another_model_revision_misses(
 
     assert PLANTED not in answers
     assert len(entries(redis_client)) == 2 * len(urls) * len(QUESTIONS)
+
+
+def test_a_cached_answer_expires_after_the_cache_ttl(
+    redis_server: RedisProcess, redis_client: redis.Redis, worker: WorkerProcess, urls: list[str]
+) -> None:
+    tag(api_client(redis_server.url, worker.queue), worker, urls[:1], QUESTIONS)
+
+    ttls = [redis_client.ttl(key) for key in entries(redis_client)]
+
+    assert len(ttls) == len(QUESTIONS)
+    assert all(CACHE_TTL_S - 600 < ttl <= CACHE_TTL_S for ttl in ttls), ttls
+
+
+def test_every_file_of_a_local_model_directory_is_part_of_its_revision(tiny_model_dir: Path, tmp_path: Path) -> None:
+    original = model_revision(str(tiny_model_dir), None)
+    copy = shutil.copytree(tiny_model_dir, tmp_path / "copy")
+    assert model_revision(str(copy), None) == original, "a copy elsewhere is the same model"
+
+    changed = {}
+    for name, edit in [
+        ("processor_config.json", lambda text: text.replace("0.48145466", "0.5")),
+        ("tokenizer.json", lambda text: text.replace('"circle"', '"circles"')),
+        ("generation_config.json", lambda text: text.replace('"use_cache": true', '"use_cache": false')),
+    ]:
+        model = shutil.copytree(tiny_model_dir, tmp_path / name)
+        text = (model / name).read_text()
+        assert edit(text) != text, name
+        (model / name).write_text(edit(text))
+        changed[name] = model_revision(str(model), None)
+    nested = shutil.copytree(tiny_model_dir, tmp_path / "nested")
+    (nested / "extra").mkdir()
+    (nested / "extra" / "notes.json").write_text("{}")
+    changed["a file in a subdirectory"] = model_revision(str(nested), None)
+
+    assert original not in changed.values(), changed
+    assert len(set(changed.values())) == len(changed), changed
+    assert model_revision(str(tiny_model_dir), "0123abc") == "0123abc", "a hub model: its commit hash"
+
+
+def test_the_generation_settings_and_dtype_are_part_of_every_key(
+    redis_client: redis.Redis, tiny_model_dir: Path
+) -> None:
+    image, texts = shape_png("red"), QUESTIONS
+    float32 = load_model(str(tiny_model_dir), device="cpu", dtype="float32")
+    bfloat16 = load_model(str(tiny_model_dir), device="cpu", dtype="bfloat16")
+
+    def keys(loaded: Any, **settings: Any) -> list[str]:
+        worker_settings = WorkerSettings(model=str(tiny_model_dir), **settings)
+        return answer_cache_for(redis_client, loaded, worker_settings).keys(image, texts)
+
+    base = keys(float32)
+    variants = {
+        "max_new_tokens": keys(float32, max_new_tokens=5),
+        "num_beams": keys(float32, num_beams=3),
+        "dtype": keys(bfloat16),
+    }
+
+    assert keys(float32) == base, "the same model and settings: the same keys"
+    for name, variant in variants.items():
+        assert not set(variant) & set(base), name
+    assert len({tuple(variant) for variant in variants.values()}) == len(variants)
+
+
+def test_a_model_directory_whose_processor_config_changed_answers_from_the_model(
+    redis_server: RedisProcess,
+    redis_client: redis.Redis,
+    worker: WorkerProcess,
+    urls: list[str],
+    tiny_model_dir: Path,
+    tmp_path: Path,
+) -> None:
+    # Given: every answer of the model cached (and planted), and the same model directory with its image
+    # processor's configuration changed since (its normalisation), as a deploy that updates files in place does
+    tag(api_client(redis_server.url, worker.queue), worker, urls, QUESTIONS)
+    plant(redis_client)
+    changed = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    config = changed / "processor_config.json"
+    config.write_text(config.read_text().replace("0.48145466", "0.5"))
+
+    # When: a worker serving it is asked the same questions about the same images
+    other = start_worker(redis_server.url, changed, "cache-processor", tmp_path / "w.log")
+    try:
+        answers = [line["answer"] for line in tag(api_client(redis_server.url, other.queue), other, urls, QUESTIONS)]
+    finally:
+        stop_process(other.process)
+
+    # Then: the model answers, not the cache
+    assert PLANTED not in answers

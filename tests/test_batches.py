@@ -29,14 +29,18 @@ from tests.conftest import (
     start_worker,
     wait_for_batch,
     wait_for_job,
+    wait_for_status,
 )
+from tests.fixtures.holding_worker import HOLDING_QUESTION, RELEASE_KEY
 from tests.fixtures.images import shape_png
 from tests.test_chaos import QUICK_RECOVERY, reference_answers
 from tests.test_webhooks import QUICK_WEBHOOKS, SECRET, Receiver, serve, verify_signature
+from worker.contract.batch_scripts import SKIPPED
 from worker.contract.batches import BatchStore, batch_keys, outcome_value, outcomes_key
 from worker.contract.broker import create_celery, publish_chunk
 from worker.contract.jobs import JobStore, running_key, webhook_outbox_key
 from worker.contract.states import JobStatus
+from worker.contract.transitions import CANCELED_RERUN_MESSAGE
 from worker.reaper import ReaperPolicy, sweep
 from worker.webhooks import SIGNATURE_HEADER
 
@@ -542,3 +546,106 @@ def test_an_ended_batch_can_be_deleted_at_once_and_a_running_one_cannot(
     assert deleted.status_code == 204
     assert idle_api.get(f"/v1/batches/{batch_id}").status_code == 404
     assert list(redis_client.scan_iter(f"*{batch_id}*")) == [], "no key of the batch is left"
+
+
+@pytest.fixture
+def holding_worker(
+    redis_server: RedisProcess, tiny_model_dir: Path, tmp_path: Path, redis_client: redis.Redis
+) -> Iterator[WorkerProcess]:
+    """A worker whose model call for HOLDING_QUESTION waits for the test, and that answers one text per call."""
+    env = {"BLIPQ_BATCH_MAX_SIZE": "1", "BLIPQ_REAPER_INTERVAL_S": "3600"}
+    module = "tests.fixtures.holding_worker"
+    process = start_worker(redis_server.url, tiny_model_dir, "batches-held", tmp_path / "w.log", module, **env)
+    yield process
+    redis_client.lpush(RELEASE_KEY, "go")  # a call the test left held must not keep the worker from stopping
+    stop_process(process.process)
+    redis_client.delete(RELEASE_KEY)
+
+
+def test_a_batch_item_is_canceled_as_a_job_is_whether_queued_or_running(
+    redis_server: RedisProcess, redis_client: redis.Redis, holding_worker: WorkerProcess, images: Images
+) -> None:
+    # Given: an item the model is answering (held there), and a batch whose items wait for the model behind it
+    client = api_client(redis_server.url, holding_worker.queue)
+    held = submit_batch(client, {"items": [{"image_url": images.url("red"), "question": HOLDING_QUESTION}]})
+    wait_for_status(client, f"{held}.0", "running", holding_worker)
+    waiting = submit_batch(client, {"images": [images.url("blue")], "questions": QUESTIONS[:2]})
+
+    # When: one waiting item is canceled, and the running one
+    queued = client.post(f"/v1/jobs/{waiting}.0/cancel")
+    running = client.post(f"/v1/jobs/{held}.0/cancel")
+
+    # Then: the waiting one ends canceled at once, its cancel reported, and never runs...
+    assert queued.status_code == 200, queued.get_json()
+    canceled = queued.get_json()
+    assert (canceled["status"], canceled["cancel_requested"]) == ("canceled", True)
+    assert canceled["error"]["code"] == "canceled" and canceled["answer"] is None
+    # ...and the running one runs to its end, its cancel reported from the moment it was asked
+    assert running.status_code == 200, running.get_json()
+    assert (running.get_json()["status"], running.get_json()["cancel_requested"]) == ("running", True)
+    assert client.get(f"/v1/jobs/{held}.0").get_json()["cancel_requested"] is True
+    redis_client.lpush(RELEASE_KEY, "go")
+    ended = wait_for_job(client, f"{held}.0", holding_worker)
+    assert (ended["status"], ended["cancel_requested"]) == ("succeeded", True) and ended["answer"], ended
+    assert wait_for_batch(client, waiting, holding_worker)["counts"]["canceled"] == 1
+    later = client.get(f"/v1/jobs/{waiting}.0").get_json()
+    assert (later["status"], later["cancel_requested"], later["answer"]) == ("canceled", True, None)
+    other = client.get(f"/v1/jobs/{waiting}.1").get_json()
+    assert (other["status"], other["cancel_requested"]) == ("succeeded", False), other
+    assert client.post(f"/v1/jobs/{held}.0/cancel").get_json()["error"]["code"] == "job_ended"
+
+
+def test_a_running_item_whose_cancel_was_asked_is_not_run_again_after_its_worker_died(
+    idle_api: FlaskClient, redis_client: redis.Redis
+) -> None:
+    # Given: two chunks' items running on a worker ("w1"), and the cancel of one item of each asked meanwhile
+    body = {"images": ["https://images.example.com/1.png", "https://images.example.com/2.png"], "questions": ["a?"]}
+    batch_id = submit_batch(idle_api, body)
+    store = BatchStore(JobStore(redis_client, 600))
+    batch = store.get(batch_id)
+    assert batch is not None
+    payload = store.chunk_payload(batch_id, 0)
+    assert payload is not None and len(payload["images"]) == 2
+    assert store.start_chunk(payload, batch.queue, "w1", 2, "tiny") == 1
+    assert store.run_items([(batch_id, [0, 1])]) == [{0, 1}]
+    asked = idle_api.post(f"/v1/jobs/{batch_id}.0/cancel").get_json()
+    assert (asked["status"], asked["cancel_requested"]) == ("running", True)
+
+    # When: w1 dies, and the chunk is delivered again to another worker, which reports what it did not answer
+    assert store.start_chunk(payload, batch.queue, "w2", 2, "tiny") == 2
+    admitted = store.run_items([(batch_id, [0, 1])])
+    store.end_chunk(payload, batch.queue, [["0", SKIPPED, "", ""], ["1", *outcome_value("succeeded", answer="no")]])
+
+    # Then: the canceled item is not run again but ends canceled, as a job whose cancel was asked while it ran
+    assert admitted == [{1}]
+    item = idle_api.get(f"/v1/jobs/{batch_id}.0").get_json()
+    assert (item["status"], item["cancel_requested"], item["answer"]) == ("canceled", True, None)
+    assert item["error"] == {"code": "canceled", "message": CANCELED_RERUN_MESSAGE}
+    assert idle_api.get(f"/v1/batches/{batch_id}").get_json()["counts"]["canceled"] == 1
+
+
+def test_a_chunk_given_up_ends_an_item_whose_cancel_was_asked_canceled_not_worker_lost(
+    idle_api: FlaskClient, redis_client: redis.Redis
+) -> None:
+    # Given: a chunk's two items running on a worker, and the cancel of one of them asked meanwhile
+    body = {"images": ["https://images.example.com/1.png"], "questions": ["a?", "b?"]}
+    batch_id = submit_batch(idle_api, body)
+    store = BatchStore(JobStore(redis_client, 600))
+    batch = store.get(batch_id)
+    payload = store.chunk_payload(batch_id, 0)
+    assert batch is not None and payload is not None
+    assert store.start_chunk(payload, batch.queue, "w1", 1, "tiny") == 1
+    assert store.run_items([(batch_id, [0, 1])]) == [{0, 1}]
+    assert idle_api.post(f"/v1/jobs/{batch_id}.1/cancel").get_json()["cancel_requested"] is True
+    lost_before = int(redis_client.hget("blipq:stats", "worker_lost") or 0)
+
+    # When: its worker dies, and the chunk, delivered again, has used up its attempts
+    assert store.start_chunk(payload, batch.queue, "w2", 1, "tiny") == -2
+
+    # Then: the other item failed worker_lost, and the one whose cancel was asked ended canceled
+    lines = results(idle_api, batch_id)
+    assert [(line["status"], (line["error"] or {}).get("code")) for line in lines] == [
+        ("failed", "worker_lost"),
+        ("canceled", "canceled"),
+    ]
+    assert int(redis_client.hget("blipq:stats", "worker_lost") or 0) == lost_before + 1

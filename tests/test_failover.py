@@ -15,17 +15,21 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
 
 import pytest
 import redis
+from flask.testing import FlaskClient
+from werkzeug.test import TestResponse
 
-from api.up import SentinelGroup, start_sentinel_group, stop_process
+from api.up import RedisProcess, SentinelGroup, start_sentinel_group, stop_process
 from tests.conftest import QuietHandler, api_client, http_server, start_worker
 from tests.fixtures.images import shape_png
 from worker.contract.images import decode_image
-from worker.contract.jobs import JobStore
+from worker.contract.jobs import JobStore, unstarted_key
 from worker.contract.redis_target import RedisTarget
 from worker.inference import answer_questions, load_model
 
@@ -166,3 +170,157 @@ def wait_until(done: Callable[[], bool], log_tail: Callable[[], str]) -> None:
     while not done():
         assert time.monotonic() < deadline, log_tail()
         time.sleep(0.2)
+
+
+# A submission that too few replicas acknowledge is withdrawn (503); its withdrawal is waited for as its acceptance is.
+# Two replicas and BLIPQ_MIN_REPLICAS_ACK=2: one replica lags (its writes paused with CLIENT PAUSE WRITE, and never
+# promoted), the other takes the acceptance and is then paused in turn, so that it holds the acceptance and not (yet)
+# the withdrawal. A replica paused so reads its primary's stream and applies none of it; when its primary dies, what
+# it had not applied is gone, and the sentinels promote it once it is let go.
+ACK_WINDOW_MS = 2000  # how long a submission waits for its replicas: the test pauses one meanwhile
+PAUSE_MS = 600_000  # longer than any test: a paused replica is let go by the test itself
+SUBMISSIONS = {
+    "job": ("/v1/jobs", {"image_url": "http://127.0.0.1:9/a.png", "question": "q?"}, "blipq:job:"),
+    "batch": ("/v1/batches", {"images": ["http://127.0.0.1:9/a.png"], "questions": ["q?"]}, "blipq:batch:"),
+}
+
+
+@pytest.fixture
+def lagging_group(tmp_path: Path) -> Iterator[SentinelGroup]:
+    """A primary, a replica the sentinels promote, and one they never promote (it lags, in the tests below)."""
+    group = start_sentinel_group(tmp_path / "redis", replicas=2, never_promoted=1)
+    yield group
+    group.stop()
+
+
+@dataclass
+class HeldSubmission:
+    """A submission under way in a thread, that the promotable replica holds accepted and no longer follows."""
+
+    future: Future[TestResponse]
+    record: str  # its record's key: blipq:job:<id> or blipq:batch:<id>
+
+
+def submit_and_hold(group: SentinelGroup, client: FlaskClient, kind: str, pool: ThreadPoolExecutor) -> HeldSubmission:
+    """Pause the lagging replica, submit, and pause the promotable replica as soon as it holds the acceptance."""
+    path, body, prefix = SUBMISSIONS[kind]
+    primary, promotable, lagging = (redis.Redis(port=server.port) for server in group.servers)
+    lagging.execute_command("CLIENT", "PAUSE", PAUSE_MS, "WRITE")
+    future = pool.submit(client.post, path, json=body, headers={"Idempotency-Key": f"{kind}-once"})
+    deadline = time.monotonic() + ACK_WINDOW_MS / 1000
+    while not (accepted := [k for k in promotable.scan_iter(f"{prefix}*") if not promotable.hexists(k, "pending")]):
+        assert time.monotonic() < deadline, "the replica never held the acceptance"
+        time.sleep(0.005)
+    promotable.execute_command("CLIENT", "PAUSE", PAUSE_MS, "WRITE")
+    assert primary.exists(accepted[0]), "paused before the withdrawal: the acceptance wait is not over yet"
+    return HeldSubmission(future, accepted[0].decode())
+
+
+def fail_over_to_paused_replica(group: SentinelGroup) -> redis.Redis:
+    """Kill the primary, let the paused replicas go once their link is down, and wait for the first to be promoted."""
+    old_primary, promotable, lagging = group.servers
+    os.kill(old_primary.process.pid, signal.SIGKILL)
+    old_primary.process.wait()
+    clients = [redis.Redis(port=server.port) for server in (promotable, lagging)]
+    deadline = time.monotonic() + END_TIMEOUT_S
+    for client in clients:
+        while client.info("replication")["master_link_status"] != "down":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        client.execute_command("CLIENT", "UNPAUSE")
+    while group.primary_port() != promotable.port or clients[0].info("replication")["role"] != "master":
+        assert time.monotonic() < deadline, "the sentinels did not promote the replica"
+        time.sleep(0.1)
+    return clients[0]
+
+
+def withdrawal_waiting(primary: redis.Redis, record: str) -> bool:
+    """The primary has withdrawn the submission, and a client waits there for replicas (WAIT) since."""
+    waiting = [c for c in primary.client_list() if c.get("cmd") == "wait" and "b" in c.get("flags", "")]
+    return not primary.exists(record) and bool(waiting)
+
+
+def sentinel_api(group: SentinelGroup) -> FlaskClient:
+    sentinels = tuple(("127.0.0.1", port) for port in group.sentinel_ports)
+    return api_client(
+        UNUSED_URL,
+        QUEUE,
+        min_replicas_ack=2,
+        replica_ack_timeout_ms=ACK_WINDOW_MS,
+        redis_sentinels=sentinels,
+        redis_master=group.master,
+    )
+
+
+@pytest.mark.parametrize("kind", ["job", "batch"])
+def test_a_503_whose_withdrawal_the_replicas_took_in_time_holds_through_a_failover(
+    lagging_group: SentinelGroup, kind: str
+) -> None:
+    # Given: a submission the promotable replica holds accepted, answered 503 for want of the lagging replica
+    client = sentinel_api(lagging_group)
+    primary = redis.Redis(port=lagging_group.servers[0].port)
+    with ThreadPoolExecutor(1) as pool:
+        held = submit_and_hold(lagging_group, client, kind, pool)
+
+        # When: both replicas catch up while the API waits on the withdrawal, and the primary dies after the 503
+        while not held.future.done():
+            if withdrawal_waiting(primary, held.record):
+                for server in lagging_group.servers[1:]:
+                    redis.Redis(port=server.port).execute_command("CLIENT", "UNPAUSE")
+                break
+            time.sleep(0.005)
+        response = held.future.result()
+    assert response.status_code == 503, response.get_json()
+    assert response.get_json()["error"]["code"] == "replicas_unavailable"
+    new_primary = fail_over_to_paused_replica(lagging_group)
+
+    # Then: the new primary holds no trace of it: it never runs
+    assert not new_primary.exists(held.record), "a submission answered 503 came back with the failover"
+    assert not new_primary.zcard(unstarted_key(QUEUE))
+
+
+@pytest.mark.parametrize("kind", ["job", "batch"])
+def test_a_503_whose_withdrawal_no_replica_took_is_found_again_by_its_idempotency_key(
+    lagging_group: SentinelGroup, kind: str
+) -> None:
+    # Given: a submission the promotable replica holds accepted, and neither replica takes its withdrawal in time
+    client = sentinel_api(lagging_group)
+    with ThreadPoolExecutor(1) as pool:
+        held = submit_and_hold(lagging_group, client, kind, pool)
+        response = held.future.result()
+    assert response.status_code == 503, response.get_json()
+    assert response.get_json()["error"]["code"] == "replicas_unavailable"
+    assert "Idempotency-Key" in response.get_json()["error"]["message"]
+
+    # When: the primary dies, the replica that missed the withdrawal takes over, and the client retries with its key
+    new_primary = fail_over_to_paused_replica(lagging_group)
+    assert new_primary.exists(held.record), "the failover brought the submission back"
+    path, body, _ = SUBMISSIONS[kind]
+    retry = client.post(path, json=body, headers={"Idempotency-Key": f"{kind}-once"})
+
+    # Then: the retry is answered as a replay of that submission: it runs once, and no second one is made
+    assert retry.status_code == 202, retry.get_json()
+    assert retry.headers["Idempotent-Replayed"] == "true"
+    assert held.record.endswith(":" + retry.get_json()["id"])
+    prefix = SUBMISSIONS[kind][2]
+    assert [key.decode() for key in new_primary.scan_iter(f"{prefix}*")] == [held.record]
+
+
+def test_a_retry_after_a_withdrawal_no_replica_took_makes_the_job_anew(
+    redis_server: RedisProcess, redis_client: redis.Redis
+) -> None:
+    # Given: an API that needs one replica, a Redis with none, and a job refused with an Idempotency-Key
+    client = api_client(redis_server.url, QUEUE, min_replicas_ack=1, replica_ack_timeout_ms=50)
+    body, key = {"image_url": "http://127.0.0.1:9/a.png", "question": "q?"}, {"Idempotency-Key": "again"}
+    first = client.post("/v1/jobs", json=body, headers=key)
+    assert first.get_json()["error"]["code"] == "replicas_unavailable"
+    [claim] = [redis_client.get(k) for k in redis_client.scan_iter("blipq:idempotency:*")]
+    assert claim is not None and claim.endswith(b":withdrawn"), "the key stays claimed, marked withdrawn"
+
+    # When: the client retries with its key, on the same primary (no failover brought the job back)
+    retry = client.post("/v1/jobs", json=body, headers=key)
+
+    # Then: the retry is made anew (and refused anew), not told that the key is in use
+    assert retry.status_code == 503, retry.get_json()
+    assert retry.get_json()["error"]["code"] == "replicas_unavailable"
+    assert not list(redis_client.scan_iter("blipq:job:*"))

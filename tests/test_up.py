@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ import redis
 import requests
 
 from api.up import free_port, redis_server_binary, start_redis
+from api.up_checks import LOCK_FILE
 from tests.conftest import JOB_TIMEOUT_S, ROOT
 from tests.fixtures.images import shape_png
 from worker.settings import DEMO_CAPTION_MODEL_DIR, DEMO_MODEL_DIR
@@ -128,3 +130,74 @@ def test_without_a_system_redis_the_bundled_one_is_used(monkeypatch: pytest.Monk
         assert redis.Redis.from_url(server.url).ping()
     finally:
         server.stop()
+
+
+def up_command(port: int, data_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "api.cli", "up", "--port", str(port), "--data-dir", str(data_dir), *extra]
+
+
+def up_env(model: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "BLIPQ_REDIS_URL"}
+    return {**env, "BLIPQ_MODEL": str(model)}
+
+
+def refused_up(port: int, data_dir: Path, model: Path) -> subprocess.CompletedProcess[str]:
+    """Run a `blipq up` that should refuse to start; a Ctrl-C stops it (and all it started) if it does not."""
+    process = subprocess.Popen(
+        up_command(port, data_dir),
+        env=up_env(model),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=STARTUP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=STARTUP_TIMEOUT_S)
+        raise AssertionError(f"a second `blipq up` ran beside the first:\n{stdout}\n{stderr}") from None
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def test_a_second_up_on_the_same_data_dir_or_port_starts_nothing_and_says_which_up_holds_it(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    # Given: a `blipq up` serving
+    port, data_dir, log_path = free_port(), tmp_path / "data", tmp_path / "first.log"
+    with log_path.open("w") as log:
+        first = subprocess.Popen(
+            up_command(port, data_dir, "--caption-workers", "0"),
+            env=up_env(tiny_model_dir),
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while "Try it:" not in log_path.read_text():
+            assert first.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.2)
+
+        # When: another is started on its data directory (on its port, then on another), and one on its port alone
+        same_port = refused_up(port, data_dir, tiny_model_dir)
+        other_port = refused_up(free_port(frozenset({port})), data_dir, tiny_model_dir)
+        other_dir = refused_up(port, tmp_path / "other", tiny_model_dir)
+
+        # Then: each exits 1 having started nothing, the first two naming the `up` that holds the directory...
+        for second in (same_port, other_port):
+            assert second.returncode == 1, second
+            assert f"pid {first.pid}, its API on port {port}" in second.stderr, second.stderr
+            assert "redis on" not in second.stdout and "the API is up" not in second.stdout, second.stdout
+        # ...the third naming the port in use
+        assert other_dir.returncode == 1, other_dir
+        assert f"port {port} on 127.0.0.1 is in use" in other_dir.stderr, other_dir.stderr
+        assert "redis on" not in other_dir.stdout and "the API is up" not in other_dir.stdout
+        assert not (tmp_path / "other" / "redis").exists(), "no Redis was started"
+        # ...and the first serves on, its lock file naming it
+        assert requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5).ok
+        assert json.loads((data_dir / LOCK_FILE).read_text())["pid"] == first.pid
+    finally:
+        first.send_signal(signal.SIGINT)
+        assert first.wait(60) == 0, log_path.read_text()

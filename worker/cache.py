@@ -1,11 +1,13 @@
 """The answer cache: an answer, once computed, is given again without the model for the same question and image.
 
-An answer is a function of the image's bytes, the text (question or caption prompt), the model's weights and the
+An answer is a function of the image's bytes, the text (question or caption prompt), the model (its weights, and
+its configurations: the model's, the tokenizer's, the image processor's, the generation defaults) and the worker's
 generation settings (max new tokens, beams, dtype), so it is kept in Redis under a SHA-256 of all of them: the key
-names no URL (the same photo at two addresses is one entry) and no model by name only (other weights under the same
-name miss). Entries expire after BLIPQ_ANSWER_CACHE_TTL_S, and the cache holds about BLIPQ_ANSWER_CACHE_MAX of them:
-an index scored by write time loses its oldest when a write passes the bound. Every worker of the fleet shares it,
-so a re-run of a tagging job with one new question costs only the new question's answers.
+names no URL (the same photo at two addresses is one entry) and no model by name only (a model directory whose
+weights or any other file changed misses). Entries expire after BLIPQ_ANSWER_CACHE_TTL_S, and the cache holds about
+BLIPQ_ANSWER_CACHE_MAX of them: an index scored by write time loses its oldest when a write passes the bound. Every
+worker of the fleet shares it, so a re-run of a tagging job with one new question costs only the new question's
+answers.
 
 A lookup is one MGET per image (all its texts), a write one script call per chunk or job; nothing when it is off.
 """
@@ -34,7 +36,6 @@ if TYPE_CHECKING:
 
 ENTRY_PREFIX = f"{KEY_PREFIX}answer:"
 INDEX_KEY = f"{KEY_PREFIX}answer-index"  # every entry, scored by when it was written: the bound drops the oldest
-WEIGHT_SUFFIXES = (".safetensors", ".bin")  # the files whose bytes are a local model's revision
 HASH_BLOCK = 1 << 20
 CACHED_CALL = -1  # the model call an answer from the cache names: none
 
@@ -156,16 +157,18 @@ def answer_cache_for(client: redis.Redis, loaded: LoadedModel, settings: WorkerS
 
 
 def model_revision(model_id: str, commit_hash: str | None) -> str:
-    """What identifies the weights: the hub's commit hash when the model came from the hub, else a SHA-256 of a local
-    directory's weight files (their names and bytes)."""
+    """What identifies the model: the hub's commit hash when it came from the hub, else a SHA-256 of every file under
+    its local directory, recursively (weights, configurations, tokenizer, processor and generation configuration):
+    their paths, sizes and bytes."""
     if commit_hash:
         return commit_hash
     digest = hashlib.sha256()
     directory = Path(model_id)
-    for path in sorted(directory.iterdir()) if directory.is_dir() else ():
-        if path.suffix in WEIGHT_SUFFIXES:
-            digest.update(path.name.encode() + b"\0")
-            with path.open("rb") as weights:
-                while block := weights.read(HASH_BLOCK):
-                    digest.update(block)
+    files = sorted(path for path in directory.rglob("*") if path.is_file()) if directory.is_dir() else []
+    for path in files:
+        # The size first: a file's bytes and the next one's name cannot run into each other.
+        digest.update(f"{path.relative_to(directory).as_posix()}\0{path.stat().st_size}\0".encode())
+        with path.open("rb") as contents:
+            while block := contents.read(HASH_BLOCK):
+                digest.update(block)
     return digest.hexdigest()

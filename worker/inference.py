@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 from transformers import BlipConfig, BlipForConditionalGeneration, BlipForQuestionAnswering, BlipProcessor
 
+from worker.contract.errors import SettingsError
 from worker.contract.states import JobTask
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -45,10 +46,29 @@ class LoadedModel:
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """`auto` is the first CUDA device when there is one, else the CPU."""
+    """`auto` is the first CUDA device when there is one, else the CPU; a CUDA device this machine does not have is
+    refused with a SettingsError that names BLIPQ_DEVICE (before the model loads, rather than at its first job)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
+        why = (
+            "this torch is a CPU build"
+            if torch.version.cuda is None
+            else f"torch (CUDA {torch.version.cuda}) sees no GPU"
+        )
+        raise SettingsError(
+            f"BLIPQ_DEVICE={name}, but CUDA is not available here ({why}): set BLIPQ_DEVICE=cpu (or auto), or run "
+            "the worker where a GPU and a CUDA build of torch are (docs/deployment.md)"
+        )
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        raise SettingsError(
+            f"BLIPQ_DEVICE={name}, but this machine has {count} CUDA devices (cuda:0 to cuda:{count - 1})"
+        )
+    return device
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

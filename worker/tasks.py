@@ -17,13 +17,14 @@ from concurrent.futures import CancelledError, Future, ThreadPoolExecutor, as_co
 from typing import TYPE_CHECKING, Any
 
 from celery import Celery
+from celery.signals import after_setup_logger
 
 from worker.batching import Batcher, Expected, Output
 from worker.cache import AnswerCache, PreparedImage, answer_cache_for
 from worker.contract.batch_scripts import SKIPPED
 from worker.contract.batches import BatchStore, outcome_value
 from worker.contract.broker import SOFT_LIMIT_MARGIN_S, TASK_VQA, TASK_VQA_CHUNK
-from worker.contract.errors import BlipqError, JobTimeoutError, UploadMissingError, WrongTaskError
+from worker.contract.errors import BlipqError, JobTimeoutError, SettingsError, UploadMissingError, WrongTaskError
 from worker.contract.fleet import worker_identity
 from worker.contract.images import decode_image
 from worker.contract.jobs import JobStore
@@ -95,15 +96,24 @@ class WorkerRuntime:
             if settings.torch_threads:
                 torch.set_num_threads(settings.torch_threads)
             started = time.monotonic()
-            self.loaded = load_model(settings.model, settings.device, settings.dtype)
-            log.info(
+            try:
+                self.loaded = load_model(settings.model, settings.device, settings.dtype)
+            except SettingsError as exc:  # a device this machine lacks: no worker at all, rather than failed jobs
+                log.critical("%s", exc.message)
+                raise SystemExit(f"blipq worker: {exc.message}") from None
+            load_s, model = time.monotonic() - started, self.loaded
+            loaded = (
                 "model %s (%s) loaded on %s as %s in %.1f s",
                 settings.model,
-                self.loaded.task,
-                self.loaded.device,
-                self.loaded.dtype,
-                time.monotonic() - started,
+                model.task,
+                model.device,
+                model.dtype,
+                load_s,
             )
+            # Celery sends `worker_init`, where the model loads, before it sets up logging: the line is written once
+            # it has. (Loaded later, by a job, the line is written at once; the signal has been sent by then.)
+            log.info(*loaded)
+            after_setup_logger.connect(lambda **_: log.info(*loaded), weak=False)
             self._cache = answer_cache_for(self.store.client, self.loaded, settings)
             self.batcher = Batcher(
                 self._generate,

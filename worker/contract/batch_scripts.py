@@ -3,6 +3,9 @@
 A batch's items are not jobs of their own: an item is an entry of the batch's item list (its image number and text)
 and, once it reached the model, a field of the batch's outcome hash (`["running"]`, then its outcome). An item with
 no outcome is queued, unless its batch is closed (canceled or past its deadline): then it ended so, without running.
+A cancel of one item is as a job's (worker/contract/transitions.py): it is recorded in the batch's set of items whose
+cancel was asked; a queued item ends `canceled` at once, a running one runs to its end, and one whose chunk is
+delivered again (its worker died) is not run again but ends `canceled`.
 The batch's hash keeps the counts by status (`queued`, `running`, `succeeded`, ...), which these scripts move in the
 same call as the items: a summary is one read, whatever the batch's size. Each call that ends items publishes on the
 batch's `ended` channel (worker.contract.jobs.ended_key of the batch's id), which wakes the API's reads waiting for an
@@ -14,21 +17,27 @@ Each script runs a handful of Redis commands per chunk (variadic HMGET/HSET over
 
 from __future__ import annotations
 
-from worker.contract.transitions import BATCH_OUTBOX_PREFIX, TAKE_FROM_QUEUE_LUA
+import json
+
+from worker.contract.transitions import BATCH_OUTBOX_PREFIX, CANCELED_RERUN_MESSAGE, TAKE_FROM_QUEUE_LUA
 
 RUNNING = '["running"]'  # an item's outcome field while the model answers it (its worker may die meanwhile)
 ITEM_OUTBOX_PREFIX = "item:"  # an outbox member for a batch item's own webhook (`item:<batch id>.<index>`)
 ITEM_WEBHOOK_PREFIX = "blipq:item-webhook:"  # the hash of a batch item's webhook delivery (worker.contract.batches)
-SKIPPED = "skipped"  # what a worker reports for an item the model did not answer because its batch closed
+SKIPPED = "skipped"  # what a worker reports for an item the model did not answer (RUN_ITEMS_LUA did not let it run)
 
 UPLOADS_LEFT_PREFIX = "blipq:batch-left:"  # worker.contract.batches.uploads_left_key
+CANCELS_PREFIX = "blipq:batch-cancels:"  # worker.contract.batches.cancels_key
+# The outcome of a running item whose cancel was asked and whose worker died: it is not run again.
+CANCELED_RERUN = json.dumps(["canceled", CANCELED_RERUN_MESSAGE], separators=(",", ":"))
 UNPACK_MAX = 1000  # arguments a script passes to one command at most (Lua's unpack stops near 8,000)
 
 _LIBRARY = (
     TAKE_FROM_QUEUE_LUA + f"local RUNNING, SKIPPED = '{RUNNING}', '{SKIPPED}'\n"
     f"local UPLOADS_LEFT_PREFIX, UNPACK_MAX = '{UPLOADS_LEFT_PREFIX}', {UNPACK_MAX}\n"
     f"local BATCH_OUTBOX_PREFIX, ITEM_OUTBOX_PREFIX = '{BATCH_OUTBOX_PREFIX}', '{ITEM_OUTBOX_PREFIX}'\n"
-    f"local ITEM_WEBHOOK_PREFIX = '{ITEM_WEBHOOK_PREFIX}'\n"
+    f"local ITEM_WEBHOOK_PREFIX, CANCELS_PREFIX = '{ITEM_WEBHOOK_PREFIX}', '{CANCELS_PREFIX}'\n"
+    f"local CANCELED_RERUN = '{CANCELED_RERUN}'\n"
     + """
 -- The batch's fields a script needs, read once per call (one HMGET); `count` is false when the batch is gone.
 local M
@@ -52,6 +61,10 @@ local function expire_with(batch, key)
     local ttl = redis.call('ttl', batch)
     if ttl > 0 then redis.call('expire', key, ttl) end
   end
+end
+-- Whether a cancel of this item (its index, a string) was asked.
+local function cancel_asked(batch, index)
+  return redis.call('sismember', CANCELS_PREFIX .. meta(batch).id, index) == 1
 end
 local function wake(ended)
   redis.call('publish', ended, '1')
@@ -137,7 +150,8 @@ local function close_if_overdue(batch, out, items, outbox, ended, now)
 end
 -- End items with their outcomes: entries of {index, status, code, value, upload key or ''}; an item already ended
 -- keeps its outcome.
--- A `skipped` item (not answered: its batch closed) ends as its batch closed if it was running, else stays as it is.
+-- A `skipped` item (not answered: its batch closed, or its cancel was asked before it ran again) ends as its batch
+-- closed, or canceled, if it was running; else it stays as it is.
 local function end_items(batch, out, outbox, ended, outcomes, now, entries)
   if #entries == 0 then return 0 end
   local closed = closed_as(batch)
@@ -149,8 +163,12 @@ local function end_items(batch, out, outbox, ended, outcomes, now, entries)
     local cur, status, code, value = current[k], entry[2], entry[3], entry[4]
     if status == SKIPPED then
       status = nil
-      if cur == RUNNING and closed then status, code, value = closed, closed, '["' .. closed .. '"]' end
-      if closed == 'expired' then code = 'deadline_exceeded' end
+      if cur == RUNNING and closed then
+        status, code, value = closed, closed, '["' .. closed .. '"]'
+        if closed == 'expired' then code = 'deadline_exceeded' end
+      elseif cur == RUNNING and cancel_asked(batch, entry[1]) then
+        status, code, value = 'canceled', 'canceled', CANCELED_RERUN
+      end
     end
     local fresh = (not cur) and not closed
     if status and (cur == RUNNING or fresh) then
@@ -214,15 +232,22 @@ local attempt = redis.call('hincrby', KEYS[2], ARGV[2] .. ':a', 1)
 if attempt > tonumber(ARGV[5]) then
   local payload = redis.call('hget', KEYS[2], ARGV[2])
   local entries = {}
+  local lost_before = tonumber(redis.call('hget', KEYS[1], 'err:worker_lost') or 0)  -- counted: not the canceled
   if payload then
     local value = cjson.encode({'failed', 'worker_lost', ARGV[6]})
     for _, image in ipairs(cjson.decode(payload)['images']) do
       for _, item in ipairs(image['items']) do
-        entries[#entries + 1] = {tostring(item[1]), 'failed', 'worker_lost', value, image['upload'] or ''}
+        local index = tostring(item[1])
+        if cancel_asked(KEYS[1], index) then  -- as a job whose cancel was asked: canceled, not worker_lost
+          entries[#entries + 1] = {index, 'canceled', 'canceled', CANCELED_RERUN, image['upload'] or ''}
+        else
+          entries[#entries + 1] = {index, 'failed', 'worker_lost', value, image['upload'] or ''}
+        end
       end
     end
   end
-  local lost = end_items(KEYS[1], KEYS[7], KEYS[9], KEYS[10], KEYS[11], ARGV[3], entries)
+  end_items(KEYS[1], KEYS[7], KEYS[9], KEYS[10], KEYS[11], ARGV[3], entries)
+  local lost = tonumber(redis.call('hget', KEYS[1], 'err:worker_lost') or 0) - lost_before
   redis.call('hincrby', KEYS[6], 'worker_lost', lost)
   drop_chunk(KEYS[2], ARGV[2], KEYS[5], ARGV[1])
   return -2
@@ -237,7 +262,8 @@ return attempt
 )
 
 # The model is about to answer these items of one batch: each that has no outcome becomes running; one already
-# running (its worker died) runs again; one that ended, or any of a closed batch, is not answered.
+# running (its worker died) runs again, unless its cancel was asked meanwhile (the worker then reports it skipped, and
+# it ends canceled); one that ended, or any of a closed batch, is not answered.
 # KEYS = batch, outcome hash, item list, outbox, ended list; ARGV = now, index, index, ...
 # Returns the indices to answer.
 RUN_ITEMS_LUA = (
@@ -253,7 +279,7 @@ for k, cur in ipairs(current) do
     fields[#fields + 1] = index
     fields[#fields + 1] = RUNNING
     run[#run + 1] = index
-  elseif cur == RUNNING then
+  elseif cur == RUNNING and not cancel_asked(KEYS[1], index) then
     run[#run + 1] = index
   end
 end
@@ -298,7 +324,8 @@ return {closed, tonumber(redis.call('hget', KEYS[1], 'running')), ended_before}
 """
 )
 
-# Cancels one item of a batch: a queued one ends `canceled` and never runs; a running one runs to its end.
+# Cancels one item of a batch as CANCEL_LUA cancels a job: the cancel is recorded (the item shows cancel_requested);
+# a queued item ends `canceled` and never runs; a running one runs to its end (and is not run again: RUN_ITEMS_LUA).
 # KEYS = batch, outcome hash, item list, outbox, ended list, outcomes; ARGV = now, index, its image's upload key.
 # Returns a CANCEL_* code of worker/contract/transitions.py.
 CANCEL_ITEM_LUA = (
@@ -307,8 +334,11 @@ CANCEL_ITEM_LUA = (
 if not meta(KEYS[1]).count then return -1 end
 if close_if_overdue(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], ARGV[1]) then return 0 end
 local cur = redis.call('hget', KEYS[2], ARGV[2])
+if cur and cur ~= RUNNING then return 0 end
+local cancels = CANCELS_PREFIX .. meta(KEYS[1]).id
+redis.call('sadd', cancels, ARGV[2])
+expire_with(KEYS[1], cancels)
 if cur == RUNNING then return 2 end
-if cur then return 0 end
 local entry = {ARGV[2], 'canceled', 'canceled', '["canceled"]', ARGV[3]}
 end_items(KEYS[1], KEYS[2], KEYS[4], KEYS[5], KEYS[6], ARGV[1], {entry})
 return 1

@@ -9,7 +9,8 @@ worker/contract/batch_scripts.py);
   `jobs.batch_upload_key`, stored once for all its questions, and deleted as soon as the last of them ended:
   `blipq:batch-left:<id>` counts them);
 - `blipq:batch-out:<id>`, a hash: each item's outcome once the model took it (running, then answered or failed);
-- `blipq:batch-chunks:<id>`, a hash: each chunk not yet ended, as its message carries it (for the reaper).
+- `blipq:batch-chunks:<id>`, a hash: each chunk not yet ended, as its message carries it (for the reaper);
+- `blipq:batch-cancels:<id>`, a set: the items whose own cancel was asked (they show `cancel_requested`).
 Items travel to the workers in chunks (broker.TASK_VQA_CHUNK): each chunk lists images, each with its
 (item index, text) pairs, so a worker fetches an image once for all its questions. A chunk starts in one script call
 (when a worker receives it), its items become running in one call per model batch, and end in one call.
@@ -27,6 +28,7 @@ from typing import Any
 from worker.contract.batch_scripts import (
     ACCEPT_BATCH_LUA,
     CANCEL_ITEM_LUA,
+    CANCELS_PREFIX,
     CLOSE_BATCH_LUA,
     DELETE_ENDED_LUA,
     END_CHUNK_LUA,
@@ -88,10 +90,15 @@ def chunks_key(batch_id: str) -> str:
     return f"{KEY_PREFIX}batch-chunks:{batch_id}"
 
 
+def cancels_key(batch_id: str) -> str:
+    """The set of a batch's items (their indices) whose own cancel was asked."""
+    return f"{CANCELS_PREFIX}{batch_id}"
+
+
 def batch_keys(batch_id: str) -> list[str]:
     """Every key of a batch but its uploads, its hash first."""
     keys = [batch_key(batch_id), items_key(batch_id), images_key(batch_id), outcomes_key(batch_id)]
-    return [*keys, chunks_key(batch_id), uploads_left_key(batch_id)]
+    return [*keys, chunks_key(batch_id), uploads_left_key(batch_id), cancels_key(batch_id)]
 
 
 def chunk_member(batch_id: str, number: int, answers: int) -> str:
@@ -307,13 +314,22 @@ class BatchStore:
         args = [time.time(), batch.count, *(chunk["member"] for chunk in chunks)]
         return self.store.accept_and_wait(self._accept, keys, args, replicas, timeout_ms)
 
-    def withdraw(self, batch: Batch, chunks: list[dict[str, Any]], queue: str, uploads: list[str]) -> bool:
-        """Delete a batch whose submission failed, unless a worker started one of its chunks (then False: it runs)."""
+    def withdraw(
+        self,
+        batch: Batch,
+        chunks: list[dict[str, Any]],
+        queue: str,
+        uploads: list[str],
+        replicas: int = 0,
+        timeout_ms: int = 0,
+    ) -> int | None:
+        """Delete a batch whose submission failed, unless a worker started one of its chunks (then None: it runs);
+        with `replicas` > 0, WAIT as JobStore.withdraw does (same return value)."""
         bid = batch.id
         keys = [batch_key(bid), chunks_key(bid), unstarted_key(queue, batch.priority), deadlines_key(queue)]
         keys += [*batch_keys(bid), *uploads]
         args = [DEADLINE_MEMBER_PREFIX + bid, batch.count, *(chunk["member"] for chunk in chunks)]
-        return int(self._withdraw(keys=keys, args=args)) != 0
+        return self.store.accept_and_wait(self._withdraw, keys, args, replicas, timeout_ms)
 
     def delete_ended(self, batch: Batch) -> bool:
         """Delete a batch whose items all ended, with its results; False (nothing deleted) when one has not ended."""
@@ -355,25 +371,30 @@ class BatchStore:
             pipe.lindex(items_key(batch.id), index)
             pipe.hget(outcomes_key(batch.id), str(index))
             pipe.hgetall(ITEM_WEBHOOK_PREFIX + item_id(batch.id, index))
-            raw_item, raw_outcome, webhook = pipe.execute()
+            pipe.sismember(cancels_key(batch.id), str(index))
+            raw_item, raw_outcome, webhook, cancel_asked = pipe.execute()
         if raw_item is None:
             return None
         image_number, text = json.loads(raw_item)
         image = self._images(batch.id, {image_number})[image_number]
         delivery = {k.decode(): v.decode() for k, v in webhook.items()}
-        return item_job(batch, index, image, text, raw_outcome, delivery)
+        return item_job(batch, index, image, text, raw_outcome, delivery, bool(cancel_asked))
 
     def results(self, batch: Batch, start: int, stop: int) -> list[Job]:
         """Items `start` to `stop` (included) shown as jobs, in item order, in a few round trips."""
+        indices = [str(index) for index in range(start, stop + 1)]
         with self.client.pipeline(transaction=False) as pipe:
             pipe.lrange(items_key(batch.id), start, stop)
-            pipe.hmget(outcomes_key(batch.id), [str(index) for index in range(start, stop + 1)])
-            raw_items, raw_outcomes = pipe.execute()
+            pipe.hmget(outcomes_key(batch.id), indices)
+            pipe.smismember(cancels_key(batch.id), indices)
+            raw_items, raw_outcomes, cancels_asked = pipe.execute()
         pairs = [json.loads(raw) for raw in raw_items]
         images = self._images(batch.id, {image for image, _ in pairs})
         return [
-            item_job(batch, start + offset, images[image], text, outcome, {})
-            for offset, ((image, text), outcome) in enumerate(zip(pairs, raw_outcomes, strict=False))
+            item_job(batch, start + offset, images[image], text, outcome, {}, bool(asked))
+            for offset, ((image, text), outcome, asked) in enumerate(
+                zip(pairs, raw_outcomes, cancels_asked, strict=False)
+            )
         ]
 
     def start_chunk(self, payload: dict[str, Any], queue: str, worker: str, max_attempts: int, model: str) -> int:
@@ -447,9 +468,16 @@ def outcome_value(status: str, answer: str = "", code: str = "", message: str = 
 
 
 def item_job(
-    batch: Batch, index: int, image: dict[str, str], text: str, raw_outcome: bytes | None, delivery: dict[str, str]
+    batch: Batch,
+    index: int,
+    image: dict[str, str],
+    text: str,
+    raw_outcome: bytes | None,
+    delivery: dict[str, str],
+    cancel_asked: bool = False,
 ) -> Job:
-    """A batch item as a job: its status from its outcome, or from its batch when it never reached the model."""
+    """A batch item as a job: its status from its outcome, or from its batch when it never reached the model;
+    `cancel_asked` when its own cancel was asked (as its batch's is, when the batch was canceled)."""
     outcome = json.loads(raw_outcome) if raw_outcome else []
     answer = code = message = ""
     if outcome:
@@ -464,8 +492,8 @@ def item_job(
         status = JobStatus.EXPIRED
     else:
         status = JobStatus.QUEUED
-    if status is JobStatus.CANCELED:
-        code, message = "canceled", CANCELED_MESSAGE
+    if status is JobStatus.CANCELED:  # before it ran, or (the outcome says so) after its worker died running it
+        code, message = "canceled", outcome[1] if len(outcome) > 1 else CANCELED_MESSAGE
     elif status is JobStatus.EXPIRED:
         code, message = "deadline_exceeded", DEADLINE_MESSAGE
     return Job(
@@ -481,7 +509,7 @@ def item_job(
         owner=batch.owner,
         priority=batch.priority,
         deadline_at=batch.deadline_at,
-        cancel_requested=batch.closed == JobStatus.CANCELED,
+        cancel_requested=cancel_asked or batch.closed == JobStatus.CANCELED,
         webhook=batch.webhook if batch.webhook_items else "",
         webhook_status=delivery.get("webhook_status", ""),
         webhook_attempts=int(delivery.get("webhook_attempts") or 0),

@@ -37,6 +37,7 @@ from worker.contract.transitions import (
     EXPIRE_LUA,
     FINISH_LUA,
     RELEASE_KEY_LUA,
+    REPLACE_KEY_LUA,
     START_LUA,
     WAITING_ANSWERS_KEY,
     WITHDRAW_LUA,
@@ -275,6 +276,7 @@ class JobStore:
         self._expire = client.register_script(EXPIRE_LUA)
         self._claim_key = client.register_script(CLAIM_KEY_LUA)
         self._release_key = client.register_script(RELEASE_KEY_LUA)
+        self._replace_key = client.register_script(REPLACE_KEY_LUA)
         self._accept = client.register_script(ACCEPT_LUA)
         self._withdraw = client.register_script(WITHDRAW_LUA)
 
@@ -331,8 +333,9 @@ class JobStore:
     def accept_and_wait(
         self, script: Script, keys: list[str], args: list[Any], replicas: int, timeout_ms: int
     ) -> int | None:
-        """Run an acceptance script (a job's or a batch's) and, with `replicas` > 0, WAIT in the same pipeline: how
-        many replicas acknowledged (0 without WAIT), or None when the script found nothing pending."""
+        """Run an acceptance or withdrawal script (a job's or a batch's) and, with `replicas` > 0, WAIT in the same
+        pipeline: how many replicas acknowledged (0 without WAIT), or None when the script answered 0 (an
+        acceptance: nothing was pending; a withdrawal: a worker had started the submission)."""
         with self.client.pipeline(transaction=False) as pipe:
             script(keys=keys, args=args, client=pipe)
             if replicas > 0:
@@ -342,10 +345,11 @@ class JobStore:
             return None
         return int(replies[1]) if replicas > 0 else 0
 
-    def withdraw(self, job: Job, queue: str) -> bool:
-        """Delete a job whose submission failed, unless a worker started it already (then False: it runs)."""
+    def withdraw(self, job: Job, queue: str, replicas: int = 0, timeout_ms: int = 0) -> int | None:
+        """Delete a job whose submission failed, unless a worker started it already (then None: it runs); with
+        `replicas` > 0, WAIT as `accept` does: how many replicas hold the withdrawal (else 0)."""
         keys = [job_key(job.id), upload_key(job.id), unstarted_key(queue, job.priority), deadlines_key(queue)]
-        return int(self._withdraw(keys=keys, args=[job.id])) != 0
+        return self.accept_and_wait(self._withdraw, keys, [job.id], replicas, timeout_ms)
 
     def get(self, job_id: str) -> Job | None:
         """The job with this id, or None if it was never issued or has expired."""
@@ -438,6 +442,10 @@ class JobStore:
     def release_idempotency_key(self, key: str, claim: str) -> None:
         """Free `key` if it still holds `claim` (its job could not be stored or enqueued)."""
         self._release_key(keys=[key], args=[claim])
+
+    def replace_idempotency_claim(self, key: str, claim: str, replacement: str) -> None:
+        """Make `key` hold `replacement` instead of `claim` (if it still holds it), for the rest of its TTL."""
+        self._replace_key(keys=[key], args=[claim, replacement])
 
     def stats(self) -> dict[str, int]:
         """The fleet's counters since Redis started keeping them (see STATS_FIELDS)."""

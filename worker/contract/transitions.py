@@ -237,6 +237,12 @@ RELEASE_KEY_LUA = """
 if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
 return 0
 """
+# Replaces an idempotency key's claim (marks it: its submission was withdrawn), only if it still holds this claim; the
+# key keeps its TTL. KEYS = the key; ARGV = claim, replacement.
+REPLACE_KEY_LUA = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('set', KEYS[1], ARGV[2], 'KEEPTTL') end
+return false
+"""
 
 START_ENDED = 0  # the job had already ended: its answer stands, the model is not run again
 START_MISSING = -1  # the job expired (or was never issued)
