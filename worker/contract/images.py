@@ -34,7 +34,7 @@ import pillow_heif
 from PIL import Image, JpegImagePlugin
 
 from worker.contract.errors import ImageInvalidError, ImageTooLargeError
-from worker.contract.viewer import viewers_picture
+from worker.contract.viewer import EXIF_ORIENTATION, viewers_picture
 
 if TYPE_CHECKING:
     import numpy as np
@@ -64,8 +64,10 @@ HEIF_BRANDS = frozenset({b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b
 AVIF_BRANDS = frozenset({b"avif", b"avis"})
 GENERIC_BRANDS = frozenset({b"mif1", b"msf1"})
 
-# What Pillow's parsers (and pillow-heif's) raise on hostile or broken files: the file's fault, never the worker's.
-DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, KeyError, struct.error)
+# What Pillow's parsers raise on hostile or broken files: the file's fault, never the worker's; pillow-heif raises
+# RuntimeError for libheif's allocation errors, its security limits among them (a header claiming 100000x100000).
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, KeyError, struct.error, RuntimeError)
+LIBHEIF_LIMIT = "Security limit exceeded"  # how libheif's refusals of too large an image begin
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # An embedded ICC profile may inflate to this much: JPEG's own ceiling (255 APP2 segments of 65,519 bytes). Pillow's
@@ -75,7 +77,6 @@ JPEG_DCT_SCALES = (8, 4, 2)  # libjpeg's reductions that Pillow's `draft` asks f
 # Fast mode box-reduces an image still over this many times the model's input (Pillow's `reducing_gap`: from 3 on
 # the result is "indistinguishable from fair resampling in most cases").
 REDUCING_GAP = 3.0
-EXIF_ORIENTATION = 0x0112
 TRANSPOSED_ORIENTATIONS = frozenset({5, 6, 7, 8})  # EXIF orientations that turn the picture by 90 degrees
 # Modes whose samples average (Pillow premultiplies alpha as it reduces); other images are resized in full.
 REDUCIBLE_MODES = frozenset({"L", "LA", "RGB", "RGBA", "CMYK", "I", "F"})
@@ -123,7 +124,9 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
             image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
     except (Image.DecompressionBombWarning, Image.DecompressionBombError):
         raise ImageTooLargeError("the image has too many pixels") from None
-    except DECODE_ERRORS:
+    except DECODE_ERRORS as error:
+        if LIBHEIF_LIMIT in str(error):
+            raise ImageTooLargeError("the image has too many pixels") from None
         raise ImageInvalidError(f"not an image in an accepted format ({FORMAT_NAMES})") from None
     if image.width * image.height > max_pixels:
         raise ImageTooLargeError(f"the image is {image.width}x{image.height}; the limit is {max_pixels} pixels")
