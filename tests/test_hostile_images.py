@@ -11,7 +11,7 @@ from PIL import Image
 from tests.fixtures import hostile
 from tests.fixtures.images import encode
 from worker.contract.errors import ImageInvalidError, ImageTooLargeError
-from worker.contract.images import decode_image, sniff_image_format
+from worker.contract.images import SNIFF_BYTES, decode_for_model, decode_image, sniff_image_format
 from worker.settings import WorkerSettings
 
 MAX_PIXELS = WorkerSettings().max_image_pixels  # the worker's default limit
@@ -28,14 +28,24 @@ FAST_S = 0.5  # a refusal that decoded nothing is far quicker than this, even on
         pytest.param(hostile.jpeg_claiming(65_000, 65_000), id="jpeg-sof"),
         pytest.param(hostile.bmp_claiming(100_000, 100_000), id="bmp"),
         pytest.param(hostile.bmp_claiming(100_000, -100_000), id="bmp-top-down"),
+        pytest.param(hostile.iso_bmff_claiming("HEIF", 7_000, 7_000), id="heic-49MP"),
+        pytest.param(hostile.iso_bmff_claiming("HEIF", 100_000, 100_000), id="heic-libheif-limit"),
+        pytest.param(hostile.iso_bmff_claiming("AVIF", 7_000, 7_000), id="avif-49MP"),
     ],
 )
 def test_a_tiny_file_claiming_huge_dimensions_fails_before_decoding(data: bytes) -> None:
     assert len(data) < 1_000
-    started = time.monotonic()
-    with pytest.raises(ImageTooLargeError):
-        decode_image(data, MAX_PIXELS)
-    assert time.monotonic() - started < FAST_S
+    for decode in (lambda: decode_image(data, MAX_PIXELS), lambda: decode_for_model(data, (384, 384), 3, MAX_PIXELS)):
+        started = time.monotonic()
+        with pytest.raises(ImageTooLargeError):
+            decode()
+        assert time.monotonic() - started < FAST_S
+
+
+def test_an_avif_claiming_more_than_libavif_allows_is_invalid() -> None:
+    # libavif refuses the header itself (its own dimension limit), before Pillow knows a size.
+    with pytest.raises(ImageInvalidError):
+        decode_for_model(hostile.iso_bmff_claiming("AVIF", 100_000, 100_000), (384, 384), 3, MAX_PIXELS)
 
 
 @pytest.mark.parametrize(("side", "kind"), [(10_000, "Pillow's bomb check"), (6_400, "the worker's limit")])
@@ -56,10 +66,14 @@ def test_a_metadata_bomb_is_invalid_without_inflating_it() -> None:
     assert time.monotonic() - started < FAST_S
 
 
-@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "GIF", "WEBP", "TIFF", "BMP"])
-def test_a_truncated_file_is_invalid(fmt: str) -> None:
+@pytest.mark.parametrize("keep", [0.3, 0.5, 0.9])
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "GIF", "WEBP", "TIFF", "BMP", "HEIF", "AVIF"])
+def test_a_truncated_file_is_invalid(fmt: str, keep: float) -> None:
+    data = hostile.truncated(hostile.noisy(fmt), keep)
     with pytest.raises(ImageInvalidError):
-        decode_image(hostile.truncated(hostile.noisy(fmt)), MAX_PIXELS)
+        decode_image(data, MAX_PIXELS)
+    with pytest.raises(ImageInvalidError):
+        decode_for_model(data, (384, 384), 3, MAX_PIXELS)
 
 
 @pytest.mark.parametrize(
@@ -117,10 +131,15 @@ def test_an_animation_decodes_to_its_first_frame(fmt: str) -> None:
         (encode(Image.new("P", (4, 4)), "GIF"), "GIF"),
         (encode(Image.new("RGB", (4, 4)), "BMP"), "BMP"),
         (encode(Image.new("RGB", (4, 4)), "TIFF"), "TIFF"),
+        (encode(Image.new("RGB", (4, 4)), "HEIF"), "HEIF"),
+        (encode(Image.new("RGB", (4, 4)), "AVIF"), "AVIF"),
+        (b"\0\0\0\x18ftypmif1\0\0\0\0mif1heic", "HEIF"),  # the generic brand first, as some phones write it
+        (b"\0\0\0\x18ftypmif1\0\0\0\0mif1avif", "AVIF"),
+        (b"\0\0\0\x18ftypisom\0\0\0\0isomavc1", None),  # an MP4 video
         (hostile.HTML_PAGE, None),
         (hostile.SVG_IMAGE, None),
         (b"RIFF\0\0\0\0WAVE", None),
     ],
 )
 def test_the_sniffer_names_each_allowed_format_and_nothing_else(data: bytes, fmt: str | None) -> None:
-    assert sniff_image_format(data[:12]) == fmt
+    assert sniff_image_format(data[:SNIFF_BYTES]) == fmt

@@ -1,13 +1,13 @@
 """The answer cache: an answer, once computed, is given again without the model for the same question and image.
 
 An answer is a function of the image's bytes, the text (question or caption prompt), the model (its weights, and
-its configurations: the model's, the tokenizer's, the image processor's, the generation defaults) and the worker's
-generation settings (max new tokens, beams, dtype), so it is kept in Redis under a SHA-256 of all of them: the key
-names no URL (the same photo at two addresses is one entry) and no model by name only (a model directory whose
-weights or any other file changed misses). Entries expire after BLIPQ_ANSWER_CACHE_TTL_S, and the cache holds about
-BLIPQ_ANSWER_CACHE_MAX of them: an index scored by write time loses its oldest when a write passes the bound. Every
-worker of the fleet shares it, so a re-run of a tagging job with one new question costs only the new question's
-answers.
+its configurations: the model's, the tokenizer's, the image processor's, the generation defaults), the worker's
+generation settings (max new tokens, beams, dtype) and how far it decodes images (BLIPQ_IMAGE_DECODE), so it is kept
+in Redis under a SHA-256 of all of them: the key names no URL (the same photo at two addresses is one entry) and no
+model by name only (a model directory whose weights or any other file changed misses). Entries expire after
+BLIPQ_ANSWER_CACHE_TTL_S, and the cache holds about BLIPQ_ANSWER_CACHE_MAX of them: an index scored by write time
+loses its oldest when a write passes the bound. Every worker of the fleet shares it, so a re-run of a tagging job
+with one new question costs only the new question's answers.
 
 A lookup is one MGET per image (all its texts), a write one script call per chunk or job; nothing when it is off.
 """
@@ -151,7 +151,14 @@ class PreparedImage:
 def answer_cache_for(client: redis.Redis, loaded: LoadedModel, settings: WorkerSettings) -> AnswerCache:
     """The cache of a worker's answers: keyed by its model's revision and its generation settings."""
     revision = model_revision(settings.model, getattr(loaded.model.config, "_commit_hash", None))
-    generation = [revision, loaded.task, settings.max_new_tokens, settings.num_beams, str(loaded.dtype)]
+    generation = [
+        revision,
+        loaded.task,
+        settings.max_new_tokens,
+        settings.num_beams,
+        str(loaded.dtype),
+        settings.image_decode,  # how far images are decoded changes their pixels, so it may change an answer
+    ]
     cache = CacheSettings(settings.answer_cache, settings.answer_cache_ttl_s, settings.answer_cache_max)
     return AnswerCache(client, cache, json.dumps(generation))
 

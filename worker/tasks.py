@@ -26,7 +26,7 @@ from worker.contract.batches import BatchStore, outcome_value
 from worker.contract.broker import SOFT_LIMIT_MARGIN_S, TASK_VQA, TASK_VQA_CHUNK
 from worker.contract.errors import BlipqError, JobTimeoutError, SettingsError, UploadMissingError, WrongTaskError
 from worker.contract.fleet import worker_identity
-from worker.contract.images import decode_image
+from worker.contract.images import decode_for_model
 from worker.contract.jobs import JobStore
 from worker.contract.states import JobPriority, JobStatus
 from worker.contract.transitions import (
@@ -385,20 +385,21 @@ class WorkerRuntime:
         uploads: Mapping[str, bytes | None] | None = None,
     ) -> PreparedImage:
         """Load an image (fetched, or an upload: from `uploads` when it was read already), look its texts up in the
-        answer cache, and decode and resize it for the model (worker.inference.pixel_tensor) unless every answer was
-        cached; in the calling thread."""
-        from worker.inference import pixel_tensor
+        answer cache, and decode it for the model (worker.contract.images.decode_for_model: as far as the model's
+        input needs, or in full with BLIPQ_IMAGE_DECODE=exact) unless every answer was cached; in the calling
+        thread."""
+        from worker.inference import image_tensor
 
         data = self._image_bytes(job_id, image_url, upload_key, uploads)
         keys = self.cache.keys(data, texts)
         cached = self.cache.lookup(keys)
-        assert self.loaded is not None
-        pixels = (
-            None
-            if all(answer is not None for answer in cached)
-            else pixel_tensor(self.loaded, decode_image(data, self.limits.max_pixels))
-        )
-        return PreparedImage(keys, cached, pixels)
+        loaded = self.loaded
+        assert loaded is not None
+        if all(answer is not None for answer in cached):
+            return PreparedImage(keys, cached, None)
+        exact = self.settings.image_decode == "exact"
+        pixels = decode_for_model(data, loaded.image_size, loaded.resample, self.limits.max_pixels, exact)
+        return PreparedImage(keys, cached, image_tensor(pixels))
 
     def _image_bytes(
         self, job_id: str, image_url: str, upload_key: str, uploads: Mapping[str, bytes | None] | None

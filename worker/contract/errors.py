@@ -98,7 +98,7 @@ REGISTRY: tuple[ErrorCode, ...] = (
     _http("image_url_invalid", 422, "the image URL is not an http(s) URL"),
     _http("image_missing", 422, "neither an image URL nor an uploaded image (a batch upload: no file `images`)"),
     _http("image_conflict", 422, "both an image URL and an uploaded image"),
-    _http("image_invalid", 422, "the upload is not a JPEG, PNG, WebP, GIF, BMP or TIFF image"),
+    _http("image_invalid", 422, "the upload is not a JPEG, PNG, WebP, GIF, BMP, TIFF, HEIC/HEIF or AVIF image"),
     _http("priority_invalid", 422, "the priority is not `high`, `normal` or `low`"),
     _http("deadline_invalid", 422, "the deadline is not a positive number of seconds within the job TTL"),
     _http("webhook_invalid", 422, "the webhook is not an http(s) URL, or carries credentials"),
@@ -139,7 +139,9 @@ REGISTRY: tuple[ErrorCode, ...] = (
     _failure("url_not_allowed", "the image URL, or a redirect, leads where the workers must not connect", False),
     _failure("image_too_large", "the image has more bytes or pixels than the configured limits allow", False),
     _failure(
-        "image_invalid", "the image is not a decodable JPEG, PNG, WebP, GIF, BMP or TIFF (or is truncated)", False
+        "image_invalid",
+        "the image is not a decodable JPEG, PNG, WebP, GIF, BMP, TIFF, HEIC/HEIF or AVIF (or is truncated)",
+        False,
     ),
     _failure("upload_missing", "the uploaded image expired before the job ran: submit it again", True),
     _failure("oom", "the model ran out of device memory on this image and text alone", False),
