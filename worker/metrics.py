@@ -193,6 +193,7 @@ class WorkerOps:
             metrics_port=port,
             image_width=width,
             image_height=height,
+            decode=settings.image_decode,
         )
         self.announcer = Announcer(self.client, record, settings.announce_interval_s)
         self.announcer.start()
