@@ -1,6 +1,6 @@
 """Machinery: what the service costs per answer besides the model, measured as an identity model measures it.
 
-    python benchmarks/machinery.py [--images 500] [--wide-images 2000] [--questions 10] [--single-jobs 300]
+    python -m benchmarks.machinery [--images 500] [--wide-images 2000] [--questions 10] [--single-jobs 300]
         [--idle-jobs 50] [--batch-size 32] [--gpu-rate 1000,3000,10000] [--quick] [--out FILE]
 
 A tiny random-weights BLIP (tests/fixtures/tiny_model.py) generating one token leaves the machinery's time. In one run,
@@ -35,12 +35,10 @@ from typing import Any
 
 import redis
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from api.client import BlipqClient  # noqa: E402
-from benchmarks.fleet import Fleet, ImageServer, percentile, run_clients, wait_until_serving  # noqa: E402
-from worker.contract.batches import MAX_BATCH_ANSWERS  # noqa: E402
+from api.client import BlipqClient
+from benchmarks.fleet import Fleet, percentile, run_clients, wait_until_serving
+from benchmarks.image_server import ImageServer
+from worker.contract.batches import MAX_BATCH_ANSWERS
 
 MAX_NEW_TOKENS = 1  # the tiny model's generate is then near-instant: the machinery is what remains
 POLL_HZ = 10.0  # a dashboard's reads of a batch's summary, kept at this rate whatever each read costs

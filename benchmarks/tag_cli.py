@@ -1,6 +1,6 @@
 """`blipq tag` at volume: the command line a user runs to tag many images, side by side with the inference core.
 
-    python benchmarks/tag_cli.py [--images 1000] [--memory-images 10000] [--small-memory-images 1000] [--quick]
+    python -m benchmarks.tag_cli [--images 1000] [--memory-images 10000] [--small-memory-images 1000] [--quick]
         [--out FILE]
 
 In one run on one machine, with the shipped demo model, one worker (BLIPQ_BATCH_MAX_SIZE=32, BLIPQ_TORCH_THREADS=1)
@@ -45,12 +45,11 @@ from typing import Any
 
 import redis
 
+from benchmarks.fleet import Fleet, easy_vqa_image_paths, wait_until_serving
+from benchmarks.image_server import ImageServer
+from benchmarks.machinery import session_cpu_s
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from benchmarks.fleet import Fleet, ImageServer, easy_vqa_image_paths, wait_until_serving  # noqa: E402
-from benchmarks.machinery import session_cpu_s  # noqa: E402
-
 QUESTIONS = ["what color is the shape?", "what shape is in the image?"]
 THIRD_QUESTION = "what shape is present?"  # easy-VQA's third most asked, for the cache's re-run with a new question
 EASY_VQA_TEST_IMAGES = 1000

@@ -1,6 +1,6 @@
 """Tagging: one 5,000-answer batch (images x questions) through the real service, side by side with its baselines.
 
-    python benchmarks/tagging.py [--images 500] [--questions 10] [--via upload|url] [--batch-size 32]
+    python -m benchmarks.tagging [--images 500] [--questions 10] [--via upload|url] [--batch-size 32]
 
 In one run on one machine, over the same easy-VQA test images and questions, with the shipped demo model and the
 same number of torch threads everywhere (--torch-threads):
@@ -31,17 +31,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from benchmarks.fleet import (  # noqa: E402
+from benchmarks.fleet import (
     Fleet,
-    ImageServer,
     easy_vqa_image_paths,
     noop_celery_rate,
     run_batch,
     wait_until_serving,
 )
+from benchmarks.image_server import ImageServer
 
 MAX_NEW_TOKENS = 20  # the worker's default BLIPQ_MAX_NEW_TOKENS, given to every loop here
 NOOP_CLIENTS = 16  # threads of the no-op Celery baseline, as in single_jobs.py
