@@ -23,11 +23,13 @@ from typing import Any
 import requests
 
 from api.up import SentinelGroup, free_port, start_redis, start_sentinel_group, stop_process
+from benchmarks.processes import ChildRun, run_child
 from worker.contract.redis_target import RedisTarget
 
 REPO = Path(__file__).resolve().parent.parent
 
 REDIS_DOWN_S = 2.0  # how long Redis stays away when it restarts
+TAG_TIMEOUT_S = 1800  # one `blipq tag` run, at most
 BATCH_POLL_S = 0.1  # between two reads of a batch's summary: the client's back-off (up to 2 s) would blur a rate
 
 
@@ -236,6 +238,22 @@ def run_batch(
         time.sleep(BATCH_POLL_S)
     results = list(client.results(batch_id))
     return time.perf_counter() - started, results
+
+
+def run_tag(
+    base: str, sources: Sequence[str], texts: Sequence[str], out: Path, urls: Path | None = None, caption: bool = False
+) -> ChildRun:
+    """Run `blipq tag` as a user would (`-q` for each of `texts`, `--caption` with `caption`), until it exits; its
+    wall seconds and CPU; raises unless it exited 0. Its output (the progress bar) goes to OUT with suffix .log."""
+    argv = [sys.executable, "-m", "api.cli", "tag", *sources]
+    argv += ["--urls", str(urls)] if urls else []
+    argv += ["--caption"] if caption else []
+    argv += [arg for text in texts for arg in ("-q", text)]
+    argv += ["-o", str(out), "--url", base]
+    run = run_child(argv, out.with_suffix(".log"), REPO, TAG_TIMEOUT_S)
+    if run.returncode != 0:
+        raise RuntimeError(f"blipq tag exited {run.returncode}: {out.with_suffix('.log').read_text()[-2000:]}")
+    return run
 
 
 def noop_celery_rate(fleet: Fleet, tasks: int, clients: int) -> float:
