@@ -41,8 +41,13 @@ EXIF_ORIENTATION = 0x0112
 
 
 def processor_size(model_dir: str | Path) -> tuple[int, int]:
-    """(width, height) the model's image processor resizes to, from its preprocessor_config.json."""
-    size = json.loads((Path(model_dir) / "preprocessor_config.json").read_text())["size"]
+    """(width, height) the model's image processor resizes to, from the files `from_pretrained` reads: a
+    preprocessor_config.json, or (as transformers 5 saves a processor) processor_config.json's image_processor."""
+    directory = Path(model_dir)
+    if (directory / "preprocessor_config.json").exists():
+        size = json.loads((directory / "preprocessor_config.json").read_text())["size"]
+    else:
+        size = json.loads((directory / "processor_config.json").read_text())["image_processor"]["size"]
     return int(size["width"]), int(size["height"])
 
 
