@@ -15,7 +15,8 @@ Prints answers/s of both, their ratio, the machinery's ms per answer (1000 x (1/
 Redis commands (`total_commands_processed`: a script's own calls count too), Redis main-thread CPU (what bounds one
 Redis: the answers/s one core carries, the GPU workers it feeds), bytes kept (`used_memory` after the results were
 read less before the submission) and each process's CPU.
-(6) photos, on the same service: --photos camera JPEGs (benchmarks/photos.py) x 1 and x 10 questions, by URL and
+(6) photos, on the same service: --photos of --photo-mix (benchmarks/photos.py: camera JPEGs unless told) x 1 and x
+10 questions, by URL and
 uploaded, against the feed limit of the same bytes at the model's input size (benchmarks/feed.py), with the CPU per
 image of each process and, where the worker exports it, of each of its stages (benchmarks/photo_runs.py).
 About a minute and a half on a 2-core machine; --quick, 40 s.
@@ -44,8 +45,16 @@ from api.up import free_port
 from benchmarks import feed
 from benchmarks.fleet import Fleet, percentile, run_clients, wait_until_serving
 from benchmarks.image_server import ImageServer
-from benchmarks.photo_runs import PHOTO_QUESTIONS, Meter, PhotoRun, linked_dir, photo_run, print_photo_runs
-from benchmarks.photos import describe, photo_set
+from benchmarks.photo_runs import (
+    PHOTO_QUESTIONS,
+    Meter,
+    PhotoRun,
+    add_photo_options,
+    linked_dir,
+    photo_run,
+    print_photo_runs,
+)
+from benchmarks.photos import MIXES, describe, photo_set
 from worker.contract.batches import MAX_BATCH_ANSWERS
 
 MAX_NEW_TOKENS = 1  # the tiny model's generate is then near-instant: the machinery is what remains
@@ -199,7 +208,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--single-jobs", type=int, default=300, help="single jobs from 16 clients (default 300)")
     parser.add_argument("--idle-jobs", type=int, default=50, help="single jobs one at a time (default 50)")
     parser.add_argument("--clients", type=int, default=16, help="threads sending single jobs (default 16)")
-    parser.add_argument("--photos", type=int, default=100, help="camera photos of mix 6 (default 100)")
+    add_photo_options(parser, 100, "mix 6")
     parser.add_argument("--batch-size", type=int, default=32, help="answers per model call, everywhere (default 32)")
     parser.add_argument("--gpu-rate", default="1000,3000,10000", help="answers/s of one GPU worker, comma-separated")
     parser.add_argument("--quick", action="store_true", help="50 images, 200 wide, 60 single jobs, 20 idle, 30 photos")
@@ -280,8 +289,8 @@ def photo_mixes(
     args: argparse.Namespace, fleet: Fleet, server: ImageServer, model_dir: Path, served: Path, metrics_url: str
 ) -> list[PhotoRun]:
     """Mix 6: camera photos x 1 and x 10 questions, by URL and uploaded, against the feed limit of their bytes."""
-    photos = photo_set("camera", args.photos)
-    print(f"6 photos: camera JPEGs, {describe(photos)}", flush=True)
+    photos = photo_set(args.photo_mix, args.photos)
+    print(f"6 photos: {MIXES[args.photo_mix].title}, {describe(photos)}", flush=True)
     linked_dir(served, photos)  # the image server serves them beside the easy-VQA images
     limit = feed.measure(photos, feed.processor_size(model_dir))
     print(limit.describe(), flush=True)
@@ -367,15 +376,16 @@ def main() -> int:
         wait_until_serving(fleet, (paths[0].read_bytes(), QUESTIONS[0], ""))
         mixes = batch_mixes(args, fleet, server, loaded, paths)
         jobs = single_jobs(args, fleet, server, loaded, paths)
-        photos = photo_mixes(args, fleet, server, model_dir, work / "images", metrics_url)
+        photos = photo_mixes(args, fleet, server, model_dir, work / "images", metrics_url) if args.photos else []
     finally:
         fleet.stop()
         server.stop()
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(fleet.data_dir, ignore_errors=True)
     report(args, mixes, jobs)
-    print("\n6 photos, camera JPEGs")
-    print_photo_runs(photos)
+    if photos:
+        print(f"\n6 photos, {MIXES[args.photo_mix].title}")
+        print_photo_runs(photos)
     if args.out:
         summary = {
             "settings": {**vars(args), "out": str(args.out)}, "batch_mixes": mixes, "single_jobs": jobs,

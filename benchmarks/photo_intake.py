@@ -1,10 +1,11 @@
 """Photo intake: what the service makes of camera photos on this machine, against the machine's feed limit, in one run.
 
-    python -m benchmarks.photo_intake [--photos 300] [--up-photos 60] [--memory-photos 64] [--quick] [--out FILE]
+    python -m benchmarks.photo_intake [--photos 300] [--up-photos 60] [--memory-photos 64] [--photo-mix camera]
+        [--quick] [--out FILE]
 
-The camera JPEGs of benchmarks/photos.py (1-12 MP, 5.6 MP on average) and, beside every figure, the feed limit of
-the same bytes measured in the same run (benchmarks/feed.py: the fastest decode to the model's input size on one
-process per core). In order:
+The camera JPEGs of benchmarks/photos.py (1-12 MP, 5.6 MP on average; --photo-mix mixed for other formats) and,
+beside every figure, the feed limit of the same bytes measured in the same run (benchmarks/feed.py: the fastest
+decode to the model's input size on one process per core). In order:
 
 1. a near-instant model: a tiny random-weights BLIP whose processor resizes to 384 px as BLIP-base's does
    (tests/fixtures/tiny_model.py, patches of 32 px), generating one token; the service (its own Redis with its
@@ -12,7 +13,7 @@ process per core). In order:
    photos by URL (benchmarks/image_server.py, HTTP/1.1) / the feed limit;
 2. the same photos through `blipq tag DIR -q Q` (uploads; the client's work counts, on the same machine) / the feed
    limit;
-3. 1 against 2: every process the benchmark started (Redis, the API, the worker, the image server, this client)
+3. one core against two: every process the benchmark started (Redis, the API, the worker, the image server, this client)
    pinned to one core, then to two (every thread, with sched_setaffinity); the photo rate by URL on each, each
    against the feed limit on as many cores, and 2 cores / 1 core;
 4. memory, on the same service: --memory-photos 12 MP photos uploaded while the worker is stopped (SIGSTOP), so that
@@ -61,7 +62,7 @@ from benchmarks.photo_runs import (
     tag_run,
     wait_for_photos,
 )
-from benchmarks.photos import describe, photo_set
+from benchmarks.photos import MIXES, describe, photo_set
 from benchmarks.processes import PeakSampler, pin, tree, tree_rss
 
 REPO = Path(__file__).resolve().parent.parent
@@ -77,8 +78,9 @@ RSS_SAMPLE_S = 0.05  # between two reads of the worker's memory: a 12 MP photo d
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--photos", type=int, default=300, help="camera photos of runs 1-3 (default 300)")
-    parser.add_argument("--up-photos", type=int, default=60, help="camera photos of the blipq up run (default 60)")
+    parser.add_argument("--photos", type=int, default=300, help="photos of runs 1-3 (default 300)")
+    parser.add_argument("--up-photos", type=int, default=60, help="photos of the blipq up run (default 60)")
+    parser.add_argument("--photo-mix", choices=sorted(MIXES), default="camera", help="runs 1-3 and 5 (default camera)")
     parser.add_argument("--memory-photos", type=int, default=64, help="12 MP photos of the memory run (default 64)")
     parser.add_argument("--quick", action="store_true", help="60 photos, 16 for blipq up and 16 for memory")
     parser.add_argument("--out", type=Path, help="write every figure to this JSON file")
@@ -241,9 +243,9 @@ def report(runs: list[PhotoRun], scaling: dict[str, Any], memory: dict[str, Any]
 
 def main() -> int:
     args = parse_args()
-    photos = photo_set("camera", args.photos)
+    photos = photo_set(args.photo_mix, args.photos)
     large = photo_set("camera-12mp", args.memory_photos)
-    print(f"camera JPEGs: {describe(photos)}\n12 MP: {describe(large)}", flush=True)
+    print(f"{MIXES[args.photo_mix].title}: {describe(photos)}\n12 MP: {describe(large)}", flush=True)
     work = Path(tempfile.mkdtemp(prefix="blipq-photo-intake-"))
     try:
         with photo_service(tiny_env(work), photos[0].parent, photos[0]) as service:

@@ -10,6 +10,7 @@ and the service that runs them (photo_service: one worker, the image server, a M
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -28,6 +29,7 @@ from api.up import free_port
 from benchmarks.feed import FeedLimit
 from benchmarks.fleet import Fleet, run_tag, wait_until_serving
 from benchmarks.image_server import ImageServer
+from benchmarks.photos import MIXES
 from benchmarks.processes import tree_cpu_s
 from worker.contract.batches import MAX_BATCH_ANSWERS
 
@@ -41,6 +43,12 @@ PHOTO_QUESTIONS = [
     "what is in the picture?", "is there a person?", "is it outdoors?", "what color is it?", "is there an animal?",
     "is it daytime?", "how many people are there?", "is there text?", "what room is this?", "is there a vehicle?",
 ]  # fmt: skip
+
+
+def add_photo_options(parser: argparse.ArgumentParser, count: int, runs: str) -> None:
+    """--photos (how many) and --photo-mix (which, benchmarks/photos.py's MIXES), the same in every benchmark."""
+    parser.add_argument("--photos", type=int, default=count, help=f"photos of {runs} (default {count}; 0: none)")
+    parser.add_argument("--photo-mix", choices=sorted(MIXES), default="camera", help="which photos (default camera)")
 
 
 def worker_stages(metrics_urls: Sequence[str]) -> dict[str, float] | None:

@@ -20,10 +20,10 @@ directory) and two easy-VQA questions ("what color is the shape?", "what shape i
     changed, so that no two share their bytes), each on a fleet of its own with the cache off; the peak above the idle
     fleet's, peak(large)/peak(small) (goal <= 1.5), what stays after the run (the results, kept for their TTL) and the
     keys `blipq:batch-upload:*` left when the command exited (goal 0: an upload is freed as its items end);
-(6) photos, on a fleet of their own (cache off): `blipq tag DIR` and `blipq tag --urls FILE` over --photos camera
-    JPEGs (benchmarks/photos.py) x 1 and x 10 questions, each against the feed limit of the same bytes at the demo
-    model's 64 px (benchmarks/feed.py), with the CPU per image of each process, the client's included, and, where the
-    worker exports it, of each of its stages (benchmarks/photo_runs.py); --photos 0 leaves them out.
+(6) photos, on a fleet of their own (cache off): `blipq tag DIR` and `blipq tag --urls FILE` over --photos of
+    --photo-mix (benchmarks/photos.py: camera JPEGs unless told) x 1 and x 10 questions, each against the feed limit
+    of the same bytes at the demo model's 64 px (benchmarks/feed.py), with the CPU per image of each process, the
+    client's included, and, where the worker exports it, of each of its stages (benchmarks/photo_runs.py).
 Every run checks the exit status and that OUT has one succeeded line per pair; the service's answers are compared with
 the core's, and the CPU each process spent in runs 1-2 is printed. About 2 minutes on a 2-core machine; --quick (200
 images, memory runs of 200 and 2,000, 30 photos), 1 minute.
@@ -35,7 +35,6 @@ import argparse
 import io
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -51,10 +50,18 @@ import redis
 from benchmarks import feed
 from benchmarks.fleet import Fleet, easy_vqa_image_paths, run_tag, wait_until_serving
 from benchmarks.image_server import ImageServer
-from benchmarks.machinery import session_cpu_s
-from benchmarks.photo_runs import PHOTO_QUESTIONS, PhotoRun, linked_dir, photo_service, print_photo_runs, tag_run
-from benchmarks.photos import describe, photo_set
-from benchmarks.processes import PeakSampler
+from benchmarks.photo_runs import (
+    PHOTO_QUESTIONS,
+    Meter,
+    PhotoRun,
+    add_photo_options,
+    linked_dir,
+    photo_service,
+    print_photo_runs,
+    tag_run,
+)
+from benchmarks.photos import MIXES, describe, photo_set
+from benchmarks.processes import ChildRun, PeakSampler
 
 REPO = Path(__file__).resolve().parent.parent
 QUESTIONS = ["what color is the shape?", "what shape is in the image?"]
@@ -71,7 +78,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--images", type=int, default=1000, help="images of runs 1-4 (default 1000)")
     parser.add_argument("--memory-images", type=int, default=10_000, help="the large memory run's images (10000)")
     parser.add_argument("--small-memory-images", type=int, default=1000, help="the small memory run's images (1000)")
-    parser.add_argument("--photos", type=int, default=100, help="camera photos of run 6 (default 100; 0: none)")
+    add_photo_options(parser, 100, "run 6")
     parser.add_argument("--quick", action="store_true", help="200 images; memory runs of 200 and 2,000; 30 photos")
     parser.add_argument("--out", type=Path, help="write every figure to this JSON file")
     args = parser.parse_args()
@@ -133,25 +140,15 @@ def serving(env: dict[str, str]) -> Iterator[Fleet]:
         shutil.rmtree(fleet.data_dir, ignore_errors=True)
 
 
-def cpu_by_process(fleet: Fleet, server: ImageServer) -> dict[str, float]:
-    """CPU seconds so far of each side of a run: the ended `blipq tag` runs (children waited for), the image server,
-    the API, the worker and Redis (each a session of its own, whose id is its pid)."""
-    children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return {
-        "cli": children.ru_utime + children.ru_stime,
-        "image_server": session_cpu_s(server.pid),
-        "api": session_cpu_s(fleet.api.pid),
-        "worker": session_cpu_s(fleet.workers[0].process.pid),
-        "redis": session_cpu_s(fleet.redis.process.pid),
-    }
-
-
-def with_cpu(fleet: Fleet, server: ImageServer, run: Callable[[], float]) -> dict[str, Any]:
-    """`run`'s seconds and the CPU seconds each process spent meanwhile: on two cores, who took the model's share."""
-    before = cpu_by_process(fleet, server)
-    seconds = run()
-    after = cpu_by_process(fleet, server)
-    return {"seconds": seconds, "cpu_s": {name: after[name] - before[name] for name in before}}
+def with_cpu(fleet: Fleet, server: ImageServer, run: Callable[[], ChildRun]) -> dict[str, Any]:
+    """`run`'s seconds and the CPU seconds each process spent meanwhile: on two cores, who took the model's share.
+    `blipq tag`'s own is its rusage; the image server's, the API's, the worker's and Redis's, their process trees'."""
+    meter = Meter({"image_server": server.pid, "api": fleet.api.pid, "worker": fleet.workers[0].process.pid,
+                   "redis": fleet.redis.process.pid})  # fmt: skip
+    before = meter.read()
+    child = run()
+    spent, _ = Meter.spent(before, meter.read())
+    return {"seconds": child.seconds, "cpu_s": {"cli": child.cpu_s, **spent}}
 
 
 def read_out(out: Path) -> dict[tuple[str, str], str]:
@@ -238,17 +235,13 @@ def throughput_runs(work: Path, paths: list[Path], loaded: Any) -> dict[str, Any
     directory, count = paths[0].parent, len(paths)
     core_s, core = core_run(loaded, paths, QUESTIONS)
     server = ImageServer(directory)
-    urls = work / "urls.txt"
+    urls, uploads_out, urls_out = work / "urls.txt", work / "upload.jsonl", work / "url.jsonl"
     urls.write_text("".join(server.url(path.name) + "\n" for path in paths))
     try:
         with serving({"BLIPQ_ANSWER_CACHE": "off", **server.fetch_env()}) as fleet:
-            upload = with_cpu(
-                fleet, server, lambda: run_tag(fleet.base, [str(directory)], QUESTIONS, work / "upload.jsonl").seconds
-            )
+            upload = with_cpu(fleet, server, lambda: run_tag(fleet.base, [str(directory)], QUESTIONS, uploads_out))
             upload["upload_keys_left"] = upload_keys(redis.Redis.from_url(fleet.redis.url))
-            url = with_cpu(
-                fleet, server, lambda: run_tag(fleet.base, [], QUESTIONS, work / "url.jsonl", urls=urls).seconds
-            )
+            url = with_cpu(fleet, server, lambda: run_tag(fleet.base, [], QUESTIONS, urls_out, urls=urls))
     finally:
         server.stop()
     answers = count * len(QUESTIONS)
@@ -279,12 +272,12 @@ def cache_runs(work: Path, paths: list[Path]) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def photo_runs(work: Path, count: int) -> list[PhotoRun]:
-    """Run 6: `blipq tag` over camera photos, uploaded (DIR) and by URL (--urls FILE), x 1 and x 10 questions."""
+def photo_runs(work: Path, mix: str, count: int) -> list[PhotoRun]:
+    """Run 6: `blipq tag` over photos, uploaded (DIR) and by URL (--urls FILE), x 1 and x 10 questions."""
     from worker.settings import DEMO_MODEL_DIR
 
-    photos = photo_set("camera", count)
-    print(f"6 photos: camera JPEGs, {describe(photos)}", flush=True)
+    photos = photo_set(mix, count)
+    print(f"6 photos: {MIXES[mix].title}, {describe(photos)}", flush=True)
     env = {"BLIPQ_ANSWER_CACHE": "off", "BLIPQ_TORCH_THREADS": "1", "BLIPQ_BATCH_MAX_SIZE": str(BATCH_SIZE)}
     directory, urls, runs = linked_dir(work / "photos", photos), work / "photo-urls.txt", []
     with photo_service(env, photos[0].parent, photos[0]) as service:
@@ -381,14 +374,14 @@ def main() -> int:
             "small": memory_run(work, "memory-small", args.small_memory_images),
             "large": memory_run(work, "memory-large", args.memory_images),
         }
-        photos = photo_runs(work, args.photos) if args.photos else []
+        photos = photo_runs(work, args.photo_mix, args.photos) if args.photos else []
     finally:
         shutil.rmtree(work, ignore_errors=True)
     memory["peak_ratio"] = memory["large"]["peak_bytes"] / memory["small"]["peak_bytes"]
     memory["peak_above_idle_ratio"] = memory["large"]["peak_above_idle"] / max(1, memory["small"]["peak_above_idle"])
     report(args, start_s, runs, cache, memory)
     if photos:
-        print("\n6 blipq tag over camera JPEGs, demo model, cache off, one worker, batch 32, 1 torch thread")
+        print(f"\n6 blipq tag over {MIXES[args.photo_mix].title}, demo model, cache off, one worker, batch 32")
         print_photo_runs(photos)
     if args.out:
         summary = {

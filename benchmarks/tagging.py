@@ -18,7 +18,8 @@ same number of torch threads everywhere (--torch-threads):
     the same Redis, --noop-tasks of them), as benchmarks/single_jobs.py runs it.
 Prints answers/s, the ratios of the service to each, and how many of the service's answers differ from the one-at-a-time
 loop's (the reference: no padding) and from the bare batched loop's; the service must change none.
-(6) photos, on a service of their own (the same settings): --photos camera JPEGs (benchmarks/photos.py) x 10
+(6) photos, on a service of their own (the same settings): --photos of --photo-mix (benchmarks/photos.py: camera
+    JPEGs unless told) x 10
     questions (the same 5,000 answers with the default 500) and x 1, uploaded and by URL, each against the feed limit
     of the same bytes at the demo model's 64 px (benchmarks/feed.py), with the CPU per image of each process and, where
     the worker exports it, of each of its stages (benchmarks/photo_runs.py); --photos 0 leaves them out.
@@ -44,8 +45,15 @@ from benchmarks.fleet import (
     wait_until_serving,
 )
 from benchmarks.image_server import ImageServer
-from benchmarks.photo_runs import PHOTO_QUESTIONS, PhotoRun, photo_run, photo_service, print_photo_runs
-from benchmarks.photos import describe, photo_set
+from benchmarks.photo_runs import (
+    PHOTO_QUESTIONS,
+    PhotoRun,
+    add_photo_options,
+    photo_run,
+    photo_service,
+    print_photo_runs,
+)
+from benchmarks.photos import MIXES, describe, photo_set
 
 MAX_NEW_TOKENS = 20  # the worker's default BLIPQ_MAX_NEW_TOKENS, given to every loop here
 NOOP_CLIENTS = 16  # threads of the no-op Celery baseline, as in single_jobs.py
@@ -118,7 +126,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32, help="answers per generate, everywhere (default 32)")
     parser.add_argument("--torch-threads", type=int, default=1, help="in this process and the worker (default 1)")
     parser.add_argument("--noop-tasks", type=int, default=2000, help="tasks of the no-op Celery baseline")
-    parser.add_argument("--photos", type=int, default=500, help="camera photos of run 6 (default 500; 0: none)")
+    add_photo_options(parser, 500, "run 6")
     return parser.parse_args()
 
 
@@ -149,8 +157,8 @@ def photo_mixes(args: argparse.Namespace) -> list[PhotoRun]:
     """Run 6: camera photos x 10 and x 1 questions, uploaded and by URL, against the feed limit of their bytes."""
     from worker.settings import DEMO_MODEL_DIR
 
-    photos = photo_set("camera", args.photos)
-    print(f"6 photos: camera JPEGs, {describe(photos)}", flush=True)
+    photos = photo_set(args.photo_mix, args.photos)
+    print(f"6 photos: {MIXES[args.photo_mix].title}, {describe(photos)}", flush=True)
     env = {"BLIPQ_TORCH_THREADS": str(args.torch_threads), "BLIPQ_BATCH_MAX_SIZE": str(args.batch_size),
            "BLIPQ_MAX_NEW_TOKENS": str(MAX_NEW_TOKENS)}  # fmt: skip
     runs = []
@@ -212,7 +220,8 @@ def main() -> int:
     )
     print(f"  inference core vs seed {mismatches(core, seed)}")
     if photos:
-        print(f"\n6 photos, camera JPEGs, demo model, batch {args.batch_size}, {args.torch_threads} torch thread(s)")
+        title = MIXES[args.photo_mix].title
+        print(f"\n6 photos, {title}, demo model, batch {args.batch_size}, {args.torch_threads} torch thread(s)")
         print_photo_runs(photos)
     return 0
 
