@@ -133,7 +133,7 @@ def memory_run(fleet: Fleet, photos: list[Path]) -> dict[str, Any]:
     client = redis.Redis.from_url(fleet.redis.url)
     worker = fleet.workers[0].process.pid
     time.sleep(SETTLE_S)
-    idle_memory, idle_aof, idle_rss = int(client.info("memory")["used_memory"]), aof_size(client), tree_rss(worker)
+    idle_memory, idle_aof, rss_before = int(client.info("memory")["used_memory"]), aof_size(client), tree_rss(worker)
     uploaded = sum(path.stat().st_size for path in photos)
     os.killpg(worker, signal.SIGSTOP)
     try:
@@ -154,10 +154,10 @@ def memory_run(fleet: Fleet, photos: list[Path]) -> dict[str, Any]:
         "redis_over_upload": (held_memory - idle_memory) / uploaded,
         "aof_growth_per_uploaded_gb": (held_aof - idle_aof) / uploaded * 1e9, "aof_rewrites": rewrites,
         "aof_after_run_bytes": aof_size(client), "redis_after_run_bytes": int(client.info("memory")["used_memory"]),
-        "worker_idle_rss": idle_rss, "worker_peak_rss": peak_rss, "seconds": seconds,
+        "worker_rss_before": rss_before, "worker_peak_rss": peak_rss, "seconds": seconds,
         "failed": sum(line["status"] != "succeeded" for line in results),
     }  # fmt: skip
-    print(f"4 memory: worker peak RSS {peak_rss / 1e6:.0f} MB (idle {idle_rss / 1e6:.0f} MB)", flush=True)
+    print(f"4 memory: worker peak RSS {peak_rss / 1e6:.0f} MB (before {rss_before / 1e6:.0f} MB)", flush=True)
     return figures
 
 
@@ -236,7 +236,8 @@ def report(runs: list[PhotoRun], scaling: dict[str, Any], memory: dict[str, Any]
         f" {memory['aof_after_run_bytes'] / 1e6:.0f} MB after the run"
     )
     print(
-        f"  worker RSS idle {memory['worker_idle_rss'] / 1e6:.0f} MB, peak {memory['worker_peak_rss'] / 1e6:.0f} MB"
+        f"  worker RSS before {memory['worker_rss_before'] / 1e6:.0f} MB (after runs 1-3), peak"
+        f" {memory['worker_peak_rss'] / 1e6:.0f} MB"
         f" while it worked through them ({memory['seconds']:.1f} s, {memory['failed']} failed)"
     )
 

@@ -3,7 +3,8 @@
 For each photo mix: the service's images/s and answers/s, the feed limit of the same bytes measured in the same run
 (benchmarks/feed.py), service / feed limit, the CPU milliseconds per image of each process (worker, API, Redis, the
 image server as `images`, the client) and, when the worker exports the counter STAGE_COUNTER, the worker's CPU per
-image by stage (`n/a` while it does not). Also how photos are sent: requests of at most MAX_BATCH_ANSWERS answers
+image by stage (`n/a` while it does not); and the machine's load average as each run ended, which says whether
+others' work shared the cores. Also how photos are sent: requests of at most MAX_BATCH_ANSWERS answers
 and, for uploads, MAX_REQUEST_BYTES, all submitted at once, their summaries read at POLL_HZ until every item ended;
 and the service that runs them (photo_service: one worker, the image server, a Meter).
 """
@@ -109,6 +110,8 @@ class PhotoRun:
     cpu_s: dict[str, float] = field(default_factory=dict)
     stage_cpu_s: dict[str, float] | None = None
     failed: int = 0
+    # The machine's 1-minute load average as the run ended: above the core count, others' work shared the cores.
+    load: float = field(default_factory=lambda: os.getloadavg()[0])
 
     @property
     def image_rate(self) -> float:
@@ -128,7 +131,7 @@ class PhotoRun:
             "name": self.name, "images": self.images, "answers": self.answers, "seconds": self.seconds,
             "images_per_s": self.image_rate, "answers_per_s": self.answer_rate, "feed": self.feed.as_dict(),
             "service_over_feed": self.ratio, "cpu_s": self.cpu_s, "stage_cpu_s": self.stage_cpu_s,
-            "failed": self.failed,
+            "failed": self.failed, "load_average": self.load,
         }  # fmt: skip
 
 
@@ -139,13 +142,13 @@ def print_photo_runs(runs: Sequence[PhotoRun]) -> None:
         print(f"  [{number}] {feed.describe()}")
     print(
         f"  {'photo mix':<40} {'images':>6} {'answers':>7} {'seconds':>7} {'images/s':>8} {'answers/s':>9}"
-        f" {'feed/s':>10} {'/ feed':>6} {'failed':>6}"
+        f" {'feed/s':>10} {'/ feed':>6} {'failed':>6} {'load':>5}"
     )
     for run in runs:
         limit = f"{run.feed.rate:.1f} [{feeds.index(run.feed) + 1}]"
         print(
             f"  {run.name:<40} {run.images:>6} {run.answers:>7} {run.seconds:>7.2f} {run.image_rate:>8.1f}"
-            f" {run.answer_rate:>9.1f} {limit:>10} {run.ratio:>6.2f} {run.failed:>6}"
+            f" {run.answer_rate:>9.1f} {limit:>10} {run.ratio:>6.2f} {run.failed:>6} {run.load:>5.1f}"
         )
     names = [name for name in PROCESSES if any(name in run.cpu_s for run in runs)]
     names += sorted({name for run in runs for name in run.cpu_s} - set(names))
