@@ -138,20 +138,22 @@ class FeedLimit:
 
 
 def decode_share(
-    method: str, paths: Sequence[Path], size: tuple[int, int], cpus: tuple[int, ...] | None, barrier: Any, out: Any
+    paths: Sequence[Path], size: tuple[int, int], cpus: tuple[int, ...] | None, barrier: Any, out: Any
 ) -> None:
-    """One process: read its share into memory, warm up, wait for the others, decode all; puts (start, end)."""
+    """One process: read its share into memory, warm every way up, then for each way wait for the other processes
+    and decode the whole share; puts (way, start, end) for each."""
     if cpus:
         os.sched_setaffinity(0, cpus)
-    decode = methods()[method]
     data = [path.read_bytes() for path in paths]
-    for item in data[:WARM_UP_IMAGES]:
-        decode(item, size)
-    barrier.wait()
-    started = time.perf_counter()  # CLOCK_MONOTONIC: one clock for every process of the machine
-    for item in data:
-        decode(item, size)
-    out.put((started, time.perf_counter()))
+    for decode in methods().values():
+        for item in data[:WARM_UP_IMAGES]:
+            decode(item, size)
+    for method, decode in methods().items():
+        barrier.wait()  # every process starts each way together (the barrier is cyclic)
+        started = time.perf_counter()  # CLOCK_MONOTONIC: one clock for every process of the machine
+        for item in data:
+            decode(item, size)
+        out.put((method, started, time.perf_counter()))
 
 
 def measure(
@@ -159,29 +161,29 @@ def measure(
     cpus: Sequence[int] | None = None,
 ) -> FeedLimit:  # fmt: skip
     """Each way's images/s on `processes` processes (default one per core), each decoding every n-th picture; from
-    the first process's start to the last one's end."""
+    the first process's start to the last one's end, way by way."""
     target = (size, size) if isinstance(size, int) else size
     count = processes or os.cpu_count() or 1
     pinned = tuple(cpus) if cpus else None
     context = get_context("spawn")  # the caller may hold threads (an image server, torch): no fork
+    barrier, out = context.Barrier(count), context.Queue()
+    workers = [
+        context.Process(target=decode_share, args=(paths[i::count], target, pinned, barrier, out)) for i in range(count)
+    ]
+    for worker in workers:
+        worker.start()
+    spans = collect(out, workers, count * len(methods()))
     rates = {}
     for method in methods():
-        barrier, out = context.Barrier(count), context.Queue()
-        workers = [
-            context.Process(target=decode_share, args=(method, paths[i::count], target, pinned, barrier, out))
-            for i in range(count)
-        ]
-        for worker in workers:
-            worker.start()
-        spans = collect(out, workers)
-        rates[method] = len(paths) / (max(end for _, end in spans) - min(start for start, _ in spans))
+        starts, ends = zip(*[(start, end) for way, start, end in spans if way == method], strict=True)
+        rates[method] = len(paths) / (max(ends) - min(starts))
     return FeedLimit(len(paths), target, count, rates, pinned)
 
 
-def collect(out: Any, workers: Sequence[Any]) -> list[tuple[float, float]]:
-    """Each process's (start, end), failing at once when one of them died instead of waiting for it."""
-    spans: list[tuple[float, float]] = []
-    while len(spans) < len(workers):
+def collect(out: Any, workers: Sequence[Any], expected: int) -> list[tuple[str, float, float]]:
+    """`expected` (way, start, end)s from the processes, failing at once when one of them died instead of waiting."""
+    spans: list[tuple[str, float, float]] = []
+    while len(spans) < expected:
         try:
             spans.append(out.get(timeout=1.0))
         except queue.Empty:

@@ -82,11 +82,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--up-photos", type=int, default=60, help="photos of the blipq up run (default 60)")
     parser.add_argument("--photo-mix", choices=sorted(MIXES), default="camera", help="runs 1-3 and 5 (default camera)")
     parser.add_argument("--memory-photos", type=int, default=64, help="12 MP photos of the memory run (default 64)")
-    parser.add_argument("--quick", action="store_true", help="60 photos, 16 for blipq up and 16 for memory")
+    parser.add_argument("--quick", action="store_true", help="40 photos, 8 for blipq up and 8 for memory")
     parser.add_argument("--out", type=Path, help="write every figure to this JSON file")
     args = parser.parse_args()
     if args.quick:
-        args.photos, args.up_photos, args.memory_photos = 60, 16, 16
+        args.photos, args.up_photos, args.memory_photos = 40, 8, 8
     return args
 
 
