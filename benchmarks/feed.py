@@ -113,6 +113,8 @@ class FeedLimit:
     processes: int
     rates: dict[str, float] = field(default_factory=dict)
     cpus: tuple[int, ...] | None = None
+    # CPU seconds each way spent, all processes together: per image, what sharing the cores with others leaves alone.
+    cpu_s: dict[str, float] = field(default_factory=dict)
 
     @property
     def method(self) -> str:
@@ -122,9 +124,17 @@ class FeedLimit:
     def rate(self) -> float:
         return self.rates[self.method]
 
+    @property
+    def cpu_ms_per_image(self) -> float:
+        """The CPU milliseconds per image of the way that spent the least (on shared cores, rates swing more)."""
+        return 1000 * min(self.cpu_s.values()) / self.images
+
     def describe(self) -> str:
         """One line: the limit, how, and the other ways' rates."""
-        ways = ", ".join(f"{name} {rate:.1f}" for name, rate in self.rates.items())
+        ways = ", ".join(
+            f"{name} {rate:.1f}/s, {1000 * self.cpu_s[name] / self.images:.1f} ms CPU"
+            for name, rate in self.rates.items()
+        )
         missing = "" if "simplejpeg" in self.rates else "; simplejpeg not importable"
         where = f" pinned to CPUs {','.join(map(str, self.cpus))}" if self.cpus else ""
         return (
@@ -133,7 +143,8 @@ class FeedLimit:
         )
 
     def as_dict(self) -> dict[str, Any]:
-        return {"rate": self.rate, "method": self.method, "rates": self.rates, "images": self.images,
+        return {"rate": self.rate, "method": self.method, "rates": self.rates, "cpu_s": self.cpu_s,
+                "cpu_ms_per_image": self.cpu_ms_per_image, "images": self.images,
                 "size": list(self.size), "processes": self.processes, "cpus": self.cpus}  # fmt: skip
 
 
@@ -141,7 +152,7 @@ def decode_share(
     paths: Sequence[Path], size: tuple[int, int], cpus: tuple[int, ...] | None, barrier: Any, out: Any
 ) -> None:
     """One process: read its share into memory, warm every way up, then for each way wait for the other processes
-    and decode the whole share; puts (way, start, end) for each."""
+    and decode the whole share; puts (way, start, end, CPU seconds) for each."""
     if cpus:
         os.sched_setaffinity(0, cpus)
     data = [path.read_bytes() for path in paths]
@@ -150,10 +161,10 @@ def decode_share(
             decode(item, size)
     for method, decode in methods().items():
         barrier.wait()  # every process starts each way together (the barrier is cyclic)
-        started = time.perf_counter()  # CLOCK_MONOTONIC: one clock for every process of the machine
+        started, cpu = time.perf_counter(), time.process_time()  # perf_counter: one clock for every process
         for item in data:
             decode(item, size)
-        out.put((method, started, time.perf_counter()))
+        out.put((method, started, time.perf_counter(), time.process_time() - cpu))
 
 
 def measure(
@@ -173,16 +184,17 @@ def measure(
     for worker in workers:
         worker.start()
     spans = collect(out, workers, count * len(methods()))
-    rates = {}
+    rates, cpu = {}, {}
     for method in methods():
-        starts, ends = zip(*[(start, end) for way, start, end in spans if way == method], strict=True)
-        rates[method] = len(paths) / (max(ends) - min(starts))
-    return FeedLimit(len(paths), target, count, rates, pinned)
+        starts, ends, cpus_s = zip(*[span[1:] for span in spans if span[0] == method], strict=True)
+        rates[method], cpu[method] = len(paths) / (max(ends) - min(starts)), sum(cpus_s)
+    return FeedLimit(len(paths), target, count, rates, pinned, cpu)
 
 
-def collect(out: Any, workers: Sequence[Any], expected: int) -> list[tuple[str, float, float]]:
-    """`expected` (way, start, end)s from the processes, failing at once when one of them died instead of waiting."""
-    spans: list[tuple[str, float, float]] = []
+def collect(out: Any, workers: Sequence[Any], expected: int) -> list[tuple[str, float, float, float]]:
+    """`expected` (way, start, end, CPU seconds)s from the processes, failing at once when one of them died instead of
+    waiting."""
+    spans: list[tuple[str, float, float, float]] = []
     while len(spans) < expected:
         try:
             spans.append(out.get(timeout=1.0))

@@ -4,9 +4,12 @@ For each photo mix: the service's images/s and answers/s, the feed limit of the 
 (benchmarks/feed.py), service / feed limit, the CPU milliseconds per image of each process (worker, API, Redis, the
 image server as `images`, the client) and, when the worker exports the counter STAGE_COUNTER, the worker's CPU per
 image by stage (`n/a` while it does not); and the machine's load average as each run ended, which says whether
-others' work shared the cores. Also how photos are sent: requests of at most MAX_BATCH_ANSWERS answers
-and, for uploads, MAX_REQUEST_BYTES, all submitted at once, their summaries read at POLL_HZ until every item ended;
-and the service that runs them (photo_service: one worker, the image server, a Meter).
+others' work shared the cores. On shared cores the rates fall, but CPU per image holds: `x feed`, all the run's
+processes' CPU per image over the feed limit's, says how far the service is from the feed limit whoever else runs.
+
+Also how photos are sent: requests of at most MAX_BATCH_ANSWERS answers and, for uploads, MAX_REQUEST_BYTES, all
+submitted at once, their summaries read at POLL_HZ until every item ended; and the service that runs them
+(photo_service: one worker, the image server, a Meter).
 """
 
 from __future__ import annotations
@@ -122,6 +125,12 @@ class PhotoRun:
         return self.answers / self.seconds
 
     @property
+    def cpu_over_feed(self) -> float:
+        """The CPU per image all the run's processes spent over the feed limit's: what the service would reach of the
+        feed limit with every core its own and busy is 1 / this, whoever else shared the cores."""
+        return sum(self.cpu_s.values()) / self.images / (self.feed.cpu_ms_per_image / 1000)
+
+    @property
     def ratio(self) -> float:
         """Service images/s over the feed limit: the share of the machine's decoding the service turns into answers."""
         return self.image_rate / self.feed.rate
@@ -130,7 +139,8 @@ class PhotoRun:
         return {
             "name": self.name, "images": self.images, "answers": self.answers, "seconds": self.seconds,
             "images_per_s": self.image_rate, "answers_per_s": self.answer_rate, "feed": self.feed.as_dict(),
-            "service_over_feed": self.ratio, "cpu_s": self.cpu_s, "stage_cpu_s": self.stage_cpu_s,
+            "service_over_feed": self.ratio, "cpu_over_feed": self.cpu_over_feed,
+            "cpu_s": self.cpu_s, "stage_cpu_s": self.stage_cpu_s,
             "failed": self.failed, "load_average": self.load,
         }  # fmt: skip
 
@@ -152,8 +162,11 @@ def print_photo_runs(runs: Sequence[PhotoRun]) -> None:
         )
     names = [name for name in PROCESSES if any(name in run.cpu_s for run in runs)]
     names += sorted({name for run in runs for name in run.cpu_s} - set(names))
-    print(f"  {'CPU ms per image':<40} {' '.join(f'{n:>9}' for n in names)} {'cores':>6} | worker by stage:")
-    print(f"  {'':<40} {' ' * 10 * len(names)}{'busy':>6} | {' '.join(STAGES)}")
+    print(
+        f"  {'CPU ms per image':<40} {' '.join(f'{n:>9}' for n in names)} {'all':>7} {'x feed':>6} {'cores':>6} |"
+        " worker by stage:"
+    )
+    print(f"  {'':<40} {' ' * 10 * len(names)}{'':>7} {'':>6} {'busy':>6} | {' '.join(STAGES)}")
     for run in runs:
         cells = " ".join(f"{1000 * run.cpu_s[n] / run.images:>9.1f}" if n in run.cpu_s else f"{'':>9}" for n in names)
         busy = sum(run.cpu_s.values()) / run.seconds
@@ -161,7 +174,8 @@ def print_photo_runs(runs: Sequence[PhotoRun]) -> None:
             stages = "n/a"
         else:
             stages = " ".join(f"{1000 * run.stage_cpu_s.get(stage, 0.0) / run.images:.1f}" for stage in STAGES)
-        print(f"  {run.name:<40} {cells} {busy:>6.2f} | {stages}")
+        total = 1000 * sum(run.cpu_s.values()) / run.images
+        print(f"  {run.name:<40} {cells} {total:>7.1f} {run.cpu_over_feed:>6.2f} {busy:>6.2f} | {stages}")
 
 
 def request_groups(

@@ -1,6 +1,7 @@
 """Tagging: one 5,000-answer batch (images x questions) through the real service, side by side with its baselines.
 
     python -m benchmarks.tagging [--images 500] [--questions 10] [--via upload|url] [--batch-size 32] [--photos 500]
+        [--out FILE]
 
 In one run on one machine, over the same easy-VQA test images and questions, with the shipped demo model and the
 same number of torch threads everywhere (--torch-threads):
@@ -29,6 +30,7 @@ About 3 minutes on a 2-core machine: 1.5 for the easy-VQA runs (most of it the o
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections import Counter
@@ -127,6 +129,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--torch-threads", type=int, default=1, help="in this process and the worker (default 1)")
     parser.add_argument("--noop-tasks", type=int, default=2000, help="tasks of the no-op Celery baseline")
     add_photo_options(parser, 500, "run 6")
+    parser.add_argument("--out", type=Path, help="write every figure to this JSON file")
     return parser.parse_args()
 
 
@@ -223,6 +226,12 @@ def main() -> int:
         title = MIXES[args.photo_mix].title
         print(f"\n6 photos, {title}, demo model, batch {args.batch_size}, {args.torch_threads} torch thread(s)")
         print_photo_runs(photos)
+    if args.out:
+        rates = {"service": service, "bare_batched": count / bare_s, "core": count / core_s, "seed": count / seed_s,
+                 "noop_celery": noop_rate}  # fmt: skip
+        summary = {"settings": {**vars(args), "out": str(args.out)}, "answers": count, "rates": rates,
+                   "photos": [run.as_dict() for run in photos]}  # fmt: skip
+        args.out.write_text(json.dumps(summary, indent=2) + "\n")
     return 0
 
 
