@@ -20,8 +20,8 @@ decode to the model's input size on one process per core). In order:
    all are in flight at once: Redis `used_memory` per photo held, the append-only file's growth per uploaded GB
    (`aof_current_size`), then the worker let go and its peak resident memory while it works through them;
 5. `blipq up` as a user starts it (Redis with its append-only file, the API, a VQA and a captioning worker on the
-   demo models, every default), and `blipq tag DIR --caption -q Q1 -q Q2` over --up-photos photos: answers/s
-   (captions count), against the feed limit at the demo models' 64 px.
+   demo models, every default; started during run 4, which times nothing), and `blipq tag DIR --caption -q Q1 -q Q2`
+   over --up-photos photos: answers/s (captions count), against the feed limit at the demo models' 64 px.
 
 Each run prints images/s, answers/s, service / feed limit, the CPU per image of each process and, when the worker
 exports it, its CPU per image by stage (`n/a` until then). About 3-4 minutes on a 2-core machine, the first run more
@@ -39,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -161,32 +162,46 @@ def memory_run(fleet: Fleet, photos: list[Path]) -> dict[str, Any]:
     return figures
 
 
-def up_run(work: Path, photos: list[Path]) -> PhotoRun:
-    """Run 5: `blipq up` with its defaults, `blipq tag DIR --caption -q Q1 -q Q2` over the photos."""
+@dataclass
+class Up:
+    """`blipq up` as a user starts it (every default; the workers' /metrics on free ports), in a session of its own."""
+
+    process: subprocess.Popen[bytes]
+    base: str
+    metrics_port: int  # worker i's: metrics_port + i
+
+    @classmethod
+    def start(cls, work: Path) -> Up:
+        port, metrics_port = free_port(), free_port()
+        env = {**os.environ, "BLIPQ_METRICS_PORT": str(metrics_port)}
+        argv = [sys.executable, "-m", "api.cli", "up", "--port", str(port), "--data-dir", str(work / "up")]
+        with (work / "up.log").open("wb") as log:
+            process = subprocess.Popen(
+                argv, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        return cls(process, f"http://127.0.0.1:{port}", metrics_port)
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGINT)  # Ctrl-C: `up` stops its workers, the API, then Redis
+        try:
+            self.process.wait(120)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            stop_process(self.process)
+
+
+def up_run(work: Path, up: Up, photos: list[Path]) -> PhotoRun:
+    """Run 5: once `blipq up` is ready, `blipq tag DIR --caption -q Q1 -q Q2` over the photos."""
     from worker.settings import DEMO_MODEL_DIR
 
-    port, metrics_port = free_port(), free_port()
-    env = {**os.environ, "BLIPQ_METRICS_PORT": str(metrics_port)}  # worker i: metrics_port + i
-    argv = [sys.executable, "-m", "api.cli", "up", "--port", str(port), "--data-dir", str(work / "up")]
-    with (work / "up.log").open("wb") as log:
-        up = subprocess.Popen(argv, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_ready(base, up)
-        pids = up_processes(up.pid)
-        urls = [f"http://127.0.0.1:{metrics_port + i}/metrics" for i in range(2)]
-        limit = feed.measure(photos, feed.processor_size(DEMO_MODEL_DIR))
-        print(limit.describe(), flush=True)
-        directory = linked_dir(work / "up-dir", photos)
-        name = "5 blipq up, tag --caption -q Q1 -q Q2"
-        return tag_run(name, Meter(pids, urls), base, directory, UP_QUESTIONS, work / "up.jsonl", limit, caption=True)
-    finally:
-        up.send_signal(signal.SIGINT)  # Ctrl-C: `up` stops its workers, the API, then Redis
-        try:
-            up.wait(120)
-        except subprocess.TimeoutExpired:
-            os.killpg(up.pid, signal.SIGKILL)
-            stop_process(up)
+    wait_until_ready(up.base, up.process)
+    urls = [f"http://127.0.0.1:{up.metrics_port + i}/metrics" for i in range(2)]
+    limit = feed.measure(photos, feed.processor_size(DEMO_MODEL_DIR))
+    print(limit.describe(), flush=True)
+    directory, out = linked_dir(work / "up-dir", photos), work / "up.jsonl"
+    meter = Meter(up_processes(up.process.pid), urls)
+    name = "5 blipq up, tag --caption -q Q1 -q Q2"
+    return tag_run(name, meter, up.base, directory, UP_QUESTIONS, out, limit, caption=True)
 
 
 def wait_until_ready(base: str, up: subprocess.Popen[bytes]) -> None:
@@ -248,18 +263,23 @@ def main() -> int:
     large = photo_set("camera-12mp", args.memory_photos)
     print(f"{MIXES[args.photo_mix].title}: {describe(photos)}\n12 MP: {describe(large)}", flush=True)
     work = Path(tempfile.mkdtemp(prefix="blipq-photo-intake-"))
+    up: Up | None = None
     try:
         with photo_service(tiny_env(work), photos[0].parent, photos[0]) as service:
             serve_photos(service.fleet.base, service.urls(photos[:16]), [QUESTION])  # connections, imports
             runs, scaling = intake_runs(work, service, photos)
+            up = Up.start(work)  # it loads its models during the memory run, which times nothing
             memory = memory_run(service.fleet, large)
-        up = up_run(work, photos[: args.up_photos])
+        up_figures = up_run(work, up, photos[: args.up_photos])
     finally:
+        if up is not None:
+            up.stop()
         shutil.rmtree(work, ignore_errors=True)
-    report(runs, scaling, memory, up)
+    report(runs, scaling, memory, up_figures)
     if args.out:
-        summary = {"settings": {**vars(args), "out": str(args.out)}, "runs": [run.as_dict() for run in [*runs, up]],
-                   "scaling": scaling, "memory": memory}  # fmt: skip
+        figures = [run.as_dict() for run in [*runs, up_figures]]
+        summary = {"settings": {**vars(args), "out": str(args.out)}, "runs": figures, "scaling": scaling,
+                   "memory": memory}  # fmt: skip
         args.out.write_text(json.dumps(summary, indent=2) + "\n")
     return 0
 
