@@ -184,10 +184,11 @@ def measure(
     for worker in workers:
         worker.start()
     spans = collect(out, workers, count * len(methods()))
-    rates, cpu = {}, {}
+    rates: dict[str, float] = {}
+    cpu: dict[str, float] = {}
     for method in methods():
         starts, ends, cpus_s = zip(*[span[1:] for span in spans if span[0] == method], strict=True)
-        rates[method], cpu[method] = len(paths) / (max(ends) - min(starts)), sum(cpus_s)
+        rates[method], cpu[method] = len(paths) / (max(ends) - min(starts)), float(sum(cpus_s))
     return FeedLimit(len(paths), target, count, rates, pinned, cpu)
 
 

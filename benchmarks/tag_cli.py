@@ -279,7 +279,8 @@ def photo_runs(work: Path, mix: str, count: int) -> list[PhotoRun]:
     photos = photo_set(mix, count)
     print(f"6 photos: {MIXES[mix].title}, {describe(photos)}", flush=True)
     env = {"BLIPQ_ANSWER_CACHE": "off", "BLIPQ_TORCH_THREADS": "1", "BLIPQ_BATCH_MAX_SIZE": str(BATCH_SIZE)}
-    directory, urls, runs = linked_dir(work / "photos", photos), work / "photo-urls.txt", []
+    directory, urls = linked_dir(work / "photos", photos), work / "photo-urls.txt"
+    runs: list[PhotoRun] = []
     with photo_service(env, photos[0].parent, photos[0]) as service:
         urls.write_text("".join(url + "\n" for url in service.urls(photos)))
         limit = feed.measure(photos, feed.processor_size(DEMO_MODEL_DIR))
