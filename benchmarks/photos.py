@@ -1,18 +1,18 @@
 """Camera-sized pictures for the benchmarks: seeded, the same bytes for the same seed, index and library versions.
 
-    python -m benchmarks.photos DIR [--count 100] [--mix camera|mixed] [--seed 0]
+    python -m benchmarks.photos DIR [--count 100] [--mix camera|camera-12mp|mixed] [--seed 0]
 
 People who tag images at volume send photos: 1-12 MP JPEGs from phones and cameras (baseline or progressive, some
 stored sideways with an EXIF orientation of 6 or 8), PNGs with transparency, 16-bit scans, WebP, the odd CMYK JPEG.
 A picture here is a low-frequency random colour field upscaled bicubically, a quarter of a mid-frequency texture and
 Gaussian noise of sigma 6: a JPEG of it at quality 90 takes about 2.1 bits per pixel, as a camera's file does, and
-costs what a camera's file costs to decode. Two mixes, shared by every benchmark (MIXES):
+costs what a camera's file costs to decode. Three mixes, shared by every benchmark (MIXES):
 
 - `camera`: JPEGs of about 1, 2, 5, 8 and 12 MP (5.6 MP on average), 4:3 and 3:2 alike, quality 75-95, a fifth
   progressive (as web exports write them; phones write baseline), a fifth EXIF-rotated (orientation 6 or 8);
 - `camera-12mp`: the same of 12 MP only (4032x3024 and 4272x2848), for what the biggest pictures hold in memory;
 - `mixed`: half of them camera JPEGs, and WebP (up to 5 MP), PNGs with alpha (transparent pixels store black, as
-  most encoders write them), 16-bit PNGs (gray, and RGB, which Pillow does not write: a 30-line writer here) and
+  most encoders write them), 16-bit PNGs (gray, and RGB, which Pillow does not write: a short writer here) and
   CMYK JPEGs. Every file stays under the service's default 10 MiB per image.
 
 `photo_set(mix, count)` writes a set once into ~/.cache/blipq-bench/photos/ (generation costs about 0.1 s of CPU per
