@@ -1,6 +1,6 @@
 """Batching on the real architecture: BLIP-base (random weights) at batch 1, 4 and 16 on the CPU, service vs bare loop.
 
-    python benchmarks/batching.py [--batch-sizes 1,4,16] [--answers 4] [--rounds 3] [--max-new-tokens 5]
+    python -m benchmarks.batching [--batch-sizes 1,4,16] [--answers 4] [--rounds 3] [--max-new-tokens 5]
 
 The model is Salesforce/blip-vqa-base's architecture (`BlipConfig()` defaults, 384 px images, a tokenizer of the real
 vocabulary's size) with random weights, built once by benchmarks/blip_base.py into ~/.cache/blipq-bench: the hub
@@ -31,11 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from benchmarks.blip_base import CACHE_DIR, QUESTIONS, build_blip_base  # noqa: E402
-from benchmarks.fleet import Fleet, easy_vqa_image_paths, run_batch, wait_until_serving  # noqa: E402
+from benchmarks.blip_base import CACHE_DIR, QUESTIONS, build_blip_base
+from benchmarks.fleet import Fleet, easy_vqa_image_paths, run_batch, wait_until_serving
 
 QUESTIONS_PER_IMAGE = 4  # a tagging batch's shape: every question asked of every image
 

@@ -5,7 +5,7 @@ benchmarks build the model and save it as a local checkpoint (model, BlipProcess
 vocabulary's size and special-token ids) that `from_pretrained`, and so the worker's BLIPQ_MODEL, load like the real
 one. Built once per cache directory; a re-run only loads it.
 
-    python benchmarks/blip_base.py [--dir DIR]   # build (or find) the checkpoint and print where it is
+    python -m benchmarks.blip_base [--dir DIR]   # build (or find) the checkpoint and print where it is
 """
 
 from __future__ import annotations
@@ -14,9 +14,6 @@ import argparse
 import os
 import sys
 from pathlib import Path
-
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "blipq-bench" / "blip-vqa-base-random"
 VOCAB_SIZE = 30524  # BlipTextConfig's default: bert-base-uncased's 30522 plus [DEC] and [ENC]

@@ -1,6 +1,6 @@
 """Chaos run: a stream of jobs through the real service while workers are killed and the Redis primary is lost.
 
-    python benchmarks/chaos.py [--jobs 3000] [--rate 60] [--workers 2] [--time-limit 30] [--redis sentinel|single]
+    python -m benchmarks.chaos [--jobs 3000] [--rate 60] [--workers 2] [--time-limit 30] [--redis sentinel|single]
 
 Starts its own Redis (by default a primary, two replicas and three sentinels, which every process goes through; with
 `--redis single`, one server with its append-only file on), the API (gunicorn, real HTTP) and N workers serving the
@@ -34,19 +34,15 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from pathlib import Path
 
 import redis
 import requests
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from benchmarks.fleet import Fleet, Worker, load_items, wait_until_serving  # noqa: E402
-from worker.contract.broker import visibility_timeout_for  # noqa: E402
-from worker.contract.jobs import JobStore, held_key, job_key  # noqa: E402
+from benchmarks.fleet import Fleet, Worker, load_items, wait_until_serving
+from worker.contract.broker import visibility_timeout_for
+from worker.contract.jobs import JobStore, held_key, job_key
 
 FINAL = (b"succeeded", b"failed")
 BLOW_INTERVAL_S = 6.0  # between two blows: long enough for the fleet to be busy again

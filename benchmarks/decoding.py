@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import io
+import statistics
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -25,7 +27,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from benchmarks.photos import CAMERA_SIZES, QUICK_SIZES, encode, medians_ms, photo
+from benchmarks.photos import NAMED_SIZES, QUICK_SIZES, image_bytes, photo
 from tests.fixtures.profiles import swapped_srgb
 from worker.contract.images import decode_for_model
 
@@ -33,6 +35,18 @@ BICUBIC = int(Image.Resampling.BICUBIC)
 MAX_PIXELS = 40_000_000  # the worker's default BLIPQ_MAX_IMAGE_PIXELS
 BENCH_SIZES = ("2MP", "12MP")
 THREADED_IMAGES = 8
+
+
+def medians_ms(calls: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+    """The median wall time of each call, in milliseconds; the calls take turns, so that a machine busy with other
+    work slows them alike."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, call in calls.items():
+            started = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(values) * 1000 for name, values in times.items()}
 
 
 def to_model(data: bytes, side: int, exact: bool = False) -> Callable[[], Any]:
@@ -73,7 +87,7 @@ def print_row(title: str, figures: dict[str, float], ratios: list[tuple[str, str
 
 def jpeg_rows(picture: Image.Image, repeats: int, has_simplejpeg: bool) -> bytes:
     """Decode-only, end-to-end and colour-management figures of the picture as a JPEG quality 90; its bytes."""
-    data = encode(picture, "JPEG", quality=90)
+    data = image_bytes(picture, "JPEG", quality=90)
     calls = {"Pillow full": pillow_decode(data, None), "Pillow draft": pillow_decode(data, (384, 384))}
     ratios = [("Pillow full", "Pillow draft")]
     if has_simplejpeg:
@@ -87,7 +101,7 @@ def jpeg_rows(picture: Image.Image, repeats: int, has_simplejpeg: bool) -> bytes
             calls["simplejpeg+resize"] = simplejpeg_decode(data, side, resize=True)
             ratios.append(("fast", "simplejpeg+resize"))
         print_row(f"JPEG to {side} px", medians_ms(calls, repeats), ratios)
-    profiled = encode(picture, "JPEG", quality=90, icc_profile=swapped_srgb())
+    profiled = image_bytes(picture, "JPEG", quality=90, icc_profile=swapped_srgb())
     for exact in (False, True):
         calls = {"no profile": to_model(data, 384, exact), "ICC profile": to_model(profiled, 384, exact)}
         figures = medians_ms(calls, repeats)
@@ -98,16 +112,16 @@ def jpeg_rows(picture: Image.Image, repeats: int, has_simplejpeg: bool) -> bytes
 def format_rows(picture: Image.Image, repeats: int) -> None:
     """Exact and fast to 384 px of the picture in the other formats."""
     encodings = {
-        "PNG": encode(picture, "PNG"),
-        "WebP q90": encode(picture, "WEBP", quality=90),
-        "HEIC q80": encode(picture, "HEIF", quality=80),
-        "AVIF q80": encode(picture, "AVIF", quality=80),
+        "PNG": image_bytes(picture, "PNG"),
+        "WebP q90": image_bytes(picture, "WEBP", quality=90),
+        "HEIC q80": image_bytes(picture, "HEIF", quality=80),
+        "AVIF q80": image_bytes(picture, "AVIF", quality=80),
     }
     for name, data in encodings.items():
         figures = medians_ms({"exact": to_model(data, 384, exact=True), "fast": to_model(data, 384)}, repeats)
         print_row(f"{name} to 384 px", figures, [("exact", "fast")])
     for name, fmt, options in (("PNG", "PNG", {}), ("HEIC q80", "HEIF", {"quality": 80})):
-        data = encode(picture, fmt, icc_profile=swapped_srgb(), **options)
+        data = image_bytes(picture, fmt, icc_profile=swapped_srgb(), **options)
         figures = medians_ms({"exact": to_model(data, 384, exact=True), "fast": to_model(data, 384)}, repeats)
         print_row(f"{name} + ICC to 384 px", figures, [("exact", "fast")])
 
@@ -133,7 +147,7 @@ def main() -> None:
     parser.add_argument("--size", choices=BENCH_SIZES, action="append", help="only these photo sizes")
     args = parser.parse_args()
     repeats = 2 if args.quick else args.repeats
-    sizes = QUICK_SIZES if args.quick else {name: CAMERA_SIZES[name] for name in args.size or BENCH_SIZES}
+    sizes = QUICK_SIZES if args.quick else {name: NAMED_SIZES[name] for name in args.size or BENCH_SIZES}
     has_simplejpeg = importlib.util.find_spec("simplejpeg") is not None
     print(f"median ms of one image (one thread unless said), {repeats} repeats; simplejpeg installed: {has_simplejpeg}")
     for name, size in sizes.items():

@@ -1,6 +1,6 @@
 """What durable acceptance costs per submission: the same API answering 202 with and without a replica's WAIT.
 
-    python benchmarks/durable_submit.py [--jobs 2000] [--rounds 5]
+    python -m benchmarks.durable_submit [--jobs 2000] [--rounds 5]
 
 Starts a Redis primary and one replica (its own, on free ports) and two instances of the real API app in this
 process, identical but for BLIPQ_MIN_REPLICAS_ACK (0 and 1); submits the same JSON job (an image URL and a question,
@@ -17,13 +17,10 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from api.admission import queue_names  # noqa: E402
-from api.app import create_app  # noqa: E402
-from api.settings import ApiSettings  # noqa: E402
-from api.up import replica_in_sync, start_redis  # noqa: E402
+from api.admission import queue_names
+from api.app import create_app
+from api.settings import ApiSettings
+from api.up import replica_in_sync, start_redis
 
 QUEUE = "durable-bench"
 BODY = {"image_url": "https://example.com/cat.jpg", "question": "what is in the picture?"}

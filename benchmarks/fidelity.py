@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from benchmarks.photos import CAMERA_SIZES, QUICK_SIZES, encode, photo
+from benchmarks.photos import NAMED_SIZES, QUICK_SIZES, image_bytes, photo
 from worker.contract.images import decode_for_model, decode_image
 
 BICUBIC = int(Image.Resampling.BICUBIC)
@@ -75,9 +75,9 @@ def pixels(sizes: dict[str, tuple[int, int]], qualities: tuple[int, ...]) -> Non
     for name, size in sizes.items():
         picture = photo(size)
         for quality in qualities:
-            pixel_row(f"{name} JPEG q{quality}", encode(picture, "JPEG", quality=quality))
+            pixel_row(f"{name} JPEG q{quality}", image_bytes(picture, "JPEG", quality=quality))
     largest = list(sizes)[-1]
-    pixel_row(f"{largest} PNG", encode(photo(sizes[largest]), "PNG", compress_level=1))
+    pixel_row(f"{largest} PNG", image_bytes(photo(sizes[largest]), "PNG", compress_level=1))
 
 
 @dataclass
@@ -139,7 +139,7 @@ def answers(count: int, sizes: dict[str, tuple[int, int]], qualities: tuple[int,
         for size in sizes.values():
             upscaled = small.resize(size, Image.Resampling.BICUBIC)
             for quality in qualities:
-                data = encode(upscaled, "JPEG", quality=quality)
+                data = image_bytes(upscaled, "JPEG", quality=quality)
                 picture = decode_image(data, MAX_PIXELS)
                 for name, loaded in models.items():
                     texts = by_image[image_id] if loaded.task == "vqa" else [""]
@@ -157,7 +157,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="0.3 MP, quality 90, 3 pictures")
     parser.add_argument("--images", type=int, default=100, help="easy-VQA test pictures for (b)")
     args = parser.parse_args()
-    sizes = QUICK_SIZES if args.quick else CAMERA_SIZES
+    sizes = QUICK_SIZES if args.quick else NAMED_SIZES
     qualities = (90,) if args.quick else QUALITIES
     pixels(sizes, qualities)
     answers(3 if args.quick else args.images, sizes, qualities)

@@ -1,14 +1,13 @@
 """The service's processes for the benchmarks: its own Redis, the API under gunicorn, N workers, each restartable.
 
 Also the easy-VQA questions and images the benchmarks send, with what the demo model answers to each in this process;
-a batch sent and read back as fast as the service ends it; a local HTTP server for images sent as URLs; and the
-bare Celery no-op baseline.
+a batch sent and read back as fast as the service ends it; `blipq tag` run as a user runs it; and the bare Celery
+no-op baseline. The image host for images sent as URLs is benchmarks/image_server.py.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import io
 import os
 import subprocess
@@ -18,19 +17,19 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import requests
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from api.up import SentinelGroup, free_port, start_redis, start_sentinel_group, stop_process
+from benchmarks.processes import ChildRun, run_child
+from worker.contract.redis_target import RedisTarget
 
-from api.up import SentinelGroup, free_port, start_redis, start_sentinel_group, stop_process  # noqa: E402
-from worker.contract.redis_target import RedisTarget  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 REDIS_DOWN_S = 2.0  # how long Redis stays away when it restarts
+TAG_TIMEOUT_S = 1800  # one `blipq tag` run, at most
 BATCH_POLL_S = 0.1  # between two reads of a batch's summary: the client's back-off (up to 2 s) would blur a rate
 
 
@@ -241,43 +240,20 @@ def run_batch(
     return time.perf_counter() - started, results
 
 
-class ImageServer:
-    """A local HTTP server for a directory's files, on 127.0.0.1 and a free port, in a thread of this process."""
-
-    def __init__(self, directory: Path) -> None:
-        handler = functools.partial(QuietHandler, directory=str(directory))
-        self.server = BackloggedHTTPServer(("127.0.0.1", 0), handler)
-        self.port = int(self.server.server_address[1])
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def url(self, name: str) -> str:
-        return f"http://127.0.0.1:{self.port}/{name}"
-
-    def fetch_env(self) -> dict[str, str]:
-        """The worker settings that let it fetch from this server (private addresses and odd ports are refused)."""
-        return {"BLIPQ_FETCH_ALLOW_NETWORKS": "127.0.0.1/32", "BLIPQ_FETCH_ALLOW_PORTS": str(self.port)}
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-class BackloggedHTTPServer(ThreadingHTTPServer):
-    """A threading HTTP server with a listen backlog above socketserver's 5: a worker's fetch threads connect at once,
-    and connections the kernel drops wait a second for their retry."""
-
-    request_queue_size = 128
-
-
-class QuietHandler(SimpleHTTPRequestHandler):
-    """Serves files without a log line per request, keeping connections open as image hosts do (HTTP/1.1)."""
-
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True  # a kept-alive answer would otherwise wait on the client's delayed ACK (~40 ms)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
+def run_tag(
+    base: str, sources: Sequence[str], texts: Sequence[str], out: Path, urls: Path | None = None, caption: bool = False
+) -> ChildRun:
+    """Run `blipq tag` as a user would (`-q` for each of `texts`, `--caption` with `caption`), until it exits; its
+    wall seconds and CPU; raises unless it exited 0. Its output (the progress bar) goes to OUT with suffix .log."""
+    argv = [sys.executable, "-m", "api.cli", "tag", *sources]
+    argv += ["--urls", str(urls)] if urls else []
+    argv += ["--caption"] if caption else []
+    argv += [arg for text in texts for arg in ("-q", text)]
+    argv += ["-o", str(out), "--url", base]
+    run = run_child(argv, out.with_suffix(".log"), REPO, TAG_TIMEOUT_S)
+    if run.returncode != 0:
+        raise RuntimeError(f"blipq tag exited {run.returncode}: {out.with_suffix('.log').read_text()[-2000:]}")
+    return run
 
 
 def noop_celery_rate(fleet: Fleet, tasks: int, clients: int) -> float:

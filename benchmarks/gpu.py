@@ -1,8 +1,8 @@
 """GPU: BLIP-base in float16 on CUDA: answers/s and latency by batch size, the fraction of the physical bound it
 reaches, and the service against the bare loop, written as JSON.
 
-    python benchmarks/gpu.py --out gpu.json [--quick] [--peak-tflops 790]
-    python benchmarks/gpu.py --device cpu --out /tmp/gpu.json   # no GPU: the same code paths at tiny sizes
+    python -m benchmarks.gpu --out gpu.json [--quick] [--peak-tflops 790]
+    python -m benchmarks.gpu --device cpu --out /tmp/gpu.json   # no GPU: the same code paths at tiny sizes
 
 The model is Salesforce/blip-vqa-base's architecture with random weights (benchmarks/blip_base.py; the compute does
 not depend on the weights' values), loaded by `worker.inference.load_model` in float16 on the GPU. Random weights
@@ -39,11 +39,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from benchmarks.blip_base import CACHE_DIR, QUESTIONS, build_blip_base  # noqa: E402
-from benchmarks.fleet import percentile  # noqa: E402
+from benchmarks.blip_base import CACHE_DIR, QUESTIONS, build_blip_base
+from benchmarks.fleet import percentile
 
 FLOP_PER_ANSWER = 133e9  # one answer of BLIP-base, its own image encoded (see the module docstring)
 # NVIDIA's H100 SXM and H200 SXM datasheets: 1,979 TFLOP/s FP16 Tensor Core "with sparsity", so 989 dense.

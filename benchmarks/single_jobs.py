@@ -1,6 +1,6 @@
 """Single jobs: 16 clients each doing submit-then-poll against the real service, side by side with its baselines.
 
-    python benchmarks/single_jobs.py [--jobs 600] [--clients 16]
+    python -m benchmarks.single_jobs [--jobs 600] [--clients 16]
 
 In one run on one machine: (1) the service (its own Redis, the API under gunicorn, one worker with the shipped demo
 model) answering easy-VQA questions sent as uploads by `--clients` threads that each submit and poll (the Python
@@ -15,13 +15,9 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from api.client import BlipqClient  # noqa: E402
-from benchmarks.fleet import (  # noqa: E402
+from api.client import BlipqClient
+from benchmarks.fleet import (
     Fleet,
     load_items,
     noop_celery_rate,

@@ -1,6 +1,6 @@
 """Soak run: the whole service under a steady mixed load for a while, its memory and Redis sampled as it goes.
 
-    python benchmarks/soak.py [--minutes 30] [--workers 2] [--rate 5] [--batch-every-s 10] [--kill-every-s 300]
+    python -m benchmarks.soak [--minutes 30] [--workers 2] [--rate 5] [--batch-every-s 10] [--kill-every-s 300]
                               [--sample-every-s 30] [--job-ttl-s 300] [--out soak.json]
 
 Starts its own Redis, the API (gunicorn, real HTTP) and N workers serving the shipped demo model, as the other
@@ -57,14 +57,12 @@ from typing import Any
 import redis
 import requests
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from api.client import FINAL_STATUSES, LONG_POLL_S, BlipqClient, BlipqClientError  # noqa: E402
-from benchmarks.fleet import Fleet, ImageServer, load_items, percentile, wait_until_serving  # noqa: E402
-from worker.contract.broker import visibility_timeout_for  # noqa: E402
-from worker.contract.jobs import JobStore, waiting_answers_key  # noqa: E402
-from worker.contract.transitions import ENDED_KEY_TTL_S  # noqa: E402
+from api.client import FINAL_STATUSES, LONG_POLL_S, BlipqClient, BlipqClientError
+from benchmarks.fleet import Fleet, load_items, percentile, wait_until_serving
+from benchmarks.image_server import ImageServer
+from worker.contract.broker import visibility_timeout_for
+from worker.contract.jobs import JobStore, waiting_answers_key
+from worker.contract.transitions import ENDED_KEY_TTL_S
 
 MIB = 1024 * 1024
 QUICK_RECOVERY = {"BLIPQ_ANNOUNCE_INTERVAL_S": "2", "BLIPQ_REAPER_INTERVAL_S": "2"}  # as chaos.py

@@ -1,7 +1,7 @@
 """`blipq tag` at volume: the command line a user runs to tag many images, side by side with the inference core.
 
-    python benchmarks/tag_cli.py [--images 1000] [--memory-images 10000] [--small-memory-images 1000] [--quick]
-        [--out FILE]
+    python -m benchmarks.tag_cli [--images 1000] [--memory-images 10000] [--small-memory-images 1000] [--photos 100]
+        [--quick] [--out FILE]
 
 In one run on one machine, with the shipped demo model, one worker (BLIPQ_BATCH_MAX_SIZE=32, BLIPQ_TORCH_THREADS=1)
 and one torch thread in this process, over the first --images easy-VQA test images (PNG files in a temporary
@@ -19,10 +19,14 @@ directory) and two easy-VQA questions ("what color is the shape?", "what shape i
     over --memory-images uploaded images (easy-VQA has 1,000 test images: past those, each is re-encoded with one pixel
     changed, so that no two share their bytes), each on a fleet of its own with the cache off; the peak above the idle
     fleet's, peak(large)/peak(small) (goal <= 1.5), what stays after the run (the results, kept for their TTL) and the
-    keys `blipq:batch-upload:*` left when the command exited (goal 0: an upload is freed as its items end).
+    keys `blipq:batch-upload:*` left when the command exited (goal 0: an upload is freed as its items end);
+(6) photos, on a fleet of their own (cache off): `blipq tag DIR` and `blipq tag --urls FILE` over --photos of
+    --photo-mix (benchmarks/photos.py: camera JPEGs unless told) x 1 and x 10 questions, each against the feed limit
+    of the same bytes at the demo model's 64 px (benchmarks/feed.py), with the CPU per image of each process, the
+    client's included, and, where the worker exports it, of each of its stages (benchmarks/photo_runs.py).
 Every run checks the exit status and that OUT has one succeeded line per pair; the service's answers are compared with
-the core's, and the CPU each process spent in runs 1-2 is printed. About 1.5 minutes on a 2-core machine; --quick (200
-images, memory runs of 200 and 2,000), 40 s.
+the core's, and the CPU each process spent in runs 1-2 is printed. About 2 minutes on a 2-core machine; --quick (200
+images, memory runs of 200 and 2,000, 30 photos), 1 minute.
 """
 
 from __future__ import annotations
@@ -31,12 +35,10 @@ import argparse
 import io
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -45,19 +47,29 @@ from typing import Any
 
 import redis
 
+from benchmarks import feed
+from benchmarks.fleet import Fleet, easy_vqa_image_paths, run_tag, wait_until_serving
+from benchmarks.image_server import ImageServer
+from benchmarks.photo_runs import (
+    PHOTO_QUESTIONS,
+    Meter,
+    PhotoRun,
+    add_photo_options,
+    linked_dir,
+    photo_service,
+    print_photo_runs,
+    tag_run,
+)
+from benchmarks.photos import MIXES, describe, photo_set
+from benchmarks.processes import ChildRun, PeakSampler
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from benchmarks.fleet import Fleet, ImageServer, easy_vqa_image_paths, wait_until_serving  # noqa: E402
-from benchmarks.machinery import session_cpu_s  # noqa: E402
-
 QUESTIONS = ["what color is the shape?", "what shape is in the image?"]
 THIRD_QUESTION = "what shape is present?"  # easy-VQA's third most asked, for the cache's re-run with a new question
 EASY_VQA_TEST_IMAGES = 1000
 BATCH_SIZE = 32  # answers per model call, in the worker and in the core
 MAX_PIXELS = 40_000_000  # the worker's default BLIPQ_MAX_IMAGE_PIXELS
 MEMORY_SAMPLE_S = 0.2
-TAG_TIMEOUT_S = 1800
 UPLOAD_PATTERN = "blipq:batch-upload:*"
 
 
@@ -66,11 +78,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--images", type=int, default=1000, help="images of runs 1-4 (default 1000)")
     parser.add_argument("--memory-images", type=int, default=10_000, help="the large memory run's images (10000)")
     parser.add_argument("--small-memory-images", type=int, default=1000, help="the small memory run's images (1000)")
-    parser.add_argument("--quick", action="store_true", help="200 images; memory runs of 200 and 2,000")
+    add_photo_options(parser, 100, "run 6")
+    parser.add_argument("--quick", action="store_true", help="200 images; memory runs of 200 and 2,000; 30 photos")
     parser.add_argument("--out", type=Path, help="write every figure to this JSON file")
     args = parser.parse_args()
     if args.quick:
-        args.images, args.small_memory_images, args.memory_images = 200, 200, 2000
+        args.images, args.small_memory_images, args.memory_images, args.photos = 200, 200, 2000, 30
     return args
 
 
@@ -127,43 +140,15 @@ def serving(env: dict[str, str]) -> Iterator[Fleet]:
         shutil.rmtree(fleet.data_dir, ignore_errors=True)
 
 
-def tag(base: str, sources: Sequence[str], questions: Sequence[str], out: Path, urls: Path | None = None) -> float:
-    """Run `blipq tag` as a user would, until it exits; its wall seconds; raises unless it exited 0."""
-    argv = [sys.executable, "-m", "api.cli", "tag", *sources]
-    argv += ["--urls", str(urls)] if urls else []
-    argv += [arg for question in questions for arg in ("-q", question)]
-    argv += ["-o", str(out), "--url", base]
-    log = out.with_suffix(".log")
-    with log.open("wb") as stream:  # the progress bar goes here, not between the figures
-        started = time.perf_counter()
-        run = subprocess.run(
-            argv, check=False, cwd=REPO, stdout=stream, stderr=subprocess.STDOUT, timeout=TAG_TIMEOUT_S
-        )
-        seconds = time.perf_counter() - started
-    if run.returncode != 0:
-        raise RuntimeError(f"blipq tag exited {run.returncode}: {log.read_text()[-2000:]}")
-    return seconds
-
-
-def cpu_by_process(fleet: Fleet) -> dict[str, float]:
-    """CPU seconds so far of each side of a run: the ended `blipq tag` runs (children waited for), this process (the
-    image server's threads), the API, the worker and Redis (each a session of its own, whose id is its pid)."""
-    children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return {
-        "cli": children.ru_utime + children.ru_stime,
-        "image_server": time.process_time(),
-        "api": session_cpu_s(fleet.api.pid),
-        "worker": session_cpu_s(fleet.workers[0].process.pid),
-        "redis": session_cpu_s(fleet.redis.process.pid),
-    }
-
-
-def with_cpu(fleet: Fleet, run: Callable[[], float]) -> dict[str, Any]:
-    """`run`'s seconds and the CPU seconds each process spent meanwhile: on two cores, who took the model's share."""
-    before = cpu_by_process(fleet)
-    seconds = run()
-    after = cpu_by_process(fleet)
-    return {"seconds": seconds, "cpu_s": {name: after[name] - before[name] for name in before}}
+def with_cpu(fleet: Fleet, server: ImageServer, run: Callable[[], ChildRun]) -> dict[str, Any]:
+    """`run`'s seconds and the CPU seconds each process spent meanwhile: on two cores, who took the model's share.
+    `blipq tag`'s own is its rusage; the image server's, the API's, the worker's and Redis's, their process trees'."""
+    meter = Meter({"image_server": server.pid, "api": fleet.api.pid, "worker": fleet.workers[0].process.pid,
+                   "redis": fleet.redis.process.pid})  # fmt: skip
+    before = meter.read()
+    child = run()
+    spent, _ = Meter.spent(before, meter.read())
+    return {"seconds": child.seconds, "cpu_s": {"cli": child.cpu_s, **spent}}
 
 
 def read_out(out: Path) -> dict[tuple[str, str], str]:
@@ -213,31 +198,6 @@ def cli_start_s() -> float:
     return time.perf_counter() - started
 
 
-class MemorySampler:
-    """Redis's `used_memory`, read every MEMORY_SAMPLE_S in a thread from start to stop: the peak and the last."""
-
-    def __init__(self, client: redis.Redis) -> None:
-        self.client = client
-        self.peak = self.last = self.read()
-        self.samples = 1
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def read(self) -> int:
-        return int(self.client.info("memory")["used_memory"])
-
-    def _run(self) -> None:
-        while not self._stop.wait(MEMORY_SAMPLE_S):
-            self.last = self.read()
-            self.peak = max(self.peak, self.last)
-            self.samples += 1
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 def upload_keys(client: redis.Redis) -> int:
     return sum(1 for _ in client.scan_iter(UPLOAD_PATTERN, count=1000))
 
@@ -250,13 +210,13 @@ def memory_run(work: Path, name: str, count: int) -> dict[str, Any]:
         client = redis.Redis.from_url(fleet.redis.url)
         time.sleep(1.0)  # the warm-up job's writes settle
         idle = int(client.info("memory")["used_memory"])
-        sampler = MemorySampler(client)
+        sampler = PeakSampler(lambda: int(client.info("memory")["used_memory"]), MEMORY_SAMPLE_S)
         try:
-            seconds = tag(fleet.base, [str(directory)], QUESTIONS, work / f"{name}.jsonl")
+            seconds = run_tag(fleet.base, [str(directory)], QUESTIONS, work / f"{name}.jsonl").seconds
         finally:
             sampler.stop()
         left = upload_keys(client)
-        after = sampler.read()
+        after = int(client.info("memory")["used_memory"])
         keys = int(client.dbsize())
     checked(work / f"{name}.jsonl", count, QUESTIONS)
     print(f"memory run of {count} images: {seconds:.2f} s, peak {sampler.peak / 1e6:.2f} MB", flush=True)
@@ -275,13 +235,13 @@ def throughput_runs(work: Path, paths: list[Path], loaded: Any) -> dict[str, Any
     directory, count = paths[0].parent, len(paths)
     core_s, core = core_run(loaded, paths, QUESTIONS)
     server = ImageServer(directory)
-    urls = work / "urls.txt"
+    urls, uploads_out, urls_out = work / "urls.txt", work / "upload.jsonl", work / "url.jsonl"
     urls.write_text("".join(server.url(path.name) + "\n" for path in paths))
     try:
         with serving({"BLIPQ_ANSWER_CACHE": "off", **server.fetch_env()}) as fleet:
-            upload = with_cpu(fleet, lambda: tag(fleet.base, [str(directory)], QUESTIONS, work / "upload.jsonl"))
+            upload = with_cpu(fleet, server, lambda: run_tag(fleet.base, [str(directory)], QUESTIONS, uploads_out))
             upload["upload_keys_left"] = upload_keys(redis.Redis.from_url(fleet.redis.url))
-            url = with_cpu(fleet, lambda: tag(fleet.base, [], QUESTIONS, work / "url.jsonl", urls=urls))
+            url = with_cpu(fleet, server, lambda: run_tag(fleet.base, [], QUESTIONS, urls_out, urls=urls))
     finally:
         server.stop()
     answers = count * len(QUESTIONS)
@@ -299,9 +259,9 @@ def cache_runs(work: Path, paths: list[Path]) -> dict[str, Any]:
     directory, count = str(paths[0].parent), len(paths)
     three = [*QUESTIONS, THIRD_QUESTION]
     with serving({"BLIPQ_ANSWER_CACHE": "on"}) as fleet:
-        first_s = tag(fleet.base, [directory], QUESTIONS, work / "cache-first.jsonl")
-        again_s = tag(fleet.base, [directory], QUESTIONS, work / "cache-again.jsonl")
-        third_s = tag(fleet.base, [directory], three, work / "cache-third.jsonl")
+        first_s = run_tag(fleet.base, [directory], QUESTIONS, work / "cache-first.jsonl").seconds
+        again_s = run_tag(fleet.base, [directory], QUESTIONS, work / "cache-again.jsonl").seconds
+        third_s = run_tag(fleet.base, [directory], three, work / "cache-third.jsonl").seconds
         entries = sum(1 for _ in redis.Redis.from_url(fleet.redis.url).scan_iter("blipq:answer:*", count=1000))
     first = checked(work / "cache-first.jsonl", count, QUESTIONS)
     return {
@@ -310,6 +270,27 @@ def cache_runs(work: Path, paths: list[Path]) -> dict[str, Any]:
         "differing_again_first": differing(checked(work / "cache-again.jsonl", count, QUESTIONS), first),
         "differing_third_first": differing(checked(work / "cache-third.jsonl", count, three), first),
     }  # fmt: skip
+
+
+def photo_runs(work: Path, mix: str, count: int) -> list[PhotoRun]:
+    """Run 6: `blipq tag` over photos, uploaded (DIR) and by URL (--urls FILE), x 1 and x 10 questions."""
+    from worker.settings import DEMO_MODEL_DIR
+
+    photos = photo_set(mix, count)
+    print(f"6 photos: {MIXES[mix].title}, {describe(photos)}", flush=True)
+    env = {"BLIPQ_ANSWER_CACHE": "off", "BLIPQ_TORCH_THREADS": "1", "BLIPQ_BATCH_MAX_SIZE": str(BATCH_SIZE)}
+    directory, urls = linked_dir(work / "photos", photos), work / "photo-urls.txt"
+    runs: list[PhotoRun] = []
+    with photo_service(env, photos[0].parent, photos[0]) as service:
+        urls.write_text("".join(url + "\n" for url in service.urls(photos)))
+        limit = feed.measure(photos, feed.processor_size(DEMO_MODEL_DIR))
+        print(limit.describe(), flush=True)
+        for asked in (PHOTO_QUESTIONS[:1], PHOTO_QUESTIONS):
+            for via, listed in (("DIR", None), ("--urls FILE", urls)):
+                name, out = f"6 blipq tag {via}, {len(photos)}x{len(asked)}", work / f"photos-{len(runs)}.jsonl"
+                base = service.fleet.base
+                runs.append(tag_run(name, service.meter, base, directory, asked, out, limit, urls=listed))
+    return runs
 
 
 def report(args: argparse.Namespace, start_s: float, runs: dict[str, Any], cache: dict[str, Any], memory: Any) -> None:
@@ -353,17 +334,8 @@ def report(args: argparse.Namespace, start_s: float, runs: dict[str, Any], cache
     )
     small, large = memory["small"], memory["large"]
     print("\n5 Redis used_memory during blipq tag DIR (uploads, cache off, a fresh fleet each)")
-    header = (
-        "images",
-        "seconds",
-        "answers/s",
-        "idle MB",
-        "peak MB",
-        "peak-idle",
-        "kept-idle",
-        "peak-kept",
-        "uploads left",
-    )
+    header = ("images", "seconds", "answers/s", "idle MB", "peak MB", "peak-idle", "kept-idle", "peak-kept",
+              "uploads left")  # fmt: skip
     widths = (7, 8, 10, 8, 8, 10, 10, 10, 12)
     print(" ".join(f"{name:>{width}}" for name, width in zip(header, widths, strict=True)))
     for run in (small, large):
@@ -403,15 +375,20 @@ def main() -> int:
             "small": memory_run(work, "memory-small", args.small_memory_images),
             "large": memory_run(work, "memory-large", args.memory_images),
         }
+        photos = photo_runs(work, args.photo_mix, args.photos) if args.photos else []
     finally:
         shutil.rmtree(work, ignore_errors=True)
     memory["peak_ratio"] = memory["large"]["peak_bytes"] / memory["small"]["peak_bytes"]
     memory["peak_above_idle_ratio"] = memory["large"]["peak_above_idle"] / max(1, memory["small"]["peak_above_idle"])
     report(args, start_s, runs, cache, memory)
+    if photos:
+        print(f"\n6 blipq tag over {MIXES[args.photo_mix].title}, demo model, cache off, one worker, batch 32")
+        print_photo_runs(photos)
     if args.out:
         summary = {
             "settings": {**vars(args), "out": str(args.out), "questions": QUESTIONS, "batch_size": BATCH_SIZE},
             "cli_start_s": start_s, "throughput": runs, "cache": cache, "memory": memory,
+            "photos": [run.as_dict() for run in photos],
         }  # fmt: skip
         args.out.write_text(json.dumps(summary, indent=2) + "\n")
     return 0

@@ -1,6 +1,7 @@
 """Tagging: one 5,000-answer batch (images x questions) through the real service, side by side with its baselines.
 
-    python benchmarks/tagging.py [--images 500] [--questions 10] [--via upload|url] [--batch-size 32]
+    python -m benchmarks.tagging [--images 500] [--questions 10] [--via upload|url] [--batch-size 32] [--photos 500]
+        [--out FILE]
 
 In one run on one machine, over the same easy-VQA test images and questions, with the shipped demo model and the
 same number of torch threads everywhere (--torch-threads):
@@ -17,13 +18,19 @@ same number of torch threads everywhere (--torch-threads):
 (5) a bare Celery no-op round trip, one task per item (`delay` + `get` from 16 threads, blipq's Celery configuration,
     the same Redis, --noop-tasks of them), as benchmarks/single_jobs.py runs it.
 Prints answers/s, the ratios of the service to each, and how many of the service's answers differ from the one-at-a-time
-loop's (the reference: no padding) and from the bare batched loop's; the service must change none. About 1.5 minutes
-on a 2-core machine, most of it the one-at-a-time loop.
+loop's (the reference: no padding) and from the bare batched loop's; the service must change none.
+(6) photos, on a service of their own (the same settings): --photos of --photo-mix (benchmarks/photos.py: camera
+    JPEGs unless told) x 10
+    questions (the same 5,000 answers with the default 500) and x 1, uploaded and by URL, each against the feed limit
+    of the same bytes at the demo model's 64 px (benchmarks/feed.py), with the CPU per image of each process and, where
+    the worker exports it, of each of its stages (benchmarks/photo_runs.py); --photos 0 leaves them out.
+About 3 minutes on a 2-core machine: 1.5 for the easy-VQA runs (most of it the one-at-a-time loop), 1.5 for photos.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections import Counter
@@ -31,17 +38,24 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from benchmarks.fleet import (  # noqa: E402
+from benchmarks import feed
+from benchmarks.fleet import (
     Fleet,
-    ImageServer,
     easy_vqa_image_paths,
     noop_celery_rate,
     run_batch,
     wait_until_serving,
 )
+from benchmarks.image_server import ImageServer
+from benchmarks.photo_runs import (
+    PHOTO_QUESTIONS,
+    PhotoRun,
+    add_photo_options,
+    photo_run,
+    photo_service,
+    print_photo_runs,
+)
+from benchmarks.photos import MIXES, describe, photo_set
 
 MAX_NEW_TOKENS = 20  # the worker's default BLIPQ_MAX_NEW_TOKENS, given to every loop here
 NOOP_CLIENTS = 16  # threads of the no-op Celery baseline, as in single_jobs.py
@@ -114,6 +128,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32, help="answers per generate, everywhere (default 32)")
     parser.add_argument("--torch-threads", type=int, default=1, help="in this process and the worker (default 1)")
     parser.add_argument("--noop-tasks", type=int, default=2000, help="tasks of the no-op Celery baseline")
+    add_photo_options(parser, 500, "run 6")
+    parser.add_argument("--out", type=Path, help="write every figure to this JSON file")
     return parser.parse_args()
 
 
@@ -140,6 +156,25 @@ def serve_batch(args: argparse.Namespace, paths: list[Path], questions: list[str
     return service_s, results, noop_rate
 
 
+def photo_mixes(args: argparse.Namespace) -> list[PhotoRun]:
+    """Run 6: camera photos x 10 and x 1 questions, uploaded and by URL, against the feed limit of their bytes."""
+    from worker.settings import DEMO_MODEL_DIR
+
+    photos = photo_set(args.photo_mix, args.photos)
+    print(f"6 photos: {MIXES[args.photo_mix].title}, {describe(photos)}", flush=True)
+    env = {"BLIPQ_TORCH_THREADS": str(args.torch_threads), "BLIPQ_BATCH_MAX_SIZE": str(args.batch_size),
+           "BLIPQ_MAX_NEW_TOKENS": str(MAX_NEW_TOKENS)}  # fmt: skip
+    runs = []
+    with photo_service(env, photos[0].parent, photos[0]) as service:
+        limit = feed.measure(photos, feed.processor_size(DEMO_MODEL_DIR))
+        print(limit.describe(), flush=True)
+        for count in (len(PHOTO_QUESTIONS), 1):
+            for via, sources in (("upload", photos), ("url", service.urls(photos))):
+                name = f"6 photos {len(photos)}x{count} {via}"
+                runs.append(photo_run(name, service.meter, service.fleet.base, sources, PHOTO_QUESTIONS[:count], limit))
+    return runs
+
+
 def main() -> int:
     args = parse_args()
     import torch
@@ -163,6 +198,7 @@ def main() -> int:
     core_s, core = timed(lambda: inference_core_batched(loaded, items, args.batch_size))
     seed_s, seed = timed(lambda: model_card_one_by_one(processor, model, items))
     service_s, results, noop_rate = serve_batch(args, paths, questions)
+    photos = photo_mixes(args) if args.photos else []
 
     service_answers = [result.get("answer") or "" for result in results]
     failed = Counter(result["status"] for result in results if result["status"] != "succeeded")
@@ -186,6 +222,16 @@ def main() -> int:
         f"  service vs bare batched {mismatches(service_answers, bare)}, bare batched vs seed {mismatches(bare, seed)},"
     )
     print(f"  inference core vs seed {mismatches(core, seed)}")
+    if photos:
+        title = MIXES[args.photo_mix].title
+        print(f"\n6 photos, {title}, demo model, batch {args.batch_size}, {args.torch_threads} torch thread(s)")
+        print_photo_runs(photos)
+    if args.out:
+        rates = {"service": service, "bare_batched": count / bare_s, "core": count / core_s, "seed": count / seed_s,
+                 "noop_celery": noop_rate}  # fmt: skip
+        summary = {"settings": {**vars(args), "out": str(args.out)}, "answers": count, "rates": rates,
+                   "photos": [run.as_dict() for run in photos]}  # fmt: skip
+        args.out.write_text(json.dumps(summary, indent=2) + "\n")
     return 0
 
 
