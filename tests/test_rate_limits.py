@@ -10,7 +10,7 @@ import redis
 from flask.testing import FlaskClient
 from werkzeug.test import TestResponse
 
-from api.admission import QUEUE_FULL_RETRY_AFTER_S, queue_depth, queue_names
+from api.admission import QUEUE_FULL_RETRY_AFTER_S, queue_depth, queue_names, waiting_answers
 from api.auth import ApiKey, hash_api_key, new_api_key
 from api.settings import DEFAULT_MAX_QUEUE_DEPTH, ApiSettings
 from api.up import RedisProcess, start_redis
@@ -138,11 +138,23 @@ def test_the_queue_bound_counts_the_answers_waiting_at_every_priority(
     assert api.post("/v1/jobs", json={**JOB, "priority": "high"}).status_code == 503
 
 
-def test_an_unbounded_queue_takes_every_job(redis_server: RedisProcess, redis_client: redis.Redis, queue: str) -> None:
-    redis_client.rpush(queue, *[b"waiting"] * 50)
-    api = api_client(redis_server.url, queue, max_queue_depth=0)
+def test_the_answers_waiting_fill_the_bound_and_an_unbounded_queue_takes_every_job(
+    redis_server: RedisProcess, redis_client: redis.Redis, queue: str
+) -> None:
+    # Given: a queue holding 50 waiting answers, as the bound counts them (a batch's, stored by the API)
+    waiting = {"images": [f"https://images.example.com/{n}.png" for n in range(25)], "questions": ["a?", "b?"]}
+    assert api_client(redis_server.url, queue, max_queue_depth=0).post("/v1/batches", json=waiting).status_code == 202
+    assert waiting_answers(redis_client, queue) == 50
 
-    assert api.post("/v1/jobs", json=JOB).status_code == 202
+    # When: one more job comes to an API bounded at 50 answers, and to one without a bound
+    bounded = api_client(redis_server.url, queue, max_queue_depth=50).post("/v1/jobs", json=JOB)
+    unbounded = api_client(redis_server.url, queue, max_queue_depth=0).post("/v1/jobs", json=JOB)
+
+    # Then: the bound refuses it for those 50 answers, and without a bound it is taken
+    assert_retry_later(bounded, 503, "queue_full", longest_s=QUEUE_FULL_RETRY_AFTER_S)
+    assert "holds 50 answers" in bounded.get_json()["error"]["message"]
+    assert unbounded.status_code == 202, unbounded.get_json()
+    assert waiting_answers(redis_client, queue) == 51
 
 
 def test_with_redis_away_the_limiter_lets_the_job_store_answer_503() -> None:
