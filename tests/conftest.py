@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 import redis
@@ -28,6 +28,18 @@ from worker.contract.fleet import fleet_client, live_workers
 ROOT = Path(__file__).resolve().parent.parent
 JOB_TIMEOUT_S = 120.0  # generous: the first job of a worker waits for its model to load on a busy CI machine
 FINAL_STATES = ("succeeded", "failed", "canceled", "expired")
+
+
+def in_ci() -> bool:
+    """Whether the suite runs in CI (CI=true), which installs every tool a test needs."""
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def missing_tool(reason: str, install: str) -> NoReturn:
+    """A tool a test needs is not here: skip on a developer's machine, saying how to `install` it; fail in CI."""
+    if in_ci():
+        pytest.fail(f"{reason} (CI installs it: see .ci/run and the dev extras of pyproject.toml)")
+    pytest.skip(f"{reason}: {install}")
 
 
 @pytest.fixture(scope="session")
