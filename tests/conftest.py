@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -78,10 +79,12 @@ def tiny_caption_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @dataclass
 class ImageServer:
-    """A real HTTP server on localhost; `routes` maps a path to (status, content type, body)."""
+    """A real HTTP server on localhost; `routes` maps a path to (status, content type, body); `requests` counts the
+    requests for each path."""
 
     port: int
     routes: dict[str, tuple[int, str, bytes]] = field(default_factory=dict)
+    requests: Counter[str] = field(default_factory=Counter)
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
@@ -126,13 +129,15 @@ def serve_app(settings: ApiSettings) -> Iterator[str]:
 def image_server() -> Iterator[ImageServer]:
     """Serve test images (and broken ones) over HTTP on a free port."""
     routes: dict[str, tuple[int, str, bytes]] = {}
+    requests: Counter[str] = Counter()
 
     class Handler(QuietHandler):
         def do_GET(self) -> None:
+            requests[self.path] += 1
             self.answer(*routes.get(self.path, (404, "text/plain", b"not found")))
 
     with http_server(Handler) as port:
-        yield ImageServer(port, routes)
+        yield ImageServer(port, routes, requests)
 
 
 @dataclass

@@ -10,7 +10,6 @@ import json
 import logging
 import secrets
 import time
-from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,10 +23,9 @@ from api.settings import ApiSettings
 from api.up import RedisProcess, stop_process
 from tests.conftest import (
     JOB_TIMEOUT_S,
-    QuietHandler,
+    ImageServer,
     WorkerProcess,
     api_client,
-    http_server,
     start_worker,
     wait_for_batch,
     wait_for_worker_record,
@@ -38,32 +36,6 @@ from worker.contract.broker import create_celery
 from worker.contract.jobs import unstarted_key
 
 UNREACHABLE_BROKER = "redis://127.0.0.1:1/0"  # nothing listens on port 1: every publish fails at once
-
-
-class CountedImages:
-    """A real HTTP server of a red shape at any path, counting the requests for each path."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.requests: Counter[str] = Counter()
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}/{path}"
-
-
-@pytest.fixture
-def images() -> Iterator[CountedImages]:
-    counted = CountedImages(0)
-    body = shape_png("red")
-
-    class Handler(QuietHandler):
-        def do_GET(self) -> None:
-            counted.requests[self.path] += 1
-            self.answer(200, "image/png", body)
-
-    with http_server(Handler) as port:
-        counted.port = port
-        yield counted
 
 
 def uploads(count: int) -> dict[str, object]:
@@ -109,14 +81,15 @@ def test_a_batch_too_few_replicas_hold_is_withdrawn_and_its_message_runs_nothing
     redis_client: redis.Redis,
     tiny_model_dir: Path,
     tmp_path: Path,
-    images: CountedImages,
+    image_server: ImageServer,
 ) -> None:
     # Given: an API that needs one replica to hold each submission, and a Redis with none
     queue = f"withdrawn-{secrets.token_hex(4)}"
+    image_server.routes["/withdrawn.png"] = (200, "image/png", shape_png("red"))
     client = api_client(redis_server.url, queue, min_replicas_ack=1, replica_ack_timeout_ms=50)
 
     # When: a batch is submitted (no worker reads its queue yet, so that none can start it meanwhile)
-    response = client.post("/v1/batches", json={"images": [images.url("withdrawn.png")], "questions": ["what?"]})
+    response = client.post("/v1/batches", json={"images": [image_server.url("/withdrawn.png")], "questions": ["what?"]})
 
     # Then: it is refused 503 for want of replicas, and withdrawn: no record, nothing waiting...
     assert response.status_code == 503, response.get_json()
@@ -133,7 +106,7 @@ def test_a_batch_too_few_replicas_hold_is_withdrawn_and_its_message_runs_nothing
             time.sleep(0.05)
     finally:
         stop_process(worker.process)
-    assert images.requests["/withdrawn.png"] == 0, "the withdrawn batch's image was fetched"
+    assert image_server.requests["/withdrawn.png"] == 0, "the withdrawn batch's image was fetched"
     assert queue_depth(redis_client, queue) == 0
 
 
@@ -175,14 +148,16 @@ def test_a_batch_a_worker_started_before_too_few_replicas_held_it_is_accepted_an
     redis_server: RedisProcess,
     redis_client: redis.Redis,
     holding_worker: WorkerProcess,
-    images: CountedImages,
+    image_server: ImageServer,
     caplog: pytest.LogCaptureFixture,
     chunk_ended: bool,
 ) -> None:
     # Given: an API that waits (for ever, in effect) for a replica that a Redis with none never gives
     queue = holding_worker.queue
     client = api_client(redis_server.url, queue, min_replicas_ack=1, replica_ack_timeout_ms=int(JOB_TIMEOUT_S * 1000))
-    body = {"images": [images.url("started.png")], "questions": [HOLDING_QUESTION]}
+    path = f"/started-{secrets.token_hex(4)}.png"
+    image_server.routes[path] = (200, "image/png", shape_png("red"))
+    body = {"images": [image_server.url(path)], "questions": [HOLDING_QUESTION]}
     caplog.set_level(logging.WARNING, logger="blipq.api")
     with ThreadPoolExecutor(1) as pool:
         # When: the batch is published and accepted, and a worker starts its chunk (held in the model call) while
@@ -210,7 +185,7 @@ def test_a_batch_a_worker_started_before_too_few_replicas_held_it_is_accepted_an
     assert "was started by a worker before it could be withdrawn: it runs" in caplog.text
     redis_client.lpush(RELEASE_KEY, "go")
     batch = wait_for_batch(client, response.get_json()["id"], holding_worker)
-    assert (batch["counts"]["succeeded"], images.requests["/started.png"]) == (1, 1), batch
+    assert (batch["counts"]["succeeded"], image_server.requests[path]) == (1, 1), batch
     assert waiting_answers(redis_client, queue) == 0, "the answers waiting counted it once, and not now"
     chunks_waiting = [m for m in redis_client.zrange(unstarted_key(queue), 0, -1) if m.startswith(b"chunk:")]
     assert not chunks_waiting, "the chunk left the never-started set when it started, and is not back"
