@@ -154,9 +154,11 @@ def test_sentinels_are_read_for_both_processes_and_reach_each_library() -> None:
     assert target.broker_url == "sentinel://:s%3Acret@sentinel-1:26379/2;sentinel://:s%3Acret@10.0.0.7:26380/2"
     assert target.broker_options["master_name"] == "jobs"
     assert target.broker_options["sentinel_kwargs"]["password"] == "s:cret"
-    assert target.limits_uri == "redis+sentinel://:s%3Acret@sentinel-1:26379,10.0.0.7:26380/jobs"
+    assert target.limits_uri == "redis+sentinel://sentinel-1:26379,10.0.0.7:26380/jobs"
+    assert target.limits_options == {"db": 2, "password": "s:cret"}
     plain = ApiSettings.from_env({"BLIPQ_REDIS_URL": "redis://cache:6379/0"}).redis
     assert (plain.broker_url, plain.limits_uri, plain.broker_options) == ("redis://cache:6379/0",) * 2 + ({},)
+    assert plain.limits_options == {}
 
 
 @pytest.mark.parametrize("value", ["sentinel-1", "sentinel-1:port", ":26379", "sentinel-1:70000"])
