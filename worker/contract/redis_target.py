@@ -63,7 +63,7 @@ class RedisTarget:
         if not self.sentinels:
             return self.url
         db = urlsplit(self.url).path or "/0"
-        return ";".join(f"sentinel://{self._auth()}{host}:{port}{db}" for host, port in self.sentinels)
+        return ";".join(f"sentinel://{self._auth()}{url_address(host, port)}{db}" for host, port in self.sentinels)
 
     @property
     def broker_options(self) -> dict[str, Any]:
@@ -77,7 +77,7 @@ class RedisTarget:
         """The storage URI for the `limits` library (the API's rate limits); with Sentinel, `limits_options` too."""
         if not self.sentinels:
             return self.url
-        addresses = ",".join(f"{host}:{port}" for host, port in self.sentinels)
+        addresses = ",".join(url_address(host, port) for host, port in self.sentinels)
         return f"redis+sentinel://{addresses}/{self.master}"
 
     @property
@@ -110,6 +110,11 @@ class RedisTarget:
         if parts.scheme == "rediss":
             options["ssl"] = True
         return options
+
+
+def url_address(host: str, port: int) -> str:
+    """`host:port` as a URL writes it: an IPv6 address in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def as_target(where: RedisTarget | str) -> RedisTarget:
