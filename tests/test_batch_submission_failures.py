@@ -38,9 +38,9 @@ from worker.contract.jobs import unstarted_key
 UNREACHABLE_BROKER = "redis://127.0.0.1:1/0"  # nothing listens on port 1: every publish fails at once
 
 
-def uploads(count: int) -> dict[str, object]:
-    """A multipart batch body: `count` uploaded images, each asked two questions."""
-    files = [(io.BytesIO(shape_png(color)), f"{color}.png", "image/png") for color in ("red", "blue", "green")[:count]]
+def uploads() -> dict[str, object]:
+    """A multipart batch body: three uploaded images, each asked two questions (chunks of 2: three messages)."""
+    files = [(io.BytesIO(shape_png(color)), f"{color}.png", "image/png") for color in ("red", "blue", "green")]
     return {"images": files, "questions": json.dumps(["what color is the shape?", "is there a circle?"])}
 
 
@@ -58,7 +58,7 @@ def test_a_batch_whose_chunks_cannot_be_published_is_withdrawn_with_its_uploads_
     key = {"Idempotency-Key": "batch-unpublished"}
 
     # When: a batch of uploaded images is submitted with an Idempotency-Key
-    response = app.test_client().post("/v1/batches", data=uploads(3), headers=key)
+    response = app.test_client().post("/v1/batches", data=uploads(), headers=key)
 
     # Then: it is refused 503, and nothing of it is left (records, uploads, the key's claim, the waiting count)
     assert response.status_code == 503, response.get_json()
@@ -69,7 +69,7 @@ def test_a_batch_whose_chunks_cannot_be_published_is_withdrawn_with_its_uploads_
 
     # ...and its retry with the same key, once the broker is back, is made anew and runs
     working = create_app(settings).test_client()
-    retry = working.post("/v1/batches", data=uploads(3), headers=key)
+    retry = working.post("/v1/batches", data=uploads(), headers=key)
     assert retry.status_code == 202, retry.get_json()
     assert "Idempotent-Replayed" not in retry.headers
     batch = wait_for_batch(working, retry.get_json()["id"], tiny_worker)
