@@ -3,7 +3,9 @@
 Rate limits count per API key name when keys are on, else per client address, in a moving window (a client may never
 exceed the limit over any span of that length, unlike fixed windows that allow twice the limit across a boundary).
 Job submissions (POST) and reads of jobs (GET) have separate budgets, so polling never eats into submitting.
-Counters live in Redis under `blipq:ratelimit:`, shared by every API process.
+Counters live in Redis under `blipq:ratelimit:`, shared by every API process. A limit that cannot be counted (its
+storage fails) refuses the request 503 rather than letting it through: a limiter that let requests through on
+errors would turn limits off, unseen, whenever its storage is misconfigured while the job store works.
 """
 
 from __future__ import annotations
@@ -16,10 +18,19 @@ import redis
 from flask import Blueprint, Flask, Response, request
 from flask_limiter import Limiter, RequestLimit
 from kombu.transport.redis import PRIORITY_STEPS, Channel
+from limits.errors import StorageError
 
 from api.auth import api_key_name, is_public_request
-from api.errors import QueueFullError, RateLimitedError, ServiceUnavailableError, ValidationError, error_response
+from api.errors import (
+    STORE_RETRY_AFTER_S,
+    QueueFullError,
+    RateLimitedError,
+    ServiceUnavailableError,
+    ValidationError,
+    error_response,
+)
 from api.settings import ApiSettings
+from worker.contract.errors import http_status
 from worker.contract.fleet import has_live_worker
 from worker.contract.jobs import unstarted_key, waiting_answers_key
 from worker.contract.states import JobPriority, JobTask
@@ -27,7 +38,7 @@ from worker.contract.states import JobPriority, JobTask
 log = logging.getLogger("blipq.api")
 
 RATE_LIMIT_KEY_PREFIX = "blipq:ratelimit"  # beside the job records, so one `blipq:*` namespace holds all our keys
-REDIS_TIMEOUT_S = 5  # a rate limit check on a dead Redis fails this fast (and lets the request through)
+REDIS_TIMEOUT_S = 5  # a rate limit check on a dead Redis fails this fast (and refuses the request 503)
 QUEUE_FULL_RETRY_AFTER_S = 10  # what a refused client is told to wait: long enough for the workers to drain some
 
 
@@ -44,16 +55,20 @@ def install_rate_limits(app: Flask, settings: ApiSettings, *blueprints: Blueprin
         app=app,
         storage_uri=settings.redis.limits_uri,
         storage_options={
+            **settings.redis.limits_options,
             "key_prefix": RATE_LIMIT_KEY_PREFIX,
             "socket_connect_timeout": REDIS_TIMEOUT_S,
             "socket_timeout": REDIS_TIMEOUT_S,
+            "wrap_exceptions": True,  # its errors as StorageError: told apart from the job store's below
         },
         strategy="moving-window",
-        # Redis away: let the request through rather than fail it; a submission then gets 503 broker_unavailable
-        # from the job store anyway, and a read answers from whatever Redis still serves.
-        swallow_errors=True,
+        # A limit that cannot be counted refuses the request (StorageError, answered 503 below), never lets it
+        # through: with Redis away the job store would answer 503 anyway, so letting requests through only ever
+        # mattered when the limiter alone fails, a misconfiguration that would then turn every limit off unseen.
+        swallow_errors=False,
         on_breach=_rate_limited_response,
     )
+    app.register_error_handler(StorageError, _limits_unavailable_response)
     for limit, method in ((settings.rate_limit, "POST"), (settings.poll_rate_limit, "GET")):
         if limit:
             for bp in blueprints:
@@ -133,6 +148,14 @@ def check_workers(client: redis.Redis, queue: str, task: JobTask, wait_for_worke
 def _client_identity() -> str:
     name = api_key_name()
     return f"key:{name}" if name else f"address:{request.remote_addr or 'unknown'}"
+
+
+def _limits_unavailable_response(exc: StorageError) -> Response:
+    """The 503 of a request whose rate limit could not be counted: the limiter's Redis failed it."""
+    log.error("rate limits cannot be counted, the request is refused: %r", exc.storage_error)
+    message = "the rate limits cannot be checked (their Redis storage fails); retry later"
+    status = http_status("store_unavailable")
+    return error_response(status, "store_unavailable", message, {"Retry-After": str(STORE_RETRY_AFTER_S)})
 
 
 def _rate_limited_response(limit: RequestLimit) -> Response:

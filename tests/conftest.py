@@ -7,12 +7,13 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 import redis
@@ -28,6 +29,18 @@ from worker.contract.fleet import fleet_client, live_workers
 ROOT = Path(__file__).resolve().parent.parent
 JOB_TIMEOUT_S = 120.0  # generous: the first job of a worker waits for its model to load on a busy CI machine
 FINAL_STATES = ("succeeded", "failed", "canceled", "expired")
+
+
+def in_ci() -> bool:
+    """Whether the suite runs in CI (CI=true), which installs every tool a test needs."""
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def missing_tool(reason: str, install: str) -> NoReturn:
+    """A tool a test needs is not here: skip on a developer's machine, saying how to `install` it; fail in CI."""
+    if in_ci():
+        pytest.fail(f"{reason} (CI installs it: see .ci/run and the dev extras of pyproject.toml)")
+    pytest.skip(f"{reason}: {install}")
 
 
 @pytest.fixture(scope="session")
@@ -66,10 +79,12 @@ def tiny_caption_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @dataclass
 class ImageServer:
-    """A real HTTP server on localhost; `routes` maps a path to (status, content type, body)."""
+    """A real HTTP server on localhost; `routes` maps a path to (status, content type, body); `requests` counts the
+    requests for each path."""
 
     port: int
     routes: dict[str, tuple[int, str, bytes]] = field(default_factory=dict)
+    requests: Counter[str] = field(default_factory=Counter)
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
@@ -114,13 +129,15 @@ def serve_app(settings: ApiSettings) -> Iterator[str]:
 def image_server() -> Iterator[ImageServer]:
     """Serve test images (and broken ones) over HTTP on a free port."""
     routes: dict[str, tuple[int, str, bytes]] = {}
+    requests: Counter[str] = Counter()
 
     class Handler(QuietHandler):
         def do_GET(self) -> None:
+            requests[self.path] += 1
             self.answer(*routes.get(self.path, (404, "text/plain", b"not found")))
 
     with http_server(Handler) as port:
-        yield ImageServer(port, routes)
+        yield ImageServer(port, routes, requests)
 
 
 @dataclass

@@ -59,6 +59,13 @@ def entries(client: redis.Redis) -> list[bytes]:
     return sorted(client.scan_iter(f"{ENTRY_PREFIX}*"))
 
 
+def worker_keys(client: redis.Redis, model: Path) -> dict[str, list[str]]:
+    """The cache entries (per question) of each colour's image, as a worker of `model` with the default settings names
+    them: the same model on the same CPU, the same generation settings."""
+    cache = answer_cache_for(client, load_model(str(model), device="cpu"), WorkerSettings(model=str(model)))
+    return {color: cache.keys(shape_png(color), QUESTIONS) for color in COLORS}
+
+
 def plant(client: redis.Redis) -> list[bytes]:
     """Overwrite every cached answer with PLANTED; the keys."""
     keys = entries(client)
@@ -98,35 +105,73 @@ def test_the_same_bytes_at_another_url_and_a_single_job_hit_the_cache(
     assert wait_for_job(client, job_id, worker)["answer"] == PLANTED
 
 
-def test_the_cache_holds_at_most_its_bound_the_newest_entries(
+def test_past_its_bound_the_cache_drops_its_oldest_entries_and_answers_from_the_rest(
     redis_server: RedisProcess, redis_client: redis.Redis, tiny_model_dir: Path, urls: list[str], tmp_path: Path
 ) -> None:
+    # Given: a worker whose cache holds 4 entries, asked both questions about each of 3 images, one image after another
     bounded = start_worker(
         redis_server.url, tiny_model_dir, "cache-bounded", tmp_path / "w.log", BLIPQ_ANSWER_CACHE_MAX="4"
     )
     try:
         client = api_client(redis_server.url, bounded.queue)
-        tag(client, bounded, urls, QUESTIONS)
+        for url in urls:
+            tag(client, bounded, [url], QUESTIONS)
+
+        # Then: the first image's two entries, the oldest, are gone; the other two images' remain, indexed
+        keys = worker_keys(redis_client, tiny_model_dir)
+        newest = {key for color in COLORS[1:] for key in keys[color]}
+        assert {key.decode() for key in entries(redis_client)} == newest
+        assert {key.decode() for key in redis_client.zrange(INDEX_KEY, 0, -1)} == newest
+
+        # ...and asked again, the remaining entries answer (planted), the dropped ones the model
+        plant(redis_client)
+        again = tag(client, bounded, urls, QUESTIONS)
     finally:
         stop_process(bounded.process)
 
-    assert len(entries(redis_client)) == 4
-    assert redis_client.zcard(INDEX_KEY) == 4
+    answers = {
+        color: [line["answer"] for line in again if line["image_url"] == url]
+        for color, url in zip(COLORS, urls, strict=True)
+    }
+    assert PLANTED not in answers[COLORS[0]] and all(answers[COLORS[0]]), "a dropped entry answers no more"
+    assert answers[COLORS[1]] == answers[COLORS[2]] == [PLANTED, PLANTED], "a kept entry still answers"
 
 
-def test_with_the_cache_off_nothing_is_kept(
-    redis_server: RedisProcess, redis_client: redis.Redis, tiny_model_dir: Path, urls: list[str], tmp_path: Path
+def test_with_the_cache_off_nothing_is_kept_and_nothing_is_read(
+    redis_server: RedisProcess,
+    redis_client: redis.Redis,
+    worker: WorkerProcess,
+    tiny_model_dir: Path,
+    urls: list[str],
+    tmp_path: Path,
 ) -> None:
-    off = start_worker(redis_server.url, tiny_model_dir, "cache-off", tmp_path / "w.log", BLIPQ_ANSWER_CACHE="off")
+    off = start_worker(
+        redis_server.url,
+        tiny_model_dir,
+        "cache-off",
+        tmp_path / "off.log",
+        BLIPQ_ANSWER_CACHE="off",
+    )
     try:
-        client = api_client(redis_server.url, off.queue)
-        tag(client, off, urls, QUESTIONS)
+        # Given: a worker with the cache off has answered, and kept nothing
+        without = api_client(redis_server.url, off.queue)
+        first = [line["answer"] for line in tag(without, off, urls, QUESTIONS)]
         assert entries(redis_client) == []
-        answers = [line["answer"] for line in tag(client, off, urls, QUESTIONS)]
+        # ...and the same model with the cache on has since cached the same answers, which were then planted: the
+        # entries that these very questions read, as it shows
+        with_cache = api_client(redis_server.url, worker.queue)
+        tag(with_cache, worker, urls, QUESTIONS)
+        plant(redis_client)
+        assert [line["answer"] for line in tag(with_cache, worker, urls, QUESTIONS)] == [PLANTED] * len(first)
+
+        # When: the worker with the cache off is asked again
+        again = [line["answer"] for line in tag(without, off, urls, QUESTIONS)]
     finally:
         stop_process(off.process)
 
-    assert PLANTED not in answers
+    # Then: the model answers it, as it did the first time, not the cache
+    assert again == first
+    assert PLANTED not in again
 
 
 def test_another_model_revision_misses(

@@ -33,8 +33,8 @@ from tests.conftest import (
 )
 from tests.fixtures.holding_worker import HOLDING_QUESTION, RELEASE_KEY
 from tests.fixtures.images import shape_png
+from tests.fixtures.webhooks import QUICK_WEBHOOKS, SECRET, Receiver, serve, verify_signature
 from tests.test_chaos import QUICK_RECOVERY, reference_answers
-from tests.test_webhooks import QUICK_WEBHOOKS, SECRET, Receiver, serve, verify_signature
 from worker.contract.batch_scripts import SKIPPED
 from worker.contract.batches import BatchStore, batch_keys, outcome_value, outcomes_key
 from worker.contract.broker import create_celery, publish_chunk

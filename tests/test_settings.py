@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+from limits._storage_scheme import parse_storage_uri
 
 from api.reference import configuration_tables
 from api.settings import ApiSettings, ClientSettings, UpSettings
@@ -154,9 +155,19 @@ def test_sentinels_are_read_for_both_processes_and_reach_each_library() -> None:
     assert target.broker_url == "sentinel://:s%3Acret@sentinel-1:26379/2;sentinel://:s%3Acret@10.0.0.7:26380/2"
     assert target.broker_options["master_name"] == "jobs"
     assert target.broker_options["sentinel_kwargs"]["password"] == "s:cret"
-    assert target.limits_uri == "redis+sentinel://:s%3Acret@sentinel-1:26379,10.0.0.7:26380/jobs"
+    assert target.limits_uri == "redis+sentinel://sentinel-1:26379,10.0.0.7:26380/jobs"
+    assert target.limits_options == {"db": 2, "password": "s:cret"}
     plain = ApiSettings.from_env({"BLIPQ_REDIS_URL": "redis://cache:6379/0"}).redis
     assert (plain.broker_url, plain.limits_uri, plain.broker_options) == ("redis://cache:6379/0",) * 2 + ({},)
+    assert plain.limits_options == {}
+
+
+def test_an_ipv6_sentinel_address_is_bracketed_in_the_urls_of_kombu_and_limits() -> None:
+    target = ApiSettings.from_env({"BLIPQ_REDIS_SENTINELS": "[::1]:26379,sentinel-2:26380"}).redis
+
+    assert target.sentinels == (("::1", 26379), ("sentinel-2", 26380))
+    assert target.broker_url == "sentinel://[::1]:26379/0;sentinel://sentinel-2:26380/0"
+    assert parse_storage_uri(target.limits_uri).locations == [("::1", 26379), ("sentinel-2", 26380)]
 
 
 @pytest.mark.parametrize("value", ["sentinel-1", "sentinel-1:port", ":26379", "sentinel-1:70000"])

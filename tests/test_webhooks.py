@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import ipaddress
 import json
 import socket
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +19,7 @@ from api.admission import queue_names
 from api.up import RedisProcess, stop_process
 from tests.conftest import JOB_TIMEOUT_S, ImageServer, WorkerProcess, api_client, start_worker
 from tests.fixtures.images import shape_png
+from tests.fixtures.webhooks import MAX_ATTEMPTS, QUICK_WEBHOOKS, SECRET, Receiver, serve, verify_signature
 from worker.contract.jobs import Job, JobStore, new_job_id, utc_now, webhook_outbox_key
 from worker.contract.states import JobStatus
 from worker.fetch import new_session
@@ -31,74 +27,6 @@ from worker.netguard import NetworkPolicy
 from worker.webhooks import SIGNATURE_HEADER, Outbox, attempt_delivery, post_json, sign
 
 QUEUE = "webhooks"
-SECRET = "whsec-test-0123456789abcdef"
-MAX_ATTEMPTS = 4
-QUICK_WEBHOOKS = {
-    "BLIPQ_WEBHOOK_SECRET": SECRET,
-    "BLIPQ_WEBHOOK_MAX_ATTEMPTS": str(MAX_ATTEMPTS),
-    "BLIPQ_WEBHOOK_BACKOFF_S": "0.2",
-    "BLIPQ_WEBHOOK_TIMEOUT_S": "2",
-}
-
-
-def verify_signature(secret: str, header: str, body: bytes, tolerance_s: int = 300) -> bool:
-    """The receiver snippet of docs/api.md: whether `header` signs `body` with `secret`, and is recent."""
-    try:
-        fields = dict(part.split("=", 1) for part in header.split(","))
-        timestamp = int(fields["t"])
-    except (KeyError, ValueError):
-        return False
-    expected = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
-    return abs(time.time() - timestamp) <= tolerance_s and hmac.compare_digest(expected, fields.get("v1", ""))
-
-
-@dataclass
-class Delivery:
-    """One POST a receiver got."""
-
-    path: str
-    headers: dict[str, str]
-    body: bytes
-    status: int
-
-
-@dataclass
-class Receiver:
-    """A real HTTP server that answers POSTs to a path with the statuses of `answers[path]` in turn (the last one
-    repeats; 200 by default) and records every request."""
-
-    host: str
-    port: int
-    answers: dict[str, list[int]] = field(default_factory=dict)
-    received: list[Delivery] = field(default_factory=list)
-
-    def url(self, path: str) -> str:
-        return f"http://{self.host}:{self.port}{path}"
-
-    def to(self, path: str) -> list[Delivery]:
-        return [delivery for delivery in self.received if delivery.path == path]
-
-
-def serve(host: str) -> tuple[ThreadingHTTPServer, Receiver]:
-    receiver = Receiver(host, 0)
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-            answers = receiver.answers.get(self.path, [200])
-            status = answers.pop(0) if len(answers) > 1 else answers[0]
-            receiver.received.append(Delivery(self.path, dict(self.headers), body, status))
-            self.send_response(status)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    httpd = ThreadingHTTPServer((host, 0), Handler)
-    receiver.port = httpd.server_address[1]
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    return httpd, receiver
 
 
 @pytest.fixture

@@ -3,7 +3,8 @@
 Celery bounds what a worker reserves in messages (its prefetch); a message is a single job (one answer) or a chunk of
 a batch (up to BLIPQ_BATCH_CHUNK_SIZE answers), so a bound in messages is no bound in work. Here the worker counts the
 answers of every message it received and has not finished, and the broker channel consumes only while that count is
-under BLIPQ_WORKER_INTAKE (about two model batches). The rest stays on the queue: a high-priority job waits for about
+under BLIPQ_WORKER_INTAKE (about two model batches). The message taken last may be a whole chunk, so a worker holds
+up to the intake plus one chunk less one answers. The rest stays on the queue: a high-priority job waits for about
 one model batch, a batch cancel stops whatever is still queued, other workers take their share, and a worker that
 dies leaves little to bring back.
 

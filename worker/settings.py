@@ -75,7 +75,8 @@ class WorkerSettings(SharedSettings):
     # ...and answers enough to fill the next model batch while one runs: the rest waits on the queue.
     intake: int = setting(
         None,
-        "Answers held at once (received, not finished); the rest waits on the queue",
+        "A message is taken only while fewer answers are held (received, not finished), so up to this plus one "
+        "chunk less one are held; the rest waits on the queue",
         variable="BLIPQ_WORKER_INTAKE",
         shown_default="2 × BLIPQ_BATCH_MAX_SIZE (64)",
         validate_default=True,

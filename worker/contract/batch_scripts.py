@@ -367,7 +367,10 @@ return 1
 )
 
 # Withdraws a batch whose submission failed (see WITHDRAW_LUA of transitions.py): deleted, with its uploads,
-# unless a worker started one of its chunks already (it then runs, and the API answers 202).
+# unless a worker started one of its chunks already (it then runs, and the API answers 202). A chunk names its worker
+# in the chunks hash while it runs (`<number>:w`) and leaves the hash when it ended: a hash that holds a worker's name,
+# or fewer chunks than the batch was made of, tells of a chunk started, perhaps ended already (a worker may answer a
+# whole chunk while the API waits for its replicas).
 # KEYS = batch, chunks, never-started set, deadlines set, then the keys to delete (the batch's and its uploads);
 # ARGV = deadline member, answers, then each chunk's member. Returns 1 when withdrawn, 0 when a chunk had started,
 # -1 when the batch is missing.
@@ -375,7 +378,9 @@ WITHDRAW_BATCH_LUA = (
     _LIBRARY
     + """
 if not meta(KEYS[1]).count then return -1 end
-for _, field in ipairs(redis.call('hkeys', KEYS[2])) do
+local fields = redis.call('hkeys', KEYS[2])
+if #fields < #ARGV - 2 then return 0 end
+for _, field in ipairs(fields) do
   if string.sub(field, -2) == ':w' then return 0 end
 end
 if meta(KEYS[1]).pending ~= '1' then

@@ -7,7 +7,8 @@ clients it runs, each through its library's own Sentinel support:
   (and drop a connection to a primary that was demoted to a replica: redis-py turns its READONLY error into a
   connection error);
 - Celery's broker: kombu's `sentinel://` transport, with the master name in its transport options;
-- the API's rate limits: the `limits` library's `redis+sentinel://` storage.
+- the API's rate limits: the `limits` library's `redis+sentinel://` storage (with the database and credentials as
+  options: its URI carries neither a database nor an unquoted password).
 While no primary is reachable, every call fails with a connection error, which the API answers 503.
 
 BLIPQ_REDIS_URL still gives the database number and the password (the primary's, and the sentinels' too: the three
@@ -62,7 +63,7 @@ class RedisTarget:
         if not self.sentinels:
             return self.url
         db = urlsplit(self.url).path or "/0"
-        return ";".join(f"sentinel://{self._auth()}{host}:{port}{db}" for host, port in self.sentinels)
+        return ";".join(f"sentinel://{self._auth()}{url_address(host, port)}{db}" for host, port in self.sentinels)
 
     @property
     def broker_options(self) -> dict[str, Any]:
@@ -73,11 +74,18 @@ class RedisTarget:
 
     @property
     def limits_uri(self) -> str:
-        """The storage URI for the `limits` library (the API's rate limits)."""
+        """The storage URI for the `limits` library (the API's rate limits); with Sentinel, `limits_options` too."""
         if not self.sentinels:
             return self.url
-        addresses = ",".join(f"{host}:{port}" for host, port in self.sentinels)
-        return f"redis+sentinel://{self._auth()}{addresses}/{self.master}"
+        addresses = ",".join(url_address(host, port) for host, port in self.sentinels)
+        return f"redis+sentinel://{addresses}/{self.master}"
+
+    @property
+    def limits_options(self) -> dict[str, Any]:
+        """The options the `limits` library's storage needs besides its URI: with Sentinel, the database and the
+        credentials, which its `redis+sentinel://` URI cannot carry (it takes no database, and it would send a
+        password as quoted in the URI) and which it sends to the primary and to the sentinels alike."""
+        return self._credentials() if self.sentinels else {}
 
     def _auth(self) -> str:
         """The password of BLIPQ_REDIS_URL as a URL's `:password@` (quoted), or "" without one."""
@@ -102,6 +110,11 @@ class RedisTarget:
         if parts.scheme == "rediss":
             options["ssl"] = True
         return options
+
+
+def url_address(host: str, port: int) -> str:
+    """`host:port` as a URL writes it: an IPv6 address in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def as_target(where: RedisTarget | str) -> RedisTarget:
