@@ -270,8 +270,8 @@ def test_a_chunk_whose_message_was_lost_is_published_again_by_the_reaper_and_ans
     redis_client.delete(*queue_names(idle_queue))
     store = JobStore.connect(redis_server.url, ttl_s=600)
 
-    # When the reaper sweeps that queue (a message waiting longer than 0 s on an empty queue counts as lost)
-    republished = sweep(store, create_celery(redis_server.url, idle_queue), idle_queue, ReaperPolicy(3600, 0))
+    # When the reaper sweeps that queue (a message found nowhere at one look counts as lost: no grace)
+    republished = sweep(store, create_celery(redis_server.url, idle_queue), idle_queue, ReaperPolicy(grace_s=0))
 
     # Then the chunk is on its queue again, as stored with the batch; published where a worker reads, it is answered
     assert (republished, queue_depth(redis_client, idle_queue)) == (1, 1)
