@@ -1,8 +1,9 @@
 """A job whose Celery message was lost (a worker killed inside BRPOP, an API killed before it published) still runs.
 
 A message counts as lost when it is in no place a live worker will take it from: it has left its level's list (the
-list is empty, or a job enqueued later has started) and no live worker holds it, at two looks a grace apart. Each
-priority level of a queue is first in, first out on its own; the reaper judges each level by its own list and mark.
+list is empty, its job was accepted before the message at the list's head was published, or a job enqueued later has
+started) and no live worker holds it, at two looks a grace apart. Each priority level of a queue is first in, first
+out on its own; the reaper judges each level by its own list and mark.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from worker.contract.jobs import (
     waiting_answers_key,
 )
 from worker.contract.states import JobPriority, JobStatus
-from worker.reaper import MARK_SKEW_S, SWEEP_BATCH, ReaperPolicy, confirm_lost, find_missing, sweep
+from worker.reaper import CLOCK_SKEW_S, MARK_SKEW_S, SWEEP_BATCH, ReaperPolicy, confirm_lost, find_missing, sweep
 
 QUICK_RECOVERY = {"BLIPQ_ANNOUNCE_INTERVAL_S": "0.5", "BLIPQ_REAPER_INTERVAL_S": "0.5"}
 BACKLOG = 20_000  # a deep queue: a sweep must not read it
@@ -68,7 +69,7 @@ def test_a_job_is_missing_once_its_list_is_empty_and_no_live_worker_holds_it(red
     store = JobStore(redis_client, 600)
     held, lost = stored_job(store, "q", 100), stored_job(store, "q", 100)
     live_worker(redis_client, "q", "w:1", [held])
-    # While a message waits in the list, the jobs enqueued after the level's mark may be that message.
+    # While a message waits in the list (one that says nothing of when it was published), no job has surely left it.
     redis_client.lpush(broker_list_key("q", JobPriority.NORMAL), "a message")
     assert find_missing(store, "q") == []
     # The list empty: every never-started job has left it; the one a live worker holds is not missing.
@@ -89,6 +90,20 @@ def test_a_job_enqueued_well_before_a_started_one_of_its_level_has_left_the_list
 
     # Then: only the job well behind the mark is missing.
     assert find_missing(store, "q") == [(JobPriority.LOW, behind)]
+
+
+def test_a_job_accepted_before_the_message_at_the_head_of_its_list_was_published_has_left_it(
+    redis_server: RedisProcess, redis_client: redis.Redis
+) -> None:
+    # Given: a level whose next message was published at 200, and no job of the level started yet.
+    store = JobStore(redis_client, 600)
+    head = Job(id=new_job_id(), status=JobStatus.QUEUED, question="what color?", created_at=utc_now())
+    publish_job(create_celery(redis_server.url, "q"), head, "q", published_at=200)
+    taken = stored_job(store, "q", 200 - CLOCK_SKEW_S - 0.1)
+    stored_job(store, "q", 200 - CLOCK_SKEW_S + 0.1)  # may be behind it in the list: clocks differ a little
+
+    # Then: only the job accepted before that message was published has left the list.
+    assert find_missing(store, "q") == [(JobPriority.NORMAL, taken)]
 
 
 def test_a_level_is_judged_by_its_own_list_and_mark_so_a_high_job_overtaking_low_ones_loses_none(

@@ -18,29 +18,31 @@ which never runs).
 
 Lost messages are found by state, not by age. A member of a never-started set is accounted for while its message may
 still be in its level's list, or while it is in the held set of a worker whose record (worker/contract/fleet.py) has
-not expired. Its message may still be in the list unless the list is empty or a member of its level enqueued more
-than MARK_SKEW_S after it has started (the level's mark): a level's list is first in, first out, so its message was
-taken before that one's. A member accounted for by neither at two looks `grace_s` apart (longer than a live worker
-takes from the BRPOP to its held set) has lost its message, which the reaper publishes again, under the same task id.
-kombu's `unacked` hash is not a place to look: it does not say which worker took a message, and a dead worker's
-messages stay there until the visibility timeout.
+not expired. A level's list is first in, first out, and a member is enqueued (accepted) after its message was
+published, so its message has left the list if the list is empty, if it was enqueued before the message at the head
+of the list (the next one taken) was published (each message carries that time, broker.PUBLISHED_HEADER; less
+CLOCK_SKEW_S, for hosts' clocks), or more than MARK_SKEW_S before a member of its level that has started (the level's
+mark). A member accounted for by neither at two looks `grace_s` apart (longer than a live worker takes from the BRPOP
+to its held set) has lost its message, which the reaper publishes again, under the same task id. kombu's `unacked`
+hash is not a place to look: it does not say which worker took a message, and a dead worker's messages stay there
+until the visibility timeout.
 
-A sweep's cost is bounded however deep the queue: per level a GET, an LLEN and one range of the never-started set
-below the mark, whose front is what live workers hold (their held sets are read too) and then the lost, SWEEP_BATCH
-at a time.
+A sweep's cost is bounded however deep the queue: per level a GET and an LINDEX of the list's head, and one range of
+the never-started set below what they tell, whose front is what live workers hold (their held sets are read too),
+then the lost, SWEEP_BATCH at a time.
 
 Dead workers. Once a worker's record has expired, the reaper publishes again at once every message in its held set
 whose job or chunk has neither ended nor been started by a live worker since: those it had not started, and those it
 was running (their messages, unacknowledged, would come back only after the visibility timeout). A job's next start
 counts an attempt: one that kills every worker that takes it ends `worker_lost`. A job published again while it was
 running joins its never-started set again, watched as above until a worker starts it. The queue's running set names
-each running job's worker too: a run whose worker is gone and which no held set named (its record failed) is
-published again from there, `running_recheck_s` at the latest after its worker died.
+each running job's worker too: a run whose worker is gone and that no held set named (its write failed) is published
+again from there, within `running_recheck_s` of its worker's record expiring.
 
 So every message a dead worker held, started or not, is published again within about the record's expiry and one
-sweep, and a message lost on its way two looks after a later job of its level started (or its list emptied). A job
-published needlessly runs once visibly: the second delivery finds it ended and is skipped, or finds it running and
-runs it again, and the answer written second is dropped.
+sweep, and a message lost on its way within two looks (`grace_s` and a sweep). A job published needlessly runs once
+visibly: the second delivery finds it ended and is skipped, or finds it running and runs it again, and the answer
+written second is dropped.
 
 A batch's chunks are watched the same way, as members `chunk:<batch id>:<number>:<answers>` of the same sets (task id
 `<batch id>.<number>`): a chunk is published again from the copy its batch keeps until the chunk ends.
@@ -53,6 +55,7 @@ One reaper per queue runs at a time (a Redis lock); each worker's main process r
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -70,7 +73,7 @@ from worker.contract.batches import (
     BatchStore,
     parse_chunk_member,
 )
-from worker.contract.broker import publish_chunk, publish_job
+from worker.contract.broker import PUBLISHED_HEADER, publish_chunk, publish_job
 from worker.contract.fleet import worker_key
 from worker.contract.jobs import (
     JobStore,
@@ -95,9 +98,12 @@ log = logging.getLogger("blipq.reaper")
 SWEEP_BATCH = 200  # members looked at per level and sweep beyond what live workers hold: a sweep stays short
 LOCK_PREFIX = "blipq:reaper-lock:"
 HELD_TTL_S = 24 * 3600  # a worker's set of messages held outlives any message it names (a job's time limit)
-# A member enqueued this much before its level's mark has left the list: the mark is an acceptance time, and a job
-# is accepted just after its publish (a Redis round trip, or a stalled API); a little more covers fleet clocks that
-# differ. Too small costs a needless publish (its second delivery is skipped); too large, a later find.
+# A member enqueued this much before the message at the head of its list was published has left the list: hosts'
+# clocks may differ a little. Too small costs a needless publish (its second delivery is skipped); too large, a later
+# find.
+CLOCK_SKEW_S = 0.25
+# Likewise before its level's mark, an acceptance time: a job is accepted just after its publish (a Redis round trip,
+# or a stalled API).
 MARK_SKEW_S = 1.0
 MISSING_TTL_S = 3600  # the reaper's notes of members found missing go, should every reaper of the queue stop
 
@@ -118,7 +124,7 @@ class Message:
     priority: JobPriority
     answers: int
     worker: str  # the worker that started its latest run; "" for a job never started (or queued again)
-    publish: Callable[[], None]
+    publish: Callable[[float], None]  # given the time it is published at
 
 
 def look_up(store: JobStore, celery: Celery, queue: str, task_id: str) -> Message | None:
@@ -159,17 +165,16 @@ def find_missing(store: JobStore, queue: str) -> list[tuple[JobPriority, str]]:
     with client.pipeline(transaction=False) as pipe:
         for priority in levels:
             pipe.get(started_mark_key(queue, priority))
-            pipe.llen(broker_list_key(queue, priority))
+            pipe.lindex(broker_list_key(queue, priority), -1)  # the head: kombu pushes left and pops right
         for worker in live:
             pipe.scard(held_key(queue, worker))
         replies = pipe.execute()
-    # The front of a level below its mark is what live workers hold, then the lost: read past the first.
+    # The front of a level below what it has taken is what live workers hold, then the lost: read past the first.
     limit = SWEEP_BATCH + sum(replies[2 * len(levels) :])
     with client.pipeline(transaction=False) as pipe:
         for index, priority in enumerate(levels):
-            mark, listed = replies[2 * index], replies[2 * index + 1]
-            taken_below = "+inf" if listed == 0 else f"({float(mark) - MARK_SKEW_S}" if mark is not None else "-inf"
-            pipe.zrangebyscore(unstarted_key(queue, priority), "-inf", taken_below, start=0, num=limit)
+            taken_below = _taken_below(replies[2 * index], replies[2 * index + 1])
+            pipe.zrangebyscore(unstarted_key(queue, priority), "-inf", f"({taken_below}", start=0, num=limit)
         for worker in live:  # read after the ranges: a message taken meanwhile is found held
             pipe.smembers(held_key(queue, worker))
         replies = pipe.execute()
@@ -182,12 +187,24 @@ def find_missing(store: JobStore, queue: str) -> list[tuple[JobPriority, str]]:
     ]
 
 
+def _taken_below(mark: bytes | None, head: bytes | None) -> float:
+    """The enqueue time below which a level's members have left its list, from its mark and the head of its list."""
+    if head is None:  # the list is empty
+        return float("inf")
+    try:
+        published = float(json.loads(head)["headers"][PUBLISHED_HEADER]) - CLOCK_SKEW_S
+    except (ValueError, KeyError, TypeError):  # a message from before the header, or not blipq's
+        published = float("-inf")
+    return max(published, float(mark) - MARK_SKEW_S if mark is not None else float("-inf"))
+
+
 def confirm_lost(
     client: redis.Redis, queue: str, missing: list[tuple[JobPriority, str]], grace_s: float, now: float
 ) -> list[tuple[JobPriority, str]]:
     """Those of `missing` that earlier looks found missing too, since at least `grace_s`; the others are noted."""
     key = missing_key(queue)
-    seen = {member: float(since) for member, since in _decoded_pairs(client.hgetall(key))}  # type: ignore[arg-type]
+    notes: dict[bytes, bytes] = client.hgetall(key)  # type: ignore[assignment]  # bytes: the client does not decode
+    seen = {member.decode(): float(since) for member, since in notes.items()}
     lost = [(priority, member) for priority, member in missing if now - seen.get(member, now) >= grace_s]
     lost_members = {member for _, member in lost}
     noted = {member: seen.get(member, now) for _, member in missing if member not in lost_members}
@@ -265,9 +282,10 @@ def _publish_again(store: JobStore, queue: str, message: Message) -> None:
     """Publish a job or chunk again, and count it. Its wait in its level's never-started set starts again before the
     publish (a worker may start it at once, and take it off the set); a run it had is over (its next start puts it
     in the running set again)."""
-    store.requeue(message.member, queue, message.priority, message.answers)
+    now = time.time()  # its enqueue time and its message's publish time: the same, so that it is not found missing
+    store.requeue(message.member, queue, message.priority, message.answers, now)
     store.client.zrem(running_key(queue), message.member)
-    message.publish()
+    message.publish(now)
     store.client.hincrby(stats_key(), "republished", 1)
 
 
@@ -310,10 +328,6 @@ def _named(member: str) -> str:
 
 def _decoded(values: Iterable[bytes]) -> list[str]:
     return [value.decode() for value in values]
-
-
-def _decoded_pairs(mapping: dict[bytes, bytes]) -> list[tuple[str, str]]:
-    return [(key.decode(), value.decode()) for key, value in mapping.items()]
 
 
 class Receipts:

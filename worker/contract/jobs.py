@@ -397,9 +397,9 @@ class JobStore:
                 self._start(keys=keys, args=args, client=pipe)
             return [int(attempt) for attempt in pipe.execute()]
 
-    def requeue(self, member: str, queue: str, priority: JobPriority, answers: int) -> None:
+    def requeue(self, member: str, queue: str, priority: JobPriority, answers: int, enqueued_at: float) -> None:
         """Start again the wait of a job or chunk (`member`) whose message is published again (REQUEUE_LUA)."""
-        self._requeue(keys=[unstarted_key(queue, priority)], args=[member, time.time(), answers])
+        self._requeue(keys=[unstarted_key(queue, priority)], args=[member, enqueued_at, answers])
 
     def cancel(self, job: Job, queue: str) -> int:
         """Cancel the job: see CANCEL_LUA; returns one of the CANCEL_* codes."""
