@@ -401,6 +401,7 @@ def check(loop: Loop, client: redis.Redis, seed: int) -> None:
     assert all(unit.ended is not None for unit in units)
     recovery = [(unit.ended - max([unit.accepted, *unit.stranded_before_end()]), unit) for unit in units]
     back = sorted(seconds for seconds, unit in recovery if unit.stranded_before_end())
+    slowest = max(recovery, key=lambda pair: pair[0])
     hits = sum(kill.hit for kill in loop.kills)
     stats = JobStore(client, 60).stats()
     figures = (
@@ -408,7 +409,7 @@ def check(loop: Loop, client: redis.Redis, seed: int) -> None:
         f" the victim holding messages, {sum(k.stranded for k in loop.kills)} jobs and chunks stranded; "
         f"{len(loop.singles)} jobs and {len(units) - len(loop.singles)} batch items accepted, all ended; "
         f"time back after the kill that stranded them ({len(back)} jobs and items): {spread(back)}; any job or item, "
-        f"from its acceptance or its last stranding: worst {max(seconds for seconds, _ in recovery):.2f} s; "
+        f"from its acceptance or its last stranding: worst {slowest[0]:.2f} s ({slowest[1].name}); "
         f"republished {stats['republished']}, duplicate deliveries {stats['duplicate_deliveries']}, duplicate "
         f"executions {stats['duplicate_executions']} (answers dropped)"
     )
