@@ -63,8 +63,8 @@ def create_worker_app(settings: WorkerSettings) -> Celery:
     worker_init.connect(grace.arm, weak=False)
     worker_shutting_down.connect(grace.begin, weak=False)
     register_tasks(app, runtime)
-    # Each message received is recorded as held until its job starts (or its task ends without a start): a worker
-    # that dies holding it loses nothing.
+    # Each message received is recorded as held until its task returns: a worker that dies holding it, started or
+    # not, loses nothing.
     receipts = Receipts(fleet_client(settings.redis), settings.queue, worker_identity())
     task_received.connect(receipts.received, weak=False)
     task_postrun.connect(receipts.finished, weak=False)
