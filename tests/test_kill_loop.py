@@ -64,7 +64,7 @@ RECOVERY_BOUND_S = RECORD_EXPIRY_S + REAPER_S + MARGIN_S
 HIT_FRACTION = 0.6  # of the kills, at least, find the victim holding messages
 JOBS_PER_S = 10
 ANSWER_TOKENS = 4  # short answers: the model's part of a run stays small on a busy machine
-OPEN_MAX = 12  # answers accepted and not ended, at most, before the stream waits: a quarter of what the workers hold
+OPEN_MAX = 12  # answers accepted and not ended, at most, before the stream waits: half what the workers may hold
 BATCH_EVERY_S = 1.0  # a batch of 3 images x 2 questions (two chunks of at most 4)
 FETCH_DELAY_S = 0.3  # the most an image's server waits before it answers
 DRAIN_S = 60  # after the last kill, for every job to end
@@ -93,7 +93,7 @@ class Unit:
 @dataclass
 class Kill:
     at: float
-    hit: bool  # the victim held messages: received and not started, or running
+    hit: bool  # the victim held messages: received and not finished
     stranded: int
 
 
