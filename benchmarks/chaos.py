@@ -1,6 +1,7 @@
 """Chaos run: a stream of jobs through the real service while workers are killed and the Redis primary is lost.
 
     python -m benchmarks.chaos [--jobs 3000] [--rate 60] [--workers 2] [--time-limit 30] [--redis sentinel|single]
+    python -m benchmarks.chaos --kill-loop 50 [--workers 3] [--rate 20] [--batch-every-s 2] [--seed N] ...
 
 Starts its own Redis (by default a primary, two replicas and three sentinels, which every process goes through; with
 `--redis single`, one server with its append-only file on), the API (gunicorn, real HTTP) and N workers serving the
@@ -19,11 +20,24 @@ by the reaper once the worker's record expires (workers announce every 2 s here,
 their old messages come back after the visibility timeout (--time-limit + 60 s) and are skipped. "Run although
 refused" counts the job records that are not pending and were never answered 202 (a submission answered 503 is
 withdrawn, or stays pending, which nothing runs).
+
+With --kill-loop KILLS, the blows are instead KILLS SIGKILLs at random instants (--kill-gap-s apart, at random; the
+schedule's seed is printed, --seed replays it) of a worker picked at random among those holding messages then (any
+live one when none does), each started again at once, while single jobs stream at --rate (200 distinct questions,
+cycled, until the kills are done) and a batch of 3 images x 2 questions goes every --batch-every-s; a kill waits until
+two workers are live, so that one stays up. Each kill's
+victim is noted as holding messages or not (its set of messages held: received and not finished), and each job or
+batch chunk it stranded (open, and in no place a live worker takes it from: its queue's list, a live worker's held
+set, a run on a live worker, just after the kill, though it was in one just before). It prints the kills, the jobs
+and items accepted and how they ended, outcomes that changed between two readings (duplicates a client would see),
+the time from each kill to the end of each job and item it stranded (p50, p99, worst), and end-to-end latency.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
+import secrets
 import signal
 import socket
 import statistics
@@ -41,11 +55,14 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from benchmarks.fleet import Fleet, Worker, load_items, wait_until_serving
+from benchmarks.kill_loop import KillLoop, report_kill_loop, run_kill_loop
 from worker.contract.broker import visibility_timeout_for
 from worker.contract.jobs import JobStore, held_key, job_key
 
 FINAL = (b"succeeded", b"failed")
 BLOW_INTERVAL_S = 6.0  # between two blows: long enough for the fleet to be busy again
+QUEUE = "blipq"  # the queue of the fleet's workers (the VQA task's default)
+KILL_LOOP_QUESTIONS = 200  # distinct questions of a kill loop's stream
 
 
 @dataclass
@@ -60,12 +77,15 @@ class Run:
     held: dict[str, tuple[float, str]] = field(default_factory=dict)  # job received, not started -> (blow, worker)
     before: set[str] = field(default_factory=set)  # job ids in Redis before the run (the warm-up job)
     done_submitting: threading.Event = field(default_factory=threading.Event)
+    stop_submitting: threading.Event = field(default_factory=threading.Event)  # set: submit no more
 
 
 def submit_all(base: str, run: Run, rate: float) -> None:
     """Submit every item at `rate` per second; a 503 (Redis away) is retried after a pause, as a client would."""
     session = requests.Session()
     for index, (image, question, _) in enumerate(run.items):
+        if run.stop_submitting.is_set():
+            break
         due = time.monotonic() + 1 / rate
         while True:
             run.submitted += 1
@@ -101,19 +121,30 @@ def running_on(client: redis.Redis, job_ids: list[str], worker_ids: set[str]) ->
     }
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=3000)
     parser.add_argument("--rate", type=float, default=60.0, help="jobs submitted per second (above capacity: busy)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--time-limit", type=int, default=30, help="BLIPQ_JOB_TIME_LIMIT_S of the workers")
     parser.add_argument("--redis", choices=("sentinel", "single"), default="sentinel")
-    args = parser.parse_args()
+    parser.add_argument("--kill-loop", type=int, default=0, metavar="KILLS", help="SIGKILLs at random instants instead")
+    parser.add_argument("--kill-gap-s", type=float, nargs=2, default=(1.0, 4.0), metavar=("MIN", "MAX"))
+    parser.add_argument("--batch-every-s", type=float, default=2.0, help="with --kill-loop: a batch every so often")
+    parser.add_argument("--seed", type=int, default=None, help="with --kill-loop: the kill schedule's seed")
+    return parser.parse_args()
+
+
+def main() -> int:
+    args = parse_args()
 
     # SIGTERM (a timeout, pkill) stops the fleet too, through the `finally` below.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(1))
-    print(f"preparing {args.jobs} questions and their in-process answers...", flush=True)
-    run = Run(load_items(args.jobs))
+    # The kill loop cycles through a few hundred questions (each still answered by the model: the fleet runs without
+    # the answer cache): it stops submitting when its kills are done, and the in-process answers cost a model call each.
+    distinct = min(args.jobs, KILL_LOOP_QUESTIONS) if args.kill_loop else args.jobs
+    print(f"preparing {distinct} questions and their in-process answers...", flush=True)
+    run = Run(list(itertools.islice(itertools.cycle(load_items(distinct)), args.jobs)))
     quick_recovery = {"BLIPQ_ANNOUNCE_INTERVAL_S": "2", "BLIPQ_REAPER_INTERVAL_S": "2"}
     fleet = Fleet(max(2, args.workers), args.time_limit, quick_recovery, sentinel=args.redis == "sentinel")
     client = fleet.target.client(retry=Retry(ExponentialBackoff(cap=1.0), 30))  # reads ride out the failover
@@ -124,23 +155,28 @@ def main() -> int:
         started = time.time()
         submitter = threading.Thread(target=submit_all, args=(fleet.base, run, args.rate), daemon=True)
         submitter.start()
+        if args.kill_loop:
+            kill_loop(fleet, client, run, submitter, args, started)
+            return 0
 
         def blow(kind: str, worker: Worker | None, action: Callable[[], object]) -> None:
             time.sleep(BLOW_INTERVAL_S)
             holder = {f"{host}:{worker.process.pid}"} if worker else set()
-            # Messages the worker received and has not started: they, too, must run again.
+            # Messages the worker received and has not finished, started or not: they, too, must run again.
             held = {
                 (member.decode(), worker_id)
                 for worker_id in holder
-                for member in client.smembers(held_key("blipq", worker_id))
+                for member in client.smembers(held_key(QUEUE, worker_id))
             }
             at = time.time()
             outcome = action()
-            run.held |= {job_id: (at, worker_id) for job_id, worker_id in held if job_id in run.accepted}
             if isinstance(outcome, float):
                 print(f"{at - started:6.1f} s  {kind}: the sentinels named a new primary after {outcome:.1f} s")
             # A job still `running` on the worker after the blow was cut short (that process is gone).
             hit = running_on(client, list(run.accepted), holder) if holder else set()
+            run.held |= {
+                job_id: (at, worker_id) for job_id, worker_id in held if job_id in run.accepted and job_id not in hit
+            }
             run.blows.append((kind, at, hit))
             print(f"{at - started:6.1f} s  {kind}: {len(hit)} running job(s) hit", flush=True)
 
@@ -161,6 +197,22 @@ def main() -> int:
         fleet.stop()
         print(f"logs: {fleet.data_dir / 'service.log'}")
     return 0
+
+
+def kill_loop(
+    fleet: Fleet, client: redis.Redis, run: Run, submitter: threading.Thread, args: argparse.Namespace, t0: float
+) -> None:
+    """--kill-loop: the kills and the batches (benchmarks/kill_loop.py) under the stream of jobs; then the report."""
+    seed = args.seed if args.seed is not None else secrets.randbelow(2**32)
+    loop = KillLoop(seed, run.accepted, run.stop_submitting, run.done_submitting)
+    print(f"kill schedule seed {seed} (--seed {seed} replays it)", flush=True)
+    run_kill_loop(fleet, client, loop, args.kill_loop, tuple(args.kill_gap_s), args.batch_every_s, t0)
+    submitter.join()
+    deadline = time.monotonic() + visibility_timeout_for(args.time_limit) + 120
+    first_answers = wait_for_all(client, list(run.accepted), deadline)
+    loop.watcher.join(max(0.0, deadline - time.monotonic()))
+    report(run, client, JobStore(client, 3600), first_answers, t0)
+    report_kill_loop(loop, client)
 
 
 def wait_for_all(client: redis.Redis, job_ids: list[str], deadline: float) -> dict[str, str]:

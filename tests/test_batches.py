@@ -274,8 +274,8 @@ def test_a_chunk_whose_message_was_lost_is_published_again_by_the_reaper_and_ans
     redis_client.delete(*queue_names(idle_queue))
     store = JobStore.connect(redis_server.url, ttl_s=600)
 
-    # When the reaper sweeps that queue (a message waiting longer than 0 s on an empty queue counts as lost)
-    republished = sweep(store, create_celery(redis_server.url, idle_queue), idle_queue, ReaperPolicy(3600, 0))
+    # When the reaper sweeps that queue (a message found nowhere at one look counts as lost: no grace)
+    republished = sweep(store, create_celery(redis_server.url, idle_queue), idle_queue, ReaperPolicy(grace_s=0))
 
     # Then the chunk is on its queue again, as stored with the batch; published where a worker reads, it is answered
     assert (republished, queue_depth(redis_client, idle_queue)) == (1, 1)
@@ -292,11 +292,9 @@ def test_a_worker_killed_mid_batch_changes_no_answer(
     redis_server: RedisProcess, redis_client: redis.Redis, images: Images, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     queue = "batches-killed"
-    # A chunk the worker had received but not yet started when it died is found by the never-started reaper, a time
-    # limit behind its queue's progress: a short limit lets that rare path, too, finish within the test.
-    env = {**QUICK_RECOVERY, "BLIPQ_JOB_TIME_LIMIT_S": "15"}
-    doomed = start_worker(redis_server.url, tiny_model_dir, queue, tmp_path / "doomed.log", **env)
-    client = api_client(redis_server.url, queue, batch_chunk_size=8, job_time_limit_s=15)
+    # Every chunk the worker held when it died, started or not, is published again once its record expired.
+    doomed = start_worker(redis_server.url, tiny_model_dir, queue, tmp_path / "doomed.log", **QUICK_RECOVERY)
+    client = api_client(redis_server.url, queue, batch_chunk_size=8)
     shapes = list(itertools.product(COLORS, ["circle", "square"]))
     body = {"images": [images.url(c, s, delay=SLOW_S) for c, s in shapes], "questions": QUESTIONS}
     expected = reference_answers(
@@ -310,7 +308,7 @@ def test_a_worker_killed_mid_batch_changes_no_answer(
 
     os.kill(doomed.process.pid, signal.SIGKILL)  # its chunks are held, unacknowledged, by a dead worker
     doomed.process.wait()
-    successor = start_worker(redis_server.url, tiny_model_dir, queue, tmp_path / "successor.log", **env)
+    successor = start_worker(redis_server.url, tiny_model_dir, queue, tmp_path / "successor.log", **QUICK_RECOVERY)
     try:
         batch = wait_for_batch(client, batch_id, successor)
         lines = results(client, batch_id)

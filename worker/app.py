@@ -11,9 +11,16 @@ from collections.abc import Callable
 from typing import Any
 
 from celery import Celery
-from celery.signals import task_received, worker_init, worker_ready, worker_shutdown, worker_shutting_down
+from celery.signals import (
+    task_postrun,
+    task_received,
+    worker_init,
+    worker_ready,
+    worker_shutdown,
+    worker_shutting_down,
+)
 
-from worker.contract.broker import create_celery, visibility_timeout_for
+from worker.contract.broker import create_celery
 from worker.contract.fleet import fleet_client, worker_identity
 from worker.contract.jobs import JobStore
 from worker.contract.logs import use_json_logs_in_celery
@@ -56,9 +63,11 @@ def create_worker_app(settings: WorkerSettings) -> Celery:
     worker_init.connect(grace.arm, weak=False)
     worker_shutting_down.connect(grace.begin, weak=False)
     register_tasks(app, runtime)
-    # Each message received is recorded as held until its job starts: a worker that dies holding it loses nothing.
+    # Each message received is recorded as held until its task returns: a worker that dies holding it, started or
+    # not, loses nothing.
     receipts = Receipts(fleet_client(settings.redis), settings.queue, worker_identity())
     task_received.connect(receipts.received, weak=False)
+    task_postrun.connect(receipts.finished, weak=False)
     Intake(settings.intake).connect(app)
     ops.connect()
     if settings.log_format == "json":
@@ -102,7 +111,9 @@ class ShutdownGrace:
 def start_reaper_when_ready(app: Celery, settings: WorkerSettings) -> None:
     """Run the reaper of this worker's queue in a thread of the main process once the worker is ready."""
     time_limit_s = settings.job_time_limit_s
-    policy = ReaperPolicy(behind_mark_s=time_limit_s, waiting_s=visibility_timeout_for(time_limit_s))
+    # A live worker moves a message from the queue to its held set within moments, and refreshes its record every
+    # announce interval: a message found nowhere for that long is lost.
+    policy = ReaperPolicy(grace_s=settings.announce_interval_s)
 
     def start(**_: Any) -> None:
         store = JobStore.connect(settings.redis, settings.job_ttl_s)

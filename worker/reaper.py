@@ -1,37 +1,51 @@
-"""The reaper: republishes jobs whose Celery message was lost, so that an accepted job always runs.
+"""The reaper: publishes again every message that a dead worker took or that was lost on its way, so that an accepted
+job always runs; and ends the queued jobs and batches past their deadline.
 
-Late acknowledgement and the visibility timeout bring back a job that a worker had received. Two gaps remain that
-Celery cannot see, because the message no longer exists anywhere:
-- kombu's Redis transport takes a message with BRPOP and records it as unacknowledged in a second step; a worker
-  killed between the two loses it;
-- the API stores a job and then publishes its message; an API process killed between the two (or a publish whose
-  reply was lost) leaves a job with no message.
+Where a message is. The API stores a job pending, publishes its message, then accepts it: from then until a worker
+starts it, the job is a member of its queue level's never-started set (`unstarted_key`, scored by enqueue time), and
+its message is, in turn:
+1. in its level's list of kombu's Redis transport (`broker_list_key`; each level first in, first out);
+2. popped by a worker (BRPOP), in that worker's memory only;
+3. recorded by kombu as unacknowledged (its `unacked` hash), a second step after the BRPOP;
+4. recorded by the worker in its set of messages held (`Receipts`, on Celery's `task_received`, before a thread
+   starts it), where it stays until its task returns;
+5. started: the start script takes the member off the never-started set; the job is in the queue's running set until
+   it ends, and its message stays unacknowledged (and held) until then.
+A worker killed at step 2 or 3 leaves the message where no live worker will take it: kombu's unacknowledged copy
+comes back only after the visibility timeout (a job's time limit + 60 s). A Redis restart can lose a message too, and
+so can a publish whose reply was lost (an API killed between its publish and its acceptance leaves a pending job,
+which never runs).
 
-Every job is in its queue level's set of jobs never started (scored by enqueue time) until a worker starts it, and
-each start moves the level's mark to the enqueue time of the job started. Each priority level of a queue is a Redis
-list of its own, first in, first out (a high-priority job overtakes low ones, never one of its own level), so a job
-still unstarted well after a later job of its level started (by more than a job's time limit, the longest a received
-job waits before it starts) has lost its message. So has one that waited longer than the visibility timeout while its
-level's list is empty (an idle level moves no mark; a level with messages waiting moves it again once they run, so a
-long wait behind higher levels or a deep backlog is not mistaken for a loss). The reaper publishes such a job again,
-under the same task id. A job republished needlessly (its message was only slow) runs once all the same: the second
-delivery finds it ended and is skipped.
+Lost messages are found by state, not by age. A member of a never-started set is accounted for while its message may
+still be in its level's list, or while it is in the held set of a worker whose record (worker/contract/fleet.py) has
+not expired. A level's list is first in, first out, and a member is enqueued (accepted) after its message was
+published, so its message has left the list if the list is empty, if it was enqueued before the message at the head
+of the list (the next one taken) was published (each message carries that time, broker.PUBLISHED_HEADER; less
+CLOCK_SKEW_S, for hosts' clocks), or more than MARK_SKEW_S before a member of its level that has started (the level's
+mark). A member accounted for by neither at two looks `grace_s` apart (longer than a live worker takes from the BRPOP
+to its held set) has lost its message, which the reaper publishes again, under the same task id. kombu's `unacked`
+hash is not a place to look: it does not say which worker took a message, and a dead worker's messages stay there
+until the visibility timeout.
 
-A job whose worker died while running it (the whole worker: killed, out of memory, its machine gone) still has its
-message, unacknowledged, but Redis's transport restores it only after the visibility timeout. The reaper publishes it
-again as soon as the worker's record (worker/contract/fleet.py, refreshed every few seconds by a live worker) has
-expired: the job's next start counts an attempt, so a job that kills every worker that takes it ends `worker_lost`. The
-old message, once restored, finds the job ended or running and is skipped or runs once more (its answer is dropped).
+A sweep's cost is bounded however deep the queue: per level a GET and an LINDEX of the list's head, and one range of
+the never-started set below what they tell, whose front is what live workers hold (their held sets are read too),
+then the lost, SWEEP_BATCH at a time.
 
-A job or chunk that a worker had received but not started yet when it died is not in the running set, and no later
-start may move its level's mark soon (a burst's jobs all share a few seconds of enqueue times). A worker therefore
-records each message it receives, before a thread starts it, in its set of messages held (`Receipts`; the start
-script takes it out): once the worker's record has expired, the reaper publishes again every message in that set
-whose job (or chunk) has not started. Every job a dead worker held, started or not, runs again within about the
-record's expiry and one sweep.
+Dead workers. Once a worker's record has expired, the reaper publishes again at once every message in its held set
+whose job or chunk has neither ended nor been started by a live worker since: those it had not started, and those it
+was running (their messages, unacknowledged, would come back only after the visibility timeout). A job's next start
+counts an attempt: one that kills every worker that takes it ends `worker_lost`. A job published again while it was
+running joins its never-started set again, watched as above until a worker starts it. The queue's running set names
+each running job's worker too: a run whose worker is gone and that no held set named (its write failed) is published
+again from there, within `running_recheck_s` of its worker's record expiring.
 
-A batch's chunks are watched the same way, as members `chunk:<batch id>:<number>:<answers>` of the same sets: a chunk
-whose message was lost, or whose worker died, is published again from the copy its batch keeps until the chunk ends.
+So every message a dead worker held, started or not, is published again within about the record's expiry and one
+sweep, and a message lost on its way within two looks (`grace_s` and a sweep). A job published needlessly runs once
+visibly: the second delivery finds it ended and is skipped, or finds it running and runs it again, and the answer
+written second is dropped.
+
+A batch's chunks are watched the same way, as members `chunk:<batch id>:<number>:<answers>` of the same sets (task id
+`<batch id>.<number>`): a chunk is published again from the copy its batch keeps until the chunk ends.
 
 The reaper also ends `expired` the queued jobs whose deadline has passed, and closes the batches past theirs, so
 that they end (and their webhooks go out) at their deadline rather than when a worker reaches their message.
@@ -41,10 +55,11 @@ One reaper per queue runs at a time (a Redis lock); each worker's main process r
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -58,7 +73,7 @@ from worker.contract.batches import (
     BatchStore,
     parse_chunk_member,
 )
-from worker.contract.broker import publish_chunk, publish_job
+from worker.contract.broker import PUBLISHED_HEADER, publish_chunk, publish_job
 from worker.contract.fleet import worker_key
 from worker.contract.jobs import (
     JobStore,
@@ -66,6 +81,7 @@ from worker.contract.jobs import (
     deadlines_key,
     held_key,
     holders_key,
+    missing_key,
     running_key,
     started_mark_key,
     stats_key,
@@ -75,109 +91,249 @@ from worker.contract.jobs import (
 from worker.contract.jobs import (
     job_key as job_key_of,
 )
-from worker.contract.states import JobPriority, JobStatus
+from worker.contract.states import ENDED_STATUSES, JobPriority, JobStatus
 
 log = logging.getLogger("blipq.reaper")
 
-SWEEP_BATCH = 200  # jobs looked at per level and sweep, at most: a sweep stays short however deep the backlog
+SWEEP_BATCH = 200  # members looked at per level and sweep beyond what live workers hold: a sweep stays short
 LOCK_PREFIX = "blipq:reaper-lock:"
 HELD_TTL_S = 24 * 3600  # a worker's set of messages held outlives any message it names (a job's time limit)
+# A member enqueued this much before the message at the head of its list was published has left the list: hosts'
+# clocks may differ a little. Too small costs a needless publish (its second delivery is skipped); too large, a later
+# find.
+CLOCK_SKEW_S = 0.25
+# Likewise before its level's mark, an acceptance time: a job is accepted just after its publish (a Redis round trip,
+# or a stalled API).
+MARK_SKEW_S = 1.0
+MISSING_TTL_S = 3600  # the reaper's notes of members found missing go, should every reaper of the queue stop
 
 
 @dataclass(frozen=True)
 class ReaperPolicy:
-    """When a never-started job counts as lost."""
+    """When a message counts as lost, and how often a running job's worker is looked at."""
 
-    behind_mark_s: float  # this much older than the latest job of its level started (a job's time limit)
-    waiting_s: float  # or waiting this long while its level's list is empty (the visibility timeout)
-    # A running job's worker is looked at again this long after it was found alive, or after its job was republished.
-    running_recheck_s: float = 10.0
+    grace_s: float  # found missing at two looks this far apart (0: at one look)
+    running_recheck_s: float = 10.0  # a running job's live worker is looked at again this long after
 
 
-def find_lost(
-    store: JobStore, queue: str, policy: ReaperPolicy, now: float, priority: JobPriority = JobPriority.NORMAL
-) -> list[str]:
-    """The ids of the queue level's never-started jobs whose message must have been lost."""
-    client = store.client
-    with client.pipeline(transaction=False) as pipe:
-        pipe.get(started_mark_key(queue, priority))
-        pipe.llen(broker_list_key(queue, priority))
-        mark, waiting_messages = pipe.execute()
-    cutoff = now - policy.waiting_s if waiting_messages == 0 else float("-inf")
-    if mark is not None:
-        cutoff = max(cutoff, float(mark) - policy.behind_mark_s)
-    if cutoff == float("-inf"):
-        return []
-    members: list[bytes] = client.zrangebyscore(  # type: ignore[assignment]  # bytes: the client does not decode
-        unstarted_key(queue, priority), "-inf", f"({cutoff}", start=0, num=SWEEP_BATCH
-    )
-    return [member.decode() for member in members]
+@dataclass(frozen=True)
+class Message:
+    """A job's or chunk's message, as the reaper publishes it again."""
+
+    member: str  # in the never-started and running sets
+    priority: JobPriority
+    answers: int
+    worker: str  # the worker that started its latest run; "" for a job never started (or queued again)
+    publish: Callable[[float], None]  # given the time it is published at
 
 
-def sweep(store: JobStore, celery: Celery, queue: str, policy: ReaperPolicy) -> int:
-    """End the queue's overdue jobs, and republish its lost jobs, level by level; returns how many were republished."""
-    expire_overdue(store, queue)
-    republished = 0
-    for priority in JobPriority:
-        republished += _republish_lost(store, celery, queue, policy, priority)
-    republished += republish_held(store, celery, queue)
-    return republished + republish_orphans(store, celery, queue, policy)
-
-
-def republish_held(store: JobStore, celery: Celery, queue: str) -> int:
-    """Publish again the messages that the queue's dead workers had received and not started; returns how many."""
-    client = store.client
-    holders = [member.decode() for member in client.smembers(holders_key(queue))]  # type: ignore[union-attr]
-    if not holders:
-        return 0
-    with client.pipeline(transaction=False) as pipe:
-        for worker in holders:
-            pipe.exists(worker_key(worker))
-        alive = pipe.execute()
-    republished = 0
-    for worker in (worker for worker, live in zip(holders, alive, strict=True) if not live):
-        held: set[bytes] = client.smembers(held_key(queue, worker))  # type: ignore[assignment]
-        for task_id in sorted(member.decode() for member in held):
-            republished += _republish_held(store, celery, queue, task_id)
-        client.delete(held_key(queue, worker))
-        client.srem(holders_key(queue), worker)
-        if held:
-            log.warning("worker %s is gone with %d messages it had not started; published again", worker, len(held))
-    return republished
-
-
-def _republish_held(store: JobStore, celery: Celery, queue: str, task_id: str) -> int:
-    """Publish again a held message (a job id, or `<batch id>.<number>`) unless its job or chunk started; 1 if so."""
+def look_up(store: JobStore, celery: Celery, queue: str, task_id: str) -> Message | None:
+    """The message of a job, or of a chunk (`<batch id>.<number>`), as it would be published again; None once it
+    ended (or expired)."""
     batch_id, dot, number = task_id.partition(".")
     if dot:
         batches = BatchStore(store)
         payload = batches.chunk_payload(batch_id, int(number))
-        if payload is None or batches.chunk_worker(batch_id, int(number)) is not None:  # ended, or started
-            return 0
+        if payload is None:
+            return None
+        member = str(payload["member"])
         priority = JobPriority(payload.get("priority") or JobPriority.NORMAL)
-        _publish_again(store, queue, priority, payload["member"], partial(publish_chunk, celery, queue, payload))
-    else:
-        job = store.get(task_id)
-        if job is None or job.status is not JobStatus.QUEUED:  # ended, started elsewhere, or pending
-            return 0
-        _publish_again(store, queue, job.priority, job.id, partial(publish_job, celery, job, queue))
-    return 1
+        worker = batches.chunk_worker(batch_id, int(number)) or ""
+        publish = partial(publish_chunk, celery, queue, payload)
+        return Message(member, priority, parse_chunk_member(member)[2], worker, publish)
+    job = store.get(task_id)
+    if job is None or job.status in ENDED_STATUSES:
+        return None
+    raw = store.client.hget(job_key_of(job.id), "worker") if job.status is JobStatus.RUNNING else None
+    worker = raw.decode() if isinstance(raw, bytes) else ""
+    return Message(job.id, job.priority, 1, worker, partial(publish_job, celery, job, queue))
 
 
-def _publish_again(
-    store: JobStore, queue: str, priority: JobPriority, member: str, publish: Callable[[], None]
-) -> None:
-    """Publish a job or chunk again, and count it. Its wait in its level's never-started set starts again (it is not
-    published a third time unless this message is lost too), before the publish: a worker may start it at once and
-    take it off the set, which this must not undo (XX: only a member still waiting)."""
-    store.client.zadd(unstarted_key(queue, priority), {member: time.time()}, xx=True)
-    publish()
+def sweep(store: JobStore, celery: Celery, queue: str, policy: ReaperPolicy) -> int:
+    """End the queue's overdue jobs, and publish again what dead workers held and what was lost; returns how many."""
+    expire_overdue(store, queue)
+    republished = republish_held(store, celery, queue)
+    republished += republish_orphans(store, celery, queue, policy)
+    return republished + republish_missing(store, celery, queue, policy)
+
+
+def find_missing(store: JobStore, queue: str) -> list[tuple[JobPriority, str]]:
+    """The queue's never-started members whose message has left its list and is held by no live worker."""
+    client = store.client
+    live = _live(client, _decoded(client.smembers(holders_key(queue))))  # type: ignore[arg-type]
+    levels = list(JobPriority)
+    with client.pipeline(transaction=False) as pipe:
+        for priority in levels:
+            pipe.get(started_mark_key(queue, priority))
+            pipe.lindex(broker_list_key(queue, priority), -1)  # the head: kombu pushes left and pops right
+        for worker in live:
+            pipe.scard(held_key(queue, worker))
+        replies = pipe.execute()
+    # The front of a level below what it has taken is what live workers hold, then the lost: read past the first.
+    limit = SWEEP_BATCH + sum(replies[2 * len(levels) :])
+    with client.pipeline(transaction=False) as pipe:
+        for index, priority in enumerate(levels):
+            taken_below = _taken_below(replies[2 * index], replies[2 * index + 1])
+            pipe.zrangebyscore(unstarted_key(queue, priority), "-inf", f"({taken_below}", start=0, num=limit)
+        for worker in live:  # read after the ranges: a message taken meanwhile is found held
+            pipe.smembers(held_key(queue, worker))
+        replies = pipe.execute()
+    held = {task_id for members in replies[len(levels) :] for task_id in _decoded(members)}
+    return [
+        (priority, member)
+        for priority, members in zip(levels, replies[: len(levels)], strict=True)
+        for member in _decoded(members)
+        if task_id_of(member) not in held
+    ]
+
+
+def _taken_below(mark: bytes | None, head: bytes | None) -> float:
+    """The enqueue time below which a level's members have left its list, from its mark and the head of its list."""
+    if head is None:  # the list is empty
+        return float("inf")
+    try:
+        published = float(json.loads(head)["headers"][PUBLISHED_HEADER]) - CLOCK_SKEW_S
+    except (ValueError, KeyError, TypeError):  # a message from before the header, or not blipq's
+        published = float("-inf")
+    return max(published, float(mark) - MARK_SKEW_S if mark is not None else float("-inf"))
+
+
+def confirm_lost(
+    client: redis.Redis, queue: str, missing: list[tuple[JobPriority, str]], grace_s: float, now: float
+) -> list[tuple[JobPriority, str]]:
+    """Those of `missing` that earlier looks found missing too, since at least `grace_s`; the others are noted."""
+    key = missing_key(queue)
+    notes: dict[bytes, bytes] = client.hgetall(key)  # type: ignore[assignment]  # bytes: the client does not decode
+    seen = {member.decode(): float(since) for member, since in notes.items()}
+    lost = [(priority, member) for priority, member in missing if now - seen.get(member, now) >= grace_s]
+    lost_members = {member for _, member in lost}
+    noted = {member: seen.get(member, now) for _, member in missing if member not in lost_members}
+    if not seen and not noted:  # nothing was missing, nor is: nothing to write
+        return lost
+    with client.pipeline(transaction=True) as pipe:
+        pipe.delete(key)  # a member found since (held, started or ended) is forgotten
+        if noted:
+            pipe.hset(key, mapping=noted)  # type: ignore[arg-type]  # redis-py: invariant Mapping
+            pipe.expire(key, MISSING_TTL_S)
+        pipe.execute()
+    return lost
+
+
+def republish_missing(store: JobStore, celery: Celery, queue: str, policy: ReaperPolicy) -> int:
+    """Publish again the queue's lost messages (found missing at two looks `grace_s` apart); returns how many."""
+    lost = confirm_lost(store.client, queue, find_missing(store, queue), policy.grace_s, time.time())
+    republished = 0
+    for priority, member in lost:
+        message = look_up(store, celery, queue, task_id_of(member))
+        if message is None or not _free(store.client, message):  # ended or expired, or a live worker started it
+            _leave_waiting(store, queue, priority, member)
+            continue
+        _publish_again(store, queue, message)
+        republished += 1
+        log.warning("%s had lost its message; published again", _named(member))
+    return republished
+
+
+def republish_held(store: JobStore, celery: Celery, queue: str) -> int:
+    """Publish again the messages that the queue's dead workers had received and not finished; returns how many."""
+    client = store.client
+    holders = _decoded(client.smembers(holders_key(queue)))  # type: ignore[arg-type]
+    live = set(_live(client, holders))
+    republished = 0
+    for worker in (worker for worker in holders if worker not in live):
+        held = sorted(_decoded(client.smembers(held_key(queue, worker))))  # type: ignore[arg-type]
+        again = 0
+        for task_id in held:
+            message = look_up(store, celery, queue, task_id)
+            if message is not None and _free(client, message):  # not ended, and no live worker started it since
+                _publish_again(store, queue, message)
+                again += 1
+        client.delete(held_key(queue, worker))
+        client.srem(holders_key(queue), worker)
+        if held:
+            log.warning(
+                "worker %s is gone with %d messages it had not finished; %d published again", worker, len(held), again
+            )
+        republished += again
+    return republished
+
+
+def republish_orphans(store: JobStore, celery: Celery, queue: str, policy: ReaperPolicy) -> int:
+    """Publish again the queue's running jobs and chunks whose worker is gone (its record expired); returns how many."""
+    client = store.client
+    now = time.time()
+    running = running_key(queue)
+    members = _decoded(client.zrangebyscore(running, "-inf", now, start=0, num=SWEEP_BATCH))  # type: ignore[arg-type]
+    republished = 0
+    for member in members:
+        message = look_up(store, celery, queue, task_id_of(member))
+        if message is None or not message.worker:  # ended (or expired), or queued again: its next start scores it
+            client.zrem(running, member)
+        elif not _free(client, message):
+            client.zadd(running, {member: now + policy.running_recheck_s})
+        else:
+            _publish_again(store, queue, message)  # watched in its never-started set from now on
+            republished += 1
+            log.warning("%s was running on %s, which is gone; published again", _named(member), message.worker)
+    return republished
+
+
+def _publish_again(store: JobStore, queue: str, message: Message) -> None:
+    """Publish a job or chunk again, and count it. Its wait in its level's never-started set starts again before the
+    publish (a worker may start it at once, and take it off the set); a run it had is over (its next start puts it
+    in the running set again)."""
+    now = time.time()  # its enqueue time and its message's publish time: the same, so that it is not found missing
+    store.requeue(message.member, queue, message.priority, message.answers, now)
+    store.client.zrem(running_key(queue), message.member)
+    message.publish(now)
     store.client.hincrby(stats_key(), "republished", 1)
 
 
+def _leave_waiting(store: JobStore, queue: str, priority: JobPriority, member: str) -> None:
+    """Take a member that will not be published again off its never-started set, with its answers waiting."""
+    answers = parse_chunk_member(member)[2] if member.startswith(CHUNK_MEMBER_PREFIX) else 1
+    if store.client.zrem(unstarted_key(queue, priority), member):
+        store.client.hincrby(waiting_answers_key(), unstarted_key(queue, priority), -answers)
+
+
+def _free(client: redis.Redis, message: Message) -> bool:
+    """Whether no live worker runs the message's job or chunk (never started, or its worker's record expired)."""
+    return not message.worker or not client.exists(worker_key(message.worker))
+
+
+def _live(client: redis.Redis, workers: list[str]) -> list[str]:
+    """Those of `workers` whose record has not expired."""
+    if not workers:
+        return []
+    with client.pipeline(transaction=False) as pipe:
+        for worker in workers:
+            pipe.exists(worker_key(worker))
+        return [worker for worker, live in zip(workers, pipe.execute(), strict=True) if live]
+
+
+def task_id_of(member: str) -> str:
+    """The task id of a never-started or running member: a job's id, or a chunk's `<batch id>.<number>`."""
+    if not member.startswith(CHUNK_MEMBER_PREFIX):
+        return member
+    batch_id, number, _ = parse_chunk_member(member)
+    return f"{batch_id}.{number}"
+
+
+def _named(member: str) -> str:
+    if not member.startswith(CHUNK_MEMBER_PREFIX):
+        return f"job {member}"
+    batch_id, number, _ = parse_chunk_member(member)
+    return f"chunk {number} of batch {batch_id}"
+
+
+def _decoded(values: Iterable[bytes]) -> list[str]:
+    return [value.decode() for value in values]
+
+
 class Receipts:
-    """Records each message a worker receives in its set of messages held (one round trip, in the consumer thread,
-    before a pool thread starts it): connected to Celery's `task_received`."""
+    """Keeps a worker's set of messages held: each message it receives goes in (one round trip, in the consumer
+    thread, before a pool thread starts it: Celery's `task_received`), and out once its task returned
+    (`task_postrun`), whether it ran, was skipped, or gave up waiting for its job's acceptance."""
 
     def __init__(self, client: redis.Redis, queue: str, worker: str) -> None:
         self.client, self.queue, self.worker = client, queue, worker
@@ -190,56 +346,14 @@ class Receipts:
                 pipe.expire(key, HELD_TTL_S)
                 pipe.sadd(holders_key(self.queue), self.worker)
                 pipe.execute()
-        except (redis.RedisError, OSError) as exc:  # the reaper's slower rules still find the job if this worker dies
+        except (redis.RedisError, OSError) as exc:  # the message looks lost: at worst it is published needlessly
             log.warning("cannot record message %s as held: %s", request.id, exc)
 
-
-def republish_orphans(store: JobStore, celery: Celery, queue: str, policy: ReaperPolicy) -> int:
-    """Publish again the queue's running jobs whose worker is gone (its record expired); returns how many."""
-    client = store.client
-    now = time.time()
-    running = running_key(queue)
-    members: list[bytes] = client.zrangebyscore(running, "-inf", now, start=0, num=SWEEP_BATCH)  # type: ignore[assignment]
-    republished = 0
-    for job_id in (member.decode() for member in members):
-        if job_id.startswith(CHUNK_MEMBER_PREFIX):
-            republished += _republish_orphan_chunk(store, celery, queue, policy, job_id, now)
-            continue
-        job = store.get(job_id)
-        worker = client.hget(job_key_of(job_id), "worker") if job is not None else None
-        if job is None or job.status is not JobStatus.RUNNING or not worker:  # ended (or expired) meanwhile
-            client.zrem(running, job_id)
-            continue
-        if client.exists(worker_key(worker.decode())):  # type: ignore[union-attr]
-            client.zadd(running, {job_id: now + policy.running_recheck_s})
-            continue
-        client.zadd(running, {job_id: now + policy.waiting_s})  # published once; its next start scores it anew
-        publish_job(celery, job, queue)
-        client.hincrby(stats_key(), "republished", 1)
-        republished += 1
-        log.warning("job %s was running on %s, which is gone; published again", job_id, worker.decode())  # type: ignore[union-attr]
-    return republished
-
-
-def _republish_orphan_chunk(
-    store: JobStore, celery: Celery, queue: str, policy: ReaperPolicy, member: str, now: float
-) -> int:
-    """Publish a running chunk again if its worker is gone; 1 when it did."""
-    batches = BatchStore(store)
-    batch_id, number, _ = parse_chunk_member(member)
-    payload = batches.chunk_payload(batch_id, number)
-    worker = batches.chunk_worker(batch_id, number)
-    if payload is None or worker is None:  # ended (or expired) meanwhile
-        store.client.zrem(running_key(queue), member)
-        return 0
-    if store.client.exists(worker_key(worker)):
-        store.client.zadd(running_key(queue), {member: now + policy.running_recheck_s})
-        return 0
-    store.client.zadd(running_key(queue), {member: now + policy.waiting_s})  # its next start scores it anew
-    publish_chunk(celery, queue, payload)
-    store.client.hincrby(stats_key(), "republished", 1)
-    log.warning("chunk %s of batch %s was running on %s, which is gone; published again", number, batch_id, worker)
-    return 1
+    def finished(self, task_id: str = "", **_: Any) -> None:
+        try:
+            self.client.srem(held_key(self.queue, self.worker), task_id)
+        except (redis.RedisError, OSError) as exc:  # a job not started waits for this worker's end to run again
+            log.warning("cannot record message %s as no longer held: %s", task_id, exc)
 
 
 def expire_overdue(store: JobStore, queue: str) -> int:
@@ -268,35 +382,6 @@ def _close_overdue_batch(store: JobStore, queue: str, member: str) -> int:
     batches.expire_if_overdue(batch, time.time())
     log.info("batch %s was not answered by its deadline: its items not yet answered expired", batch.id)
     return 1
-
-
-def _republish_lost_chunk(store: JobStore, celery: Celery, queue: str, priority: JobPriority, member: str) -> int:
-    batch_id, number, answers = parse_chunk_member(member)
-    payload = BatchStore(store).chunk_payload(batch_id, number)
-    if payload is None:  # its batch expired, or a worker started it meanwhile and it ended
-        if store.client.zrem(unstarted_key(queue, priority), member):
-            store.client.hincrby(waiting_answers_key(), unstarted_key(queue, priority), -answers)
-        return 0
-    _publish_again(store, queue, priority, member, partial(publish_chunk, celery, queue, payload))
-    log.warning("chunk %d of batch %s had lost its message; published again", number, batch_id)
-    return 1
-
-
-def _republish_lost(store: JobStore, celery: Celery, queue: str, policy: ReaperPolicy, priority: JobPriority) -> int:
-    republished = 0
-    for job_id in find_lost(store, queue, policy, time.time(), priority):
-        if job_id.startswith(CHUNK_MEMBER_PREFIX):
-            republished += _republish_lost_chunk(store, celery, queue, priority, job_id)
-            continue
-        job = store.get(job_id)
-        if job is None or job.status is not JobStatus.QUEUED:  # expired, or started meanwhile
-            if store.client.zrem(unstarted_key(queue, priority), job_id):
-                store.client.hincrby(waiting_answers_key(), unstarted_key(queue, priority), -1)
-            continue
-        _publish_again(store, queue, priority, job_id, partial(publish_job, celery, job, queue))
-        republished += 1
-        log.warning("job %s had lost its message; published again", job_id)
-    return republished
 
 
 class ReaperThread(threading.Thread):

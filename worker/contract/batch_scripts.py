@@ -209,14 +209,13 @@ end
 # reaper's watch). A batch closed (or past its deadline) runs nothing; a chunk started too many times without ending
 # ends its items `worker_lost`.
 # KEYS = batch, chunks, never-started set, mark, running set, stats, outcome hash, item list, outbox, ended list,
-# outcomes, held set; ARGV = member, number, now, worker, max attempts, gave-up message, answers, model, task id.
+# outcomes; ARGV = member, number, now, worker, max attempts, gave-up message, answers, model.
 # Returns the attempt number (>= 1) or a START_* code of worker/contract/transitions.py (START_PENDING while the batch's
 # submission is not accepted yet, as for a job).
 START_CHUNK_LUA = (
     _LIBRARY
     + """
 if meta(KEYS[1]).pending == '1' then return -5 end
-redis.call('srem', KEYS[12], ARGV[9])
 take_from_queue(KEYS[3], KEYS[4], ARGV[1], tonumber(ARGV[7]))
 if not meta(KEYS[1]).count then
   redis.call('zrem', KEYS[5], ARGV[1])

@@ -47,7 +47,6 @@ from worker.contract.jobs import (
     batch_key,
     deadlines_key,
     ended_key,
-    held_key,
     running_key,
     started_mark_key,
     stats_key,
@@ -405,9 +404,8 @@ class BatchStore:
         message = f"the chunk was started {max_attempts} times and its worker died each time; it is not tried again"
         keys = [batch_key(bid), chunks_key(bid), unstarted_key(queue, priority), started_mark_key(queue, priority)]
         keys += [running_key(queue), stats_key(), outcomes_key(bid), items_key(bid), webhook_outbox_key()]
-        keys += [ended_key(bid), outcomes_key_of_queue(queue), held_key(queue, worker)]
+        keys += [ended_key(bid), outcomes_key_of_queue(queue)]
         args: list[str | int | float] = [member, number, time.time(), worker, max_attempts, message, answers, model]
-        args.append(f"{bid}.{number}")  # the chunk's task id, as the worker's set of messages held names it
         return int(self._start(keys=keys, args=args))
 
     def run_items(self, groups: list[tuple[str, list[int]]]) -> list[set[int]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any
 
 from celery import Celery
@@ -18,10 +19,13 @@ TASK_VQA = "blipq.vqa"
 TASK_VQA_CHUNK = "blipq.vqa_chunk"  # a chunk of a batch's items: images, each with its (item index, text) pairs
 SOFT_LIMIT_MARGIN_S = 10  # the soft limit comes this much earlier, so the job can record its `timeout` failure
 VISIBILITY_MARGIN_S = 60  # beyond the hard limit, before a job reserved by a vanished worker is delivered again
+# A message header: when it was published (epoch seconds, taken before the publish). A level's list is first in, first
+# out, so a job accepted before the message at the head of its list was published has left the list (worker/reaper.py).
+PUBLISHED_HEADER = "blipq_published_at"
 
 
-def publish_job(celery: Celery, job: Job, queue: str) -> None:
-    """Send the job's task message (task id = job id) at the job's priority.
+def publish_job(celery: Celery, job: Job, queue: str, published_at: float | None = None) -> None:
+    """Send the job's task message (task id = job id) at the job's priority, stamped `published_at` (default: now).
 
     `task` tells the worker what `question` is: a question (vqa), or a caption's prompt ("" for none).
     """
@@ -32,11 +36,14 @@ def publish_job(celery: Celery, job: Job, queue: str) -> None:
         "priority": str(job.priority),
         "task": str(job.task),
     }
-    celery.send_task(TASK_VQA, args=[payload], task_id=job.id, queue=queue, priority=BROKER_PRIORITY[job.priority])
+    headers = {PUBLISHED_HEADER: time.time() if published_at is None else published_at}
+    priority = BROKER_PRIORITY[job.priority]
+    celery.send_task(TASK_VQA, args=[payload], task_id=job.id, queue=queue, priority=priority, headers=headers)
 
 
-def publish_chunk(celery: Celery, queue: str, payload: dict[str, Any]) -> None:
-    """Send a chunk of a batch (task id `<batch id>.<number>`) on the queue of its task, at its priority.
+def publish_chunk(celery: Celery, queue: str, payload: dict[str, Any], published_at: float | None = None) -> None:
+    """Send a chunk of a batch (task id `<batch id>.<number>`) on the queue of its task, at its priority, stamped
+    `published_at` (default: now).
 
     `payload` is one of the chunks worker.contract.batches.BatchStore.create stored: {"batch_id", "number", "member",
     "priority", "task", "images": [{"image_url" | "upload", "items": [[index, text], ...]}, ...]}; `task` says what
@@ -44,7 +51,8 @@ def publish_chunk(celery: Celery, queue: str, payload: dict[str, Any]) -> None:
     """
     priority = BROKER_PRIORITY[JobPriority(payload["priority"])]
     task_id = f"{payload['batch_id']}.{payload['number']}"
-    celery.send_task(TASK_VQA_CHUNK, args=[payload], task_id=task_id, queue=queue, priority=priority)
+    headers = {PUBLISHED_HEADER: time.time() if published_at is None else published_at}
+    celery.send_task(TASK_VQA_CHUNK, args=[payload], task_id=task_id, queue=queue, priority=priority, headers=headers)
 
 
 def create_celery(where: RedisTarget | str, queue: str, time_limit_s: int = DEFAULT_TIME_LIMIT_S) -> Celery:

@@ -38,6 +38,7 @@ from worker.contract.transitions import (
     FINISH_LUA,
     RELEASE_KEY_LUA,
     REPLACE_KEY_LUA,
+    REQUEUE_LUA,
     START_LUA,
     WAITING_ANSWERS_KEY,
     WITHDRAW_LUA,
@@ -85,7 +86,8 @@ def stats_key() -> str:
 
 
 def unstarted_key(queue: str, priority: JobPriority = JobPriority.NORMAL) -> str:
-    """The sorted set of a queue level's jobs that no worker has started yet, scored by enqueue time (epoch seconds).
+    """The sorted set of a queue level's jobs (and chunks) that no worker has started yet, scored by enqueue time
+    (epoch seconds); a job whose worker died while running it joins it again when the reaper publishes it again.
 
     The normal level keeps the name the whole queue had before priorities, so jobs queued across an upgrade stay
     watched by the reaper.
@@ -95,7 +97,8 @@ def unstarted_key(queue: str, priority: JobPriority = JobPriority.NORMAL) -> str
 
 
 def started_mark_key(queue: str, priority: JobPriority = JobPriority.NORMAL) -> str:
-    """The latest enqueue time (epoch seconds) of a job of this queue level that a worker started."""
+    """The latest enqueue time (epoch seconds) of a job of this queue level that a worker started: every message of
+    the level enqueued well before it has left the level's list (first in, first out; worker/reaper.py)."""
     suffix = "" if priority is JobPriority.NORMAL else f":{priority}"
     return f"{KEY_PREFIX}started-mark:{queue}{suffix}"
 
@@ -152,13 +155,20 @@ def batch_upload_key(batch_id: str, number: int) -> str:
 
 
 def held_key(queue: str, worker: str) -> str:
-    """The set of the messages (task ids) a worker of `queue` received and has not started yet (worker/reaper.py)."""
+    """The set of the messages (task ids) a worker of `queue` received and has not finished yet, started or not: the
+    reaper publishes them again when the worker dies (worker/reaper.py)."""
     return f"{KEY_PREFIX}held:{queue}:{worker}"
 
 
 def holders_key(queue: str) -> str:
     """The set of the workers of `queue` that have a set of messages held (worker/reaper.py)."""
     return f"{KEY_PREFIX}holders:{queue}"
+
+
+def missing_key(queue: str) -> str:
+    """The hash of the queue's waiting jobs and chunks that the reaper's last look found nowhere a live worker would
+    take them (member -> when first found so, epoch seconds): lost if the next look, a grace later, agrees."""
+    return f"{KEY_PREFIX}missing:{queue}"
 
 
 def idempotency_key(owner: str, key: str) -> str:
@@ -279,6 +289,7 @@ class JobStore:
         self._replace_key = client.register_script(REPLACE_KEY_LUA)
         self._accept = client.register_script(ACCEPT_LUA)
         self._withdraw = client.register_script(WITHDRAW_LUA)
+        self._requeue = client.register_script(REQUEUE_LUA)
 
     @classmethod
     def connect(cls, where: RedisTarget | str, ttl_s: int, timeout_s: float = 5.0, outage_s: float = 0.0) -> JobStore:
@@ -387,9 +398,12 @@ class JobStore:
                 args += [DEADLINE_MESSAGE, CANCELED_RERUN_MESSAGE]
                 keys = [job_key(job_id), stats_key(), unstarted_key(queue, priority), started_mark_key(queue, priority)]
                 keys += [upload_key(job_id), webhook_outbox_key(), deadlines_key(queue), running_key(queue)]
-                keys += [held_key(queue, worker)]
                 self._start(keys=keys, args=args, client=pipe)
             return [int(attempt) for attempt in pipe.execute()]
+
+    def requeue(self, member: str, queue: str, priority: JobPriority, answers: int, enqueued_at: float) -> None:
+        """Start again the wait of a job or chunk (`member`) whose message is published again (REQUEUE_LUA)."""
+        self._requeue(keys=[unstarted_key(queue, priority)], args=[member, enqueued_at, answers])
 
     def cancel(self, job: Job, queue: str) -> int:
         """Cancel the job: see CANCEL_LUA; returns one of the CANCEL_* codes."""

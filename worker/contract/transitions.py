@@ -21,13 +21,14 @@ ENDED_KEY_TTL_S = 120  # long enough for any waiting read to see it
 # What every script below starts with. `end_job` writes the final fields, deletes the upload and, when the job names
 # a webhook, puts its delivery in the outbox, due now: in the same script, so an ended job's webhook is never lost.
 # A job's end is also pushed on its `ended` list, which wakes the API's reads waiting for it.
-# A job leaves its level's set of jobs never started once, and the count of answers waiting in the queue with it
+# A job leaves its level's set of jobs never started, and the count of answers waiting in the queue with it
 # (`leave_queue`, or `take_from_queue` below: the admission check reads that count,
-# worker.contract.jobs.waiting_answers_key).
+# worker.contract.jobs.waiting_answers_key), once per time it joined it (it joins again only when the reaper publishes
+# it again after its worker died mid-run: REQUEUE_LUA).
 #
 # A start, of a job or of a batch's chunk (batch_scripts.py uses this too), takes the member off its level's
-# set of jobs never started, with its answers from the waiting count, and moves the level's mark (the latest enqueue
-# time of a job started) forward: see worker/reaper.py.
+# set of jobs never started, with its answers from the waiting count, and moves the level's mark (the latest
+# enqueue time of a job started) forward: see worker/reaper.py.
 TAKE_FROM_QUEUE_LUA = (
     f"local WAITING = '{WAITING_ANSWERS_KEY}'\n"
     + """
@@ -96,6 +97,21 @@ return 1
 """
 )
 
+# Puts a job or chunk whose message the reaper publishes again in its level's never-started set, scored now (its
+# wait starts again: it is not published a third time unless this message is lost too). A member still waiting keeps
+# its place in the count of answers waiting; one that had started (its worker died while running it) joins both
+# again. A worker's start may take the member off just before: the reaper then finds it started and takes it off
+# again (worker/reaper.py).
+# KEYS = never-started set; ARGV = member, now (epoch s), answers. Returns 1 when the member joined the set, else 0.
+REQUEUE_LUA = (
+    f"local WAITING = '{WAITING_ANSWERS_KEY}'\n"
+    + """
+local joined = redis.call('zadd', KEYS[1], ARGV[2], ARGV[1])
+if joined == 1 then redis.call('hincrby', WAITING, KEYS[1], tonumber(ARGV[3])) end
+return joined
+"""
+)
+
 # Withdraws a job whose submission failed (its message could not be published, or too few replicas acknowledged
 # it): deleted with its upload, unless a worker started it already (it then runs, and the API answers 202).
 # KEYS = job hash, upload, never-started set, deadlines set; ARGV = job id.
@@ -118,16 +134,14 @@ return 1
 # deadline ends `expired` here, and one whose cancel was asked while it ran (its worker died since) ends `canceled`:
 # neither runs.
 # A job that runs is in its queue's running set (until it ends), for the reaper to notice a worker that died with it.
-# A job still pending (its submission not yet accepted) is not started: the worker asks again shortly. Any other
-# answer takes the job off the worker's set of jobs held (see worker/reaper.py).
-# KEYS = job hash, stats hash, never-started set, mark, upload, webhook outbox, deadlines set, running set, held set;
+# A job still pending (its submission not yet accepted) is not started: the worker asks again shortly.
+# KEYS = job hash, stats hash, never-started set, mark, upload, webhook outbox, deadlines set, running set;
 # ARGV = max attempts, started_at, model, worker, gave-up message, job id, now (epoch s), deadline message,
 # canceled-rerun message. Returns the attempt number (>= 1) or one of the START_* codes below.
 START_LUA = (
     _LUA_LIBRARY
     + """
 if redis.call('hget', KEYS[1], 'pending') == '1' then return -5 end
-redis.call('srem', KEYS[9], ARGV[6])
 take_from_queue(KEYS[3], KEYS[4], ARGV[6], 1)
 redis.call('zrem', KEYS[7], ARGV[6])
 if redis.call('exists', KEYS[1]) == 0 then return -1 end
