@@ -18,6 +18,7 @@ from types import FrameType
 
 import redis
 import requests
+from redis.sentinel import MasterNotFoundError, Sentinel
 
 from api.settings import ApiSettings, UpSettings
 from api.up_checks import UpCheckError, check_port_free, lock_data_dir
@@ -130,14 +131,18 @@ class SentinelGroup:
         """The value of BLIPQ_REDIS_SENTINELS for this group."""
         return ",".join(f"127.0.0.1:{port}" for port in self.sentinel_ports)
 
-    def primary_port(self) -> int:
-        """The port of the primary the sentinels name now."""
-        client = redis.Redis(port=self.sentinel_ports[0], socket_timeout=2, decode_responses=True)
+    def primary_port(self) -> int | None:
+        """The port of the primary as a client finds it now (redis-py's discovery: the first sentinel that names a
+        primary it does not see down), or None while none does: mid-failover, a sentinel already names the promoted
+        replica while its view of the primary is still flagged down, and clients find no primary yet."""
+        sentinel = Sentinel([("127.0.0.1", port) for port in self.sentinel_ports], socket_timeout=2)
         try:
-            address: tuple[str, int] = client.sentinel_get_master_addr_by_name(self.master)  # type: ignore[assignment]
-            return int(address[1])
+            return int(sentinel.discover_master(self.master)[1])
+        except MasterNotFoundError:
+            return None
         finally:
-            client.close()
+            for client in sentinel.sentinels:
+                client.close()
 
     def stop(self) -> None:
         for process in [*self.sentinels, *(server.process for server in self.servers)]:

@@ -131,8 +131,9 @@ class Fleet:
         os.kill(old.process.pid, 9)
         old.process.wait()
         killed = time.monotonic()
-        while (port := self.group.primary_port()) == old.port:
+        while (port := self.group.primary_port()) in (None, old.port):
             time.sleep(0.05)
+        assert port is not None
         named_after_s = time.monotonic() - killed
         [self.redis] = [server for server in self.group.servers if server.port == port]
         self.group.servers.remove(old)

@@ -18,6 +18,7 @@ from api.up import RedisProcess, stop_process
 from tests.conftest import WorkerProcess, api_client, start_worker, wait_for_batch, wait_for_job
 from tests.fixtures import hostile
 from tests.fixtures.images import shape_png
+from tests.fixtures.stored import stored_keys
 from worker.contract.batches import BatchStore, outcome_value
 from worker.contract.broker import create_celery, publish_chunk
 from worker.contract.jobs import JobStore
@@ -174,7 +175,7 @@ def test_a_non_image_upload_is_refused_naming_it_and_nothing_is_stored(
     error = response.get_json()["error"]
     assert error["code"] == "image_invalid"
     assert error["image"] == {"index": 1, "name": "notes.pdf"} and "images[1] (notes.pdf)" in error["message"]
-    assert list(redis_client.scan_iter("blipq:*")) == []
+    assert stored_keys(redis_client) == []
 
 
 @pytest.mark.parametrize(
@@ -220,7 +221,7 @@ def test_a_body_over_the_batch_upload_limit_is_refused(idle_api: FlaskClient, re
     assert response.status_code == 413
     assert response.get_json()["error"]["code"] == "body_too_large"
     assert "BLIPQ_MAX_BATCH_UPLOAD_BYTES" in response.get_json()["error"]["message"]
-    assert list(redis_client.scan_iter("blipq:*")) == []
+    assert stored_keys(redis_client) == []
 
 
 @pytest.mark.parametrize(

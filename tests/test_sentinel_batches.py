@@ -60,7 +60,9 @@ def worker(
 @pytest.fixture
 def primary(sentinel_group: SentinelGroup) -> Iterator[redis.Redis]:
     """The primary's database DATABASE, with every blipq record removed before the test."""
-    client = redis.Redis(port=sentinel_group.primary_port(), db=DATABASE)
+    port = sentinel_group.primary_port()
+    assert port is not None, "the sentinels name a primary"
+    client = redis.Redis(port=port, db=DATABASE)
     if keys := list(client.scan_iter("blipq:*")):
         client.delete(*keys)
     yield client
@@ -128,7 +130,7 @@ def test_a_rate_limit_is_enforced_through_the_sentinels_and_counted_in_the_confi
     # Given: rate limits counted in Redis found through Sentinel (before a queue no worker reads)
     client = sentinel_api(sentinel_group, "sentinel-idle", rate_limit="2/minute", poll_rate_limit="3/minute")
     job = {"image_url": "https://images.example.com/a.png", "question": "what?"}
-    other_database = redis.Redis(port=sentinel_group.primary_port(), db=0)
+    other_database = redis.Redis(port=primary.connection_pool.connection_kwargs["port"], db=0)
 
     # When: a client submits three jobs and reads one four times
     submitted = [client.post("/v1/jobs", json=job) for _ in range(3)]

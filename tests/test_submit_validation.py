@@ -15,6 +15,7 @@ from api.up import RedisProcess, start_redis
 from tests.conftest import api_client
 from tests.fixtures import hostile
 from tests.fixtures.images import shape_png
+from tests.fixtures.stored import stored_keys
 
 UNCONSUMED_QUEUE = "unconsumed"  # no worker reads it: whatever is enqueued stays there to be counted
 MAX_IMAGE_BYTES = 64 * 1024
@@ -35,9 +36,7 @@ def api(redis_server: RedisProcess, redis_client: redis.Redis) -> FlaskClient:
 
 
 def assert_nothing_enqueued(client: redis.Redis) -> None:
-    # Workers of other fixtures announce themselves (blipq:worker:..., blipq:workers:...) at any moment: not ours.
-    stored = [key for key in client.scan_iter("blipq:*") if not key.startswith((b"blipq:worker:", b"blipq:workers:"))]
-    assert stored == []
+    assert stored_keys(client) == []
     assert queue_depth(client, UNCONSUMED_QUEUE) == 0
 
 
