@@ -23,6 +23,7 @@ from werkzeug.serving import make_server
 from api.app import create_app
 from api.settings import ApiSettings
 from api.up import RedisProcess, start_redis, stop_process
+from tests.fixtures.stored import stored_keys
 from tests.fixtures.tiny_model import build_tiny_caption_model, build_tiny_vqa_model
 from worker.contract.fleet import fleet_client, live_workers
 
@@ -55,10 +56,11 @@ def redis_server() -> Iterator[RedisProcess]:
 def redis_client(redis_server: RedisProcess) -> Iterator[redis.Redis]:
     """A client of the session's Redis, with every blipq record removed before the test.
 
-    Only blipq's keys are removed: Celery's own keys (its queue bindings) must survive for the running workers.
+    Only the records of submissions are removed: Celery's own keys (its queue bindings), and the records the running
+    workers keep about themselves (which /readyz reads), must survive for the session's workers.
     """
     client = redis.Redis.from_url(redis_server.url)
-    keys = list(client.scan_iter("blipq:*"))
+    keys = stored_keys(client)
     if keys:
         client.delete(*keys)
     yield client
