@@ -1,7 +1,7 @@
 """`blipq tag` at volume: the command line a user runs to tag many images, side by side with the inference core.
 
     python -m benchmarks.tag_cli [--images 1000] [--memory-images 10000] [--small-memory-images 1000] [--photos 100]
-        [--quick] [--out FILE]
+        [--quick] [--smoke] [--out FILE]
 
 In one run on one machine, with the shipped demo model, one worker (BLIPQ_BATCH_MAX_SIZE=32, BLIPQ_TORCH_THREADS=1)
 and one torch thread in this process, over the first --images easy-VQA test images (PNG files in a temporary
@@ -26,7 +26,8 @@ directory) and two easy-VQA questions ("what color is the shape?", "what shape i
     client's included, and, where the worker exports it, of each of its stages (benchmarks/photo_runs.py).
 Every run checks the exit status and that OUT has one succeeded line per pair; the service's answers are compared with
 the core's, and the CPU each process spent in runs 1-2 is printed. About 2 minutes on a 2-core machine; --quick (200
-images, memory runs of 200 and 2,000, 30 photos), 1 minute.
+images, memory runs of 200 and 2,000, 30 photos), 1 minute; --smoke (4 images, memory runs of 4 and 8, 2 photos of the
+smoke mix), every run's path end to end.
 """
 
 from __future__ import annotations
@@ -80,10 +81,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--small-memory-images", type=int, default=1000, help="the small memory run's images (1000)")
     add_photo_options(parser, 100, "run 6")
     parser.add_argument("--quick", action="store_true", help="200 images; memory runs of 200 and 2,000; 30 photos")
+    parser.add_argument("--smoke", action="store_true", help="4 images; memory runs of 4 and 8; 2 small photos")
     parser.add_argument("--out", type=Path, help="write every figure to this JSON file")
     args = parser.parse_args()
     if args.quick:
         args.images, args.small_memory_images, args.memory_images, args.photos = 200, 200, 2000, 30
+    if args.smoke:
+        args.images, args.small_memory_images, args.memory_images, args.photos, args.photo_mix = 4, 4, 8, 2, "smoke"
     return args
 
 
