@@ -32,7 +32,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=1000, help="submissions to each instance per round (default 1000)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds, the queue emptied after each (default 3)")
-    parser.add_argument("--smoke", action="store_true", help="20 submissions each, one round: the path, in a second")
+    parser.add_argument("--smoke", action="store_true", help="20 submissions to each instance, one round")
     args = parser.parse_args()
     if args.smoke:
         args.jobs, args.rounds = 20, 1

