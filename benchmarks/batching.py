@@ -1,6 +1,6 @@
 """Batching on the real architecture: BLIP-base (random weights) at batch 1, 4 and 16 on the CPU, service vs bare loop.
 
-    python -m benchmarks.batching [--batch-sizes 1,4,16] [--answers 4] [--rounds 3] [--max-new-tokens 5]
+    python -m benchmarks.batching [--batch-sizes 1,4,16] [--answers 4] [--rounds 3] [--max-new-tokens 5] [--smoke]
 
 The model is Salesforce/blip-vqa-base's architecture (`BlipConfig()` defaults, 384 px images, a tokenizer of the real
 vocabulary's size) with random weights, built once by benchmarks/blip_base.py into ~/.cache/blipq-bench: the hub
@@ -18,7 +18,7 @@ other so that a busy spell of this shared machine hits both:
 Both use --torch-threads (2). Prints answers/s of both over all rounds, service / bare over all rounds and the
 median of the rounds' ratios (goal >= 0.9), and how many answers differ. BLIP-base does 1-3 answers/s on two cores,
 so the counts are small (12 answers per point and side at batch 1 and 4, 48 at 16): a run takes about 3-4 minutes
-on this machine.
+on this machine. `--smoke`: batch 2, one round, 2 tokens, on blip_base.py's narrow variant: seconds.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.blip_base import CACHE_DIR, QUESTIONS, build_blip_base
+from benchmarks.blip_base import CACHE_DIR, QUESTIONS, SMALL_CACHE_DIR, build_blip_base
 from benchmarks.fleet import Fleet, easy_vqa_image_paths, run_batch, wait_until_serving
 
 QUESTIONS_PER_IMAGE = 4  # a tagging batch's shape: every question asked of every image
@@ -86,8 +86,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=3, help="bare then service, this many times (default 3)")
     parser.add_argument("--max-new-tokens", type=int, default=5, help="in the bare loop and the worker (default 5)")
     parser.add_argument("--torch-threads", type=int, default=2, help="in this process and the worker (default 2)")
-    parser.add_argument("--model-dir", type=Path, default=CACHE_DIR, help="where the BLIP-base checkpoint is kept")
-    return parser.parse_args()
+    parser.add_argument("--model-dir", type=Path, help=f"where the BLIP-base checkpoint is kept (default {CACHE_DIR})")
+    parser.add_argument("--smoke", action="store_true", help="batch 2, one round, 2 tokens, the narrow model")
+    args = parser.parse_args()
+    if args.smoke:
+        args.batch_sizes, args.answers, args.rounds, args.max_new_tokens, args.torch_threads = "2", 2, 1, 2, 1
+    args.model_dir = args.model_dir or (SMALL_CACHE_DIR if args.smoke else CACHE_DIR)
+    return args
 
 
 def main() -> int:
@@ -99,7 +104,7 @@ def main() -> int:
 
     batch_sizes = [int(size) for size in args.batch_sizes.split(",")]
     torch.set_num_threads(args.torch_threads)
-    model_dir = str(build_blip_base(args.model_dir))
+    model_dir = str(build_blip_base(args.model_dir, small=args.smoke))
     image_count = -(-max(args.answers, *batch_sizes) // QUESTIONS_PER_IMAGE)
     paths = easy_vqa_image_paths(image_count)
     images = [Image.open(path).convert("RGB") for path in paths]
@@ -124,8 +129,9 @@ def main() -> int:
     finally:
         fleet.stop()
 
+    model = "BLIP-base's narrow variant" if args.smoke else "BLIP-base architecture"
     print(
-        f"BLIP-base architecture (random weights), CPU float32, {args.torch_threads} torch threads, max_new_tokens"
+        f"{model} (random weights), CPU float32, {args.torch_threads} torch threads, max_new_tokens"
         f" {args.max_new_tokens}, {QUESTIONS_PER_IMAGE} questions per image, one worker, this machine"
     )
     print("batch  answers  bare answers/s  service answers/s  service/bare  median of rounds (goal >= 0.9)  differing")

@@ -5,7 +5,11 @@ benchmarks build the model and save it as a local checkpoint (model, BlipProcess
 vocabulary's size and special-token ids) that `from_pretrained`, and so the worker's BLIPQ_MODEL, load like the real
 one. Built once per cache directory; a re-run only loads it.
 
-    python -m benchmarks.blip_base [--dir DIR]   # build (or find) the checkpoint and print where it is
+The smoke runs of the benchmarks that measure it (batching, gpu) build a narrow variant through the same code
+(`small=True`: the same tokenizer, special ids and 384 px processor, one narrow layer per stack), into a directory of
+its own.
+
+    python -m benchmarks.blip_base [--dir DIR] [--small]   # build (or find) the checkpoint and print where it is
 """
 
 from __future__ import annotations
@@ -17,7 +21,12 @@ from pathlib import Path
 
 CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "blipq-bench" / "blip-vqa-base-random"
 VOCAB_SIZE = 30524  # BlipTextConfig's default: bert-base-uncased's 30522 plus [DEC] and [ENC]
+SMALL_CACHE_DIR = CACHE_DIR.with_name("blip-vqa-base-small")
 IMAGE_SIZE = 384  # Salesforce/blip-vqa-base's processor size
+# The narrow variant's layers (smoke runs): a forward pass in milliseconds; 32 px patches over the 384 px input.
+SMALL_LAYERS = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
+SMALL_TEXT = {**SMALL_LAYERS, "encoder_hidden_size": 32}
+SMALL_VISION = {**SMALL_LAYERS, "patch_size": 32}
 # Special tokens at the ids they have in Salesforce/blip-vqa-base's tokenizer, which BlipConfig()'s defaults name.
 SPECIAL_IDS = {"[PAD]": 0, "[UNK]": 100, "[CLS]": 101, "[SEP]": 102, "[MASK]": 103, "[DEC]": 30522, "[ENC]": 30523}
 # Questions of the lengths VQA v2 users ask (5 to 12 words), about photos; their words are in the vocabulary.
@@ -51,8 +60,9 @@ def vocabulary() -> dict[str, int]:
     return {**SPECIAL_IDS, **dict(zip(words + fillers, free_ids, strict=True))}
 
 
-def build_blip_base(directory: Path = CACHE_DIR, seed: int = 0) -> Path:
-    """The checkpoint in `directory`, built there first if it is not complete yet; returns the directory."""
+def build_blip_base(directory: Path = CACHE_DIR, seed: int = 0, small: bool = False) -> Path:
+    """The checkpoint in `directory`, built there first if it is not complete yet; returns the directory. `small`:
+    the narrow variant (SMALL_TEXT, SMALL_VISION) of the smoke runs."""
     if (directory / "model.safetensors").exists() and (directory / "processor_config.json").exists():
         return directory
     import torch
@@ -68,8 +78,10 @@ def build_blip_base(directory: Path = CACHE_DIR, seed: int = 0) -> Path:
             "bos_token_id": SPECIAL_IDS["[DEC]"],
             "sep_token_id": sep,
             "eos_token_id": sep,  # the decoder ends an answer with [SEP], as blip-vqa-base's does
+            **(SMALL_TEXT if small else {}),
         },
-        vision_config={"image_size": IMAGE_SIZE},
+        vision_config={"image_size": IMAGE_SIZE, **(SMALL_VISION if small else {})},
+        **({"projection_dim": 32} if small else {}),
     )
     torch.manual_seed(seed)
     model = BlipForQuestionAnswering(config)
@@ -84,9 +96,10 @@ def build_blip_base(directory: Path = CACHE_DIR, seed: int = 0) -> Path:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dir", type=Path, default=CACHE_DIR, help="where the checkpoint is kept")
+    parser.add_argument("--dir", type=Path, help=f"where the checkpoint is kept (default {CACHE_DIR})")
+    parser.add_argument("--small", action="store_true", help=f"the smoke runs' narrow variant ({SMALL_CACHE_DIR})")
     args = parser.parse_args()
-    print(build_blip_base(args.dir))
+    print(build_blip_base(args.dir or (SMALL_CACHE_DIR if args.small else CACHE_DIR), small=args.small))
     return 0
 
 

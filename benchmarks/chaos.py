@@ -2,6 +2,7 @@
 
     python -m benchmarks.chaos [--jobs 3000] [--rate 60] [--workers 2] [--time-limit 30] [--redis sentinel|single]
     python -m benchmarks.chaos --kill-loop 50 [--workers 3] [--rate 20] [--batch-every-s 2] [--seed N] ...
+    python -m benchmarks.chaos --smoke   # the kill loop at its smallest: one kill, two workers, one Redis
 
 Starts its own Redis (by default a primary, two replicas and three sentinels, which every process goes through; with
 `--redis single`, one server with its append-only file on), the API (gunicorn, real HTTP) and N workers serving the
@@ -132,7 +133,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--kill-gap-s", type=float, nargs=2, default=(1.0, 4.0), metavar=("MIN", "MAX"))
     parser.add_argument("--batch-every-s", type=float, default=2.0, help="with --kill-loop: a batch every so often")
     parser.add_argument("--seed", type=int, default=None, help="with --kill-loop: the kill schedule's seed")
-    return parser.parse_args()
+    parser.add_argument("--smoke", action="store_true", help="--kill-loop 1, 2 workers, --redis single, 20 jobs at 5/s")
+    args = parser.parse_args()
+    if args.smoke:
+        args.kill_loop, args.workers, args.redis, args.jobs, args.rate = 1, 2, "single", 20, 5.0
+        args.kill_gap_s, args.batch_every_s = (0.5, 1.0), 0.5
+    return args
 
 
 def main() -> int:

@@ -1,6 +1,6 @@
 """Decoding photos for the model: what full decodes cost, and what the fast mode saves, side by side.
 
-    python -m benchmarks.decoding [--quick] [--repeats 7] [--size 2MP] [--size 12MP]
+    python -m benchmarks.decoding [--quick] [--smoke] [--repeats 7] [--size 2MP] [--size 12MP]
 
 Synthetic photos (benchmarks/photos.py) at 2 and 12 MP, median milliseconds of one image in one thread, the
 compared calls taking turns: (1) JPEG quality 90, decode only: Pillow in full, Pillow with `draft` at 384 px,
@@ -10,7 +10,7 @@ at 64 px (the demo models), and simplejpeg's scaled decode plus the same PIL res
 bound); (3) the same JPEG with a non-sRGB ICC profile against none, fast and exact (the cost of colour management);
 (4) the photo as PNG, WebP (quality 90), HEIC and AVIF (quality 80), exact and fast at 384 px (fast: the box
 reduction before the resize), and as PNG and HEIC with the non-sRGB profile; (5) eight images decoded fast by two
-threads against one (Pillow releases the GIL). `--quick`: a 0.3 MP photo, 2 repeats.
+threads against one (Pillow releases the GIL). `--quick`: a 0.3 MP photo, 2 repeats; `--smoke`, one repeat.
 """
 
 from __future__ import annotations
@@ -143,11 +143,12 @@ def threads_row(data: bytes, repeats: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one 0.3 MP photo, 2 repeats")
+    parser.add_argument("--smoke", action="store_true", help="one 0.3 MP photo, one repeat")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--size", choices=BENCH_SIZES, action="append", help="only these photo sizes")
     args = parser.parse_args()
-    repeats = 2 if args.quick else args.repeats
-    sizes = QUICK_SIZES if args.quick else {name: NAMED_SIZES[name] for name in args.size or BENCH_SIZES}
+    repeats = 1 if args.smoke else 2 if args.quick else args.repeats
+    sizes = QUICK_SIZES if args.quick or args.smoke else {name: NAMED_SIZES[name] for name in args.size or BENCH_SIZES}
     has_simplejpeg = importlib.util.find_spec("simplejpeg") is not None
     print(f"median ms of one image (one thread unless said), {repeats} repeats; simplejpeg installed: {has_simplejpeg}")
     for name, size in sizes.items():

@@ -1,6 +1,6 @@
 """The machine's feed limit: how many of these pictures its cores can turn into model input, images/s.
 
-    python -m benchmarks.feed [--mix camera] [--count 100] [--size 384] [--processes N]
+    python -m benchmarks.feed [--mix camera] [--count 100] [--size 384] [--processes N] [--smoke]
 
 What every photo benchmark prints beside the service's rate, measured in the same run on the same bytes: the files
 read into memory, then decoded as fast as this machine knows how, to the model's input size (the served model's
@@ -14,7 +14,7 @@ the EXIF orientation applied and the processor's bicubic resize. Two ways, and t
   YCbCr, and every other format, goes the Pillow way.
 
 A service whose worker did only this would run at the feed limit: service / feed limit is the share of the machine's
-decoding capacity the service turns into answers.
+decoding capacity the service turns into answers. `--smoke`: 4 pictures of the smoke mix (0.3 MP).
 """
 
 from __future__ import annotations
@@ -217,7 +217,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--count", type=int, default=100, help="pictures (default 100)")
     parser.add_argument("--size", type=int, default=BLIP_BASE_SIZE, help="the model's input size (default 384)")
     parser.add_argument("--processes", type=int, help="decoding processes (default: one per core)")
+    parser.add_argument("--smoke", action="store_true", help="4 pictures of the smoke mix (0.3 MP)")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.mix, args.count = "smoke", 4
     paths = photo_set(args.mix, args.count)
     print(f"{MIXES[args.mix].title}: {describe(paths)}")
     print(measure(paths, args.size, args.processes).describe())

@@ -1,6 +1,6 @@
 """Fetching image URLs: the worker's CPU per image and images/s, connections kept alive versus a new one per image.
 
-    python -m benchmarks.fetch [--quick] [--repeats 5]
+    python -m benchmarks.fetch [--quick] [--smoke] [--repeats 9]
 
 A local HTTP/1.1 server (Python's http.server, keeping connections alive, TCP_NODELAY) runs in a child process and
 serves a small PNG (about 5 kB) and a camera-sized JPEG (6 MP, about 1.6 MB). This process fetches them with
@@ -9,7 +9,8 @@ with the default keep-alive (BLIPQ_FETCH_KEEPALIVE_S) and with 0 (a new guarded 
 thread of its own, a connect, `Connection: close`). The two modes take turns within each repeat. CPU per image is this
 process's CPU time (every thread of it, the lookup threads included; not the server's) over the images fetched.
 The URL's host is the address 127.0.0.1, so a lookup costs the guard's thread and getaddrinfo on a number, not a DNS
-round trip: a real name would add its own cost to the new-connection side. Prints medians and ratios.
+round trip: a real name would add its own cost to the new-connection side. Prints medians and ratios. `--smoke`: 16
+small images and 8 photos per measurement, one repeat.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ LIMITS = FetchLimits(max_bytes=20_000_000, max_pixels=40_000_000, connect_timeou
 # many repeats: on a shared machine the load drifts, and a ratio of two measurements taken back to back drifts less.
 IMAGES = {"/small.png": 800, "/camera.jpg": 64}
 QUICK_IMAGES = {"/small.png": 200, "/camera.jpg": 16}
+SMOKE_IMAGES = {"/small.png": 16, "/camera.jpg": 8}
 
 
 def small_png() -> bytes:
@@ -127,9 +129,10 @@ def run_in_threads(threads: int, call: Callable[[], Any]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer images and one repeat: seconds, not minutes")
+    parser.add_argument("--smoke", action="store_true", help="a few images, one repeat: the path in seconds")
     parser.add_argument("--repeats", type=int, default=9)
     args = parser.parse_args()
-    images, repeats = (QUICK_IMAGES, 1) if args.quick else (IMAGES, args.repeats)
+    images, repeats = (SMOKE_IMAGES, 1) if args.smoke else (QUICK_IMAGES, 1) if args.quick else (IMAGES, args.repeats)
 
     receive, send = multiprocessing.Pipe(duplex=False)
     server = multiprocessing.get_context("spawn").Process(target=serve, args=(send,), daemon=True)

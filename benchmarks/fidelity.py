@@ -1,6 +1,6 @@
 """Fidelity: how far the fast decoding's pixels and answers move from the model card's processor.
 
-    python -m benchmarks.fidelity [--quick] [--images 100]
+    python -m benchmarks.fidelity [--quick] [--smoke] [--images 100]
 
 (a) Pixels. Synthetic photos (benchmarks/photos.py) at 1, 2, 5 and 12 MP as JPEG quality 75, 90 and 95, and the
 12 MP one as PNG (the box reduction instead of the DCT one), each decoded by `decode_for_model` fast and exact to
@@ -15,7 +15,7 @@ processor's path is `answer_questions` on the viewer's picture (its PIL resize i
 the model card's one at a time: tests/test_inference.py); the fast and exact paths are `decode_for_model` then the
 same `generate_texts`. Prints how many answers agree (goal: at least 99.5% fast, all exact).
 
-`--quick`: a 0.3 MP photo at quality 90 for (a), 3 pictures at 0.3 MP for (b).
+`--quick`: a 0.3 MP photo at quality 90 for (a), 3 pictures at 0.3 MP for (b); `--smoke`, one picture for (b).
 """
 
 from __future__ import annotations
@@ -155,12 +155,14 @@ def answers(count: int, sizes: dict[str, tuple[int, int]], qualities: tuple[int,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="0.3 MP, quality 90, 3 pictures")
+    parser.add_argument("--smoke", action="store_true", help="as --quick, one picture for (b)")
     parser.add_argument("--images", type=int, default=100, help="easy-VQA test pictures for (b)")
     args = parser.parse_args()
-    sizes = QUICK_SIZES if args.quick else NAMED_SIZES
-    qualities = (90,) if args.quick else QUALITIES
+    small = args.quick or args.smoke
+    sizes = QUICK_SIZES if small else NAMED_SIZES
+    qualities = (90,) if small else QUALITIES
     pixels(sizes, qualities)
-    answers(3 if args.quick else args.images, sizes, qualities)
+    answers(1 if args.smoke else 3 if args.quick else args.images, sizes, qualities)
 
 
 if __name__ == "__main__":

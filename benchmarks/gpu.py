@@ -3,6 +3,7 @@ reaches, and the service against the bare loop, written as JSON.
 
     python -m benchmarks.gpu --out gpu.json [--quick] [--peak-tflops 790]
     python -m benchmarks.gpu --device cpu --out /tmp/gpu.json   # no GPU: the same code paths at tiny sizes
+    python -m benchmarks.gpu --smoke   # as --device cpu, on blip_base.py's narrow variant, the JSON in a temp dir
 
 The model is Salesforce/blip-vqa-base's architecture with random weights (benchmarks/blip_base.py; the compute does
 not depend on the weights' values), loaded by `worker.inference.load_model` in float16 on the GPU. Random weights
@@ -39,7 +40,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from benchmarks.blip_base import CACHE_DIR, QUESTIONS, build_blip_base
+from benchmarks.blip_base import CACHE_DIR, QUESTIONS, SMALL_CACHE_DIR, build_blip_base
 from benchmarks.fleet import percentile
 
 FLOP_PER_ANSWER = 133e9  # one answer of BLIP-base, its own image encoded (see the module docstring)
@@ -69,7 +70,7 @@ PRESETS = {
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, required=True, help="where the figures go, as JSON")
+    parser.add_argument("--out", type=Path, help="where the figures go, as JSON (required but with --smoke)")
     parser.add_argument("--quick", action="store_true", help="fewer batch sizes, repeats and answers")
     parser.add_argument("--device", default="cuda", help="cuda (default), cuda:N, or cpu (tiny sizes, no GPU)")
     parser.add_argument("--peak-tflops", type=float, default=H100_DENSE_FP16_TFLOPS, help="the card's dense fp16")
@@ -80,8 +81,16 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--service-questions", type=int, help="questions asked of each photo (default 4)")
     parser.add_argument("--service-batch", type=int, help="the worker's BLIPQ_BATCH_MAX_SIZE (default 64)")
     parser.add_argument("--skip-service", action="store_true", help="the bare loop only")
-    parser.add_argument("--model-dir", type=Path, default=CACHE_DIR, help="where the BLIP-base checkpoint is kept")
-    return parser.parse_args()
+    parser.add_argument("--model-dir", type=Path, help=f"where the BLIP-base checkpoint is kept (default {CACHE_DIR})")
+    parser.add_argument("--smoke", action="store_true", help="--device cpu on the narrow variant: seconds, no GPU")
+    args = parser.parse_args()
+    if args.smoke:
+        args.device = "cpu"
+        args.out = args.out or Path(tempfile.mkdtemp(prefix="blipq-gpu-")) / "gpu.json"
+    elif args.out is None:
+        parser.error("--out is required")
+    args.model_dir = args.model_dir or (SMALL_CACHE_DIR if args.smoke else CACHE_DIR)
+    return args
 
 
 def chosen_sizes(args: argparse.Namespace) -> Sizes:
@@ -247,7 +256,8 @@ def main() -> int:
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "transformers": transformers.__version__,
-        "model": "Salesforce/blip-vqa-base architecture (BlipConfig() defaults, 384 px), random weights",
+        "model": "Salesforce/blip-vqa-base architecture (BlipConfig() defaults, 384 px), random weights"
+        + (", its narrow variant (benchmarks/blip_base.py)" if args.smoke else ""),
         "device": args.device,
         "dtype": "float16" if args.device != "cpu" else "float32",
         "max_new_tokens": args.max_new_tokens,
@@ -258,7 +268,7 @@ def main() -> int:
     print(f"{report['gpu']}, torch {torch.__version__}, {report['dtype']}, max_new_tokens {args.max_new_tokens}")
     from worker.inference import load_model
 
-    model_dir = str(build_blip_base(args.model_dir))
+    model_dir = str(build_blip_base(args.model_dir, small=args.smoke))
     loaded = load_model(model_dir, device=args.device, dtype=report["dtype"])
     pixels = pixels_of(loaded, synthetic_photos(max(sizes.batch_sizes)))
     report["bare"] = sweep(loaded, pixels, sizes, args)

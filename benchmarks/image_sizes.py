@@ -1,6 +1,6 @@
 """The bytes of camera originals at 24-40 MP: what BLIPQ_MAX_IMAGE_BYTES must admit for BLIPQ_MAX_IMAGE_PIXELS.
 
-    python benchmarks/image_sizes.py [--qualities 90,92,95,98] [--png]
+    python -m benchmarks.image_sizes [--qualities 90,92,95,98] [--png] [--smoke]
 
 Makes seeded synthetic photos with the bits per pixel of camera JPEGs (about 2 at quality 90): a low-frequency random
 colour field upscaled bicubically, plus a mid-frequency texture upscaled bilinearly, plus Gaussian noise of sigma 6
@@ -10,7 +10,7 @@ subsampling, as phones and most cameras write) at each quality, and at the highe
 per pixel, and the largest bytes per pixel of a JPEG. The default byte limit follows from them
 (worker/contract/settings.py IMAGE_BYTES_PER_PIXEL). With --png, also the size of the 40 MP photo as a PNG (Pillow's
 default compression), which no byte limit sized for JPEGs admits. About 20 s on two cores (ten more with --png);
-peak memory about 1 GB.
+peak memory about 1 GB. `--smoke`: one 0.3 MP photo at quality 90, and as a PNG.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from PIL import Image
 
 # (name, width, height): common sensor sizes, 3:2.
 SIZES = (("24 MP", 6000, 4000), ("33 MP", 7008, 4672), ("40 MP", 7744, 5163))
+SMOKE_SIZES = (("0.3 MP", 672, 448),)
 NOISE_SIGMA = 6.0  # sensor noise, in 8-bit levels: what keeps a photo's JPEG from compressing like a drawing
 STRIP_ROWS = 512  # rows of noise made at once, to bound memory
 
@@ -56,17 +57,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--qualities", default="90,92,95,98", help="JPEG qualities, comma-separated")
     parser.add_argument("--png", action="store_true", help="also the 40 MP photo as a PNG (slow)")
+    parser.add_argument("--smoke", action="store_true", help="one 0.3 MP photo at quality 90, and as a PNG")
     args = parser.parse_args()
-    qualities = [int(quality) for quality in args.qualities.split(",")]
+    qualities = [90] if args.smoke else [int(quality) for quality in args.qualities.split(",")]
+    sizes = SMOKE_SIZES if args.smoke else SIZES
     print(f"{'size':>6} {'pixels':>11} {'encoding':>16} {'MB':>7} {'MiB':>7} {'bytes/pixel':>12}")
     most = 0.0
-    for seed, (name, width, height) in enumerate(SIZES):
+    for seed, (name, width, height) in enumerate(sizes):
         photo = synthetic_photo(width, height, seed)
         pixels = width * height
         encodings = [(f"JPEG q{quality} 4:2:0", {"quality": quality}) for quality in qualities]
         for label, subsampling in (("4:2:2", 1), ("4:4:4", 0)):
             encodings.append((f"JPEG q{qualities[-1]} {label}", {"quality": qualities[-1], "subsampling": subsampling}))
-        if args.png and name == SIZES[-1][0]:
+        if (args.png or args.smoke) and name == sizes[-1][0]:
             encodings.append(("PNG", {}))
         for label, options in encodings:
             started = time.perf_counter()

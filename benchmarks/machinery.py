@@ -1,7 +1,7 @@
 """Machinery: what the service costs per answer besides the model, measured as an identity model measures it.
 
     python -m benchmarks.machinery [--images 500] [--wide-images 2000] [--questions 10] [--single-jobs 300]
-        [--idle-jobs 50] [--photos 100] [--batch-size 32] [--gpu-rate 1000,3000,10000] [--quick] [--out FILE]
+        [--idle-jobs 50] [--photos 100] [--batch-size 32] [--gpu-rate 1000,3000,10000] [--quick] [--smoke] [--out FILE]
 
 A tiny random-weights BLIP (tests/fixtures/tiny_model.py) generating one token leaves the machinery's time. In one run,
 the service (its own Redis, the API under gunicorn, one worker, one torch thread, BLIPQ_BATCH_MAX_SIZE=--batch-size)
@@ -19,7 +19,8 @@ read less before the submission) and each process's CPU.
 10 questions, by URL and
 uploaded, against the feed limit of the same bytes at the model's input size (benchmarks/feed.py), with the CPU per
 image of each process and, where the worker exports it, of each of its stages (benchmarks/photo_runs.py).
-About a minute and a half on a 2-core machine; --quick, 40 s.
+About a minute and a half on a 2-core machine; --quick, 40 s; --smoke (4 images, 2 questions, 4 single jobs, 2 photos of
+the smoke mix), the path end to end in seconds.
 """
 
 from __future__ import annotations
@@ -212,10 +213,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32, help="answers per model call, everywhere (default 32)")
     parser.add_argument("--gpu-rate", default="1000,3000,10000", help="answers/s of one GPU worker, comma-separated")
     parser.add_argument("--quick", action="store_true", help="50 images, 200 wide, 60 single jobs, 20 idle, 30 photos")
+    parser.add_argument("--smoke", action="store_true", help="4 images x 2 questions, 4 single jobs, 2 small photos")
     parser.add_argument("--out", type=Path, help="write every figure to this JSON file")
     args = parser.parse_args()
     if args.quick:
         args.images, args.wide_images, args.single_jobs, args.idle_jobs, args.photos = 50, 200, 60, 20, 30
+    if args.smoke:
+        args.images, args.questions, args.wide_images, args.single_jobs, args.idle_jobs = 4, 2, 4, 4, 2
+        args.clients, args.photos, args.photo_mix = 2, 2, "smoke"
     return args
 
 

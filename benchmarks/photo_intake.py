@@ -1,7 +1,7 @@
 """Photo intake: what the service makes of camera photos on this machine, against the machine's feed limit, in one run.
 
     python -m benchmarks.photo_intake [--photos 300] [--up-photos 60] [--memory-photos 64] [--photo-mix camera]
-        [--quick] [--out FILE]
+        [--quick] [--smoke] [--out FILE]
 
 The camera JPEGs of benchmarks/photos.py (1-12 MP, 5.6 MP on average; --photo-mix mixed for other formats) and,
 beside every figure, the feed limit of the same bytes measured in the same run (benchmarks/feed.py: the fastest
@@ -25,7 +25,8 @@ decode to the model's input size on one process per core). In order:
 
 Each run prints images/s, answers/s, service / feed limit, the CPU per image of each process and, when the worker
 exports it, its CPU per image by stage (`n/a` until then). About 3-4 minutes on a 2-core machine, the first run more
-(the photos are written once, into ~/.cache/blipq-bench/photos); --quick, well under a minute.
+(the photos are written once, into ~/.cache/blipq-bench/photos); --quick, well under a minute; --smoke, every run on
+2 photos of the smoke mix (0.3 MP; the memory run too), the path end to end.
 """
 
 from __future__ import annotations
@@ -84,10 +85,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--photo-mix", choices=sorted(MIXES), default="camera", help="runs 1-3 and 5 (default camera)")
     parser.add_argument("--memory-photos", type=int, default=64, help="12 MP photos of the memory run (default 64)")
     parser.add_argument("--quick", action="store_true", help="40 photos, 8 for blipq up and 8 for memory")
+    parser.add_argument("--smoke", action="store_true", help="2 photos of the smoke mix in every run, memory's too")
     parser.add_argument("--out", type=Path, help="write every figure to this JSON file")
     args = parser.parse_args()
+    args.memory_mix = "camera-12mp"
     if args.quick:
         args.photos, args.up_photos, args.memory_photos = 40, 8, 8
+    if args.smoke:
+        args.photos, args.up_photos, args.memory_photos, args.photo_mix, args.memory_mix = 2, 2, 2, "smoke", "smoke"
     return args
 
 
@@ -244,7 +249,7 @@ def report(runs: list[PhotoRun], scaling: dict[str, Any], memory: dict[str, Any]
         f" {scaling['feed_speed_up']:.2f}x"
     )
     print(
-        f"4 memory, {memory['photos']} 12 MP photos ({memory['mean_photo_bytes'] / 1e6:.2f} MB each) uploaded while"
+        f"4 memory, {memory['photos']} {memory['mix']} ({memory['mean_photo_bytes'] / 1e6:.2f} MB each) uploaded while"
         f" the worker was stopped: Redis used_memory {memory['redis_bytes_per_photo_held'] / 1e6:.2f} MB per photo"
         f" held ({memory['redis_over_upload']:.2f} x its bytes); append-only file +"
         f" {memory['aof_growth_per_uploaded_gb'] / 1e9:.2f} GB per uploaded GB ({memory['aof_rewrites']} rewrites),"
@@ -260,8 +265,11 @@ def report(runs: list[PhotoRun], scaling: dict[str, Any], memory: dict[str, Any]
 def main() -> int:
     args = parse_args()
     photos = photo_set(args.photo_mix, args.photos)
-    large = photo_set("camera-12mp", args.memory_photos)
-    print(f"{MIXES[args.photo_mix].title}: {describe(photos)}\n12 MP: {describe(large)}", flush=True)
+    large = photo_set(args.memory_mix, args.memory_photos)
+    print(
+        f"{MIXES[args.photo_mix].title}: {describe(photos)}\n{MIXES[args.memory_mix].title}: {describe(large)}",
+        flush=True,
+    )
     work = Path(tempfile.mkdtemp(prefix="blipq-photo-intake-"))
     up: Up | None = None
     try:
@@ -269,7 +277,7 @@ def main() -> int:
             serve_photos(service.fleet.base, service.urls(photos[:16]), [QUESTION])  # connections, imports
             runs, scaling = intake_runs(work, service, photos)
             up = Up.start(work)  # it loads its models during the memory run, which times nothing
-            memory = memory_run(service.fleet, large)
+            memory = {**memory_run(service.fleet, large), "mix": MIXES[args.memory_mix].title}
         up_figures = up_run(work, up, photos[: args.up_photos])
     finally:
         if up is not None:

@@ -1,22 +1,25 @@
 """Camera-sized pictures for the benchmarks: seeded, the same bytes for the same seed, index and library versions.
 
-    python -m benchmarks.photos DIR [--count 100] [--mix camera|camera-12mp|mixed] [--seed 0]
+    python -m benchmarks.photos DIR [--count 100] [--mix camera|camera-12mp|mixed|smoke] [--seed 0]
 
 People who tag images at volume send photos: 1-12 MP JPEGs from phones and cameras (baseline or progressive, some
 stored sideways with an EXIF orientation of 6 or 8), PNGs with transparency, 16-bit scans, WebP, the odd CMYK JPEG.
 A picture here is a low-frequency random colour field upscaled bicubically, a quarter of a mid-frequency texture and
 Gaussian noise of sigma 6: a JPEG of it at quality 90 takes about 2.1 bits per pixel, as a camera's file does, and
-costs what a camera's file costs to decode. Three mixes, shared by every benchmark (MIXES):
+costs what a camera's file costs to decode. Three mixes, shared by every benchmark (MIXES), and a fourth for the
+benchmarks' smoke runs:
 
 - `camera`: JPEGs of about 1, 2, 5, 8 and 12 MP (5.6 MP on average), 4:3 and 3:2 alike, quality 75-95, a fifth
   progressive (as web exports write them; phones write baseline), a fifth EXIF-rotated (orientation 6 or 8);
 - `camera-12mp`: the same of 12 MP only (4032x3024 and 4272x2848), for what the biggest pictures hold in memory;
 - `mixed`: half of them camera JPEGs, and WebP (up to 5 MP), PNGs with alpha (transparent pixels store black, as
   most encoders write them), 16-bit PNGs (gray, and RGB, which Pillow does not write: a short writer here) and
-  CMYK JPEGs. Every file stays under the service's default 10 MiB per image.
+  CMYK JPEGs. Every file stays under the service's default 10 MiB per image;
+- `smoke`: camera JPEGs of 0.3 MP (640x480 and 640x426), for `--smoke`: the same code paths in a fraction of the time.
 
-`photo_set(mix, count)` writes a set once into ~/.cache/blipq-bench/photos/ (generation costs about 0.1 s of CPU per
-MP: 300 camera photos, about a minute on two cores) and returns the paths; a larger set extends a smaller one.
+`photo_set(mix, count)` writes a set once into ~/.cache/blipq-bench/photos/ ($XDG_CACHE_HOME/blipq-bench/photos/ where
+that is set; generation costs about 0.1 s of CPU per MP: 300 camera photos, about a minute on two cores) and returns
+the paths; a larger set extends a smaller one.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ import PIL
 from PIL import Image
 
 GENERATOR_VERSION = 1  # bump when a file's bytes change for the same seed and index
-CACHE_DIR = Path.home() / ".cache" / "blipq-bench" / "photos"
+CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "blipq-bench" / "photos"
 NOISE_SIGMA = 6.0  # a camera's sensor noise after its own processing, in 8-bit levels
 COARSE_CELL = 64  # pixels per cell of the colour field: the picture's large shapes
 TEXTURE_CELL = 8  # pixels per cell of the texture: edges and detail at the JPEG block's scale
@@ -53,6 +56,7 @@ CAMERA_SIZES = (
     (1152, 864), (1224, 816), (1632, 1224), (1728, 1152), (2592, 1944),
     (2736, 1824), (3264, 2448), (3456, 2304), (4032, 3024), (4272, 2848),
 )  # fmt: skip
+SMOKE_SIZES = ((640, 480), (640, 426))  # the smoke mix's: 4:3 and 3:2, 0.3 MP
 WEB_SIZES = CAMERA_SIZES[:6]  # WebP and PNG pictures: what a web page or an export holds, up to 5 MP
 SCAN_SIZES = ((1280, 960), (1024, 1024))  # 16-bit scans: about 7 MB of RGB, under the 10 MiB per image
 JPEG_QUALITIES = (75, 80, 85, 90, 95)
@@ -101,6 +105,11 @@ def camera_jpeg_12mp(rng: random.Random) -> PhotoSpec:
     return camera_jpeg(rng, CAMERA_SIZES[-2:])
 
 
+def smoke_jpeg(rng: random.Random) -> PhotoSpec:
+    """A camera JPEG of 0.3 MP."""
+    return camera_jpeg(rng, SMOKE_SIZES)
+
+
 def mixed_format(rng: random.Random) -> PhotoSpec:
     """What a folder of pictures from many sources holds."""
     kind = rng.choices(
@@ -128,6 +137,7 @@ MIXES = {
     "camera": Mix("camera", "camera JPEGs", camera_jpeg),
     "camera-12mp": Mix("camera-12mp", "12 MP camera JPEGs", camera_jpeg_12mp),
     "mixed": Mix("mixed", "mixed formats", mixed_format),
+    "smoke": Mix("smoke", "0.3 MP camera JPEGs", smoke_jpeg),
 }
 
 

@@ -1,12 +1,12 @@
 """Preprocessing: the model thread's share of preparing a batch of images, the processor's way and the worker's.
 
-    python -m benchmarks.preprocessing [--images 32] [--repeats 7]
+    python -m benchmarks.preprocessing [--images 32] [--repeats 7] [--smoke]
 
 `--images` random 640x480 RGB images, a BLIP-base processor (384 px, bicubic): (1) `BlipImageProcessor` on the
 batch (resize, rescale, normalise: what the model card runs, on the thread that calls the model); (2) the worker's
 `pixel_tensor` per image (the resize, done by the fetch threads); (3) the worker's `pixel_values` on the resized batch
 (rescale and normalise in place: what is left for the model's thread). Prints medians, the ratio (1) / (3) and the
-largest difference between the two results. One torch thread.
+largest difference between the two results. One torch thread. `--smoke`: 2 images, one repeat.
 """
 
 from __future__ import annotations
@@ -32,21 +32,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--smoke", action="store_true", help="2 images, one repeat")
     args = parser.parse_args()
+    if args.smoke:
+        args.images, args.repeats = 2, 1
 
     import numpy as np
     import torch
     from PIL import Image
     from transformers import BlipImageProcessor
 
-    from worker.inference import pixel_tensor, pixel_values
+    from worker.inference import LoadedModel, pixel_tensor, pixel_values
 
     torch.set_num_threads(1)
     processor = BlipImageProcessor(size={"height": 384, "width": 384})
-    # What pixel_tensor and pixel_values read of a LoadedModel.
-    loaded: Any = SimpleNamespace(
-        processor=SimpleNamespace(image_processor=processor),
-        image_size=(384, 384),
+    # A LoadedModel without a model: pixel_tensor and pixel_values read only its processor's image settings (through
+    # its own properties, so that what they read stays the worker's), its device and its dtype.
+    loaded = LoadedModel(
+        model=None,  # type: ignore[arg-type]
+        processor=SimpleNamespace(image_processor=processor),  # type: ignore[arg-type]
+        model_id="",
         device=torch.device("cpu"),
         dtype=torch.float32,
     )

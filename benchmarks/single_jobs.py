@@ -1,13 +1,14 @@
 """Single jobs: 16 clients each doing submit-then-poll against the real service, side by side with its baselines.
 
-    python -m benchmarks.single_jobs [--jobs 600] [--clients 16]
+    python -m benchmarks.single_jobs [--jobs 600] [--clients 16] [--smoke]
 
 In one run on one machine: (1) the service (its own Redis, the API under gunicorn, one worker with the shipped demo
-model) answering easy-VQA questions sent as uploads by `--clients` threads that each submit and poll (the Python
-client: first poll after 50 ms, then doubling); (2) a bare Celery round trip (`delay` + `get` of a no-op task with
-blipq's own Celery configuration, same Redis, one prefork worker process, the same number of threads); (3) the same
-questions answered in this process by the inference core, one at a time. Prints jobs/s, the ratio service / bare
-Celery (goal >= 1), and the latency the service adds over a direct call at p50 and p99.
+model) answering easy-VQA questions sent as uploads by `--clients` threads that each submit and wait (the Python
+client's `ask`: long polls, `GET /v1/jobs/<id>?wait=`); (2) a bare Celery round trip (`delay` + `get` of a no-op
+task with blipq's own Celery configuration, same Redis, one prefork worker process, the same number of threads); (3)
+the same questions answered in this process by the inference core, one at a time. Prints jobs/s, the ratio service /
+bare Celery (goal >= 1), and the latency the service adds over a direct call at p50 and p99. `--smoke`: 4 jobs, 2
+clients.
 """
 
 from __future__ import annotations
@@ -49,7 +50,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=600)
     parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--smoke", action="store_true", help="4 jobs from 2 clients: the path end to end in seconds")
     args = parser.parse_args()
+    if args.smoke:
+        args.jobs, args.clients = 4, 2
 
     items = load_items(args.jobs)
     direct = direct_latencies(items)

@@ -1,7 +1,7 @@
 """Soak run: the whole service under a steady mixed load for a while, its memory and Redis sampled as it goes.
 
     python -m benchmarks.soak [--minutes 30] [--workers 2] [--rate 5] [--batch-every-s 10] [--kill-every-s 300]
-                              [--sample-every-s 30] [--job-ttl-s 300] [--out soak.json]
+                              [--sample-every-s 30] [--job-ttl-s 300] [--out soak.json] [--smoke]
 
 Starts its own Redis, the API (gunicorn, real HTTP) and N workers serving the shipped demo model, as the other
 benchmarks do (benchmarks/fleet.py), then for --minutes applies a steady load through the Python client
@@ -32,6 +32,7 @@ append-only file grows until Redis rewrites it (by default once it doubled and p
 off, as in every benchmark: each answer is the model's.
 
 Writes every sample and the summary as JSON to --out. Exits 1 when an accepted job or batch item did not end.
+`--smoke`: 3 s of load on one worker, SIGKILLed once, a sample every second, the JSON in a temporary directory.
 """
 
 from __future__ import annotations
@@ -428,8 +429,16 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--pollers", type=int, default=8, help="threads that long-poll single jobs (default 8)")
     parser.add_argument("--items", type=int, default=100, help="easy-VQA questions and images in rotation")
     parser.add_argument("--drain-timeout-s", type=float, help="for accepted work to end (default: visibility + 120)")
-    parser.add_argument("--out", type=Path, default=Path("soak.json"))
+    parser.add_argument("--out", type=Path, help="where the samples and the summary go (default soak.json)")
+    parser.add_argument("--smoke", action="store_true", help="3 s of load, one worker SIGKILLed once, 4 items")
     args = parser.parse_args()
+    if args.smoke:
+        args.minutes, args.workers, args.rate, args.pollers, args.items = 0.05, 1, 2.0, 2, 4
+        args.batch_every_s, args.batch_images, args.batch_questions = 1.5, 2, 1
+        args.kill_every_s, args.sample_every_s, args.warmup_s = 2.0, 1.0, 1.0
+    args.out = args.out or (
+        Path(tempfile.mkdtemp(prefix="blipq-soak-")) / "soak.json" if args.smoke else Path("soak.json")
+    )
     if args.job_ttl_s <= visibility_timeout_for(args.time_limit):
         # A killed worker's old messages come back after the visibility timeout: a job whose record expired before
         # could not say how it ended, and the soak would count it lost.

@@ -1,7 +1,7 @@
 """`blipq tag` at volume: the command line a user runs to tag many images, side by side with the inference core.
 
     python -m benchmarks.tag_cli [--images 1000] [--memory-images 10000] [--small-memory-images 1000] [--photos 100]
-        [--quick] [--out FILE]
+        [--quick] [--smoke] [--out FILE]
 
 In one run on one machine, with the shipped demo model, one worker (BLIPQ_BATCH_MAX_SIZE=32, BLIPQ_TORCH_THREADS=1)
 and one torch thread in this process, over the first --images easy-VQA test images (PNG files in a temporary
@@ -26,7 +26,8 @@ directory) and two easy-VQA questions ("what color is the shape?", "what shape i
     client's included, and, where the worker exports it, of each of its stages (benchmarks/photo_runs.py).
 Every run checks the exit status and that OUT has one succeeded line per pair; the service's answers are compared with
 the core's, and the CPU each process spent in runs 1-2 is printed. About 2 minutes on a 2-core machine; --quick (200
-images, memory runs of 200 and 2,000, 30 photos), 1 minute.
+images, memory runs of 200 and 2,000, 30 photos), 1 minute; --smoke (4 images, memory runs of 4 and 8, 2 photos of the
+smoke mix; the runs with the same settings on one fleet), every run's path end to end.
 """
 
 from __future__ import annotations
@@ -80,10 +81,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--small-memory-images", type=int, default=1000, help="the small memory run's images (1000)")
     add_photo_options(parser, 100, "run 6")
     parser.add_argument("--quick", action="store_true", help="200 images; memory runs of 200 and 2,000; 30 photos")
+    parser.add_argument("--smoke", action="store_true", help="4 images, memory runs of 4 and 8, 2 small photos")
     parser.add_argument("--out", type=Path, help="write every figure to this JSON file")
     args = parser.parse_args()
     if args.quick:
         args.images, args.small_memory_images, args.memory_images, args.photos = 200, 200, 2000, 30
+    if args.smoke:
+        args.images, args.small_memory_images, args.memory_images, args.photos, args.photo_mix = 4, 4, 8, 2, "smoke"
     return args
 
 
@@ -117,9 +121,36 @@ def warm_up_image() -> bytes:
     return buffer.getvalue()
 
 
-@contextmanager
-def serving(env: dict[str, str]) -> Iterator[Fleet]:
-    """A fleet of one worker on the demo model with `env`, serving (its model loaded) until the block ends."""
+class Fleets:
+    """Where the runs' fleets come from. By default each run gets one of its own, so that each starts from an idle,
+    empty Redis and a new worker; with `keep` (--smoke, whose figures mean nothing), the runs with the same settings
+    share one, started for the first of them and stopped by `stop`."""
+
+    def __init__(self, keep: bool) -> None:
+        self.keep = keep
+        self.kept: dict[frozenset[tuple[str, str]], Fleet] = {}
+
+    @contextmanager
+    def serving(self, env: dict[str, str]) -> Iterator[Fleet]:
+        """A fleet of one worker on the demo model with `env`, serving (its model loaded) for the block."""
+        if self.keep:
+            key = frozenset(env.items())
+            self.kept[key] = self.kept.get(key) or start_serving(env)
+            yield self.kept[key]
+            return
+        fleet = start_serving(env)
+        try:
+            yield fleet
+        finally:
+            stop_serving(fleet)
+
+    def stop(self) -> None:
+        for fleet in self.kept.values():
+            stop_serving(fleet)
+
+
+def start_serving(env: dict[str, str]) -> Fleet:
+    """A fleet of one worker on the demo model with `env`, once it answered a first job (its model loaded)."""
     from worker.settings import DEMO_MODEL_DIR
 
     fleet = Fleet(
@@ -134,10 +165,15 @@ def serving(env: dict[str, str]) -> Iterator[Fleet]:
     )  # fmt: skip
     try:
         wait_until_serving(fleet, (warm_up_image(), QUESTIONS[0], ""))
-        yield fleet
-    finally:
-        fleet.stop()
-        shutil.rmtree(fleet.data_dir, ignore_errors=True)
+    except BaseException:
+        stop_serving(fleet)
+        raise
+    return fleet
+
+
+def stop_serving(fleet: Fleet) -> None:
+    fleet.stop()
+    shutil.rmtree(fleet.data_dir, ignore_errors=True)
 
 
 def with_cpu(fleet: Fleet, server: ImageServer, run: Callable[[], ChildRun]) -> dict[str, Any]:
@@ -202,11 +238,12 @@ def upload_keys(client: redis.Redis) -> int:
     return sum(1 for _ in client.scan_iter(UPLOAD_PATTERN, count=1000))
 
 
-def memory_run(work: Path, name: str, count: int) -> dict[str, Any]:
-    """`blipq tag DIR` over `count` uploaded images on a fleet of its own (cache off), Redis's memory sampled."""
+def memory_run(work: Path, name: str, count: int, fleets: Fleets, env: dict[str, str]) -> dict[str, Any]:
+    """`blipq tag DIR` over `count` uploaded images on a fleet of its own (`env`: cache off), Redis's memory
+    sampled."""
     directory = work / name
     write_images(directory, count)
-    with serving({"BLIPQ_ANSWER_CACHE": "off"}) as fleet:
+    with fleets.serving(env) as fleet:
         client = redis.Redis.from_url(fleet.redis.url)
         time.sleep(1.0)  # the warm-up job's writes settle
         idle = int(client.info("memory")["used_memory"])
@@ -230,20 +267,19 @@ def memory_run(work: Path, name: str, count: int) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def throughput_runs(work: Path, paths: list[Path], loaded: Any) -> dict[str, Any]:
-    """Runs 1-3: `blipq tag DIR`, `blipq tag --urls FILE` (cache off) and the core, on the same images."""
+def throughput_runs(
+    work: Path, paths: list[Path], loaded: Any, fleets: Fleets, server: ImageServer, env: dict[str, str]
+) -> dict[str, Any]:
+    """Runs 1-3: `blipq tag DIR`, `blipq tag --urls FILE` from `server` (`env`: cache off) and the core, on the same
+    images."""
     directory, count = paths[0].parent, len(paths)
     core_s, core = core_run(loaded, paths, QUESTIONS)
-    server = ImageServer(directory)
     urls, uploads_out, urls_out = work / "urls.txt", work / "upload.jsonl", work / "url.jsonl"
     urls.write_text("".join(server.url(path.name) + "\n" for path in paths))
-    try:
-        with serving({"BLIPQ_ANSWER_CACHE": "off", **server.fetch_env()}) as fleet:
-            upload = with_cpu(fleet, server, lambda: run_tag(fleet.base, [str(directory)], QUESTIONS, uploads_out))
-            upload["upload_keys_left"] = upload_keys(redis.Redis.from_url(fleet.redis.url))
-            url = with_cpu(fleet, server, lambda: run_tag(fleet.base, [], QUESTIONS, urls_out, urls=urls))
-    finally:
-        server.stop()
+    with fleets.serving(env) as fleet:
+        upload = with_cpu(fleet, server, lambda: run_tag(fleet.base, [str(directory)], QUESTIONS, uploads_out))
+        upload["upload_keys_left"] = upload_keys(redis.Redis.from_url(fleet.redis.url))
+        url = with_cpu(fleet, server, lambda: run_tag(fleet.base, [], QUESTIONS, urls_out, urls=urls))
     answers = count * len(QUESTIONS)
     for run, out in ((upload, "upload.jsonl"), (url, "url.jsonl")):
         run["rate"] = answers / run["seconds"]
@@ -254,11 +290,11 @@ def throughput_runs(work: Path, paths: list[Path], loaded: Any) -> dict[str, Any
     }  # fmt: skip
 
 
-def cache_runs(work: Path, paths: list[Path]) -> dict[str, Any]:
+def cache_runs(work: Path, paths: list[Path], fleets: Fleets) -> dict[str, Any]:
     """Run 4: with the answer cache on, a first run, the same again into a new OUT, then with a third question."""
     directory, count = str(paths[0].parent), len(paths)
     three = [*QUESTIONS, THIRD_QUESTION]
-    with serving({"BLIPQ_ANSWER_CACHE": "on"}) as fleet:
+    with fleets.serving({"BLIPQ_ANSWER_CACHE": "on"}) as fleet:
         first_s = run_tag(fleet.base, [directory], QUESTIONS, work / "cache-first.jsonl").seconds
         again_s = run_tag(fleet.base, [directory], QUESTIONS, work / "cache-again.jsonl").seconds
         third_s = run_tag(fleet.base, [directory], three, work / "cache-third.jsonl").seconds
@@ -361,22 +397,27 @@ def main() -> int:
 
     torch.set_num_threads(1)
     work = Path(tempfile.mkdtemp(prefix="blipq-tag-cli-"))
+    paths = write_images(work / "images", args.images)
+    server = ImageServer(paths[0].parent)  # runs 1-3's URLs
+    cache_off = {"BLIPQ_ANSWER_CACHE": "off", **server.fetch_env()}
+    fleets = Fleets(keep=args.smoke)
     try:
-        paths = write_images(work / "images", args.images)
         loaded = load_model(str(DEMO_MODEL_DIR), device="cpu", dtype="float32")
         core_run(loaded, paths[:16], QUESTIONS)  # first calls allocate; the worker is warmed by its first job too
         start_s = cli_start_s()
-        runs = throughput_runs(work, paths, loaded)
+        runs = throughput_runs(work, paths, loaded, fleets, server, cache_off)
         print(f"runs 1-3: uploads {runs['upload']['rate']:.1f}, URLs {runs['url']['rate']:.1f}, core"
               f" {runs['core']['rate']:.1f} answers/s", flush=True)  # fmt: skip
-        cache = cache_runs(work, paths)
+        cache = cache_runs(work, paths, fleets)
         print(f"run 4: first {cache['first_s']:.2f} s, again {cache['again_s']:.2f} s", flush=True)
         memory: dict[str, Any] = {
-            "small": memory_run(work, "memory-small", args.small_memory_images),
-            "large": memory_run(work, "memory-large", args.memory_images),
+            "small": memory_run(work, "memory-small", args.small_memory_images, fleets, cache_off),
+            "large": memory_run(work, "memory-large", args.memory_images, fleets, cache_off),
         }
         photos = photo_runs(work, args.photo_mix, args.photos) if args.photos else []
     finally:
+        fleets.stop()
+        server.stop()
         shutil.rmtree(work, ignore_errors=True)
     memory["peak_ratio"] = memory["large"]["peak_bytes"] / memory["small"]["peak_bytes"]
     memory["peak_above_idle_ratio"] = memory["large"]["peak_above_idle"] / max(1, memory["small"]["peak_above_idle"])

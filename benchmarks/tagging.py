@@ -1,7 +1,7 @@
 """Tagging: one 5,000-answer batch (images x questions) through the real service, side by side with its baselines.
 
     python -m benchmarks.tagging [--images 500] [--questions 10] [--via upload|url] [--batch-size 32] [--photos 500]
-        [--out FILE]
+        [--out FILE] [--smoke]
 
 In one run on one machine, over the same easy-VQA test images and questions, with the shipped demo model and the
 same number of torch threads everywhere (--torch-threads):
@@ -13,7 +13,7 @@ same number of torch threads everywhere (--torch-threads):
     `model.generate` on batches of --batch-size items, the images already decoded (the goal: service >= 0.8 x this);
 (3) the inference core in this process (`worker.inference.answer_questions`, the same batches): what the worker
     itself runs, for reference;
-(4) what a user would write instead, the seed model card's loop: `processor(image, question)` and `generate` for
+(4) what a user would write instead, the model card's loop: `processor(image, question)` and `generate` for
     each image and question, one at a time;
 (5) a bare Celery no-op round trip, one task per item (`delay` + `get` from 16 threads, blipq's Celery configuration,
     the same Redis, --noop-tasks of them), as benchmarks/single_jobs.py runs it.
@@ -25,6 +25,7 @@ loop's (the reference: no padding) and from the bare batched loop's; the service
     of the same bytes at the demo model's 64 px (benchmarks/feed.py), with the CPU per image of each process and, where
     the worker exports it, of each of its stages (benchmarks/photo_runs.py); --photos 0 leaves them out.
 About 3 minutes on a 2-core machine: 1.5 for the easy-VQA runs (most of it the one-at-a-time loop), 1.5 for photos.
+`--smoke`: 2 images x 2 questions, 4 no-op tasks, 2 photos of the smoke mix: the path end to end in seconds.
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ def model_card_batched(processor: Any, model: Any, items: list[tuple[Any, str]],
 
 
 def model_card_one_by_one(processor: Any, model: Any, items: list[tuple[Any, str]]) -> list[str]:
-    """The seed model card's loop: processor and `generate` for one image and one question at a time."""
+    """The model card's loop: processor and `generate` for one image and one question at a time."""
     import torch
 
     answers = []
@@ -130,7 +131,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--noop-tasks", type=int, default=2000, help="tasks of the no-op Celery baseline")
     add_photo_options(parser, 500, "run 6")
     parser.add_argument("--out", type=Path, help="write every figure to this JSON file")
-    return parser.parse_args()
+    parser.add_argument("--smoke", action="store_true", help="2 images x 2 questions, 4 no-op tasks, 2 small photos")
+    args = parser.parse_args()
+    if args.smoke:
+        args.images, args.questions, args.noop_tasks, args.photos, args.photo_mix = 2, 2, 4, 2, "smoke"
+    return args
 
 
 def serve_batch(args: argparse.Namespace, paths: list[Path], questions: list[str]) -> tuple[float, list[dict], float]:
@@ -196,7 +201,7 @@ def main() -> int:
     loaded = load_model(model_dir, device="cpu", dtype="float32")  # as the worker loads it
     bare_s, bare = timed(lambda: model_card_batched(processor, model, items, args.batch_size))
     core_s, core = timed(lambda: inference_core_batched(loaded, items, args.batch_size))
-    seed_s, seed = timed(lambda: model_card_one_by_one(processor, model, items))
+    single_s, single = timed(lambda: model_card_one_by_one(processor, model, items))
     service_s, results, noop_rate = serve_batch(args, paths, questions)
     photos = photo_mixes(args) if args.photos else []
 
@@ -210,25 +215,26 @@ def main() -> int:
     print(f"service (one batch over HTTP, results read back)    {service:8.1f} answers/s")
     print(f"bare loop, model card batched (processor+generate)  {count / bare_s:8.1f} answers/s")
     print(f"inference core batched, in process                  {count / core_s:8.1f} answers/s")
-    print(f"seed model card loop, one question at a time        {count / seed_s:8.1f} answers/s")
+    print(f"model card loop, one question at a time             {count / single_s:8.1f} answers/s")
     print(f"bare Celery no-op round trip (per item, 16 threads) {noop_rate:8.1f} tasks/s")
     print(f"ratio service / bare batched loop    {service * bare_s / count:6.2f}   (goal >= 0.8)")
     print(f"ratio service / inference core       {service * core_s / count:6.2f}")
-    print(f"ratio service / seed loop            {service * seed_s / count:6.2f}")
+    print(f"ratio service / one-at-a-time loop   {service * single_s / count:6.2f}")
     print(f"ratio service / bare Celery no-op    {service / noop_rate:6.2f}")
     print(f"items not succeeded: {sum(failed.values())} {dict(failed) if failed else ''}")
-    print(f"answers differing: service vs seed loop {mismatches(service_answers, seed)} (must be 0),")
+    print(f"answers differing: service vs one-at-a-time loop {mismatches(service_answers, single)} (must be 0),")
     print(
-        f"  service vs bare batched {mismatches(service_answers, bare)}, bare batched vs seed {mismatches(bare, seed)},"
+        f"  service vs bare batched {mismatches(service_answers, bare)},"
+        f" bare batched vs one-at-a-time {mismatches(bare, single)},"
     )
-    print(f"  inference core vs seed {mismatches(core, seed)}")
+    print(f"  inference core vs one-at-a-time {mismatches(core, single)}")
     if photos:
         title = MIXES[args.photo_mix].title
         print(f"\n6 photos, {title}, demo model, batch {args.batch_size}, {args.torch_threads} torch thread(s)")
         print_photo_runs(photos)
     if args.out:
-        rates = {"service": service, "bare_batched": count / bare_s, "core": count / core_s, "seed": count / seed_s,
-                 "noop_celery": noop_rate}  # fmt: skip
+        rates = {"service": service, "bare_batched": count / bare_s, "core": count / core_s,
+                 "one_at_a_time": count / single_s, "noop_celery": noop_rate}  # fmt: skip
         summary = {"settings": {**vars(args), "out": str(args.out)}, "answers": count, "rates": rates,
                    "photos": [run.as_dict() for run in photos]}  # fmt: skip
         args.out.write_text(json.dumps(summary, indent=2) + "\n")
