@@ -85,6 +85,8 @@ def start_redis(
     `replica_of`, a replica of the server on that port of 127.0.0.1 (`replica_priority` 0: never promoted)."""
     port = port or free_port(avoid)
     args = [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+    # A replica here syncs at once: Redis's default waits 5 s before a diskless transfer, for other replicas to join.
+    args += ["--repl-diskless-sync-delay", "0"]
     if replica_of is not None:
         args += ["--replicaof", "127.0.0.1", str(replica_of)]
     if replica_priority is not None:
