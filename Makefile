@@ -10,6 +10,9 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 # Which torch the venv holds: one stamp per build, so that a change of TORCH (or TORCH_VERSION) installs the other.
 TORCH_STAMP := $(VENV)/.torch-$(TORCH)-$(TORCH_VERSION)
 ARGS ?=
+# `make test` runs the suite in this many processes (pytest-xdist; a module, or a test class, each at a time): most
+# tests wait on the processes they start, so two share even a 2-core machine well. 0: one process.
+TEST_PROCESSES ?= 2
 # MODELS=real: `make up`'s workers serve the real models from the Hugging Face hub, both of them (a GPU wants
 # TORCH=cuda too), where BLIPQ_MODEL and BLIPQ_CAPTION_MODEL do not name others; MODELS=demo: the shipped demo models.
 MODELS ?= demo
@@ -30,7 +33,7 @@ up: $(VENV)/.installed
 	$(UP_MODELS) $(BIN)/blipq up $(ARGS)
 
 test: $(VENV)/.installed lint docs
-	$(BIN)/pytest
+	$(BIN)/pytest --numprocesses $(TEST_PROCESSES) --dist loadscope
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .

@@ -19,7 +19,7 @@ from flask.testing import FlaskClient
 
 from api.admission import queue_depth, queue_names
 from api.auth import ApiKey, hash_api_key, new_api_key
-from api.up import RedisProcess, stop_process
+from api.up import RedisProcess, start_redis, stop_process
 from tests.conftest import (
     JOB_TIMEOUT_S,
     QuietHandler,
@@ -112,6 +112,20 @@ def idle_api(redis_server: RedisProcess, redis_client: redis.Redis) -> Iterator[
     queue = f"idle-{secrets.token_hex(4)}"
     yield api_client(redis_server.url, queue)
     redis_client.delete(*queue_names(queue))
+
+
+@pytest.fixture
+def quiet_redis() -> Iterator[RedisProcess]:
+    """A Redis of the test's own, which no worker of the session writes to: every command it counts is the test's."""
+    server = start_redis()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def quiet_api(quiet_redis: RedisProcess) -> FlaskClient:
+    """The API in front of a queue of `quiet_redis` that no worker reads."""
+    return api_client(quiet_redis.url, "idle")
 
 
 @pytest.fixture
@@ -392,7 +406,8 @@ def commands_run(client: redis.Redis, action: Any) -> int:
     return int(client.info("stats")["total_commands_processed"]) - before - 1
 
 
-def test_a_batch_summary_is_one_read_whatever_the_batch_size(idle_api: FlaskClient, redis_client: redis.Redis) -> None:
+def test_a_batch_summary_is_one_read_whatever_the_batch_size(quiet_api: FlaskClient, quiet_redis: RedisProcess) -> None:
+    idle_api, redis_client = quiet_api, redis.Redis.from_url(quiet_redis.url)
     small = submit_batch(
         idle_api, {"images": [f"https://images.example.com/{n}.png" for n in range(2)], "questions": ["a?"]}
     )
@@ -407,8 +422,9 @@ def test_a_batch_summary_is_one_read_whatever_the_batch_size(idle_api: FlaskClie
 
 
 def test_a_chunk_starts_runs_and_ends_in_one_script_call_each_and_an_ended_item_never_changes(
-    idle_api: FlaskClient, redis_server: RedisProcess, redis_client: redis.Redis
+    quiet_api: FlaskClient, quiet_redis: RedisProcess
 ) -> None:
+    idle_api, redis_server, redis_client = quiet_api, quiet_redis, redis.Redis.from_url(quiet_redis.url)
     # Given a batch of one chunk of 32 answers, as a worker receives it
     body = {"images": [f"https://images.example.com/{n}.png" for n in range(8)], "questions": QUESTIONS}
     batch_id = submit_batch(idle_api, body)
