@@ -26,7 +26,7 @@ from worker.contract.batches import BatchStore, outcome_value
 from worker.contract.broker import SOFT_LIMIT_MARGIN_S, TASK_VQA, TASK_VQA_CHUNK
 from worker.contract.errors import BlipqError, JobTimeoutError, SettingsError, UploadMissingError, WrongTaskError
 from worker.contract.fleet import worker_identity
-from worker.contract.images import decode_for_model
+from worker.contract.images import picture_for_model, resized_for_model
 from worker.contract.jobs import JobStore
 from worker.contract.states import JobPriority, JobStatus
 from worker.contract.transitions import (
@@ -41,6 +41,7 @@ from worker.fetch import FetchLimits, fetch_image_bytes, new_session
 from worker.metrics import CURRENT_JOB, observe_inference
 from worker.netguard import NetworkPolicy
 from worker.settings import WorkerSettings
+from worker.stages import stage
 
 if TYPE_CHECKING:  # torch is imported when the model loads, not when the API imports this package
     import requests
@@ -135,7 +136,7 @@ class WorkerRuntime:
 
         assert self.loaded is not None
         settings = self.settings
-        with observe_inference(questions=len(texts)):
+        with observe_inference(questions=len(texts)), stage("model"):
             return generate_texts(self.loaded, pixels, rows, texts, settings.max_new_tokens, settings.num_beams)
 
     @property
@@ -390,7 +391,8 @@ class WorkerRuntime:
         thread."""
         from worker.inference import image_tensor
 
-        data = self._image_bytes(job_id, image_url, upload_key, uploads)
+        with stage("fetch"):
+            data = self._image_bytes(job_id, image_url, upload_key, uploads)
         keys = self.cache.keys(data, texts)
         cached = self.cache.lookup(keys)
         loaded = self.loaded
@@ -398,8 +400,11 @@ class WorkerRuntime:
         if all(answer is not None for answer in cached):
             return PreparedImage(keys, cached, None)
         exact = self.settings.image_decode == "exact"
-        pixels = decode_for_model(data, loaded.image_size, loaded.resample, self.limits.max_pixels, exact)
-        return PreparedImage(keys, cached, image_tensor(pixels))
+        with stage("decode"):
+            picture = picture_for_model(data, loaded.image_size, self.limits.max_pixels, exact)
+        with stage("resize"):
+            pixels = image_tensor(resized_for_model(picture, loaded.image_size, loaded.resample))
+        return PreparedImage(keys, cached, pixels)
 
     def _image_bytes(
         self, job_id: str, image_url: str, upload_key: str, uploads: Mapping[str, bytes | None] | None
