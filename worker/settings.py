@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -82,7 +83,14 @@ class WorkerSettings(SharedSettings):
         validate_default=True,
         ge=1,
     )
-    fetch_threads: int = setting(8, "Threads that fetch and decode the images of a batch's chunk", ge=1)
+    fetch_threads: int = setting(8, "Threads that fetch the images of a batch's chunk", ge=1)
+    decode_processes: int = setting(
+        None,
+        "Processes that decode images for the model (worker/decoders.py); 0: the worker's own threads decode them",
+        shown_default="the cores the worker may use (its CPU affinity)",
+        validate_default=True,
+        ge=0,
+    )
     image_decode: ImageDecode = setting(
         "fast",
         "fast: a JPEG decoded at the smallest DCT scale still at least the model's input, a big image box-reduced"
@@ -147,6 +155,12 @@ class WorkerSettings(SharedSettings):
     def two_batches(cls, value: Any, info: ValidationInfo) -> Any:
         """Unset: two model batches' worth."""
         return 2 * info.data.get("batch_max_size", DEFAULT_BATCH_MAX_SIZE) if value is None else value
+
+    @field_validator("decode_processes", mode="before")
+    @classmethod
+    def one_per_core(cls, value: Any) -> Any:
+        """Unset: one per core this process may run on."""
+        return len(os.sched_getaffinity(0)) if value is None else value
 
     @field_validator("device")
     @classmethod

@@ -4,11 +4,13 @@ Each stage is timed with the CPU clock of the thread that runs it (`time.thread_
 threads add up without counting another thread's work or the time a thread waited:
 
 - `fetch`: an image's bytes downloaded (or an upload read from Redis);
-- `decode`: the bytes decoded into the picture a viewer sees, as far as the model needs (worker.contract.images);
-- `resize`: that picture resized to the model's input, as uint8 pixels;
+- `decode`: the bytes decoded into the picture a viewer sees, as far as the model needs (worker.contract.images), in
+  the worker's decoder processes (worker/decoders.py), which report their CPU with each image, or in its threads;
+- `resize`: that picture resized to the model's input, as uint8 pixels, likewise;
 - `model`: the model's calls (worker/batching.py's thread: stacking, normalising, generate, decoding the tokens);
-- `bookkeeping`: the rest of the process's CPU (Celery's consumer, the start and end scripts, the answer cache, the
-  intake, the reaper, metrics, logs), read at each scrape as the process's CPU less the stages above.
+- `bookkeeping`: the rest of the worker process's CPU (Celery's consumer, the sockets to the decoders, the start and end
+  scripts, the answer cache, the intake, the reaper, metrics, logs), read at each scrape as the process's CPU less
+  the stages it ran itself. (The decoder processes' own CPU outside decoding, their sockets, is in no stage.)
 
 Bookkeeping is kept from ever going down (a counter must not): a stage still running at a scrape is counted there as
 bookkeeping until it ends.
@@ -35,6 +37,7 @@ class StageClock(Collector):
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._spent = dict.fromkeys(STAGES, 0.0)
+        self._elsewhere = 0.0  # of the seconds above, those spent in other processes (worker/decoders.py)
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -45,16 +48,18 @@ class StageClock(Collector):
         finally:
             self.add(name, time.thread_time() - started)
 
-    def add(self, name: str, seconds: float) -> None:
-        """Count `seconds` of CPU as stage `name`'s."""
+    def add(self, name: str, seconds: float, elsewhere: bool = False) -> None:
+        """Count `seconds` of CPU as stage `name`'s; `elsewhere`: spent by another process for this one."""
         with self._lock:
             self._spent[name] += seconds
+            if elsewhere:
+                self._elsewhere += seconds
 
     def spent(self) -> dict[str, float]:
         """CPU seconds by stage so far, bookkeeping the process's CPU less the other stages (never less than before)."""
         with self._lock:
             measured = sum(seconds for name, seconds in self._spent.items() if name != "bookkeeping")
-            rest = time.process_time() - measured
+            rest = time.process_time() - (measured - self._elsewhere)
             self._spent["bookkeeping"] = max(self._spent["bookkeeping"], rest)
             return dict(self._spent)
 
