@@ -26,7 +26,7 @@ from worker.contract.batches import BatchStore, outcome_value
 from worker.contract.broker import SOFT_LIMIT_MARGIN_S, TASK_VQA, TASK_VQA_CHUNK
 from worker.contract.errors import BlipqError, JobTimeoutError, SettingsError, UploadMissingError, WrongTaskError
 from worker.contract.fleet import worker_identity
-from worker.contract.images import picture_for_model, resized_for_model
+from worker.contract.images import open_image, picture_for_model, resized_for_model
 from worker.contract.jobs import JobStore
 from worker.contract.states import JobPriority, JobStatus
 from worker.contract.transitions import (
@@ -404,6 +404,9 @@ class WorkerRuntime:
         keys = self.cache.keys(data, texts)
         cached = self.cache.lookup(keys)
         if all(answer is not None for answer in cached):
+            # Not decoded, but held to this worker's limits all the same: its header (the format and the pixel
+            # count) is read, as a decode would first, and refused as a decode would refuse it.
+            open_image(data, self.limits.max_pixels)
             return PreparedImage(keys, cached, None)
         return PreparedImage(keys, cached, image_tensor(self._decode(data)))
 
