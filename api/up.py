@@ -22,7 +22,7 @@ import requests
 from api.cores import divide_cores
 from api.settings import ApiSettings, UpSettings
 from api.up_checks import UpCheckError, check_port_free, lock_data_dir
-from worker.settings import WorkerSettings
+from worker.settings import WorkerSettings, usable_cores
 
 READY_TIMEOUT_S = 60.0  # for Redis and the API to answer after they start, on a busy machine
 STOP_GRACE_S = 15.0  # for a process to exit after SIGTERM before it is killed
@@ -251,7 +251,8 @@ class Stack:
         self.caption_model = UpSettings.from_env(self.env).caption_model
         self.caption_queue = api.caption_queue
         # The cores this process may use, divided between the workers (api/cores.py): together they never ask for more.
-        self.shares = divide_cores(sorted(os.sched_getaffinity(0)), len(self.tasks))
+        self.cores = sorted(os.sched_getaffinity(0))[: usable_cores()]
+        self.shares = divide_cores(self.cores, len(self.tasks))
 
     def start(self) -> None:
         """Start Redis (unless BLIPQ_REDIS_URL is set), the API and the workers; wait for the API."""
@@ -262,8 +263,7 @@ class Stack:
         bind = f"{self.host}:{self.port}"
         self.api = self._spawn([sys.executable, "-m", "gunicorn", "--bind", bind, *GUNICORN_LOCAL, "api.wsgi:app"])
         self.slots = [WorkerSlot(i, self._spawn_worker(i, task), task) for i, task in enumerate(self.tasks)]
-        cores = len(os.sched_getaffinity(0))
-        print(f"blipq: {cores} cores divided between the workers:", flush=True)
+        print(f"blipq: {len(self.cores)} cores divided between the workers:", flush=True)
         for index, (task, share) in enumerate(zip(self.tasks, self.shares, strict=True)):
             print(f"blipq:   {task} worker {index} on {share.describe(self.env)}", flush=True)
         self._wait_for_api()
