@@ -2,11 +2,11 @@
 
 Each worker gets its own run of the cores `up` may use (its CPU affinity, within its container's CPU limit), the first
 workers one more when they do not divide evenly, and is pinned to them (sched_setaffinity): its threads, its torch
-threads and its decoder processes (worker/decoders.py, which inherit the pinning) run there and nowhere else. It gets as many torch threads
-(BLIPQ_TORCH_THREADS) and decoder processes (BLIPQ_DECODE_PROCESSES) as it has cores: a worker's model and its
-decoders mostly take turns (the model waits for a batch's images, the decoders for the next images), and where they
-overlap they share the worker's own cores, never another's. With fewer cores than workers, the workers take one core
-each, in turn. A BLIPQ_TORCH_THREADS or BLIPQ_DECODE_PROCESSES set in `up`'s environment is every worker's.
+threads and its decoder processes (worker/decoders.py, which inherit the pinning) run there and nowhere else. It gets as
+many torch threads (BLIPQ_TORCH_THREADS) and decoder processes (BLIPQ_DECODE_PROCESSES) as it has cores: a worker's
+model and its decoders mostly take turns (the model waits for a batch's images, the decoders for the next images), and
+where they overlap they share the worker's own cores, never another's. With fewer cores than workers, the workers take
+one core each, in turn. A BLIPQ_TORCH_THREADS or BLIPQ_DECODE_PROCESSES set in `up`'s environment is every worker's.
 """
 
 from __future__ import annotations

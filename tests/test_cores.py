@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
+import worker.settings
 from api.cores import CoreShare, divide_cores, ranges
+from worker.settings import WorkerSettings, usable_cores
 
 
 @pytest.mark.parametrize(
@@ -38,3 +43,17 @@ def test_settings_in_the_environment_are_every_workers() -> None:
 
 def test_cores_are_written_as_linux_writes_a_cpu_list() -> None:
     assert ranges([0, 1, 2, 3, 8, 10, 11]) == "0-3,8,10-11"
+
+
+@pytest.mark.parametrize(("cpu_max", "limit"), [("max 100000\n", None), ("150000 100000\n", 2), ("50000 100000\n", 1)])
+def test_a_containers_cpu_limit_bounds_the_cores_a_worker_uses(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, cpu_max: str, limit: int | None
+) -> None:
+    # Given: the cgroup file a container's CPU limit is written in (cgroup v2's cpu.max: quota and period, in us)
+    (tmp_path / "cpu.max").write_text(cpu_max)
+    monkeypatch.setattr(worker.settings, "CGROUP_CPU_MAX", tmp_path / "cpu.max")
+    affinity = len(os.sched_getaffinity(0))
+
+    # Then: the cores it may use are its affinity's, within the limit rounded up
+    assert usable_cores() == (affinity if limit is None else min(affinity, limit))
+    assert WorkerSettings().decode_processes == usable_cores()
