@@ -1,8 +1,9 @@
 """Recognise images, and decode each into the picture a viewer sees, only as far as the model needs. Imports no torch.
 
-The API opens headers only (`open_image`: the format and the pixel count of an upload); the worker decodes, in the
-thread that fetched the image, with `decode_for_model`: bytes and a model's input size in, uint8 pixels out, the
-picture a viewer sees resized exactly as the model card's processor resizes it (PIL, its filter, its size).
+The API opens headers only (`open_image`: the format and the pixel count of an upload); the worker decodes, in its
+decoder processes (worker/decoders.py), with `decode_for_model`: bytes and a model's input size in, uint8 pixels out,
+the picture a viewer sees resized exactly as the model card's processor resizes it (PIL, its filter, its size), in two
+halves that the worker times apart (`picture_for_model`, then `resized_for_model`).
 
 The viewer's picture (worker.contract.viewer): EXIF orientation applied; 16-bit and float samples scaled to 8 bits;
 embedded ICC profiles (CMYK ones too) converted to sRGB with LittleCMS; transparency composited on white, as the
