@@ -106,7 +106,14 @@ def read_form(bounds: FormBounds, settings: ApiSettings) -> Form:
     body_refusal = PayloadTooLargeError(
         "body_too_large", f"the body is over {bounds.body_bytes} bytes, {bounds.body_bound}"
     )
-    stream = BoundedBody(get_input_stream(request.environ, max_content_length=None), bounds.body_bytes, body_refusal)
+    stream = BoundedBody(
+        get_input_stream(request.environ, max_content_length=None),
+        bounds.body_bytes,
+        body_refusal,
+        # werkzeug's decoder refuses a read that, with the end of the last one it holds back (a boundary may start
+        # there), passes the field bound, whatever the part: reads of half the bound leave room for that end.
+        read_bytes=bounds.field_bytes // 2,
+    )
     parser = FormDataParser(
         stream_factory=upload_factory(settings.max_image_bytes, bounds.batch),
         max_form_memory_size=bounds.field_bytes,
@@ -123,16 +130,16 @@ def read_form(bounds: FormBounds, settings: ApiSettings) -> Form:
 
 
 class BoundedBody(io.RawIOBase):
-    """A request body read up to `limit` bytes: reading past them raises `refusal`."""
+    """A request body read up to `limit` bytes, at most `read_bytes` at a time: reading past them raises `refusal`."""
 
-    def __init__(self, stream: IO[bytes], limit: int, refusal: ApiError) -> None:
-        self.stream, self.left, self.refusal = stream, limit, refusal
+    def __init__(self, stream: IO[bytes], limit: int, refusal: ApiError, read_bytes: int) -> None:
+        self.stream, self.left, self.refusal, self.read_bytes = stream, limit, refusal, read_bytes
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer: Any) -> int:
-        data = self.stream.read(min(len(buffer), self.left + 1))  # one byte more tells a body over the limit
+        data = self.stream.read(min(len(buffer), self.read_bytes, self.left + 1))  # one byte more: over the limit
         if len(data) > self.left:
             raise self.refusal
         self.left -= len(data)

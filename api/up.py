@@ -20,9 +20,10 @@ import redis
 import requests
 from redis.sentinel import MasterNotFoundError, Sentinel
 
+from api.cores import divide_cores
 from api.settings import ApiSettings, UpSettings
 from api.up_checks import UpCheckError, check_port_free, lock_data_dir
-from worker.settings import WorkerSettings
+from worker.settings import WorkerSettings, usable_cores
 
 READY_TIMEOUT_S = 60.0  # for Redis and the API to answer after they start, on a busy machine
 STOP_GRACE_S = 15.0  # for a process to exit after SIGTERM before it is killed
@@ -256,6 +257,9 @@ class Stack:
         # The captioning workers' model and queue: `blipq up`'s own setting, and the API's caption queue.
         self.caption_model = UpSettings.from_env(self.env).caption_model
         self.caption_queue = api.caption_queue
+        # The cores this process may use, divided between the workers (api/cores.py): together they never ask for more.
+        self.cores = sorted(os.sched_getaffinity(0))[: usable_cores()]
+        self.shares = divide_cores(self.cores, len(self.tasks))
 
     def start(self) -> None:
         """Start Redis (unless BLIPQ_REDIS_URL is set), the API and the workers; wait for the API."""
@@ -266,6 +270,9 @@ class Stack:
         bind = f"{self.host}:{self.port}"
         self.api = self._spawn([sys.executable, "-m", "gunicorn", "--bind", bind, *GUNICORN_LOCAL, "api.wsgi:app"])
         self.slots = [WorkerSlot(i, self._spawn_worker(i, task), task) for i, task in enumerate(self.tasks)]
+        print(f"blipq: {len(self.cores)} cores divided between the workers:", flush=True)
+        for index, (task, share) in enumerate(zip(self.tasks, self.shares, strict=True)):
+            print(f"blipq:   {task} worker {index} on {share.describe(self.env)}", flush=True)
         self._wait_for_api()
 
     def supervise(self) -> int:
@@ -311,15 +318,23 @@ class Stack:
             slot.restart_at = 0.0
 
     def _spawn_worker(self, index: int, task: str) -> subprocess.Popen[bytes]:
-        extra = {**worker_metrics_env(self.env, index, self.host), "BLIPQ_TASK": task}
+        share = self.shares[index]
+        extra = {**worker_metrics_env(self.env, index, self.host), "BLIPQ_TASK": task, **share.env(self.env)}
         if task == "caption":  # BLIPQ_MODEL and BLIPQ_QUEUE, when set, are the VQA workers'; "": the task's default
             extra["BLIPQ_MODEL"] = self.caption_model
             extra["BLIPQ_QUEUE"] = self.caption_queue
-        return self._spawn([sys.executable, "-m", "worker", f"--hostname={task}{index}@%h"], extra)
+        args = [sys.executable, "-m", "worker", f"--hostname={task}{index}@%h"]
+        return self._spawn(args, extra, cores=share.cores)
 
-    def _spawn(self, args: list[str], extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    def _spawn(
+        self, args: list[str], extra_env: dict[str, str] | None = None, cores: tuple[int, ...] | None = None
+    ) -> subprocess.Popen[bytes]:
+        # Pinned before it runs, between fork and exec, so that every thread and process it starts inherits its cores
+        # (preexec_fn is safe here: `up` runs no thread of its own).
+        pin = (lambda: os.sched_setaffinity(0, cores)) if cores else None
+        env = {**self.env, **(extra_env or {})}
         # Own session: Ctrl-C reaches `up` only, which then stops everything in order.
-        return subprocess.Popen(args, env={**self.env, **(extra_env or {})}, start_new_session=True)
+        return subprocess.Popen(args, env=env, start_new_session=True, preexec_fn=pin)  # noqa: PLW1509
 
     def _wait_for_api(self) -> None:
         url = f"http://{self.host}:{self.port}/healthz"

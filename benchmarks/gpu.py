@@ -20,6 +20,9 @@ never end an answer early, so every answer runs to --max-new-tokens (5: a real V
     sent a tagging batch (--service-images uploaded photos x --service-questions questions, one `POST /v1/batches`),
     waited for and read back; divided by the bare loop over the same items at the same batch size (`generate_texts`,
     images resized beforehand, an image asked several questions in a batch encoded once).
+(3) Decoding photos for the model (benchmarks/gpu_decode.py): the worker's CPU path on every core against nvJPEG
+    (`torchvision.io.decode_jpeg(device="cuda")`, batched, and a GPU resize), where torchvision is importable; the
+    worker itself decodes on the CPU. --skip-decode leaves it out.
 Writes every figure, with the date, the GPU's name and the torch version, to --out (after each part, so a failure
 later keeps what was measured). About 2-4 minutes on one H100; --quick runs fewer batch sizes and answers.
 """
@@ -80,7 +83,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--service-images", type=int, help="photos in the tagging batch (default 2500, --quick 500)")
     parser.add_argument("--service-questions", type=int, help="questions asked of each photo (default 4)")
     parser.add_argument("--service-batch", type=int, help="the worker's BLIPQ_BATCH_MAX_SIZE (default 64)")
-    parser.add_argument("--skip-service", action="store_true", help="the bare loop only")
+    parser.add_argument("--skip-service", action="store_true", help="no service run (part 2)")
+    parser.add_argument("--skip-decode", action="store_true", help="no CPU against nvJPEG decoding (part 3)")
     parser.add_argument("--model-dir", type=Path, help=f"where the BLIP-base checkpoint is kept (default {CACHE_DIR})")
     parser.add_argument("--smoke", action="store_true", help="--device cpu on the narrow variant: seconds, no GPU")
     args = parser.parse_args()
@@ -276,6 +280,13 @@ def main() -> int:
     report["service"] = (
         {"skipped": "--skip-service"} if args.skip_service else service_figures(args, sizes, model_dir, loaded)
     )
+    write(args.out, report)
+    if args.skip_decode or args.device == "cpu":
+        report["decode"] = {"skipped": "--skip-decode" if args.skip_decode else "nvJPEG needs a CUDA device"}
+    else:
+        from benchmarks.gpu_decode import decode_figures
+
+        report["decode"] = decode_figures(args.device)
     write(args.out, report)
     print(f"figures written to {args.out}")
     return 0

@@ -23,10 +23,11 @@ decode to the model's input size on one process per core). In order:
    demo models, every default; started during run 4, which times nothing), and `blipq tag DIR --caption -q Q1 -q Q2`
    over --up-photos photos: answers/s (captions count), against the feed limit at the demo models' 64 px.
 
-Each run prints images/s, answers/s, service / feed limit, the CPU per image of each process and, when the worker
-exports it, its CPU per image by stage (`n/a` until then). About 3-4 minutes on a 2-core machine, the first run more
-(the photos are written once, into ~/.cache/blipq-bench/photos); --quick, well under a minute; --smoke, every run on
-2 photos of the smoke mix (0.3 MP; the memory run too), the path end to end.
+Each run prints images/s, answers/s, service / feed limit, the CPU per image of each process and the worker's CPU per
+image by stage (its `blipq_worker_stage_cpu_seconds_total`; `n/a` for a worker that does not export it). About 3-4
+minutes on a 2-core machine, the first run more (the photos are written once, into ~/.cache/blipq-bench/photos);
+--quick, well under a minute; --smoke, every run on 2 photos of the smoke mix (0.3 MP; the memory run too), the path
+end to end.
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 from collections.abc import Iterator
@@ -103,6 +104,32 @@ def test_the_same_bytes_at_another_url_and_a_single_job_hit_the_cache(
     job_id = client.post("/v1/jobs", json={"image_url": copy, "question": QUESTIONS[0]}).get_json()["id"]
 
     assert wait_for_job(client, job_id, worker)["answer"] == PLANTED
+
+
+def test_a_full_cache_hit_is_still_held_to_the_workers_pixel_limit(
+    redis_server: RedisProcess, redis_client: redis.Redis, worker: WorkerProcess, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    # Given: an image (64x64: 4,096 pixels) whose answer the module's worker cached
+    client = api_client(redis_server.url, worker.queue)
+    image = shape_png("red")
+    first = client.post("/v1/jobs", data={"question": QUESTIONS[0], "image": (io.BytesIO(image), "red.png")})
+    assert wait_for_job(client, first.get_json()["id"], worker)["status"] == "succeeded"
+    plant(redis_client)
+
+    # When: a worker of the same model and settings, whose limit is 4,000 pixels, is asked the same question about it
+    strict = start_worker(
+        redis_server.url, tiny_model_dir, "cache-strict", tmp_path / "w.log", BLIPQ_MAX_IMAGE_PIXELS="4000"
+    )
+    try:
+        strict_client = api_client(redis_server.url, strict.queue, max_image_pixels=10**6)
+        second = strict_client.post("/v1/jobs", data={"question": QUESTIONS[0], "image": (io.BytesIO(image), "r.png")})
+        job = wait_for_job(strict_client, second.get_json()["id"], strict)
+    finally:
+        stop_process(strict.process)
+
+    # Then: it refuses it as a decode would, not answering from the cache
+    assert (job["status"], job["error"]["code"]) == ("failed", "image_too_large"), job
+    assert "4000 pixels" in job["error"]["message"]
 
 
 def test_past_its_bound_the_cache_drops_its_oldest_entries_and_answers_from_the_rest(

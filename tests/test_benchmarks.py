@@ -26,6 +26,7 @@ BENCHMARKS_DIR = ROOT / "benchmarks"
 HELPERS = {
     "blip_base": "builds the BLIP-base checkpoint that batching and gpu measure (their smoke runs, its narrow one)",
     "fleet": "the service's processes for a run: Redis, the API, the workers",
+    "gpu_decode": "gpu.py's third part (the CPU path against nvJPEG): it needs CUDA, and gpu's smoke run is on the CPU",
     "gpu_wheels": "downloads wheels for a GPU host without network (needs the network)",
     "image_server": "the local image host of the runs that send URLs",
     "kill_loop": "chaos.py's kill loop (its smoke run is chaos's)",
@@ -38,6 +39,7 @@ HELPERS = {
 FIGURES = {
     "batching": r"rounds: \d+\.\d\d",
     "chaos": r"stranded by the kills\s+\d+ jobs and chunks",
+    "decode_pool": r"processes: \d+ / 1 = \d+\.\d\dx",
     "decoding": r"8 JPEGs fast to 384 px .* 1 thread / 2 threads \d+\.\d\dx",
     "durable_submit": r"cost of WAIT\s+[+-]\d+\.\d+ ms, ratio \d+\.\d\d",
     "feed": r"feed limit \d+\.\d images/s",

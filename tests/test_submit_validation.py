@@ -5,9 +5,11 @@ from __future__ import annotations
 import io
 from typing import Any
 
+import numpy as np
 import pytest
 import redis
 from flask.testing import FlaskClient
+from PIL import Image
 
 from api.admission import queue_depth, queue_names
 from api.settings import MAX_JSON_BODY_BYTES
@@ -142,6 +144,33 @@ def test_accepted_job_is_in_redis_when_the_api_answers(api: FlaskClient, redis_c
     assert queue_depth(redis_client, UNCONSUMED_QUEUE) == 2
     job = api.get(f"/v1/jobs/{body['id']}").get_json()
     assert job["status"] == "queued" and job["question"] == "what is it?" and job["answer"] is None
+
+
+def test_an_upload_of_many_form_reads_is_accepted(redis_server: RedisProcess, redis_client: redis.Redis) -> None:
+    # Given: an API with the default image limits, and a photo of a few hundred KB (many reads of the form)
+    redis_client.delete(*queue_names(UNCONSUMED_QUEUE))
+    client = api_client(redis_server.url, UNCONSUMED_QUEUE)
+    photo = noise_png(512, 512)
+    assert len(photo) > 8 * 64 * 1024
+
+    # When: it is uploaded as a single job
+    response = client.post(
+        "/v1/jobs",
+        data={"question": "what is it?", "image": (io.BytesIO(photo), "photo.png", "image/png")},
+        content_type="multipart/form-data",
+    )
+
+    # Then: it is accepted, queued
+    assert response.status_code == 202, response.get_json()
+    assert queue_depth(redis_client, UNCONSUMED_QUEUE) == 1
+
+
+def noise_png(width: int, height: int) -> bytes:
+    """A PNG of random pixels: it barely compresses, so its bytes are about 3 per pixel."""
+    buffer = io.BytesIO()
+    pixels = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 @pytest.mark.parametrize("job_id", ["AAAAAAAAAAAAAAAAAAAAAA", "not-an-id", "blipq:job:AAAAAAAAAAAAAAAAAAAAAA"])

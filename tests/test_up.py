@@ -201,3 +201,71 @@ def test_a_second_up_on_the_same_data_dir_or_port_starts_nothing_and_says_which_
     finally:
         first.send_signal(signal.SIGINT)
         assert first.wait(60) == 0, log_path.read_text()
+
+
+def child_pids(pid: int) -> list[int]:
+    """The processes `pid` started (its main thread's children, read from /proc)."""
+    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def command_line(pid: int) -> list[bytes]:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+
+
+def allowed_cores(pid: int) -> tuple[int, ...]:
+    """The CPUs `pid` may run on (its affinity)."""
+    return tuple(sorted(os.sched_getaffinity(pid)))
+
+
+def environment(pid: int) -> dict[str, str]:
+    pairs = (entry.partition(b"=") for entry in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if entry)
+    return {name.decode(): value.decode() for name, _, value in pairs}
+
+
+def test_up_divides_its_cores_between_its_workers_and_ctrl_c_leaves_no_decoder_behind(
+    tmp_path: Path, tiny_model_dir: Path, tiny_caption_model_dir: Path
+) -> None:
+    # Given: `blipq up` with a VQA and a captioning worker, on two of this machine's cores (one, where it has one)
+    cores = sorted(os.sched_getaffinity(0))[:2]
+    env = {**up_env(tiny_model_dir), "BLIPQ_CAPTION_MODEL": str(tiny_caption_model_dir)}
+    env = {name: value for name, value in env.items() if name not in ("BLIPQ_TORCH_THREADS", "BLIPQ_DECODE_PROCESSES")}
+    log_path = tmp_path / "up.log"
+    with log_path.open("w") as log:
+        up = subprocess.Popen(
+            up_command(free_port(), tmp_path / "data"), env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
+        )
+    os.sched_setaffinity(up.pid, cores)  # long before it reads its cores (it is still starting Python)
+    decoders: list[int] = []
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while "Try it:" not in log_path.read_text():
+            assert up.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.2)
+        printed = log_path.read_text()
+
+        # Then: each worker runs on its own share of the cores, with as many torch threads and decoders...
+        workers = {command_line(pid)[3]: pid for pid in child_pids(up.pid) if b"worker" in command_line(pid)}
+        shares = {pid: allowed_cores(pid) for pid in workers.values()}
+        assert sorted(core for share in shares.values() for core in share) == sorted(
+            cores * (1 if len(cores) > 1 else 2)
+        )
+        for name, pid in workers.items():
+            share = shares[pid]
+            settings = environment(pid)
+            assert settings["BLIPQ_TORCH_THREADS"] == settings["BLIPQ_DECODE_PROCESSES"] == str(len(share)), name
+            task = name.removeprefix(b"--hostname=").split(b"@")[0].decode().rstrip("0123456789")
+            where = f"core {share[0]}" if len(share) == 1 else f"cores {share[0]}-{share[-1]}"
+            assert f"{task} worker" in printed and where in printed, printed
+            # ...and its decoder processes run there too
+            own = [child for child in child_pids(pid) if b"worker.decoders" in command_line(child)]
+            assert len(own) == len(share), (name, own)
+            assert all(allowed_cores(child) == share for child in own)
+            decoders += own
+        assert f"blipq: {len(cores)} cores divided between the workers" in printed
+    finally:
+        # When: Ctrl-C
+        up.send_signal(signal.SIGINT)
+        assert up.wait(60) == 0, log_path.read_text()
+
+    # Then: no decoder process is left
+    assert decoders and not [pid for pid in decoders if Path(f"/proc/{pid}").exists()], decoders

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ipaddress
+import math
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -38,6 +40,19 @@ Dtype = Literal["auto", "float32", "float16", "bfloat16"]
 ImageDecode = Literal["fast", "exact"]  # how far images are decoded (worker.contract.images.decode_for_model)
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # a container's CPU limit (cgroup v2): "quota period", or "max period"
+
+
+def usable_cores() -> int:
+    """The cores this process may use: those it may run on (its affinity), within its container's CPU limit if any."""
+    cores = len(os.sched_getaffinity(0))
+    try:
+        quota, period = CGROUP_CPU_MAX.read_text().split()[:2]
+    except (OSError, ValueError):
+        return cores
+    if quota == "max":
+        return cores
+    return max(1, min(cores, math.ceil(int(quota) / int(period))))
 
 
 class WorkerSettings(SharedSettings):
@@ -82,7 +97,14 @@ class WorkerSettings(SharedSettings):
         validate_default=True,
         ge=1,
     )
-    fetch_threads: int = setting(8, "Threads that fetch and decode the images of a batch's chunk", ge=1)
+    fetch_threads: int = setting(8, "Threads that fetch the images of a batch's chunk", ge=1)
+    decode_processes: int = setting(
+        None,
+        "Processes that decode images for the model (worker/decoders.py); 0: the worker's own threads decode them",
+        shown_default="the cores the worker may use (its CPU affinity, within its container's CPU limit)",
+        validate_default=True,
+        ge=0,
+    )
     image_decode: ImageDecode = setting(
         "fast",
         "fast: a JPEG decoded at the smallest DCT scale still at least the model's input, a big image box-reduced"
@@ -147,6 +169,12 @@ class WorkerSettings(SharedSettings):
     def two_batches(cls, value: Any, info: ValidationInfo) -> Any:
         """Unset: two model batches' worth."""
         return 2 * info.data.get("batch_max_size", DEFAULT_BATCH_MAX_SIZE) if value is None else value
+
+    @field_validator("decode_processes", mode="before")
+    @classmethod
+    def one_per_core(cls, value: Any) -> Any:
+        """Unset: one per core this process may use."""
+        return usable_cores() if value is None else value
 
     @field_validator("device")
     @classmethod

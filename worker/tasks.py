@@ -26,7 +26,7 @@ from worker.contract.batches import BatchStore, outcome_value
 from worker.contract.broker import SOFT_LIMIT_MARGIN_S, TASK_VQA, TASK_VQA_CHUNK
 from worker.contract.errors import BlipqError, JobTimeoutError, SettingsError, UploadMissingError, WrongTaskError
 from worker.contract.fleet import worker_identity
-from worker.contract.images import decode_for_model
+from worker.contract.images import open_image, picture_for_model, resized_for_model
 from worker.contract.jobs import JobStore
 from worker.contract.states import JobPriority, JobStatus
 from worker.contract.transitions import (
@@ -37,12 +37,16 @@ from worker.contract.transitions import (
     START_MISSING,
     START_PENDING,
 )
+from worker.decoders import DecoderPool
 from worker.fetch import FetchLimits, fetch_image_bytes, new_session
 from worker.metrics import CURRENT_JOB, observe_inference
 from worker.netguard import NetworkPolicy
 from worker.settings import WorkerSettings
+from worker.stages import stage
 
 if TYPE_CHECKING:  # torch is imported when the model loads, not when the API imports this package
+    import numpy as np
+    import numpy.typing as npt
     import requests
     import torch
 
@@ -76,6 +80,7 @@ class WorkerRuntime:
         self.loaded: LoadedModel | None = None
         self.batcher: Batcher | None = None
         self.fetchers = ThreadPoolExecutor(settings.fetch_threads, thread_name_prefix="blipq-fetch")
+        self.decoders: DecoderPool | None = None
         self._store: JobStore | None = None
         self._batches: BatchStore | None = None
         self._cache: AnswerCache | None = None
@@ -95,6 +100,8 @@ class WorkerRuntime:
             settings = self.settings
             if settings.torch_threads:
                 torch.set_num_threads(settings.torch_threads)
+            if settings.decode_processes:  # started first: they import Pillow while the model loads
+                self.decoders = DecoderPool(settings.decode_processes).start()
             started = time.monotonic()
             try:
                 self.loaded = load_model(settings.model, settings.device, settings.dtype)
@@ -128,6 +135,8 @@ class WorkerRuntime:
         self.fetchers.shutdown(wait=False, cancel_futures=True)
         if self.batcher is not None:
             self.batcher.stop(timeout_s=self.settings.job_time_limit_s)
+        if self.decoders is not None:
+            self.decoders.close()
 
     def _generate(self, pixels: list[torch.Tensor], rows: list[int], texts: list[str]) -> list[str]:
         """The batcher's model call."""
@@ -135,7 +144,7 @@ class WorkerRuntime:
 
         assert self.loaded is not None
         settings = self.settings
-        with observe_inference(questions=len(texts)):
+        with observe_inference(questions=len(texts)), stage("model"):
             return generate_texts(self.loaded, pixels, rows, texts, settings.max_new_tokens, settings.num_beams)
 
     @property
@@ -386,20 +395,32 @@ class WorkerRuntime:
     ) -> PreparedImage:
         """Load an image (fetched, or an upload: from `uploads` when it was read already), look its texts up in the
         answer cache, and decode it for the model (worker.contract.images.decode_for_model: as far as the model's
-        input needs, or in full with BLIPQ_IMAGE_DECODE=exact) unless every answer was cached; in the calling
-        thread."""
+        input needs, or in full with BLIPQ_IMAGE_DECODE=exact) unless every answer was cached; fetched in the calling
+        thread, decoded in a decoder process (worker/decoders.py) or, with none, in the calling thread."""
         from worker.inference import image_tensor
 
-        data = self._image_bytes(job_id, image_url, upload_key, uploads)
+        with stage("fetch"):
+            data = self._image_bytes(job_id, image_url, upload_key, uploads)
         keys = self.cache.keys(data, texts)
         cached = self.cache.lookup(keys)
+        if all(answer is not None for answer in cached):
+            # Not decoded, but held to this worker's limits all the same: its header (the format and the pixel
+            # count) is read, as a decode would first, and refused as a decode would refuse it.
+            open_image(data, self.limits.max_pixels)
+            return PreparedImage(keys, cached, None)
+        return PreparedImage(keys, cached, image_tensor(self._decode(data)))
+
+    def _decode(self, data: bytes) -> npt.NDArray[np.uint8]:
+        """An image's bytes as the model's uint8 input: in a decoder process, or in this thread when there are none."""
         loaded = self.loaded
         assert loaded is not None
-        if all(answer is not None for answer in cached):
-            return PreparedImage(keys, cached, None)
         exact = self.settings.image_decode == "exact"
-        pixels = decode_for_model(data, loaded.image_size, loaded.resample, self.limits.max_pixels, exact)
-        return PreparedImage(keys, cached, image_tensor(pixels))
+        if self.decoders is not None:
+            return self.decoders.decode(data, loaded.image_size, loaded.resample, self.limits.max_pixels, exact)
+        with stage("decode"):
+            picture = picture_for_model(data, loaded.image_size, self.limits.max_pixels, exact)
+        with stage("resize"):
+            return resized_for_model(picture, loaded.image_size, loaded.resample)
 
     def _image_bytes(
         self, job_id: str, image_url: str, upload_key: str, uploads: Mapping[str, bytes | None] | None

@@ -1,8 +1,9 @@
 """Recognise images, and decode each into the picture a viewer sees, only as far as the model needs. Imports no torch.
 
-The API opens headers only (`open_image`: the format and the pixel count of an upload); the worker decodes, in the
-thread that fetched the image, with `decode_for_model`: bytes and a model's input size in, uint8 pixels out, the
-picture a viewer sees resized exactly as the model card's processor resizes it (PIL, its filter, its size).
+The API opens headers only (`open_image`: the format and the pixel count of an upload); the worker decodes, in its
+decoder processes (worker/decoders.py), with `decode_for_model`: bytes and a model's input size in, uint8 pixels out,
+the picture a viewer sees resized exactly as the model card's processor resizes it (PIL, its filter, its size), in two
+halves that the worker times apart (`picture_for_model`, then `resized_for_model`).
 
 The viewer's picture (worker.contract.viewer): EXIF orientation applied; 16-bit and float samples scaled to 8 bits;
 embedded ICC profiles (CMYK ones too) converted to sRGB with LittleCMS; transparency composited on white, as the
@@ -191,8 +192,12 @@ def decode_for_model(
 
     Exact: pixel for pixel what the model card's processor makes of the picture `decode_image` gives.
     """
-    import numpy as np  # the worker's: the API, which imports this module for `open_image`, never loads numpy
+    return resized_for_model(picture_for_model(data, size, max_pixels, exact), size, resample)
 
+
+def picture_for_model(data: bytes, size: tuple[int, int], max_pixels: int, exact: bool = False) -> Image.Image:
+    """decode_for_model's first half: the picture a viewer sees, in RGB, decoded only as far as resizing it to `size`
+    needs unless `exact`. Raises ImageInvalidError, ImageTooLargeError."""
     image = open_image(data, max_pixels)
     try:
         if not exact:
@@ -200,10 +205,19 @@ def decode_for_model(
         image.load()
         if not exact:
             image = reduced_for_resize(image, size)  # the full-size one is dropped here
-        picture = viewers_picture(image)
-        del image
-        resized = picture.resize(size, resample=Image.Resampling(resample))
+        return viewers_picture(image)
     except (*DECODE_ERRORS, Image.DecompressionBombError):
+        raise ImageInvalidError("the image could not be decoded (truncated or corrupt)") from None
+
+
+def resized_for_model(picture: Image.Image, size: tuple[int, int], resample: int) -> npt.NDArray[np.uint8]:
+    """decode_for_model's second half: a picture resized to `size` with the PIL filter `resample`, as uint8
+    (height, width, 3)."""
+    import numpy as np  # the worker's: the API, which imports this module for `open_image`, never loads numpy
+
+    try:
+        resized = picture.resize(size, resample=Image.Resampling(resample))
+    except DECODE_ERRORS:
         raise ImageInvalidError("the image could not be decoded (truncated or corrupt)") from None
     return np.array(resized, dtype=np.uint8)
 
