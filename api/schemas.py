@@ -485,6 +485,12 @@ class ModelEntry(BaseModel):
     decode: str | None = Field(
         description="How its live workers decode images, when they publish it and all the same way; else null."
     )
+    resample: str | None = Field(
+        description=(
+            "The PIL filter its live workers' processors resize with (`bicubic`), when they publish it and all the "
+            "same one; else null."
+        )
+    )
     workers: list[WorkerRecord]
     waiting: int = Field(ge=0, description="Answers waiting in its queue (single jobs and batch items not started).")
     outcomes: dict[str, int] = Field(description="Runs of its jobs by how they ended, since Redis started counting.")

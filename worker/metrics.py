@@ -194,6 +194,7 @@ class WorkerOps:
             image_width=width,
             image_height=height,
             decode=settings.image_decode,
+            resample=loaded.resample_name,
         )
         self.announcer = Announcer(self.client, record, settings.announce_interval_s)
         self.announcer.start()

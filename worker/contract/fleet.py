@@ -53,6 +53,9 @@ class WorkerRecord:
     image_width: int = 0
     image_height: int = 0
     decode: str = ""  # how the worker decodes images, for a worker that says; "": not published
+    # The PIL filter its processor resizes with, by name (`bicubic`): with the input size and the decode mode, what a
+    # client needs to make the very pixels the model would see. "": not published.
+    resample: str = ""
 
     def to_redis(self) -> dict[str, str]:
         """The record as flat string fields for a Redis hash."""
@@ -75,6 +78,7 @@ class WorkerRecord:
             image_width=int(fields.get("image_width", 0)),
             image_height=int(fields.get("image_height", 0)),
             decode=fields.get("decode", ""),
+            resample=fields.get("resample", ""),
         )
 
 
