@@ -56,6 +56,7 @@ class WorkerRecord:
     # The PIL filter its processor resizes with, by name (`bicubic`): with the input size and the decode mode, what a
     # client needs to make the very pixels the model would see. "": not published.
     resample: str = ""
+    pillow: str = ""  # the Pillow release that decodes and resizes its images (its pixels are that release's)
 
     def to_redis(self) -> dict[str, str]:
         """The record as flat string fields for a Redis hash."""
@@ -79,6 +80,7 @@ class WorkerRecord:
             image_height=int(fields.get("image_height", 0)),
             decode=fields.get("decode", ""),
             resample=fields.get("resample", ""),
+            pillow=fields.get("pillow", ""),
         )
 
 
