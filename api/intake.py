@@ -38,6 +38,7 @@ ITEM_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{16,64}\.[0-9]{1,6}$")  # a batch i
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 IDEMPOTENCY_KEY_PATTERN = re.compile(r"^[\x21-\x7e]{1,255}$")  # visible ASCII, as header values safely are
 MAX_JOB_FORM_PARTS = 16  # a job's form: its eight fields and its file, with room; a form of more parts is no job's
+READ_BYTES = 16 * 1024  # a multipart body is read this much at a time (BoundedBody says why)
 SPOOL_BYTES = 500 * 1024  # an upload's bytes past this wait in a temporary file while the form is read (werkzeug's)
 
 
@@ -123,7 +124,13 @@ def read_form(bounds: FormBounds, settings: ApiSettings) -> Form:
 
 
 class BoundedBody(io.RawIOBase):
-    """A request body read up to `limit` bytes: reading past them raises `refusal`."""
+    """A request body read up to `limit` bytes: reading past them raises `refusal`.
+
+    At most READ_BYTES are read at a time. werkzeug's multipart decoder refuses data when its buffer and the data just
+    read pass `max_form_memory_size` (the text field bound), whatever part they belong to: reads of its own 64 KiB
+    chunks, with the few bytes it keeps back after a CR or LF (a boundary may start there), would pass a job form's
+    64 KiB bound in the middle of any photo.
+    """
 
     def __init__(self, stream: IO[bytes], limit: int, refusal: ApiError) -> None:
         self.stream, self.left, self.refusal = stream, limit, refusal
@@ -132,7 +139,8 @@ class BoundedBody(io.RawIOBase):
         return True
 
     def readinto(self, buffer: Any) -> int:
-        data = self.stream.read(min(len(buffer), self.left + 1))  # one byte more tells a body over the limit
+        # One byte more than is left tells a body over the limit.
+        data = self.stream.read(min(len(buffer), READ_BYTES, self.left + 1))
         if len(data) > self.left:
             raise self.refusal
         self.left -= len(data)
