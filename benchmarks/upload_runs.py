@@ -16,7 +16,11 @@ b. on the same service, its workers stopped (SIGSTOP): the photos submitted as `
    workers let go and the batches deleted once ended;
 c. one worker (benchmarks/fleet.py, the demo model, the cache off) and `blipq tag DIR -q Q` over the photos, the two
    modes twice each in alternating order, each against the feed limit of the same bytes (benchmarks/feed.py; goal >=
-   0.8).
+   0.8);
+d. how the shrunk pixels are best sent, in this process: ENCODING_PHOTOS photos shrunk to the demo models' 64 px and
+   to BLIP-base's 384 px, then written in each lossless way the service accepts (ENCODINGS: PNG at zlib levels and
+   strategies, BMP, TIFF, lossless WebP): the bytes, the CPU to write them, the CPU a worker spends to read them back
+   (decode_for_model), each the least of ENCODING_REPEATS passes, and that the pixels come back the same.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from typing import Any
 import redis
 
 from api.client import BlipqClient
-from api.shrink import ShrinkTarget, shrink
+from api.shrink import PNG_OPTIONS, ShrinkTarget, shrink
 from benchmarks import feed
 from benchmarks.fleet import REPO
 from benchmarks.photo_intake import Up, up_processes, wait_until_ready
@@ -43,6 +47,21 @@ from benchmarks.photo_runs import PHOTO_QUESTIONS, Meter, PhotoRun, linked_dir, 
 from benchmarks.processes import tree
 
 MODES = ("--no-shrink", "--shrink")
+ENCODING_PHOTOS = 30
+ENCODING_REPEATS = 3
+ENCODING_SIZES = (64, 384)  # the demo models' input, BLIP-base's
+# Lossless ways to send pixels that the service accepts: (format, Pillow's options); the first is api/shrink.py's.
+ENCODINGS: list[tuple[str, dict[str, Any]]] = [
+    ("PNG", PNG_OPTIONS),
+    ("PNG", {"compress_level": 1}),
+    ("PNG", {"compress_level": 6}),
+    ("PNG", {"compress_level": 9}),
+    ("BMP", {}),
+    ("TIFF", {}),
+    ("TIFF", {"compression": "tiff_deflate"}),
+    ("WEBP", {"lossless": True, "method": 0, "quality": 0}),
+    ("WEBP", {"lossless": True, "method": 4, "quality": 50}),
+]
 UP_QUESTIONS = PHOTO_QUESTIONS[:2]
 UP_ENV = {"BLIPQ_ANNOUNCE_INTERVAL_S": "30"}  # a stopped worker's record outlives run b (3 intervals)
 MEMORY_GROUP = 20  # photos per batch in run b
@@ -208,14 +227,50 @@ def feed_runs(work: Path, photos: list[Path]) -> list[tuple[str, PhotoRun]]:
     return runs
 
 
+def encoding_runs(photos: list[Path]) -> list[dict[str, Any]]:
+    """Run d: each way of sending shrunk pixels, at each size: kB, ms to write, ms to read back, pixels kept."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from worker.contract.images import decode_for_model
+
+    rows = []
+    datas = [path.read_bytes() for path in photos[:ENCODING_PHOTOS]]
+    for side in ENCODING_SIZES:
+        size = (side, side)
+        pixels = [decode_for_model(data, size, Image.Resampling.BICUBIC, 1 << 62) for data in datas]
+        pictures = [Image.fromarray(each) for each in pixels]
+        for fmt, options in ENCODINGS:
+            write_s, read_s = [], []
+            for _ in range(ENCODING_REPEATS):
+                started, written = time.process_time(), []
+                for picture in pictures:
+                    buffer = io.BytesIO()
+                    picture.save(buffer, format=fmt, **options)
+                    written.append(buffer.getvalue())
+                write_s.append(time.process_time() - started)
+                started = time.process_time()
+                back = [decode_for_model(data, size, Image.Resampling.BICUBIC, 1 << 62) for data in written]
+                read_s.append(time.process_time() - started)
+            rows.append({
+                "size": side, "format": fmt, "options": dict(options),
+                "kb": sum(map(len, written)) / len(written) / 1e3, "raw_kb": side * side * 3 / 1e3,
+                "write_ms": 1000 * min(write_s) / len(pictures), "read_ms": 1000 * min(read_s) / len(pictures),
+                "same": all(np.array_equal(a, b) for a, b in zip(pixels, back, strict=True)),
+            })  # fmt: skip
+    return rows
+
+
 def uploads_run(work: Path, photos: list[Path], feed_photos: list[Path], other: Path | None) -> dict[str, Any]:
-    """Run 7 (a, b, c), in `work` (emptied after)."""
+    """Run 7 (a, b, c, d), in `work` (emptied after)."""
     try:
         runs, memory = up_runs(work, photos, other)
         fed = feed_runs(work, feed_photos) if feed_photos else []
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return {"up": runs, "memory": memory, "feed": fed}
+    return {"up": runs, "memory": memory, "feed": fed, "encodings": encoding_runs(photos)}
 
 
 def summed(runs: Sequence[UploadRun], mode: str) -> dict[str, float]:
@@ -280,7 +335,14 @@ def report(figures: dict[str, Any]) -> dict[str, Any]:
             print(f"  {mode:<12} {images / seconds:6.2f} images/s, / feed {images / seconds / chosen[0].feed.rate:.2f}"
                   f" (runs: {', '.join(f'{run.ratio:.2f}' for run in chosen)}); CPU {1000 * cpu:.1f} ms per image,"
                   f" x feed {cpu / (chosen[0].feed.cpu_ms_per_image / 1000):.2f}")  # fmt: skip
+    print(f"\n7d shrunk pixels of {ENCODING_PHOTOS} photos, each way of sending them (least CPU of"
+          f" {ENCODING_REPEATS} passes)")  # fmt: skip
+    print(f"  {'size':>4} {'format':<6} {'options':<52} {'kB':>7} {'/ raw':>6} {'write ms':>8} {'read ms':>7} same")
+    for row in figures["encodings"]:
+        costs = f"{row['write_ms']:>8.2f} {row['read_ms']:>7.2f} {row['same']}"
+        print(f"  {row['size']:>4} {row['format']:<6} {row['options']!s:<52} {row['kb']:>7.1f}"
+              f" {row['kb'] / row['raw_kb']:>6.2f} {costs}")  # fmt: skip
     return {
         "up": [run.as_dict() for run in runs], "up_totals": totals, "memory": memory,
-        "feed": [{"mode": mode, **run.as_dict()} for mode, run in fed],
+        "feed": [{"mode": mode, **run.as_dict()} for mode, run in fed], "encodings": figures["encodings"],
     }  # fmt: skip
