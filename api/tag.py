@@ -2,12 +2,12 @@
 
 Images are http(s) URLs (the workers fetch them) or local files, found also in directories (recursively, by
 extension) and uploaded with the batch. The images stream: requests of at most `--per-request` answers (and, for
-uploads, MAX_FILES_PER_UPLOAD files and about MAX_UPLOAD_BYTES) are made as the inputs are read, and up to
-`--in-flight` of them wait on the service at once, so that the next uploads overlap the answers of the earlier ones;
-a request's lines are written as soon as it ended (and its batch deleted from the service: Redis holds only what is
-in flight), and the progress bar moves with every item that ends. Memory holds the requests in flight and one small
-hash per pair settled, however many images: a file of a million URLs is read a line at a time. A full queue
-(503 `queue_full`) is waited out by the client's retries.
+uploads, api/tag_requests.py's MAX_FILES_PER_UPLOAD files and about MAX_UPLOAD_BYTES) are made as the inputs are
+read, and up to `--in-flight` of them wait on the service at once, so that the next uploads overlap the answers of the
+earlier ones; a request's lines are written as soon as it ended (and its batch deleted from the service: Redis holds
+only what is in flight), and the progress bar moves with every item that ends. Memory holds the requests in flight
+and one small hash per pair settled, however many images: a file of a million URLs is read a line at a time. A full
+queue (503 `queue_full`) is waited out by the client's retries.
 
 No one file stops the run. Each local file is checked before it is sent, against the service's own limits (from
 `GET /v1/models`) and with the service's own header check (worker.contract.images.open_image): a file that cannot be
