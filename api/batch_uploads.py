@@ -2,9 +2,10 @@
 
 The images are files named `images`; the form field `questions` holds a JSON array of the questions asked about every
 image; `priority`, `deadline_s`, `webhook` and `webhook_items` are as in a JSON batch. With the field `task` set to
-`caption`, each image is captioned once instead, continuing the optional field `prompt` (no `questions` then). Each
-image is stored once in Redis (worker.contract.jobs.batch_upload_key), for all its jobs, and expires with the batch
-after the TTL.
+`caption`, each image is captioned once instead, continuing the optional field `prompt` (no `questions` then); with
+`caption` set to `true`, each image is asked the questions and captioned too, in one batch. Each image is stored once
+in Redis (worker.contract.jobs.batch_upload_key), for all its jobs (its captioning included), and expires with the
+batch after the TTL.
 """
 
 from __future__ import annotations
@@ -69,15 +70,13 @@ def parse_batch_upload(settings: ApiSettings) -> BatchUpload:
         if QUESTIONS_FIELD in form.fields:
             message = "questions: a caption batch asks no questions; give an optional 'prompt' instead"
             raise ValidationError("question_not_allowed", message)
-        answers = len(files)  # one caption per image
     else:
-        questions = _questions(form.fields.get(QUESTIONS_FIELD))
-        answers = len(files) * len(questions)
-        data[QUESTIONS_FIELD] = questions
+        data[QUESTIONS_FIELD] = _questions(form.fields.get(QUESTIONS_FIELD))
+    batch_request = validate_batch_request(data, settings.max_question_chars, max_deadline_s=settings.job_ttl_s)
+    answers = len(files) * len(batch_request.asked())  # its questions, and one caption when it captions
     if answers > MAX_BATCH_ANSWERS:
         message = f"the batch asks for {answers} answers; the limit is {MAX_BATCH_ANSWERS} per request"
         raise ValidationError("batch_too_large", message)
-    batch_request = validate_batch_request(data, settings.max_question_chars, max_deadline_s=settings.job_ttl_s)
     check_webhook(batch_request.webhook, settings)
     images = []
     for index, file in enumerate(files):

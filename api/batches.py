@@ -34,7 +34,15 @@ from api.schemas import (
 )
 from api.services import services
 from api.submission import broker_unavailable, earlier_submission, enqueue, release_claim, released_on_refusal
-from worker.contract.batches import MAX_BATCH_ANSWERS, READ_PAGE, Batch, BatchStore, chunk_member, plan_chunks
+from worker.contract.batches import (
+    MAX_BATCH_ANSWERS,
+    READ_PAGE,
+    Batch,
+    BatchStore,
+    Item,
+    chunk_member,
+    plan_chunks,
+)
 from worker.contract.broker import publish_chunk
 from worker.contract.jobs import batch_upload_key, idempotency_key, new_job_id, utc_iso
 from worker.contract.states import JobTask
@@ -74,7 +82,8 @@ def submit_batch() -> tuple[Response, int, dict[str, str]]:
     workers fetch each image once for all its questions. `202` means every item is stored and enqueued. As
     multipart/form-data, the images are uploaded (files `images`) and each is asked every one of `questions`. With
     `"task": "caption"`, `images` are captioned once each (no `questions`; an optional `prompt` for all), or `items`
-    give each image with its optional `prompt`.
+    give each image with its optional `prompt`. With `"caption": true`, `images` are asked every one of `questions`
+    and captioned once each too (after its questions, in item order), each image uploaded once for both.
     """
     # 202 means the batch, its items and every uploaded image (stored once) are in Redis: a few round trips in all.
     # With an Idempotency-Key, the same request again (same key, owner, body and files) answers the first one's batch.
@@ -85,9 +94,9 @@ def submit_batch() -> tuple[Response, int, dict[str, str]]:
         batch_request, uploaded = upload.batch_request, upload.images
     else:
         batch_request, uploaded = _parse_batch_request(), None
-    # The body says the task, and so the queue whose depth counts (the one the items would wait in).
-    queue = svc.settings.queue_for(batch_request.task)
-    new = _new_batch(batch_request, queue, svc.settings.batch_chunk_size, uploaded)
+    # The body says the tasks, and so the queues whose depth counts (those the items would wait in).
+    queues = {task: svc.settings.queue_for(task) for task in batch_request.tasks()}
+    new = _new_batch(batch_request, queues, svc.settings.batch_chunk_size, uploaded)
     batches = BatchStore(svc.store)
     claim = None
     if idempotency is not None:
@@ -99,10 +108,13 @@ def submit_batch() -> tuple[Response, int, dict[str, str]]:
             headers = {"Location": f"/v1/batches/{earlier.id}", "Idempotent-Replayed": "true"}
             return jsonify(id=earlier.id, count=earlier.count), 202, headers
     with released_on_refusal(svc.store, claim):
-        check_workers(svc.store.client, queue, batch_request.task, svc.settings.wait_for_workers)
-        check_queue_room(svc.store.client, queue, svc.settings.max_queue_depth, answers=new.batch.count)
+        for task, queue in queues.items():
+            check_workers(svc.store.client, queue, task, svc.settings.wait_for_workers)
+        for task, queue in queues.items():
+            answers = sum(item.task is task for item in new.items)
+            check_queue_room(svc.store.client, queue, svc.settings.max_queue_depth, answers=answers)
     try:
-        batches.create(new.batch, new.images, new.items, new.chunks, queue, new.uploads, claim)
+        batches.create(new.batch, new.images, new.items, new.chunks, new.uploads, claim)
     except redis.RedisError as exc:
         log.warning("cannot store batch: %s", exc)
         release_claim(svc.store, claim)
@@ -110,14 +122,14 @@ def submit_batch() -> tuple[Response, int, dict[str, str]]:
 
     def publish() -> None:
         for chunk in new.chunks:
-            publish_chunk(svc.celery, queue, chunk)
+            publish_chunk(svc.celery, new.batch.queue_for(chunk["task"]), chunk)
 
     enqueue(
         f"batch {new.batch.id}",
         publish=publish,
-        accept=lambda replicas, timeout_ms: batches.accept(new.batch, new.chunks, queue, replicas, timeout_ms),
+        accept=lambda replicas, timeout_ms: batches.accept(new.batch, new.chunks, replicas, timeout_ms),
         withdraw=lambda replicas, timeout_ms: batches.withdraw(
-            new.batch, new.chunks, queue, list(new.uploads), replicas, timeout_ms
+            new.batch, new.chunks, list(new.uploads), replicas, timeout_ms
         ),
         claim=claim,
     )
@@ -245,8 +257,8 @@ def _check_size(data: Any) -> None:
     lengths = {name: len(data[name]) for name in ("items", "images", "questions") if isinstance(data.get(name), list)}
     if "items" in lengths:
         answers = lengths["items"]
-    elif "images" in lengths and "questions" in lengths:
-        answers = lengths["images"] * lengths["questions"]
+    elif "images" in lengths and "questions" in lengths:  # and one caption per image with `caption`
+        answers = lengths["images"] * (lengths["questions"] + (data.get("caption") is True))
     elif "images" in lengths and data.get("task") == JobTask.CAPTION:  # one caption per image
         answers = lengths["images"]
     elif not any(name in data for name in ("items", "images", "questions")):
@@ -262,22 +274,24 @@ def _check_size(data: Any) -> None:
 
 @dataclass(frozen=True)
 class NewBatch:
-    """A batch about to be stored: its record, images, items (image number, text), chunks and uploads by key."""
+    """A batch about to be stored: its record, images, items (image number, text, task), chunks and uploads by key."""
 
     batch: Batch
     images: list[dict[str, str]]
-    items: list[tuple[int, str]]
+    items: list[Item]
     chunks: list[dict[str, Any]]
     uploads: dict[str, bytes]
 
 
 def _new_batch(
-    batch_request: BatchRequest, queue: str, chunk_size: int, uploaded: list[UploadedImage] | None = None
+    batch_request: BatchRequest,
+    queues: dict[JobTask, str],
+    chunk_size: int,
+    uploaded: list[UploadedImage] | None = None,
 ) -> NewBatch:
     """The batch, its distinct images and its items in item order (image by image, as the request lists them)."""
     now = time.time()
     batch_id = new_job_id()
-    texts = batch_request.texts()
     uploads: dict[str, bytes] = {}
     if uploaded is not None:
         images = []
@@ -285,10 +299,11 @@ def _new_batch(
             key = batch_upload_key(batch_id, number)
             uploads[key] = image.data
             images.append({"image_name": image.name, "upload": key})
-        items = [(number, text) for number in range(len(images)) for text in texts]
+        asked = batch_request.asked()
+        items = [Item(number, text, task) for number in range(len(images)) for task, text in asked]
     else:
         numbers: dict[str, int] = {}
-        items = [(numbers.setdefault(url, len(numbers)), text) for url, text in batch_request.pairs()]
+        items = [Item(numbers.setdefault(url, len(numbers)), text, task) for url, task, text in batch_request.pairs()]
         images = [{"image_url": url} for url in numbers]
     deadline_s = batch_request.deadline_s
     batch = Batch(
@@ -300,11 +315,12 @@ def _new_batch(
         webhook=str(batch_request.webhook or ""),
         webhook_items=batch_request.webhook_items,
         task=batch_request.task,
-        queue=queue,
+        queue=queues[batch_request.task],
+        caption_queue=queues[JobTask.CAPTION] if batch_request.captions_too else "",
         deadline_at="" if deadline_s is None else str(now + deadline_s),
     )
     chunks = []
-    for number, chunk in enumerate(plan_chunks(items, chunk_size)):
+    for number, (task, chunk) in enumerate(plan_chunks(items, chunk_size)):
         answers = sum(len(entry["items"]) for entry in chunk)
         for entry in chunk:  # the worker reads the image's source, not its number
             source = images[entry.pop("image")]
@@ -315,7 +331,7 @@ def _new_batch(
                 "number": number,
                 "member": chunk_member(batch_id, number, answers),
                 "priority": str(batch.priority),
-                "task": str(batch.task),
+                "task": str(task),
                 "images": chunk,
             }
         )

@@ -122,6 +122,15 @@ def add_client_parsers(commands: Any) -> None:
         metavar="N",
         help="batch requests on the service at once (default 4)",
     )
+    tag.add_argument(
+        "--shrink",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help=(
+            "upload each file as the pixels the model would see, made on this machine's cores: the same answers, "
+            "fewer bytes (default: on; docs/cli.md says why)"
+        ),
+    )
 
 
 def run_client_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
@@ -147,6 +156,7 @@ def run_client_command(parser: argparse.ArgumentParser, args: argparse.Namespace
         args.caption,
         args.prompt or "",
         args.in_flight,
+        args.shrink,
     )
 
 

@@ -10,7 +10,10 @@ and batch it submits carries an Idempotency-Key of its own, the same on each ret
 lost returns the first job or batch rather than making a second.
 
 An image is an http(s) URL (the workers fetch it), a local file (uploaded) or bytes; a string with another scheme
-(ftp://, s3://, gs://, data:...) is refused with `image_url_invalid`, never read as a file's name.
+(ftp://, s3://, gs://, data:...) is refused with `image_url_invalid`, never read as a file's name. With
+`shrink=True`, an upload is first shrunk to the model's input size on this machine's cores (api/shrink.py: the very
+pixels the workers would feed their model, as a PNG, so every answer is the original's); that needs Pillow, and
+numpy, the service's own dependencies.
 
     from api.client import BlipqClient
     client = BlipqClient("http://127.0.0.1:8000")
@@ -23,18 +26,24 @@ from __future__ import annotations
 import json
 import re
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
 from urllib3.exceptions import NameResolutionError
 from urllib3.util.retry import Retry
+
+if TYPE_CHECKING:
+    from concurrent.futures import Executor
+
+    from api.shrink import ShrinkTarget
 
 FINAL_STATUSES = frozenset({"succeeded", "failed", "canceled", "expired"})
 RETRYABLE_STATUSES = frozenset({429, 502, 503, 504})  # rate limited, queue full, Redis or a proxy away: try later
@@ -58,6 +67,8 @@ MAX_POLL_S = 2.0  # a long job is polled every 2 s, not hammered
 LONG_POLL_S = 10.0  # each read of `wait` waits this long on the server for the job to end (GET ...?wait=)
 FIRST_BATCH_POLL_S = 0.2  # a batch takes at least a chunk's model call: no need to poll faster
 CAPTION = "caption"  # the task of caption jobs; the service's default task, "vqa", answers questions
+VQA = "vqa"
+MODELS_FRESH_S = 60.0  # how long a read of GET /v1/models tells what the workers publish, for shrinking
 URL_PREFIXES = ("http://", "https://")  # the images the workers fetch
 # A URL of another scheme (ftp://, s3://, data:...): two characters at least, since `C:` starts a Windows path.
 OTHER_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")
@@ -98,9 +109,13 @@ class BlipqClient:
     base_url: str
     api_key: str | None = None
     timeout_s: float = 30.0  # one HTTP request
+    shrink: bool = False  # shrink uploads to the model's input size first (api/shrink.py), where the workers agree
 
     def __post_init__(self) -> None:
         self.base_url = self.base_url.rstrip("/")
+        self._models: tuple[float, dict[str, Any]] | None = None  # the last read of GET /v1/models, and when
+        self._pool: Executor | None = None
+        self._pool_lock = threading.Lock()
         self.session = requests.Session()
         # Until the service first answers, a connection it refuses (or a host that does not resolve) is not retried:
         # it is said at once. From its first answer on, the service is one that comes back: every error is retried.
@@ -133,7 +148,53 @@ class BlipqClient:
         if response.status_code != 200:
             raise _error_of(response)
         models: dict[str, Any] = response.json()
+        self._models = (time.monotonic(), models)
         return models
+
+    def shrink_target(self, tasks: Sequence[str]) -> ShrinkTarget | None:
+        """What uploads for `tasks` are shrunk to (api.shrink.ShrinkTarget): None when `shrink` is off, or the live
+        workers of the tasks do not all resize the same way (nothing is shrunk then). GET /v1/models is read again
+        after MODELS_FRESH_S."""
+        if not self.shrink:
+            return None
+        from api.shrink import ShrinkTarget
+
+        models = self._models[1] if self._models and time.monotonic() - self._models[0] < MODELS_FRESH_S else None
+        return ShrinkTarget.published(models or self.models(), list(tasks))
+
+    def upload_files(self, images: Sequence[str | Path], tasks: Sequence[str]) -> list[tuple[str, bytes]]:
+        """The files of an upload of `images` for `tasks`, (file name, bytes) in order: shrunk on this machine's cores
+        where shrink_target says (the workers' answers do not change), else as they are.
+
+        A picture the workers would refuse is refused here (BlipqClientError naming its index, as the service does);
+        a file that cannot be read raises OSError with its name.
+        """
+        target = self.shrink_target(tasks)
+        if target is None:
+            return [(Path(image).name, Path(image).read_bytes()) for image in images]
+        from api.shrink import shrink_file
+        from worker.contract.errors import BlipqError
+
+        futures = [self._shrink_pool().submit(shrink_file, image, target) for image in images]
+        try:
+            files = []
+            for index, (image, future) in enumerate(zip(images, futures, strict=True)):
+                try:
+                    files.append((Path(image).name, future.result()))
+                except BlipqError as exc:
+                    raise BlipqClientError(exc.code, exc.message, image_index=index) from None
+            return files
+        finally:
+            for future in futures:
+                future.cancel()
+
+    def _shrink_pool(self) -> Executor:
+        with self._pool_lock:
+            if self._pool is None:
+                from api.shrink import shrink_pool
+
+                self._pool = shrink_pool()
+            return self._pool
 
     def submit(self, image: str | Path | bytes, question: str | None = None, **fields: Any) -> str:
         """Submit one question about one image (an http(s) URL, a local file, or image bytes); returns the job id.
@@ -189,17 +250,21 @@ class BlipqClient:
     ) -> tuple[str, int]:
         """Submit every question about every image; returns the batch id and its count of answers.
 
-        The images are either all http(s) URLs (sent as JSON) or all local files (uploaded as one multipart form);
-        the items are ordered image by image. `caption=True` (or `task="caption"`) captions each image once instead,
-        with no questions and an optional `prompt=`.
+        The images are either all http(s) URLs (sent as JSON) or all local files (uploaded as one multipart form,
+        shrunk first with `shrink`); the items are ordered image by image. `caption=True` captions each image once
+        too, continuing an optional `prompt=`: after its questions, in the same batch (each file uploaded once), or
+        alone without questions (as `task="caption"` does).
         """
-        if caption:
+        if caption and not questions:
             fields["task"] = CAPTION
+        elif caption:
+            fields["caption"] = True
         fields = {key: value for key, value in fields.items() if value is not None}
         captioning = fields.get("task") == CAPTION
         if captioning and questions:
             raise ValueError("a caption batch asks no questions (give an optional prompt=)")
         texts = {} if captioning else {"questions": list(questions)}
+        tasks = [CAPTION] if captioning else [VQA, *([CAPTION] if fields.get("caption") else [])]
         for image in images:
             check_image_source(image)
         is_url = [is_image_url(image) for image in images]
@@ -210,7 +275,7 @@ class BlipqClient:
         elif not any(is_url):
             form = {key: json.dumps(value) for key, value in texts.items()}
             form |= {key: _form_value(value) for key, value in fields.items()}
-            files = [("images", (Path(image).name, Path(image).read_bytes())) for image in images]
+            files = [("images", file) for file in self.upload_files(images, tasks)]
             response = self._post_once(url, data=form, files=files)
         else:
             raise ValueError("a batch's images are either all http(s) URLs or all local files")
@@ -320,6 +385,15 @@ class BlipqClient:
             return self._request("POST", url, json=body, timeout=self.timeout_s, headers=headers)
         data = image if isinstance(image, bytes) else Path(image).read_bytes()
         name = "image" if isinstance(image, bytes) else Path(image).name
+        target = self.shrink_target([str(fields.get("task") or VQA)])
+        if target is not None:
+            from api.shrink import shrink
+            from worker.contract.errors import BlipqError
+
+            try:
+                data = shrink(data, target)
+            except BlipqError as exc:
+                raise BlipqClientError(exc.code, exc.message) from None
         form = {key: str(value) for key, value in fields.items()}
         files = {"image": (name, data)}
         return self._request("POST", url, data=form, files=files, timeout=self.timeout_s, headers=headers)

@@ -91,9 +91,9 @@ def models() -> Response:
     """Each task: its queue, models, input size and workers, answers waiting, runs by outcome; the upload limits.
 
     Each task this API takes jobs for: its queue, the models its live workers serve, the size their processors resize
-    every image to (and how they decode images, when they say), its workers, the answers waiting in its queue and how
-    the runs of its jobs ended (counts since Redis started keeping them). `limits` are what this API accepts, so that
-    a client can check its files before it sends them.
+    every image to (and how they decode and resize images, when they say), its workers, the answers waiting in its
+    queue and how the runs of its jobs ended (counts since Redis started keeping them). `limits` are what this API
+    accepts, so that a client can check its files before it sends them.
     """
     ops = _ops()
     listed = []
@@ -109,7 +109,8 @@ def models() -> Response:
                 "queue": queue,
                 "models": sorted({worker.model for worker in workers}),
                 "image_size": input_size(workers),
-                "decode": decode_mode(workers),
+                "decode": agreed(workers, "decode"),
+                "resample": agreed(workers, "resample"),
                 "workers": [asdict(worker) for worker in workers],
                 "waiting": waiting_answers(ops.client, queue),
                 "outcomes": outcomes,
@@ -126,10 +127,10 @@ def input_size(workers: list[WorkerRecord]) -> dict[str, int] | None:
     return {"width": max(width for width, _ in sizes), "height": max(height for _, height in sizes)}
 
 
-def decode_mode(workers: list[WorkerRecord]) -> str | None:
-    """The decode mode the workers publish, when they all publish the same one; else None."""
-    modes = {worker.decode for worker in workers}
-    return modes.pop() if len(modes) == 1 and "" not in modes else None
+def agreed(workers: list[WorkerRecord], field: str) -> str | None:
+    """A field the workers publish (`decode`, `resample`), when they all publish the same value; else None."""
+    values = {str(getattr(worker, field)) for worker in workers}
+    return values.pop() if len(values) == 1 and "" not in values else None
 
 
 def upload_limits(settings: ApiSettings) -> dict[str, int]:

@@ -155,14 +155,18 @@ class BatchItem(BaseModel):
 class BatchRequest(BaseModel):
     """Many questions about images at once: `items`, or every one of `questions` about every one of `images`.
 
-    With `"task": "caption"`: `items` (each an image and an optional prompt), or `images`, each captioned once.
+    With `"task": "caption"`: `items` (each an image and an optional prompt), or `images`, each captioned once. With
+    `"caption": true`, every one of `questions` about every image and a caption of each, in one batch.
     """
 
     model_config = ConfigDict(
         extra="forbid", str_strip_whitespace=True, json_schema_extra={"examples": [BATCH_EXAMPLE]}
     )
 
-    task: JobTask = Field(default=JobTask.VQA, description=TASK_DESCRIPTION + " One task for every item.")
+    task: JobTask = Field(
+        default=JobTask.VQA,
+        description=TASK_DESCRIPTION + " One task for every item, but the captions that `caption` asks for.",
+    )
     items: list[BatchItem] | None = Field(default=None, description="Each item is one question about one image.")
     images: list[HttpUrl] | None = Field(
         default=None, description="Image URLs: each is asked every question (`caption`: captioned once)."
@@ -170,8 +174,16 @@ class BatchRequest(BaseModel):
     questions: list[Question] | None = Field(
         default=None, description="`vqa`: the questions asked about every image. Refused for `caption`."
     )
+    caption: bool = Field(
+        default=False,
+        description=(
+            "`vqa` with `images` and `questions`: caption every image too, once, continuing `prompt`. The captions go "
+            "to the captioning workers and the questions to the vqa workers, each image sent (and uploaded) once."
+        ),
+    )
     prompt: Prompt | None = Field(
-        default=None, description="`caption` only: the prompt of every caption (an item's own `prompt` wins)."
+        default=None,
+        description=("`caption`, or `vqa` with `caption`: the prompt of every caption (an item's own `prompt` wins)."),
     )
     priority: JobPriority = Field(default=JobPriority.NORMAL, description=PRIORITY_DESCRIPTION)
     deadline_s: DeadlineSeconds | None = Field(default=None, description=DEADLINE_DESCRIPTION)
@@ -180,20 +192,31 @@ class BatchRequest(BaseModel):
     )
     webhook_items: bool = Field(default=False, description="Also POST each item's job to `webhook` when it ends.")
 
-    def texts(self) -> list[str]:
-        """What the tagging shape asks of every image: its questions, or for captions the one prompt ("": none)."""
-        if self.task is JobTask.CAPTION:
-            return [self.prompt or ""]
-        return list(self.questions or ())
+    def tasks(self) -> list[JobTask]:
+        """The tasks of its items: its own, and `caption` when a vqa batch captions its images too."""
+        return [self.task, JobTask.CAPTION] if self.captions_too else [self.task]
 
-    def pairs(self) -> list[tuple[str, str]]:
-        """The batch's (image URL, text) pairs in item order: for the tagging shape, image by image.
+    @property
+    def captions_too(self) -> bool:
+        """Whether it is a vqa batch that captions every image too."""
+        return self.task is JobTask.VQA and self.caption
+
+    def asked(self) -> list[tuple[JobTask, str]]:
+        """What the tagging shape asks of every image, in item order: its questions, then its caption's prompt when it
+        captions its images too; or for a caption batch the one prompt ("": none)."""
+        if self.task is JobTask.CAPTION:
+            return [(JobTask.CAPTION, self.prompt or "")]
+        questions = [(JobTask.VQA, question) for question in self.questions or ()]
+        return questions + ([(JobTask.CAPTION, self.prompt or "")] if self.caption else [])
+
+    def pairs(self) -> list[tuple[str, JobTask, str]]:
+        """The batch's (image URL, task, text) in item order: for the tagging shape, image by image.
 
         A text is a question, or a caption's prompt ("": none).
         """
         if self.items is not None:
-            return [(str(item.image_url), _item_text(item, self)) for item in self.items]
-        return [(str(image), text) for image in self.images or () for text in self.texts()]
+            return [(str(item.image_url), self.task, _item_text(item, self)) for item in self.items]
+        return [(str(image), task, text) for image in self.images or () for task, text in self.asked()]
 
 
 class JobForm(JobRequest):
@@ -209,7 +232,7 @@ class JobForm(JobRequest):
 
 
 # A batch upload's form: the images as files, `questions` as JSON in a field, and a JSON batch's options.
-BATCH_FORM_OPTIONS = ("task", "prompt", "priority", "deadline_s", "webhook", "webhook_items")
+BATCH_FORM_OPTIONS = ("task", "caption", "prompt", "priority", "deadline_s", "webhook", "webhook_items")
 BatchForm = create_model(
     "BatchForm",
     __config__=ConfigDict(extra="forbid"),
@@ -400,6 +423,7 @@ class BatchResponse(BaseModel):
     progress: float = Field(ge=0, le=1, description="`ended` / `count`.")
     created_at: datetime
     task: JobTask
+    caption: bool = Field(description="A `vqa` batch that captions every image too (`caption` of its request).")
     priority: JobPriority
     webhook: str | None = Field(description="The URL told the batch's summary when its last item ends.")
     webhook_delivery: WebhookDelivery | None = Field(description="Set once the last item ended, with a webhook.")
@@ -485,6 +509,12 @@ class ModelEntry(BaseModel):
     decode: str | None = Field(
         description="How its live workers decode images, when they publish it and all the same way; else null."
     )
+    resample: str | None = Field(
+        description=(
+            "The PIL filter its live workers' processors resize with (`bicubic`), when they publish it and all the "
+            "same one; else null."
+        )
+    )
     workers: list[WorkerRecord]
     waiting: int = Field(ge=0, description="Answers waiting in its queue (single jobs and batch items not started).")
     outcomes: dict[str, int] = Field(description="Runs of its jobs by how they ended, since Redis started counting.")
@@ -551,9 +581,14 @@ def _check_batch_task_fields(batch: BatchRequest) -> None:
     if batch.task is JobTask.CAPTION and batch.questions is not None:
         message = "questions: a caption batch asks no questions; give an optional 'prompt' instead"
         raise ValidationError("question_not_allowed", message)
-    if batch.task is JobTask.VQA and batch.prompt is not None:
-        message = "prompt: only a caption batch (task 'caption') takes a prompt; a vqa batch asks 'questions'"
+    if batch.task is JobTask.VQA and batch.prompt is not None and not batch.caption:
+        message = (
+            "prompt: only captions take a prompt (task 'caption', or 'caption': true); a vqa batch asks 'questions'"
+        )
         raise ValidationError("prompt_not_allowed", message)
+    if batch.caption and (batch.task is JobTask.CAPTION or batch.items is not None):
+        message = "caption: true goes with a vqa batch of 'images' and 'questions' (a caption batch captions already)"
+        raise ValidationError("batch_invalid", message)
     for index, item in enumerate(batch.items or ()):
         # A caption item may leave its prompt to the batch's; a vqa item needs its own question.
         check_task_fields(batch.task, item.question, item.prompt, where=f"items.{index}.")

@@ -2,12 +2,12 @@
 
 Images are http(s) URLs (the workers fetch them) or local files, found also in directories (recursively, by
 extension) and uploaded with the batch. The images stream: requests of at most `--per-request` answers (and, for
-uploads, MAX_FILES_PER_UPLOAD files and about MAX_UPLOAD_BYTES) are made as the inputs are read, and up to
-`--in-flight` of them wait on the service at once, so that the next uploads overlap the answers of the earlier ones;
-a request's lines are written as soon as it ended (and its batch deleted from the service: Redis holds only what is
-in flight), and the progress bar moves with every item that ends. Memory holds the requests in flight and one small
-hash per pair settled, however many images: a file of a million URLs is read a line at a time. A full queue
-(503 `queue_full`) is waited out by the client's retries.
+uploads, api/tag_requests.py's MAX_FILES_PER_UPLOAD files and about MAX_UPLOAD_BYTES) are made as the inputs are
+read, and up to `--in-flight` of them wait on the service at once, so that the next uploads overlap the answers of the
+earlier ones; a request's lines are written as soon as it ended (and its batch deleted from the service: Redis holds
+only what is in flight), and the progress bar moves with every item that ends. Memory holds the requests in flight
+and one small hash per pair settled, however many images: a file of a million URLs is read a line at a time. A full
+queue (503 `queue_full`) is waited out by the client's retries.
 
 No one file stops the run. Each local file is checked before it is sent, against the service's own limits (from
 `GET /v1/models`) and with the service's own header check (worker.contract.images.open_image): a file that cannot be
@@ -27,12 +27,17 @@ and its old line replaced. Ctrl-C cancels the requests in flight, keeps what was
 
 With `--caption` each image is also captioned once (continuing `--prompt`, if any), with or without questions:
 OUT then holds, besides any question lines, one `{"image", "prompt", "status", "caption", "error"}` line per image,
-resumed the same way. A batch has one task, so the captions go as batches of their own, before the questions'.
+resumed the same way. An image's questions and caption go in one batch (api/tag_requests.py): it is sent once, and
+the vqa and captioning workers each answer their own items.
+
+With `--shrink` (the default) a local file is uploaded as the very pixels the workers would feed their model, made on
+this machine's cores (api/shrink.py, through the client's `shrink`): the answers are the original's, for a fraction of
+the bytes, and the workers decode a small PNG rather than a camera's photo. Where the workers do not all resize the
+same way, files are sent as they are (and a line on stderr says so).
 """
 
 from __future__ import annotations
 
-import itertools
 import signal
 import sys
 import threading
@@ -51,35 +56,15 @@ from api.client import BlipqClient, BlipqClientError, is_image_url
 from api.settings import ClientSettings
 from api.tag_inputs import FileLimits, TagInputError, check_file, check_inputs, iter_images, unreadable
 from api.tag_lines import ANSWER_KEYS, Tally, keep_settled, pair_key, refused_records, report, write_lines
+from api.tag_requests import PROMPT_KEY, QUESTION_KEY, Asked, Request, file_bytes, plan_requests
 
 MAX_ANSWERS_PER_REQUEST = 10_000  # the service's limit on one batch (worker/contract/batches.py MAX_BATCH_ANSWERS)
 DEFAULT_PER_REQUEST = 1_000  # answers per request: small enough that lines and progress come often
 DEFAULT_IN_FLIGHT = 4  # requests waiting on the service at once: the workers never wait for the next upload
-MAX_FILES_PER_UPLOAD = 64  # images in one multipart request: a failed request re-sends little
-MAX_UPLOAD_BYTES = 32 * 1024 * 1024  # about this many image bytes per multipart request (one larger file goes alone)
+PNG_BOUND = 1.01  # a shrunk picture's PNG takes at most about its raw pixels' bytes (plus its chunks' few)
 POLL_S = 0.2  # between two looks at the requests in flight, when none ended
 CANCEL_TIMEOUT_S = 5.0  # a cancel on Ctrl-C is tried once, this long at most: the user is leaving
 EXIT_INTERRUPTED = 130  # as a shell reports a command ended by SIGINT
-
-
-@dataclass
-class Request:
-    """One batch request: its images, the texts asked of each, and once submitted its id and the items seen ended.
-
-    A request `refused` here (one file, checked before it was sent) is never sent: its lines say why.
-    """
-
-    images: list[str]
-    texts: list[str]
-    caption: bool = False  # its texts are one caption prompt ("" for none), not questions
-    batch_id: str = ""
-    shown: int = 0
-    refused: dict[str, str] | None = None
-
-    @property
-    def text_key(self) -> str:
-        """What its texts are in OUT's lines: prompts or questions."""
-        return "prompt" if self.caption else "question"
 
 
 @dataclass
@@ -99,8 +84,8 @@ class Run:
 
     def refuse(self, request: Request, image: str, error: dict[str, str]) -> None:
         """Write the lines of an image refused as a whole, one per text asked of it."""
-        self.write(refused_records(image, request.text_key, request.texts, error))
-        self.bar.update(len(request.texts))
+        self.write([record for key, text in request.asked for record in refused_records(image, key, [text], error)])
+        self.bar.update(len(request.asked))
 
 
 def run_tag(
@@ -113,42 +98,35 @@ def run_tag(
     caption: bool = False,
     prompt: str = "",
     in_flight: int = DEFAULT_IN_FLIGHT,
+    shrink: bool = True,
 ) -> int:
-    """Answer every question about every image (and, `caption`, caption every image once) into OUT.
+    """Answer every question about every image (and, `caption`, caption every image once) into OUT; with `shrink`,
+    uploads are shrunk first (the module's docstring).
 
     Returns 0 when every pair succeeded, else 1 (2: bad input, 130: interrupted).
     """
-    kinds: list[tuple[str, list[str]]] = []  # ("prompt", [the prompt]) for captions, ("question", questions)
-    if caption:
-        kinds.append(("prompt", [prompt]))
-    if questions:
-        kinds.append(("question", list(dict.fromkeys(questions))))
+    asked: list[Asked] = [(QUESTION_KEY, question) for question in dict.fromkeys(questions)]
+    asked += [(PROMPT_KEY, prompt)] if caption else []
     try:
         check_inputs(inputs, urls_file)
         done, tally = keep_settled(out)  # drops the lines of pairs that will be asked again
-        pending = sum(
-            len(_pending_texts(image, key, texts, done))
-            for key, texts in kinds
-            for image in iter_images(inputs, urls_file)
-        )
+        pending = sum(len(_pending(image, asked, done)) for image in iter_images(inputs, urls_file))
     except (TagInputError, OSError) as exc:
         print(f"blipq tag: {exc}", file=sys.stderr)
         return 2
-    client = BlipqClient(url, api_key=ClientSettings.from_env().api_key)
+    client = BlipqClient(url, api_key=ClientSettings.from_env().api_key, shrink=shrink)
     try:
         limits = FileLimits.published(client.models()) if pending else None  # the first contact: is it there?
+        upload_bytes = _upload_bytes(client, inputs, Request([], asked).tasks) if pending else file_bytes
     except (BlipqClientError, requests.RequestException) as exc:
         print(f"blipq tag: {exc}", file=sys.stderr)
         return 1
     per_request = max(1, min(per_request, MAX_ANSWERS_PER_REQUEST))
-    requests_ = itertools.chain.from_iterable(
-        plan_requests(
-            ((image, _pending_texts(image, key, texts, done)) for image in iter_images(inputs, urls_file)),
-            per_request,
-            caption=key == "prompt",
-            screen=lambda image: check_file(image, limits),
-        )
-        for key, texts in kinds
+    requests_ = plan_requests(
+        ((image, _pending(image, asked, done)) for image in iter_images(inputs, urls_file)),
+        per_request,
+        screen=lambda image: check_file(image, limits),
+        upload_bytes=upload_bytes,
     )
     flight: deque[Request] = deque()
     with tqdm(total=pending, unit="answer", file=sys.stderr, dynamic_ncols=True) as bar:
@@ -247,10 +225,8 @@ def submit(client: BlipqClient, request: Request, run: Run) -> str:
     """
     while request.images:
         try:
-            if request.caption:
-                batch_id, _ = client.submit_batch(request.images, caption=True, prompt=request.texts[0] or None)
-            else:
-                batch_id, _ = client.submit_batch(request.images, request.texts)
+            captioned, prompt = request.prompt is not None, request.prompt or None
+            batch_id, _ = client.submit_batch(request.images, request.questions, caption=captioned, prompt=prompt)
             return batch_id
         except BlipqClientError as exc:
             if exc.image_index is None or not 0 <= exc.image_index < len(request.images):
@@ -265,11 +241,11 @@ def submit(client: BlipqClient, request: Request, run: Run) -> str:
 
 
 def result_records(client: BlipqClient, request: Request) -> Iterator[dict[str, Any]]:
-    """One OUT record per item of an ended request, in item order (image by image)."""
-    text_key = request.text_key
-    texts = request.texts
+    """One OUT record per item of an ended request, in item order (image by image, each its questions then its
+    caption)."""
+    asked = request.asked
     for item in client.results(request.batch_id):
-        image, text = request.images[item["index"] // len(texts)], texts[item["index"] % len(texts)]
+        image, (text_key, text) = request.images[item["index"] // len(asked)], asked[item["index"] % len(asked)]
         yield {
             "image": image,
             text_key: text,
@@ -295,47 +271,22 @@ def cancel_all(client: BlipqClient, flight: Iterable[Request]) -> int:
     return canceled
 
 
-def _pending_texts(image: str, key: str, texts: list[str], done: set[int]) -> tuple[str, ...]:
-    return tuple(text for text in texts if pair_key(image, key, text) not in done)
+def _pending(image: str, asked: list[Asked], done: set[int]) -> tuple[Asked, ...]:
+    return tuple((key, text) for key, text in asked if pair_key(image, key, text) not in done)
 
 
-def plan_requests(
-    images: Iterable[tuple[str, tuple[str, ...]]],
-    per_request: int,
-    caption: bool = False,
-    screen: Callable[[str], dict[str, str] | None] = lambda image: None,
-) -> Iterator[Request]:
-    """Group images, in the order read, with the texts still to ask of each, into tagging-shape requests (images x
-    texts) of at most `per_request` answers.
-
-    Consecutive images that need the same texts go together; URLs and local files never share a request. An image
-    that `screen` refuses goes alone, as a request refused with its error, never sent.
-    """
-    run: list[str] = []
-    run_key: tuple[bool, tuple[str, ...]] | None = None
-    size = 0
-    for image, texts in images:
-        if not texts:
-            continue
-        refused = screen(image)
-        if refused is not None:
-            yield Request([image], list(texts), caption, refused=refused)
-            continue
-        is_url = is_image_url(image)
-        for first in range(0, len(texts), per_request):
-            part = texts[first : first + per_request]
-            image_size = 0 if is_url else Path(image).stat().st_size
-            most = (
-                max(1, per_request // len(part))
-                if is_url
-                else min(max(1, per_request // len(part)), MAX_FILES_PER_UPLOAD)
-            )
-            if run and ((is_url, part) != run_key or len(run) == most or size + image_size > MAX_UPLOAD_BYTES):
-                assert run_key is not None
-                yield Request(run, list(run_key[1]), caption)
-                run, size = [], 0
-            run_key = (is_url, part)
-            run.append(image)
-            size += image_size
-    if run and run_key is not None:
-        yield Request(run, list(run_key[1]), caption)
+def _upload_bytes(client: BlipqClient, inputs: list[str], tasks: list[str]) -> Callable[[str], int]:
+    """What a local file will add to its upload (for the planning of requests): about its shrunk pixels' bytes at
+    most, when it is shrunk; its size otherwise. Says on stderr when `--shrink` cannot shrink."""
+    if not client.shrink or all(is_image_url(name) for name in inputs):
+        return file_bytes
+    target = client.shrink_target(tasks)
+    if target is None:
+        print(
+            f"blipq tag: pictures are sent as they are: the live {' and '.join(tasks)} workers do not all publish one "
+            "input size, filter, decode mode and Pillow release that this client shares (GET /v1/models)",
+            file=sys.stderr,
+        )
+        return file_bytes
+    shrunk = int(target.width * target.height * 3 * PNG_BOUND)
+    return lambda image: min(file_bytes(image), shrunk)

@@ -242,16 +242,25 @@ def run_batch(
 
 
 def run_tag(
-    base: str, sources: Sequence[str], texts: Sequence[str], out: Path, urls: Path | None = None, caption: bool = False
+    base: str,
+    sources: Sequence[str],
+    texts: Sequence[str],
+    out: Path,
+    urls: Path | None = None,
+    caption: bool = False,
+    options: Sequence[str] = (),
+    checkout: Path = REPO,
 ) -> ChildRun:
-    """Run `blipq tag` as a user would (`-q` for each of `texts`, `--caption` with `caption`), until it exits; its
-    wall seconds and CPU; raises unless it exited 0. Its output (the progress bar) goes to OUT with suffix .log."""
+    """Run `blipq tag` as a user would (`-q` for each of `texts`, `--caption` with `caption`, then `options`), the
+    code of `checkout` (this one unless told), until it exits; its wall seconds and CPU; raises unless it exited 0.
+    Its output (the progress bar) goes to OUT with suffix .log."""
     argv = [sys.executable, "-m", "api.cli", "tag", *sources]
     argv += ["--urls", str(urls)] if urls else []
     argv += ["--caption"] if caption else []
     argv += [arg for text in texts for arg in ("-q", text)]
-    argv += ["-o", str(out), "--url", base]
-    run = run_child(argv, out.with_suffix(".log"), REPO, TAG_TIMEOUT_S)
+    argv += [*options, "-o", str(out), "--url", base]
+    env = {**os.environ, "PYTHONPATH": str(checkout)}
+    run = run_child(argv, out.with_suffix(".log"), checkout, TAG_TIMEOUT_S, env)
     if run.returncode != 0:
         raise RuntimeError(f"blipq tag exited {run.returncode}: {out.with_suffix('.log').read_text()[-2000:]}")
     return run

@@ -41,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -177,13 +178,15 @@ class Up:
     metrics_port: int  # worker i's: metrics_port + i
 
     @classmethod
-    def start(cls, work: Path) -> Up:
+    def start(cls, work: Path, checkout: Path = REPO, env: Mapping[str, str] | None = None) -> Up:
+        """Start `blipq up` of `checkout` (this one unless told) with its data in `work`, `env` added to this
+        process's."""
         port, metrics_port = free_port(), free_port()
-        env = {**os.environ, "BLIPQ_METRICS_PORT": str(metrics_port)}
+        up_env = {**os.environ, "PYTHONPATH": str(checkout), "BLIPQ_METRICS_PORT": str(metrics_port), **(env or {})}
         argv = [sys.executable, "-m", "api.cli", "up", "--port", str(port), "--data-dir", str(work / "up")]
         with (work / "up.log").open("wb") as log:
             process = subprocess.Popen(
-                argv, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                argv, env=up_env, cwd=checkout, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
         return cls(process, f"http://127.0.0.1:{port}", metrics_port)
 

@@ -31,7 +31,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from api.up import free_port
 from benchmarks.feed import FeedLimit
-from benchmarks.fleet import Fleet, run_tag, wait_until_serving
+from benchmarks.fleet import REPO, Fleet, run_tag, wait_until_serving
 from benchmarks.image_server import ImageServer
 from benchmarks.photos import MIXES
 from benchmarks.processes import tree_cpu_s
@@ -258,12 +258,14 @@ def photo_run(
 
 def tag_run(
     name: str, meter: Meter, base: str, directory: Path, texts: Sequence[str], out: Path, limit: FeedLimit,
-    urls: Path | None = None, caption: bool = False,
+    urls: Path | None = None, caption: bool = False, options: Sequence[str] = (), checkout: Path = REPO,
 ) -> PhotoRun:  # fmt: skip
-    """`blipq tag DIR` (or `--urls FILE`) over the photos; the client's CPU its own (wait4), the others' by `meter`."""
+    """`blipq tag DIR` (or `--urls FILE`) over the photos, with `options`, as `checkout`'s code runs it (this one's
+    unless told); the client's CPU its own (wait4), the others' by `meter`."""
     images = len(list(directory.iterdir()))
     before = meter.read()
-    run = run_tag(base, [] if urls else [str(directory)], texts, out, urls=urls, caption=caption)
+    sources = [] if urls else [str(directory)]
+    run = run_tag(base, sources, texts, out, urls=urls, caption=caption, options=options, checkout=checkout)
     cpu, stages = Meter.spent(before, meter.read())
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     failed = sum(line["status"] != "succeeded" for line in lines)

@@ -11,7 +11,7 @@ import os
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,11 +97,14 @@ class ChildRun:
     cpu_s: float
 
 
-def run_child(argv: Sequence[str], log: Path, cwd: Path, timeout_s: float) -> ChildRun:
-    """Run `argv` to its end, its output into `log`; the wall seconds from its start to its exit and its own CPU."""
+def run_child(
+    argv: Sequence[str], log: Path, cwd: Path, timeout_s: float, env: Mapping[str, str] | None = None
+) -> ChildRun:
+    """Run `argv` to its end (in `env`, else this process's), its output into `log`; the wall seconds from its start
+    to its exit and its own CPU."""
     with log.open("wb") as stream:
         started = time.perf_counter()
-        process = subprocess.Popen(argv, cwd=cwd, stdout=stream, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(argv, cwd=cwd, stdout=stream, stderr=subprocess.STDOUT, env=env)
         timer = threading.Timer(timeout_s, process.kill)
         timer.start()
         try:

@@ -1,7 +1,7 @@
 """`blipq tag` at volume: the command line a user runs to tag many images, side by side with the inference core.
 
     python -m benchmarks.tag_cli [--images 1000] [--memory-images 10000] [--small-memory-images 1000] [--photos 100]
-        [--quick] [--smoke] [--out FILE]
+        [--upload-photos 120] [--only-uploads] [--other-checkout DIR] [--quick] [--smoke] [--out FILE]
 
 In one run on one machine, with the shipped demo model, one worker (BLIPQ_BATCH_MAX_SIZE=32, BLIPQ_TORCH_THREADS=1)
 and one torch thread in this process, over the first --images easy-VQA test images (PNG files in a temporary
@@ -23,11 +23,17 @@ directory) and two easy-VQA questions ("what color is the shape?", "what shape i
 (6) photos, on a fleet of their own (cache off): `blipq tag DIR` and `blipq tag --urls FILE` over --photos of
     --photo-mix (benchmarks/photos.py: camera JPEGs unless told) x 1 and x 10 questions, each against the feed limit
     of the same bytes at the demo model's 64 px (benchmarks/feed.py), with the CPU per image of each process, the
-    client's included, and, where the worker exports it, of each of its stages (benchmarks/photo_runs.py).
+    client's included, and, where the worker exports it, of each of its stages (benchmarks/photo_runs.py);
+(7) uploads, `--shrink` against `--no-shrink` (benchmarks/upload_runs.py): `blipq up` (every default) and `blipq tag
+    DIR --caption -q Q1 -q Q2` over --upload-photos camera photos (answers/s, bytes sent, the CPU of every process);
+    Redis's memory per photo in flight and the append-only file's growth per uploaded GB; `blipq tag DIR -q Q` against
+    the feed limit; with --other-checkout DIR, that checkout's `blipq up` and `blipq tag` beside, in run 7a.
+    --only-uploads runs 7 alone (about 10 minutes on a 2-core machine).
 Every run checks the exit status and that OUT has one succeeded line per pair; the service's answers are compared with
 the core's, and the CPU each process spent in runs 1-2 is printed. About 2 minutes on a 2-core machine; --quick (200
 images, memory runs of 200 and 2,000, 30 photos), 1 minute; --smoke (4 images, memory runs of 4 and 8, 2 photos of the
-smoke mix; the runs with the same settings on one fleet), every run's path end to end.
+smoke mix, 2 of the smoke mix uploaded in run 7; the runs with the same settings on one fleet), every run's path end
+to end.
 """
 
 from __future__ import annotations
@@ -48,7 +54,7 @@ from typing import Any
 
 import redis
 
-from benchmarks import feed
+from benchmarks import feed, upload_runs
 from benchmarks.fleet import Fleet, easy_vqa_image_paths, run_tag, wait_until_serving
 from benchmarks.image_server import ImageServer
 from benchmarks.photo_runs import (
@@ -80,14 +86,21 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--memory-images", type=int, default=10_000, help="the large memory run's images (10000)")
     parser.add_argument("--small-memory-images", type=int, default=1000, help="the small memory run's images (1000)")
     add_photo_options(parser, 100, "run 6")
+    parser.add_argument("--upload-photos", type=int, default=120, help="camera photos of run 7 (default 120; 0: none)")
+    parser.add_argument("--only-uploads", action="store_true", help="run 7 alone")
+    parser.add_argument(
+        "--other-checkout", type=Path, metavar="DIR", help="run 7a: also this checkout's blipq up and blipq tag"
+    )
     parser.add_argument("--quick", action="store_true", help="200 images; memory runs of 200 and 2,000; 30 photos")
     parser.add_argument("--smoke", action="store_true", help="4 images, memory runs of 4 and 8, 2 small photos")
     parser.add_argument("--out", type=Path, help="write every figure to this JSON file")
     args = parser.parse_args()
     if args.quick:
         args.images, args.small_memory_images, args.memory_images, args.photos = 200, 200, 2000, 30
+        args.upload_photos = 20
     if args.smoke:
         args.images, args.small_memory_images, args.memory_images, args.photos, args.photo_mix = 4, 4, 8, 2, "smoke"
+        args.upload_photos = 2
     return args
 
 
@@ -388,8 +401,24 @@ def report(args: argparse.Namespace, start_s: float, runs: dict[str, Any], cache
     )
 
 
+def uploads_only(args: argparse.Namespace) -> int:
+    """Run 7 alone."""
+    photos = photo_set("smoke" if args.smoke else "camera", args.upload_photos)
+    print(f"7 uploads: {MIXES['camera'].title}, {describe(photos)}", flush=True)
+    figures = upload_runs.uploads_run(Path(tempfile.mkdtemp(prefix="blipq-uploads-")), photos, photos,
+                                      args.other_checkout)  # fmt: skip
+    summary = upload_runs.report(figures)
+    if args.out:
+        args.out.write_text(json.dumps({"settings": {**vars(args), "out": str(args.out),
+                                                     "other_checkout": str(args.other_checkout)},
+                                        "uploads": summary}, indent=2) + "\n")  # fmt: skip
+    return 0
+
+
 def main() -> int:
     args = parse_args()
+    if args.only_uploads:
+        return uploads_only(args)
     import torch
 
     from worker.inference import load_model
@@ -415,6 +444,10 @@ def main() -> int:
             "large": memory_run(work, "memory-large", args.memory_images, fleets, cache_off),
         }
         photos = photo_runs(work, args.photo_mix, args.photos) if args.photos else []
+        uploads = None
+        if args.upload_photos:
+            upload_photos = photo_set("smoke" if args.smoke else "camera", args.upload_photos)
+            uploads = upload_runs.uploads_run(work / "uploads", upload_photos, upload_photos, args.other_checkout)
     finally:
         fleets.stop()
         server.stop()
@@ -425,11 +458,13 @@ def main() -> int:
     if photos:
         print(f"\n6 blipq tag over {MIXES[args.photo_mix].title}, demo model, cache off, one worker, batch 32")
         print_photo_runs(photos)
+    upload_summary = upload_runs.report(uploads) if uploads else None
     if args.out:
         summary = {
-            "settings": {**vars(args), "out": str(args.out), "questions": QUESTIONS, "batch_size": BATCH_SIZE},
+            "settings": {**vars(args), "out": str(args.out), "questions": QUESTIONS, "batch_size": BATCH_SIZE,
+                         "other_checkout": str(args.other_checkout)},
             "cli_start_s": start_s, "throughput": runs, "cache": cache, "memory": memory,
-            "photos": [run.as_dict() for run in photos],
+            "photos": [run.as_dict() for run in photos], "uploads": upload_summary,
         }  # fmt: skip
         args.out.write_text(json.dumps(summary, indent=2) + "\n")
     return 0

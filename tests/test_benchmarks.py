@@ -34,6 +34,7 @@ HELPERS = {
     "photo_runs": "the photo figures the throughput benchmarks print, and the service they run on",
     "photos": "writes the camera-like pictures the photo benchmarks send",
     "processes": "the CPU, memory and pinning of a run's processes",
+    "upload_runs": "tag_cli.py's run 7 (uploads, --shrink against --no-shrink; its smoke run is tag_cli's)",
 }
 # A line each benchmark prints once it has its figures (its last ones): the run got there, whatever their values.
 FIGURES = {

@@ -16,19 +16,22 @@ import pytest
 import redis
 from flask.testing import FlaskClient
 
-from api.admission import queue_depth, queue_names
+from api.admission import queue_depth, queue_names, waiting_answers
 from api.settings import ApiSettings
 from api.up import RedisProcess
-from tests.conftest import ImageServer, WorkerProcess, api_client, wait_for_job
+from tests.conftest import ImageServer, WorkerProcess, api_client, wait_for_batch, wait_for_job
 from tests.fixtures.images import shape_png
 from tests.test_chaos import reference_answers
+from worker.contract.batches import BatchStore, outcome_value
 from worker.contract.errors import SettingsError
-from worker.contract.jobs import broker_list_key, unstarted_key
+from worker.contract.jobs import JobStore, broker_list_key, deadlines_key, unstarted_key
 from worker.contract.states import JobPriority
 
 COLORS = ["red", "green", "blue"]
 PROMPT = "a picture of"
 QUESTION = "what color is the shape?"
+QUESTIONS = [QUESTION, "is there a circle?"]
+UPLOADS = "blipq:batch-upload:*"
 IMAGE_URL = "https://images.example.com/dog.png"  # for requests refused before anything runs
 
 
@@ -231,6 +234,10 @@ def test_a_question_uploaded_with_a_caption_job_is_refused(
         ({"task": "caption", "images": [IMAGE_URL] * 10_001}, "batch_too_large"),
         ({"task": "tags", "images": [IMAGE_URL]}, "task_invalid"),
         ({"task": "caption", "images": [IMAGE_URL], "prompt": ["a"]}, "prompt_invalid"),
+        ({"task": "caption", "images": [IMAGE_URL], "caption": True}, "batch_invalid"),
+        ({"items": [{"image_url": IMAGE_URL, "question": QUESTION}], "caption": True}, "batch_invalid"),
+        ({"images": [IMAGE_URL] * 3_334, "questions": QUESTIONS, "caption": True}, "batch_too_large"),  # 10,002
+        ({"images": [IMAGE_URL], "questions": [QUESTION], "caption": "yes please"}, "invalid_field"),
     ],
 )
 def test_a_bad_caption_batch_is_refused_with_its_code(
@@ -253,6 +260,8 @@ def test_a_bad_caption_batch_is_refused_with_its_code(
         ({"task": "tags", "questions": json.dumps([QUESTION])}, "task_invalid"),
         ({"task": "tags"}, "task_invalid"),
         ({}, "questions_invalid"),  # vqa: the questions are needed
+        ({"caption": "true"}, "questions_invalid"),  # the captions come with questions, or as a caption batch
+        ({"questions": json.dumps([QUESTION] * 10_000), "caption": "true"}, "batch_too_large"),  # 10,001 answers
     ],
 )
 def test_a_bad_caption_batch_upload_is_refused_with_its_code(
@@ -338,3 +347,127 @@ def test_the_caption_queue_is_a_setting_of_its_own() -> None:
     assert ApiSettings.from_env({"BLIPQ_CAPTION_QUEUE": "captions-gpu"}).caption_queue == "captions-gpu"
     with pytest.raises(SettingsError, match="BLIPQ_CAPTION_QUEUE"):
         ApiSettings.from_env({"BLIPQ_QUEUE": "shared", "BLIPQ_CAPTION_QUEUE": "shared"})
+
+
+def upload_files(*colors: str) -> list[tuple[io.BytesIO, str, str]]:
+    return [(io.BytesIO(shape_png(color)), f"{color}.png", "image/png") for color in colors]
+
+
+def test_a_batch_that_captions_too_asks_and_captions_each_upload_stored_once(
+    api: FlaskClient,
+    redis_client: redis.Redis,
+    tiny_worker: WorkerProcess,
+    tiny_model_dir: Path,
+    tiny_caption_model_dir: Path,
+) -> None:
+    # Given three uploaded pictures, two questions about each and a caption of each, asked in one batch
+    form = {"images": upload_files(*COLORS), "questions": json.dumps(QUESTIONS), "caption": "true", "prompt": PROMPT}
+
+    # When it is submitted and answered
+    batch_id = submitted(api.post("/v1/batches", data=form))
+    stored = list(redis_client.scan_iter(UPLOADS))
+    summary = wait_for_batch(api, batch_id, tiny_worker)
+    lines = [
+        json.loads(line) for line in api.get(f"/v1/batches/{batch_id}/results").get_data(as_text=True).splitlines()
+    ]
+
+    # Then each picture was stored once for both tasks, and is gone once both tasks' items ended
+    assert len(stored) == len(COLORS)
+    assert list(redis_client.scan_iter(UPLOADS)) == []
+    assert (summary["task"], summary["caption"], summary["count"]) == ("vqa", True, 9)
+    assert summary["counts"]["succeeded"] == 9, summary
+    # Each picture's questions, then its caption, answered as the models answer them in-process
+    assert [(line["image_name"], line["task"], line["question"], line["prompt"]) for line in lines] == [
+        (f"{color}.png", task, text if task == "vqa" else None, text if task == "caption" else None)
+        for color in COLORS
+        for task, text in (("vqa", QUESTIONS[0]), ("vqa", QUESTIONS[1]), ("caption", PROMPT))
+    ]
+    expected_answers = reference_answers(tiny_model_dir, [(shape_png(c), q) for c in COLORS for q in QUESTIONS])
+    assert [line["answer"] for line in lines if line["task"] == "vqa"] == expected_answers
+    expected_captions = [caption_of(tiny_caption_model_dir, color, PROMPT) for color in COLORS]
+    assert [line["answer"] for line in lines if line["task"] == "caption"] == expected_captions
+    # And each item shows the model of its own task
+    models = {line["task"]: api.get(f"/v1/jobs/{line['job_id']}").get_json()["model"] for line in lines}
+    assert models == {"vqa": str(tiny_model_dir), "caption": str(tiny_caption_model_dir)}
+
+
+def test_a_batch_that_captions_too_waits_on_both_queues_and_frees_its_upload_when_both_ended(
+    redis_server: RedisProcess, redis_client: redis.Redis, idle_queues: tuple[str, str]
+) -> None:
+    # Given a captioned batch of one uploaded picture, on queues no worker reads
+    vqa_queue, caption_queue = idle_queues
+    api = api_client(redis_server.url, vqa_queue, caption_queue=caption_queue)
+    form = {"images": upload_files("red"), "questions": json.dumps([QUESTION]), "caption": "true"}
+    batch_id = submitted(api.post("/v1/batches", data=form))
+
+    # Then its question waits on the vqa queue and its caption on the caption queue, each counted there, one upload
+    [question_chunk] = queued_payloads(redis_client, vqa_queue)
+    [caption_chunk] = queued_payloads(redis_client, caption_queue)
+    assert (question_chunk["task"], question_chunk["images"][0]["items"]) == ("vqa", [[0, QUESTION]])
+    assert (caption_chunk["task"], caption_chunk["images"][0]["items"]) == ("caption", [[1, ""]])
+    upload = question_chunk["images"][0]["upload"]
+    assert caption_chunk["images"][0]["upload"] == upload and redis_client.exists(upload)
+    assert [waiting_answers(redis_client, queue) for queue in idle_queues] == [1, 1]
+
+    # When the vqa worker ends its item, the upload stays for the caption; when the captioning worker ends its, it goes
+    batches = BatchStore(JobStore.connect(redis_server.url, 3600))
+    assert batches.start_chunk(question_chunk, vqa_queue, "w1", 3, "vqa-model") == 1
+    batches.run_items([(batch_id, [0])])
+    batches.end_chunk(question_chunk, vqa_queue, [["0", *outcome_value("succeeded", answer="red")]])
+    kept_for_the_caption = redis_client.exists(upload)
+    assert batches.start_chunk(caption_chunk, caption_queue, "w2", 3, "caption-model") == 1
+    batches.run_items([(batch_id, [1])])
+    batches.end_chunk(caption_chunk, caption_queue, [["1", *outcome_value("succeeded", answer="a red square")]])
+
+    assert kept_for_the_caption == 1
+    assert list(redis_client.scan_iter(UPLOADS)) == []
+    assert [waiting_answers(redis_client, queue) for queue in idle_queues] == [0, 0]
+    items = [api.get(f"/v1/jobs/{batch_id}.{index}").get_json() for index in (0, 1)]
+    assert [(item["task"], item["model"], item["answer"]) for item in items] == [
+        ("vqa", "vqa-model", "red"),
+        ("caption", "caption-model", "a red square"),
+    ]
+    assert api.delete(f"/v1/batches/{batch_id}").status_code == 204
+    assert list(redis_client.scan_iter("blipq:batch*")) == []
+
+
+def test_a_canceled_batch_that_captions_too_frees_its_uploads_and_ends_both_tasks_items(
+    redis_server: RedisProcess, redis_client: redis.Redis, idle_queues: tuple[str, str]
+) -> None:
+    api = api_client(redis_server.url, idle_queues[0], caption_queue=idle_queues[1])
+    form = {"images": upload_files("red", "blue"), "questions": json.dumps(QUESTIONS), "caption": "true"}
+    batch_id = submitted(api.post("/v1/batches", data=form))
+    assert len(list(redis_client.scan_iter(UPLOADS))) == 2
+
+    canceled = api.post(f"/v1/batches/{batch_id}/cancel").get_json()
+
+    assert canceled == {"canceled": 6, "cancel_requested": 0, "already_ended": 0}
+    assert list(redis_client.scan_iter(UPLOADS)) == []
+    lines = [
+        json.loads(line) for line in api.get(f"/v1/batches/{batch_id}/results").get_data(as_text=True).splitlines()
+    ]
+    assert [(line["task"], line["status"]) for line in lines] == [
+        ("vqa", "canceled"), ("vqa", "canceled"), ("caption", "canceled")
+    ] * 2  # fmt: skip
+    assert api.delete(f"/v1/batches/{batch_id}").status_code == 204
+    assert list(redis_client.scan_iter("blipq:batch*")) == []
+
+
+def test_a_withdrawn_batch_that_captions_too_leaves_nothing_on_either_queue(
+    redis_server: RedisProcess, redis_client: redis.Redis, idle_queues: tuple[str, str]
+) -> None:
+    # Given an API that needs one replica to hold each submission, and a Redis with none
+    api = api_client(
+        redis_server.url, idle_queues[0], caption_queue=idle_queues[1], min_replicas_ack=1, replica_ack_timeout_ms=50
+    )
+    form = {"images": upload_files("red"), "questions": json.dumps([QUESTION]), "caption": "true", "deadline_s": "60"}
+
+    # When a captioned batch with a deadline is submitted
+    response = api.post("/v1/batches", data=form)
+
+    # Then it is withdrawn from both queues: no record, no upload, nothing waiting or watched for its deadline
+    assert (response.status_code, response.get_json()["error"]["code"]) == (503, "replicas_unavailable")
+    assert list(redis_client.scan_iter("blipq:batch*")) == []
+    for queue in idle_queues:
+        assert (redis_client.zcard(unstarted_key(queue)), waiting_answers(redis_client, queue)) == (0, 0)
+        assert redis_client.zcard(deadlines_key(queue)) == 0

@@ -18,7 +18,8 @@ from api.client import BlipqClient, BlipqClientError, JobFailedError, ServiceUnr
 from api.settings import ApiSettings
 from api.up import RedisProcess
 from tests.conftest import ROOT, ImageServer, WorkerProcess, serve_app, wait_for_worker_record
-from tests.fixtures.images import shape_png
+from tests.fixtures.fronts import counting_front
+from tests.fixtures.images import photo, shape_png
 from tests.test_chaos import reference_answers
 
 
@@ -200,7 +201,48 @@ def test_a_caption_batch_is_submitted_waited_for_and_read_back(
         ] * 2
         assert [item["answer"] for item in results] == expected
     with pytest.raises(ValueError, match="no questions"):
-        client.submit_batch(urls, ["what color?"], caption=True)
+        client.submit_batch(urls, ["what color?"], task="caption")
+
+
+def test_a_shrinking_client_sends_fewer_bytes_for_the_answers_and_captions_of_the_originals(
+    caption_service_url: str, tmp_path: Path
+) -> None:
+    # Given a photo stored sideways and a PNG with an alpha band, many times the test models' input
+    sideways, cutout = tmp_path / "sideways.jpg", tmp_path / "cutout.png"
+    sideways.write_bytes(photo("blue", orientation=6))
+    cutout.write_bytes(photo("red", (300, 200), fmt="PNG"))
+    question = "what color is the shape?"
+    seen, sent_bytes = {}, {}
+
+    # When a client asks, captions and submits a batch of questions and captions, shrinking and not
+    for shrink in (True, False):
+        with counting_front(caption_service_url) as (front, sent):
+            client = BlipqClient(front, shrink=shrink)
+            answer, caption = client.ask(sideways, question, timeout_s=120), client.caption(cutout, timeout_s=120)
+            batch_id, count = client.submit_batch([sideways, cutout], [question], caption=True)
+            client.wait_batch(batch_id, timeout_s=120)
+            lines = [(item["task"], item["status"], item["answer"]) for item in client.results(batch_id)]
+        seen[shrink] = (answer, caption, count, lines)
+        sent_bytes[shrink] = sum(sent.bodies("POST", "/v1/jobs") + sent.bodies("POST", "/v1/batches"))
+
+    # Then it gets the same answers and captions, for a fraction of the bytes
+    assert seen[True] == seen[False]
+    assert [task for task, _, _ in seen[True][3]] == ["vqa", "caption", "vqa", "caption"]
+    assert {status for _, status, _ in seen[True][3]} == {"succeeded"}
+    assert sent_bytes[True] * 10 < sent_bytes[False], sent_bytes
+
+
+def test_a_shrinking_client_refuses_a_picture_the_workers_would_refuse_naming_it(
+    service_url: str, tmp_path: Path
+) -> None:
+    good, truncated = tmp_path / "good.jpg", tmp_path / "truncated.jpg"
+    good.write_bytes(photo("red"))
+    truncated.write_bytes(photo("green")[:4000])  # its header is whole, its pixels cut
+
+    with pytest.raises(BlipqClientError) as refused:
+        BlipqClient(service_url, shrink=True).submit_batch([good, truncated], ["what color is the shape?"])
+
+    assert (refused.value.code, refused.value.image_index, refused.value.status) == ("image_invalid", 1, None)
 
 
 OTHER_SCHEMES = ["ftp://example.com/x.jpg", "s3://bucket/x.jpg", "gs://bucket/x.jpg", "data:image/png;base64,iVBO"]

@@ -16,7 +16,7 @@ from api.settings import MAX_JSON_BODY_BYTES
 from api.up import RedisProcess, start_redis
 from tests.conftest import api_client
 from tests.fixtures import hostile
-from tests.fixtures.images import shape_png
+from tests.fixtures.images import photo, shape_png
 from tests.fixtures.stored import stored_keys
 
 UNCONSUMED_QUEUE = "unconsumed"  # no worker reads it: whatever is enqueued stays there to be counted
@@ -129,6 +129,27 @@ def test_a_json_body_over_its_limit_is_refused_naming_it(api: FlaskClient, redis
     assert_error(response, 413, "body_too_large")
     assert f"over {MAX_JSON_BODY_BYTES} bytes, the most a JSON body may be" in response.get_json()["error"]["message"]
     assert_nothing_enqueued(redis_client)
+
+
+def test_a_photo_far_over_the_text_field_bound_is_taken_as_a_jobs_upload(
+    redis_server: RedisProcess, redis_client: redis.Redis
+) -> None:
+    # Given an API with its default limits (10 MiB an image, 64 KiB of other fields) and camera-like JPEGs, whose
+    # bytes hold CR and LF as any binary file does
+    api = api_client(redis_server.url, UNCONSUMED_QUEUE)
+    pictures = [photo(color, (2000, 1500)) for color in ("red", "green", "blue")]
+
+    # When each is uploaded as a job's image
+    responses = [
+        api.post("/v1/jobs", data={"question": "what color?", "image": (io.BytesIO(picture), "photo.jpg")})
+        for picture in pictures
+    ]
+
+    # Then each is accepted, the whole of it stored
+    assert all(len(picture) > 10 * 64 * 1024 for picture in pictures)
+    assert [response.status_code for response in responses] == [202] * 3, [r.get_json() for r in responses]
+    stored = [redis_client.get(f"blipq:upload:{response.get_json()['id']}") for response in responses]
+    assert stored == pictures
 
 
 def test_accepted_job_is_in_redis_when_the_api_answers(api: FlaskClient, redis_client: redis.Redis) -> None:

@@ -25,7 +25,8 @@ from api.tag import ctrl_c_after
 from api.up import RedisProcess
 from tests.conftest import ROOT, QuietHandler, WorkerProcess, http_server, serve_app, wait_for_worker_record
 from tests.fixtures import hostile
-from tests.fixtures.images import shape_png
+from tests.fixtures.fronts import counting_front
+from tests.fixtures.images import photo, shape_png
 from tests.test_chaos import reference_answers
 
 QUESTIONS = ["what color is the shape?", "what shape is in the image?"]
@@ -384,6 +385,45 @@ def test_tag_captions_and_answers_questions_in_one_run_and_resumes_both(
     again = blipq_tag_captions(caption_service_url, *images, *ask)
     assert again.returncode == 0, again.stderr
     assert not fetches and [json.loads(line) for line in out.read_text().splitlines()] == records
+
+
+def photo_folder(tmp_path: Path) -> Path:
+    """Pictures many times the test models' input: camera-like JPEGs (two stored sideways), a PNG with an alpha band."""
+    pictures = tmp_path / "photos"
+    pictures.mkdir()
+    (pictures / "red.jpg").write_bytes(photo("red"))
+    (pictures / "blue-sideways.jpg").write_bytes(photo("blue", orientation=6))
+    (pictures / "green-sideways.jpg").write_bytes(photo("green", (480, 360), orientation=8))
+    (pictures / "red-cutout.png").write_bytes(photo("red", (300, 200), fmt="PNG"))
+    return pictures
+
+
+def test_tag_shrinks_pictures_on_the_client_sends_each_once_and_gets_the_originals_answers(
+    caption_service_url: str, tmp_path: Path
+) -> None:
+    # Given a folder of photos, each asked two questions and a caption, tagged with and without shrinking
+    pictures = photo_folder(tmp_path)
+    asked = ["-q", QUESTIONS[0], "-q", QUESTIONS[1], "--prompt", "the"]
+    lines, uploaded = {}, {}
+    for how in ("--shrink", "--no-shrink"):
+        with counting_front(caption_service_url) as (front, sent):
+            out = tmp_path / f"{how}.jsonl"
+            tagged = blipq_tag_captions(front, str(pictures), *asked, how, "-o", str(out))
+        assert tagged.returncode == 0, tagged.stderr
+        lines[how] = {
+            (record["image"], record.get("question"), record.get("prompt")): (record["status"], record.get("answer"),
+                                                                              record.get("caption"))
+            for record in map(json.loads, out.read_text().splitlines())
+        }  # fmt: skip
+        uploaded[how] = sent.bodies("POST", "/v1/batches")
+
+    # Then every line is the same: shrunk pictures get the answers and captions of the originals
+    assert len(lines["--shrink"]) == 4 * 3
+    assert lines["--shrink"] == lines["--no-shrink"]
+    assert {status for status, _, _ in lines["--shrink"].values()} == {"succeeded"}
+    # ...each picture was sent once, for the questions and the captions together, and shrunk into a fraction
+    assert len(uploaded["--shrink"]) == len(uploaded["--no-shrink"]) == 1, uploaded
+    assert uploaded["--shrink"][0] * 20 < uploaded["--no-shrink"][0], uploaded
 
 
 def test_tag_needs_questions_or_caption_and_a_prompt_goes_with_caption(

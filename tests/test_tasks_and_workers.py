@@ -85,9 +85,10 @@ def test_models_lists_each_task_its_models_workers_and_waiting_answers(
     assert [worker["pid"] for worker in vqa["workers"]] == [tiny_worker.process.pid]
     assert vqa["outcomes"].get("succeeded", 0) >= 1
     assert (caption["queue"], caption["models"], caption["workers"], caption["waiting"]) == (nobody, [], [], 3)
-    # The size the worker's processor resizes to and how far it decodes images, as it publishes them
+    # The size the worker's processor resizes to, with which filter, and how far it decodes images, as it publishes them
     assert vqa["image_size"] == {"width": IMAGE_SIZE, "height": IMAGE_SIZE}
     assert (vqa["workers"][0]["image_width"], vqa["decode"], caption["image_size"]) == (IMAGE_SIZE, "fast", None)
+    assert (vqa["resample"], vqa["workers"][0]["resample"], caption["resample"]) == ("bicubic", "bicubic", None)
 
 
 def test_models_publishes_the_upload_limits_and_reads_the_records_of_older_and_newer_workers(
@@ -123,12 +124,13 @@ def test_models_publishes_the_upload_limits_and_reads_the_records_of_older_and_n
         ("old:1", 0),
     ]
     assert vqa["image_size"] == {"width": 480, "height": 240}
-    assert vqa["decode"] is None
+    assert (vqa["decode"], vqa["resample"]) == (None, None)
 
-    # And a decode mode is shown once every worker publishes the same one
+    # And a decode mode and a filter are shown once every worker publishes the same one
     for record in (old, *newer):
-        redis_client.hset(f"blipq:worker:{record['id']}", "decode", "exact")
-    assert next(e for e in api.get("/v1/models").get_json()["models"] if e["task"] == "vqa")["decode"] == "exact"
+        redis_client.hset(f"blipq:worker:{record['id']}", mapping={"decode": "exact", "resample": "bilinear"})
+    vqa = next(e for e in api.get("/v1/models").get_json()["models"] if e["task"] == "vqa")
+    assert (vqa["decode"], vqa["resample"]) == ("exact", "bilinear")
 
 
 def test_a_request_refused_no_worker_is_made_anew_when_retried_with_its_idempotency_key(

@@ -52,6 +52,11 @@ class LoadedModel:
         """The PIL filter the processor resizes with."""
         return int(self.processor.image_processor.resample)
 
+    @property
+    def resample_name(self) -> str:
+        """The PIL filter the processor resizes with, by its name in lower case (`bicubic`), as workers publish it."""
+        return Image.Resampling(self.resample).name.lower()
+
 
 def resolve_device(name: str = "auto") -> torch.device:
     """`auto` is the first CUDA device when there is one, else the CPU; a CUDA device this machine does not have is

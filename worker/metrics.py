@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+import PIL
 import redis
 from celery.signals import task_postrun, task_prerun, worker_shutdown
 from prometheus_client import (
@@ -194,6 +195,8 @@ class WorkerOps:
             image_width=width,
             image_height=height,
             decode=settings.image_decode,
+            resample=loaded.resample_name,
+            pillow=PIL.__version__,
         )
         self.announcer = Announcer(self.client, record, settings.announce_interval_s)
         self.announcer.start()

@@ -44,9 +44,9 @@ local M
 local function meta(batch)
   if not M then
     local f = redis.call('hmget', batch, 'id', 'count', 'closed', 'deadline_at', 'webhook_items', 'webhook', 'model',
-                         'pending')
+                         'pending', 'task')
     M = {id = f[1], count = f[2], closed = f[3], deadline = f[4], webhook_items = f[5], webhook = f[6], model = f[7],
-         pending = f[8]}
+         pending = f[8], task = f[9]}
   end
   return M
 end
@@ -68,6 +68,23 @@ local function cancel_asked(batch, index)
 end
 local function wake(ended)
   redis.call('publish', ended, '1')
+end
+-- A batch's chunks by the never-started set of their queue (a batch that also captions has two), as ARGV lists them
+-- from `first` on: for each set, its chunks' answers, how many chunks, then their members.
+-- Returns {{answers = n, members = {...}}, ...}, one per set, in order, and the members of all of them.
+local function chunk_groups(first, sets)
+  local groups, all, at = {}, {}, first
+  for s = 1, sets do
+    local count = tonumber(ARGV[at + 1])
+    local members = {}
+    for k = at + 2, at + 1 + count do
+      members[#members + 1] = ARGV[k]
+      all[#all + 1] = ARGV[k]
+    end
+    groups[s] = {answers = tonumber(ARGV[at]), members = members}
+    at = at + 2 + count
+  end
+  return groups, all
 end
 -- A chunk ended (or will never run): its record and its place in the queue's running set go.
 local function drop_chunk(chunks, number, running, member)
@@ -209,7 +226,8 @@ end
 # reaper's watch). A batch closed (or past its deadline) runs nothing; a chunk started too many times without ending
 # ends its items `worker_lost`.
 # KEYS = batch, chunks, never-started set, mark, running set, stats, outcome hash, item list, outbox, ended list,
-# outcomes; ARGV = member, number, now, worker, max attempts, gave-up message, answers, model.
+# outcomes; ARGV = member, number, now, worker, max attempts, gave-up message, answers, model, the chunk's task (its
+# model is the batch's `model`, or `model:<task>` for the captions of a vqa batch that captions its images too).
 # Returns the attempt number (>= 1) or a START_* code of worker/contract/transitions.py (START_PENDING while the batch's
 # submission is not accepted yet, as for a job).
 START_CHUNK_LUA = (
@@ -253,7 +271,10 @@ if attempt > tonumber(ARGV[5]) then
 end
 redis.call('hset', KEYS[2], ARGV[2] .. ':w', ARGV[4])
 redis.call('zadd', KEYS[5], ARGV[3], ARGV[1])
-if meta(KEYS[1]).model ~= ARGV[8] then redis.call('hset', KEYS[1], 'model', ARGV[8]) end
+local model_field = 'model'
+local chunk_task = ARGV[9] or ''
+if chunk_task ~= '' and chunk_task ~= meta(KEYS[1]).task then model_field = 'model:' .. chunk_task end
+if model_field ~= 'model' or meta(KEYS[1]).model ~= ARGV[8] then redis.call('hset', KEYS[1], model_field, ARGV[8]) end
 redis.call('hincrby', KEYS[6], 'executions', tonumber(ARGV[7]))
 if attempt > 1 then redis.call('hincrby', KEYS[6], 'reruns', tonumber(ARGV[7])) end
 return attempt
@@ -345,22 +366,28 @@ return 1
 )
 
 # Accepts a batch stored `pending` once its chunks are published (see ACCEPT_LUA of transitions.py): its chunks
-# join their level's set of chunks never started, and its answers the count of answers waiting.
-# KEYS = batch, never-started set; ARGV = now, answers, then each chunk's member. Returns 1, or 0 when not pending.
+# join their level's set of chunks never started (one per queue: a batch that also captions has two), and their
+# answers the count of answers waiting there.
+# KEYS = batch, then each never-started set; ARGV = now, then each set's chunks (chunk_groups). Returns 1, or 0 when
+# not pending.
 ACCEPT_BATCH_LUA = (
     _LIBRARY
     + """
 if meta(KEYS[1]).pending ~= '1' then return 0 end
 redis.call('hdel', KEYS[1], 'pending')
-for first = 3, #ARGV, UNPACK_MAX do
-  local scored = {}
-  for k = first, math.min(#ARGV, first + UNPACK_MAX - 1) do
-    scored[#scored + 1] = ARGV[1]
-    scored[#scored + 1] = ARGV[k]
+local groups = chunk_groups(2, #KEYS - 1)
+for s, group in ipairs(groups) do
+  local unstarted, members = KEYS[s + 1], group.members
+  for first = 1, #members, UNPACK_MAX do
+    local scored = {}
+    for k = first, math.min(#members, first + UNPACK_MAX - 1) do
+      scored[#scored + 1] = ARGV[1]
+      scored[#scored + 1] = members[k]
+    end
+    redis.call('zadd', unstarted, unpack(scored))
   end
-  redis.call('zadd', KEYS[2], unpack(scored))
+  redis.call('hincrby', WAITING, unstarted, group.answers)
 end
-redis.call('hincrby', WAITING, KEYS[2], tonumber(ARGV[2]))
 return 1
 """
 )
@@ -370,26 +397,31 @@ return 1
 # in the chunks hash while it runs (`<number>:w`) and leaves the hash when it ended: a hash that holds a worker's name,
 # or fewer chunks than the batch was made of, tells of a chunk started, perhaps ended already (a worker may answer a
 # whole chunk while the API waits for its replicas).
-# KEYS = batch, chunks, never-started set, deadlines set, then the keys to delete (the batch's and its uploads);
-# ARGV = deadline member, answers, then each chunk's member. Returns 1 when withdrawn, 0 when a chunk had started,
-# -1 when the batch is missing.
+# KEYS = batch, chunks, then for each of its queues its never-started set and its deadlines set, then the keys to
+# delete (the batch's and its uploads); ARGV = deadline member, how many queues, then each never-started set's chunks
+# (chunk_groups). Returns 1 when withdrawn, 0 when a chunk had started, -1 when the batch is missing.
 WITHDRAW_BATCH_LUA = (
     _LIBRARY
     + """
 if not meta(KEYS[1]).count then return -1 end
+local queues = tonumber(ARGV[2])
+local groups, all = chunk_groups(3, queues)
 local fields = redis.call('hkeys', KEYS[2])
-if #fields < #ARGV - 2 then return 0 end
+if #fields < #all then return 0 end
 for _, field in ipairs(fields) do
   if string.sub(field, -2) == ':w' then return 0 end
 end
-if meta(KEYS[1]).pending ~= '1' then
-  for first = 3, #ARGV, UNPACK_MAX do
-    redis.call('zrem', KEYS[3], unpack(ARGV, first, math.min(#ARGV, first + UNPACK_MAX - 1)))
+for s, group in ipairs(groups) do
+  local unstarted, deadlines = KEYS[1 + 2 * s], KEYS[2 + 2 * s]
+  if meta(KEYS[1]).pending ~= '1' then
+    for first = 1, #group.members, UNPACK_MAX do
+      redis.call('zrem', unstarted, unpack(group.members, first, math.min(#group.members, first + UNPACK_MAX - 1)))
+    end
+    redis.call('hincrby', WAITING, unstarted, -group.answers)
   end
-  redis.call('hincrby', WAITING, KEYS[3], -tonumber(ARGV[2]))
+  redis.call('zrem', deadlines, ARGV[1])
 end
-redis.call('zrem', KEYS[4], ARGV[1])
-for first = 5, #KEYS, UNPACK_MAX do
+for first = 3 + 2 * queues, #KEYS, UNPACK_MAX do
   redis.call('del', unpack(KEYS, first, math.min(#KEYS, first + UNPACK_MAX - 1)))
 end
 return 1

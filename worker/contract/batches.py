@@ -4,7 +4,8 @@ Imports neither Flask nor torch. A batch is a few Redis keys, whatever its size 
 after submission):
 - `blipq:batch:<id>`, a hash: the batch's fields and its items' counts by status (kept by
 worker/contract/batch_scripts.py);
-- `blipq:batch-items:<id>`, a list: each item's image number and text (a question, or a caption's prompt);
+- `blipq:batch-items:<id>`, a list: each item's image number and text (a question, or a caption's prompt), and its
+  task when it is not the batch's (the captions of a vqa batch that captions its images too);
 - `blipq:batch-images:<id>`, a hash: each distinct image, a URL or an uploaded file's name (the upload itself is
   `jobs.batch_upload_key`, stored once for all its questions, and deleted as soon as the last of them ended:
   `blipq:batch-left:<id>` counts them);
@@ -12,7 +13,9 @@ worker/contract/batch_scripts.py);
 - `blipq:batch-chunks:<id>`, a hash: each chunk not yet ended, as its message carries it (for the reaper);
 - `blipq:batch-cancels:<id>`, a set: the items whose own cancel was asked (they show `cancel_requested`).
 Items travel to the workers in chunks (broker.TASK_VQA_CHUNK): each chunk lists images, each with its
-(item index, text) pairs, so a worker fetches an image once for all its questions. A chunk starts in one script call
+(item index, text) pairs, so a worker fetches an image once for all its questions. A chunk holds items of one task and
+goes to that task's queue: a vqa batch that also captions its images (`caption_queue`) sends its captions in chunks
+of their own to the captioning workers, which read the same uploads. A chunk starts in one script call
 (when a worker receives it), its items become running in one call per model batch, and end in one call.
 
 An item's id is `<batch id>.<index>`: `GET /v1/jobs/<item id>` shows it as a job (without timestamps of its own).
@@ -23,7 +26,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from worker.contract.batch_scripts import (
     ACCEPT_BATCH_LUA,
@@ -60,12 +63,14 @@ from worker.contract.transitions import CANCELED_MESSAGE, DEADLINE_MESSAGE
 MAX_BATCH_ANSWERS = 10_000  # answers one batch request may ask for
 READ_PAGE = 500  # items read per round trip when a batch's results stream
 CHUNK_MEMBER_PREFIX = "chunk:"  # a chunk in the never-started and running sets, beside job ids (which have no ':')
-DEADLINE_MEMBER_PREFIX = "batch:"  # a batch in its queue's deadlines set, beside job ids
+DEADLINE_MEMBER_PREFIX = "batch:"  # a batch in its queues' deadlines sets, beside job ids
+CAPTION_MODEL_FIELD = f"model:{JobTask.CAPTION}"  # the batch hash's field of a vqa batch's captioning model
 STATUS_COUNTS = tuple(str(status) for status in JobStatus)
 
 
 def items_key(batch_id: str) -> str:
-    """The list of a batch's items, in item order: `[image number, text]` each."""
+    """The list of a batch's items, in item order: `[image number, text]` each, `[image number, text, task]` for an
+    item of another task than the batch's."""
     return f"{KEY_PREFIX}batch-items:{batch_id}"
 
 
@@ -137,11 +142,13 @@ class Batch:
     webhook_attempts: int = 0
     webhook_error_code: str = ""
     webhook_error_message: str = ""
-    task: JobTask = JobTask.VQA  # every item's: a batch goes to one queue
+    task: JobTask = JobTask.VQA  # every item's, but the captions of a vqa batch that captions its images too
     queue: str = ""  # the queue of its task's workers
+    caption_queue: str = ""  # the captioning workers' queue, for a vqa batch that captions its images too; else ""
     deadline_at: str = ""  # epoch seconds: items not yet answered then end `expired`; "" for none
     closed: str = ""  # "" while open; "canceled" or "expired": no item that had not reached the model will run
     model: str = ""
+    caption_model: str = ""  # the model of a vqa batch's captions
     counts: tuple[tuple[str, int], ...] = ()  # items by status, then failures by error code ("err:<code>")
 
     @classmethod
@@ -163,9 +170,11 @@ class Batch:
             webhook_error_message=fields.get("webhook_error_message", ""),
             task=JobTask(fields.get("task") or JobTask.VQA),
             queue=fields.get("queue", ""),
+            caption_queue=fields.get("caption_queue", ""),
             deadline_at=fields.get("deadline_at", ""),
             closed=fields.get("closed", ""),
             model=fields.get("model", ""),
+            caption_model=fields.get(CAPTION_MODEL_FIELD, ""),
             counts=tuple(counts),
         )
 
@@ -181,11 +190,29 @@ class Batch:
             "webhook_items": "1" if self.webhook_items else "",
             "task": str(self.task),
             "queue": self.queue,
+            **({"caption_queue": self.caption_queue} if self.caption_queue else {}),
             "deadline_at": self.deadline_at,
             **{name: "0" for name in STATUS_COUNTS},
             "queued": str(self.count),
             "ended": "0",
         }
+
+    @property
+    def captions_too(self) -> bool:
+        """Whether it is a vqa batch that captions its images too."""
+        return self.task is JobTask.VQA and bool(self.caption_queue)
+
+    def queue_for(self, task: JobTask | str) -> str:
+        """The queue of its items of `task`."""
+        return self.caption_queue if self.captions_too and task == JobTask.CAPTION else self.queue
+
+    def queues(self) -> list[str]:
+        """The queues its items go to: its task's, and the captioning workers' when it captions its images too."""
+        return list(dict.fromkeys([self.queue, *([self.caption_queue] if self.captions_too else [])]))
+
+    def model_for(self, task: JobTask) -> str:
+        """The model that answers its items of `task` ("" until one started)."""
+        return self.caption_model if self.captions_too and task is JobTask.CAPTION else self.model
 
     def overdue(self, now: float) -> bool:
         """Whether the batch is open past its deadline (it closes `expired` as soon as anyone looks)."""
@@ -205,6 +232,7 @@ class Batch:
             "progress": ended / self.count if self.count else 1.0,
             "created_at": self.created_at,
             "task": str(self.task),
+            "caption": self.captions_too,
             "priority": str(self.priority),
             "webhook": self.webhook or None,
             "webhook_delivery": webhook_delivery(
@@ -222,28 +250,50 @@ class CancelCounts:
     already_ended: int
 
 
-def plan_chunks(items: list[tuple[int, str]], max_answers: int) -> list[list[dict[str, Any]]]:
-    """Group a batch's items, (image number, text) in item order, into chunks of at most `max_answers`.
+class Item(NamedTuple):
+    """A batch item as its batch is made: its image's number, its text (a question, or a caption's prompt), its task."""
+
+    image: int
+    text: str
+    task: JobTask
+
+    def stored(self, batch_task: JobTask) -> str:
+        """The item as the item list holds it: its task only when it is not the batch's."""
+        entry = [self.image, self.text] if self.task is batch_task else [self.image, self.text, str(self.task)]
+        return json.dumps(entry, separators=(",", ":"))
+
+    @classmethod
+    def read(cls, raw: bytes | str, batch_task: JobTask) -> Item:
+        """An item as the item list holds it."""
+        entry = json.loads(raw)
+        return cls(int(entry[0]), str(entry[1]), JobTask(entry[2]) if len(entry) > 2 else batch_task)
+
+
+def plan_chunks(items: list[Item], max_answers: int) -> list[tuple[JobTask, list[dict[str, Any]]]]:
+    """Group a batch's items, in item order, into chunks of one task and at most `max_answers` each: (task, chunk).
 
     Each chunk is a list of images, `{"image": number, "items": [[index, text], ...]}`. Questions about one image stay
     together in a chunk (an image with more questions than a chunk holds is split over as few chunks as it takes),
     so that a worker fetches the image once for all of them.
     """
-    by_image: dict[int, list[list[Any]]] = {}
-    for index, (image, text) in enumerate(items):
-        by_image.setdefault(image, []).append([index, text])
-    chunks: list[list[dict[str, Any]]] = [[]]
-    room = max_answers
-    for image, pairs in by_image.items():
-        first = 0
-        while first < len(pairs):
-            if room == 0:
-                chunks.append([])
-                room = max_answers
-            taken = pairs[first : first + room]
-            chunks[-1].append({"image": image, "items": taken})
-            room -= len(taken)
-            first += len(taken)
+    by_task: dict[JobTask, dict[int, list[list[Any]]]] = {}
+    for index, item in enumerate(items):
+        by_task.setdefault(item.task, {}).setdefault(item.image, []).append([index, item.text])
+    chunks: list[tuple[JobTask, list[dict[str, Any]]]] = []
+    for task, by_image in by_task.items():
+        task_chunks: list[list[dict[str, Any]]] = [[]]
+        room = max_answers
+        for image, pairs in by_image.items():
+            first = 0
+            while first < len(pairs):
+                if room == 0:
+                    task_chunks.append([])
+                    room = max_answers
+                taken = pairs[first : first + room]
+                task_chunks[-1].append({"image": image, "items": taken})
+                room -= len(taken)
+                first += len(taken)
+        chunks += [(task, chunk) for chunk in task_chunks]
     return chunks
 
 
@@ -266,9 +316,8 @@ class BatchStore:
         self,
         batch: Batch,
         images: list[dict[str, str]],
-        items: list[tuple[int, str]],
+        items: list[Item],
         chunks: list[dict[str, Any]],
-        queue: str,
         uploads: dict[str, bytes] | None = None,
         idempotency: tuple[str, str] | None = None,
     ) -> None:
@@ -285,49 +334,46 @@ class BatchStore:
         keys = [batch_key(bid), items_key(bid), images_key(bid), chunks_key(bid)]
         with self.client.pipeline(transaction=True) as pipe:
             pipe.hset(batch_key(bid), mapping={**batch.to_redis(), PENDING_FIELD: "1"})  # type: ignore[dict-item]
-            pipe.rpush(items_key(bid), *(json.dumps(item, separators=(",", ":")) for item in items))
+            pipe.rpush(items_key(bid), *(item.stored(batch.task) for item in items))
             pipe.hset(images_key(bid), mapping={str(n): json.dumps(image) for n, image in enumerate(images)})
             pipe.hset(chunks_key(bid), mapping={str(c["number"]): json.dumps(c) for c in chunks})
             for key in keys:
                 pipe.expire(key, ttl_s)
-            if batch.deadline_at:
-                pipe.zadd(deadlines_key(queue), {DEADLINE_MEMBER_PREFIX + bid: float(batch.deadline_at)})
+            if batch.deadline_at:  # the reaper of each of its queues closes it
+                for queue in batch.queues():
+                    pipe.zadd(deadlines_key(queue), {DEADLINE_MEMBER_PREFIX + bid: float(batch.deadline_at)})
             for key, data in (uploads or {}).items():
                 pipe.set(key, data, ex=ttl_s)
             if idempotency is not None:
                 pipe.set(idempotency[0], idempotency[1], ex=ttl_s)
             if uploads:
                 left: dict[str, int] = {}
-                for image, _ in items:
-                    key = images[image].get("upload", "")
+                for item in items:
+                    key = images[item.image].get("upload", "")
                     left[key] = left.get(key, 0) + 1
                 pipe.hset(uploads_left_key(bid), mapping=left)  # type: ignore[arg-type]
                 pipe.expire(uploads_left_key(bid), ttl_s)
             pipe.execute()
 
-    def accept(
-        self, batch: Batch, chunks: list[dict[str, Any]], queue: str, replicas: int = 0, timeout_ms: int = 0
-    ) -> int | None:
+    def accept(self, batch: Batch, chunks: list[dict[str, Any]], replicas: int = 0, timeout_ms: int = 0) -> int | None:
         """Accept a pending batch whose chunks are published, as JobStore.accept does a job (same return value)."""
-        keys = [batch_key(batch.id), unstarted_key(queue, batch.priority)]
-        args = [time.time(), batch.count, *(chunk["member"] for chunk in chunks)]
+        groups = chunk_groups(batch, chunks)
+        keys = [batch_key(batch.id), *(unstarted_key(queue, batch.priority) for queue in groups)]
+        args: list[str | int | float] = [time.time(), *chunk_group_args(groups)]
         return self.store.accept_and_wait(self._accept, keys, args, replicas, timeout_ms)
 
     def withdraw(
-        self,
-        batch: Batch,
-        chunks: list[dict[str, Any]],
-        queue: str,
-        uploads: list[str],
-        replicas: int = 0,
-        timeout_ms: int = 0,
+        self, batch: Batch, chunks: list[dict[str, Any]], uploads: list[str], replicas: int = 0, timeout_ms: int = 0
     ) -> int | None:
         """Delete a batch whose submission failed, unless a worker started one of its chunks (then None: it runs);
         with `replicas` > 0, WAIT as JobStore.withdraw does (same return value)."""
         bid = batch.id
-        keys = [batch_key(bid), chunks_key(bid), unstarted_key(queue, batch.priority), deadlines_key(queue)]
+        groups = chunk_groups(batch, chunks)
+        keys = [batch_key(bid), chunks_key(bid)]
+        for queue in groups:
+            keys += [unstarted_key(queue, batch.priority), deadlines_key(queue)]
         keys += [*batch_keys(bid), *uploads]
-        args = [DEADLINE_MEMBER_PREFIX + bid, batch.count, *(chunk["member"] for chunk in chunks)]
+        args = [DEADLINE_MEMBER_PREFIX + bid, len(groups), *chunk_group_args(groups)]
         return self.store.accept_and_wait(self._withdraw, keys, args, replicas, timeout_ms)
 
     def delete_ended(self, batch: Batch) -> bool:
@@ -359,7 +405,8 @@ class BatchStore:
     def cancel_item(self, batch: Batch, index: int) -> int:
         """Cancel one item: a CANCEL_* code of worker/contract/transitions.py."""
         item = self.item(batch, index)
-        keys = [*self._item_keys(batch.id), outcomes_key_of_queue(batch.queue)]
+        queue = batch.queue_for(item.task) if item else batch.queue
+        keys = [*self._item_keys(batch.id), outcomes_key_of_queue(queue)]
         return int(self._cancel_item(keys=keys, args=[time.time(), index, item.upload_key if item else ""]))
 
     def item(self, batch: Batch, index: int) -> Job | None:
@@ -374,10 +421,10 @@ class BatchStore:
             raw_item, raw_outcome, webhook, cancel_asked = pipe.execute()
         if raw_item is None:
             return None
-        image_number, text = json.loads(raw_item)
-        image = self._images(batch.id, {image_number})[image_number]
+        entry = Item.read(raw_item, batch.task)
+        image = self._images(batch.id, {entry.image})[entry.image]
         delivery = {k.decode(): v.decode() for k, v in webhook.items()}
-        return item_job(batch, index, image, text, raw_outcome, delivery, bool(cancel_asked))
+        return item_job(batch, index, entry, image, raw_outcome, delivery, bool(cancel_asked))
 
     def results(self, batch: Batch, start: int, stop: int) -> list[Job]:
         """Items `start` to `stop` (included) shown as jobs, in item order, in a few round trips."""
@@ -387,13 +434,11 @@ class BatchStore:
             pipe.hmget(outcomes_key(batch.id), indices)
             pipe.smismember(cancels_key(batch.id), indices)
             raw_items, raw_outcomes, cancels_asked = pipe.execute()
-        pairs = [json.loads(raw) for raw in raw_items]
-        images = self._images(batch.id, {image for image, _ in pairs})
+        entries = [Item.read(raw, batch.task) for raw in raw_items]
+        images = self._images(batch.id, {entry.image for entry in entries})
         return [
-            item_job(batch, start + offset, images[image], text, outcome, {}, bool(asked))
-            for offset, ((image, text), outcome, asked) in enumerate(
-                zip(pairs, raw_outcomes, cancels_asked, strict=False)
-            )
+            item_job(batch, start + offset, entry, images[entry.image], outcome, {}, bool(asked))
+            for offset, (entry, outcome, asked) in enumerate(zip(entries, raw_outcomes, cancels_asked, strict=False))
         ]
 
     def start_chunk(self, payload: dict[str, Any], queue: str, worker: str, max_attempts: int, model: str) -> int:
@@ -406,6 +451,7 @@ class BatchStore:
         keys += [running_key(queue), stats_key(), outcomes_key(bid), items_key(bid), webhook_outbox_key()]
         keys += [ended_key(bid), outcomes_key_of_queue(queue)]
         args: list[str | int | float] = [member, number, time.time(), worker, max_attempts, message, answers, model]
+        args.append(str(payload.get("task") or ""))
         return int(self._start(keys=keys, args=args))
 
     def run_items(self, groups: list[tuple[str, list[int]]]) -> list[set[int]]:
@@ -465,11 +511,29 @@ def outcome_value(status: str, answer: str = "", code: str = "", message: str = 
     return [status, code, json.dumps(value, separators=(",", ":"))]
 
 
+def chunk_groups(batch: Batch, chunks: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """A batch's chunks by the queue of their task, its task's queue first."""
+    groups: dict[str, list[dict[str, Any]]] = {queue: [] for queue in batch.queues()}
+    for chunk in chunks:
+        groups[batch.queue_for(str(chunk.get("task") or batch.task))].append(chunk)
+    return {queue: group for queue, group in groups.items() if group}
+
+
+def chunk_group_args(groups: dict[str, list[dict[str, Any]]]) -> list[str | int]:
+    """chunk_groups as ACCEPT_BATCH_LUA and WITHDRAW_BATCH_LUA take them: for each queue, its chunks' answers, how
+    many chunks, their members."""
+    args: list[str | int] = []
+    for group in groups.values():
+        members = [str(chunk["member"]) for chunk in group]
+        args += [sum(parse_chunk_member(member)[2] for member in members), len(members), *members]
+    return args
+
+
 def item_job(
     batch: Batch,
     index: int,
+    entry: Item,
     image: dict[str, str],
-    text: str,
     raw_outcome: bytes | None,
     delivery: dict[str, str],
     cancel_asked: bool = False,
@@ -497,13 +561,13 @@ def item_job(
     return Job(
         id=item_id(batch.id, index),
         status=status,
-        question=text,
+        question=entry.text,
         created_at=batch.created_at,
         image_url=image.get("image_url", ""),
         answer=answer,
         error_code=code,
         error_message=message,
-        model=batch.model if status is not JobStatus.QUEUED else "",
+        model=batch.model_for(entry.task) if status is not JobStatus.QUEUED else "",
         owner=batch.owner,
         priority=batch.priority,
         deadline_at=batch.deadline_at,
@@ -517,5 +581,5 @@ def item_job(
         index=index,
         upload_key=image.get("upload", ""),
         image_name=image.get("image_name", ""),
-        task=batch.task,
+        task=entry.task,
     )

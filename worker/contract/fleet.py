@@ -53,6 +53,10 @@ class WorkerRecord:
     image_width: int = 0
     image_height: int = 0
     decode: str = ""  # how the worker decodes images, for a worker that says; "": not published
+    # The PIL filter its processor resizes with, by name (`bicubic`): with the input size and the decode mode, what a
+    # client needs to make the very pixels the model would see. "": not published.
+    resample: str = ""
+    pillow: str = ""  # the Pillow release that decodes and resizes its images (its pixels are that release's)
 
     def to_redis(self) -> dict[str, str]:
         """The record as flat string fields for a Redis hash."""
@@ -75,6 +79,8 @@ class WorkerRecord:
             image_width=int(fields.get("image_width", 0)),
             image_height=int(fields.get("image_height", 0)),
             decode=fields.get("decode", ""),
+            resample=fields.get("resample", ""),
+            pillow=fields.get("pillow", ""),
         )
 
 
