@@ -27,13 +27,13 @@ directory) and two easy-VQA questions ("what color is the shape?", "what shape i
 (7) uploads, `--shrink` against `--no-shrink` (benchmarks/upload_runs.py): `blipq up` (every default) and `blipq tag
     DIR --caption -q Q1 -q Q2` over --upload-photos camera photos (answers/s, bytes sent, the CPU of every process);
     Redis's memory per photo in flight and the append-only file's growth per uploaded GB; `blipq tag DIR -q Q` against
-    the feed limit; with --other-checkout DIR, that checkout's `blipq up` and `blipq tag` beside, in run 7a.
-    --only-uploads runs 7 alone (about 10 minutes on a 2-core machine).
+    the feed limit; how the shrunk pixels are best encoded; with --other-checkout DIR, that checkout's `blipq up` and
+    `blipq tag` beside, in run 7a. --only-uploads runs 7 alone (5-8 minutes on a shared 2-core machine).
 Every run checks the exit status and that OUT has one succeeded line per pair; the service's answers are compared with
-the core's, and the CPU each process spent in runs 1-2 is printed. About 2 minutes on a 2-core machine; --quick (200
-images, memory runs of 200 and 2,000, 30 photos), 1 minute; --smoke (4 images, memory runs of 4 and 8, 2 photos of the
-smoke mix, 2 of the smoke mix uploaded in run 7; the runs with the same settings on one fleet), every run's path end
-to end.
+the core's, and the CPU each process spent in runs 1-2 is printed. About 2 minutes on a 2-core machine, then runs 6
+and 7; --quick (200 images, memory runs of 200 and 2,000, 30 photos, 20 for run 7), a few minutes; --smoke (4 images,
+memory runs of 4 and 8, 2 photos of the smoke mix, 2 of the smoke mix uploaded in run 7; the runs with the same
+settings on one fleet), every run's path end to end.
 """
 
 from __future__ import annotations
