@@ -37,7 +37,7 @@ from worker.contract.transitions import (
     START_MISSING,
     START_PENDING,
 )
-from worker.decoders import DecoderPool
+from worker.decoders import IN_THREAD_PIXELS, DecoderPool
 from worker.fetch import FetchLimits, fetch_image_bytes, new_session
 from worker.metrics import CURRENT_JOB, observe_inference
 from worker.netguard import NetworkPolicy
@@ -411,12 +411,15 @@ class WorkerRuntime:
         return PreparedImage(keys, cached, image_tensor(self._decode(data)))
 
     def _decode(self, data: bytes) -> npt.NDArray[np.uint8]:
-        """An image's bytes as the model's uint8 input: in a decoder process, or in this thread when there are none."""
+        """An image's bytes as the model's uint8 input: in a decoder process, or in this thread when there are none or
+        the picture is small (decoders.IN_THREAD_PIXELS)."""
         loaded = self.loaded
         assert loaded is not None
         exact = self.settings.image_decode == "exact"
         if self.decoders is not None:
-            return self.decoders.decode(data, loaded.image_size, loaded.resample, self.limits.max_pixels, exact)
+            header = open_image(data, self.limits.max_pixels)  # refused here as a decoder would refuse it
+            if header.width * header.height > IN_THREAD_PIXELS:
+                return self.decoders.decode(data, loaded.image_size, loaded.resample, self.limits.max_pixels, exact)
         with stage("decode"):
             picture = picture_for_model(data, loaded.image_size, self.limits.max_pixels, exact)
         with stage("resize"):
