@@ -100,7 +100,7 @@ class WorkerSettings(SharedSettings):
     fetch_threads: int = setting(8, "Threads that fetch the images of a batch's chunk", ge=1)
     decode_processes: int = setting(
         None,
-        "Processes that decode images for the model (worker/decoders.py); 0: the worker's own threads decode them",
+        "Processes that decode images over 512x512 pixels for the model (worker/decoders.py); 0: the worker's threads",
         shown_default="the cores the worker may use (its CPU affinity, within its container's CPU limit)",
         validate_default=True,
         ge=0,
