@@ -10,6 +10,8 @@ RUN if [ "$TORCH" = "cuda" ]; then pip install "torch==${TORCH_VERSION}"; \
     else pip install "torch==${TORCH_VERSION}" --index-url https://download.pytorch.org/whl/cpu; fi
 COPY pyproject.toml README.md ./
 COPY api ./api
+COPY blipq ./blipq
+COPY contract ./contract
 COPY worker ./worker
 COPY demo_model/blip-vqa-easy ./demo_model/blip-vqa-easy
 COPY demo_model/blip-caption-easy ./demo_model/blip-caption-easy

@@ -47,7 +47,7 @@ docs: $(VENV)/.installed
 
 # docs/configuration.md and docs/errors.md, written from the code (tests/test_reference.py fails when they differ).
 reference: $(VENV)/.installed
-	$(BIN)/python -m api.reference
+	$(BIN)/python -m blipq.reference
 
 # The rest, once torch is there (order-only: another torch build needs no reinstall of the rest).
 $(VENV)/.installed: pyproject.toml | $(TORCH_STAMP)

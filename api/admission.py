@@ -30,10 +30,10 @@ from api.errors import (
     error_response,
 )
 from api.settings import ApiSettings
-from worker.contract.errors import http_status
-from worker.contract.fleet import has_live_worker
-from worker.contract.jobs import unstarted_key, waiting_answers_key
-from worker.contract.states import JobPriority, JobTask
+from contract.errors import http_status
+from contract.fleet import has_live_worker
+from contract.jobs import unstarted_key, waiting_answers_key
+from contract.states import JobPriority, JobTask
 
 log = logging.getLogger("blipq.api")
 
@@ -93,7 +93,7 @@ def queue_depth(client: redis.Redis, queue: str) -> int:
 
 def waiting_answers(client: redis.Redis, queue: str) -> int:
     """How many answers wait in `queue` (single jobs and batch items not yet taken by a worker), every priority level
-    together: one read of the counts the job and batch scripts keep (worker.contract.jobs.waiting_answers_key)."""
+    together: one read of the counts the job and batch scripts keep (contract.jobs.waiting_answers_key)."""
     fields = [unstarted_key(queue, priority) for priority in JobPriority]
     counts = client.hmget(waiting_answers_key(), fields)
     return sum(max(0, int(count)) for count in counts if count is not None)

@@ -14,8 +14,8 @@ from api.page import bp as page_bp
 from api.services import EXTENSION_KEY, MAX_WAIT_S, Services
 from api.settings import ApiSettings
 from api.views import bp
-from worker.contract.broker import create_celery
-from worker.contract.jobs import JobStore
+from contract.broker import create_celery
+from contract.jobs import JobStore
 
 
 def create_app(settings: ApiSettings | None = None) -> Flask:

@@ -19,7 +19,7 @@ from typing import TypeVar
 from flask import Flask, current_app, g, request
 
 from api.errors import UnauthorizedError
-from worker.contract.errors import SettingsError
+from contract.errors import SettingsError
 
 KEY_PREFIX = "blipq_"  # makes a leaked key recognisable (secret scanners, logs)
 KEY_BYTES = 32  # 256 random bits

@@ -1,6 +1,6 @@
 """The batch routes: submit many questions about many images at once, follow the batch, read its results, cancel it.
 
-A batch and its items are a few Redis keys (worker/contract/batches.py), sent to the workers in chunks, so that an image
+A batch and its items are a few Redis keys (contract/batches.py), sent to the workers in chunks, so that an image
 is fetched once for all its questions; an item is shown as a job at `/v1/jobs/<batch id>.<index>`.
 """
 
@@ -34,7 +34,7 @@ from api.schemas import (
 )
 from api.services import services
 from api.submission import broker_unavailable, earlier_submission, enqueue, release_claim, released_on_refusal
-from worker.contract.batches import (
+from contract.batches import (
     MAX_BATCH_ANSWERS,
     READ_PAGE,
     Batch,
@@ -43,9 +43,9 @@ from worker.contract.batches import (
     chunk_member,
     plan_chunks,
 )
-from worker.contract.broker import publish_chunk
-from worker.contract.jobs import batch_upload_key, idempotency_key, new_job_id, utc_iso
-from worker.contract.states import JobTask
+from contract.broker import publish_chunk
+from contract.jobs import batch_upload_key, idempotency_key, new_job_id, utc_iso
+from contract.states import JobTask
 
 log = logging.getLogger("blipq.api")
 bp = Blueprint("batches", __name__)

@@ -1,6 +1,6 @@
 """API errors: each has an HTTP status and a stable code, and is answered as {"error": {"code", "message"}}.
 
-The codes, their statuses and meanings are worker.contract.errors.REGISTRY's; the web framework's own errors (an
+The codes, their statuses and meanings are contract.errors.REGISTRY's; the web framework's own errors (an
 unknown route, a wrong method) get the code that the registry gives their status.
 """
 
@@ -14,7 +14,7 @@ import redis
 from flask import Flask, Response, jsonify
 from werkzeug.exceptions import HTTPException
 
-from worker.contract.errors import FRAMEWORK_CODES, FRAMEWORK_FALLBACK_CODE, http_status
+from contract.errors import FRAMEWORK_CODES, FRAMEWORK_FALLBACK_CODE, http_status
 
 log = logging.getLogger("blipq.api")
 

@@ -1,7 +1,7 @@
 """Gunicorn's settings for `blipq api` (`gunicorn -c python:api.gunicorn_conf`): logs and multiprocess metrics.
 
 - Logs: every line, gunicorn's and the app's, goes to stderr in BLIPQ_LOG_FORMAT (json by default); gunicorn's
-  access log is off, as the app logs each request itself (worker/contract/logs.py).
+  access log is off, as the app logs each request itself (contract/logs.py).
 - Metrics: `blipq api` points PROMETHEUS_MULTIPROC_DIR at a directory where each gunicorn worker process keeps its
   counters, so that /metrics adds them up (api/metrics.py). Stale files of an earlier run are removed at start, and
   a process that exits is marked dead.
@@ -16,8 +16,8 @@ from typing import Any
 from prometheus_client import multiprocess
 
 from api.metrics import MULTIPROCESS_DIR_VARIABLE
-from worker.contract.logs import gunicorn_logging
-from worker.contract.settings import SharedSettings
+from contract.logs import gunicorn_logging
+from contract.settings import SharedSettings
 
 logconfig_dict = gunicorn_logging(SharedSettings.from_env().log_format)
 

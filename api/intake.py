@@ -30,8 +30,8 @@ from werkzeug.wsgi import get_input_stream
 
 from api.errors import ApiError, BadRequestError, PayloadTooLargeError, ValidationError
 from api.settings import FORM_OVERHEAD_BYTES, MAX_JSON_BODY_BYTES, ApiSettings
-from worker.contract.errors import ImageInvalidError, ImageTooLargeError
-from worker.contract.images import open_image
+from contract.errors import ImageInvalidError, ImageTooLargeError
+from contract.images import open_image
 
 JOB_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{16,64}$")  # a job's or a batch's id
 ITEM_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{16,64}\.[0-9]{1,6}$")  # a batch item: `<batch id>.<index>`

@@ -34,8 +34,8 @@ from prometheus_client.registry import Collector
 
 from api.admission import queue_depth
 from api.auth import api_key_name
-from worker.contract.fleet import live_workers, outcome_counts
-from worker.contract.jobs import STATS_FIELDS, stats_key
+from contract.fleet import live_workers, outcome_counts
+from contract.jobs import STATS_FIELDS, stats_key
 
 log = logging.getLogger("blipq.api.requests")
 

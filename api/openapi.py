@@ -9,7 +9,7 @@ JSON Schemas. spectree only documents here: its backend below runs each view as 
 their bodies themselves, with the API's own error codes and messages.
 
 What spectree cannot say is added to its document afterwards: each error response's codes (`x-error-codes`; their
-statuses and meanings, which are the responses' descriptions, come from worker.contract.errors.REGISTRY), response
+statuses and meanings, which are the responses' descriptions, come from contract.errors.REGISTRY), response
 headers, answers that are not JSON (JSON Lines, Prometheus text), the id patterns of path parameters, and the
 question length limit, which is a setting.
 
@@ -42,7 +42,7 @@ from api.auth import PUBLIC_ATTRIBUTE, public
 from api.intake import ITEM_ID_PATTERN, JOB_ID_PATTERN
 from api.schemas import Error
 from api.settings import ApiSettings
-from worker.contract.errors import HTTP_ERRORS
+from contract.errors import HTTP_ERRORS
 
 View = TypeVar("View", bound=Callable[..., Any])
 

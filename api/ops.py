@@ -2,7 +2,7 @@
 
 `GET /healthz` (api/views.py) says the process lives; `GET /readyz` says whether jobs submitted now will run: Redis
 answers and each task the deployment serves has a worker with its model loaded (workers announce themselves in
-Redis: worker/contract/fleet.py). `GET /v1/models` (behind the API keys, like every /v1 route) lists each task's models,
+Redis: contract/fleet.py). `GET /v1/models` (behind the API keys, like every /v1 route) lists each task's models,
 input size, workers, waiting answers and outcomes (what the web page's fleet panel shows), and the API's upload limits
 (what `blipq tag` checks its files against).
 """
@@ -22,8 +22,8 @@ from api.metrics import FleetCollector, RequestMetrics, scrape
 from api.openapi import documented
 from api.schemas import MetricsText, Models, Readiness
 from api.settings import ApiSettings
-from worker.contract.fleet import WorkerRecord, fleet_client, live_workers, outcome_counts
-from worker.contract.states import JobTask
+from contract.fleet import WorkerRecord, fleet_client, live_workers, outcome_counts
+from contract.states import JobTask
 
 bp = Blueprint("ops", __name__)
 

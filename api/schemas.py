@@ -30,9 +30,9 @@ from pydantic_core import PydanticCustomError
 from api.errors import RefusedImage, ValidationError
 from api.intake import IDEMPOTENCY_HEADER, IDEMPOTENCY_KEY_PATTERN
 from api.services import MAX_WAIT_S
-from worker.contract.fleet import WorkerRecord
-from worker.contract.jobs import STATS_FIELDS
-from worker.contract.states import JobPriority, JobStatus, JobTask
+from contract.fleet import WorkerRecord
+from contract.jobs import STATS_FIELDS
+from contract.states import JobPriority, JobStatus, JobTask
 
 # (field, pydantic error type) -> our code; the first match wins, (field, None) matches any type.
 ERROR_CODES = {
@@ -364,7 +364,7 @@ class WebhookDelivery(BaseModel):
 
 
 class JobResponse(BaseModel):
-    """A job as the API shows it (worker.contract.jobs.Job.to_public): every field is always there, null when unset."""
+    """A job as the API shows it (contract.jobs.Job.to_public): every field is always there, null when unset."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -410,7 +410,7 @@ class BatchCounts(BaseModel):
 
 
 class BatchResponse(BaseModel):
-    """A batch as the API shows it (worker.contract.batches.Batch.summary); its webhook receives this, less the
+    """A batch as the API shows it (contract.batches.Batch.summary); its webhook receives this, less the
     delivery."""
 
     model_config = ConfigDict(extra="forbid")

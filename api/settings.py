@@ -1,5 +1,4 @@
-"""The settings of the API process, of the client commands and of `blipq up`, read from BLIPQ_* variables; and the
-configuration reference page, generated from every process's model."""
+"""The settings of the API process, read from BLIPQ_* variables."""
 
 from __future__ import annotations
 
@@ -11,18 +10,17 @@ from pydantic import ValidationInfo, field_validator
 from pydantic_settings import NoDecode
 
 from api.auth import ApiKey, parse_api_keys
-from worker.contract.errors import SettingsError
-from worker.contract.settings import (
+from contract.errors import SettingsError
+from contract.settings import (
     DEFAULT_CAPTION_QUEUE,
     DEFAULT_QUEUE,
-    BlipqSettings,
     OnOff,
     SharedSettings,
     comma_separated,
     derived,
     setting,
 )
-from worker.contract.states import JobTask
+from contract.states import JobTask
 
 FORM_OVERHEAD_BYTES = 64 * 1024  # room for the multipart boundaries and text fields beside one image
 # A JSON body (a job, a batch): 10,000 batch items of long URLs and questions fit; images are uploaded as multipart.
@@ -31,7 +29,6 @@ MAX_JSON_BODY_BYTES = 16 * 1024 * 1024
 # refused (503 queue_full): about a minute of work for a few GPU workers, and a bound on what Redis holds for them.
 DEFAULT_MAX_QUEUE_DEPTH = 100_000
 DEFAULT_MAX_BATCH_UPLOAD_BYTES = 256 * 1024 * 1024  # a multipart batch's whole body: its images and its fields
-DEFAULT_SERVICE_URL = "http://127.0.0.1:8000"  # where `blipq up` serves the API
 RATE_LIMIT_RULE = "a rate limit such as 120/minute, or several: 10/second;300/hour"
 
 
@@ -170,20 +167,3 @@ def read_api_keys_file(path: str) -> tuple[ApiKey, ...]:
     if not keys:  # a file named but empty must not leave the API open
         raise SettingsError(f"BLIPQ_API_KEYS_FILE={path!r} holds no key: add one (`blipq api-key new NAME`)")
     return keys
-
-
-class ClientSettings(BlipqSettings):
-    """What `blipq ask`, `caption` and `tag` read: where the service is, and the key to present."""
-
-    url: str = setting(DEFAULT_SERVICE_URL, "The API the client commands use (their --url overrides it)")
-    api_key: str | None = setting(None, "The API key the client commands present; unset: none", secret=True)
-
-
-class UpSettings(BlipqSettings):
-    """What `blipq up` reads besides the API's and the workers' settings (it starts both)."""
-
-    caption_model: str = setting(
-        "",
-        "The model of `blipq up`'s captioning workers (BLIPQ_MODEL is its VQA workers')",
-        shown_default="demo_model/blip-caption-easy",
-    )

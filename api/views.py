@@ -39,11 +39,11 @@ from api.schemas import (
 from api.services import MAX_WAIT_S, services
 from api.settings import ApiSettings
 from api.submission import broker_unavailable, earlier_submission, enqueue, release_claim, released_on_refusal
-from worker.contract.batches import Batch, BatchStore, split_item_id
-from worker.contract.broker import publish_job
-from worker.contract.jobs import Job, JobStore, ended_key, idempotency_key, new_job_id, utc_iso
-from worker.contract.states import ENDED_STATUSES, JobStatus
-from worker.contract.transitions import CANCEL_ENDED
+from contract.batches import Batch, BatchStore, split_item_id
+from contract.broker import publish_job
+from contract.jobs import Job, JobStore, ended_key, idempotency_key, new_job_id, utc_iso
+from contract.states import ENDED_STATUSES, JobStatus
+from contract.transitions import CANCEL_ENDED
 
 log = logging.getLogger("blipq.api")
 bp = Blueprint("jobs", __name__)

@@ -2,7 +2,7 @@
 
     python -m benchmarks.decode_pool [--photos 60] [--python-ms 0 --python-ms 10] [--repeats 3]
 
-The camera JPEGs of benchmarks/photos.py decoded to BLIP-base's 384 px input (worker.contract.images.decode_for_model,
+The camera JPEGs of benchmarks/photos.py decoded to BLIP-base's 384 px input (contract.images.decode_for_model,
 fast mode) on as many workers as this process may use cores, (1) by as many threads of this process, (2) by as many
 of the worker's decoder processes (worker.decoders.DecoderPool: the bytes down a socket, the pixels back as raw
 bytes), and the same on one. While they decode, one thread of this process spends --python-ms of CPU in pure Python
@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from benchmarks.photos import describe, photo_set
-from worker.contract.images import decode_for_model
+from contract.images import decode_for_model
 from worker.decoders import DecoderPool
 from worker.stages import StageClock
 

@@ -28,8 +28,8 @@ import numpy as np
 from PIL import Image
 
 from benchmarks.photos import NAMED_SIZES, QUICK_SIZES, image_bytes, photo
+from contract.images import decode_for_model
 from tests.fixtures.profiles import swapped_srgb
-from worker.contract.images import decode_for_model
 
 BICUBIC = int(Image.Resampling.BICUBIC)
 MAX_PIXELS = 40_000_000  # the worker's default BLIPQ_MAX_IMAGE_PIXELS

@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image
 
 from benchmarks.photos import NAMED_SIZES, QUICK_SIZES, image_bytes, photo
-from worker.contract.images import decode_for_model, decode_image
+from contract.images import decode_for_model, decode_image
 
 BICUBIC = int(Image.Resampling.BICUBIC)
 MAX_PIXELS = 40_000_000  # the worker's default BLIPQ_MAX_IMAGE_PIXELS

@@ -22,9 +22,9 @@ from typing import Any
 
 import requests
 
-from api.up import SentinelGroup, free_port, start_redis, start_sentinel_group, stop_process
 from benchmarks.processes import ChildRun, run_child
-from worker.contract.redis_target import RedisTarget
+from blipq.up import SentinelGroup, free_port, start_redis, start_sentinel_group, stop_process
+from contract.redis_target import RedisTarget
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -46,7 +46,7 @@ def load_items(count: int) -> list[tuple[bytes, str, str]]:
     from easy_vqa import get_test_image_paths, get_test_questions
     from PIL import Image
 
-    from worker.contract.images import decode_image
+    from contract.images import decode_image
     from worker.inference import answer_questions, load_model
     from worker.settings import DEMO_MODEL_DIR
 
@@ -227,7 +227,7 @@ def run_batch(
     Returns the wall seconds from the submission to the last result line read, and the result lines in item order
     (image by image). The summary is read every BATCH_POLL_S, not with the client's back-off.
     """
-    from api.client import BlipqClient
+    from blipq.client import BlipqClient
 
     client = BlipqClient(base, timeout_s=120)
     started = time.perf_counter()
@@ -254,7 +254,7 @@ def run_tag(
     """Run `blipq tag` as a user would (`-q` for each of `texts`, `--caption` with `caption`, then `options`), the
     code of `checkout` (this one unless told), until it exits; its wall seconds and CPU; raises unless it exited 0.
     Its output (the progress bar) goes to OUT with suffix .log."""
-    argv = [sys.executable, "-m", "api.cli", "tag", *sources]
+    argv = [sys.executable, "-m", "blipq.cli", "tag", *sources]
     argv += ["--urls", str(urls)] if urls else []
     argv += ["--caption"] if caption else []
     argv += [arg for text in texts for arg in ("-q", text)]

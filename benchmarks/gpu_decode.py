@@ -73,7 +73,7 @@ def nvjpeg_path(photos: list[bytes], device: str, batches: tuple[int, ...]) -> d
     import torchvision
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    from worker.contract.images import decode_for_model
+    from contract.images import decode_for_model
 
     files = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in photos]
 

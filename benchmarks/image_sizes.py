@@ -8,7 +8,7 @@ colour field upscaled bicubically, plus a mid-frequency texture upscaled bilinea
 subsampling, as phones and most cameras write) at each quality, and at the highest quality also with 4:2:2 and 4:4:4
 (less or no chroma subsampling: some cameras' finest settings); prints each file's size in MB and MiB and its bytes
 per pixel, and the largest bytes per pixel of a JPEG. The default byte limit follows from them
-(worker/contract/settings.py IMAGE_BYTES_PER_PIXEL). With --png, also the size of the 40 MP photo as a PNG (Pillow's
+(contract/settings.py IMAGE_BYTES_PER_PIXEL). With --png, also the size of the 40 MP photo as a PNG (Pillow's
 default compression), which no byte limit sized for JPEGs admits. About 20 s on two cores (ten more with --png);
 peak memory about 1 GB. `--smoke`: one 0.3 MP photo at quality 90, and as a PNG.
 """

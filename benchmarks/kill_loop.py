@@ -26,12 +26,12 @@ from pathlib import Path
 import redis
 import requests
 
-from api.client import BlipqClient, BlipqClientError
 from benchmarks.fleet import Fleet, easy_vqa_image_paths
-from worker.contract.batches import chunks_key, outcomes_key
-from worker.contract.fleet import worker_key
-from worker.contract.jobs import broker_list_key, held_key, job_key
-from worker.contract.states import JobPriority
+from blipq.client import BlipqClient, BlipqClientError
+from contract.batches import chunks_key, outcomes_key
+from contract.fleet import worker_key
+from contract.jobs import broker_list_key, held_key, job_key
+from contract.states import JobPriority
 
 QUEUE = "blipq"  # the queue of the fleet's workers (the VQA task's default)
 BATCH_QUESTIONS = ("what color is the shape?", "what shape is in the image?")  # easy-VQA's kinds of question

@@ -41,8 +41,6 @@ from typing import Any
 
 import redis
 
-from api.client import BlipqClient
-from api.up import free_port
 from benchmarks import feed
 from benchmarks.fleet import Fleet, percentile, run_clients, wait_until_serving
 from benchmarks.image_server import ImageServer
@@ -56,7 +54,9 @@ from benchmarks.photo_runs import (
     print_photo_runs,
 )
 from benchmarks.photos import MIXES, describe, photo_set
-from worker.contract.batches import MAX_BATCH_ANSWERS
+from blipq.client import BlipqClient
+from blipq.up import free_port
+from contract.batches import MAX_BATCH_ANSWERS
 
 MAX_NEW_TOKENS = 1  # the tiny model's generate is then near-instant: the machinery is what remains
 POLL_HZ = 10.0  # a dashboard's reads of a batch's summary, kept at this rate whatever each read costs
@@ -91,7 +91,7 @@ def write_images(directory: Path, count: int) -> list[Path]:
 
 def core_seconds(loaded: Any, items: Sequence[tuple[Path, str]], batch_size: int) -> float:
     """The inference core on `items` in chunks of `batch_size`, each image of a chunk read and decoded once."""
-    from worker.contract.images import decode_image
+    from contract.images import decode_image
     from worker.inference import answer_questions
 
     started = time.perf_counter()
@@ -253,7 +253,7 @@ def single_jobs(
     args: argparse.Namespace, fleet: Fleet, server: ImageServer, loaded: Any, paths: list[Path]
 ) -> dict[str, Any]:
     """Mix 5: single jobs from many clients against the core at that batch size; then at idle, one at a time."""
-    from worker.contract.images import decode_image
+    from contract.images import decode_image
     from worker.inference import answer_questions
 
     items = [(path, QUESTIONS[index % args.questions]) for index, path in enumerate(paths[: args.single_jobs])]

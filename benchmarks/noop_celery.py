@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 
-from worker.contract.broker import create_celery
+from contract.broker import create_celery
 
 QUEUE = "noop"
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")

@@ -49,7 +49,6 @@ from typing import Any
 import redis
 import requests
 
-from api.up import free_port, stop_process
 from benchmarks import feed
 from benchmarks.fleet import Fleet
 from benchmarks.photo_runs import (
@@ -68,6 +67,7 @@ from benchmarks.photo_runs import (
 )
 from benchmarks.photos import MIXES, describe, photo_set
 from benchmarks.processes import PeakSampler, pin, tree, tree_rss
+from blipq.up import free_port, stop_process
 
 REPO = Path(__file__).resolve().parent.parent
 QUESTION = PHOTO_QUESTIONS[0]
@@ -183,7 +183,7 @@ class Up:
         process's."""
         port, metrics_port = free_port(), free_port()
         up_env = {**os.environ, "PYTHONPATH": str(checkout), "BLIPQ_METRICS_PORT": str(metrics_port), **(env or {})}
-        argv = [sys.executable, "-m", "api.cli", "up", "--port", str(port), "--data-dir", str(work / "up")]
+        argv = [sys.executable, "-m", "blipq.cli", "up", "--port", str(port), "--data-dir", str(work / "up")]
         with (work / "up.log").open("wb") as log:
             process = subprocess.Popen(
                 argv, env=up_env, cwd=checkout, stdout=log, stderr=subprocess.STDOUT, start_new_session=True

@@ -29,13 +29,13 @@ from typing import Any
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from api.up import free_port
 from benchmarks.feed import FeedLimit
 from benchmarks.fleet import REPO, Fleet, run_tag, wait_until_serving
 from benchmarks.image_server import ImageServer
 from benchmarks.photos import MIXES
 from benchmarks.processes import tree_cpu_s
-from worker.contract.batches import MAX_BATCH_ANSWERS
+from blipq.up import free_port
+from contract.batches import MAX_BATCH_ANSWERS
 
 STAGE_COUNTER = "blipq_worker_stage_cpu_seconds"  # `_total` in the exposition; label `stage`
 STAGES = ("fetch", "decode", "resize", "model", "bookkeeping")
@@ -199,7 +199,7 @@ def submit_photos(
     base: str, sources: Sequence[str | Path], questions: Sequence[str], timeout_s: float = 900
 ) -> list[tuple[str, int]]:
     """Every question about every source, as requests (request_groups) submitted at once; their (id, count)s."""
-    from api.client import BlipqClient
+    from blipq.client import BlipqClient
 
     groups = request_groups(sources, len(questions))
     submitted: list[tuple[str, int]] = [("", 0)] * len(groups)
@@ -219,7 +219,7 @@ def submit_photos(
 
 def wait_for_photos(base: str, submitted: Sequence[tuple[str, int]], timeout_s: float = 900) -> list[dict[str, Any]]:
     """Read each request's summary at POLL_HZ until all ended, then their result lines."""
-    from api.client import BlipqClient
+    from blipq.client import BlipqClient
 
     client = BlipqClient(base, timeout_s=timeout_s)
     pending, tick, deadline = dict(submitted), time.perf_counter(), time.monotonic() + timeout_s

@@ -17,7 +17,6 @@ import argparse
 import sys
 import time
 
-from api.client import BlipqClient
 from benchmarks.fleet import (
     Fleet,
     load_items,
@@ -26,13 +25,14 @@ from benchmarks.fleet import (
     run_clients,
     wait_until_serving,
 )
+from blipq.client import BlipqClient
 
 
 def direct_latencies(items: list[tuple[bytes, str, str]]) -> list[float]:
     """Each question answered in this process by the inference core (decode + generate), one at a time."""
     import torch
 
-    from worker.contract.images import decode_image
+    from contract.images import decode_image
     from worker.inference import answer_questions, load_model
     from worker.settings import DEMO_MODEL_DIR
 

@@ -5,7 +5,7 @@
 
 Starts its own Redis, the API (gunicorn, real HTTP) and N workers serving the shipped demo model, as the other
 benchmarks do (benchmarks/fleet.py), then for --minutes applies a steady load through the Python client
-(api/client.py):
+(blipq/client.py):
 - single easy-VQA questions at --rate per second, every other one uploaded and the rest by URL from a local image
   server, each long-polled to its end by one of --pollers client threads;
 - every --batch-every-s, a batch of --batch-images images x --batch-questions questions by URL, waited for and its
@@ -58,12 +58,12 @@ from typing import Any
 import redis
 import requests
 
-from api.client import FINAL_STATUSES, LONG_POLL_S, BlipqClient, BlipqClientError
 from benchmarks.fleet import Fleet, load_items, percentile, wait_until_serving
 from benchmarks.image_server import ImageServer
-from worker.contract.broker import visibility_timeout_for
-from worker.contract.jobs import JobStore, waiting_answers_key
-from worker.contract.transitions import ENDED_KEY_TTL_S
+from blipq.client import FINAL_STATUSES, LONG_POLL_S, BlipqClient, BlipqClientError
+from contract.broker import visibility_timeout_for
+from contract.jobs import JobStore, waiting_answers_key
+from contract.transitions import ENDED_KEY_TTL_S
 
 MIB = 1024 * 1024
 QUICK_RECOVERY = {"BLIPQ_ANNOUNCE_INTERVAL_S": "2", "BLIPQ_REAPER_INTERVAL_S": "2"}  # as chaos.py

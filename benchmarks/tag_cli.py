@@ -222,7 +222,7 @@ def checked(out: Path, images: int, questions: Sequence[str]) -> dict[tuple[str,
 def core_run(loaded: Any, paths: Sequence[Path], questions: Sequence[str]) -> tuple[float, dict[tuple[str, str], str]]:
     """The inference core on every (image, question), BATCH_SIZE answers at a time, each image read and decoded once
     per batch; its seconds and answers."""
-    from worker.contract.images import decode_image
+    from contract.images import decode_image
     from worker.inference import answer_questions
 
     items = [(path, question) for path in paths for question in questions]
@@ -243,7 +243,7 @@ def differing(answers: dict[tuple[str, str], str], reference: dict[tuple[str, st
 def cli_start_s() -> float:
     """What `blipq tag --help` takes: the interpreter and the command line's imports, part of every timed run."""
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "api.cli", "tag", "--help"], cwd=REPO, capture_output=True, check=True)
+    subprocess.run([sys.executable, "-m", "blipq.cli", "tag", "--help"], cwd=REPO, capture_output=True, check=True)
     return time.perf_counter() - started
 
 

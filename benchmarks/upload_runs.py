@@ -1,4 +1,4 @@
-"""Uploads: what `blipq tag` sends of camera photos and what it costs the service, `--shrink` (api/shrink.py) and
+"""Uploads: what `blipq tag` sends of camera photos and what it costs the service, `--shrink` (blipq/shrink.py) and
 `--no-shrink` side by side; run 7 of benchmarks/tag_cli.py.
 
 a. `blipq up` as a user starts it (Redis with its append-only file, the API, a VQA and a captioning worker on the demo
@@ -6,7 +6,7 @@ a. `blipq up` as a user starts it (Redis with its append-only file, the API, a V
    the stop of run b), and `blipq tag DIR --caption -q Q1 -q Q2` over two halves of the photos in two rounds, each half
    once in each mode (`--no-shrink` A, `--shrink` B, then `--shrink` A, `--no-shrink` B): no photo is asked twice in one
    mode, so the cache never answers. Per mode, over both rounds: answers/s (captions count), the CPU per photo of each
-   process (the client's included), the picture bytes sent (each file's size, or its shrunk PNG's as api/shrink.py
+   process (the client's included), the picture bytes sent (each file's size, or its shrunk PNG's as blipq/shrink.py
    makes it in this process, which is what the client sends) and Redis's network input per photo (INFO stats);
    with `other` (another checkout of blipq), its own `blipq up` and `blipq tag`, beside, on the same halves;
 b. on the same service, its workers stopped (SIGSTOP): the photos submitted as `blipq tag --caption -q Q1 -q Q2`
@@ -38,19 +38,19 @@ from typing import Any
 
 import redis
 
-from api.client import BlipqClient
-from api.shrink import PNG_OPTIONS, ShrinkTarget, shrink
 from benchmarks import feed
 from benchmarks.fleet import REPO
 from benchmarks.photo_intake import Up, up_processes, wait_until_ready
 from benchmarks.photo_runs import PHOTO_QUESTIONS, Meter, PhotoRun, linked_dir, photo_service, tag_run
 from benchmarks.processes import tree
+from blipq.client import BlipqClient
+from blipq.shrink import PNG_OPTIONS, ShrinkTarget, shrink
 
 MODES = ("--no-shrink", "--shrink")
 ENCODING_PHOTOS = 30
 ENCODING_REPEATS = 3
 ENCODING_SIZES = (64, 384)  # the demo models' input, BLIP-base's
-# Lossless ways to send pixels that the service accepts: (format, Pillow's options); the first is api/shrink.py's.
+# Lossless ways to send pixels that the service accepts: (format, Pillow's options); the first is blipq/shrink.py's.
 ENCODINGS: list[tuple[str, dict[str, Any]]] = [
     ("PNG", PNG_OPTIONS),
     ("PNG", {"compress_level": 1}),
@@ -236,7 +236,7 @@ def encoding_runs(photos: list[Path]) -> list[dict[str, Any]]:
     import numpy as np
     from PIL import Image
 
-    from worker.contract.images import decode_for_model
+    from contract.images import decode_for_model
 
     rows = []
     datas = [path.read_bytes() for path in photos[:ENCODING_PHOTOS]]

@@ -108,7 +108,7 @@ def run_direct(args, variants):
     torch.set_num_threads(args.threads)
     items, paths = load_test(args.limit)
     answer = make_answerer(args.model)
-    from worker.contract.images import decode_image  # the worker's own decoder, as for a job
+    from contract.images import decode_image  # the worker's own decoder, as for a job
 
     lines = []
     for v in variants:

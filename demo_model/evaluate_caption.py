@@ -119,7 +119,7 @@ def make_captioner(model_path: str):
 def run_direct(args) -> list[str]:
     import torch
 
-    from worker.contract.images import decode_image  # the worker's own decoder, as for a job
+    from contract.images import decode_image  # the worker's own decoder, as for a job
 
     torch.set_num_threads(args.threads)
     caption = make_captioner(args.model)

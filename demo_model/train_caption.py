@@ -143,7 +143,7 @@ def forward_loss(model, aux, px, input_ids, mask, targets, shp, col, aux_w):
 def validate(model, processor, held):
     """Greedy captions through the service's own inference core (worker.inference: the caption path) on held-out
     easy-VQA train images: colour+shape match and full-caption exact match, with no prompt and with each prompt."""
-    from worker.contract.states import JobTask
+    from contract.states import JobTask
     from worker.inference import LoadedModel, answer_questions
 
     model.eval()

@@ -22,10 +22,10 @@ from werkzeug.serving import make_server
 
 from api.app import create_app
 from api.settings import ApiSettings
-from api.up import RedisProcess, start_redis, stop_process
+from blipq.up import RedisProcess, start_redis, stop_process
+from contract.fleet import fleet_client, live_workers
 from tests.fixtures.stored import stored_keys
 from tests.fixtures.tiny_model import build_tiny_caption_model, build_tiny_vqa_model
-from worker.contract.fleet import fleet_client, live_workers
 
 ROOT = Path(__file__).resolve().parent.parent
 JOB_TIMEOUT_S = 120.0  # generous: the first job of a worker waits for its model to load on a busy CI machine

@@ -15,11 +15,11 @@ from werkzeug.test import TestResponse
 from api.admission import queue_depth, queue_names
 from api.app import create_app
 from api.auth import ApiKey, authenticate, hash_api_key, new_api_key
-from api.cli import main
 from api.settings import ApiSettings
-from api.up import RedisProcess
+from blipq.cli import main
+from blipq.up import RedisProcess
+from contract.errors import SettingsError
 from tests.conftest import api_client
-from worker.contract.errors import SettingsError
 
 JOB = {"question": "what is it?", "image_url": "https://images.example.com/dog.png"}
 

@@ -12,7 +12,8 @@ import pytest
 import redis
 
 from api.admission import waiting_answers
-from api.up import RedisProcess, stop_process
+from blipq.up import RedisProcess, stop_process
+from contract.jobs import batch_key
 from tests.conftest import (
     JOB_TIMEOUT_S,
     ImageServer,
@@ -26,7 +27,6 @@ from tests.conftest import (
 from tests.fixtures.holding_worker import HOLDING_QUESTION, RELEASE_KEY
 from tests.fixtures.images import shape_png
 from tests.fixtures.webhooks import QUICK_WEBHOOKS, SECRET, Receiver, serve, verify_signature
-from worker.contract.jobs import batch_key
 from worker.webhooks import SIGNATURE_HEADER
 
 DEADLINE_S = 1  # the hurried batch's; the worker is held far longer, so only the reaper can end its items in time

@@ -20,7 +20,9 @@ import redis
 from api.admission import queue_depth, waiting_answers
 from api.app import create_app
 from api.settings import ApiSettings
-from api.up import RedisProcess, stop_process
+from blipq.up import RedisProcess, stop_process
+from contract.broker import create_celery
+from contract.jobs import unstarted_key
 from tests.conftest import (
     JOB_TIMEOUT_S,
     ImageServer,
@@ -32,8 +34,6 @@ from tests.conftest import (
 )
 from tests.fixtures.holding_worker import HOLDING_QUESTION, RELEASE_KEY
 from tests.fixtures.images import shape_png
-from worker.contract.broker import create_celery
-from worker.contract.jobs import unstarted_key
 
 UNREACHABLE_BROKER = "redis://127.0.0.1:1/0"  # nothing listens on port 1: every publish fails at once
 

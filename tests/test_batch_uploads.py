@@ -14,14 +14,14 @@ import redis
 from flask.testing import FlaskClient
 
 from api.admission import queue_names
-from api.up import RedisProcess, stop_process
+from blipq.up import RedisProcess, stop_process
+from contract.batches import BatchStore, outcome_value
+from contract.broker import create_celery, publish_chunk
+from contract.jobs import JobStore
 from tests.conftest import WorkerProcess, api_client, start_worker, wait_for_batch, wait_for_job
 from tests.fixtures import hostile
 from tests.fixtures.images import shape_png
 from tests.fixtures.stored import stored_keys
-from worker.contract.batches import BatchStore, outcome_value
-from worker.contract.broker import create_celery, publish_chunk
-from worker.contract.jobs import JobStore
 
 QUEUE = "batch-uploads"
 COLORS = ["red", "green", "blue"]

@@ -19,7 +19,13 @@ from flask.testing import FlaskClient
 
 from api.admission import queue_depth, queue_names
 from api.auth import ApiKey, hash_api_key, new_api_key
-from api.up import RedisProcess, start_redis, stop_process
+from blipq.up import RedisProcess, start_redis, stop_process
+from contract.batch_scripts import SKIPPED
+from contract.batches import BatchStore, batch_keys, outcome_value, outcomes_key
+from contract.broker import create_celery, publish_chunk
+from contract.jobs import JobStore, running_key, webhook_outbox_key
+from contract.states import JobStatus
+from contract.transitions import CANCELED_RERUN_MESSAGE
 from tests.conftest import (
     JOB_TIMEOUT_S,
     QuietHandler,
@@ -35,12 +41,6 @@ from tests.fixtures.holding_worker import HOLDING_QUESTION, RELEASE_KEY
 from tests.fixtures.images import shape_png
 from tests.fixtures.webhooks import QUICK_WEBHOOKS, SECRET, Receiver, serve, verify_signature
 from tests.test_chaos import QUICK_RECOVERY, reference_answers
-from worker.contract.batch_scripts import SKIPPED
-from worker.contract.batches import BatchStore, batch_keys, outcome_value, outcomes_key
-from worker.contract.broker import create_celery, publish_chunk
-from worker.contract.jobs import JobStore, running_key, webhook_outbox_key
-from worker.contract.states import JobStatus
-from worker.contract.transitions import CANCELED_RERUN_MESSAGE
 from worker.reaper import ReaperPolicy, sweep
 from worker.webhooks import SIGNATURE_HEADER
 

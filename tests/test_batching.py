@@ -10,8 +10,8 @@ from collections.abc import Iterator
 import pytest
 import torch
 
+from contract.errors import ModelOutOfMemoryError
 from worker.batching import Batcher, Output
-from worker.contract.errors import ModelOutOfMemoryError
 
 
 class Model:

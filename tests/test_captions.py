@@ -18,14 +18,14 @@ from flask.testing import FlaskClient
 
 from api.admission import queue_depth, queue_names, waiting_answers
 from api.settings import ApiSettings
-from api.up import RedisProcess
+from blipq.up import RedisProcess
+from contract.batches import BatchStore, outcome_value
+from contract.errors import SettingsError
+from contract.jobs import JobStore, broker_list_key, deadlines_key, unstarted_key
+from contract.states import JobPriority
 from tests.conftest import ImageServer, WorkerProcess, api_client, wait_for_batch, wait_for_job
 from tests.fixtures.images import shape_png
 from tests.test_chaos import reference_answers
-from worker.contract.batches import BatchStore, outcome_value
-from worker.contract.errors import SettingsError
-from worker.contract.jobs import JobStore, broker_list_key, deadlines_key, unstarted_key
-from worker.contract.states import JobPriority
 
 COLORS = ["red", "green", "blue"]
 PROMPT = "a picture of"

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 from flask.testing import FlaskClient
 
-from api.up import RedisProcess, start_redis, stop_process
+from blipq.up import RedisProcess, start_redis, stop_process
+from contract.images import decode_image
+from contract.jobs import JobStore, held_key
 from tests.conftest import WorkerProcess, api_client, start_worker
 from tests.fixtures.images import shape_png
-from worker.contract.images import decode_image
-from worker.contract.jobs import JobStore, held_key
 from worker.inference import answer_questions, load_model
 
 QUEUE = "chaos"

@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 import redis
 
-from api.cli import main
-from api.client import BlipqClient, BlipqClientError, JobFailedError, ServiceUnreachableError
 from api.settings import ApiSettings
-from api.up import RedisProcess
+from blipq.cli import main
+from blipq.client import BlipqClient, BlipqClientError, JobFailedError, ServiceUnreachableError
+from blipq.up import RedisProcess
 from tests.conftest import ROOT, ImageServer, WorkerProcess, serve_app, wait_for_worker_record
 from tests.fixtures.fronts import counting_front
 from tests.fixtures.images import photo, shape_png
@@ -79,7 +79,7 @@ def test_blipq_ask_prints_the_answer_or_the_error_code(
     expected = BlipqClient(service_url).ask(picture, "what color is the shape?", timeout_s=120)
 
     def blipq_ask(image: str) -> subprocess.CompletedProcess[str]:
-        command = [sys.executable, "-m", "api.cli", "ask", image, "what color is the shape?", "--url", service_url]
+        command = [sys.executable, "-m", "blipq.cli", "ask", image, "what color is the shape?", "--url", service_url]
         return subprocess.run(command, capture_output=True, text=True, timeout=180, cwd=ROOT, check=False)
 
     answered = blipq_ask(str(picture))
@@ -169,7 +169,7 @@ def test_blipq_caption_prints_the_caption_or_the_error_code(
     expected = reference_answers(tiny_caption_model_dir, [(shape_png("blue"), "a picture of")])[0]
 
     def blipq_caption(*args: str) -> subprocess.CompletedProcess[str]:
-        command = [sys.executable, "-m", "api.cli", "caption", *args, "--url", caption_service_url]
+        command = [sys.executable, "-m", "blipq.cli", "caption", *args, "--url", caption_service_url]
         return subprocess.run(command, capture_output=True, text=True, timeout=180, cwd=ROOT, check=False)
 
     captioned = blipq_caption(str(picture), "--prompt", "a picture of")

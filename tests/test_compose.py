@@ -11,10 +11,10 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from api.reference import configuration_tables
 from api.settings import ApiSettings
+from blipq.reference import configuration_tables
+from contract.states import JobTask
 from tests.conftest import ROOT
-from worker.contract.states import JobTask
 from worker.settings import WorkerSettings
 
 FOREIGN_VARIABLES = {"HF_HOME", "CUDA_VISIBLE_DEVICES"}  # read by transformers and CUDA, not by blipq
@@ -67,7 +67,7 @@ def test_every_service_runs_a_real_blipq_command(compose: dict[str, Any]) -> Non
         command = service["command"]
         assert command[0] == "blipq" and command[1] in BLIPQ_COMMANDS, (name, command)
     entry_points = (ROOT / "pyproject.toml").read_text()
-    assert 'blipq = "api.cli:main"' in entry_points
+    assert 'blipq = "blipq.cli:main"' in entry_points
     cli = (ROOT / "api" / "cli.py").read_text()
     assert all(f'add_parser("{command}"' in cli for command in BLIPQ_COMMANDS)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import worker.settings
-from api.cores import CoreShare, divide_cores, ranges
+from blipq.cores import CoreShare, divide_cores, ranges
 from worker.settings import WorkerSettings, usable_cores
 
 

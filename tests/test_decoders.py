@@ -20,12 +20,12 @@ import redis
 import requests
 from PIL import Image
 
-from api.up import RedisProcess, free_port, stop_process
+from blipq.up import RedisProcess, free_port, stop_process
+from contract.errors import ImageInvalidError, ImageTooLargeError
+from contract.images import decode_for_model
 from tests.conftest import api_client, start_worker, wait_for_job, wait_for_worker_record
 from tests.fixtures import hostile
 from tests.fixtures.images import encode, shape_png
-from worker.contract.errors import ImageInvalidError, ImageTooLargeError
-from worker.contract.images import decode_for_model
 from worker.decoders import DECODER_DIED, DecoderPool
 from worker.stages import StageClock
 

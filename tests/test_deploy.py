@@ -22,6 +22,7 @@ import yaml
 from api.admission import queue_names
 from api.app import create_app
 from api.settings import ApiSettings
+from contract.states import JobTask
 from tests.conftest import ROOT, missing_tool
 from tests.test_compose import (
     BLIPQ_COMMANDS,
@@ -31,7 +32,6 @@ from tests.test_compose import (
     known_variables,
     worker_settings,
 )
-from worker.contract.states import JobTask
 from worker.settings import WorkerSettings
 
 K8S = ROOT / "deploy" / "k8s"

@@ -12,7 +12,9 @@ import pytest
 import redis
 from flask.testing import FlaskClient
 
-from api.up import RedisProcess, stop_process
+from blipq.up import RedisProcess, stop_process
+from contract.broker import create_celery, publish_job
+from contract.jobs import JobStore
 from tests.conftest import (
     JOB_TIMEOUT_S,
     ImageServer,
@@ -26,8 +28,6 @@ from tests.conftest import (
 from tests.fixtures.holding_worker import HOLDING_QUESTION, RELEASE_KEY
 from tests.fixtures.images import shape_png
 from worker.cache import ENTRY_PREFIX
-from worker.contract.broker import create_celery, publish_job
-from worker.contract.jobs import JobStore
 
 PLANTED = "planted in the cache"  # an answer no model gives: a run that reached the model step would answer it
 

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import requests
 
-from api.up import RedisProcess, free_port, stop_process
+from blipq.up import RedisProcess, free_port, stop_process
+from contract.images import decode_image
 from tests.conftest import WorkerProcess, api_client, start_worker, wait_for_batch, wait_for_job
 from tests.fixtures.images import shape_png
 from tests.test_inference import model_card_answer
 from tests.test_ops import value
-from worker.contract.images import decode_image
 from worker.inference import load_model
 
 QUEUE = "dynamic"

@@ -14,9 +14,9 @@ from flask.testing import FlaskClient
 from PIL import Image
 from transformers import BlipForQuestionAnswering, BlipProcessor
 
+from contract.broker import TASK_VQA
 from tests.conftest import JOB_TIMEOUT_S, ImageServer, WorkerProcess, wait_for_job
 from tests.fixtures.images import shape_png, truncated_png
-from worker.contract.broker import TASK_VQA
 
 MAX_NEW_TOKENS = 20  # the worker's default BLIPQ_MAX_NEW_TOKENS
 

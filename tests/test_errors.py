@@ -1,4 +1,4 @@
-"""Every error code a client can see is in one registry (worker/contract/errors.py): each code that the API and the
+"""Every error code a client can see is in one registry (contract/errors.py): each code that the API and the
 workers give is in it, with the right kind and HTTP status, and each code in it is given somewhere.
 
 The codes given are found by reading the source (ast): string codes passed to the error classes, `code=` arguments,
@@ -14,11 +14,11 @@ from pathlib import Path
 from flask import Flask
 
 import api.errors
-import worker.contract.errors
+import contract.errors
 from api.app import create_app
 from api.schemas import ERROR_CODES as FIELD_ERROR_CODES
 from api.settings import ApiSettings
-from worker.contract.errors import (
+from contract.errors import (
     ERRORS,
     FRAMEWORK_CODES,
     FRAMEWORK_FALLBACK_CODE,
@@ -127,10 +127,10 @@ def given(package: str, exclude: tuple[str, ...] = ()) -> dict[Path, set[tuple[s
     }
 
 
-REGISTRY_MODULE = "worker/contract/errors.py"  # its codes are the registry's own, not codes given
+REGISTRY_MODULE = "contract/errors.py"  # its codes are the registry's own, not codes given
 WEBHOOK_MODULE = ROOT / "worker" / "webhooks.py"
 # The client's side of api/: what it gives is its own codes, or the service's where it refuses what the service would.
-CLIENT_MODULES = ("api/client.py", "api/cli.py", "api/tag.py", "api/tag_inputs.py", "api/tag_lines.py")
+CLIENT_MODULES = ("blipq/client.py", "blipq/cli.py", "blipq/tag.py", "blipq/tag_inputs.py", "blipq/tag_lines.py")
 
 
 def client_codes() -> set[str]:
@@ -187,7 +187,7 @@ def test_every_code_a_worker_gives_is_a_failure_of_the_registry() -> None:
     assert {(ErrorKind.FAILURE, cls.code) for cls in WORKER_ERRORS.values() if cls.__name__ != "SettingsError"} <= set(
         ERRORS
     )
-    assert (ErrorKind.SETTING, worker.contract.errors.SettingsError.code) in ERRORS
+    assert (ErrorKind.SETTING, contract.errors.SettingsError.code) in ERRORS
     assert classes - {"bad_setting"} <= {entry.code for entry in REGISTRY if entry.kind is ErrorKind.FAILURE}
 
 

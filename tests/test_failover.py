@@ -25,12 +25,12 @@ import redis
 from flask.testing import FlaskClient
 from werkzeug.test import TestResponse
 
-from api.up import RedisProcess, SentinelGroup, start_sentinel_group, stop_process
+from blipq.up import RedisProcess, SentinelGroup, start_sentinel_group, stop_process
+from contract.images import decode_image
+from contract.jobs import JobStore, unstarted_key
+from contract.redis_target import RedisTarget
 from tests.conftest import QuietHandler, api_client, http_server, start_worker
 from tests.fixtures.images import shape_png
-from worker.contract.images import decode_image
-from worker.contract.jobs import JobStore, unstarted_key
-from worker.contract.redis_target import RedisTarget
 from worker.inference import answer_questions, load_model
 
 QUEUE = "failover"

@@ -21,7 +21,10 @@ import redis
 from api.admission import queue_names
 from api.app import create_app
 from api.settings import ApiSettings
-from api.up import RedisProcess, stop_process
+from blipq.up import RedisProcess, stop_process
+from contract.broker import create_celery, publish_job
+from contract.jobs import Job, JobStore, new_job_id, unstarted_key, utc_now, waiting_answers_key
+from contract.states import JobStatus
 from tests.conftest import (
     JOB_TIMEOUT_S,
     QuietHandler,
@@ -36,9 +39,6 @@ from tests.conftest import (
 from tests.fixtures.hanging_worker import HANGING_QUESTION
 from tests.fixtures.images import shape_png
 from worker.batching import EXIT_MODEL_HUNG
-from worker.contract.broker import create_celery, publish_job
-from worker.contract.jobs import Job, JobStore, new_job_id, unstarted_key, utc_now, waiting_answers_key
-from worker.contract.states import JobStatus
 from worker.reaper import ReaperPolicy, sweep
 
 SLOW_S = 30.0  # an image that arrives this late is still loading when a 5 s job limit ends

@@ -26,10 +26,10 @@ from typing import Any
 import pytest
 from flask.testing import FlaskClient
 
+from contract.errors import BlipqError
 from tests.conftest import WorkerProcess, wait_for_job
 from tests.fixtures.hostile import HTML_PAGE
 from tests.fixtures.images import shape_png
-from worker.contract.errors import BlipqError
 from worker.fetch import FetchLimits, fetch_image_bytes, new_session
 from worker.netguard import AddressGuard, AddressInfo, NetworkPolicy, Resolver
 

@@ -33,10 +33,10 @@ from api.app import create_app
 from api.auth import ApiKey, hash_api_key, new_api_key
 from api.schemas import JobResponse
 from api.settings import ApiSettings
-from api.up import RedisProcess, stop_process
+from blipq.up import RedisProcess, stop_process
+from contract.states import JobTask
 from tests.conftest import JOB_TIMEOUT_S, WorkerProcess, start_worker, wait_for_job
 from tests.fixtures.images import shape_png
-from worker.contract.states import JobTask
 
 QUEUE = "fuzz"
 MAX_EXAMPLES = 50  # random requests per operation, beside the boundary cases of the coverage phase: seconds in all

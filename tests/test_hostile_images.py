@@ -8,10 +8,10 @@ import time
 import pytest
 from PIL import Image
 
+from contract.errors import ImageInvalidError, ImageTooLargeError
+from contract.images import SNIFF_BYTES, decode_for_model, decode_image, sniff_image_format
 from tests.fixtures import hostile
 from tests.fixtures.images import encode
-from worker.contract.errors import ImageInvalidError, ImageTooLargeError
-from worker.contract.images import SNIFF_BYTES, decode_for_model, decode_image, sniff_image_format
 from worker.settings import WorkerSettings
 
 MAX_PIXELS = WorkerSettings().max_image_pixels  # the worker's default limit

@@ -13,8 +13,8 @@ from easy_vqa import get_test_image_paths
 from PIL import Image
 from transformers import BlipImageProcessorPil
 
+from contract.images import decode_for_model
 from tests.fixtures.encodings import Encoding, encodings
-from worker.contract.images import decode_for_model
 from worker.inference import LoadedModel, generate_texts, image_tensor, load_model
 from worker.settings import DEMO_MODEL_DIR
 

@@ -12,19 +12,19 @@ import pytest
 from PIL import Image
 from transformers import BlipImageProcessorPil
 
-from tests.conftest import ImageServer
-from tests.fixtures import hostile, profiles
-from tests.fixtures.encodings import encodings
-from tests.fixtures.images import EXIF_ORIENTATION, encode, rotated_jpeg, shape_png, truncated_png
-from worker.contract.errors import ImageFetchError, ImageInvalidError, ImageTooLargeError
-from worker.contract.images import (
+from contract.errors import ImageFetchError, ImageInvalidError, ImageTooLargeError
+from contract.images import (
     decode_for_model,
     decode_image,
     open_image,
     reduce_jpeg_in_decoder,
     reduced_for_resize,
 )
-from worker.contract.viewer import upright, viewers_picture
+from contract.viewer import upright, viewers_picture
+from tests.conftest import ImageServer
+from tests.fixtures import hostile, profiles
+from tests.fixtures.encodings import encodings
+from tests.fixtures.images import EXIF_ORIENTATION, encode, rotated_jpeg, shape_png, truncated_png
 from worker.fetch import FetchLimits, fetch_image_bytes, new_session
 from worker.netguard import NetworkPolicy
 

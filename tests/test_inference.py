@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
+from contract.images import decode_image
 from tests.fixtures.images import shape_png
-from worker.contract.images import decode_image
 from worker.inference import LoadedModel, answer_questions, load_model, pixel_tensor, pixel_values
 from worker.settings import DEMO_MODEL_DIR
 

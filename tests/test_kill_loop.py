@@ -41,15 +41,15 @@ import pytest
 import redis
 from flask.testing import FlaskClient
 
-from api.up import RedisProcess, start_redis
+from blipq.up import RedisProcess, start_redis
+from contract.batches import chunks_key, outcomes_key
+from contract.fleet import fleet_client, live_workers
+from contract.images import decode_image
+from contract.jobs import JobStore, broker_list_key, held_key, job_key
+from contract.states import JobPriority
 from tests.conftest import QuietHandler, api_client, http_server
 from tests.fixtures.images import shape_png
 from tests.fixtures.worker_forks import ForkedWorker, WorkerForks
-from worker.contract.batches import chunks_key, outcomes_key
-from worker.contract.fleet import fleet_client, live_workers
-from worker.contract.images import decode_image
-from worker.contract.jobs import JobStore, broker_list_key, held_key, job_key
-from worker.contract.states import JobPriority
 from worker.inference import answer_questions, load_model
 
 QUEUE = "kill-loop"
@@ -57,7 +57,7 @@ WORKERS = 4
 KILLS = 50
 KILL_GAP_S = (0.3, 1.2)  # between two kills, uniformly at random
 ANNOUNCE_S = 0.5
-RECORD_EXPIRY_S = max(1, round(ANNOUNCE_S * 3))  # worker/contract/fleet.py: three announce intervals, whole seconds
+RECORD_EXPIRY_S = max(1, round(ANNOUNCE_S * 3))  # contract/fleet.py: three announce intervals, whole seconds
 REAPER_S = 0.5
 MARGIN_S = 5.0  # for the job published again to be taken, fetched and answered, on a 2-core machine others share
 RECOVERY_BOUND_S = RECORD_EXPIRY_S + REAPER_S + MARGIN_S
@@ -454,7 +454,7 @@ def changed_outcomes(loop: Loop, client: redis.Redis) -> list[str]:
 
 
 def item_succeeded(answer: str) -> str:
-    """A batch item's outcome as its batch keeps it, once answered (worker/contract/batches.py outcome_value)."""
+    """A batch item's outcome as its batch keeps it, once answered (contract/batches.py outcome_value)."""
     return json.dumps(["succeeded", answer], separators=(",", ":"))
 
 

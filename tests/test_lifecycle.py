@@ -19,7 +19,10 @@ from werkzeug.test import TestResponse
 
 from api.admission import queue_depth, queue_names
 from api.auth import ApiKey, hash_api_key, new_api_key
-from api.up import RedisProcess, stop_process
+from blipq.up import RedisProcess, stop_process
+from contract.broker import TASK_VQA
+from contract.jobs import JobStore, broker_list_key, deadlines_key, job_key, unstarted_key, upload_key
+from contract.states import JobPriority
 from tests.conftest import (
     QuietHandler,
     WorkerProcess,
@@ -30,9 +33,6 @@ from tests.conftest import (
     wait_for_status,
 )
 from tests.fixtures.images import shape_png
-from worker.contract.broker import TASK_VQA
-from worker.contract.jobs import JobStore, broker_list_key, deadlines_key, job_key, unstarted_key, upload_key
-from worker.contract.states import JobPriority
 from worker.reaper import expire_overdue
 
 WORKER_QUEUE = "lifecycle"

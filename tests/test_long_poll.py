@@ -18,9 +18,9 @@ import redis
 from flask.testing import FlaskClient
 from werkzeug.test import TestResponse
 
-from api.client import BlipqClient
 from api.settings import ApiSettings
-from api.up import RedisProcess
+from blipq.client import BlipqClient
+from blipq.up import RedisProcess
 from tests.conftest import WorkerProcess, serve_app
 from tests.fixtures.images import shape_png
 from tests.test_lifecycle import HeldImage, held_image, idle_api, idle_queue  # noqa: F401  (fixtures)

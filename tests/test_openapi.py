@@ -19,9 +19,9 @@ from api.openapi import ANY_ROUTE_CODES, install_openapi, openapi_document, open
 from api.schemas import ERROR_CODES as FIELD_ERROR_CODES
 from api.schemas import JobRequest, JobResponse
 from api.settings import ApiSettings
-from worker.contract.errors import HTTP_ERRORS
-from worker.contract.jobs import Job
-from worker.contract.states import JobPriority, JobStatus, JobTask
+from contract.errors import HTTP_ERRORS
+from contract.jobs import Job
+from contract.states import JobPriority, JobStatus, JobTask
 
 API_DIR = Path(__file__).resolve().parent.parent / "api"
 NO_REDIS = "redis://redis.invalid:1/0"  # serving the document never reaches Redis

@@ -23,10 +23,10 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from api.admission import queue_names
-from api.up import RedisProcess, free_port, stop_process, worker_metrics_env
+from blipq.up import RedisProcess, free_port, stop_process, worker_metrics_env
+from contract.states import JobTask
 from tests.conftest import JOB_TIMEOUT_S, ROOT, ImageServer, WorkerProcess, api_client, start_worker, wait_for_job
 from tests.fixtures.images import shape_png
-from worker.contract.states import JobTask
 from worker.metrics import watch_gpu_memory
 
 QUEUE = "ops"
@@ -267,7 +267,7 @@ def test_blipq_api_adds_up_its_processes_metrics_and_logs_json(redis_server: Red
     }
     env.pop("BLIPQ_LOG_FORMAT", None)  # json is the default of `blipq api`
     log_path = tmp_path / "api.log"
-    command = [sys.executable, "-m", "api.cli", "api", "--bind", f"127.0.0.1:{port}", "--workers", "2"]
+    command = [sys.executable, "-m", "blipq.cli", "api", "--bind", f"127.0.0.1:{port}", "--workers", "2"]
     with log_path.open("wb") as log:
         api = subprocess.Popen([*command, "--threads", "2"], env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"

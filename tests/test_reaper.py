@@ -16,12 +16,10 @@ from pathlib import Path
 
 import redis
 
-from api.up import RedisProcess, stop_process
-from tests.conftest import api_client, start_worker, wait_for_job, wait_for_worker_record
-from tests.fixtures.images import shape_png
-from worker.contract.broker import create_celery, publish_job
-from worker.contract.fleet import worker_key
-from worker.contract.jobs import (
+from blipq.up import RedisProcess, stop_process
+from contract.broker import create_celery, publish_job
+from contract.fleet import worker_key
+from contract.jobs import (
     Job,
     JobStore,
     broker_list_key,
@@ -34,7 +32,9 @@ from worker.contract.jobs import (
     utc_now,
     waiting_answers_key,
 )
-from worker.contract.states import JobPriority, JobStatus
+from contract.states import JobPriority, JobStatus
+from tests.conftest import api_client, start_worker, wait_for_job, wait_for_worker_record
+from tests.fixtures.images import shape_png
 from worker.reaper import CLOCK_SKEW_S, MARK_SKEW_S, SWEEP_BATCH, ReaperPolicy, confirm_lost, find_missing, sweep
 
 QUICK_RECOVERY = {"BLIPQ_ANNOUNCE_INTERVAL_S": "0.5", "BLIPQ_REAPER_INTERVAL_S": "0.5"}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from api.reference import DOCS, pages
+from blipq.reference import DOCS, pages
 
 
 def test_each_generated_docs_page_is_what_the_code_gives() -> None:

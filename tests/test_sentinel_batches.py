@@ -14,7 +14,8 @@ import redis
 from flask.testing import FlaskClient
 
 from api.admission import RATE_LIMIT_KEY_PREFIX
-from api.up import SentinelGroup, start_sentinel_group, stop_process
+from blipq.up import SentinelGroup, start_sentinel_group, stop_process
+from contract.jobs import batch_key
 from tests.conftest import (
     JOB_TIMEOUT_S,
     ImageServer,
@@ -26,7 +27,6 @@ from tests.conftest import (
 )
 from tests.fixtures.images import shape_png
 from tests.fixtures.webhooks import QUICK_WEBHOOKS, SECRET, Receiver, serve, verify_signature
-from worker.contract.jobs import batch_key
 from worker.webhooks import SIGNATURE_HEADER
 
 QUEUE = "sentinel-batches"

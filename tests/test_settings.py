@@ -11,11 +11,12 @@ import sys
 import pytest
 from limits._storage_scheme import parse_storage_uri
 
-from api.reference import configuration_tables
-from api.settings import ApiSettings, ClientSettings, UpSettings
+from api.settings import ApiSettings
+from blipq.reference import configuration_tables
+from blipq.settings import ClientSettings, UpSettings
+from contract.errors import SettingsError
+from contract.states import JobTask
 from tests.conftest import ROOT
-from worker.contract.errors import SettingsError
-from worker.contract.states import JobTask
 from worker.settings import DEMO_CAPTION_MODEL_DIR, DEMO_MODEL_DIR, WorkerSettings
 
 VARIABLE = re.compile(r"\bBLIPQ_[A-Z0-9_]*[A-Z0-9]\b")
@@ -97,7 +98,7 @@ def test_blipq_refuses_to_start_on_a_bad_value(command: str) -> None:
     env = {**os.environ, "BLIPQ_JOB_TTL_S": "soon"}
     result = subprocess.run(
         check=False,
-        args=[sys.executable, "-m", "api.cli", command],
+        args=[sys.executable, "-m", "blipq.cli", command],
         env=env,
         capture_output=True,
         text=True,
@@ -113,7 +114,7 @@ def test_the_api_process_does_not_import_torch() -> None:
         "import sys\n"
         "from api.app import create_app\n"
         "from api.settings import ApiSettings\n"
-        "import api.cli, api.up, api.wsgi\n"
+        "import blipq.cli, blipq.up, api.wsgi\n"
         "create_app(ApiSettings())\n"
         "heavy = sorted(m for m in ('torch', 'transformers') if m in sys.modules)\n"
         "assert not heavy, heavy\n"

@@ -1,4 +1,4 @@
-"""Shrinking on the client (api/shrink.py): a worker feeds its model the same pixels from a shrunk upload as from the
+"""Shrinking on the client (blipq/shrink.py): a worker feeds its model the same pixels from a shrunk upload as from the
 original, for every accepted encoding, in both decode modes and with two filters; and pictures are shrunk only where
 every live worker of the tasks asked resizes the same way."""
 
@@ -14,11 +14,11 @@ import pytest
 from easy_vqa import get_test_image_paths
 from PIL import Image
 
-from api.shrink import ShrinkTarget, shrink
+from blipq.shrink import ShrinkTarget, shrink
+from contract.errors import ImageInvalidError, ImageTooLargeError
+from contract.images import decode_for_model
 from tests.fixtures.encodings import encodings
 from tests.fixtures.images import truncated_png
-from worker.contract.errors import ImageInvalidError, ImageTooLargeError
-from worker.contract.images import decode_for_model
 
 MAX_PIXELS = 40_000_000
 MAX_BYTES = 40_000_000

@@ -19,10 +19,10 @@ import pytest
 import redis
 import requests
 
-from api.client import BlipqClient
 from api.settings import ApiSettings
-from api.tag import ctrl_c_after
-from api.up import RedisProcess
+from blipq.client import BlipqClient
+from blipq.tag import ctrl_c_after
+from blipq.up import RedisProcess
 from tests.conftest import ROOT, QuietHandler, WorkerProcess, http_server, serve_app, wait_for_worker_record
 from tests.fixtures import hostile
 from tests.fixtures.fronts import counting_front
@@ -57,7 +57,7 @@ def counting_images() -> Iterator[tuple[str, Counter[str]]]:
 
 
 def blipq_tag(service_url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "api.cli", "tag", *args, "--url", service_url]
+    command = [sys.executable, "-m", "blipq.cli", "tag", *args, "--url", service_url]
     for question in QUESTIONS:
         command += ["-q", question]
     return subprocess.run(command, capture_output=True, text=True, timeout=180, cwd=ROOT, check=False)
@@ -176,7 +176,7 @@ def test_a_broken_and_an_oversized_file_get_their_own_failed_lines_and_a_rerun_k
     files = folder_with_a_broken_and_an_oversized_file(tmp_path)
     out = tmp_path / "out.jsonl"
     question = ["-q", QUESTIONS[0]]
-    command = [sys.executable, "-m", "api.cli", "tag", str(files["good"].parent), *question, "-o", str(out)]
+    command = [sys.executable, "-m", "blipq.cli", "tag", str(files["good"].parent), *question, "-o", str(out)]
 
     # When the folder is tagged
     first = run_command([*command, "--url", small_limits_url])
@@ -272,7 +272,7 @@ def test_a_rerun_asks_a_transient_failure_again_and_keeps_a_permanent_one(servic
          "error": {"code": "image_invalid", "message": "not an image"}},
     ]  # fmt: skip
     out.write_text("".join(json.dumps(record) + "\n" for record in earlier))
-    command = [sys.executable, "-m", "api.cli", "tag", str(pictures), "-q", QUESTIONS[0], "-o", str(out)]
+    command = [sys.executable, "-m", "blipq.cli", "tag", str(pictures), "-q", QUESTIONS[0], "-o", str(out)]
 
     # When the same command runs again
     rerun = run_command([*command, "--url", service_url])
@@ -305,7 +305,7 @@ def test_a_url_of_another_scheme_gets_its_own_failed_line(
 
 
 def test_an_input_of_another_scheme_is_refused_with_what_is_accepted(tmp_path: Path) -> None:
-    command = [sys.executable, "-m", "api.cli", "tag", "gs://bucket/x.jpg", "-q", "what?", "-o", str(tmp_path / "o")]
+    command = [sys.executable, "-m", "blipq.cli", "tag", "gs://bucket/x.jpg", "-q", "what?", "-o", str(tmp_path / "o")]
 
     refused = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=ROOT, check=False)
 
@@ -314,7 +314,7 @@ def test_an_input_of_another_scheme_is_refused_with_what_is_accepted(tmp_path: P
 
 
 def blipq_tag_captions(service_url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "api.cli", "tag", "--caption", *args, "--url", service_url]
+    command = [sys.executable, "-m", "blipq.cli", "tag", "--caption", *args, "--url", service_url]
     return subprocess.run(command, capture_output=True, text=True, timeout=180, cwd=ROOT, check=False)
 
 
@@ -432,9 +432,9 @@ def test_tag_needs_questions_or_caption_and_a_prompt_goes_with_caption(
     picture = tmp_path / "red.png"
     picture.write_bytes(shape_png("red"))
 
-    command = [sys.executable, "-m", "api.cli", "tag", str(picture), "-o", str(tmp_path / "out.jsonl")]
+    command = [sys.executable, "-m", "blipq.cli", "tag", str(picture), "-o", str(tmp_path / "out.jsonl")]
     neither = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=ROOT, check=False)
-    command = [sys.executable, "-m", "api.cli", "tag", str(picture), "-q", "what?", "--prompt", "the"]
+    command = [sys.executable, "-m", "blipq.cli", "tag", str(picture), "-q", "what?", "--prompt", "the"]
     command += ["-o", str(tmp_path / "out.jsonl")]
     prompt_alone = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=ROOT, check=False)
 
@@ -571,7 +571,7 @@ def test_ctrl_c_cancels_what_is_in_flight_keeps_what_was_written_and_a_rerun_fin
             f"http://127.0.0.1:{port}/fast/0.png\n" + "".join(f"http://127.0.0.1:{port}/{n}.png\n" for n in range(6))
         )
         out = tmp_path / "out.jsonl"
-        command = [sys.executable, "-m", "api.cli", "tag", "--urls", str(urls), "-o", str(out), "--url", service_url]
+        command = [sys.executable, "-m", "blipq.cli", "tag", "--urls", str(urls), "-o", str(out), "--url", service_url]
         command += ["-q", QUESTIONS[0], "--per-request", "1", "--in-flight", "2"]
         run = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE, text=True)
         try:

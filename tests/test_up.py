@@ -14,8 +14,8 @@ import pytest
 import redis
 import requests
 
-from api.up import free_port, redis_server_binary, start_redis
-from api.up_checks import LOCK_FILE
+from blipq.up import free_port, redis_server_binary, start_redis
+from blipq.up_checks import LOCK_FILE
 from tests.conftest import JOB_TIMEOUT_S, ROOT
 from tests.fixtures.images import shape_png
 from worker.settings import DEMO_CAPTION_MODEL_DIR, DEMO_MODEL_DIR
@@ -49,7 +49,7 @@ def test_up_serves_jobs_revives_workers_and_ctrl_c_stops_everything(tmp_path: Pa
     env["BLIPQ_MODEL"] = str(tiny_model_dir)
     log = (tmp_path / "up.log").open("w+")
     up = subprocess.Popen(
-        [sys.executable, "-m", "api.cli", "up", "--port", str(port), "--data-dir", str(tmp_path / "data")],
+        [sys.executable, "-m", "blipq.cli", "up", "--port", str(port), "--data-dir", str(tmp_path / "data")],
         env=env,
         cwd=ROOT,
         stdout=log,
@@ -133,7 +133,7 @@ def test_without_a_system_redis_the_bundled_one_is_used(monkeypatch: pytest.Monk
 
 
 def up_command(port: int, data_dir: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "api.cli", "up", "--port", str(port), "--data-dir", str(data_dir), *extra]
+    return [sys.executable, "-m", "blipq.cli", "up", "--port", str(port), "--data-dir", str(data_dir), *extra]
 
 
 def up_env(model: Path) -> dict[str, str]:

@@ -27,7 +27,8 @@ import requests
 from api.app import create_app
 from api.auth import ApiKey, hash_api_key, new_api_key
 from api.settings import ApiSettings
-from api.up import RedisProcess, stop_process
+from blipq.up import RedisProcess, stop_process
+from contract.fleet import fleet_client, live_workers
 from tests.conftest import (
     JOB_TIMEOUT_S,
     ROOT,
@@ -39,7 +40,6 @@ from tests.conftest import (
     start_worker,
     wait_for_worker_record,
 )
-from worker.contract.fleet import fleet_client, live_workers
 from worker.settings import DEMO_CAPTION_MODEL_DIR, DEMO_MODEL_DIR
 
 ARTIFACTS = ROOT / "tests" / "artifacts"  # gitignored

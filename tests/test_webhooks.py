@@ -16,12 +16,12 @@ import requests
 from flask.testing import FlaskClient
 
 from api.admission import queue_names
-from api.up import RedisProcess, stop_process
+from blipq.up import RedisProcess, stop_process
+from contract.jobs import Job, JobStore, new_job_id, utc_now, webhook_outbox_key
+from contract.states import JobStatus
 from tests.conftest import JOB_TIMEOUT_S, ImageServer, WorkerProcess, api_client, start_worker
 from tests.fixtures.images import shape_png
 from tests.fixtures.webhooks import MAX_ATTEMPTS, QUICK_WEBHOOKS, SECRET, Receiver, serve, verify_signature
-from worker.contract.jobs import Job, JobStore, new_job_id, utc_now, webhook_outbox_key
-from worker.contract.states import JobStatus
 from worker.fetch import new_session
 from worker.netguard import NetworkPolicy
 from worker.webhooks import SIGNATURE_HEADER, Outbox, attempt_delivery, post_json, sign

@@ -3,7 +3,7 @@ repository, joins a running stack (a real Redis and API) and answers its jobs.
 
 The venv is fresh and holds the wheel; the shared venv's dependencies (torch, transformers, Celery...) are reused
 through a .pth line, so nothing is downloaded. That line adds the shared site-packages as a path only: the .pth files
-in it (the shared venv's editable install of this repository) are not run, so `api` and `worker` come from the wheel.
+in it (the shared venv's editable install of this repository) are not run, so every package comes from the wheel.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import pytest
 import requests
 
 from api.settings import ApiSettings
-from api.up import RedisProcess, stop_process
+from blipq.up import RedisProcess, stop_process
 from tests.conftest import FINAL_STATES, JOB_TIMEOUT_S, ROOT, serve_app
 from worker.settings import DEMO_MODEL_DIR
 
@@ -39,7 +39,11 @@ def git_files(*folders: str) -> list[str]:
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The project's wheel, built (with the shared venv's setuptools, offline) from a copy of its sources."""
     source, out = tmp_path_factory.mktemp("source"), tmp_path_factory.mktemp("wheel")
-    for name in ["pyproject.toml", "README.md", *git_files("api", "worker")]:  # a build writes beside its sources
+    for name in [
+        "pyproject.toml",
+        "README.md",
+        *git_files("api", "blipq", "contract", "worker"),
+    ]:  # a build writes beside its sources
         (source / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / name, source / name)
     build = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet", "-w", str(out), "."]
@@ -70,10 +74,15 @@ def outside_env(**extra: str) -> dict[str, str]:
 def test_the_wheel_holds_every_file_of_the_packages(wheel: Path) -> None:
     in_wheel = set(zipfile.ZipFile(wheel).namelist())
 
-    missing = [name for name in git_files("api", "worker") if name not in in_wheel]
+    missing = [name for name in git_files("api", "blipq", "contract", "worker") if name not in in_wheel]
 
     assert not missing, missing
     assert "api/static/page/index.html" in in_wheel, "the API's web page"
+
+
+WHERE_PACKAGES_ARE = (
+    "import api, blipq, contract, worker; print(api.__file__, blipq.__file__, contract.__file__, worker.__file__)"
+)
 
 
 def test_a_worker_installed_from_the_wheel_joins_a_running_stack_and_answers(
@@ -81,7 +90,11 @@ def test_a_worker_installed_from_the_wheel_joins_a_running_stack_and_answers(
 ) -> None:
     # Given: the wheel's code, as the installed worker imports it (not the repository's)
     where = subprocess.run(
-        [installed / "python", "-c", "import api, worker; print(worker.__file__, api.__file__)"],
+        [
+            installed / "python",
+            "-c",
+            WHERE_PACKAGES_ARE,
+        ],
         env=outside_env(),
         cwd=tmp_path,
         capture_output=True,

@@ -1,5 +1,5 @@
-"""The Celery side of blipq: the job contract shared with the API, images, inference and tasks.
+"""The Celery side of blipq: fetching and decoding images, the resident model, the tasks and the reaper.
 
-Importing this package (or `worker.contract.jobs`, `worker.settings`, `worker.contract.images`) never imports torch: the
-API shares these modules, and the worker imports the model code only when it loads its model.
+Importing this package (or `worker.settings`) never imports torch: `blipq` reads the worker's settings, and the worker
+imports the model code only when it loads its model. What the worker shares with the API lives in `contract`.
 """

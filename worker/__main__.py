@@ -5,7 +5,7 @@ from __future__ import annotations
 import signal
 import sys
 
-from worker.contract.errors import SettingsError
+from contract.errors import SettingsError
 from worker.settings import WorkerSettings
 
 # The pool (threads) and its size come from the app's configuration (worker/app.py): one model per worker.

@@ -20,10 +20,10 @@ from celery.signals import (
     worker_shutting_down,
 )
 
-from worker.contract.broker import create_celery
-from worker.contract.fleet import fleet_client, worker_identity
-from worker.contract.jobs import JobStore
-from worker.contract.logs import use_json_logs_in_celery
+from contract.broker import create_celery
+from contract.fleet import fleet_client, worker_identity
+from contract.jobs import JobStore
+from contract.logs import use_json_logs_in_celery
 from worker.intake import Intake
 from worker.metrics import WorkerOps
 from worker.netguard import NetworkPolicy

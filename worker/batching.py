@@ -22,7 +22,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
-from worker.contract.errors import ModelOutOfMemoryError
+from contract.errors import ModelOutOfMemoryError
 
 if TYPE_CHECKING:
     import torch

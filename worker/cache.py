@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any
 import redis
 from prometheus_client import Counter
 
+from contract.jobs import KEY_PREFIX
 from worker.batching import Batcher, Expected, Output
-from worker.contract.jobs import KEY_PREFIX
 from worker.settings import WorkerSettings
 
 if TYPE_CHECKING:

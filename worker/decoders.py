@@ -33,8 +33,8 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from worker.contract.errors import BlipqError, ImageInvalidError
-from worker.contract.images import picture_for_model, resized_for_model
+from contract.errors import BlipqError, ImageInvalidError
+from contract.images import picture_for_model, resized_for_model
 from worker.stages import STAGE_CLOCK, StageClock
 
 if TYPE_CHECKING:
@@ -94,7 +94,7 @@ class DecoderPool:
     def decode(
         self, data: bytes, size: tuple[int, int], resample: int, max_pixels: int, exact: bool = False
     ) -> npt.NDArray[np.uint8]:
-        """worker.contract.images.decode_for_model in a decoder process: uint8 (height, width, 3) pixels. Raises
+        """contract.images.decode_for_model in a decoder process: uint8 (height, width, 3) pixels. Raises
         ImageInvalidError (also when the decoder died under this image) or ImageTooLargeError."""
         import numpy as np
 

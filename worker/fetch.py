@@ -23,8 +23,8 @@ import requests
 from urllib3.exceptions import HTTPError as TransportError
 from urllib3.exceptions import TimeoutError as TransportTimeoutError
 
-from worker.contract.errors import ImageFetchError, ImageFetchTimeoutError, ImageInvalidError, ImageTooLargeError
-from worker.contract.images import ALLOWED_FORMATS, SNIFF_BYTES, sniff_image_format
+from contract.errors import ImageFetchError, ImageFetchTimeoutError, ImageInvalidError, ImageTooLargeError
+from contract.images import ALLOWED_FORMATS, SNIFF_BYTES, sniff_image_format
 from worker.keepalive import KEEPALIVE_S, KEPT_HOSTS, KEPT_PER_HOST
 from worker.netguard import AddressGuard, GuardedAdapter, NetworkPolicy, Resolver, check_url
 

@@ -2,7 +2,7 @@
 
 Knows nothing of Celery, Redis or HTTP. Follows the model card's usage on CPU, on GPU and in float16, with three
 changes that keep every answer and make batches pay:
-- an image is resized once, by the thread that decoded it (worker.contract.images.decode_for_model, or
+- an image is resized once, by the thread that decoded it (contract.images.decode_for_model, or
   `pixel_tensor` for a PIL image: the processor's own PIL resize), and the model thread only stacks, rescales and
   normalises uint8 tensors on the device;
 - the vision encoder runs once per distinct image, however many questions ask about it;
@@ -22,9 +22,9 @@ import torch
 from PIL import Image
 from transformers import BlipConfig, BlipForConditionalGeneration, BlipForQuestionAnswering, BlipProcessor
 
-from worker.contract.errors import SettingsError
-from worker.contract.states import JobTask
-from worker.contract.viewer import on_white
+from contract.errors import SettingsError
+from contract.states import JobTask
+from contract.viewer import on_white
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 CAPTION_ARCHITECTURE = "BlipForConditionalGeneration"
@@ -148,7 +148,7 @@ def pixel_tensor(loaded: LoadedModel, image: Image.Image) -> torch.Tensor:
 
 
 def image_tensor(pixels: npt.NDArray[np.uint8]) -> torch.Tensor:
-    """uint8 (H, W, 3) pixels (worker.contract.images.decode_for_model's) as the uint8 (3, H, W) tensor that
+    """uint8 (H, W, 3) pixels (contract.images.decode_for_model's) as the uint8 (3, H, W) tensor that
     `pixel_values` stacks."""
     return torch.from_numpy(pixels).permute(2, 0, 1)
 

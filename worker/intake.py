@@ -23,7 +23,7 @@ from typing import Any
 from celery import Celery, bootsteps
 from celery.signals import task_postrun, task_received, task_revoked
 
-from worker.contract.broker import TASK_VQA, TASK_VQA_CHUNK
+from contract.broker import TASK_VQA, TASK_VQA_CHUNK
 
 log = logging.getLogger("blipq.worker")
 

@@ -1,7 +1,7 @@
 """A worker's metrics, readiness record and job log lines, hooked in through Celery's signals.
 
 The worker process holds the model (its task threads share it), so it counts, announces itself
-(worker/contract/fleet.py) and serves Prometheus's text format on BLIPQ_METRICS_PORT (one port per worker). Its metrics
+(contract/fleet.py) and serves Prometheus's text format on BLIPQ_METRICS_PORT (one port per worker). Its metrics
 are prometheus_client's default registry: the ones below, plus the process's own (`process_resident_memory_bytes`...).
 """
 
@@ -30,10 +30,10 @@ from prometheus_client import (
     start_http_server,
 )
 
-from worker.contract.batch_scripts import SKIPPED
-from worker.contract.broker import TASK_VQA, TASK_VQA_CHUNK
-from worker.contract.fleet import Announcer, WorkerRecord, count_outcome, fleet_client, worker_identity
-from worker.contract.jobs import utc_now
+from contract.batch_scripts import SKIPPED
+from contract.broker import TASK_VQA, TASK_VQA_CHUNK
+from contract.fleet import Announcer, WorkerRecord, count_outcome, fleet_client, worker_identity
+from contract.jobs import utc_now
 from worker.settings import WorkerSettings
 
 if TYPE_CHECKING:

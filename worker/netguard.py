@@ -47,7 +47,7 @@ from urllib3.exceptions import (
 from urllib3.response import BaseHTTPResponse, HTTPResponse
 from urllib3.util import Timeout, parse_url
 
-from worker.contract.errors import ImageFetchError, UrlNotAllowedError
+from contract.errors import ImageFetchError, UrlNotAllowedError
 from worker.keepalive import KEEPALIVE_S, KEPT_HOSTS, KEPT_PER_HOST, IdleConnections, IdleQueue
 from worker.timers import TIMERS
 

@@ -17,7 +17,7 @@ so can a publish whose reply was lost (an API killed between its publish and its
 which never runs).
 
 Lost messages are found by state, not by age. A member of a never-started set is accounted for while its message may
-still be in its level's list, or while it is in the held set of a worker whose record (worker/contract/fleet.py) has
+still be in its level's list, or while it is in the held set of a worker whose record (contract/fleet.py) has
 not expired. A level's list is first in, first out, and a member is enqueued (accepted) after its message was
 published, so its message has left the list if the list is empty, if it was enqueued before the message at the head
 of the list (the next one taken) was published (each message carries that time, broker.PUBLISHED_HEADER; less
@@ -67,15 +67,15 @@ from typing import Any
 import redis
 from celery import Celery
 
-from worker.contract.batches import (
+from contract.batches import (
     CHUNK_MEMBER_PREFIX,
     DEADLINE_MEMBER_PREFIX,
     BatchStore,
     parse_chunk_member,
 )
-from worker.contract.broker import PUBLISHED_HEADER, publish_chunk, publish_job
-from worker.contract.fleet import worker_key
-from worker.contract.jobs import (
+from contract.broker import PUBLISHED_HEADER, publish_chunk, publish_job
+from contract.fleet import worker_key
+from contract.jobs import (
     JobStore,
     broker_list_key,
     deadlines_key,
@@ -88,10 +88,10 @@ from worker.contract.jobs import (
     unstarted_key,
     waiting_answers_key,
 )
-from worker.contract.jobs import (
+from contract.jobs import (
     job_key as job_key_of,
 )
-from worker.contract.states import ENDED_STATUSES, JobPriority, JobStatus
+from contract.states import ENDED_STATUSES, JobPriority, JobStatus
 
 log = logging.getLogger("blipq.reaper")
 

@@ -1,4 +1,4 @@
-"""A worker's settings, read from BLIPQ_* environment variables (the shared ones in worker/contract/settings.py)."""
+"""A worker's settings, read from BLIPQ_* environment variables (the shared ones in contract/settings.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 from pydantic import ValidationInfo, field_validator
 from pydantic_settings import NoDecode
 
-from worker.contract.settings import (
+from contract.settings import (
     DEFAULT_CAPTION_QUEUE,
     DEFAULT_QUEUE,
     OnOff,
@@ -19,7 +19,7 @@ from worker.contract.settings import (
     comma_separated,
     setting,
 )
-from worker.contract.states import JobTask
+from contract.states import JobTask
 from worker.keepalive import KEEPALIVE_S
 
 # The model that ships in the repository: what `blipq up` and `blipq worker` serve when BLIPQ_MODEL is unset.
@@ -37,7 +37,7 @@ DEFAULT_BATCH_MAX_SIZE = 32  # texts (questions, caption prompts) answered by on
 DEVICES = ("auto", "cpu", "cuda")
 DEFAULT_METRICS_PORT = 9808  # a worker's Prometheus endpoint (0: none)
 Dtype = Literal["auto", "float32", "float16", "bfloat16"]
-ImageDecode = Literal["fast", "exact"]  # how far images are decoded (worker.contract.images.decode_for_model)
+ImageDecode = Literal["fast", "exact"]  # how far images are decoded (contract.images.decode_for_model)
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # a container's CPU limit (cgroup v2): "quota period", or "max period"

@@ -4,7 +4,7 @@ Each stage is timed with the CPU clock of the thread that runs it (`time.thread_
 threads add up without counting another thread's work or the time a thread waited:
 
 - `fetch`: an image's bytes downloaded (or an upload read from Redis);
-- `decode`: the bytes decoded into the picture a viewer sees, as far as the model needs (worker.contract.images), in
+- `decode`: the bytes decoded into the picture a viewer sees, as far as the model needs (contract.images), in
   the worker's decoder processes (worker/decoders.py), which report their CPU with each image, or in its threads;
 - `resize`: that picture resized to the model's input, as uint8 pixels, likewise;
 - `model`: the model's calls (worker/batching.py's thread: stacking, normalising, generate, decoding the tokens);

@@ -19,17 +19,15 @@ from typing import TYPE_CHECKING, Any
 from celery import Celery
 from celery.signals import after_setup_logger
 
-from worker.batching import Batcher, Expected, Output
-from worker.cache import AnswerCache, PreparedImage, answer_cache_for
-from worker.contract.batch_scripts import SKIPPED
-from worker.contract.batches import BatchStore, outcome_value
-from worker.contract.broker import SOFT_LIMIT_MARGIN_S, TASK_VQA, TASK_VQA_CHUNK
-from worker.contract.errors import BlipqError, JobTimeoutError, SettingsError, UploadMissingError, WrongTaskError
-from worker.contract.fleet import worker_identity
-from worker.contract.images import open_image, picture_for_model, resized_for_model
-from worker.contract.jobs import JobStore
-from worker.contract.states import JobPriority, JobStatus
-from worker.contract.transitions import (
+from contract.batch_scripts import SKIPPED
+from contract.batches import BatchStore, outcome_value
+from contract.broker import SOFT_LIMIT_MARGIN_S, TASK_VQA, TASK_VQA_CHUNK
+from contract.errors import BlipqError, JobTimeoutError, SettingsError, UploadMissingError, WrongTaskError
+from contract.fleet import worker_identity
+from contract.images import open_image, picture_for_model, resized_for_model
+from contract.jobs import JobStore
+from contract.states import JobPriority, JobStatus
+from contract.transitions import (
     START_CANCELED,
     START_ENDED,
     START_EXPIRED,
@@ -37,6 +35,8 @@ from worker.contract.transitions import (
     START_MISSING,
     START_PENDING,
 )
+from worker.batching import Batcher, Expected, Output
+from worker.cache import AnswerCache, PreparedImage, answer_cache_for
 from worker.decoders import IN_THREAD_PIXELS, DecoderPool
 from worker.fetch import FetchLimits, fetch_image_bytes, new_session
 from worker.metrics import CURRENT_JOB, observe_inference
@@ -55,7 +55,7 @@ if TYPE_CHECKING:  # torch is imported when the model loads, not when the API im
 log = logging.getLogger("blipq.worker")
 
 REDIS_OUTAGE_S = 60.0  # how long a worker's job-record writes keep retrying while Redis is away (a restart)
-# A message can arrive before the API accepted its job (it publishes, then accepts: worker/contract/transitions.py): the
+# A message can arrive before the API accepted its job (it publishes, then accepts: contract/transitions.py): the
 # start is asked again, sooner first, for this long. A job accepted later still (an API stalled that long) is left to
 # the reaper, which publishes it again.
 PENDING_WAIT_S = 3.0
@@ -205,7 +205,7 @@ class WorkerRuntime:
         return {"status": "succeeded", "answer": answer}
 
     def run_chunk(self, payload: dict[str, Any]) -> dict[str, Any]:
-        """Answer a chunk of a batch's items (see worker/contract/batches.py): one script call starts it, one ends it.
+        """Answer a chunk of a batch's items (see contract/batches.py): one script call starts it, one ends it.
 
         The chunk's images are fetched and decoded in parallel by the fetch threads, each once for all its questions,
         and each goes to the batcher as soon as it is ready; its items become running only when the model takes them
@@ -394,7 +394,7 @@ class WorkerRuntime:
         uploads: Mapping[str, bytes | None] | None = None,
     ) -> PreparedImage:
         """Load an image (fetched, or an upload: from `uploads` when it was read already), look its texts up in the
-        answer cache, and decode it for the model (worker.contract.images.decode_for_model: as far as the model's
+        answer cache, and decode it for the model (contract.images.decode_for_model: as far as the model's
         input needs, or in full with BLIPQ_IMAGE_DECODE=exact) unless every answer was cached; fetched in the calling
         thread, decoded in a decoder process (worker/decoders.py) or, with none, in the calling thread."""
         from worker.inference import image_tensor

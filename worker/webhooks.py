@@ -1,6 +1,6 @@
 """Webhooks: when a job ends, POST its public JSON, signed, to the URL it named; reliably, through the image guard.
 
-The outbox lives in Redis. The script that ends a job (worker/contract/transitions.py) puts its id in the sorted set
+The outbox lives in Redis. The script that ends a job (contract/transitions.py) puts its id in the sorted set
 `blipq:webhooks:due`, scored by when the next attempt is due, and sets its `webhook_status` to `pending`: an ended job
 cannot miss its webhook, whichever process ended it and whatever happens to that process next. Each worker's main
 process runs a few sender threads. A sender claims a due delivery by pushing its score a lease into the future (and
@@ -34,11 +34,11 @@ import requests
 from urllib3.exceptions import HTTPError as TransportError
 from urllib3.exceptions import TimeoutError as TransportTimeoutError
 
-from worker.contract.batch_scripts import ITEM_OUTBOX_PREFIX, ITEM_WEBHOOK_PREFIX
-from worker.contract.batches import BatchStore, split_item_id
-from worker.contract.errors import ImageFetchError, UrlNotAllowedError
-from worker.contract.jobs import JobStore, batch_key, job_key, webhook_outbox_key
-from worker.contract.transitions import BATCH_OUTBOX_PREFIX
+from contract.batch_scripts import ITEM_OUTBOX_PREFIX, ITEM_WEBHOOK_PREFIX
+from contract.batches import BatchStore, split_item_id
+from contract.errors import ImageFetchError, UrlNotAllowedError
+from contract.jobs import JobStore, batch_key, job_key, webhook_outbox_key
+from contract.transitions import BATCH_OUTBOX_PREFIX
 from worker.fetch import failure_cause, new_session
 from worker.netguard import GuardedAdapter, NetworkPolicy, check_url
 

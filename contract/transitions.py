@@ -2,12 +2,12 @@
 
 Every change of a job's state is one of these scripts, run atomically by Redis: a job that ended never changes
 again, two runs of one job publish one answer, and a job that names a webhook gets its delivery queued by the very
-script that ends it (worker/webhooks.py sends it). `worker.contract.jobs.JobStore` registers and calls them.
+script that ends it (worker/webhooks.py sends it). `contract.jobs.JobStore` registers and calls them.
 """
 
 from __future__ import annotations
 
-from worker.contract.states import ENDED_STATUSES
+from contract.states import ENDED_STATUSES
 
 DEADLINE_MESSAGE = "the job was still queued at its deadline; it was not run"
 CANCELED_MESSAGE = "the job was canceled before it started; it was not run"
@@ -23,7 +23,7 @@ ENDED_KEY_TTL_S = 120  # long enough for any waiting read to see it
 # A job's end is also pushed on its `ended` list, which wakes the API's reads waiting for it.
 # A job leaves its level's set of jobs never started, and the count of answers waiting in the queue with it
 # (`leave_queue`, or `take_from_queue` below: the admission check reads that count,
-# worker.contract.jobs.waiting_answers_key), once per time it joined it (it joins again only when the reaper publishes
+# contract.jobs.waiting_answers_key), once per time it joined it (it joins again only when the reaper publishes
 # it again after its worker died mid-run: REQUEUE_LUA).
 #
 # A start, of a job or of a batch's chunk (batch_scripts.py uses this too), takes the member off its level's

@@ -73,7 +73,7 @@ def eight_bit(image: Image.Image) -> Image.Image:
     clipped; any other image as it is."""
     if image.mode not in HIGH_BIT_MODES:
         return image
-    import numpy as np  # the worker's only (see worker.contract.images)
+    import numpy as np  # the worker's only (see contract.images)
 
     samples = np.asarray(image)
     low, high = (0.0, 1.0) if image.mode == "F" else (0.0, float(SIXTEEN_BIT_FULL_SCALE))

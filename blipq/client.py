@@ -11,11 +11,11 @@ lost returns the first job or batch rather than making a second.
 
 An image is an http(s) URL (the workers fetch it), a local file (uploaded) or bytes; a string with another scheme
 (ftp://, s3://, gs://, data:...) is refused with `image_url_invalid`, never read as a file's name. With
-`shrink=True`, an upload is first shrunk to the model's input size on this machine's cores (api/shrink.py: the very
+`shrink=True`, an upload is first shrunk to the model's input size on this machine's cores (blipq/shrink.py: the very
 pixels the workers would feed their model, as a PNG, so every answer is the original's); that needs Pillow, and
 numpy, the service's own dependencies.
 
-    from api.client import BlipqClient
+    from blipq.client import BlipqClient
     client = BlipqClient("http://127.0.0.1:8000")
     print(client.ask("photo.jpg", "how many dogs are in the picture?"))
     print(client.caption("photo.jpg"))  # or caption("photo.jpg", prompt="a picture of")
@@ -43,7 +43,7 @@ from urllib3.util.retry import Retry
 if TYPE_CHECKING:
     from concurrent.futures import Executor
 
-    from api.shrink import ShrinkTarget
+    from blipq.shrink import ShrinkTarget
 
 FINAL_STATUSES = frozenset({"succeeded", "failed", "canceled", "expired"})
 RETRYABLE_STATUSES = frozenset({429, 502, 503, 504})  # rate limited, queue full, Redis or a proxy away: try later
@@ -109,7 +109,7 @@ class BlipqClient:
     base_url: str
     api_key: str | None = None
     timeout_s: float = 30.0  # one HTTP request
-    shrink: bool = False  # shrink uploads to the model's input size first (api/shrink.py), where the workers agree
+    shrink: bool = False  # shrink uploads to the model's input size first (blipq/shrink.py), where the workers agree
 
     def __post_init__(self) -> None:
         self.base_url = self.base_url.rstrip("/")
@@ -152,12 +152,12 @@ class BlipqClient:
         return models
 
     def shrink_target(self, tasks: Sequence[str]) -> ShrinkTarget | None:
-        """What uploads for `tasks` are shrunk to (api.shrink.ShrinkTarget): None when `shrink` is off, or the live
+        """What uploads for `tasks` are shrunk to (blipq.shrink.ShrinkTarget): None when `shrink` is off, or the live
         workers of the tasks do not all resize the same way (nothing is shrunk then). GET /v1/models is read again
         after MODELS_FRESH_S."""
         if not self.shrink:
             return None
-        from api.shrink import ShrinkTarget
+        from blipq.shrink import ShrinkTarget
 
         models = self._models[1] if self._models and time.monotonic() - self._models[0] < MODELS_FRESH_S else None
         return ShrinkTarget.published(models or self.models(), list(tasks))
@@ -172,8 +172,8 @@ class BlipqClient:
         target = self.shrink_target(tasks)
         if target is None:
             return [(Path(image).name, Path(image).read_bytes()) for image in images]
-        from api.shrink import shrink_file
-        from worker.contract.errors import BlipqError
+        from blipq.shrink import shrink_file
+        from contract.errors import BlipqError
 
         futures = [self._shrink_pool().submit(shrink_file, image, target) for image in images]
         try:
@@ -191,7 +191,7 @@ class BlipqClient:
     def _shrink_pool(self) -> Executor:
         with self._pool_lock:
             if self._pool is None:
-                from api.shrink import shrink_pool
+                from blipq.shrink import shrink_pool
 
                 self._pool = shrink_pool()
             return self._pool
@@ -387,8 +387,8 @@ class BlipqClient:
         name = "image" if isinstance(image, bytes) else Path(image).name
         target = self.shrink_target([str(fields.get("task") or VQA)])
         if target is not None:
-            from api.shrink import shrink
-            from worker.contract.errors import BlipqError
+            from blipq.shrink import shrink
+            from contract.errors import BlipqError
 
             try:
                 data = shrink(data, target)

@@ -24,8 +24,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from worker.contract.jobs import KEY_PREFIX
-from worker.contract.redis_target import RedisTarget, as_target
+from contract.jobs import KEY_PREFIX
+from contract.redis_target import RedisTarget, as_target
 
 log = logging.getLogger("blipq.worker")
 

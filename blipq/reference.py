@@ -1,11 +1,11 @@
 """The docs' reference pages generated from the code: never written twice, never out of date.
 
 - docs/configuration.md, from the settings models of every process (`configuration_markdown` below);
-- docs/errors.md, from the error registry (`worker.contract.errors.errors_markdown`).
+- docs/errors.md, from the error registry (`contract.errors.errors_markdown`).
 
-`python -m api.reference` (or `make reference`) writes them; `python -m api.reference --check` exits 1 naming each
-page that differs from what the code gives, and tests/test_reference.py fails the same way. A tool of the docs, not
-of the API process: it reads the worker's settings model too.
+`python -m blipq.reference` (or `make reference`) writes them; `python -m blipq.reference --check` exits 1 naming each
+page that differs from what the code gives, and tests/test_reference.py fails the same way. A tool of the docs, beside
+both processes: it reads every process's settings model.
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ from pathlib import Path
 
 from pydantic.fields import FieldInfo
 
-from api.settings import ApiSettings, ClientSettings, UpSettings
-from worker.contract.errors import errors_markdown
-from worker.contract.settings import BlipqSettings, SharedSettings, field_extra, rule_of
+from api.settings import ApiSettings
+from blipq.settings import ClientSettings, UpSettings
+from contract.errors import errors_markdown
+from contract.settings import BlipqSettings, SharedSettings, field_extra, rule_of
 from worker.settings import WorkerSettings  # importing it loads no torch
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
@@ -66,7 +67,7 @@ def configuration_markdown() -> str:
         "`BLIPQ_WORKER_CONCURRENCY='0' must be at least 1`.",
         "",
         "This page is generated from the settings models (`api/settings.py`, `worker/settings.py`,",
-        "`worker/contract/settings.py`) by `python -m api.reference`.",
+        "`blipq/settings.py`, `contract/settings.py`) by `python -m blipq.reference`.",
     ]
     for title, introduction, model, names in configuration_tables():
         lines += ["", f"## {title}", "", introduction, "", "| Variable | Default | Rule | Description |"]
@@ -101,7 +102,7 @@ def stale_pages() -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m api.reference", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m blipq.reference", description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="write nothing; exit 1 if a page is out of date")
     args = parser.parse_args(argv)
     if args.check:

@@ -2,7 +2,7 @@
 
 Images are http(s) URLs (the workers fetch them) or local files, found also in directories (recursively, by
 extension) and uploaded with the batch. The images stream: requests of at most `--per-request` answers (and, for
-uploads, api/tag_requests.py's MAX_FILES_PER_UPLOAD files and about MAX_UPLOAD_BYTES) are made as the inputs are
+uploads, blipq/tag_requests.py's MAX_FILES_PER_UPLOAD files and about MAX_UPLOAD_BYTES) are made as the inputs are
 read, and up to `--in-flight` of them wait on the service at once, so that the next uploads overlap the answers of the
 earlier ones; a request's lines are written as soon as it ended (and its batch deleted from the service: Redis holds
 only what is in flight), and the progress bar moves with every item that ends. Memory holds the requests in flight
@@ -10,7 +10,7 @@ and one small hash per pair settled, however many images: a file of a million UR
 queue (503 `queue_full`) is waited out by the client's retries.
 
 No one file stops the run. Each local file is checked before it is sent, against the service's own limits (from
-`GET /v1/models`) and with the service's own header check (worker.contract.images.open_image): a file that cannot be
+`GET /v1/models`) and with the service's own header check (contract.images.open_image): a file that cannot be
 read, is not an image, or is over the limits gets its own `failed` lines, with the code the service would give, and
 is not sent. A check here costs one read of the file, where the service's refusal would cost its upload (and an
 upload refused part-way reaches the client as an answer only if every server on the way reads the rest of it;
@@ -20,18 +20,18 @@ and the rest of the request is sent again without it: its lines say why. A refus
 question too long, a key refused, a service away) stops the run: the requests in flight are answered and written
 first when the service still answers, and canceled otherwise.
 
-OUT (api/tag_lines.py) holds one line per (image, question): `{"image", "question", "status", "answer", "error"}`. A
+OUT (blipq/tag_lines.py) holds one line per (image, question): `{"image", "question", "status", "answer", "error"}`. A
 re-run with the same OUT keeps its settled lines (succeeded, or failed for a permanent reason) and does not ask those
 pairs again; every other pair (failed for a transient reason, canceled, expired, or never answered) is asked again
 and its old line replaced. Ctrl-C cancels the requests in flight, keeps what was written and says how to go on.
 
 With `--caption` each image is also captioned once (continuing `--prompt`, if any), with or without questions:
 OUT then holds, besides any question lines, one `{"image", "prompt", "status", "caption", "error"}` line per image,
-resumed the same way. An image's questions and caption go in one batch (api/tag_requests.py): it is sent once, and
+resumed the same way. An image's questions and caption go in one batch (blipq/tag_requests.py): it is sent once, and
 the vqa and captioning workers each answer their own items.
 
 With `--shrink` (the default) a local file is uploaded as the very pixels the workers would feed their model, made on
-this machine's cores (api/shrink.py, through the client's `shrink`): the answers are the original's, for a fraction of
+this machine's cores (blipq/shrink.py, through the client's `shrink`): the answers are the original's, for a fraction of
 the bytes, and the workers decode a small PNG rather than a camera's photo. Where the workers do not all resize the
 same way, files are sent as they are (and a line on stderr says so).
 """
@@ -52,13 +52,13 @@ from typing import Any
 import requests
 from tqdm import tqdm
 
-from api.client import BlipqClient, BlipqClientError, is_image_url
-from api.settings import ClientSettings
-from api.tag_inputs import FileLimits, TagInputError, check_file, check_inputs, iter_images, unreadable
-from api.tag_lines import ANSWER_KEYS, Tally, keep_settled, pair_key, refused_records, report, write_lines
-from api.tag_requests import PROMPT_KEY, QUESTION_KEY, Asked, Request, file_bytes, plan_requests
+from blipq.client import BlipqClient, BlipqClientError, is_image_url
+from blipq.settings import ClientSettings
+from blipq.tag_inputs import FileLimits, TagInputError, check_file, check_inputs, iter_images, unreadable
+from blipq.tag_lines import ANSWER_KEYS, Tally, keep_settled, pair_key, refused_records, report, write_lines
+from blipq.tag_requests import PROMPT_KEY, QUESTION_KEY, Asked, Request, file_bytes, plan_requests
 
-MAX_ANSWERS_PER_REQUEST = 10_000  # the service's limit on one batch (worker/contract/batches.py MAX_BATCH_ANSWERS)
+MAX_ANSWERS_PER_REQUEST = 10_000  # the service's limit on one batch (contract/batches.py MAX_BATCH_ANSWERS)
 DEFAULT_PER_REQUEST = 1_000  # answers per request: small enough that lines and progress come often
 DEFAULT_IN_FLIGHT = 4  # requests waiting on the service at once: the workers never wait for the next upload
 PNG_BOUND = 1.01  # a shrunk picture's PNG takes at most about its raw pixels' bytes (plus its chunks' few)

@@ -12,5 +12,5 @@
 - `settings`: the settings both processes read and must agree on;
 - `logs`: the one log line format.
 
-Nothing here imports Flask or torch; the API imports the worker package only through this package.
+Nothing here imports Flask or torch, nor `api` or `worker`: both processes import it, and it imports neither.
 """

@@ -26,8 +26,8 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from worker.contract.errors import SettingsError
-from worker.contract.redis_target import DEFAULT_MASTER, RedisTarget
+from contract.errors import SettingsError
+from contract.redis_target import DEFAULT_MASTER, RedisTarget
 
 PREFIX = "BLIPQ_"
 
@@ -290,7 +290,7 @@ class SharedSettings(BlipqSettings):
 
     @property
     def redis(self) -> RedisTarget:
-        """Where Redis is (worker/contract/redis_target.py)."""
+        """Where Redis is (contract/redis_target.py)."""
         return RedisTarget(self.redis_url, self.redis_sentinels, self.redis_master)
 
     @field_validator("max_image_bytes", mode="before")

@@ -3,7 +3,7 @@
 Imports neither Flask nor torch. A batch is a few Redis keys, whatever its size (all expire together, `job_ttl_s`
 after submission):
 - `blipq:batch:<id>`, a hash: the batch's fields and its items' counts by status (kept by
-worker/contract/batch_scripts.py);
+contract/batch_scripts.py);
 - `blipq:batch-items:<id>`, a list: each item's image number and text (a question, or a caption's prompt), and its
   task when it is not the batch's (the captions of a vqa batch that captions its images too);
 - `blipq:batch-images:<id>`, a hash: each distinct image, a URL or an uploaded file's name (the upload itself is
@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from worker.contract.batch_scripts import (
+from contract.batch_scripts import (
     ACCEPT_BATCH_LUA,
     CANCEL_ITEM_LUA,
     CANCELS_PREFIX,
@@ -41,8 +41,8 @@ from worker.contract.batch_scripts import (
     UPLOADS_LEFT_PREFIX,
     WITHDRAW_BATCH_LUA,
 )
-from worker.contract.fleet import outcomes_key as outcomes_key_of_queue
-from worker.contract.jobs import (
+from contract.fleet import outcomes_key as outcomes_key_of_queue
+from contract.jobs import (
     KEY_PREFIX,
     PENDING_FIELD,
     Job,
@@ -57,8 +57,8 @@ from worker.contract.jobs import (
     webhook_delivery,
     webhook_outbox_key,
 )
-from worker.contract.states import ENDED_STATUSES, JobPriority, JobStatus, JobTask
-from worker.contract.transitions import CANCELED_MESSAGE, DEADLINE_MESSAGE
+from contract.states import ENDED_STATUSES, JobPriority, JobStatus, JobTask
+from contract.transitions import CANCELED_MESSAGE, DEADLINE_MESSAGE
 
 MAX_BATCH_ANSWERS = 10_000  # answers one batch request may ask for
 READ_PAGE = 500  # items read per round trip when a batch's results stream
@@ -403,7 +403,7 @@ class BatchStore:
         return CancelCounts(canceled, running, ended)
 
     def cancel_item(self, batch: Batch, index: int) -> int:
-        """Cancel one item: a CANCEL_* code of worker/contract/transitions.py."""
+        """Cancel one item: a CANCEL_* code of contract/transitions.py."""
         item = self.item(batch, index)
         queue = batch.queue_for(item.task) if item else batch.queue
         keys = [*self._item_keys(batch.id), outcomes_key_of_queue(queue)]

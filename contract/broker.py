@@ -8,12 +8,12 @@ from typing import TYPE_CHECKING, Any
 from celery import Celery
 from kombu.transport.redis import PRIORITY_STEPS
 
-from worker.contract.redis_target import RedisTarget, as_target
-from worker.contract.settings import DEFAULT_TIME_LIMIT_S
-from worker.contract.states import BROKER_PRIORITY, JobPriority
+from contract.redis_target import RedisTarget, as_target
+from contract.settings import DEFAULT_TIME_LIMIT_S
+from contract.states import BROKER_PRIORITY, JobPriority
 
 if TYPE_CHECKING:
-    from worker.contract.jobs import Job
+    from contract.jobs import Job
 
 TASK_VQA = "blipq.vqa"
 TASK_VQA_CHUNK = "blipq.vqa_chunk"  # a chunk of a batch's items: images, each with its (item index, text) pairs
@@ -45,7 +45,7 @@ def publish_chunk(celery: Celery, queue: str, payload: dict[str, Any], published
     """Send a chunk of a batch (task id `<batch id>.<number>`) on the queue of its task, at its priority, stamped
     `published_at` (default: now).
 
-    `payload` is one of the chunks worker.contract.batches.BatchStore.create stored: {"batch_id", "number", "member",
+    `payload` is one of the chunks contract.batches.BatchStore.create stored: {"batch_id", "number", "member",
     "priority", "task", "images": [{"image_url" | "upload", "items": [[index, text], ...]}, ...]}; `task` says what
     the texts are: questions (vqa) or caption prompts ("" for none).
     """

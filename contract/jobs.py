@@ -2,9 +2,9 @@
 
 Imports neither Flask nor torch. A job is a Redis hash that the API creates and that moves through
 queued -> running -> succeeded | failed, or ends without running: canceled (a cancel while it was queued) or expired
-(still queued at its deadline). Every change of state is a Lua script of worker/contract/transitions.py. A job expires
-`job_ttl_s` after submission. Its states are in worker/contract/states.py, its Celery app and message in
-worker/contract/broker.py.
+(still queued at its deadline). Every change of state is a Lua script of contract/transitions.py. A job expires
+`job_ttl_s` after submission. Its states are in contract/states.py, its Celery app and message in
+contract/broker.py.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.commands.core import Script
 from redis.retry import Retry
 
-from worker.contract.redis_target import RedisTarget, as_target
-from worker.contract.states import BROKER_PRIORITY, JobPriority, JobStatus, JobTask
-from worker.contract.transitions import (
+from contract.redis_target import RedisTarget, as_target
+from contract.states import BROKER_PRIORITY, JobPriority, JobStatus, JobTask
+from contract.transitions import (
     ACCEPT_LUA,
     BATCH_KEY_PREFIX,
     CANCEL_LUA,
@@ -44,7 +44,7 @@ from worker.contract.transitions import (
     WITHDRAW_LUA,
 )
 
-KEY_PREFIX = "blipq:"  # worker/contract/transitions.py's BATCH_KEY_PREFIX starts with it
+KEY_PREFIX = "blipq:"  # contract/transitions.py's BATCH_KEY_PREFIX starts with it
 JOB_ID_BYTES = 16  # 128 random bits: ids are unguessable
 OUTAGE_BACKOFF_CAP_S = 1.0  # the longest wait between two tries of a worker's Redis command while Redis is away
 API_RETRIES = 1  # the API tries a failed Redis command once more (a stale pooled connection), then answers 503
@@ -150,7 +150,7 @@ def upload_key(job_id: str) -> str:
 
 def batch_upload_key(batch_id: str, number: int) -> str:
     """The Redis string that holds image `number` uploaded with a batch, shared by all its questions; deleted when the
-    last of them ended (worker/contract/batch_scripts.py), or with the batch after the TTL."""
+    last of them ended (contract/batch_scripts.py), or with the batch after the TTL."""
     return f"{KEY_PREFIX}batch-upload:{batch_id}:{number}"
 
 

@@ -3,7 +3,7 @@
 A pair is an image and a question (`{"image", "question", "status", "answer", "error"}`) or an image and a caption's
 prompt (`{"image", "prompt", "status", "caption", "error"}`). A re-run keeps the lines of the settled pairs and does
 not ask them again: those that succeeded, and those that failed for a permanent reason, which asking again would not
-change (an invalid image, one over the limits, a URL the workers must not fetch: worker.contract.errors.is_transient
+change (an invalid image, one over the limits, a URL the workers must not fetch: contract.errors.is_transient
 says which). Every other pair (failed for a transient reason, canceled, expired, never answered) is asked again and
 its line replaced.
 """
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from worker.contract.errors import is_transient
+from contract.errors import is_transient
 
 TEXT_KEYS = ("question", "prompt")  # what a line's text is: a question, or a caption's prompt
 ANSWER_KEYS = {"question": "answer", "prompt": "caption"}  # and what answers it

@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from api.auth import NAME_PATTERN, hash_api_key, new_api_key
-from api.settings import ApiSettings, ClientSettings
-from worker.contract.errors import SettingsError
+from api.settings import ApiSettings
+from blipq.settings import ClientSettings
+from contract.errors import SettingsError
 from worker.settings import WorkerSettings
 
-CLIENT_COMMANDS = ("ask", "caption", "tag")  # the commands that use a running service (api.client)
+CLIENT_COMMANDS = ("ask", "caption", "tag")  # the commands that use a running service (blipq.client)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"blipq {args.command}: {exc}")
 
     if args.command == "up":
-        from api.up import run_up
+        from blipq.up import run_up
 
         os.environ.setdefault("BLIPQ_LOG_FORMAT", "text")  # `up` is for a person at a terminal
         if min(args.workers, args.caption_workers) < 0 or args.workers + args.caption_workers < 1:
@@ -139,7 +140,7 @@ def run_client_command(parser: argparse.ArgumentParser, args: argparse.Namespace
         return run_ask(args.url, args.image, args.question, args.timeout)
     if args.command == "caption":
         return run_ask(args.url, args.image, None, args.timeout, args.prompt)
-    from api.tag import run_tag
+    from blipq.tag import run_tag
 
     if not (args.questions or args.caption):
         parser.error("tag: give questions (-q QUESTION, repeated), --caption, or both")
@@ -162,7 +163,7 @@ def run_client_command(parser: argparse.ArgumentParser, args: argparse.Namespace
 
 def run_ask(url: str, image: str, question: str | None, timeout_s: float, prompt: str = "") -> int:
     """Print the answer, or with no question the caption (exit 0), or the job's or the request's error (exit 1)."""
-    from api.client import BlipqClient, BlipqClientError
+    from blipq.client import BlipqClient, BlipqClientError
 
     client = BlipqClient(url, api_key=ClientSettings.from_env().api_key)
     command = "ask" if question is not None else "caption"

@@ -5,7 +5,7 @@ decoder processes (worker/decoders.py), with `decode_for_model`: bytes and a mod
 the picture a viewer sees resized exactly as the model card's processor resizes it (PIL, its filter, its size), in two
 halves that the worker times apart (`picture_for_model`, then `resized_for_model`).
 
-The viewer's picture (worker.contract.viewer): EXIF orientation applied; 16-bit and float samples scaled to 8 bits;
+The viewer's picture (contract.viewer): EXIF orientation applied; 16-bit and float samples scaled to 8 bits;
 embedded ICC profiles (CMYK ones too) converted to sRGB with LittleCMS; transparency composited on white, as the
 processor's `convert_to_rgb` does.
 
@@ -37,8 +37,8 @@ from typing import TYPE_CHECKING
 import pillow_heif
 from PIL import Image, JpegImagePlugin
 
-from worker.contract.errors import ImageInvalidError, ImageTooLargeError
-from worker.contract.viewer import EXIF_ORIENTATION, viewers_picture
+from contract.errors import ImageInvalidError, ImageTooLargeError
+from contract.viewer import EXIF_ORIENTATION, viewers_picture
 
 if TYPE_CHECKING:
     import numpy as np
@@ -173,7 +173,7 @@ def _inflate_profile(chunk: bytes) -> bytes | None:
 
 
 def decode_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Decode image bytes fully into the picture a viewer sees (worker.contract.viewer), in RGB; an animation gives
+    """Decode image bytes fully into the picture a viewer sees (contract.viewer), in RGB; an animation gives
     frame 0."""
     image = open_image(data, max_pixels)
     try:

@@ -20,9 +20,10 @@ import redis
 import requests
 from redis.sentinel import MasterNotFoundError, Sentinel
 
-from api.cores import divide_cores
-from api.settings import ApiSettings, UpSettings
-from api.up_checks import UpCheckError, check_port_free, lock_data_dir
+from api.settings import ApiSettings
+from blipq.cores import divide_cores
+from blipq.settings import UpSettings
+from blipq.up_checks import UpCheckError, check_port_free, lock_data_dir
 from worker.settings import WorkerSettings, usable_cores
 
 READY_TIMEOUT_S = 60.0  # for Redis and the API to answer after they start, on a busy machine
@@ -257,7 +258,7 @@ class Stack:
         # The captioning workers' model and queue: `blipq up`'s own setting, and the API's caption queue.
         self.caption_model = UpSettings.from_env(self.env).caption_model
         self.caption_queue = api.caption_queue
-        # The cores this process may use, divided between the workers (api/cores.py): together they never ask for more.
+        # The cores this process may use, divided between the workers (blipq/cores.py): together they ask for no more.
         self.cores = sorted(os.sched_getaffinity(0))[: usable_cores()]
         self.shares = divide_cores(self.cores, len(self.tasks))
 

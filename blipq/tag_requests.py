@@ -11,11 +11,11 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from api.client import CAPTION, VQA, is_image_url
+from blipq.client import CAPTION, VQA, is_image_url
 
 MAX_FILES_PER_UPLOAD = 64  # images in one multipart request: a failed request re-sends little
 MAX_UPLOAD_BYTES = 32 * 1024 * 1024  # about this many image bytes per multipart request (one larger file goes alone)
-QUESTION_KEY, PROMPT_KEY = "question", "prompt"  # what a text is in OUT's lines (api/tag_lines.py TEXT_KEYS)
+QUESTION_KEY, PROMPT_KEY = "question", "prompt"  # what a text is in OUT's lines (blipq/tag_lines.py TEXT_KEYS)
 
 Asked = tuple[str, str]  # (QUESTION_KEY, a question) or (PROMPT_KEY, a caption's prompt, "" for none)
 

@@ -21,7 +21,7 @@ class ErrorKind(StrEnum):
     HTTP = "http"  # the API answers `{"error": {"code", "message"}}` with an HTTP status
     FAILURE = "failure"  # a job or batch item ended `failed` (or `canceled`, `expired`) with it: its `error`
     WEBHOOK = "webhook"  # a webhook's delivery failed with it: `webhook_delivery.error`
-    CLIENT = "client"  # the client (api/client.py, `blipq ask`, `caption`, `tag`) gave it, without the service's word
+    CLIENT = "client"  # the client (blipq/client.py, `blipq ask`, `caption`, `tag`) gave it, without the service's word
     SETTING = "setting"  # a process refused to start: a BLIPQ_* variable cannot be used
 
 
@@ -183,7 +183,7 @@ def is_transient(code: str) -> bool:
 def registered(kind: ErrorKind, code: str) -> str:
     """`code`, once checked to be in the registry as a code of `kind`; raises KeyError (at import) when it is not."""
     if (kind, code) not in ERRORS:
-        raise KeyError(f"error code {code!r} of kind {kind} is not in worker.contract.errors.REGISTRY")
+        raise KeyError(f"error code {code!r} of kind {kind} is not in contract.errors.REGISTRY")
     return code
 
 
@@ -200,7 +200,7 @@ def errors_markdown() -> str:
     lines = [
         "# Error codes",
         "",
-        "<!-- Generated from worker/contract/errors.py by `make reference`; do not edit by hand. -->",
+        "<!-- Generated from contract/errors.py by `make reference`; do not edit by hand. -->",
         "",
         'Every error the API answers has the shape `{"error": {"code": "...", "message": "..."}}`, and so has the',
         "`error` of a job or batch item that failed, and of a webhook delivery that failed. The code is stable:",
@@ -228,7 +228,7 @@ def errors_markdown() -> str:
         (
             ErrorKind.CLIENT,
             "Client errors",
-            "Given by the Python client (`api/client.py`) and `blipq ask`, `caption` and `tag` without the service's "
+            "Given by the Python client (`blipq/client.py`) and `blipq ask`, `caption` and `tag` without the service's "
             "word. They also give `image_url_invalid` for an image that is neither an http(s) URL nor a file, and "
             "`blipq tag` gives `image_invalid` and `image_too_large` for a file it checked before sending, as the "
             "service would.",

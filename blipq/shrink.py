@@ -1,6 +1,6 @@
 """Shrinking pictures on the client before they are uploaded, without changing a single answer.
 
-A worker feeds its model the pixels `worker.contract.images.decode_for_model` makes of an image: the picture a viewer
+A worker feeds its model the pixels `contract.images.decode_for_model` makes of an image: the picture a viewer
 sees, resized to the model's input size with its processor's filter. The client makes those very pixels (the same
 function, given the size, filter and decode mode the workers publish in GET /v1/models) and uploads them as a PNG. The
 worker then decodes that PNG to the same pixels (an RGB picture at the input size, with no orientation, profile or
@@ -34,8 +34,8 @@ from typing import Any
 import PIL
 from PIL import Image
 
-from worker.contract.errors import ImageTooLargeError
-from worker.contract.images import decode_for_model
+from contract.errors import ImageTooLargeError
+from contract.images import decode_for_model
 
 PNG_OPTIONS: dict[str, Any] = {"compress_level": 1, "compress_type": zlib.Z_RLE}  # see the module's docstring
 EXACT_DECODE = "exact"  # the decode mode (BLIPQ_IMAGE_DECODE) that decodes every pixel
@@ -96,7 +96,7 @@ def _agreed_resize(models: dict[str, Any], tasks: list[str]) -> tuple[int, int, 
 def shrink(data: bytes, target: ShrinkTarget) -> bytes:
     """The PNG of the pixels the workers would feed their model from `data`, or `data` itself when that is no larger.
 
-    Raises worker.contract.errors.ImageInvalidError or ImageTooLargeError, as the service would for the original.
+    Raises contract.errors.ImageInvalidError or ImageTooLargeError, as the service would for the original.
     """
     if len(data) > target.max_bytes:
         limit = target.max_bytes

@@ -2,7 +2,7 @@
 local file before it is sent.
 
 A file is checked against the service's own limits (`limits` of GET /v1/models) with the service's own header check
-(worker.contract.images.open_image, which reads the header alone): a file the service would refuse is not sent, and
+(contract.images.open_image, which reads the header alone): a file the service would refuse is not sent, and
 its lines say why, with the code the service would give.
 """
 
@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from api.client import OTHER_SCHEME, BlipqClientError, check_image_source, is_image_url
-from worker.contract.errors import ImageInvalidError, ImageTooLargeError
-from worker.contract.images import open_image
+from blipq.client import OTHER_SCHEME, BlipqClientError, check_image_source, is_image_url
+from contract.errors import ImageInvalidError, ImageTooLargeError
+from contract.images import open_image
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 UNLIMITED_PIXELS = 1 << 62  # a service that does not publish its limits: the header check tells the format alone
@@ -87,7 +87,7 @@ def check_file(image: str, limits: FileLimits | None) -> dict[str, str] | None:
     """Why the service would refuse a local file, found here before it is sent (`{"code", "message"}`), or None.
 
     An http(s) URL is the workers' to fetch: it passes. Another URL (ftp://, s3://...) is refused, as the service
-    would; a file is read and its header checked as the service checks an upload (worker.contract.images.open_image).
+    would; a file is read and its header checked as the service checks an upload (contract.images.open_image).
     """
     if is_image_url(image):
         return None

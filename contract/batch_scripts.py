@@ -3,31 +3,31 @@
 A batch's items are not jobs of their own: an item is an entry of the batch's item list (its image number and text)
 and, once it reached the model, a field of the batch's outcome hash (`["running"]`, then its outcome). An item with
 no outcome is queued, unless its batch is closed (canceled or past its deadline): then it ended so, without running.
-A cancel of one item is as a job's (worker/contract/transitions.py): it is recorded in the batch's set of items whose
+A cancel of one item is as a job's (contract/transitions.py): it is recorded in the batch's set of items whose
 cancel was asked; a queued item ends `canceled` at once, a running one runs to its end, and one whose chunk is
 delivered again (its worker died) is not run again but ends `canceled`.
 The batch's hash keeps the counts by status (`queued`, `running`, `succeeded`, ...), which these scripts move in the
 same call as the items: a summary is one read, whatever the batch's size. Each call that ends items publishes on the
-batch's `ended` channel (worker.contract.jobs.ended_key of the batch's id), which wakes the API's reads waiting for an
+batch's `ended` channel (contract.jobs.ended_key of the batch's id), which wakes the API's reads waiting for an
 item.
 
 Each script runs a handful of Redis commands per chunk (variadic HMGET/HSET over the chunk's items), not per item.
-`worker.contract.batches.BatchStore` registers and calls them.
+`contract.batches.BatchStore` registers and calls them.
 """
 
 from __future__ import annotations
 
 import json
 
-from worker.contract.transitions import BATCH_OUTBOX_PREFIX, CANCELED_RERUN_MESSAGE, TAKE_FROM_QUEUE_LUA
+from contract.transitions import BATCH_OUTBOX_PREFIX, CANCELED_RERUN_MESSAGE, TAKE_FROM_QUEUE_LUA
 
 RUNNING = '["running"]'  # an item's outcome field while the model answers it (its worker may die meanwhile)
 ITEM_OUTBOX_PREFIX = "item:"  # an outbox member for a batch item's own webhook (`item:<batch id>.<index>`)
-ITEM_WEBHOOK_PREFIX = "blipq:item-webhook:"  # the hash of a batch item's webhook delivery (worker.contract.batches)
+ITEM_WEBHOOK_PREFIX = "blipq:item-webhook:"  # the hash of a batch item's webhook delivery (contract.batches)
 SKIPPED = "skipped"  # what a worker reports for an item the model did not answer (RUN_ITEMS_LUA did not let it run)
 
-UPLOADS_LEFT_PREFIX = "blipq:batch-left:"  # worker.contract.batches.uploads_left_key
-CANCELS_PREFIX = "blipq:batch-cancels:"  # worker.contract.batches.cancels_key
+UPLOADS_LEFT_PREFIX = "blipq:batch-left:"  # contract.batches.uploads_left_key
+CANCELS_PREFIX = "blipq:batch-cancels:"  # contract.batches.cancels_key
 # The outcome of a running item whose cancel was asked and whose worker died: it is not run again.
 CANCELED_RERUN = json.dumps(["canceled", CANCELED_RERUN_MESSAGE], separators=(",", ":"))
 UNPACK_MAX = 1000  # arguments a script passes to one command at most (Lua's unpack stops near 8,000)
@@ -228,7 +228,7 @@ end
 # KEYS = batch, chunks, never-started set, mark, running set, stats, outcome hash, item list, outbox, ended list,
 # outcomes; ARGV = member, number, now, worker, max attempts, gave-up message, answers, model, the chunk's task (its
 # model is the batch's `model`, or `model:<task>` for the captions of a vqa batch that captions its images too).
-# Returns the attempt number (>= 1) or a START_* code of worker/contract/transitions.py (START_PENDING while the batch's
+# Returns the attempt number (>= 1) or a START_* code of contract/transitions.py (START_PENDING while the batch's
 # submission is not accepted yet, as for a job).
 START_CHUNK_LUA = (
     _LIBRARY
@@ -347,7 +347,7 @@ return {closed, tonumber(redis.call('hget', KEYS[1], 'running')), ended_before}
 # Cancels one item of a batch as CANCEL_LUA cancels a job: the cancel is recorded (the item shows cancel_requested);
 # a queued item ends `canceled` and never runs; a running one runs to its end (and is not run again: RUN_ITEMS_LUA).
 # KEYS = batch, outcome hash, item list, outbox, ended list, outcomes; ARGV = now, index, its image's upload key.
-# Returns a CANCEL_* code of worker/contract/transitions.py.
+# Returns a CANCEL_* code of contract/transitions.py.
 CANCEL_ITEM_LUA = (
     _LIBRARY
     + """
