@@ -27,13 +27,17 @@ endif
 # Where `make docs` writes the site: under build/, which git ignores.
 DOCS_SITE ?= build/site
 
-.PHONY: up test lint docs reference clean
+.PHONY: up test quick lint docs reference clean
 
 up: $(VENV)/.installed
 	$(UP_MODELS) $(BIN)/blipq up $(ARGS)
 
 test: $(VENV)/.installed lint docs
 	$(BIN)/pytest --numprocesses $(TEST_PROCESSES) --dist loadscope
+
+# The process-free tests (tests/unit: no worker, no API server; a Redis at most), in seconds, while editing.
+quick: $(VENV)/.installed
+	$(BIN)/pytest --numprocesses $(TEST_PROCESSES) tests/unit
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
@@ -45,7 +49,7 @@ lint: $(VENV)/.installed
 docs: $(VENV)/.installed
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir $(DOCS_SITE)
 
-# docs/configuration.md and docs/errors.md, written from the code (tests/test_reference.py fails when they differ).
+# docs/configuration.md and docs/errors.md, written from the code (tests/unit/test_reference.py fails when they differ).
 reference: $(VENV)/.installed
 	$(BIN)/python -m blipq.reference
 

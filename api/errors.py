@@ -23,7 +23,7 @@ STORE_RETRY_AFTER_S = 2  # what a client is told to wait while Redis is away (a 
 
 class ApiError(Exception):
     """Root of the errors the API answers with; subclasses fix the HTTP status, which is their codes' in the registry
-    (tests/test_errors.py checks each code raised against it).
+    (tests/unit/test_errors.py checks each code raised against it).
 
     `image` names the image of a batch that the refusal is about: its index in `images` and its file name or URL.
     """

@@ -29,7 +29,7 @@ from PIL import Image
 
 from benchmarks.photos import NAMED_SIZES, QUICK_SIZES, image_bytes, photo
 from contract.images import decode_for_model
-from tests.fixtures.profiles import swapped_srgb
+from tests.support.profiles import swapped_srgb
 
 BICUBIC = int(Image.Resampling.BICUBIC)
 MAX_PIXELS = 40_000_000  # the worker's default BLIPQ_MAX_IMAGE_PIXELS

@@ -12,7 +12,7 @@ processor's resize of the viewer's picture (`decode_image`) pixel for pixel.
 on easy-VQA test pictures (`--images` of them, a fixed sample), each upscaled (bicubic) to the four camera sizes and
 JPEG-compressed at quality 75, 90 and 95: every test question of the picture, and an unprompted caption. The
 processor's path is `answer_questions` on the viewer's picture (its PIL resize is the processor's, and its answers
-the model card's one at a time: tests/test_inference.py); the fast and exact paths are `decode_for_model` then the
+the model card's one at a time: tests/unit/test_inference.py); the fast and exact paths are `decode_for_model` then the
 same `generate_texts`. Prints how many answers agree (goal: at least 99.5% fast, all exact).
 
 `--quick`: a 0.3 MP photo at quality 90 for (a), 3 pictures at 0.3 MP for (b); `--smoke`, one picture for (b).

@@ -3,7 +3,7 @@
     python -m benchmarks.machinery [--images 500] [--wide-images 2000] [--questions 10] [--single-jobs 300]
         [--idle-jobs 50] [--photos 100] [--batch-size 32] [--gpu-rate 1000,3000,10000] [--quick] [--smoke] [--out FILE]
 
-A tiny random-weights BLIP (tests/fixtures/tiny_model.py) generating one token leaves the machinery's time. In one run,
+A tiny random-weights BLIP (tests/support/tiny_model.py) generating one token leaves the machinery's time. In one run,
 the service (its own Redis, the API under gunicorn, one worker, one torch thread, BLIPQ_BATCH_MAX_SIZE=--batch-size)
 and the inference core in this process (each image's bytes read and `decode_image`d, then `answer_questions` on
 --batch-size answers at a time, an image's questions together, one torch thread) answer the same items, mix by mix:
@@ -357,7 +357,7 @@ def main() -> int:
     args = parse_args()
     import torch
 
-    from tests.fixtures.tiny_model import build_tiny_vqa_model
+    from tests.support.tiny_model import build_tiny_vqa_model
     from worker.inference import load_model
 
     torch.set_num_threads(1)

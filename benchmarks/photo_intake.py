@@ -8,7 +8,7 @@ beside every figure, the feed limit of the same bytes measured in the same run (
 decode to the model's input size on one process per core). In order:
 
 1. a near-instant model: a tiny random-weights BLIP whose processor resizes to 384 px as BLIP-base's does
-   (tests/fixtures/tiny_model.py, patches of 32 px), generating one token; the service (its own Redis with its
+   (tests/support/tiny_model.py, patches of 32 px), generating one token; the service (its own Redis with its
    append-only file, the API under gunicorn, one worker, one torch thread) asked one question about each of --photos
    photos by URL (benchmarks/image_server.py, HTTP/1.1) / the feed limit;
 2. the same photos through `blipq tag DIR -q Q` (uploads; the client's work counts, on the same machine) / the feed
@@ -100,7 +100,7 @@ def parse_args() -> argparse.Namespace:
 
 def tiny_env(work: Path) -> dict[str, str]:
     """The worker's settings for the near-instant model, built into `work`."""
-    from tests.fixtures.tiny_model import build_tiny_vqa_model
+    from tests.support.tiny_model import build_tiny_vqa_model
 
     model_dir = build_tiny_vqa_model(work / "model", image_size=MODEL_SIZE, patch_size=MODEL_PATCH)
     return {

@@ -4,8 +4,8 @@
 - docs/errors.md, from the error registry (`contract.errors.errors_markdown`).
 
 `python -m blipq.reference` (or `make reference`) writes them; `python -m blipq.reference --check` exits 1 naming each
-page that differs from what the code gives, and tests/test_reference.py fails the same way. A tool of the docs, beside
-both processes: it reads every process's settings model.
+page that differs from what the code gives, and tests/unit/test_reference.py fails the same way. A tool of the
+docs, beside both processes: it reads every process's settings model.
 """
 
 from __future__ import annotations

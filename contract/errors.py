@@ -5,7 +5,7 @@ A code is stable and machine-readable; its message is for people. The registry s
 refused at start), its HTTP status for an HTTP error, when it is given, and whether it is transient: whether the same
 request later may succeed (a client retries those, and `blipq tag` asks them again on a re-run, while it keeps the
 lines of the others). The API's error answers, the OpenAPI document and docs/errors.md all read it;
-tests/test_errors.py fails when a code is given that it lacks, or when it lists a code that nothing gives.
+tests/unit/test_errors.py fails when a code is given that it lacks, or when it lists a code that nothing gives.
 """
 
 from __future__ import annotations
