@@ -38,6 +38,7 @@ HELPERS = {
 }
 # A line each benchmark prints once it has its figures (its last ones): the run got there, whatever their values.
 FIGURES = {
+    "autoscaling": r"drain beats count at the same worker-hours on p95 wait: \d+ of 1 traces",
     "batching": r"rounds: \d+\.\d\d",
     "chaos": r"stranded by the kills\s+\d+ jobs and chunks",
     "decode_pool": r"processes: \d+ / 1 = \d+\.\d\dx",
