@@ -28,8 +28,9 @@ from worker.intake import Intake
 from worker.metrics import WorkerOps
 from worker.netguard import NetworkPolicy
 from worker.reaper import ReaperPolicy, ReaperThread, Receipts
+from worker.runtime import WorkerRuntime
 from worker.settings import WorkerSettings
-from worker.tasks import WorkerRuntime, register_tasks
+from worker.tasks import register_tasks
 from worker.webhooks import WebhookPolicy, WebhookSender
 
 log = logging.getLogger("blipq.worker")
@@ -55,7 +56,7 @@ def create_worker_app(settings: WorkerSettings) -> Celery:
     runtime = WorkerRuntime(settings)
     ops = WorkerOps(runtime, settings)  # metrics, the readiness record, a log line per job: around the model load
     worker_init.connect(ops.before_model_load, weak=False)
-    worker_init.connect(runtime.start, weak=False)
+    worker_init.connect(runtime.load_model, weak=False)
     worker_init.connect(ops.after_model_load, weak=False)
     worker_shutdown.connect(runtime.stop, weak=False)  # a warm shutdown; a cold one sends no signal, hence:
     atexit.register(runtime.stop)  # the model's thread must not be inside torch when the interpreter exits
