@@ -27,7 +27,8 @@ from contract.logs import use_json_logs_in_celery
 from worker.intake import Intake
 from worker.metrics import WorkerOps
 from worker.netguard import NetworkPolicy
-from worker.reaper import ReaperPolicy, ReaperThread, Receipts
+from worker.reaper import ReaperPolicy, ReaperThread
+from worker.receipts import Receipts
 from worker.runtime import WorkerRuntime
 from worker.settings import WorkerSettings
 from worker.tasks import register_tasks

@@ -25,8 +25,9 @@ from urllib3.exceptions import TimeoutError as TransportTimeoutError
 
 from contract.errors import ImageFetchError, ImageFetchTimeoutError, ImageInvalidError, ImageTooLargeError
 from contract.images import ALLOWED_FORMATS, SNIFF_BYTES, sniff_image_format
+from worker.guarded_http import GuardedAdapter
 from worker.keepalive import KEEPALIVE_S, KEPT_HOSTS, KEPT_PER_HOST
-from worker.netguard import AddressGuard, GuardedAdapter, NetworkPolicy, Resolver, check_url
+from worker.netguard import AddressGuard, NetworkPolicy, Resolver, check_url
 
 CHUNK_BYTES = 64 * 1024  # the most one read returns
 MAX_REDIRECTS = 3
