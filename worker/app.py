@@ -24,9 +24,9 @@ from contract.broker import create_celery
 from contract.fleet import fleet_client, worker_identity
 from contract.jobs import JobStore
 from contract.logs import use_json_logs_in_celery
-from worker.intake import Intake
 from worker.metrics import WorkerOps
 from worker.netguard import NetworkPolicy
+from worker.prefetch_bound import Intake
 from worker.reaper import ReaperPolicy, ReaperThread
 from worker.receipts import Receipts
 from worker.runtime import WorkerRuntime
@@ -45,7 +45,7 @@ def create_worker_app(settings: WorkerSettings) -> Celery:
     The thread pool runs one thread per message held (`concurrency`): they fetch images while the model answers,
     and the model answers the texts of many messages at once (worker/batching.py). With late acknowledgement and a
     prefetch multiplier of 1, a worker holds at most `concurrency` messages, and takes one only while it holds fewer
-    than `intake` answers (worker/intake.py): the rest wait on the queue, for it or for others.
+    than `intake` answers (worker/prefetch_bound.py): the rest wait on the queue, for it or for others.
     Time limits are the worker's own (Celery's are not enforced in a thread pool): a job fails `timeout` after
     BLIPQ_JOB_TIME_LIMIT_S less 10 s, and a model call that runs past the limit ends the worker.
     """
