@@ -4,7 +4,7 @@ Where the worker may connect is worker.netguard's business; this module bounds w
 (one deadline for the whole download, redirects included, enforced between reads and on every socket read), bytes
 (the declared length, then the bytes actually read), and what the body may be (an image Content-Type or none, and
 the first bytes of an allowed image format). A failed download's message names its cause (`failure_cause`). One
-session (`new_session`) serves all of a worker's threads; the connections it keeps are worker.netguard's business.
+session (`new_session`) serves all of a worker's threads; the connections it keeps are worker.guarded_http's business.
 """
 
 from __future__ import annotations
