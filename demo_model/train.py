@@ -11,7 +11,6 @@ Seeded and deterministic (single process, fixed data order); meant for 2 CPU cor
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import random
 import sys
@@ -25,6 +24,7 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository, for worker/
 import synth
+from training import begin_run, train
 from transformers import (
     BertTokenizerFast,
     BlipConfig,
@@ -306,49 +306,6 @@ def validate(model, processor, held, max_q=None):
     return acc, {k: v[0] / max(1, v[1]) for k, v in correct.items()}, n
 
 
-def optimizer(params, args):
-    """AdamW (no weight decay on biases and norms) and its learning rate by step: linear warm-up, then cosine down
-    to 2% of `args.lr`."""
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": args.wd}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=args.lr,
-        betas=(0.9, 0.98),
-    )
-
-    def lr_at(step):
-        if step < args.warmup:
-            return args.lr * (step + 1) / args.warmup
-        p = (step - args.warmup) / max(1, args.steps - args.warmup)
-        return args.lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * p)))
-
-    return opt, lr_at
-
-
-def save(model, processor, out):
-    os.makedirs(out, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    processor.save_pretrained(out)
-    # also the stand-alone files older loaders look for
-    processor.image_processor.save_pretrained(out)
-    with open(os.path.join(out, "vocab.txt"), "w") as f:
-        vocab = processor.tokenizer.get_vocab()
-        f.write("".join(w + "\n" for w, _ in sorted(vocab.items(), key=lambda kv: kv[1])))
-
-
-def finish(model, processor, args, t_train, t0):
-    """The end of a training run: the model saved (unless --bench), and how long the loop and the run took."""
-    train_s = time.time() - t_train
-    if not args.bench:
-        save(model, processor, args.out)
-    print(
-        f"[done] training loop {train_s:.0f}s ({train_s / 60:.1f} min); total wall time {time.time() - t0:.0f}s "
-        f"({(time.time() - t0) / 60:.1f} min); saved to {args.out}",
-        flush=True,
-    )
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "blip-vqa-easy"))
@@ -380,12 +337,7 @@ def main():
     # hidden size has to equal the vision hidden size (encoder_hidden_size), as in blip-vqa-base (768/768).
     args.text_hidden = args.vision_hidden
 
-    t0 = time.time()
-    torch.set_num_threads(args.threads)
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    t0 = begin_run(args)
 
     processor = build_processor(args.image_size)
     tok = processor.tokenizer
@@ -412,50 +364,23 @@ def main():
     )
 
     params = list(model.parameters()) + list(aux.parameters()) + list(match.parameters())
-    opt, lr_at = optimizer(params, args)
 
-    model.train()
-    t_train = time.time()
-    acc_l = acc_a = acc_f = acc_m = 0.0
-    nlog = 0
-    steps = 20 if args.bench else args.steps
-    for step in range(steps):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step)
-        px, ids, am, labels, shp, col = batcher.next()
+    def step(batch):
+        px, ids, am, labels, shp, col = batch
         vqa, aux_loss, match_loss, first_ok = forward_loss(
             model, aux, px, ids, am, labels, shp, col, args.k, args.aux, match if args.match > 0 else None
         )
         loss = vqa + args.aux * aux_loss + args.match * match_loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        acc_l += vqa.item()
-        acc_a += aux_loss.item()
-        acc_m += match_loss.item()
-        acc_f += first_ok.item()
-        nlog += 1
-        if (step + 1) % args.log_every == 0 or step + 1 == steps or args.bench:
-            el = time.time() - t_train
-            print(
-                f"step {step + 1}/{steps} loss {acc_l / nlog:.4f} aux {acc_a / nlog:.4f} match {acc_m / nlog:.4f} "
-                f"train-acc {acc_f / nlog:.4f} lr {lr_at(step):.2e} {el:.0f}s ({(step + 1) / el:.2f} it/s)",
-                flush=True,
-            )
-            acc_l = acc_a = acc_f = acc_m = 0.0
-            nlog = 0
-        if not args.bench and ((step + 1) % args.eval_every == 0 or step + 1 == steps):
-            tv = time.time()
-            acc, per, n = validate(model, processor, held, max_q=None if step + 1 == steps else 1500)
-            print(
-                f"[val] step {step + 1}: held-out train-split acc {acc:.4f} on {n} "
-                f"(yes/no {per['yes/no']:.4f}, shape {per['shape']:.4f}, colour {per['colour']:.4f}) "
-                f"[{time.time() - tv:.0f}s]",
-                flush=True,
-            )
-            save(model, processor, args.out)
-    finish(model, processor, args, t_train, t0)
+        return loss, [("loss", vqa), ("aux", aux_loss), ("match", match_loss), ("train-acc", first_ok)]
+
+    def validation(last):
+        acc, per, n = validate(model, processor, held, max_q=None if last else 1500)
+        return (
+            f"held-out train-split acc {acc:.4f} on {n} "
+            f"(yes/no {per['yes/no']:.4f}, shape {per['shape']:.4f}, colour {per['colour']:.4f})"
+        )
+
+    train(model, processor, params, args, batcher.next, step, validation, t0)
 
 
 if __name__ == "__main__":

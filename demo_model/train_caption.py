@@ -21,11 +21,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import sys
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -38,13 +36,11 @@ from train import (
     AuxHead,
     ImageStream,
     build_config,
-    finish,
     get_bank,
-    optimizer,
     real_train_images,
-    save,
 )
 from train import build_processor as build_demo_processor
+from training import begin_run, train
 from transformers import (
     BlipForConditionalGeneration,
     BlipForQuestionAnswering,
@@ -194,12 +190,7 @@ def main():
     ap.add_argument("--bench", action="store_true", help="time a few steps and exit")
     args = ap.parse_args()
 
-    t0 = time.time()
-    torch.set_num_threads(args.threads)
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    t0 = begin_run(args)
 
     processor = build_demo_processor(args.image_size, build_vocab())
     tok = processor.tokenizer
@@ -232,47 +223,18 @@ def main():
     )
 
     params = list(model.parameters()) + list(aux.parameters())
-    opt, lr_at = optimizer(params, args)
 
-    model.train()
-    t_train = time.time()
-    acc_l = acc_a = acc_s = 0.0
-    nlog = 0
-    steps = 20 if args.bench else args.steps
-    for step in range(steps):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step)
-        px, input_ids, mask, targets, shp, col = batcher.next()
+    def step(batch):
+        px, input_ids, mask, targets, shp, col = batch
         lm, aux_loss, seq_ok = forward_loss(model, aux, px, input_ids, mask, targets, shp, col, args.aux)
         loss = lm + args.aux * aux_loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        acc_l += lm.item()
-        acc_a += aux_loss.item()
-        acc_s += seq_ok.item()
-        nlog += 1
-        if (step + 1) % args.log_every == 0 or step + 1 == steps or args.bench:
-            el = time.time() - t_train
-            print(
-                f"step {step + 1}/{steps} loss {acc_l / nlog:.4f} aux {acc_a / nlog:.4f} "
-                f"train-caption-acc {acc_s / nlog:.4f} lr {lr_at(step):.2e} {el:.0f}s ({(step + 1) / el:.2f} it/s)",
-                flush=True,
-            )
-            acc_l = acc_a = acc_s = 0.0
-            nlog = 0
-        if not args.bench and ((step + 1) % args.eval_every == 0 or step + 1 == steps):
-            tv = time.time()
-            res = validate(model, processor, held)
-            parts = ", ".join(f"{p!r} {w:.4f}/{e:.4f}" for p, (w, e) in res.items())
-            print(
-                f"[val] step {step + 1}: held-out train-split images, colour+shape/exact by prompt: {parts} "
-                f"[{time.time() - tv:.0f}s]",
-                flush=True,
-            )
-            save(model, processor, args.out)
-    finish(model, processor, args, t_train, t0)
+        return loss, [("loss", lm), ("aux", aux_loss), ("train-caption-acc", seq_ok)]
+
+    def validation(_last):
+        parts = ", ".join(f"{p!r} {w:.4f}/{e:.4f}" for p, (w, e) in validate(model, processor, held).items())
+        return f"held-out train-split images, colour+shape/exact by prompt: {parts}"
+
+    train(model, processor, params, args, batcher.next, step, validation, t0)
 
 
 if __name__ == "__main__":

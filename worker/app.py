@@ -24,12 +24,14 @@ from contract.broker import create_celery
 from contract.fleet import fleet_client, worker_identity
 from contract.jobs import JobStore
 from contract.logs import use_json_logs_in_celery
-from worker.intake import Intake
 from worker.metrics import WorkerOps
 from worker.netguard import NetworkPolicy
-from worker.reaper import ReaperPolicy, ReaperThread, Receipts
+from worker.prefetch_bound import Intake
+from worker.reaper import ReaperPolicy, ReaperThread
+from worker.receipts import Receipts
+from worker.runtime import WorkerRuntime
 from worker.settings import WorkerSettings
-from worker.tasks import WorkerRuntime, register_tasks
+from worker.tasks import register_tasks
 from worker.webhooks import WebhookPolicy, WebhookSender
 
 log = logging.getLogger("blipq.worker")
@@ -43,7 +45,7 @@ def create_worker_app(settings: WorkerSettings) -> Celery:
     The thread pool runs one thread per message held (`concurrency`): they fetch images while the model answers,
     and the model answers the texts of many messages at once (worker/batching.py). With late acknowledgement and a
     prefetch multiplier of 1, a worker holds at most `concurrency` messages, and takes one only while it holds fewer
-    than `intake` answers (worker/intake.py): the rest wait on the queue, for it or for others.
+    than `intake` answers (worker/prefetch_bound.py): the rest wait on the queue, for it or for others.
     Time limits are the worker's own (Celery's are not enforced in a thread pool): a job fails `timeout` after
     BLIPQ_JOB_TIME_LIMIT_S less 10 s, and a model call that runs past the limit ends the worker.
     """
@@ -55,7 +57,7 @@ def create_worker_app(settings: WorkerSettings) -> Celery:
     runtime = WorkerRuntime(settings)
     ops = WorkerOps(runtime, settings)  # metrics, the readiness record, a log line per job: around the model load
     worker_init.connect(ops.before_model_load, weak=False)
-    worker_init.connect(runtime.start, weak=False)
+    worker_init.connect(runtime.load_model, weak=False)
     worker_init.connect(ops.after_model_load, weak=False)
     worker_shutdown.connect(runtime.stop, weak=False)  # a warm shutdown; a cold one sends no signal, hence:
     atexit.register(runtime.stop)  # the model's thread must not be inside torch when the interpreter exits

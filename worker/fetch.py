@@ -4,7 +4,7 @@ Where the worker may connect is worker.netguard's business; this module bounds w
 (one deadline for the whole download, redirects included, enforced between reads and on every socket read), bytes
 (the declared length, then the bytes actually read), and what the body may be (an image Content-Type or none, and
 the first bytes of an allowed image format). A failed download's message names its cause (`failure_cause`). One
-session (`new_session`) serves all of a worker's threads; the connections it keeps are worker.netguard's business.
+session (`new_session`) serves all of a worker's threads; the connections it keeps are worker.guarded_http's business.
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ from urllib3.exceptions import TimeoutError as TransportTimeoutError
 
 from contract.errors import ImageFetchError, ImageFetchTimeoutError, ImageInvalidError, ImageTooLargeError
 from contract.images import ALLOWED_FORMATS, SNIFF_BYTES, sniff_image_format
+from worker.guarded_http import GuardedAdapter
 from worker.keepalive import KEEPALIVE_S, KEPT_HOSTS, KEPT_PER_HOST
-from worker.netguard import AddressGuard, GuardedAdapter, NetworkPolicy, Resolver, check_url
+from worker.netguard import AddressGuard, NetworkPolicy, Resolver, check_url
 
 CHUNK_BYTES = 64 * 1024  # the most one read returns
 MAX_REDIRECTS = 3

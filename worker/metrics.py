@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import PIL
 import redis
@@ -42,7 +42,6 @@ if TYPE_CHECKING:
     import torch
 
     from worker.inference import LoadedModel
-    from worker.tasks import WorkerRuntime
 
 log = logging.getLogger("blipq.worker")
 
@@ -94,10 +93,18 @@ def observe_inference(questions: int) -> Iterator[None]:
     ANSWERS.inc(questions)
 
 
+class HoldsModel(Protocol):
+    """What the ops read of the worker's runtime (worker/runtime.py): its model, None until loaded (or if the load
+    failed)."""
+
+    @property
+    def loaded(self) -> LoadedModel | None: ...
+
+
 class WorkerOps:
     """Connects a worker's metrics, readiness record and job log lines to Celery's signals."""
 
-    def __init__(self, runtime: WorkerRuntime, settings: WorkerSettings) -> None:
+    def __init__(self, runtime: HoldsModel, settings: WorkerSettings) -> None:
         self.runtime, self.settings = runtime, settings
         self.load_started = 0.0
         self.announcer: Announcer | None = None
@@ -105,13 +112,13 @@ class WorkerOps:
         self._client: redis.Redis | None = None
 
     def connect(self) -> None:
-        """Listen to task and process signals (the model load is connected around runtime.start by the app)."""
+        """Listen to task and process signals (the model load is connected around runtime.load_model by the app)."""
         task_prerun.connect(self.on_task_prerun, weak=False)
         task_postrun.connect(self.on_task_postrun, weak=False)
         worker_shutdown.connect(self.on_shutdown, weak=False)
 
     def before_model_load(self, **_: Any) -> None:
-        """Connected to `worker_init` before runtime.start: the load starts."""
+        """Connected to `worker_init` before runtime.load_model: the load starts."""
         self.load_started = time.monotonic()
         if self.settings.log_format == "json":  # progress bars are for terminals: in a JSON log they are noise
             from transformers.utils import logging as transformers_logging
@@ -119,8 +126,8 @@ class WorkerOps:
             transformers_logging.disable_progress_bar()
 
     def after_model_load(self, **_: Any) -> None:
-        """Connected to `worker_init` after runtime.start: announce the worker and serve its metrics."""
-        if self.runtime.loaded is None:  # runtime.start failed (Celery logged why): not ready, nothing to serve
+        """Connected to `worker_init` after runtime.load_model: announce the worker and serve its metrics."""
+        if self.runtime.loaded is None:  # runtime.load_model failed (Celery logged why): not ready, nothing to serve
             log.error("the model did not load; this worker does not announce itself ready")
             return
         self._model_ready(self.runtime.loaded, time.monotonic() - self.load_started)

@@ -7,8 +7,8 @@ its message is, in turn:
 1. in its level's list of kombu's Redis transport (`broker_list_key`; each level first in, first out);
 2. popped by a worker (BRPOP), in that worker's memory only;
 3. recorded by kombu as unacknowledged (its `unacked` hash), a second step after the BRPOP;
-4. recorded by the worker in its set of messages held (`Receipts`, on Celery's `task_received`, before a thread
-   starts it), where it stays until its task returns;
+4. recorded by the worker in its set of messages held (worker/receipts.py, on Celery's `task_received`, before a
+   thread starts it), where it stays until its task returns;
 5. started: the start script takes the member off the never-started set; the job is in the queue's running set until
    it ends, and its message stays unacknowledged (and held) until then.
 A worker killed at step 2 or 3 leaves the message where no live worker will take it: kombu's unacknowledged copy
@@ -62,7 +62,6 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
 
 import redis
 from celery import Celery
@@ -97,7 +96,6 @@ log = logging.getLogger("blipq.reaper")
 
 SWEEP_BATCH = 200  # members looked at per level and sweep beyond what live workers hold: a sweep stays short
 LOCK_PREFIX = "blipq:reaper-lock:"
-HELD_TTL_S = 24 * 3600  # a worker's set of messages held outlives any message it names (a job's time limit)
 # A member enqueued this much before the message at the head of its list was published has left the list: hosts'
 # clocks may differ a little. Too small costs a needless publish (its second delivery is skipped); too large, a later
 # find.
@@ -328,32 +326,6 @@ def _named(member: str) -> str:
 
 def _decoded(values: Iterable[bytes]) -> list[str]:
     return [value.decode() for value in values]
-
-
-class Receipts:
-    """Keeps a worker's set of messages held: each message it receives goes in (one round trip, in the consumer
-    thread, before a pool thread starts it: Celery's `task_received`), and out once its task returned
-    (`task_postrun`), whether it ran, was skipped, or gave up waiting for its job's acceptance."""
-
-    def __init__(self, client: redis.Redis, queue: str, worker: str) -> None:
-        self.client, self.queue, self.worker = client, queue, worker
-
-    def received(self, request: Any, **_: Any) -> None:
-        key = held_key(self.queue, self.worker)
-        try:
-            with self.client.pipeline(transaction=False) as pipe:
-                pipe.sadd(key, request.id)
-                pipe.expire(key, HELD_TTL_S)
-                pipe.sadd(holders_key(self.queue), self.worker)
-                pipe.execute()
-        except (redis.RedisError, OSError) as exc:  # the message looks lost: at worst it is published needlessly
-            log.warning("cannot record message %s as held: %s", request.id, exc)
-
-    def finished(self, task_id: str = "", **_: Any) -> None:
-        try:
-            self.client.srem(held_key(self.queue, self.worker), task_id)
-        except (redis.RedisError, OSError) as exc:  # a job not started waits for this worker's end to run again
-            log.warning("cannot record message %s as no longer held: %s", task_id, exc)
 
 
 def expire_overdue(store: JobStore, queue: str) -> int:

@@ -40,7 +40,8 @@ from contract.errors import ImageFetchError, UrlNotAllowedError
 from contract.jobs import JobStore, batch_key, job_key, webhook_outbox_key
 from contract.transitions import BATCH_OUTBOX_PREFIX
 from worker.fetch import failure_cause, new_session
-from worker.netguard import GuardedAdapter, NetworkPolicy, check_url
+from worker.guarded_http import GuardedAdapter
+from worker.netguard import NetworkPolicy, check_url
 
 log = logging.getLogger("blipq.webhooks")
 

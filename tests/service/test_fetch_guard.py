@@ -1044,8 +1044,8 @@ def test_the_session_keeps_no_cookie(servers: Servers) -> None:
 
 
 def test_a_workers_threads_share_one_session_and_its_connections(servers: Servers) -> None:
+    from worker.runtime import WorkerRuntime
     from worker.settings import WorkerSettings
-    from worker.tasks import WorkerRuntime
 
     servers.origin.keep_alive = True
     settings = WorkerSettings(fetch_allow_networks=LOCAL.allow_networks, fetch_allow_ports=LOCAL.allow_ports)

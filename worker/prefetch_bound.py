@@ -1,4 +1,4 @@
-"""Intake: a worker takes messages from the queue only while it holds fewer answers than it will give soon.
+"""The prefetch bound: a worker takes messages from the queue only while it holds fewer answers than it will give soon.
 
 Celery bounds what a worker reserves in messages (its prefetch); a message is a single job (one answer) or a chunk of
 a batch (up to BLIPQ_BATCH_CHUNK_SIZE answers), so a bound in messages is no bound in work. Here the worker counts the
