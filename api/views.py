@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from dataclasses import dataclass
 
-import redis
 from flask import Blueprint, Response, jsonify, request
 
 from api.admission import check_queue_room, check_workers
@@ -38,14 +36,13 @@ from api.schemas import (
 )
 from api.services import MAX_WAIT_S, services
 from api.settings import ApiSettings
-from api.submission import broker_unavailable, earlier_submission, enqueue, release_claim, released_on_refusal
+from api.submission import accepted_headers, submit
 from contract.batches import Batch, BatchStore, split_item_id
 from contract.broker import publish_job
 from contract.jobs import Job, JobStore, ended_key, idempotency_key, new_job_id, utc_iso
 from contract.states import ENDED_STATUSES, JobStatus
 from contract.transitions import CANCEL_ENDED
 
-log = logging.getLogger("blipq.api")
 bp = Blueprint("jobs", __name__)
 
 JOB_ID = {"job_id": "A job's id, as its submission answered it (a batch item's: `<batch id>.<index>`)."}
@@ -85,35 +82,9 @@ def submit_job() -> tuple[Response, int, dict[str, str]]:
     the caption. With an Idempotency-Key, the same request again (same key, same API key, same body) answers the
     first one's job.
     """
-    svc = services()
     idempotency = idempotency_header()
-    submission = _parse_job_request(svc.settings)
-    # The body says the task, and so the queue whose depth counts (the one the job would wait in).
-    queue = svc.settings.queue_for(submission.job_request.task)
-    job = _new_job(submission.job_request)
-    claim = None
-    if idempotency is not None:
-        claim = (idempotency_key(job.owner, idempotency), f"{submission.fingerprint}:{job.id}")
-        earlier = earlier_submission(svc.store, *claim, svc.store.get)
-        if earlier is not None:  # a replay is answered as the first request was, whatever the queue is like now
-            return _accepted(earlier, {"Idempotent-Replayed": "true"})
-    with released_on_refusal(svc.store, claim):
-        check_workers(svc.store.client, queue, submission.job_request.task, svc.settings.wait_for_workers)
-        check_queue_room(svc.store.client, queue, svc.settings.max_queue_depth)
-    try:
-        svc.store.create(job, queue, submission.upload, claim)
-    except redis.RedisError as exc:
-        log.warning("cannot store job: %s", exc)
-        release_claim(svc.store, claim)
-        raise broker_unavailable() from None
-    enqueue(
-        f"job {job.id}",
-        publish=lambda: publish_job(svc.celery, job, queue),
-        accept=lambda replicas, timeout_ms: svc.store.accept(job, queue, replicas, timeout_ms),
-        withdraw=lambda replicas, timeout_ms: svc.store.withdraw(job, queue, replicas, timeout_ms),
-        claim=claim,
-    )
-    return _accepted(job)
+    job, replayed = submit(_parse_job_submission(services().settings), idempotency)
+    return _accepted(job, replayed)
 
 
 @bp.get("/v1/jobs/<job_id>")
@@ -210,15 +181,6 @@ def _item_or_404(job: Job | None) -> Job:
     return job
 
 
-@dataclass(frozen=True)
-class Submission:
-    """A valid job request, its uploaded image, and the fingerprint an Idempotency-Key is checked against."""
-
-    job_request: JobRequest
-    upload: bytes | None
-    fingerprint: str
-
-
 def _owned_job(store: JobStore, job_id: str) -> Job:
     job = store.get(job_id) if JOB_ID_PATTERN.match(job_id) else None
     if job is None or job.owner != api_key_name():
@@ -257,11 +219,53 @@ def _new_job(job_request: JobRequest) -> Job:
     )
 
 
-def _accepted(job: Job, headers: dict[str, str] | None = None) -> tuple[Response, int, dict[str, str]]:
-    return jsonify(id=job.id, status=str(job.status)), 202, {"Location": f"/v1/jobs/{job.id}", **(headers or {})}
+def _accepted(job: Job, replayed: bool) -> tuple[Response, int, dict[str, str]]:
+    return jsonify(id=job.id, status=str(job.status)), 202, accepted_headers(f"/v1/jobs/{job.id}", replayed)
 
 
-def _parse_job_request(settings: ApiSettings) -> Submission:
+@dataclass(frozen=True)
+class JobSubmission:
+    """A new job, its queue, its uploaded image, and the fingerprint an Idempotency-Key is checked against: the
+    `Submission` that submit() (api/submission.py) takes in."""
+
+    job: Job
+    queue: str  # the one the job waits in, whose depth admission counts
+    upload: bytes | None
+    fingerprint: str
+
+    @property
+    def what(self) -> str:
+        return f"job {self.job.id}"
+
+    @property
+    def record(self) -> Job:
+        return self.job
+
+    def claim(self, idempotency: str) -> tuple[str, str]:
+        return idempotency_key(self.job.owner, idempotency), f"{self.fingerprint}:{self.job.id}"
+
+    def find(self, record_id: str) -> Job | None:
+        return services().store.get(record_id)
+
+    def admit(self) -> None:
+        svc = services()
+        check_workers(svc.store.client, self.queue, self.job.task, svc.settings.wait_for_workers)
+        check_queue_room(svc.store.client, self.queue, svc.settings.max_queue_depth)
+
+    def create(self, claim: tuple[str, str] | None) -> None:
+        services().store.create(self.job, self.queue, self.upload, claim)
+
+    def publish(self) -> None:
+        publish_job(services().celery, self.job, self.queue)
+
+    def accept(self, replicas: int, timeout_ms: int) -> int | None:
+        return services().store.accept(self.job, self.queue, replicas, timeout_ms)
+
+    def withdraw(self, replicas: int, timeout_ms: int) -> int | None:
+        return services().store.withdraw(self.job, self.queue, replicas, timeout_ms)
+
+
+def _parse_job_submission(settings: ApiSettings) -> JobSubmission:
     if request.mimetype == "application/json":
         data = json_body()
         upload = None
@@ -280,4 +284,6 @@ def _parse_job_request(settings: ApiSettings) -> Submission:
     if job_request.image_url is not None and upload is not None:
         raise ValidationError("image_conflict", "give either 'image_url' or a file named 'image', not both")
     check_webhook(job_request.webhook, settings)
-    return Submission(job_request, upload, fingerprint(data, [] if upload is None else [upload]))
+    # The body says the task, and so the queue whose depth counts (the one the job would wait in).
+    queue = settings.queue_for(job_request.task)
+    return JobSubmission(_new_job(job_request), queue, upload, fingerprint(data, [] if upload is None else [upload]))
