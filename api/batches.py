@@ -17,9 +17,10 @@ from flask import Blueprint, Response, jsonify, request
 from api.admission import check_queue_room, check_workers
 from api.auth import api_key_name
 from api.batch_uploads import UploadedImage, parse_batch_upload
+from api.context import context
 from api.errors import ConflictError, NotFoundError, UnsupportedMediaTypeError, ValidationError
-from api.intake import JOB_ID_PATTERN, check_webhook, fingerprint, idempotency_header, json_body
 from api.openapi import BATCH_SUBMIT_CODES, documented
+from api.request_body import JOB_ID_PATTERN, check_webhook, fingerprint, idempotency_header, json_body
 from api.schemas import (
     BatchAccepted,
     BatchCancelCounts,
@@ -30,7 +31,6 @@ from api.schemas import (
     PageQuery,
     validate_batch_request,
 )
-from api.services import services
 from api.submission import accepted_headers, submit
 from contract.batches import (
     MAX_BATCH_ANSWERS,
@@ -93,7 +93,7 @@ def submit_batch() -> tuple[Response, int, dict[str, str]]:
 @documented("getBatch", "batches", {200: (BatchResponse, "The batch.")}, ("batch_not_found",), path=BATCH_ID)
 def get_batch(batch_id: str) -> Response:
     """A batch's progress: its items counted by status, and its webhook's delivery."""
-    batches = BatchStore(services().store)
+    batches = BatchStore(context().store)
     batch = batches.expire_if_overdue(_owned_batch(batches, batch_id), time.time())
     return jsonify(batch.summary())
 
@@ -111,7 +111,7 @@ def get_batch(batch_id: str) -> Response:
 def batch_results(batch_id: str) -> Response:
     """The batch's items in order, as JSON Lines: one `BatchResult` object per line."""
     # Streamed a page at a time: each page is two reads, whatever the batch's size.
-    batches = BatchStore(services().store)
+    batches = BatchStore(context().store)
     batch = batches.expire_if_overdue(_owned_batch(batches, batch_id), time.time())
     offset = _query_int("offset", 0)
     limit = _query_int("limit", batch.count)
@@ -131,7 +131,7 @@ def batch_results(batch_id: str) -> Response:
 )
 def cancel_batch(batch_id: str) -> Response:
     """Cancel a batch: items not yet in a model call end `canceled` and never run; running ones run on."""
-    batches = BatchStore(services().store)
+    batches = BatchStore(context().store)
     batch = batches.expire_if_overdue(_owned_batch(batches, batch_id), time.time())
     counts = batches.cancel(batch)
     if counts.canceled == 0 and counts.cancel_requested == 0:
@@ -151,7 +151,7 @@ def cancel_batch(batch_id: str) -> Response:
 )
 def delete_batch(batch_id: str) -> tuple[str, int]:
     """Delete an ended batch and its results now, rather than at its TTL (a client that saved them)."""
-    batches = BatchStore(services().store)
+    batches = BatchStore(context().store)
     batch = batches.expire_if_overdue(_owned_batch(batches, batch_id), time.time())
     if not batches.delete_ended(batch):
         message = "some item of the batch has not ended: cancel the batch, or wait for it, before deleting it"
@@ -184,21 +184,21 @@ def _owned_batch(batches: BatchStore, batch_id: str) -> Batch:
 
 
 def _parse_batch_submission() -> BatchSubmission:
-    svc = services()
+    ctx = context()
     if request.mimetype == "multipart/form-data":
-        upload = parse_batch_upload(svc.settings)
+        upload = parse_batch_upload(ctx.settings)
         batch_request, uploaded = upload.batch_request, upload.images
     else:
         batch_request, uploaded = _parse_batch_request(), None
     # The body says the tasks, and so the queues whose depth counts (those the items would wait in).
-    queues = {task: svc.settings.queue_for(task) for task in batch_request.tasks()}
-    new = _new_batch(batch_request, queues, svc.settings.batch_chunk_size, uploaded)
-    return BatchSubmission(BatchStore(svc.store), new, batch_request, uploaded, queues)
+    queues = {task: ctx.settings.queue_for(task) for task in batch_request.tasks()}
+    new = _new_batch(batch_request, queues, ctx.settings.batch_chunk_size, uploaded)
+    return BatchSubmission(BatchStore(ctx.store), new, batch_request, uploaded, queues)
 
 
 def _parse_batch_request() -> BatchRequest:
-    svc = services()
-    settings = svc.settings
+    ctx = context()
+    settings = ctx.settings
     if request.mimetype != "application/json":
         message = "send a batch as application/json, or as multipart/form-data with its images"
         raise UnsupportedMediaTypeError("unsupported_media_type", message)
@@ -333,19 +333,19 @@ class BatchSubmission:
         return self.batches.get(record_id)
 
     def admit(self) -> None:
-        svc = services()
+        ctx = context()
         for task, queue in self.queues.items():
-            check_workers(svc.store.client, queue, task, svc.settings.wait_for_workers)
+            check_workers(ctx.store.client, queue, task, ctx.settings.wait_for_workers)
         for task, queue in self.queues.items():
             answers = sum(item.task is task for item in self.new.items)
-            check_queue_room(svc.store.client, queue, svc.settings.max_queue_depth, answers=answers)
+            check_queue_room(ctx.store.client, queue, ctx.settings.max_queue_depth, answers=answers)
 
     def create(self, claim: tuple[str, str] | None) -> None:
         new = self.new
         self.batches.create(new.batch, new.images, new.items, new.chunks, new.uploads, claim)
 
     def publish(self) -> None:
-        celery, batch = services().celery, self.new.batch
+        celery, batch = context().celery, self.new.batch
         for chunk in self.new.chunks:
             publish_chunk(celery, batch.queue_for(chunk["task"]), chunk)
 

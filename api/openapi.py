@@ -39,7 +39,7 @@ from spectree.plugins.flask_plugin import FlaskPlugin
 from werkzeug.routing import Rule
 
 from api.auth import PUBLIC_ATTRIBUTE, public
-from api.intake import ITEM_ID_PATTERN, JOB_ID_PATTERN
+from api.request_body import ITEM_ID_PATTERN, JOB_ID_PATTERN
 from api.schemas import Error
 from api.settings import ApiSettings
 from contract.errors import HTTP_ERRORS

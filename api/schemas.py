@@ -27,9 +27,9 @@ from pydantic.config import JsonDict
 from pydantic.json_schema import SkipJsonSchema
 from pydantic_core import PydanticCustomError
 
+from api.context import MAX_WAIT_S
 from api.errors import RefusedImage, ValidationError
-from api.intake import IDEMPOTENCY_HEADER, IDEMPOTENCY_KEY_PATTERN
-from api.services import MAX_WAIT_S
+from api.request_body import IDEMPOTENCY_HEADER, IDEMPOTENCY_KEY_PATTERN
 from contract.fleet import WorkerRecord
 from contract.jobs import STATS_FIELDS
 from contract.states import JobPriority, JobStatus, JobTask

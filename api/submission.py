@@ -25,8 +25,8 @@ from typing import Protocol, TypeVar
 import redis
 from kombu.exceptions import OperationalError
 
+from api.context import context
 from api.errors import ApiError, ConflictError, ServiceUnavailableError
-from api.services import services
 from contract.jobs import JobStore
 
 log = logging.getLogger("blipq.api")
@@ -85,7 +85,7 @@ def submit(submission: Submission[T], idempotency: str | None) -> tuple[T, bool]
     """Take a submission in: returns its record once it is promised to run (the 202), or, with an Idempotency-Key an
     earlier request used, that request's record; and whether it is that replay. Raises the API error that refuses
     it otherwise (admission's, or 503 with nothing stored or everything withdrawn)."""
-    store = services().store
+    store = context().store
     claim = None
     if idempotency is not None:
         claim = submission.claim(idempotency)
@@ -183,7 +183,7 @@ def enqueue(submission: Submission[object], claim: tuple[str, str] | None) -> No
     come back. Should Redis fail between the acceptance and its reply, the submission is withdrawn if Redis still
     answers; if not, it may run: a client that retries with its Idempotency-Key then gets that same job.
     """
-    settings, what = services().settings, submission.what
+    settings, what = context().settings, submission.what
     try:
         submission.publish()
         replicas = submission.accept(settings.min_replicas_ack, settings.replica_ack_timeout_ms)
@@ -192,7 +192,7 @@ def enqueue(submission: Submission[object], claim: tuple[str, str] | None) -> No
         _withdraw_or_accept(submission, claim)
         raise broker_unavailable() from None
     if replicas is None:  # not pending any more: it expired meanwhile (a TTL shorter than this request)
-        release_claim(services().store, claim)
+        release_claim(context().store, claim)
         raise broker_unavailable()
     if replicas < settings.min_replicas_ack:
         log.warning("%s: %d of %d replicas acknowledged it in time", what, replicas, settings.min_replicas_ack)
@@ -215,7 +215,7 @@ class Withdrawal(enum.Enum):
 def _withdraw_or_accept(submission: Submission[object], claim: tuple[str, str] | None) -> Withdrawal:
     """Withdraw a submission that cannot be promised, waiting for the replicas as its acceptance did; a submission a
     worker had started is accepted instead (without waiting for replicas), and runs."""
-    settings, store, what = services().settings, services().store, submission.what
+    settings, store, what = context().settings, context().store, submission.what
     marked = None if claim is None else (claim[0], claim[1] + WITHDRAWN_MARK)
     try:
         if claim is not None:  # first: a replica that holds the withdrawal holds the mark

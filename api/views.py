@@ -10,8 +10,10 @@ from flask import Blueprint, Response, jsonify, request
 
 from api.admission import check_queue_room, check_workers
 from api.auth import api_key_name, public
+from api.context import MAX_WAIT_S, context
 from api.errors import ConflictError, NotFoundError, UnsupportedMediaTypeError, ValidationError
-from api.intake import (
+from api.openapi import SUBMIT_CODES, documented
+from api.request_body import (
     ITEM_ID_PATTERN,
     JOB_ID_PATTERN,
     check_webhook,
@@ -22,7 +24,6 @@ from api.intake import (
     read_form,
     read_upload,
 )
-from api.openapi import SUBMIT_CODES, documented
 from api.schemas import (
     Health,
     IdempotencyHeaders,
@@ -34,7 +35,6 @@ from api.schemas import (
     WaitQuery,
     validate_job_request,
 )
-from api.services import MAX_WAIT_S, services
 from api.settings import ApiSettings
 from api.submission import accepted_headers, submit
 from contract.batches import Batch, BatchStore, split_item_id
@@ -60,7 +60,7 @@ def healthz() -> Response:
 @documented("getStats", "operations", {200: (Stats, "The counters.")})
 def stats() -> Response:
     """The fleet's reliability counters: executions, reruns, duplicates, jobs failed `worker_lost`."""
-    return jsonify(services().store.stats())
+    return jsonify(context().store.stats())
 
 
 @bp.post("/v1/jobs")
@@ -83,7 +83,7 @@ def submit_job() -> tuple[Response, int, dict[str, str]]:
     first one's job.
     """
     idempotency = idempotency_header()
-    job, replayed = submit(_parse_job_submission(services().settings), idempotency)
+    job, replayed = submit(_parse_job_submission(context().settings), idempotency)
     return _accepted(job, replayed)
 
 
@@ -105,18 +105,18 @@ def get_job(job_id: str) -> Response:
     """
     # The script that ends a job pushes on its `ended` list (a batch's, for an item), which a read with `wait` waits
     # on (BLMOVE onto itself, so that every waiting read sees it). An overdue job is ended here, as a worker would.
-    svc = services()
+    ctx = context()
     wait_s = _wait_seconds()
     if ITEM_ID_PATTERN.match(job_id):
         return jsonify(_read_item(job_id, wait_s).to_public())
-    job = _owned_job(svc.store, job_id)
+    job = _owned_job(ctx.store, job_id)
     if wait_s and job.status not in ENDED_STATUSES and not job.overdue(time.time()):
         key = ended_key(job_id)
-        svc.waiter.blmove(key, key, timeout=wait_s, src="RIGHT", dest="LEFT")  # type: ignore[arg-type]  # Redis takes fractions
-        job = _owned_job(svc.store, job_id)
+        ctx.waiter.blmove(key, key, timeout=wait_s, src="RIGHT", dest="LEFT")  # type: ignore[arg-type]  # Redis takes fractions
+        job = _owned_job(ctx.store, job_id)
     if job.overdue(time.time()):
-        svc.store.expire_if_overdue(job, svc.settings.queue_for(job.task))
-        job = _owned_job(svc.store, job_id)
+        ctx.store.expire_if_overdue(job, ctx.settings.queue_for(job.task))
+        job = _owned_job(ctx.store, job_id)
     return jsonify(job.to_public())
 
 
@@ -133,15 +133,15 @@ def cancel_job(job_id: str) -> Response:
 
     A running job is marked `cancel_requested` and ends as it would have.
     """
-    svc = services()
+    ctx = context()
     if ITEM_ID_PATTERN.match(job_id):
         batches, batch, index = _owned_item(job_id)
         outcome = batches.cancel_item(batch, index)
         job = _read_item(job_id, 0.0)
     else:
-        job = _owned_job(svc.store, job_id)
-        outcome = svc.store.cancel(job, svc.settings.queue_for(job.task))
-        job = _owned_job(svc.store, job_id)
+        job = _owned_job(ctx.store, job_id)
+        outcome = ctx.store.cancel(job, ctx.settings.queue_for(job.task))
+        job = _owned_job(ctx.store, job_id)
     if outcome == CANCEL_ENDED:
         raise ConflictError("job_ended", f"the job has already ended ({job.status}); there is nothing to cancel")
     return jsonify(job.to_public())
@@ -150,7 +150,7 @@ def cancel_job(job_id: str) -> Response:
 def _owned_item(job_id: str) -> tuple[BatchStore, Batch, int]:
     """The batch store, the batch and the index of a batch item's id, refused as a job never made when not theirs."""
     batch_id, index = split_item_id(job_id) or ("", -1)
-    batches = BatchStore(services().store)
+    batches = BatchStore(context().store)
     batch = batches.get(batch_id)
     if batch is None or batch.owner != api_key_name() or not 0 <= index < batch.count:
         raise NotFoundError("job_not_found", "no job has this id (it may have expired)")
@@ -164,7 +164,7 @@ def _read_item(job_id: str, wait_s: float) -> Job:
         batches, batch, index = _owned_item(job_id)
         return _item_or_404(batches.item(batch, index))
     waited_until = time.monotonic() + wait_s
-    with services().waiter.pubsub(ignore_subscribe_messages=True) as ends:
+    with context().waiter.pubsub(ignore_subscribe_messages=True) as ends:
         ends.subscribe(ended_key(job_id.rpartition(".")[0]))
         while True:
             batches, batch, index = _owned_item(job_id)
@@ -245,24 +245,24 @@ class JobSubmission:
         return idempotency_key(self.job.owner, idempotency), f"{self.fingerprint}:{self.job.id}"
 
     def find(self, record_id: str) -> Job | None:
-        return services().store.get(record_id)
+        return context().store.get(record_id)
 
     def admit(self) -> None:
-        svc = services()
-        check_workers(svc.store.client, self.queue, self.job.task, svc.settings.wait_for_workers)
-        check_queue_room(svc.store.client, self.queue, svc.settings.max_queue_depth)
+        ctx = context()
+        check_workers(ctx.store.client, self.queue, self.job.task, ctx.settings.wait_for_workers)
+        check_queue_room(ctx.store.client, self.queue, ctx.settings.max_queue_depth)
 
     def create(self, claim: tuple[str, str] | None) -> None:
-        services().store.create(self.job, self.queue, self.upload, claim)
+        context().store.create(self.job, self.queue, self.upload, claim)
 
     def publish(self) -> None:
-        publish_job(services().celery, self.job, self.queue)
+        publish_job(context().celery, self.job, self.queue)
 
     def accept(self, replicas: int, timeout_ms: int) -> int | None:
-        return services().store.accept(self.job, self.queue, replicas, timeout_ms)
+        return context().store.accept(self.job, self.queue, replicas, timeout_ms)
 
     def withdraw(self, replicas: int, timeout_ms: int) -> int | None:
-        return services().store.withdraw(self.job, self.queue, replicas, timeout_ms)
+        return context().store.withdraw(self.job, self.queue, replicas, timeout_ms)
 
 
 def _parse_job_submission(settings: ApiSettings) -> JobSubmission:
