@@ -21,7 +21,7 @@ from api.context import context
 from api.errors import ConflictError, NotFoundError, UnsupportedMediaTypeError, ValidationError
 from api.openapi import BATCH_SUBMIT_CODES, documented
 from api.request_body import JOB_ID_PATTERN, check_webhook, fingerprint, idempotency_header, json_body
-from api.schemas import (
+from api.schemas.batches import (
     BatchAccepted,
     BatchCancelCounts,
     BatchForm,

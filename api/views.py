@@ -24,17 +24,16 @@ from api.request_body import (
     read_form,
     read_upload,
 )
-from api.schemas import (
-    Health,
+from api.schemas.jobs import (
     IdempotencyHeaders,
     JobAccepted,
     JobForm,
     JobRequest,
     JobResponse,
-    Stats,
     WaitQuery,
     validate_job_request,
 )
+from api.schemas.ops import Health, Stats
 from api.settings import ApiSettings
 from api.submission import accepted_headers, submit
 from contract.batches import Batch, BatchStore, split_item_id

@@ -16,7 +16,7 @@ from flask import Flask
 import api.errors
 import contract.errors
 from api.app import create_app
-from api.schemas import ERROR_CODES as FIELD_ERROR_CODES
+from api.schemas.errors import ERROR_CODES as FIELD_ERROR_CODES
 from api.settings import ApiSettings
 from contract.errors import (
     ERRORS,

@@ -31,7 +31,7 @@ from schemathesis.specs.openapi.checks import (
 
 from api.app import create_app
 from api.auth import ApiKey, hash_api_key, new_api_key
-from api.schemas import JobResponse
+from api.schemas.jobs import JobResponse
 from api.settings import ApiSettings
 from blipq.up import RedisProcess, stop_process
 from contract.states import JobTask
