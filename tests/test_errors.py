@@ -130,7 +130,14 @@ def given(package: str, exclude: tuple[str, ...] = ()) -> dict[Path, set[tuple[s
 REGISTRY_MODULE = "contract/errors.py"  # its codes are the registry's own, not codes given
 WEBHOOK_MODULE = ROOT / "worker" / "webhooks.py"
 # The client's side of api/: what it gives is its own codes, or the service's where it refuses what the service would.
-CLIENT_MODULES = ("blipq/client.py", "blipq/cli.py", "blipq/tag.py", "blipq/tag_inputs.py", "blipq/tag_lines.py")
+CLIENT_MODULES = (
+    "blipq/client.py",
+    "blipq/client_errors.py",
+    "blipq/cli.py",
+    "blipq/tag.py",
+    "blipq/tag_inputs.py",
+    "blipq/tag_lines.py",
+)
 
 
 def client_codes() -> set[str]:
