@@ -22,7 +22,7 @@ from werkzeug.serving import make_server
 
 from api.app import create_app
 from api.settings import ApiSettings
-from blipq.up import RedisProcess, start_redis, stop_process
+from blipq.up_redis import RedisProcess, start_redis, stop_process
 from contract.fleet import fleet_client, live_workers
 from tests.fixtures.stored import stored_keys
 from tests.fixtures.tiny_model import build_tiny_caption_model, build_tiny_vqa_model

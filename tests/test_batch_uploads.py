@@ -14,7 +14,7 @@ import redis
 from flask.testing import FlaskClient
 
 from api.admission import queue_names
-from blipq.up import RedisProcess, stop_process
+from blipq.up_redis import RedisProcess, stop_process
 from contract.batches import BatchStore, outcome_value
 from contract.broker import create_celery, publish_chunk
 from contract.jobs import JobStore

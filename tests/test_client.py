@@ -16,7 +16,7 @@ import redis
 from api.settings import ApiSettings
 from blipq.cli import main
 from blipq.client import BlipqClient, BlipqClientError, JobFailedError, ServiceUnreachableError
-from blipq.up import RedisProcess
+from blipq.up_redis import RedisProcess
 from tests.conftest import ROOT, ImageServer, WorkerProcess, serve_app, wait_for_worker_record
 from tests.fixtures.fronts import counting_front
 from tests.fixtures.images import photo, shape_png

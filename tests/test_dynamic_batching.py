@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from blipq.up import RedisProcess, free_port, stop_process
+from blipq.up_redis import RedisProcess, free_port, stop_process
 from contract.images import decode_image
 from tests.conftest import WorkerProcess, api_client, start_worker, wait_for_batch, wait_for_job
 from tests.fixtures.images import shape_png

@@ -33,7 +33,7 @@ from api.app import create_app
 from api.auth import ApiKey, hash_api_key, new_api_key
 from api.schemas.jobs import JobResponse
 from api.settings import ApiSettings
-from blipq.up import RedisProcess, stop_process
+from blipq.up_redis import RedisProcess, stop_process
 from contract.states import JobTask
 from tests.conftest import JOB_TIMEOUT_S, WorkerProcess, start_worker, wait_for_job
 from tests.fixtures.images import shape_png

@@ -20,7 +20,7 @@ from werkzeug.test import TestResponse
 
 from api.settings import ApiSettings
 from blipq.client import BlipqClient
-from blipq.up import RedisProcess
+from blipq.up_redis import RedisProcess
 from tests.conftest import WorkerProcess, serve_app
 from tests.fixtures.images import shape_png
 from tests.test_lifecycle import HeldImage, held_image, idle_api, idle_queue  # noqa: F401  (fixtures)

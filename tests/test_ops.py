@@ -23,7 +23,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from api.admission import queue_names
-from blipq.up import RedisProcess, free_port, stop_process, worker_metrics_env
+from blipq.up import worker_metrics_env
+from blipq.up_redis import RedisProcess, free_port, stop_process
 from contract.states import JobTask
 from tests.conftest import JOB_TIMEOUT_S, ROOT, ImageServer, WorkerProcess, api_client, start_worker, wait_for_job
 from tests.fixtures.images import shape_png

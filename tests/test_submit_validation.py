@@ -13,7 +13,7 @@ from PIL import Image
 
 from api.admission import queue_depth, queue_names
 from api.settings import MAX_JSON_BODY_BYTES
-from blipq.up import RedisProcess, start_redis
+from blipq.up_redis import RedisProcess, start_redis
 from tests.conftest import api_client
 from tests.fixtures import hostile
 from tests.fixtures.images import photo, shape_png

@@ -22,7 +22,7 @@ import requests
 from api.settings import ApiSettings
 from blipq.client import BlipqClient
 from blipq.tag import ctrl_c_after
-from blipq.up import RedisProcess
+from blipq.up_redis import RedisProcess
 from tests.conftest import ROOT, QuietHandler, WorkerProcess, http_server, serve_app, wait_for_worker_record
 from tests.fixtures import hostile
 from tests.fixtures.fronts import counting_front

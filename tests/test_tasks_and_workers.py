@@ -11,7 +11,7 @@ import time
 import redis
 
 from api.settings import ApiSettings
-from blipq.up import RedisProcess
+from blipq.up_redis import RedisProcess
 from tests.conftest import WorkerProcess, api_client, wait_for_job, wait_for_worker_record
 from tests.fixtures.images import shape_png
 from tests.fixtures.tiny_model import IMAGE_SIZE
