@@ -89,18 +89,18 @@ def submit(submission: Submission[T], idempotency: str | None) -> tuple[T, bool]
     claim = None
     if idempotency is not None:
         claim = submission.claim(idempotency)
-        earlier = earlier_submission(store, *claim, submission.find)
+        earlier = _earlier_submission(store, *claim, submission.find)
         if earlier is not None:  # a replay is answered as the first request was, whatever the queue is like now
             return earlier, True
-    with released_on_refusal(store, claim):
+    with _released_on_refusal(store, claim):
         submission.admit()
     try:
         submission.create(claim)
     except redis.RedisError as exc:
         log.warning("cannot store %s: %s", submission.what, exc)
-        release_claim(store, claim)
-        raise broker_unavailable() from None
-    enqueue(submission, claim)
+        _release_claim(store, claim)
+        raise _broker_unavailable() from None
+    _enqueue(submission, claim)
     return submission.record, False
 
 
@@ -109,12 +109,12 @@ def accepted_headers(location: str, replayed: bool) -> dict[str, str]:
     return {"Location": location, **({"Idempotent-Replayed": "true"} if replayed else {})}
 
 
-def broker_unavailable() -> ServiceUnavailableError:
+def _broker_unavailable() -> ServiceUnavailableError:
     """The 503 of a submission that Redis could not take."""
     return ServiceUnavailableError("broker_unavailable", "the job queue is unavailable; retry later")
 
 
-def earlier_submission(store: JobStore, key: str, claim: str, lookup: Callable[[str], T | None]) -> T | None:
+def _earlier_submission(store: JobStore, key: str, claim: str, lookup: Callable[[str], T | None]) -> T | None:
     """What an earlier request with this Idempotency-Key made (`lookup` finds it by id: a job, a batch), or None once
     this request holds the key.
 
@@ -136,7 +136,7 @@ def earlier_submission(store: JobStore, key: str, claim: str, lookup: Callable[[
                 continue
         except redis.RedisError as exc:
             log.warning("cannot claim an idempotency key: %s", exc)
-            raise broker_unavailable() from None
+            raise _broker_unavailable() from None
         if held_fingerprint != fingerprint:
             message = "this Idempotency-Key was used for another request; a new job needs a new key"
             raise ConflictError("idempotency_conflict", message)
@@ -149,17 +149,17 @@ def earlier_submission(store: JobStore, key: str, claim: str, lookup: Callable[[
 
 
 @contextmanager
-def released_on_refusal(store: JobStore, claim: tuple[str, str] | None) -> Iterator[None]:
+def _released_on_refusal(store: JobStore, claim: tuple[str, str] | None) -> Iterator[None]:
     """Free the request's Idempotency-Key claim when an admission check refuses it: its retry must be made anew, not
     told that the key is in use."""
     try:
         yield
     except ApiError:
-        release_claim(store, claim)
+        _release_claim(store, claim)
         raise
 
 
-def release_claim(store: JobStore, claim: tuple[str, str] | None) -> None:
+def _release_claim(store: JobStore, claim: tuple[str, str] | None) -> None:
     """Free an Idempotency-Key whose submission was not stored or was withdrawn: a retry makes it anew."""
     if claim is None:
         return
@@ -169,7 +169,7 @@ def release_claim(store: JobStore, claim: tuple[str, str] | None) -> None:
         log.warning("could not release an idempotency key")
 
 
-def enqueue(submission: Submission[object], claim: tuple[str, str] | None) -> None:
+def _enqueue(submission: Submission[object], claim: tuple[str, str] | None) -> None:
     """Publish a submission stored `pending` and accept it; returns once it is promised to run (the 202), else raises
     503 with the submission withdrawn, so that it never runs.
 
@@ -190,10 +190,10 @@ def enqueue(submission: Submission[object], claim: tuple[str, str] | None) -> No
     except (OperationalError, redis.RedisError) as exc:
         log.warning("cannot enqueue %s: %s", what, exc)
         _withdraw_or_accept(submission, claim)
-        raise broker_unavailable() from None
+        raise _broker_unavailable() from None
     if replicas is None:  # not pending any more: it expired meanwhile (a TTL shorter than this request)
-        release_claim(context().store, claim)
-        raise broker_unavailable()
+        _release_claim(context().store, claim)
+        raise _broker_unavailable()
     if replicas < settings.min_replicas_ack:
         log.warning("%s: %d of %d replicas acknowledged it in time", what, replicas, settings.min_replicas_ack)
         outcome = _withdraw_or_accept(submission, claim)
@@ -238,5 +238,5 @@ def _withdraw_or_accept(submission: Submission[object], claim: tuple[str, str] |
             settings.min_replicas_ack,
         )
         return Withdrawal.UNCONFIRMED
-    release_claim(store, marked)
+    _release_claim(store, marked)
     return Withdrawal.DONE
