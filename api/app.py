@@ -7,11 +7,11 @@ from flask import Flask
 from api.admission import install_rate_limits
 from api.auth import install_api_keys
 from api.batches import bp as batches_bp
+from api.context import EXTENSION_KEY, MAX_WAIT_S, AppContext
 from api.errors import register_error_handlers
 from api.openapi import install_openapi
 from api.ops import install_ops
 from api.page import bp as page_bp
-from api.services import EXTENSION_KEY, MAX_WAIT_S, Services
 from api.settings import ApiSettings
 from api.views import bp
 from contract.broker import create_celery
@@ -24,7 +24,7 @@ def create_app(settings: ApiSettings | None = None) -> Flask:
     app = Flask("blipq")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]
-    app.extensions[EXTENSION_KEY] = Services(
+    app.extensions[EXTENSION_KEY] = AppContext(
         settings=settings,
         store=JobStore.connect(settings.redis, settings.job_ttl_s),
         celery=create_celery(settings.redis, settings.queue, settings.job_time_limit_s),

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from api.errors import ApiError, ValidationError
-from api.intake import FormBounds, check_body_size, check_webhook, read_form, read_upload
-from api.schemas import BATCH_FORM_OPTIONS, BatchRequest, validate_batch_request
+from api.request_body import FormBounds, check_body_size, check_webhook, read_form, read_upload
+from api.schemas.batches import BATCH_FORM_OPTIONS, BatchRequest, validate_batch_request
 from api.settings import ApiSettings
 from contract.batches import MAX_BATCH_ANSWERS
 from contract.states import JobTask

@@ -7,22 +7,21 @@ is fetched once for all its questions; an item is shown as a job at `/v1/jobs/<b
 from __future__ import annotations
 
 import json
-import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import redis
 from flask import Blueprint, Response, jsonify, request
 
 from api.admission import check_queue_room, check_workers
 from api.auth import api_key_name
 from api.batch_uploads import UploadedImage, parse_batch_upload
+from api.context import context
 from api.errors import ConflictError, NotFoundError, UnsupportedMediaTypeError, ValidationError
-from api.intake import JOB_ID_PATTERN, check_webhook, fingerprint, idempotency_header, json_body
 from api.openapi import BATCH_SUBMIT_CODES, documented
-from api.schemas import (
+from api.request_body import JOB_ID_PATTERN, check_webhook, fingerprint, idempotency_header, json_body
+from api.schemas.batches import (
     BatchAccepted,
     BatchCancelCounts,
     BatchForm,
@@ -32,8 +31,7 @@ from api.schemas import (
     PageQuery,
     validate_batch_request,
 )
-from api.services import services
-from api.submission import broker_unavailable, earlier_submission, enqueue, release_claim, released_on_refusal
+from api.submission import accepted_headers, submit
 from contract.batches import (
     MAX_BATCH_ANSWERS,
     READ_PAGE,
@@ -47,7 +45,6 @@ from contract.broker import publish_chunk
 from contract.jobs import batch_upload_key, idempotency_key, new_job_id, utc_iso
 from contract.states import JobTask
 
-log = logging.getLogger("blipq.api")
 bp = Blueprint("batches", __name__)
 
 BATCH_ID = {"batch_id": "A batch's id, as its submission answered it."}
@@ -87,61 +84,16 @@ def submit_batch() -> tuple[Response, int, dict[str, str]]:
     """
     # 202 means the batch, its items and every uploaded image (stored once) are in Redis: a few round trips in all.
     # With an Idempotency-Key, the same request again (same key, owner, body and files) answers the first one's batch.
-    svc = services()
     idempotency = idempotency_header()
-    if request.mimetype == "multipart/form-data":
-        upload = parse_batch_upload(svc.settings)
-        batch_request, uploaded = upload.batch_request, upload.images
-    else:
-        batch_request, uploaded = _parse_batch_request(), None
-    # The body says the tasks, and so the queues whose depth counts (those the items would wait in).
-    queues = {task: svc.settings.queue_for(task) for task in batch_request.tasks()}
-    new = _new_batch(batch_request, queues, svc.settings.batch_chunk_size, uploaded)
-    batches = BatchStore(svc.store)
-    claim = None
-    if idempotency is not None:
-        body = batch_request.model_dump(mode="json")
-        sent = fingerprint(body, [image.data for image in uploaded or ()])
-        claim = (idempotency_key(new.batch.owner, f"batch\0{idempotency}"), f"{sent}:{new.batch.id}")
-        earlier = earlier_submission(svc.store, *claim, batches.get)
-        if earlier is not None:
-            headers = {"Location": f"/v1/batches/{earlier.id}", "Idempotent-Replayed": "true"}
-            return jsonify(id=earlier.id, count=earlier.count), 202, headers
-    with released_on_refusal(svc.store, claim):
-        for task, queue in queues.items():
-            check_workers(svc.store.client, queue, task, svc.settings.wait_for_workers)
-        for task, queue in queues.items():
-            answers = sum(item.task is task for item in new.items)
-            check_queue_room(svc.store.client, queue, svc.settings.max_queue_depth, answers=answers)
-    try:
-        batches.create(new.batch, new.images, new.items, new.chunks, new.uploads, claim)
-    except redis.RedisError as exc:
-        log.warning("cannot store batch: %s", exc)
-        release_claim(svc.store, claim)
-        raise broker_unavailable() from None
-
-    def publish() -> None:
-        for chunk in new.chunks:
-            publish_chunk(svc.celery, new.batch.queue_for(chunk["task"]), chunk)
-
-    enqueue(
-        f"batch {new.batch.id}",
-        publish=publish,
-        accept=lambda replicas, timeout_ms: batches.accept(new.batch, new.chunks, replicas, timeout_ms),
-        withdraw=lambda replicas, timeout_ms: batches.withdraw(
-            new.batch, new.chunks, list(new.uploads), replicas, timeout_ms
-        ),
-        claim=claim,
-    )
-    headers = {"Location": f"/v1/batches/{new.batch.id}"}
-    return jsonify(id=new.batch.id, count=new.batch.count), 202, headers
+    batch, replayed = submit(_parse_batch_submission(), idempotency)
+    return jsonify(id=batch.id, count=batch.count), 202, accepted_headers(f"/v1/batches/{batch.id}", replayed)
 
 
 @bp.get("/v1/batches/<batch_id>")
 @documented("getBatch", "batches", {200: (BatchResponse, "The batch.")}, ("batch_not_found",), path=BATCH_ID)
 def get_batch(batch_id: str) -> Response:
     """A batch's progress: its items counted by status, and its webhook's delivery."""
-    batches = BatchStore(services().store)
+    batches = BatchStore(context().store)
     batch = batches.expire_if_overdue(_owned_batch(batches, batch_id), time.time())
     return jsonify(batch.summary())
 
@@ -159,7 +111,7 @@ def get_batch(batch_id: str) -> Response:
 def batch_results(batch_id: str) -> Response:
     """The batch's items in order, as JSON Lines: one `BatchResult` object per line."""
     # Streamed a page at a time: each page is two reads, whatever the batch's size.
-    batches = BatchStore(services().store)
+    batches = BatchStore(context().store)
     batch = batches.expire_if_overdue(_owned_batch(batches, batch_id), time.time())
     offset = _query_int("offset", 0)
     limit = _query_int("limit", batch.count)
@@ -179,7 +131,7 @@ def batch_results(batch_id: str) -> Response:
 )
 def cancel_batch(batch_id: str) -> Response:
     """Cancel a batch: items not yet in a model call end `canceled` and never run; running ones run on."""
-    batches = BatchStore(services().store)
+    batches = BatchStore(context().store)
     batch = batches.expire_if_overdue(_owned_batch(batches, batch_id), time.time())
     counts = batches.cancel(batch)
     if counts.canceled == 0 and counts.cancel_requested == 0:
@@ -199,7 +151,7 @@ def cancel_batch(batch_id: str) -> Response:
 )
 def delete_batch(batch_id: str) -> tuple[str, int]:
     """Delete an ended batch and its results now, rather than at its TTL (a client that saved them)."""
-    batches = BatchStore(services().store)
+    batches = BatchStore(context().store)
     batch = batches.expire_if_overdue(_owned_batch(batches, batch_id), time.time())
     if not batches.delete_ended(batch):
         message = "some item of the batch has not ended: cancel the batch, or wait for it, before deleting it"
@@ -231,9 +183,22 @@ def _owned_batch(batches: BatchStore, batch_id: str) -> Batch:
     return batch
 
 
+def _parse_batch_submission() -> BatchSubmission:
+    ctx = context()
+    if request.mimetype == "multipart/form-data":
+        upload = parse_batch_upload(ctx.settings)
+        batch_request, uploaded = upload.batch_request, upload.images
+    else:
+        batch_request, uploaded = _parse_batch_request(), None
+    # The body says the tasks, and so the queues whose depth counts (those the items would wait in).
+    queues = {task: ctx.settings.queue_for(task) for task in batch_request.tasks()}
+    new = _new_batch(batch_request, queues, ctx.settings.batch_chunk_size, uploaded)
+    return BatchSubmission(BatchStore(ctx.store), new, batch_request, uploaded, queues)
+
+
 def _parse_batch_request() -> BatchRequest:
-    svc = services()
-    settings = svc.settings
+    ctx = context()
+    settings = ctx.settings
     if request.mimetype != "application/json":
         message = "send a batch as application/json, or as multipart/form-data with its images"
         raise UnsupportedMediaTypeError("unsupported_media_type", message)
@@ -336,3 +301,57 @@ def _new_batch(
             }
         )
     return NewBatch(batch, images, items, chunks, uploads)
+
+
+@dataclass(frozen=True)
+class BatchSubmission:
+    """A new batch, the request it was made of (with its uploaded images) and the queues of its tasks: the
+    `Submission` that submit() (api/submission.py) takes in."""
+
+    batches: BatchStore
+    new: NewBatch
+    batch_request: BatchRequest
+    uploaded: list[UploadedImage] | None
+    queues: dict[JobTask, str]
+
+    @property
+    def what(self) -> str:
+        return f"batch {self.new.batch.id}"
+
+    @property
+    def record(self) -> Batch:
+        return self.new.batch
+
+    def claim(self, idempotency: str) -> tuple[str, str]:
+        # The same request again is the same key, owner, body and files.
+        body = self.batch_request.model_dump(mode="json")
+        sent = fingerprint(body, [image.data for image in self.uploaded or ()])
+        batch = self.new.batch
+        return idempotency_key(batch.owner, f"batch\0{idempotency}"), f"{sent}:{batch.id}"
+
+    def find(self, record_id: str) -> Batch | None:
+        return self.batches.get(record_id)
+
+    def admit(self) -> None:
+        ctx = context()
+        for task, queue in self.queues.items():
+            check_workers(ctx.store.client, queue, task, ctx.settings.wait_for_workers)
+        for task, queue in self.queues.items():
+            answers = sum(item.task is task for item in self.new.items)
+            check_queue_room(ctx.store.client, queue, ctx.settings.max_queue_depth, answers=answers)
+
+    def create(self, claim: tuple[str, str] | None) -> None:
+        new = self.new
+        self.batches.create(new.batch, new.images, new.items, new.chunks, new.uploads, claim)
+
+    def publish(self) -> None:
+        celery, batch = context().celery, self.new.batch
+        for chunk in self.new.chunks:
+            publish_chunk(celery, batch.queue_for(chunk["task"]), chunk)
+
+    def accept(self, replicas: int, timeout_ms: int) -> int | None:
+        return self.batches.accept(self.new.batch, self.new.chunks, replicas, timeout_ms)
+
+    def withdraw(self, replicas: int, timeout_ms: int) -> int | None:
+        new = self.new
+        return self.batches.withdraw(new.batch, new.chunks, list(new.uploads), replicas, timeout_ms)

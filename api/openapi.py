@@ -2,7 +2,7 @@
 and Swagger UI to read it at /docs.
 
 Each route says how it is documented beside it, with @documented(...): its operation id, its request models (JSON
-body, multipart form, query string, headers: api/schemas.py), its answers' models and the error codes it gives.
+body, multipart form, query string, headers: api/schemas/), its answers' models and the error codes it gives.
 install_openapi(app, settings) hands the routes the app has to a SpecTree of the app's own (its security follows the
 app's API keys), which writes the document from the views' docstrings (summary, then description) and the models'
 JSON Schemas. spectree only documents here: its backend below runs each view as it is, so the views keep reading
@@ -39,8 +39,8 @@ from spectree.plugins.flask_plugin import FlaskPlugin
 from werkzeug.routing import Rule
 
 from api.auth import PUBLIC_ATTRIBUTE, public
-from api.intake import ITEM_ID_PATTERN, JOB_ID_PATTERN
-from api.schemas import Error
+from api.request_body import ITEM_ID_PATTERN, JOB_ID_PATTERN
+from api.schemas.errors import Error
 from api.settings import ApiSettings
 from contract.errors import HTTP_ERRORS
 

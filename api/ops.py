@@ -20,7 +20,7 @@ from api.admission import waiting_answers
 from api.auth import public
 from api.metrics import FleetCollector, RequestMetrics, scrape
 from api.openapi import documented
-from api.schemas import MetricsText, Models, Readiness
+from api.schemas.ops import MetricsText, Models, Readiness
 from api.settings import ApiSettings
 from contract.fleet import WorkerRecord, fleet_client, live_workers, outcome_counts
 from contract.states import JobTask

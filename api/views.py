@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from dataclasses import dataclass
 
-import redis
 from flask import Blueprint, Response, jsonify, request
 
 from api.admission import check_queue_room, check_workers
 from api.auth import api_key_name, public
+from api.context import MAX_WAIT_S, context
 from api.errors import ConflictError, NotFoundError, UnsupportedMediaTypeError, ValidationError
-from api.intake import (
+from api.openapi import SUBMIT_CODES, documented
+from api.request_body import (
     ITEM_ID_PATTERN,
     JOB_ID_PATTERN,
     check_webhook,
@@ -24,28 +24,24 @@ from api.intake import (
     read_form,
     read_upload,
 )
-from api.openapi import SUBMIT_CODES, documented
-from api.schemas import (
-    Health,
+from api.schemas.jobs import (
     IdempotencyHeaders,
     JobAccepted,
     JobForm,
     JobRequest,
     JobResponse,
-    Stats,
     WaitQuery,
     validate_job_request,
 )
-from api.services import MAX_WAIT_S, services
+from api.schemas.ops import Health, Stats
 from api.settings import ApiSettings
-from api.submission import broker_unavailable, earlier_submission, enqueue, release_claim, released_on_refusal
+from api.submission import accepted_headers, submit
 from contract.batches import Batch, BatchStore, split_item_id
 from contract.broker import publish_job
 from contract.jobs import Job, JobStore, ended_key, idempotency_key, new_job_id, utc_iso
 from contract.states import ENDED_STATUSES, JobStatus
 from contract.transitions import CANCEL_ENDED
 
-log = logging.getLogger("blipq.api")
 bp = Blueprint("jobs", __name__)
 
 JOB_ID = {"job_id": "A job's id, as its submission answered it (a batch item's: `<batch id>.<index>`)."}
@@ -63,7 +59,7 @@ def healthz() -> Response:
 @documented("getStats", "operations", {200: (Stats, "The counters.")})
 def stats() -> Response:
     """The fleet's reliability counters: executions, reruns, duplicates, jobs failed `worker_lost`."""
-    return jsonify(services().store.stats())
+    return jsonify(context().store.stats())
 
 
 @bp.post("/v1/jobs")
@@ -85,35 +81,9 @@ def submit_job() -> tuple[Response, int, dict[str, str]]:
     the caption. With an Idempotency-Key, the same request again (same key, same API key, same body) answers the
     first one's job.
     """
-    svc = services()
     idempotency = idempotency_header()
-    submission = _parse_job_request(svc.settings)
-    # The body says the task, and so the queue whose depth counts (the one the job would wait in).
-    queue = svc.settings.queue_for(submission.job_request.task)
-    job = _new_job(submission.job_request)
-    claim = None
-    if idempotency is not None:
-        claim = (idempotency_key(job.owner, idempotency), f"{submission.fingerprint}:{job.id}")
-        earlier = earlier_submission(svc.store, *claim, svc.store.get)
-        if earlier is not None:  # a replay is answered as the first request was, whatever the queue is like now
-            return _accepted(earlier, {"Idempotent-Replayed": "true"})
-    with released_on_refusal(svc.store, claim):
-        check_workers(svc.store.client, queue, submission.job_request.task, svc.settings.wait_for_workers)
-        check_queue_room(svc.store.client, queue, svc.settings.max_queue_depth)
-    try:
-        svc.store.create(job, queue, submission.upload, claim)
-    except redis.RedisError as exc:
-        log.warning("cannot store job: %s", exc)
-        release_claim(svc.store, claim)
-        raise broker_unavailable() from None
-    enqueue(
-        f"job {job.id}",
-        publish=lambda: publish_job(svc.celery, job, queue),
-        accept=lambda replicas, timeout_ms: svc.store.accept(job, queue, replicas, timeout_ms),
-        withdraw=lambda replicas, timeout_ms: svc.store.withdraw(job, queue, replicas, timeout_ms),
-        claim=claim,
-    )
-    return _accepted(job)
+    job, replayed = submit(_parse_job_submission(context().settings), idempotency)
+    return _accepted(job, replayed)
 
 
 @bp.get("/v1/jobs/<job_id>")
@@ -134,18 +104,18 @@ def get_job(job_id: str) -> Response:
     """
     # The script that ends a job pushes on its `ended` list (a batch's, for an item), which a read with `wait` waits
     # on (BLMOVE onto itself, so that every waiting read sees it). An overdue job is ended here, as a worker would.
-    svc = services()
+    ctx = context()
     wait_s = _wait_seconds()
     if ITEM_ID_PATTERN.match(job_id):
         return jsonify(_read_item(job_id, wait_s).to_public())
-    job = _owned_job(svc.store, job_id)
+    job = _owned_job(ctx.store, job_id)
     if wait_s and job.status not in ENDED_STATUSES and not job.overdue(time.time()):
         key = ended_key(job_id)
-        svc.waiter.blmove(key, key, timeout=wait_s, src="RIGHT", dest="LEFT")  # type: ignore[arg-type]  # Redis takes fractions
-        job = _owned_job(svc.store, job_id)
+        ctx.waiter.blmove(key, key, timeout=wait_s, src="RIGHT", dest="LEFT")  # type: ignore[arg-type]  # Redis takes fractions
+        job = _owned_job(ctx.store, job_id)
     if job.overdue(time.time()):
-        svc.store.expire_if_overdue(job, svc.settings.queue_for(job.task))
-        job = _owned_job(svc.store, job_id)
+        ctx.store.expire_if_overdue(job, ctx.settings.queue_for(job.task))
+        job = _owned_job(ctx.store, job_id)
     return jsonify(job.to_public())
 
 
@@ -162,15 +132,15 @@ def cancel_job(job_id: str) -> Response:
 
     A running job is marked `cancel_requested` and ends as it would have.
     """
-    svc = services()
+    ctx = context()
     if ITEM_ID_PATTERN.match(job_id):
         batches, batch, index = _owned_item(job_id)
         outcome = batches.cancel_item(batch, index)
         job = _read_item(job_id, 0.0)
     else:
-        job = _owned_job(svc.store, job_id)
-        outcome = svc.store.cancel(job, svc.settings.queue_for(job.task))
-        job = _owned_job(svc.store, job_id)
+        job = _owned_job(ctx.store, job_id)
+        outcome = ctx.store.cancel(job, ctx.settings.queue_for(job.task))
+        job = _owned_job(ctx.store, job_id)
     if outcome == CANCEL_ENDED:
         raise ConflictError("job_ended", f"the job has already ended ({job.status}); there is nothing to cancel")
     return jsonify(job.to_public())
@@ -179,7 +149,7 @@ def cancel_job(job_id: str) -> Response:
 def _owned_item(job_id: str) -> tuple[BatchStore, Batch, int]:
     """The batch store, the batch and the index of a batch item's id, refused as a job never made when not theirs."""
     batch_id, index = split_item_id(job_id) or ("", -1)
-    batches = BatchStore(services().store)
+    batches = BatchStore(context().store)
     batch = batches.get(batch_id)
     if batch is None or batch.owner != api_key_name() or not 0 <= index < batch.count:
         raise NotFoundError("job_not_found", "no job has this id (it may have expired)")
@@ -193,7 +163,7 @@ def _read_item(job_id: str, wait_s: float) -> Job:
         batches, batch, index = _owned_item(job_id)
         return _item_or_404(batches.item(batch, index))
     waited_until = time.monotonic() + wait_s
-    with services().waiter.pubsub(ignore_subscribe_messages=True) as ends:
+    with context().waiter.pubsub(ignore_subscribe_messages=True) as ends:
         ends.subscribe(ended_key(job_id.rpartition(".")[0]))
         while True:
             batches, batch, index = _owned_item(job_id)
@@ -208,15 +178,6 @@ def _item_or_404(job: Job | None) -> Job:
     if job is None:
         raise NotFoundError("job_not_found", "no job has this id (it may have expired)")
     return job
-
-
-@dataclass(frozen=True)
-class Submission:
-    """A valid job request, its uploaded image, and the fingerprint an Idempotency-Key is checked against."""
-
-    job_request: JobRequest
-    upload: bytes | None
-    fingerprint: str
 
 
 def _owned_job(store: JobStore, job_id: str) -> Job:
@@ -257,11 +218,53 @@ def _new_job(job_request: JobRequest) -> Job:
     )
 
 
-def _accepted(job: Job, headers: dict[str, str] | None = None) -> tuple[Response, int, dict[str, str]]:
-    return jsonify(id=job.id, status=str(job.status)), 202, {"Location": f"/v1/jobs/{job.id}", **(headers or {})}
+def _accepted(job: Job, replayed: bool) -> tuple[Response, int, dict[str, str]]:
+    return jsonify(id=job.id, status=str(job.status)), 202, accepted_headers(f"/v1/jobs/{job.id}", replayed)
 
 
-def _parse_job_request(settings: ApiSettings) -> Submission:
+@dataclass(frozen=True)
+class JobSubmission:
+    """A new job, its queue, its uploaded image, and the fingerprint an Idempotency-Key is checked against: the
+    `Submission` that submit() (api/submission.py) takes in."""
+
+    job: Job
+    queue: str  # the one the job waits in, whose depth admission counts
+    upload: bytes | None
+    fingerprint: str
+
+    @property
+    def what(self) -> str:
+        return f"job {self.job.id}"
+
+    @property
+    def record(self) -> Job:
+        return self.job
+
+    def claim(self, idempotency: str) -> tuple[str, str]:
+        return idempotency_key(self.job.owner, idempotency), f"{self.fingerprint}:{self.job.id}"
+
+    def find(self, record_id: str) -> Job | None:
+        return context().store.get(record_id)
+
+    def admit(self) -> None:
+        ctx = context()
+        check_workers(ctx.store.client, self.queue, self.job.task, ctx.settings.wait_for_workers)
+        check_queue_room(ctx.store.client, self.queue, ctx.settings.max_queue_depth)
+
+    def create(self, claim: tuple[str, str] | None) -> None:
+        context().store.create(self.job, self.queue, self.upload, claim)
+
+    def publish(self) -> None:
+        publish_job(context().celery, self.job, self.queue)
+
+    def accept(self, replicas: int, timeout_ms: int) -> int | None:
+        return context().store.accept(self.job, self.queue, replicas, timeout_ms)
+
+    def withdraw(self, replicas: int, timeout_ms: int) -> int | None:
+        return context().store.withdraw(self.job, self.queue, replicas, timeout_ms)
+
+
+def _parse_job_submission(settings: ApiSettings) -> JobSubmission:
     if request.mimetype == "application/json":
         data = json_body()
         upload = None
@@ -280,4 +283,6 @@ def _parse_job_request(settings: ApiSettings) -> Submission:
     if job_request.image_url is not None and upload is not None:
         raise ValidationError("image_conflict", "give either 'image_url' or a file named 'image', not both")
     check_webhook(job_request.webhook, settings)
-    return Submission(job_request, upload, fingerprint(data, [] if upload is None else [upload]))
+    # The body says the task, and so the queue whose depth counts (the one the job would wait in).
+    queue = settings.queue_for(job_request.task)
+    return JobSubmission(_new_job(job_request), queue, upload, fingerprint(data, [] if upload is None else [upload]))

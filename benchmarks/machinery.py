@@ -55,7 +55,7 @@ from benchmarks.photo_runs import (
 )
 from benchmarks.photos import MIXES, describe, photo_set
 from blipq.client import BlipqClient
-from blipq.up import free_port
+from blipq.up_redis import free_port
 from contract.batches import MAX_BATCH_ANSWERS
 
 MAX_NEW_TOKENS = 1  # the tiny model's generate is then near-instant: the machinery is what remains

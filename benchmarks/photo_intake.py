@@ -67,7 +67,7 @@ from benchmarks.photo_runs import (
 )
 from benchmarks.photos import MIXES, describe, photo_set
 from benchmarks.processes import PeakSampler, pin, tree, tree_rss
-from blipq.up import free_port, stop_process
+from blipq.up_redis import free_port, stop_process
 
 REPO = Path(__file__).resolve().parent.parent
 QUESTION = PHOTO_QUESTIONS[0]

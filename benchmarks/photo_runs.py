@@ -34,7 +34,7 @@ from benchmarks.fleet import REPO, Fleet, run_tag, wait_until_serving
 from benchmarks.image_server import ImageServer
 from benchmarks.photos import MIXES
 from benchmarks.processes import tree_cpu_s
-from blipq.up import free_port
+from blipq.up_redis import free_port
 from contract.batches import MAX_BATCH_ANSWERS
 
 STAGE_COUNTER = "blipq_worker_stage_cpu_seconds"  # `_total` in the exposition; label `stage`

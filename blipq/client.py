@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import threading
 import time
 import uuid
@@ -33,17 +32,20 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
-from urllib3.exceptions import NameResolutionError
 from urllib3.util.retry import Retry
+
+from blipq.client_errors import BlipqClientError, JobFailedError, ServiceUnreachableError, error_of, unreachable
 
 if TYPE_CHECKING:
     from concurrent.futures import Executor
 
     from blipq.shrink import ShrinkTarget
+
+# Its errors are part of the client: `from blipq.client import BlipqClient, BlipqClientError`.
+__all__ = ["BlipqClient", "BlipqClientError", "JobFailedError", "ServiceUnreachableError"]
 
 FINAL_STATUSES = frozenset({"succeeded", "failed", "canceled", "expired"})
 RETRYABLE_STATUSES = frozenset({429, 502, 503, 504})  # rate limited, queue full, Redis or a proxy away: try later
@@ -72,34 +74,6 @@ MODELS_FRESH_S = 60.0  # how long a read of GET /v1/models tells what the worker
 URL_PREFIXES = ("http://", "https://")  # the images the workers fetch
 # A URL of another scheme (ftp://, s3://, data:...): two characters at least, since `C:` starts a Windows path.
 OTHER_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")
-
-
-class BlipqClientError(Exception):
-    """Raised when the service refuses a request, or the client cannot make it; `code` is a stable error code.
-
-    `status` is the HTTP status of the service's refusal, None where no answer of the service is behind the error;
-    `image_index` is the place, in a batch's images, of the image the refusal is about (None: not about one image).
-    """
-
-    def __init__(self, code: str, message: str, status: int | None = None, image_index: int | None = None) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code, self.message, self.status, self.image_index = code, message, status, image_index
-
-
-class ServiceUnreachableError(BlipqClientError):
-    """Raised when the service cannot be reached: its host does not resolve (`service_not_found`), refuses the
-    connection (`service_refused`), or fails otherwise, retries included (`service_unreachable`)."""
-
-
-class JobFailedError(BlipqClientError):
-    """Raised by `ask` and `caption` when the job ended without an answer: `code` is the job's error code,
-    `job_status` how it ended (failed, canceled or expired), `job` the job as the service showed it."""
-
-    def __init__(self, job: dict[str, Any]) -> None:
-        job_status = str(job.get("status") or "failed")
-        error = job.get("error") or {"code": job_status, "message": f"the job is {job_status}"}
-        super().__init__(code=error["code"], message=error["message"])
-        self.job, self.job_id, self.job_status = job, str(job.get("id", "")), job_status
 
 
 @dataclass
@@ -146,7 +120,7 @@ class BlipqClient:
         """GET /v1/models: each task's models, input size and workers, and the service's upload `limits`."""
         response = self._request("GET", f"{self.base_url}/v1/models", timeout=self.timeout_s)
         if response.status_code != 200:
-            raise _error_of(response)
+            raise error_of(response)
         models: dict[str, Any] = response.json()
         self._models = (time.monotonic(), models)
         return models
@@ -204,7 +178,7 @@ class BlipqClient:
         """
         response = self._post_job(image, question, fields)
         if response.status_code != 202:
-            raise _error_of(response)
+            raise error_of(response)
         job_id: str = response.json()["id"]
         return job_id
 
@@ -214,7 +188,7 @@ class BlipqClient:
         url = f"{self.base_url}/v1/jobs/{job_id}"
         response = self._request("GET", url, params=params, timeout=self.timeout_s + wait_s)
         if response.status_code != 200:
-            raise _error_of(response)
+            raise error_of(response)
         job: dict[str, Any] = response.json()
         return job
 
@@ -286,7 +260,7 @@ class BlipqClient:
         """The batch's summary as the service shows it now: counts by status, ended, progress."""
         response = self._request("GET", f"{self.base_url}/v1/batches/{batch_id}", timeout=self.timeout_s)
         if response.status_code != 200:
-            raise _error_of(response)
+            raise error_of(response)
         summary: dict[str, Any] = response.json()
         return summary
 
@@ -296,7 +270,7 @@ class BlipqClient:
         url = f"{self.base_url}/v1/batches/{batch_id}/results"
         with self._request("GET", url, params=params, stream=True, timeout=self.timeout_s) as response:
             if response.status_code != 200:
-                raise _error_of(response)
+                raise error_of(response)
             for line in response.iter_lines():
                 if line:
                     yield json.loads(line)
@@ -357,7 +331,7 @@ class BlipqClient:
         if response.status_code == 409:
             return {}
         if response.status_code != 200:
-            raise _error_of(response)
+            raise error_of(response)
         counts: dict[str, Any] = response.json()
         return counts
 
@@ -365,14 +339,14 @@ class BlipqClient:
         """Delete an ended batch and its results now (once they are saved), rather than at its TTL."""
         response = self._request("DELETE", f"{self.base_url}/v1/batches/{batch_id}", timeout=self.timeout_s)
         if response.status_code not in (204, 404):  # 404: gone already (a retry of a delete that went through)
-            raise _error_of(response)
+            raise error_of(response)
 
     def _post_once(self, url: str, **body: Any) -> requests.Response:
         """POST a submission under an Idempotency-Key of its own (its retries reuse it); the 202, or its error."""
         headers = {"Idempotency-Key": uuid.uuid4().hex}
         response = self._request("POST", url, timeout=self.timeout_s, headers=headers, **body)
         if response.status_code != 202:
-            raise _error_of(response)
+            raise error_of(response)
         return response
 
     def _post_job(self, image: str | Path | bytes, question: str | None, fields: dict[str, Any]) -> requests.Response:
@@ -412,39 +386,6 @@ def check_image_source(image: str | Path | bytes) -> None:
     if scheme and not Path(image).exists():
         message = f"{image[:100]!r}: only http(s) URLs and local files are accepted, not {scheme[1]}: URLs"
         raise BlipqClientError(code="image_url_invalid", message=message)
-
-
-def unreachable(base_url: str, exc: requests.ConnectionError) -> ServiceUnreachableError:
-    """Why the service at `base_url` could not be reached, in words and as a code, from what requests raised."""
-    causes: list[BaseException] = []
-    todo: list[object] = [exc]
-    while todo and len(causes) < 20:  # the chain of urllib3's and the socket's errors under requests'
-        cause = todo.pop()
-        if isinstance(cause, BaseException) and cause not in causes:
-            causes.append(cause)
-            todo += [getattr(cause, "reason", None), cause.__cause__, cause.__context__, *cause.args[:1]]
-    host = urlsplit(base_url).hostname or base_url
-    if any(isinstance(cause, NameResolutionError | socket.gaierror) for cause in causes):
-        code, why = "service_not_found", f"the host {host} does not resolve"
-    elif any(isinstance(cause, ConnectionRefusedError) for cause in causes):
-        code, why = "service_refused", "it refused the connection: is `blipq up` running?"
-    else:
-        code, why = "service_unreachable", str(getattr(exc.args[0], "reason", exc) if exc.args else exc)
-    return ServiceUnreachableError(code=code, message=f"cannot reach the blipq service at {base_url}: {why}")
-
-
-def _error_of(response: requests.Response) -> BlipqClientError:
-    try:
-        error = response.json()["error"]
-        image = error.get("image")
-        index = image.get("index") if isinstance(image, dict) else None
-        return BlipqClientError(
-            error["code"], error["message"], response.status_code, index if isinstance(index, int) else None
-        )
-    except (ValueError, KeyError, TypeError, AttributeError):
-        return BlipqClientError(
-            "http_error", f"HTTP {response.status_code}: {response.text[:200]}", response.status_code
-        )
 
 
 def _form_value(value: Any) -> str:

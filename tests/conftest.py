@@ -14,7 +14,7 @@ from flask.testing import FlaskClient
 
 from api.admission import queue_names
 from api.settings import ApiSettings
-from blipq.up import RedisProcess, start_redis, stop_process
+from blipq.up_redis import RedisProcess, start_redis, stop_process
 from tests.support.service import (
     HeldImage,
     ImageServer,

@@ -27,7 +27,7 @@ import requests
 from api.app import create_app
 from api.auth import ApiKey, hash_api_key, new_api_key
 from api.settings import ApiSettings
-from blipq.up import RedisProcess, stop_process
+from blipq.up_redis import RedisProcess, stop_process
 from contract.fleet import fleet_client, live_workers
 from tests.support.environment import ROOT
 from tests.support.service import (

@@ -22,7 +22,7 @@ import pytest
 import requests
 
 from api.settings import ApiSettings
-from blipq.up import RedisProcess, stop_process
+from blipq.up_redis import RedisProcess, stop_process
 from tests.support.environment import ROOT
 from tests.support.service import FINAL_STATES, JOB_TIMEOUT_S, serve_app
 from worker.settings import DEMO_MODEL_DIR

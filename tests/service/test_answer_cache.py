@@ -13,7 +13,7 @@ import pytest
 import redis
 from flask.testing import FlaskClient
 
-from blipq.up import RedisProcess, stop_process
+from blipq.up_redis import RedisProcess, stop_process
 from tests.support.images import shape_png
 from tests.support.service import ImageServer, WorkerProcess, api_client, start_worker, wait_for_batch, wait_for_job
 from tests.support.tiny_model import build_tiny_vqa_model

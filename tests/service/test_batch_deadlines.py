@@ -12,7 +12,7 @@ import pytest
 import redis
 
 from api.admission import waiting_answers
-from blipq.up import RedisProcess, stop_process
+from blipq.up_redis import RedisProcess, stop_process
 from contract.jobs import batch_key
 from tests.support.holding_worker import HOLDING_QUESTION, RELEASE_KEY
 from tests.support.images import shape_png

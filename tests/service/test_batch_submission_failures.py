@@ -20,7 +20,7 @@ import redis
 from api.admission import queue_depth, waiting_answers
 from api.app import create_app
 from api.settings import ApiSettings
-from blipq.up import RedisProcess, stop_process
+from blipq.up_redis import RedisProcess, stop_process
 from contract.broker import create_celery
 from contract.jobs import unstarted_key
 from tests.support.holding_worker import HOLDING_QUESTION, RELEASE_KEY

@@ -13,7 +13,7 @@ import pytest
 import redis
 from flask.testing import FlaskClient
 
-from blipq.up import RedisProcess, stop_process
+from blipq.up_redis import RedisProcess, stop_process
 from contract.batches import BatchStore, outcome_value
 from contract.broker import create_celery, publish_chunk
 from contract.jobs import JobStore

@@ -11,7 +11,7 @@ import pytest
 import redis
 from flask.testing import FlaskClient
 
-from blipq.up import RedisProcess, stop_process
+from blipq.up_redis import RedisProcess, stop_process
 from tests.support.images import shape_png
 from tests.support.service import JOB_TIMEOUT_S, ImageServer, WorkerProcess, api_client, start_worker, wait_for_batch
 from tests.support.webhooks import QUICK_WEBHOOKS, SECRET, Receiver, serve, verify_signature

@@ -19,7 +19,7 @@ from flask.testing import FlaskClient
 
 from api.admission import queue_depth, queue_names
 from api.auth import ApiKey, hash_api_key, new_api_key
-from blipq.up import RedisProcess, start_redis, stop_process
+from blipq.up_redis import RedisProcess, start_redis, stop_process
 from contract.batch_scripts import SKIPPED
 from contract.batches import BatchStore, batch_keys, outcome_value, outcomes_key
 from contract.broker import create_celery, publish_chunk

@@ -18,7 +18,7 @@ from flask.testing import FlaskClient
 
 from api.admission import queue_depth, queue_names, waiting_answers
 from api.settings import ApiSettings
-from blipq.up import RedisProcess
+from blipq.up_redis import RedisProcess
 from contract.batches import BatchStore, outcome_value
 from contract.errors import SettingsError
 from contract.jobs import JobStore, broker_list_key, deadlines_key, unstarted_key

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from flask.testing import FlaskClient
 
-from blipq.up import RedisProcess, start_redis, stop_process
+from blipq.up_redis import RedisProcess, start_redis, stop_process
 from contract.jobs import JobStore, held_key
 from tests.support.answers import reference_answers
 from tests.support.images import shape_png

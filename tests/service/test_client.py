@@ -16,7 +16,7 @@ import redis
 from api.settings import ApiSettings
 from blipq.cli import main
 from blipq.client import BlipqClient, BlipqClientError, JobFailedError, ServiceUnreachableError
-from blipq.up import RedisProcess
+from blipq.up_redis import RedisProcess
 from tests.support.answers import reference_answers
 from tests.support.environment import ROOT
 from tests.support.fronts import counting_front

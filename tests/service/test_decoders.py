@@ -20,7 +20,7 @@ import redis
 import requests
 from PIL import Image
 
-from blipq.up import RedisProcess, free_port, stop_process
+from blipq.up_redis import RedisProcess, free_port, stop_process
 from contract.errors import ImageInvalidError, ImageTooLargeError
 from contract.images import decode_for_model
 from tests.support import hostile

@@ -11,7 +11,7 @@ import pytest
 import redis
 from flask.testing import FlaskClient
 
-from blipq.up import RedisProcess, stop_process
+from blipq.up_redis import RedisProcess, stop_process
 from demo_model import synth
 from demo_model.evaluate_caption import heldout_pictures
 from tests.support.service import WorkerProcess, api_client, start_worker, wait_for_job, wait_for_worker_record

@@ -12,7 +12,7 @@ import redis
 from easy_vqa import get_test_image_paths, get_test_questions
 from flask.testing import FlaskClient
 
-from blipq.up import RedisProcess, stop_process
+from blipq.up_redis import RedisProcess, stop_process
 from tests.support.service import WorkerProcess, api_client, start_worker, wait_for_job
 from worker.settings import DEMO_MODEL_DIR
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from blipq.up import RedisProcess, stop_process
+from blipq.up_redis import RedisProcess, stop_process
 from contract.errors import SettingsError
 from tests.support.service import JOB_TIMEOUT_S, WorkerProcess, start_worker, wait_for_worker_record
 from worker.inference import resolve_device

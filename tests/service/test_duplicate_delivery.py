@@ -12,7 +12,7 @@ import pytest
 import redis
 from flask.testing import FlaskClient
 
-from blipq.up import RedisProcess, stop_process
+from blipq.up_redis import RedisProcess, stop_process
 from contract.broker import create_celery, publish_job
 from contract.jobs import JobStore
 from tests.support.holding_worker import HOLDING_QUESTION, RELEASE_KEY

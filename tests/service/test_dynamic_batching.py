@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from blipq.up import RedisProcess, free_port, stop_process
+from blipq.up_redis import RedisProcess, free_port, stop_process
 from contract.images import decode_image
 from tests.support.answers import model_card_answer
 from tests.support.images import shape_png

@@ -25,7 +25,7 @@ import redis
 from flask.testing import FlaskClient
 from werkzeug.test import TestResponse
 
-from blipq.up import RedisProcess, SentinelGroup, start_sentinel_group, stop_process
+from blipq.up_redis import RedisProcess, SentinelGroup, start_sentinel_group, stop_process
 from contract.images import decode_image
 from contract.jobs import JobStore, unstarted_key
 from contract.redis_target import RedisTarget

@@ -21,7 +21,7 @@ import redis
 from api.admission import queue_names
 from api.app import create_app
 from api.settings import ApiSettings
-from blipq.up import RedisProcess, stop_process
+from blipq.up_redis import RedisProcess, stop_process
 from contract.broker import create_celery, publish_job
 from contract.jobs import Job, JobStore, new_job_id, unstarted_key, utc_now, waiting_answers_key
 from contract.states import JobStatus

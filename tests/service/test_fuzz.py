@@ -31,9 +31,9 @@ from schemathesis.specs.openapi.checks import (
 
 from api.app import create_app
 from api.auth import ApiKey, hash_api_key, new_api_key
-from api.schemas import JobResponse
+from api.schemas.jobs import JobResponse
 from api.settings import ApiSettings
-from blipq.up import RedisProcess, stop_process
+from blipq.up_redis import RedisProcess, stop_process
 from contract.states import JobTask
 from tests.support.images import shape_png
 from tests.support.service import JOB_TIMEOUT_S, WorkerProcess, start_worker, wait_for_job

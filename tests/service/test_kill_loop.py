@@ -41,7 +41,7 @@ import pytest
 import redis
 from flask.testing import FlaskClient
 
-from blipq.up import RedisProcess, start_redis
+from blipq.up_redis import RedisProcess, start_redis
 from contract.batches import chunks_key, outcomes_key
 from contract.fleet import fleet_client, live_workers
 from contract.images import decode_image

@@ -17,7 +17,7 @@ from werkzeug.test import TestResponse
 
 from api.admission import queue_depth
 from api.auth import ApiKey, hash_api_key, new_api_key
-from blipq.up import RedisProcess, stop_process
+from blipq.up_redis import RedisProcess, stop_process
 from contract.broker import TASK_VQA
 from contract.jobs import JobStore, broker_list_key, deadlines_key, job_key, unstarted_key, upload_key
 from contract.states import JobPriority

@@ -20,7 +20,7 @@ from werkzeug.test import TestResponse
 
 from api.settings import ApiSettings
 from blipq.client import BlipqClient
-from blipq.up import RedisProcess
+from blipq.up_redis import RedisProcess
 from tests.support.images import shape_png
 from tests.support.service import HeldImage, WorkerProcess, serve_app
 

@@ -20,7 +20,8 @@ from flask.testing import FlaskClient
 from prometheus_client import CollectorRegistry, generate_latest
 
 from api.admission import queue_names
-from blipq.up import RedisProcess, free_port, stop_process, worker_metrics_env
+from blipq.up import worker_metrics_env
+from blipq.up_redis import RedisProcess, free_port, stop_process
 from contract.states import JobTask
 from tests.support.environment import ROOT
 from tests.support.images import shape_png

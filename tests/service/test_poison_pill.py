@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from blipq.up import RedisProcess, stop_process
+from blipq.up_redis import RedisProcess, stop_process
 from tests.support.images import shape_png
 from tests.support.service import (
     JOB_TIMEOUT_S,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import redis
 
-from blipq.up import RedisProcess, stop_process
+from blipq.up_redis import RedisProcess, stop_process
 from contract.broker import create_celery, publish_job
 from contract.fleet import worker_key
 from contract.jobs import (

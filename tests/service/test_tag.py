@@ -22,7 +22,7 @@ import requests
 from api.settings import ApiSettings
 from blipq.client import BlipqClient
 from blipq.tag import ctrl_c_after
-from blipq.up import RedisProcess
+from blipq.up_redis import RedisProcess
 from tests.support import hostile
 from tests.support.answers import reference_answers
 from tests.support.environment import ROOT

@@ -11,7 +11,7 @@ import time
 import redis
 
 from api.settings import ApiSettings
-from blipq.up import RedisProcess
+from blipq.up_redis import RedisProcess
 from tests.support.images import shape_png
 from tests.support.service import WorkerProcess, api_client, wait_for_job, wait_for_worker_record
 from tests.support.tiny_model import IMAGE_SIZE

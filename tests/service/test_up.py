@@ -14,8 +14,8 @@ import pytest
 import redis
 import requests
 
-from blipq.up import free_port, redis_server_binary, start_redis
 from blipq.up_checks import LOCK_FILE
+from blipq.up_redis import free_port, redis_server_binary, start_redis
 from tests.support.environment import ROOT
 from tests.support.images import shape_png
 from tests.support.service import JOB_TIMEOUT_S

@@ -16,7 +16,7 @@ import requests
 from flask.testing import FlaskClient
 
 from api.admission import queue_names
-from blipq.up import RedisProcess, stop_process
+from blipq.up_redis import RedisProcess, stop_process
 from contract.jobs import Job, JobStore, new_job_id, utc_now, webhook_outbox_key
 from contract.states import JobStatus
 from tests.support.images import shape_png

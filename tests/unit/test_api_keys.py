@@ -17,7 +17,7 @@ from api.app import create_app
 from api.auth import ApiKey, authenticate, hash_api_key, new_api_key
 from api.settings import ApiSettings
 from blipq.cli import main
-from blipq.up import RedisProcess
+from blipq.up_redis import RedisProcess
 from contract.errors import SettingsError
 from tests.support.service import api_client
 

@@ -13,7 +13,7 @@ from werkzeug.test import TestResponse
 
 from api.admission import queue_names
 from api.auth import ApiKey, hash_api_key, new_api_key
-from blipq.up import RedisProcess
+from blipq.up_redis import RedisProcess
 from tests.support.service import api_client
 
 ALICE, BOB = new_api_key(), new_api_key()

@@ -16,7 +16,7 @@ from flask import Flask
 import api.errors
 import contract.errors
 from api.app import create_app
-from api.schemas import ERROR_CODES as FIELD_ERROR_CODES
+from api.schemas.errors import ERROR_CODES as FIELD_ERROR_CODES
 from api.settings import ApiSettings
 from contract.errors import (
     ERRORS,
@@ -131,7 +131,14 @@ REGISTRY_MODULE = "contract/errors.py"  # its codes are the registry's own, not 
 WEBHOOK_MODULE = ROOT / "worker" / "webhooks.py"
 # The command line and the client (blipq/): what they give is their own codes, or the service's where they refuse
 # what the service would.
-CLIENT_MODULES = ("blipq/client.py", "blipq/cli.py", "blipq/tag.py", "blipq/tag_inputs.py", "blipq/tag_lines.py")
+CLIENT_MODULES = (
+    "blipq/client.py",
+    "blipq/client_errors.py",
+    "blipq/cli.py",
+    "blipq/tag.py",
+    "blipq/tag_inputs.py",
+    "blipq/tag_lines.py",
+)
 
 
 def worker_side() -> dict[Path, set[tuple[str, str | None]]]:

@@ -16,8 +16,8 @@ import api.views
 from api.app import create_app
 from api.auth import ApiKey, hash_api_key, new_api_key
 from api.openapi import ANY_ROUTE_CODES, install_openapi, openapi_document, openapi_path
-from api.schemas import ERROR_CODES as FIELD_ERROR_CODES
-from api.schemas import JobRequest, JobResponse
+from api.schemas.errors import ERROR_CODES as FIELD_ERROR_CODES
+from api.schemas.jobs import JobRequest, JobResponse
 from api.settings import ApiSettings
 from contract.errors import HTTP_ERRORS
 from contract.jobs import Job

@@ -18,7 +18,7 @@ from api.admission import QUEUE_FULL_RETRY_AFTER_S, queue_depth, queue_names, wa
 from api.auth import ApiKey, hash_api_key, new_api_key
 from api.errors import STORE_RETRY_AFTER_S
 from api.settings import DEFAULT_MAX_QUEUE_DEPTH, ApiSettings
-from blipq.up import RedisProcess, start_redis
+from blipq.up_redis import RedisProcess, start_redis
 from contract.errors import SettingsError
 from contract.redis_target import RedisTarget
 from tests.support.service import api_client

@@ -13,7 +13,7 @@ from PIL import Image
 
 from api.admission import queue_depth, queue_names
 from api.settings import MAX_JSON_BODY_BYTES
-from blipq.up import RedisProcess, start_redis
+from blipq.up_redis import RedisProcess, start_redis
 from tests.support import hostile
 from tests.support.images import photo, shape_png
 from tests.support.service import api_client

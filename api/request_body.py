@@ -1,4 +1,5 @@
-"""Reading a submission: the ids and the Idempotency-Key a request names, its body, its uploads and its webhook.
+"""Reading a request, within bounds: its JSON body, its form and uploads, the ids and the Idempotency-Key it names,
+its webhook, and the fingerprint of its body.
 
 Shared by the job routes (api/views.py) and the batch routes (api/batches.py, api/batch_uploads.py); every refusal is
 an API error with its stable code.

@@ -1,4 +1,5 @@
-"""What the routes use, built once per app by create_app, and how a request reaches it."""
+"""The app's context: what the routes use (settings, the job store, the Celery app, a client for reads that wait),
+built once per app by create_app, and how a request reaches it."""
 
 from __future__ import annotations
 
@@ -11,12 +12,12 @@ from flask import current_app
 from api.settings import ApiSettings
 from contract.jobs import JobStore
 
-EXTENSION_KEY = "blipq"  # where create_app keeps an app's Services
+EXTENSION_KEY = "blipq"  # where create_app keeps an app's AppContext
 MAX_WAIT_S = 20.0  # the longest a `GET /v1/jobs/<id>?wait=S` holds its request (and an API thread)
 
 
 @dataclass(frozen=True)
-class Services:
+class AppContext:
     """What the routes use, built once by create_app."""
 
     settings: ApiSettings
@@ -25,7 +26,7 @@ class Services:
     waiter: redis.Redis  # for reads that wait: its socket timeout is above MAX_WAIT_S
 
 
-def services() -> Services:
-    """The Services of the app handling the current request."""
-    found: Services = current_app.extensions[EXTENSION_KEY]
+def context() -> AppContext:
+    """The AppContext of the app handling the current request."""
+    found: AppContext = current_app.extensions[EXTENSION_KEY]
     return found
