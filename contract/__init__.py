@@ -1,9 +1,10 @@
 """The job contract that the API and the workers share: everything both processes must agree on, in one place.
 
 - `states`: a job's statuses, tasks and priorities;
-- `transitions`: the Lua scripts that move a job from one status to the next, and which moves are allowed;
+- `transitions`: what the scripts that move a job from one status to the next take and answer;
+- `lua`: the Redis Lua scripts, read from their files (`scripts/*.lua`) and registered with a client;
 - `jobs`: a job's record and its Redis keys (`JobStore`), acceptance and withdrawal;
-- `batches` and `batch_scripts`: a batch's record, its items and chunks, and their scripts (`BatchStore`);
+- `batches` and `batch_scripts`: a batch's record, its items and chunks (`BatchStore`), and what their scripts take;
 - `broker`: the Celery app, the task (message) names and how a job or chunk is published;
 - `fleet`: the worker records the API reads to know who is serving which task;
 - `redis_target`: one Redis or a Sentinel group, as every client of the store and the broker reaches it;

@@ -25,21 +25,20 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, NamedTuple
 
 from contract.batch_scripts import (
-    ACCEPT_BATCH_LUA,
-    CANCEL_ITEM_LUA,
     CANCELS_PREFIX,
-    CLOSE_BATCH_LUA,
-    DELETE_ENDED_LUA,
-    END_CHUNK_LUA,
     ITEM_WEBHOOK_PREFIX,
-    RUN_ITEMS_LUA,
-    START_CHUNK_LUA,
     UPLOADS_LEFT_PREFIX,
-    WITHDRAW_BATCH_LUA,
+    AcceptBatchKeys,
+    CancelItemKeys,
+    EndChunkKeys,
+    ItemKeys,
+    StartChunkArgs,
+    StartChunkKeys,
+    WithdrawBatchKeys,
 )
 from contract.fleet import outcomes_key as outcomes_key_of_queue
 from contract.jobs import (
@@ -57,6 +56,7 @@ from contract.jobs import (
     webhook_delivery,
     webhook_outbox_key,
 )
+from contract.lua import register
 from contract.states import ENDED_STATUSES, JobPriority, JobStatus, JobTask
 from contract.transitions import CANCELED_MESSAGE, DEADLINE_MESSAGE
 
@@ -303,14 +303,14 @@ class BatchStore:
     def __init__(self, store: JobStore) -> None:
         self.store = store
         self.client = store.client
-        self._start = self.client.register_script(START_CHUNK_LUA)
-        self._run = self.client.register_script(RUN_ITEMS_LUA)
-        self._end = self.client.register_script(END_CHUNK_LUA)
-        self._close = self.client.register_script(CLOSE_BATCH_LUA)
-        self._cancel_item = self.client.register_script(CANCEL_ITEM_LUA)
-        self._delete = self.client.register_script(DELETE_ENDED_LUA)
-        self._accept = self.client.register_script(ACCEPT_BATCH_LUA)
-        self._withdraw = self.client.register_script(WITHDRAW_BATCH_LUA)
+        self._start = register(self.client, "chunk_start")
+        self._run = register(self.client, "items_run")
+        self._end = register(self.client, "chunk_end")
+        self._close = register(self.client, "batch_close")
+        self._cancel_item = register(self.client, "item_cancel")
+        self._delete = register(self.client, "batch_delete_ended")
+        self._accept = register(self.client, "batch_accept")
+        self._withdraw = register(self.client, "batch_withdraw")
 
     def create(
         self,
@@ -358,9 +358,11 @@ class BatchStore:
     def accept(self, batch: Batch, chunks: list[dict[str, Any]], replicas: int = 0, timeout_ms: int = 0) -> int | None:
         """Accept a pending batch whose chunks are published, as JobStore.accept does a job (same return value)."""
         groups = chunk_groups(batch, chunks)
-        keys = [batch_key(batch.id), *(unstarted_key(queue, batch.priority) for queue in groups)]
+        keys = AcceptBatchKeys(
+            batch=batch_key(batch.id), unstarted=tuple(unstarted_key(queue, batch.priority) for queue in groups)
+        )
         args: list[str | int | float] = [time.time(), *chunk_group_args(groups)]
-        return self.store.accept_and_wait(self._accept, keys, args, replicas, timeout_ms)
+        return self.store.accept_and_wait(self._accept, keys.keys(), args, replicas, timeout_ms)
 
     def withdraw(
         self, batch: Batch, chunks: list[dict[str, Any]], uploads: list[str], replicas: int = 0, timeout_ms: int = 0
@@ -369,12 +371,16 @@ class BatchStore:
         with `replicas` > 0, WAIT as JobStore.withdraw does (same return value)."""
         bid = batch.id
         groups = chunk_groups(batch, chunks)
-        keys = [batch_key(bid), chunks_key(bid)]
-        for queue in groups:
-            keys += [unstarted_key(queue, batch.priority), deadlines_key(queue)]
-        keys += [*batch_keys(bid), *uploads]
+        keys = WithdrawBatchKeys(
+            batch=batch_key(bid),
+            chunks=chunks_key(bid),
+            queues=tuple(
+                key for queue in groups for key in (unstarted_key(queue, batch.priority), deadlines_key(queue))
+            ),
+            doomed=(*batch_keys(bid), *uploads),
+        )
         args = [DEADLINE_MEMBER_PREFIX + bid, len(groups), *chunk_group_args(groups)]
-        return self.store.accept_and_wait(self._withdraw, keys, args, replicas, timeout_ms)
+        return self.store.accept_and_wait(self._withdraw, keys.keys(), args, replicas, timeout_ms)
 
     def delete_ended(self, batch: Batch) -> bool:
         """Delete a batch whose items all ended, with its results; False (nothing deleted) when one has not ended."""
@@ -406,8 +412,8 @@ class BatchStore:
         """Cancel one item: a CANCEL_* code of contract/transitions.py."""
         item = self.item(batch, index)
         queue = batch.queue_for(item.task) if item else batch.queue
-        keys = [*self._item_keys(batch.id), outcomes_key_of_queue(queue)]
-        return int(self._cancel_item(keys=keys, args=[time.time(), index, item.upload_key if item else ""]))
+        keys = CancelItemKeys(**asdict(self._item_keys(batch.id)), outcomes=outcomes_key_of_queue(queue))
+        return int(self._cancel_item(keys=keys.keys(), args=[time.time(), index, item.upload_key if item else ""]))
 
     def item(self, batch: Batch, index: int) -> Job | None:
         """A batch item shown as a job, or None when there is no such item."""
@@ -447,18 +453,28 @@ class BatchStore:
         priority = JobPriority(payload.get("priority") or JobPriority.NORMAL)
         answers = parse_chunk_member(member)[2]
         message = f"the chunk was started {max_attempts} times and its worker died each time; it is not tried again"
-        keys = [batch_key(bid), chunks_key(bid), unstarted_key(queue, priority), started_mark_key(queue, priority)]
-        keys += [running_key(queue), stats_key(), outcomes_key(bid), items_key(bid), webhook_outbox_key()]
-        keys += [ended_key(bid), outcomes_key_of_queue(queue)]
-        args: list[str | int | float] = [member, number, time.time(), worker, max_attempts, message, answers, model]
-        args.append(str(payload.get("task") or ""))
-        return int(self._start(keys=keys, args=args))
+        keys = StartChunkKeys(
+            batch=batch_key(bid),
+            chunks=chunks_key(bid),
+            unstarted=unstarted_key(queue, priority),
+            mark=started_mark_key(queue, priority),
+            running=running_key(queue),
+            stats=stats_key(),
+            out=outcomes_key(bid),
+            items=items_key(bid),
+            outbox=webhook_outbox_key(),
+            ended=ended_key(bid),
+            outcomes=outcomes_key_of_queue(queue),
+        )
+        task = str(payload.get("task") or "")
+        args = StartChunkArgs(member, number, time.time(), worker, max_attempts, message, answers, model, task)
+        return int(self._start(keys=keys.keys(), args=args.args()))
 
     def run_items(self, groups: list[tuple[str, list[int]]]) -> list[set[int]]:
         """Mark these items of each batch running, all in one round trip; for each batch, the indices to answer."""
         with self.client.pipeline(transaction=False) as pipe:
             for batch_id, indices in groups:
-                self._run(keys=self._item_keys(batch_id), args=[time.time(), *indices], client=pipe)
+                self._run(keys=self._item_keys(batch_id).keys(), args=[time.time(), *indices], client=pipe)
             replies = pipe.execute()
         return [{int(index) for index in reply} for reply in replies]
 
@@ -467,12 +483,19 @@ class BatchStore:
         image whose last item ends goes with it."""
         upload_of = {str(i): str(image.get("upload", "")) for image in payload["images"] for i, _ in image["items"]}
         bid, number, member = str(payload["batch_id"]), int(payload["number"]), str(payload["member"])
-        keys = [batch_key(bid), outcomes_key(bid), chunks_key(bid), running_key(queue), webhook_outbox_key()]
-        keys += [ended_key(bid), outcomes_key_of_queue(queue)]
+        keys = EndChunkKeys(
+            batch=batch_key(bid),
+            out=outcomes_key(bid),
+            chunks=chunks_key(bid),
+            running=running_key(queue),
+            outbox=webhook_outbox_key(),
+            ended=ended_key(bid),
+            outcomes=outcomes_key_of_queue(queue),
+        )
         args: list[str | int | float] = [time.time(), number, member, "1" if done else "0"]
         for outcome in outcomes:
             args += [*outcome, upload_of.get(outcome[0], "")]
-        return int(self._end(keys=keys, args=args))
+        return int(self._end(keys=keys.keys(), args=args))
 
     def chunk_payload(self, batch_id: str, number: int) -> dict[str, Any] | None:
         """A chunk not yet ended, as its message carries it (None once it ended, or with its batch)."""
@@ -485,12 +508,18 @@ class BatchStore:
         return raw.decode() if isinstance(raw, bytes) else None
 
     def _close_call(self, batch_id: str, why: str) -> list[int]:
-        reply = self._close(keys=self._item_keys(batch_id), args=[time.time(), why])
+        reply = self._close(keys=self._item_keys(batch_id).keys(), args=[time.time(), why])
         return [int(value) for value in reply]
 
-    def _item_keys(self, batch_id: str) -> list[str]:
-        keys = [batch_key(batch_id), outcomes_key(batch_id), items_key(batch_id), webhook_outbox_key()]
-        return [*keys, ended_key(batch_id)]
+    @staticmethod
+    def _item_keys(batch_id: str) -> ItemKeys:
+        return ItemKeys(
+            batch=batch_key(batch_id),
+            out=outcomes_key(batch_id),
+            items=items_key(batch_id),
+            outbox=webhook_outbox_key(),
+            ended=ended_key(batch_id),
+        )
 
     def _images(self, batch_id: str, numbers: set[int]) -> dict[int, dict[str, str]]:
         ordered = sorted(numbers)
@@ -501,7 +530,7 @@ class BatchStore:
 
 
 def outcome_value(status: str, answer: str = "", code: str = "", message: str = "") -> list[str]:
-    """An item's outcome as END_CHUNK_LUA takes it: status, error code, and the JSON kept for the item."""
+    """An item's outcome as chunk_end.lua takes it: status, error code, and the JSON kept for the item."""
     if status == JobStatus.SUCCEEDED:
         value = [status, answer]
     elif status == JobStatus.FAILED:
@@ -520,7 +549,7 @@ def chunk_groups(batch: Batch, chunks: list[dict[str, Any]]) -> dict[str, list[d
 
 
 def chunk_group_args(groups: dict[str, list[dict[str, Any]]]) -> list[str | int]:
-    """chunk_groups as ACCEPT_BATCH_LUA and WITHDRAW_BATCH_LUA take them: for each queue, its chunks' answers, how
+    """chunk_groups as batch_accept.lua and batch_withdraw.lua take them: for each queue, its chunks' answers, how
     many chunks, their members."""
     args: list[str | int] = []
     for group in groups.values():

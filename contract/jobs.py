@@ -2,7 +2,7 @@
 
 Imports neither Flask nor torch. A job is a Redis hash that the API creates and that moves through
 queued -> running -> succeeded | failed, or ends without running: canceled (a cancel while it was queued) or expired
-(still queued at its deadline). Every change of state is a Lua script of contract/transitions.py. A job expires
+(still queued at its deadline). Every change of state is a Lua script (contract/transitions.py). A job expires
 `job_ttl_s` after submission. Its states are in contract/states.py, its Celery app and message in
 contract/broker.py.
 """
@@ -23,25 +23,21 @@ from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.commands.core import Script
 from redis.retry import Retry
 
+from contract.lua import register
 from contract.redis_target import RedisTarget, as_target
 from contract.states import BROKER_PRIORITY, JobPriority, JobStatus, JobTask
 from contract.transitions import (
-    ACCEPT_LUA,
     BATCH_KEY_PREFIX,
-    CANCEL_LUA,
     CANCELED_MESSAGE,
-    CANCELED_RERUN_MESSAGE,
-    CLAIM_KEY_LUA,
     DEADLINE_MESSAGE,
     ENDED_KEY_PREFIX,
-    EXPIRE_LUA,
-    FINISH_LUA,
-    RELEASE_KEY_LUA,
-    REPLACE_KEY_LUA,
-    REQUEUE_LUA,
-    START_LUA,
     WAITING_ANSWERS_KEY,
-    WITHDRAW_LUA,
+    AcceptKeys,
+    FinishKeys,
+    QueuedJobKeys,
+    StartArgs,
+    StartKeys,
+    WithdrawKeys,
 )
 
 KEY_PREFIX = "blipq:"  # contract/transitions.py's BATCH_KEY_PREFIX starts with it
@@ -280,16 +276,16 @@ class JobStore:
     def __init__(self, client: redis.Redis, ttl_s: int) -> None:
         self.client = client
         self.ttl_s = ttl_s
-        self._start = client.register_script(START_LUA)
-        self._finish_script = client.register_script(FINISH_LUA)
-        self._cancel = client.register_script(CANCEL_LUA)
-        self._expire = client.register_script(EXPIRE_LUA)
-        self._claim_key = client.register_script(CLAIM_KEY_LUA)
-        self._release_key = client.register_script(RELEASE_KEY_LUA)
-        self._replace_key = client.register_script(REPLACE_KEY_LUA)
-        self._accept = client.register_script(ACCEPT_LUA)
-        self._withdraw = client.register_script(WITHDRAW_LUA)
-        self._requeue = client.register_script(REQUEUE_LUA)
+        self._start = register(client, "job_start")
+        self._finish_script = register(client, "job_finish")
+        self._cancel = register(client, "job_cancel")
+        self._expire = register(client, "job_expire")
+        self._claim_key = register(client, "idempotency_claim")
+        self._release_key = register(client, "idempotency_release")
+        self._replace_key = register(client, "idempotency_replace")
+        self._accept = register(client, "job_accept")
+        self._withdraw = register(client, "job_withdraw")
+        self._requeue = register(client, "requeue")
 
     @classmethod
     def connect(cls, where: RedisTarget | str, ttl_s: int, timeout_s: float = 5.0, outage_s: float = 0.0) -> JobStore:
@@ -333,13 +329,13 @@ class JobStore:
             pipe.execute()
 
     def accept(self, job: Job, queue: str, replicas: int = 0, timeout_ms: int = 0) -> int | None:
-        """Accept a pending job whose message is published (ACCEPT_LUA); None when it was not pending any more.
+        """Accept a pending job whose message is published (job_accept.lua); None when it was not pending any more.
 
         With `replicas` > 0, Redis WAITs (on the same connection, so after the job's record, its message and this
         acceptance) until that many replicas acknowledged them, or `timeout_ms`: returns how many did (else 0).
         """
-        keys = [job_key(job.id), unstarted_key(queue, job.priority)]
-        return self.accept_and_wait(self._accept, keys, [job.id, time.time()], replicas, timeout_ms)
+        keys = AcceptKeys(job=job_key(job.id), unstarted=unstarted_key(queue, job.priority))
+        return self.accept_and_wait(self._accept, keys.keys(), [job.id, time.time()], replicas, timeout_ms)
 
     def accept_and_wait(
         self, script: Script, keys: list[str], args: list[Any], replicas: int, timeout_ms: int
@@ -359,8 +355,13 @@ class JobStore:
     def withdraw(self, job: Job, queue: str, replicas: int = 0, timeout_ms: int = 0) -> int | None:
         """Delete a job whose submission failed, unless a worker started it already (then None: it runs); with
         `replicas` > 0, WAIT as `accept` does: how many replicas hold the withdrawal (else 0)."""
-        keys = [job_key(job.id), upload_key(job.id), unstarted_key(queue, job.priority), deadlines_key(queue)]
-        return self.accept_and_wait(self._withdraw, keys, [job.id], replicas, timeout_ms)
+        keys = WithdrawKeys(
+            job=job_key(job.id),
+            upload=upload_key(job.id),
+            unstarted=unstarted_key(queue, job.priority),
+            deadlines=deadlines_key(queue),
+        )
+        return self.accept_and_wait(self._withdraw, keys.keys(), [job.id], replicas, timeout_ms)
 
     def get(self, job_id: str) -> Job | None:
         """The job with this id, or None if it was never issued or has expired."""
@@ -378,7 +379,7 @@ class JobStore:
         max_attempts: int,
         priority: JobPriority = JobPriority.NORMAL,
     ) -> int:
-        """Record that a worker starts a run of the job; see START_LUA for the return value."""
+        """Record that a worker starts a run of the job; see job_start.lua for the return value."""
         return self.start_many([job_id], queue, model, worker, max_attempts, priority)[0]
 
     def start_many(
@@ -394,19 +395,26 @@ class JobStore:
         message = f"the job was started {max_attempts} times and its worker died each time; it is not tried again"
         with self.client.pipeline(transaction=False) as pipe:
             for job_id in job_ids:
-                args: list[str | int | float] = [max_attempts, utc_now(), model, worker, message, job_id, time.time()]
-                args += [DEADLINE_MESSAGE, CANCELED_RERUN_MESSAGE]
-                keys = [job_key(job_id), stats_key(), unstarted_key(queue, priority), started_mark_key(queue, priority)]
-                keys += [upload_key(job_id), webhook_outbox_key(), deadlines_key(queue), running_key(queue)]
-                self._start(keys=keys, args=args, client=pipe)
+                args = StartArgs(max_attempts, utc_now(), model, worker, message, job_id, time.time())
+                keys = StartKeys(
+                    job=job_key(job_id),
+                    stats=stats_key(),
+                    unstarted=unstarted_key(queue, priority),
+                    mark=started_mark_key(queue, priority),
+                    upload=upload_key(job_id),
+                    outbox=webhook_outbox_key(),
+                    deadlines=deadlines_key(queue),
+                    running=running_key(queue),
+                )
+                self._start(keys=keys.keys(), args=args.args(), client=pipe)
             return [int(attempt) for attempt in pipe.execute()]
 
     def requeue(self, member: str, queue: str, priority: JobPriority, answers: int, enqueued_at: float) -> None:
-        """Start again the wait of a job or chunk (`member`) whose message is published again (REQUEUE_LUA)."""
+        """Start again the wait of a job or chunk (`member`) whose message is published again (requeue.lua)."""
         self._requeue(keys=[unstarted_key(queue, priority)], args=[member, enqueued_at, answers])
 
     def cancel(self, job: Job, queue: str) -> int:
-        """Cancel the job: see CANCEL_LUA; returns one of the CANCEL_* codes."""
+        """Cancel the job: see job_cancel.lua; returns one of the CANCEL_* codes."""
         keys, args = self._queued_job_keys(job, queue)
         return int(self._cancel(keys=keys, args=[*args, CANCELED_MESSAGE]))
 
@@ -471,11 +479,18 @@ class JobStore:
         args: list[str | float] = [time.time(), "finished_at", utc_now()]
         for name, value in fields.items():
             args += [name, str(value)]
-        keys = [job_key(job_id), stats_key(), upload_key(job_id), webhook_outbox_key()]
-        return int(self._finish_script(keys=keys, args=args))
+        keys = FinishKeys(
+            job=job_key(job_id), stats=stats_key(), upload=upload_key(job_id), outbox=webhook_outbox_key()
+        )
+        return int(self._finish_script(keys=keys.keys(), args=args))
 
     @staticmethod
     def _queued_job_keys(job: Job, queue: str) -> tuple[list[str], list[str | float]]:
-        keys = [job_key(job.id), upload_key(job.id), webhook_outbox_key()]
-        keys += [unstarted_key(queue, job.priority), deadlines_key(queue)]
-        return keys, [time.time(), utc_now(), job.id, DEADLINE_MESSAGE]
+        keys = QueuedJobKeys(
+            job=job_key(job.id),
+            upload=upload_key(job.id),
+            outbox=webhook_outbox_key(),
+            unstarted=unstarted_key(queue, job.priority),
+            deadlines=deadlines_key(queue),
+        )
+        return keys.keys(), [time.time(), utc_now(), job.id, DEADLINE_MESSAGE]
