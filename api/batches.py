@@ -44,7 +44,8 @@ from contract.batches import (
     plan_chunks,
 )
 from contract.broker import publish_chunk
-from contract.jobs import batch_upload_key, idempotency_key, new_job_id, utc_iso
+from contract.jobs import new_job_id, utc_iso
+from contract.keys import batch_upload_key, idempotency_key
 from contract.states import JobTask
 
 log = logging.getLogger("blipq.api")

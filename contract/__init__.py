@@ -3,7 +3,8 @@
 - `states`: a job's statuses, tasks and priorities;
 - `transitions`: what the scripts that move a job from one status to the next take and answer;
 - `lua`: the Redis Lua scripts, read from their files (`scripts/*.lua`) and registered with a client;
-- `jobs`: a job's record and its Redis keys (`JobStore`), acceptance and withdrawal;
+- `keys`: every Redis key blipq spells (the `blipq:` prefixes, the functions that build keys from ids);
+- `jobs`: a job's record and its store (`JobStore`), acceptance and withdrawal;
 - `batches` and `batch_scripts`: a batch's record, its items and chunks (`BatchStore`), and what their scripts take;
 - `broker`: the Celery app, the task (message) names and how a job or chunk is published;
 - `fleet`: the worker records the API reads to know who is serving which task;

@@ -9,7 +9,7 @@ cancel was asked; a queued item ends `canceled` at once, a running one runs to i
 delivered again (its worker died) is not run again but ends `canceled`.
 The batch's hash keeps the counts by status (`queued`, `running`, `succeeded`, ...), which these scripts move in the
 same call as the items: a summary is one read, whatever the batch's size. Each call that ends items publishes on the
-batch's `ended` channel (contract.jobs.ended_key of the batch's id), which wakes the API's reads waiting for an
+batch's `ended` channel (contract.keys.ended_key of the batch's id), which wakes the API's reads waiting for an
 item.
 
 The scripts are contract/scripts/chunk_*.lua, items_run.lua, item_cancel.lua and batch_*.lua, with their shared
@@ -27,11 +27,8 @@ from contract.transitions import CANCELED_RERUN_MESSAGE
 
 RUNNING = '["running"]'  # an item's outcome field while the model answers it (its worker may die meanwhile)
 ITEM_OUTBOX_PREFIX = "item:"  # an outbox member for a batch item's own webhook (`item:<batch id>.<index>`)
-ITEM_WEBHOOK_PREFIX = "blipq:item-webhook:"  # the hash of a batch item's webhook delivery (contract.batches)
 SKIPPED = "skipped"  # what a worker reports for an item the model did not answer (items_run.lua did not let it run)
 
-UPLOADS_LEFT_PREFIX = "blipq:batch-left:"  # contract.batches.uploads_left_key
-CANCELS_PREFIX = "blipq:batch-cancels:"  # contract.batches.cancels_key
 # The outcome of a running item whose cancel was asked and whose worker died: it is not run again.
 CANCELED_RERUN = json.dumps(["canceled", CANCELED_RERUN_MESSAGE], separators=(",", ":"))
 UNPACK_MAX = 1000  # arguments a script passes to one command at most (Lua's unpack stops near 8,000)

@@ -7,7 +7,7 @@ contract/batch_scripts.py);
 - `blipq:batch-items:<id>`, a list: each item's image number and text (a question, or a caption's prompt), and its
   task when it is not the batch's (the captions of a vqa batch that captions its images too);
 - `blipq:batch-images:<id>`, a hash: each distinct image, a URL or an uploaded file's name (the upload itself is
-  `jobs.batch_upload_key`, stored once for all its questions, and deleted as soon as the last of them ended:
+  `keys.batch_upload_key`, stored once for all its questions, and deleted as soon as the last of them ended:
   `blipq:batch-left:<id>` counts them);
 - `blipq:batch-out:<id>`, a hash: each item's outcome once the model took it (running, then answered or failed);
 - `blipq:batch-chunks:<id>`, a hash: each chunk not yet ended, as its message carries it (for the reaper);
@@ -29,9 +29,6 @@ from dataclasses import asdict, dataclass
 from typing import Any, NamedTuple
 
 from contract.batch_scripts import (
-    CANCELS_PREFIX,
-    ITEM_WEBHOOK_PREFIX,
-    UPLOADS_LEFT_PREFIX,
     AcceptBatchKeys,
     CancelItemKeys,
     EndChunkKeys,
@@ -40,20 +37,24 @@ from contract.batch_scripts import (
     StartChunkKeys,
     WithdrawBatchKeys,
 )
-from contract.fleet import outcomes_key as outcomes_key_of_queue
-from contract.jobs import (
-    KEY_PREFIX,
-    PENDING_FIELD,
-    Job,
-    JobStore,
+from contract.jobs import PENDING_FIELD, Job, JobStore, webhook_delivery
+from contract.keys import (
     batch_key,
+    batch_keys,
+    batch_outcomes_key,
+    cancels_key,
+    chunks_key,
     deadlines_key,
     ended_key,
+    images_key,
+    item_webhook_key,
+    items_key,
+    queue_outcomes_key,
     running_key,
     started_mark_key,
     stats_key,
     unstarted_key,
-    webhook_delivery,
+    uploads_left_key,
     webhook_outbox_key,
 )
 from contract.lua import register
@@ -66,43 +67,6 @@ CHUNK_MEMBER_PREFIX = "chunk:"  # a chunk in the never-started and running sets,
 DEADLINE_MEMBER_PREFIX = "batch:"  # a batch in its queues' deadlines sets, beside job ids
 CAPTION_MODEL_FIELD = f"model:{JobTask.CAPTION}"  # the batch hash's field of a vqa batch's captioning model
 STATUS_COUNTS = tuple(str(status) for status in JobStatus)
-
-
-def items_key(batch_id: str) -> str:
-    """The list of a batch's items, in item order: `[image number, text]` each, `[image number, text, task]` for an
-    item of another task than the batch's."""
-    return f"{KEY_PREFIX}batch-items:{batch_id}"
-
-
-def images_key(batch_id: str) -> str:
-    """The hash of a batch's distinct images by number: {"image_url"}, or {"image_name", "upload"} for an upload."""
-    return f"{KEY_PREFIX}batch-images:{batch_id}"
-
-
-def outcomes_key(batch_id: str) -> str:
-    """The hash of a batch's item outcomes by index, once the model took them."""
-    return f"{KEY_PREFIX}batch-out:{batch_id}"
-
-
-def uploads_left_key(batch_id: str) -> str:
-    """The hash of each uploaded image's items not yet ended (its key: a count); the image goes when it reaches 0."""
-    return f"{UPLOADS_LEFT_PREFIX}{batch_id}"
-
-
-def chunks_key(batch_id: str) -> str:
-    """The hash of a batch's chunks not yet ended (number -> payload), their attempts and workers."""
-    return f"{KEY_PREFIX}batch-chunks:{batch_id}"
-
-
-def cancels_key(batch_id: str) -> str:
-    """The set of a batch's items (their indices) whose own cancel was asked."""
-    return f"{CANCELS_PREFIX}{batch_id}"
-
-
-def batch_keys(batch_id: str) -> list[str]:
-    """Every key of a batch but its uploads, its hash first."""
-    keys = [batch_key(batch_id), items_key(batch_id), images_key(batch_id), outcomes_key(batch_id)]
-    return [*keys, chunks_key(batch_id), uploads_left_key(batch_id), cancels_key(batch_id)]
 
 
 def chunk_member(batch_id: str, number: int, answers: int) -> str:
@@ -412,7 +376,7 @@ class BatchStore:
         """Cancel one item: a CANCEL_* code of contract/transitions.py."""
         item = self.item(batch, index)
         queue = batch.queue_for(item.task) if item else batch.queue
-        keys = CancelItemKeys(**asdict(self._item_keys(batch.id)), outcomes=outcomes_key_of_queue(queue))
+        keys = CancelItemKeys(**asdict(self._item_keys(batch.id)), outcomes=queue_outcomes_key(queue))
         return int(self._cancel_item(keys=keys.keys(), args=[time.time(), index, item.upload_key if item else ""]))
 
     def item(self, batch: Batch, index: int) -> Job | None:
@@ -421,8 +385,8 @@ class BatchStore:
             return None
         with self.client.pipeline(transaction=False) as pipe:
             pipe.lindex(items_key(batch.id), index)
-            pipe.hget(outcomes_key(batch.id), str(index))
-            pipe.hgetall(ITEM_WEBHOOK_PREFIX + item_id(batch.id, index))
+            pipe.hget(batch_outcomes_key(batch.id), str(index))
+            pipe.hgetall(item_webhook_key(item_id(batch.id, index)))
             pipe.sismember(cancels_key(batch.id), str(index))
             raw_item, raw_outcome, webhook, cancel_asked = pipe.execute()
         if raw_item is None:
@@ -437,7 +401,7 @@ class BatchStore:
         indices = [str(index) for index in range(start, stop + 1)]
         with self.client.pipeline(transaction=False) as pipe:
             pipe.lrange(items_key(batch.id), start, stop)
-            pipe.hmget(outcomes_key(batch.id), indices)
+            pipe.hmget(batch_outcomes_key(batch.id), indices)
             pipe.smismember(cancels_key(batch.id), indices)
             raw_items, raw_outcomes, cancels_asked = pipe.execute()
         entries = [Item.read(raw, batch.task) for raw in raw_items]
@@ -460,11 +424,11 @@ class BatchStore:
             mark=started_mark_key(queue, priority),
             running=running_key(queue),
             stats=stats_key(),
-            out=outcomes_key(bid),
+            out=batch_outcomes_key(bid),
             items=items_key(bid),
             outbox=webhook_outbox_key(),
             ended=ended_key(bid),
-            outcomes=outcomes_key_of_queue(queue),
+            outcomes=queue_outcomes_key(queue),
         )
         task = str(payload.get("task") or "")
         args = StartChunkArgs(member, number, time.time(), worker, max_attempts, message, answers, model, task)
@@ -485,12 +449,12 @@ class BatchStore:
         bid, number, member = str(payload["batch_id"]), int(payload["number"]), str(payload["member"])
         keys = EndChunkKeys(
             batch=batch_key(bid),
-            out=outcomes_key(bid),
+            out=batch_outcomes_key(bid),
             chunks=chunks_key(bid),
             running=running_key(queue),
             outbox=webhook_outbox_key(),
             ended=ended_key(bid),
-            outcomes=outcomes_key_of_queue(queue),
+            outcomes=queue_outcomes_key(queue),
         )
         args: list[str | int | float] = [time.time(), number, member, "1" if done else "0"]
         for outcome in outcomes:
@@ -515,7 +479,7 @@ class BatchStore:
     def _item_keys(batch_id: str) -> ItemKeys:
         return ItemKeys(
             batch=batch_key(batch_id),
-            out=outcomes_key(batch_id),
+            out=batch_outcomes_key(batch_id),
             items=items_key(batch_id),
             outbox=webhook_outbox_key(),
             ended=ended_key(batch_id),

@@ -1,4 +1,4 @@
-"""The job contract shared by the API and the workers: the job record, its Redis keys, and the store that moves it.
+"""The job contract shared by the API and the workers: the job record, and the store that moves it (its keys: keys.py).
 
 Imports neither Flask nor torch. A job is a Redis hash that the API creates and that moves through
 queued -> running -> succeeded | failed, or ends without running: canceled (a cancel while it was queued) or expired
@@ -9,7 +9,6 @@ contract/broker.py.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import secrets
 import time
@@ -18,20 +17,26 @@ from datetime import UTC, datetime
 from typing import Any
 
 import redis
-from kombu.transport.redis import Channel
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.commands.core import Script
 from redis.retry import Retry
 
+from contract.keys import (
+    deadlines_key,
+    job_key,
+    running_key,
+    started_mark_key,
+    stats_key,
+    unstarted_key,
+    upload_key,
+    webhook_outbox_key,
+)
 from contract.lua import register
 from contract.redis_target import RedisTarget, as_target
-from contract.states import BROKER_PRIORITY, JobPriority, JobStatus, JobTask
+from contract.states import JobPriority, JobStatus, JobTask
 from contract.transitions import (
-    BATCH_KEY_PREFIX,
     CANCELED_MESSAGE,
     DEADLINE_MESSAGE,
-    ENDED_KEY_PREFIX,
-    WAITING_ANSWERS_KEY,
     AcceptKeys,
     FinishKeys,
     QueuedJobKeys,
@@ -40,7 +45,6 @@ from contract.transitions import (
     WithdrawKeys,
 )
 
-KEY_PREFIX = "blipq:"  # contract/transitions.py's BATCH_KEY_PREFIX starts with it
 JOB_ID_BYTES = 16  # 128 random bits: ids are unguessable
 OUTAGE_BACKOFF_CAP_S = 1.0  # the longest wait between two tries of a worker's Redis command while Redis is away
 API_RETRIES = 1  # the API tries a failed Redis command once more (a stale pooled connection), then answers 503
@@ -71,108 +75,6 @@ def utc_iso(epoch_s: float) -> str:
     return datetime.fromtimestamp(epoch_s, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def job_key(job_id: str) -> str:
-    """The Redis hash that holds a job's record."""
-    return f"{KEY_PREFIX}job:{job_id}"
-
-
-def stats_key() -> str:
-    """The Redis hash of the fleet's counters (executions, reruns, duplicates...): see STATS_FIELDS."""
-    return f"{KEY_PREFIX}stats"
-
-
-def unstarted_key(queue: str, priority: JobPriority = JobPriority.NORMAL) -> str:
-    """The sorted set of a queue level's jobs (and chunks) that no worker has started yet, scored by enqueue time
-    (epoch seconds); a job whose worker died while running it joins it again when the reaper publishes it again.
-
-    The normal level keeps the name the whole queue had before priorities, so jobs queued across an upgrade stay
-    watched by the reaper.
-    """
-    suffix = "" if priority is JobPriority.NORMAL else f":{priority}"
-    return f"{KEY_PREFIX}unstarted:{queue}{suffix}"
-
-
-def started_mark_key(queue: str, priority: JobPriority = JobPriority.NORMAL) -> str:
-    """The latest enqueue time (epoch seconds) of a job of this queue level that a worker started: every message of
-    the level enqueued well before it has left the level's list (first in, first out; worker/reaper.py)."""
-    suffix = "" if priority is JobPriority.NORMAL else f":{priority}"
-    return f"{KEY_PREFIX}started-mark:{queue}{suffix}"
-
-
-def ended_key(job_id: str) -> str:
-    """The list that a job's end is pushed on (by its end script), for reads that wait for it."""
-    return f"{ENDED_KEY_PREFIX}{job_id}"
-
-
-def running_key(queue: str) -> str:
-    """The sorted set of the queue's running jobs, scored by when the reaper should look at them next."""
-    return f"blipq:running:{queue}"
-
-
-def broker_list_key(queue: str, priority: JobPriority) -> str:
-    """The Redis list where kombu keeps the waiting messages of a queue level (one list per priority step)."""
-    step = BROKER_PRIORITY[priority]
-    return f"{queue}{Channel.sep}{step}" if step else queue
-
-
-def deadlines_key(queue: str) -> str:
-    """The sorted set of a queue's queued jobs that have a deadline, scored by it (epoch seconds)."""
-    return f"{KEY_PREFIX}deadlines:{queue}"
-
-
-def webhook_outbox_key() -> str:
-    """The sorted set of webhook deliveries to make, job ids scored by when the next attempt is due (epoch seconds)."""
-    return f"{KEY_PREFIX}webhooks:due"
-
-
-def batch_key(batch_id: str) -> str:
-    """The Redis hash that holds a batch's record (the Lua that ends a job spells it too: BATCH_KEY_PREFIX)."""
-    return f"{BATCH_KEY_PREFIX}{batch_id}"
-
-
-def waiting_answers_key() -> str:
-    """The hash of how many answers wait in each queue level (field: its never-started set, `unstarted_key`).
-
-    Moved with the set's members: +1 per job and +count per batch when they are stored, less each job or chunk as it
-    leaves the set (started, canceled, expired). The admission check reads it: the queue's bound counts answers.
-    """
-    return WAITING_ANSWERS_KEY
-
-
-def upload_key(job_id: str) -> str:
-    """The Redis string that holds a job's uploaded image until the job ends."""
-    return f"{KEY_PREFIX}upload:{job_id}"
-
-
-def batch_upload_key(batch_id: str, number: int) -> str:
-    """The Redis string that holds image `number` uploaded with a batch, shared by all its questions; deleted when the
-    last of them ended (contract/batch_scripts.py), or with the batch after the TTL."""
-    return f"{KEY_PREFIX}batch-upload:{batch_id}:{number}"
-
-
-def held_key(queue: str, worker: str) -> str:
-    """The set of the messages (task ids) a worker of `queue` received and has not finished yet, started or not: the
-    reaper publishes them again when the worker dies (worker/reaper.py)."""
-    return f"{KEY_PREFIX}held:{queue}:{worker}"
-
-
-def holders_key(queue: str) -> str:
-    """The set of the workers of `queue` that have a set of messages held (worker/reaper.py)."""
-    return f"{KEY_PREFIX}holders:{queue}"
-
-
-def missing_key(queue: str) -> str:
-    """The hash of the queue's waiting jobs and chunks that the reaper's last look found nowhere a live worker would
-    take them (member -> when first found so, epoch seconds): lost if the next look, a grace later, agrees."""
-    return f"{KEY_PREFIX}missing:{queue}"
-
-
-def idempotency_key(owner: str, key: str) -> str:
-    """The Redis string that ties an Idempotency-Key of an API key owner to its job (hashed: keys are arbitrary)."""
-    digest = hashlib.sha256(f"{owner}\0{key}".encode()).hexdigest()
-    return f"{KEY_PREFIX}idempotency:{digest}"
-
-
 @dataclass(frozen=True)
 class Job:
     """A job's record as stored in Redis and shown to clients."""
@@ -199,7 +101,7 @@ class Job:
     webhook_error_message: str = ""
     batch_id: str = ""  # the batch the job is an item of; "" for a job submitted alone
     index: int = 0  # its place among the batch's items
-    upload_key: str = ""  # where a batch item's uploaded image is (batch_upload_key); never shown to clients
+    upload_key: str = ""  # where a batch item's uploaded image is (keys.batch_upload_key); never shown to clients
     image_name: str = ""  # the file name of a batch item's uploaded image
     task: JobTask = JobTask.VQA
 

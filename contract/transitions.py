@@ -15,11 +15,8 @@ from contract.lua import ScriptArgs, ScriptKeys
 DEADLINE_MESSAGE = "the job was still queued at its deadline; it was not run"
 CANCELED_MESSAGE = "the job was canceled before it started; it was not run"
 CANCELED_RERUN_MESSAGE = "the job was canceled while it ran and its worker died; it is not run again"
-BATCH_KEY_PREFIX = "blipq:batch:"  # a batch's hash (jobs.batch_key)
-WAITING_ANSWERS_KEY = "blipq:waiting-answers"  # answers waiting per queue level (jobs.waiting_answers_key)
 BATCH_OUTBOX_PREFIX = "batch:"  # an outbox member for a batch's webhook, beside the job ids (which have no ':')
-ENDED_KEY_PREFIX = "blipq:ended:"  # a job's end, pushed for the API's long polls (jobs.ended_key)
-ENDED_KEY_TTL_S = 120  # long enough for any waiting read to see it
+ENDED_KEY_TTL_S = 120  # how long a job's end stays on its `ended` list (keys.ended_key): any waiting read sees it
 
 
 @dataclass(frozen=True)

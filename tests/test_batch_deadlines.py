@@ -13,7 +13,7 @@ import redis
 
 from api.admission import waiting_answers
 from blipq.up import RedisProcess, stop_process
-from contract.jobs import batch_key
+from contract.keys import batch_key
 from tests.conftest import (
     JOB_TIMEOUT_S,
     ImageServer,

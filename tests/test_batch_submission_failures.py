@@ -22,7 +22,7 @@ from api.app import create_app
 from api.settings import ApiSettings
 from blipq.up import RedisProcess, stop_process
 from contract.broker import create_celery
-from contract.jobs import unstarted_key
+from contract.keys import unstarted_key
 from tests.conftest import (
     JOB_TIMEOUT_S,
     ImageServer,

@@ -21,7 +21,8 @@ from api.settings import ApiSettings
 from blipq.up import RedisProcess
 from contract.batches import BatchStore, outcome_value
 from contract.errors import SettingsError
-from contract.jobs import JobStore, broker_list_key, deadlines_key, unstarted_key
+from contract.jobs import JobStore
+from contract.keys import broker_list_key, deadlines_key, unstarted_key
 from contract.states import JobPriority
 from tests.conftest import ImageServer, WorkerProcess, api_client, wait_for_batch, wait_for_job
 from tests.fixtures.images import shape_png

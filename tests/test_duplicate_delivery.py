@@ -15,6 +15,7 @@ from flask.testing import FlaskClient
 from blipq.up import RedisProcess, stop_process
 from contract.broker import create_celery, publish_job
 from contract.jobs import JobStore
+from contract.keys import ANSWER_PREFIX
 from tests.conftest import (
     JOB_TIMEOUT_S,
     ImageServer,
@@ -27,7 +28,6 @@ from tests.conftest import (
 )
 from tests.fixtures.holding_worker import HOLDING_QUESTION, RELEASE_KEY
 from tests.fixtures.images import shape_png
-from worker.cache import ENTRY_PREFIX
 
 PLANTED = "planted in the cache"  # an answer no model gives: a run that reached the model step would answer it
 
@@ -60,7 +60,7 @@ def test_a_job_delivered_again_after_it_ended_is_not_run_and_keeps_its_answer(
     job_id = client.post("/v1/jobs", json=body).get_json()["id"]
     first = wait_for_job(client, job_id, tiny_worker)
     assert first["status"] == "succeeded" and first["answer"], first
-    [entry] = redis_client.scan_iter(f"{ENTRY_PREFIX}*")
+    [entry] = redis_client.scan_iter(f"{ANSWER_PREFIX}*")
     redis_client.set(entry, PLANTED, keepttl=True)
 
     # When: its message is delivered again, and the worker takes it

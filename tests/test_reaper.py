@@ -18,19 +18,16 @@ import redis
 
 from blipq.up import RedisProcess, stop_process
 from contract.broker import create_celery, publish_job
-from contract.fleet import worker_key
-from contract.jobs import (
-    Job,
-    JobStore,
+from contract.jobs import Job, JobStore, new_job_id, utc_now
+from contract.keys import (
     broker_list_key,
     held_key,
     holders_key,
-    new_job_id,
     running_key,
     started_mark_key,
     unstarted_key,
-    utc_now,
     waiting_answers_key,
+    worker_key,
 )
 from contract.states import JobPriority, JobStatus
 from tests.conftest import api_client, start_worker, wait_for_job, wait_for_worker_record

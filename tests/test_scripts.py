@@ -14,39 +14,27 @@ import pytest
 import redis
 
 from contract import lua
-from contract.batch_scripts import (
-    CANCELED_RERUN,
+from contract.batch_scripts import CANCELED_RERUN, ITEM_OUTBOX_PREFIX, RUNNING, SKIPPED, UNPACK_MAX
+from contract.batches import Batch, BatchStore, Item, chunk_member, outcome_value, plan_chunks
+from contract.jobs import Job, JobStore, new_job_id, utc_now
+from contract.keys import (
+    ANSWER_INDEX_KEY,
     CANCELS_PREFIX,
-    ITEM_OUTBOX_PREFIX,
+    ENDED_KEY_PREFIX,
     ITEM_WEBHOOK_PREFIX,
-    RUNNING,
-    SKIPPED,
-    UNPACK_MAX,
     UPLOADS_LEFT_PREFIX,
-)
-from contract.batches import (
-    Batch,
-    BatchStore,
-    Item,
+    WAITING_ANSWERS_KEY,
     batch_keys,
-    chunk_member,
-    chunks_key,
-    outcome_value,
-    outcomes_key,
-    plan_chunks,
-)
-from contract.jobs import (
-    Job,
-    JobStore,
+    batch_outcomes_key,
     batch_upload_key,
+    cancels_key,
+    chunks_key,
     deadlines_key,
     job_key,
-    new_job_id,
     running_key,
     started_mark_key,
     stats_key,
     unstarted_key,
-    utc_now,
     waiting_answers_key,
     webhook_outbox_key,
 )
@@ -55,14 +43,12 @@ from contract.transitions import (
     BATCH_OUTBOX_PREFIX,
     CANCEL_DONE,
     CANCEL_REQUESTED,
-    ENDED_KEY_PREFIX,
     ENDED_KEY_TTL_S,
     START_ENDED,
     START_PENDING,
-    WAITING_ANSWERS_KEY,
 )
 from tests.conftest import ROOT
-from worker.cache import INDEX_KEY, AnswerCache, CacheSettings
+from worker.cache import AnswerCache, CacheSettings
 from worker.webhooks import Outbox
 
 QUEUE = "scripts"
@@ -93,7 +79,7 @@ def registered_names() -> set[tuple[str, str]]:
 
 @pytest.fixture
 def store(redis_client: redis.Redis) -> JobStore:
-    redis_client.delete(unstarted_key(QUEUE), running_key(QUEUE), deadlines_key(QUEUE), INDEX_KEY)
+    redis_client.delete(unstarted_key(QUEUE), running_key(QUEUE), deadlines_key(QUEUE), ANSWER_INDEX_KEY)
     return JobStore(redis_client, 600)
 
 
@@ -322,7 +308,7 @@ def test_chunk_start_items_run_and_chunk_end(store: JobStore) -> None:
     assert store.client.hget(chunks_key(batch.id), "0:w") == b"w1"
 
     assert batches.run_items([(batch.id, [0, 1])]) == [{0, 1}]
-    assert store.client.hget(outcomes_key(batch.id), "0") == RUNNING.encode()
+    assert store.client.hget(batch_outcomes_key(batch.id), "0") == RUNNING.encode()
 
     outcomes = [["0", *outcome_value("succeeded", answer="yes")], ["1", SKIPPED, "", ""]]
     assert batches.end_chunk(payload, QUEUE, outcomes, done=False) == 1, "a skipped running item stays as it is"
@@ -342,7 +328,7 @@ def test_chunk_start_gives_up_after_its_attempts(store: JobStore) -> None:
     batches.accept(batch, chunks)
     assert batches.start_chunk(chunks[0], QUEUE, "w1", 1, "tiny") == 1
     assert batches.start_chunk(chunks[0], QUEUE, "w2", 1, "tiny") == -2
-    lost = [json.loads(outcome) for outcome in store.client.hvals(outcomes_key(batch.id))]
+    lost = [json.loads(outcome) for outcome in store.client.hvals(batch_outcomes_key(batch.id))]
     assert [outcome[:2] for outcome in lost] == [["failed", "worker_lost"]] * 2
 
 
@@ -353,7 +339,7 @@ def test_item_cancel(store: JobStore) -> None:
     assert batches.cancel_item(batch, 1) == CANCEL_DONE
     item = batches.item(batch, 1)
     assert item is not None and (item.status, item.cancel_requested) == ("canceled", True)
-    assert store.client.sismember(CANCELS_PREFIX + batch.id, "1")
+    assert store.client.sismember(cancels_key(batch.id), "1")
 
 
 def test_batch_close_and_delete_ended(store: JobStore) -> None:
@@ -393,7 +379,7 @@ def test_answer_cache_store(store: JobStore) -> None:
     for key, answer in zip(keys, ["one", "two", "three"], strict=True):  # one at a time: the first is the oldest
         cache.store({key: answer})
     assert cache.lookup(keys) == [None, "two", "three"], "the oldest entry went past the bound"
-    assert store.client.zcard(INDEX_KEY) == 2
+    assert store.client.zcard(ANSWER_INDEX_KEY) == 2
     assert 0 < store.client.ttl(keys[2]) <= 60
     store.client.delete(*keys[1:])
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 from prometheus_client import Counter
 
-from contract.jobs import KEY_PREFIX
+from contract.keys import ANSWER_INDEX_KEY, ANSWER_PREFIX
 from contract.lua import register
 from worker.batching import Batcher, Expected, Output
 from worker.settings import WorkerSettings
@@ -35,8 +35,6 @@ if TYPE_CHECKING:
 
     from worker.inference import LoadedModel
 
-ENTRY_PREFIX = f"{KEY_PREFIX}answer:"
-INDEX_KEY = f"{KEY_PREFIX}answer-index"  # every entry, scored by when it was written: the bound drops the oldest
 HASH_BLOCK = 1 << 20
 CACHED_CALL = -1  # the model call an answer from the cache names: none
 
@@ -64,7 +62,7 @@ class AnswerCache:
         """The entries of `texts` asked about `image`."""
         image_digest = hashlib.sha256(image).hexdigest()
         return [
-            ENTRY_PREFIX + hashlib.sha256(f"{self.generation}\0{image_digest}\0{text}".encode()).hexdigest()
+            ANSWER_PREFIX + hashlib.sha256(f"{self.generation}\0{image_digest}\0{text}".encode()).hexdigest()
             for text in texts
         ]
 
@@ -85,7 +83,7 @@ class AnswerCache:
         args: list[str | int | float] = [time.time(), self.settings.ttl_s, self.settings.max_entries]
         for key, answer in answers.items():
             args += [key, answer]
-        self._store(keys=[INDEX_KEY], args=args)
+        self._store(keys=[ANSWER_INDEX_KEY], args=args)
 
 
 @dataclass

@@ -34,10 +34,11 @@ import requests
 from urllib3.exceptions import HTTPError as TransportError
 from urllib3.exceptions import TimeoutError as TransportTimeoutError
 
-from contract.batch_scripts import ITEM_OUTBOX_PREFIX, ITEM_WEBHOOK_PREFIX
+from contract.batch_scripts import ITEM_OUTBOX_PREFIX
 from contract.batches import BatchStore, split_item_id
 from contract.errors import ImageFetchError, UrlNotAllowedError
-from contract.jobs import JobStore, batch_key, job_key, webhook_outbox_key
+from contract.jobs import JobStore
+from contract.keys import batch_key, item_webhook_key, job_key, webhook_outbox_key
 from contract.lua import ScriptKeys, register
 from contract.transitions import BATCH_OUTBOX_PREFIX
 from worker.fetch import failure_cause, new_session
@@ -172,7 +173,7 @@ def delivery_record_key(member: str) -> str:
     if member.startswith(BATCH_OUTBOX_PREFIX):
         return batch_key(member.removeprefix(BATCH_OUTBOX_PREFIX))
     if member.startswith(ITEM_OUTBOX_PREFIX):
-        return ITEM_WEBHOOK_PREFIX + member.removeprefix(ITEM_OUTBOX_PREFIX)
+        return item_webhook_key(member.removeprefix(ITEM_OUTBOX_PREFIX))
     return job_key(member)
 
 

@@ -5,12 +5,12 @@
 
 local RUNNING = '["running"]'  -- contract.batch_scripts.RUNNING
 local SKIPPED = 'skipped'  -- contract.batch_scripts.SKIPPED
-local UPLOADS_LEFT_PREFIX = 'blipq:batch-left:'  -- contract.batch_scripts.UPLOADS_LEFT_PREFIX
+local UPLOADS_LEFT_PREFIX = 'blipq:batch-left:'  -- contract.keys.UPLOADS_LEFT_PREFIX
 local UNPACK_MAX = 1000  -- contract.batch_scripts.UNPACK_MAX
 local BATCH_OUTBOX_PREFIX = 'batch:'  -- contract.transitions.BATCH_OUTBOX_PREFIX
 local ITEM_OUTBOX_PREFIX = 'item:'  -- contract.batch_scripts.ITEM_OUTBOX_PREFIX
-local ITEM_WEBHOOK_PREFIX = 'blipq:item-webhook:'  -- contract.batch_scripts.ITEM_WEBHOOK_PREFIX
-local CANCELS_PREFIX = 'blipq:batch-cancels:'  -- contract.batch_scripts.CANCELS_PREFIX
+local ITEM_WEBHOOK_PREFIX = 'blipq:item-webhook:'  -- contract.keys.ITEM_WEBHOOK_PREFIX
+local CANCELS_PREFIX = 'blipq:batch-cancels:'  -- contract.keys.CANCELS_PREFIX
 -- contract.batch_scripts.CANCELED_RERUN
 local CANCELED_RERUN = '["canceled","the job was canceled while it ran and its worker died; it is not run again"]'
 -- The batch's fields a script needs, read once per call (one HMGET); `count` is false when the batch is gone.

@@ -10,7 +10,7 @@
 
 -- contract.states.ENDED_STATUSES
 local ENDED = {canceled = true, expired = true, failed = true, succeeded = true}
-local ENDED_KEY_PREFIX = 'blipq:ended:'  -- contract.transitions.ENDED_KEY_PREFIX
+local ENDED_KEY_PREFIX = 'blipq:ended:'  -- contract.keys.ENDED_KEY_PREFIX
 local ENDED_KEY_TTL = 120  -- contract.transitions.ENDED_KEY_TTL_S
 
 local function end_job(job, upload, outbox, now, fields)
