@@ -15,7 +15,7 @@ from api.services import EXTENSION_KEY, MAX_WAIT_S, Services
 from api.settings import ApiSettings
 from api.views import bp
 from contract.broker import create_celery
-from contract.jobs import JobStore
+from contract.job_store import JobStore
 
 
 def create_app(settings: ApiSettings | None = None) -> Flask:

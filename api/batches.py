@@ -34,15 +34,8 @@ from api.schemas import (
 )
 from api.services import services
 from api.submission import broker_unavailable, earlier_submission, enqueue, release_claim, released_on_refusal
-from contract.batches import (
-    MAX_BATCH_ANSWERS,
-    READ_PAGE,
-    Batch,
-    BatchStore,
-    Item,
-    chunk_member,
-    plan_chunks,
-)
+from contract.batch_store import BatchStore
+from contract.batches import MAX_BATCH_ANSWERS, READ_PAGE, Batch, Item, chunk_member, plan_chunks
 from contract.broker import publish_chunk
 from contract.jobs import new_job_id, utc_iso
 from contract.keys import batch_upload_key, idempotency_key

@@ -25,7 +25,7 @@ from kombu.exceptions import OperationalError
 
 from api.errors import ApiError, ConflictError, ServiceUnavailableError
 from api.services import services
-from contract.jobs import JobStore
+from contract.job_store import JobStore
 
 log = logging.getLogger("blipq.api")
 T = TypeVar("T")

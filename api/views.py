@@ -39,9 +39,11 @@ from api.schemas import (
 from api.services import MAX_WAIT_S, services
 from api.settings import ApiSettings
 from api.submission import broker_unavailable, earlier_submission, enqueue, release_claim, released_on_refusal
-from contract.batches import Batch, BatchStore, split_item_id
+from contract.batch_store import BatchStore
+from contract.batches import Batch, split_item_id
 from contract.broker import publish_job
-from contract.jobs import Job, JobStore, new_job_id, utc_iso
+from contract.job_store import JobStore
+from contract.jobs import Job, new_job_id, utc_iso
 from contract.keys import ended_key, idempotency_key
 from contract.states import ENDED_STATUSES, JobStatus
 from contract.transitions import CANCEL_ENDED

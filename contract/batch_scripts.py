@@ -14,7 +14,7 @@ item.
 
 The scripts are contract/scripts/chunk_*.lua, items_run.lua, item_cancel.lua and batch_*.lua, with their shared
 steps in contract/scripts/lib/batch.lua. Each runs a handful of Redis commands per chunk (variadic HMGET/HSET over the
-chunk's items), not per item. `contract.batches.BatchStore` registers (contract/lua.py) and calls them.
+chunk's items), not per item. `contract.batch_store.BatchStore` registers (contract/lua.py) and calls them.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Every change of a job's state is one of these scripts (contract/scripts/job_*.lua), run atomically by Redis: a job that
 ended never changes again, two runs of one job publish one answer, and a job that names a webhook gets its delivery
-queued by the very script that ends it (worker/webhooks.py sends it). `contract.jobs.JobStore` registers and calls
+queued by the very script that ends it (worker/webhooks.py sends it). `contract.job_store.JobStore` registers and calls
 them (contract/lua.py).
 """
 

@@ -15,9 +15,10 @@ from flask.testing import FlaskClient
 
 from api.admission import queue_names
 from blipq.up import RedisProcess, stop_process
-from contract.batches import BatchStore, outcome_value
+from contract.batch_store import BatchStore
+from contract.batches import outcome_value
 from contract.broker import create_celery, publish_chunk
-from contract.jobs import JobStore
+from contract.job_store import JobStore
 from tests.conftest import WorkerProcess, api_client, start_worker, wait_for_batch, wait_for_job
 from tests.fixtures import hostile
 from tests.fixtures.images import shape_png

@@ -21,9 +21,10 @@ from api.admission import queue_depth, queue_names
 from api.auth import ApiKey, hash_api_key, new_api_key
 from blipq.up import RedisProcess, start_redis, stop_process
 from contract.batch_scripts import SKIPPED
-from contract.batches import BatchStore, outcome_value
+from contract.batch_store import BatchStore
+from contract.batches import outcome_value
 from contract.broker import create_celery, publish_chunk
-from contract.jobs import JobStore
+from contract.job_store import JobStore
 from contract.keys import batch_keys, batch_outcomes_key, running_key, webhook_outbox_key
 from contract.states import JobStatus
 from contract.transitions import CANCELED_RERUN_MESSAGE

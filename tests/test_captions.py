@@ -19,9 +19,10 @@ from flask.testing import FlaskClient
 from api.admission import queue_depth, queue_names, waiting_answers
 from api.settings import ApiSettings
 from blipq.up import RedisProcess
-from contract.batches import BatchStore, outcome_value
+from contract.batch_store import BatchStore
+from contract.batches import outcome_value
 from contract.errors import SettingsError
-from contract.jobs import JobStore
+from contract.job_store import JobStore
 from contract.keys import broker_list_key, deadlines_key, unstarted_key
 from contract.states import JobPriority
 from tests.conftest import ImageServer, WorkerProcess, api_client, wait_for_batch, wait_for_job

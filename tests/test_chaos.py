@@ -16,7 +16,7 @@ from flask.testing import FlaskClient
 
 from blipq.up import RedisProcess, start_redis, stop_process
 from contract.images import decode_image
-from contract.jobs import JobStore
+from contract.job_store import JobStore
 from contract.keys import held_key
 from tests.conftest import WorkerProcess, api_client, start_worker
 from tests.fixtures.images import shape_png

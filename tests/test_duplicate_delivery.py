@@ -14,7 +14,7 @@ from flask.testing import FlaskClient
 
 from blipq.up import RedisProcess, stop_process
 from contract.broker import create_celery, publish_job
-from contract.jobs import JobStore
+from contract.job_store import JobStore
 from contract.keys import ANSWER_PREFIX
 from tests.conftest import (
     JOB_TIMEOUT_S,

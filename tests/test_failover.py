@@ -27,7 +27,7 @@ from werkzeug.test import TestResponse
 
 from blipq.up import RedisProcess, SentinelGroup, start_sentinel_group, stop_process
 from contract.images import decode_image
-from contract.jobs import JobStore
+from contract.job_store import JobStore
 from contract.keys import unstarted_key
 from contract.redis_target import RedisTarget
 from tests.conftest import QuietHandler, api_client, http_server, start_worker

@@ -23,7 +23,8 @@ from api.app import create_app
 from api.settings import ApiSettings
 from blipq.up import RedisProcess, stop_process
 from contract.broker import create_celery, publish_job
-from contract.jobs import Job, JobStore, new_job_id, utc_now
+from contract.job_store import JobStore
+from contract.jobs import Job, new_job_id, utc_now
 from contract.keys import unstarted_key, waiting_answers_key
 from contract.states import JobStatus
 from tests.conftest import (

@@ -44,7 +44,7 @@ from flask.testing import FlaskClient
 from blipq.up import RedisProcess, start_redis
 from contract.fleet import fleet_client, live_workers
 from contract.images import decode_image
-from contract.jobs import JobStore
+from contract.job_store import JobStore
 from contract.keys import batch_outcomes_key, broker_list_key, chunks_key, held_key, job_key
 from contract.states import JobPriority
 from tests.conftest import QuietHandler, api_client, http_server

@@ -21,7 +21,7 @@ from api.admission import queue_depth, queue_names
 from api.auth import ApiKey, hash_api_key, new_api_key
 from blipq.up import RedisProcess, stop_process
 from contract.broker import TASK_VQA
-from contract.jobs import JobStore
+from contract.job_store import JobStore
 from contract.keys import broker_list_key, deadlines_key, job_key, unstarted_key, upload_key
 from contract.states import JobPriority
 from tests.conftest import (

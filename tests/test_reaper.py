@@ -18,7 +18,8 @@ import redis
 
 from blipq.up import RedisProcess, stop_process
 from contract.broker import create_celery, publish_job
-from contract.jobs import Job, JobStore, new_job_id, utc_now
+from contract.job_store import JobStore
+from contract.jobs import Job, new_job_id, utc_now
 from contract.keys import (
     broker_list_key,
     held_key,

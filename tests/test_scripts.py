@@ -15,8 +15,10 @@ import redis
 
 from contract import lua
 from contract.batch_scripts import CANCELED_RERUN, ITEM_OUTBOX_PREFIX, RUNNING, SKIPPED, UNPACK_MAX
-from contract.batches import Batch, BatchStore, Item, chunk_member, outcome_value, plan_chunks
-from contract.jobs import Job, JobStore, new_job_id, utc_now
+from contract.batch_store import BatchStore
+from contract.batches import Batch, Item, chunk_member, outcome_value, plan_chunks
+from contract.job_store import JobStore
+from contract.jobs import Job, new_job_id, utc_now
 from contract.keys import (
     ANSWER_INDEX_KEY,
     CANCELS_PREFIX,

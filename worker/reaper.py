@@ -67,14 +67,10 @@ from typing import Any
 import redis
 from celery import Celery
 
-from contract.batches import (
-    CHUNK_MEMBER_PREFIX,
-    DEADLINE_MEMBER_PREFIX,
-    BatchStore,
-    parse_chunk_member,
-)
+from contract.batch_store import BatchStore
+from contract.batches import CHUNK_MEMBER_PREFIX, DEADLINE_MEMBER_PREFIX, parse_chunk_member
 from contract.broker import PUBLISHED_HEADER, publish_chunk, publish_job
-from contract.jobs import JobStore
+from contract.job_store import JobStore
 from contract.keys import (
     REAPER_LOCK_PREFIX,
     broker_list_key,

@@ -20,12 +20,13 @@ from celery import Celery
 from celery.signals import after_setup_logger
 
 from contract.batch_scripts import SKIPPED
-from contract.batches import BatchStore, outcome_value
+from contract.batch_store import BatchStore
+from contract.batches import outcome_value
 from contract.broker import SOFT_LIMIT_MARGIN_S, TASK_VQA, TASK_VQA_CHUNK
 from contract.errors import BlipqError, JobTimeoutError, SettingsError, UploadMissingError, WrongTaskError
 from contract.fleet import worker_identity
 from contract.images import open_image, picture_for_model, resized_for_model
-from contract.jobs import JobStore
+from contract.job_store import JobStore
 from contract.states import JobPriority, JobStatus
 from contract.transitions import (
     START_CANCELED,

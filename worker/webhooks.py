@@ -35,9 +35,10 @@ from urllib3.exceptions import HTTPError as TransportError
 from urllib3.exceptions import TimeoutError as TransportTimeoutError
 
 from contract.batch_scripts import ITEM_OUTBOX_PREFIX
-from contract.batches import BatchStore, split_item_id
+from contract.batch_store import BatchStore
+from contract.batches import split_item_id
 from contract.errors import ImageFetchError, UrlNotAllowedError
-from contract.jobs import JobStore
+from contract.job_store import JobStore
 from contract.keys import batch_key, item_webhook_key, job_key, webhook_outbox_key
 from contract.lua import ScriptKeys, register
 from contract.transitions import BATCH_OUTBOX_PREFIX
