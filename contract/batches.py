@@ -1,7 +1,7 @@
 """Batches: many questions about many images submitted at once, shared by the API and the workers.
 
-Imports neither Flask nor torch. A batch is a few Redis keys, whatever its size (all expire together, `job_ttl_s`
-after submission):
+Imports neither Flask nor torch. A batch is a few Redis keys (named in contract/keys.py), whatever its size (all expire
+together, `job_ttl_s` after submission):
 - `blipq:batch:<id>`, a hash: the batch's fields and its items' counts by status (kept by
 contract/batch_scripts.py);
 - `blipq:batch-items:<id>`, a list: each item's image number and text (a question, or a caption's prompt), and its
