@@ -32,12 +32,11 @@ from api.errors import (
 from api.settings import ApiSettings
 from contract.errors import http_status
 from contract.fleet import has_live_worker
-from contract.jobs import unstarted_key, waiting_answers_key
+from contract.keys import RATE_LIMIT_KEY_PREFIX, unstarted_key, waiting_answers_key
 from contract.states import JobPriority, JobTask
 
 log = logging.getLogger("blipq.api")
 
-RATE_LIMIT_KEY_PREFIX = "blipq:ratelimit"  # beside the job records, so one `blipq:*` namespace holds all our keys
 REDIS_TIMEOUT_S = 5  # a rate limit check on a dead Redis fails this fast (and refuses the request 503)
 QUEUE_FULL_RETRY_AFTER_S = 10  # what a refused client is told to wait: long enough for the workers to drain some
 
@@ -93,7 +92,7 @@ def queue_depth(client: redis.Redis, queue: str) -> int:
 
 def waiting_answers(client: redis.Redis, queue: str) -> int:
     """How many answers wait in `queue` (single jobs and batch items not yet taken by a worker), every priority level
-    together: one read of the counts the job and batch scripts keep (contract.jobs.waiting_answers_key)."""
+    together: one read of the counts the job and batch scripts keep (contract.keys.waiting_answers_key)."""
     fields = [unstarted_key(queue, priority) for priority in JobPriority]
     counts = client.hmget(waiting_answers_key(), fields)
     return sum(max(0, int(count)) for count in counts if count is not None)

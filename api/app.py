@@ -15,7 +15,7 @@ from api.page import bp as page_bp
 from api.settings import ApiSettings
 from api.views import bp
 from contract.broker import create_celery
-from contract.jobs import JobStore
+from contract.job_store import JobStore
 
 
 def create_app(settings: ApiSettings | None = None) -> Flask:

@@ -4,7 +4,7 @@ The images are files named `images`; the form field `questions` holds a JSON arr
 image; `priority`, `deadline_s`, `webhook` and `webhook_items` are as in a JSON batch. With the field `task` set to
 `caption`, each image is captioned once instead, continuing the optional field `prompt` (no `questions` then); with
 `caption` set to `true`, each image is asked the questions and captioned too, in one batch. Each image is stored once
-in Redis (contract.jobs.batch_upload_key), for all its jobs (its captioning included), and expires with the
+in Redis (contract.keys.batch_upload_key), for all its jobs (its captioning included), and expires with the
 batch after the TTL.
 """
 

@@ -32,17 +32,11 @@ from api.schemas.batches import (
     validate_batch_request,
 )
 from api.submission import accepted_headers, submit
-from contract.batches import (
-    MAX_BATCH_ANSWERS,
-    READ_PAGE,
-    Batch,
-    BatchStore,
-    Item,
-    chunk_member,
-    plan_chunks,
-)
+from contract.batch_store import BatchStore
+from contract.batches import MAX_BATCH_ANSWERS, READ_PAGE, Batch, Item, chunk_member, plan_chunks
 from contract.broker import publish_chunk
-from contract.jobs import batch_upload_key, idempotency_key, new_job_id, utc_iso
+from contract.jobs import new_job_id, utc_iso
+from contract.keys import batch_upload_key, idempotency_key
 from contract.states import JobTask
 
 bp = Blueprint("batches", __name__)

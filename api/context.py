@@ -10,7 +10,7 @@ from celery import Celery
 from flask import current_app
 
 from api.settings import ApiSettings
-from contract.jobs import JobStore
+from contract.job_store import JobStore
 
 EXTENSION_KEY = "blipq"  # where create_app keeps an app's AppContext
 MAX_WAIT_S = 20.0  # the longest a `GET /v1/jobs/<id>?wait=S` holds its request (and an API thread)

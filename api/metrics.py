@@ -35,7 +35,8 @@ from prometheus_client.registry import Collector
 from api.admission import queue_depth
 from api.auth import api_key_name
 from contract.fleet import live_workers, outcome_counts
-from contract.jobs import STATS_FIELDS, stats_key
+from contract.jobs import STATS_FIELDS
+from contract.keys import stats_key
 
 log = logging.getLogger("blipq.api.requests")
 

@@ -27,7 +27,7 @@ from kombu.exceptions import OperationalError
 
 from api.context import context
 from api.errors import ApiError, ConflictError, ServiceUnavailableError
-from contract.jobs import JobStore
+from contract.job_store import JobStore
 
 log = logging.getLogger("blipq.api")
 T = TypeVar("T")

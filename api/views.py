@@ -36,9 +36,12 @@ from api.schemas.jobs import (
 from api.schemas.ops import Health, Stats
 from api.settings import ApiSettings
 from api.submission import accepted_headers, submit
-from contract.batches import Batch, BatchStore, split_item_id
+from contract.batch_store import BatchStore
+from contract.batches import Batch, split_item_id
 from contract.broker import publish_job
-from contract.jobs import Job, JobStore, ended_key, idempotency_key, new_job_id, utc_iso
+from contract.job_store import JobStore
+from contract.jobs import Job, new_job_id, utc_iso
+from contract.keys import ended_key, idempotency_key
 from contract.states import ENDED_STATUSES, JobStatus
 from contract.transitions import CANCEL_ENDED
 

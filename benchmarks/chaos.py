@@ -58,7 +58,8 @@ from redis.retry import Retry
 from benchmarks.fleet import Fleet, Worker, load_items, wait_until_serving
 from benchmarks.kill_loop import KillLoop, report_kill_loop, run_kill_loop
 from contract.broker import visibility_timeout_for
-from contract.jobs import JobStore, held_key, job_key
+from contract.job_store import JobStore
+from contract.keys import held_key, job_key
 
 FINAL = (b"succeeded", b"failed")
 BLOW_INTERVAL_S = 6.0  # between two blows: long enough for the fleet to be busy again

@@ -27,10 +27,9 @@ import redis
 import requests
 
 from benchmarks.fleet import Fleet, easy_vqa_image_paths
-from blipq.client import BlipqClient, BlipqClientError
-from contract.batches import chunks_key, outcomes_key
-from contract.fleet import worker_key
-from contract.jobs import broker_list_key, held_key, job_key
+from blipq.client import BlipqClient
+from blipq.client_errors import BlipqClientError
+from contract.keys import batch_outcomes_key, broker_list_key, chunks_key, held_key, job_key, worker_key
 from contract.states import JobPriority
 
 QUEUE = "blipq"  # the queue of the fleet's workers (the VQA task's default)
@@ -185,7 +184,7 @@ def watch_items(client: redis.Redis, loop: KillLoop) -> None:
     while (batches := loop.open_batches()) or not loop.stop_submitting.is_set():
         with client.pipeline(transaction=False) as pipe:
             for batch_id in batches:
-                pipe.hgetall(outcomes_key(batch_id))
+                pipe.hgetall(batch_outcomes_key(batch_id))
             replies = pipe.execute()
         now = time.time()
         for batch_id, outcomes in zip(batches, replies, strict=True):
@@ -202,7 +201,7 @@ def report_kill_loop(loop: KillLoop, client: redis.Redis) -> None:
         for job_id in loop.accepted:
             pipe.hget(job_key(job_id), "finished_at")
         for batch_id in loop.batches:
-            pipe.hgetall(outcomes_key(batch_id))
+            pipe.hgetall(batch_outcomes_key(batch_id))
         replies = iter(pipe.execute())
     ended_at = {}
     for job_id in loop.accepted:

@@ -60,9 +60,11 @@ import requests
 
 from benchmarks.fleet import Fleet, load_items, percentile, wait_until_serving
 from benchmarks.image_server import ImageServer
-from blipq.client import FINAL_STATUSES, LONG_POLL_S, BlipqClient, BlipqClientError
+from blipq.client import FINAL_STATUSES, LONG_POLL_S, BlipqClient
+from blipq.client_errors import BlipqClientError
 from contract.broker import visibility_timeout_for
-from contract.jobs import JobStore, waiting_answers_key
+from contract.job_store import JobStore
+from contract.keys import waiting_answers_key
 from contract.transitions import ENDED_KEY_TTL_S
 
 MIB = 1024 * 1024

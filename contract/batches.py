@@ -1,13 +1,13 @@
 """Batches: many questions about many images submitted at once, shared by the API and the workers.
 
-Imports neither Flask nor torch. A batch is a few Redis keys, whatever its size (all expire together, `job_ttl_s`
-after submission):
+Imports neither Flask nor torch. A batch is a few Redis keys (named in contract/keys.py), whatever its size (all expire
+together, `job_ttl_s` after submission):
 - `blipq:batch:<id>`, a hash: the batch's fields and its items' counts by status (kept by
 contract/batch_scripts.py);
 - `blipq:batch-items:<id>`, a list: each item's image number and text (a question, or a caption's prompt), and its
   task when it is not the batch's (the captions of a vqa batch that captions its images too);
 - `blipq:batch-images:<id>`, a hash: each distinct image, a URL or an uploaded file's name (the upload itself is
-  `jobs.batch_upload_key`, stored once for all its questions, and deleted as soon as the last of them ended:
+  `keys.batch_upload_key`, stored once for all its questions, and deleted as soon as the last of them ended:
   `blipq:batch-left:<id>` counts them);
 - `blipq:batch-out:<id>`, a hash: each item's outcome once the model took it (running, then answered or failed);
 - `blipq:batch-chunks:<id>`, a hash: each chunk not yet ended, as its message carries it (for the reaper);
@@ -24,39 +24,10 @@ An item's id is `<batch id>.<index>`: `GET /v1/jobs/<item id>` shows it as a job
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from contract.batch_scripts import (
-    ACCEPT_BATCH_LUA,
-    CANCEL_ITEM_LUA,
-    CANCELS_PREFIX,
-    CLOSE_BATCH_LUA,
-    DELETE_ENDED_LUA,
-    END_CHUNK_LUA,
-    ITEM_WEBHOOK_PREFIX,
-    RUN_ITEMS_LUA,
-    START_CHUNK_LUA,
-    UPLOADS_LEFT_PREFIX,
-    WITHDRAW_BATCH_LUA,
-)
-from contract.fleet import outcomes_key as outcomes_key_of_queue
-from contract.jobs import (
-    KEY_PREFIX,
-    PENDING_FIELD,
-    Job,
-    JobStore,
-    batch_key,
-    deadlines_key,
-    ended_key,
-    running_key,
-    started_mark_key,
-    stats_key,
-    unstarted_key,
-    webhook_delivery,
-    webhook_outbox_key,
-)
+from contract.jobs import Job, webhook_delivery
 from contract.states import ENDED_STATUSES, JobPriority, JobStatus, JobTask
 from contract.transitions import CANCELED_MESSAGE, DEADLINE_MESSAGE
 
@@ -66,43 +37,6 @@ CHUNK_MEMBER_PREFIX = "chunk:"  # a chunk in the never-started and running sets,
 DEADLINE_MEMBER_PREFIX = "batch:"  # a batch in its queues' deadlines sets, beside job ids
 CAPTION_MODEL_FIELD = f"model:{JobTask.CAPTION}"  # the batch hash's field of a vqa batch's captioning model
 STATUS_COUNTS = tuple(str(status) for status in JobStatus)
-
-
-def items_key(batch_id: str) -> str:
-    """The list of a batch's items, in item order: `[image number, text]` each, `[image number, text, task]` for an
-    item of another task than the batch's."""
-    return f"{KEY_PREFIX}batch-items:{batch_id}"
-
-
-def images_key(batch_id: str) -> str:
-    """The hash of a batch's distinct images by number: {"image_url"}, or {"image_name", "upload"} for an upload."""
-    return f"{KEY_PREFIX}batch-images:{batch_id}"
-
-
-def outcomes_key(batch_id: str) -> str:
-    """The hash of a batch's item outcomes by index, once the model took them."""
-    return f"{KEY_PREFIX}batch-out:{batch_id}"
-
-
-def uploads_left_key(batch_id: str) -> str:
-    """The hash of each uploaded image's items not yet ended (its key: a count); the image goes when it reaches 0."""
-    return f"{UPLOADS_LEFT_PREFIX}{batch_id}"
-
-
-def chunks_key(batch_id: str) -> str:
-    """The hash of a batch's chunks not yet ended (number -> payload), their attempts and workers."""
-    return f"{KEY_PREFIX}batch-chunks:{batch_id}"
-
-
-def cancels_key(batch_id: str) -> str:
-    """The set of a batch's items (their indices) whose own cancel was asked."""
-    return f"{CANCELS_PREFIX}{batch_id}"
-
-
-def batch_keys(batch_id: str) -> list[str]:
-    """Every key of a batch but its uploads, its hash first."""
-    keys = [batch_key(batch_id), items_key(batch_id), images_key(batch_id), outcomes_key(batch_id)]
-    return [*keys, chunks_key(batch_id), uploads_left_key(batch_id), cancels_key(batch_id)]
 
 
 def chunk_member(batch_id: str, number: int, answers: int) -> str:
@@ -297,211 +231,8 @@ def plan_chunks(items: list[Item], max_answers: int) -> list[tuple[JobTask, list
     return chunks
 
 
-class BatchStore:
-    """Reads and writes batches in Redis: a few round trips per batch or per chunk, none per item."""
-
-    def __init__(self, store: JobStore) -> None:
-        self.store = store
-        self.client = store.client
-        self._start = self.client.register_script(START_CHUNK_LUA)
-        self._run = self.client.register_script(RUN_ITEMS_LUA)
-        self._end = self.client.register_script(END_CHUNK_LUA)
-        self._close = self.client.register_script(CLOSE_BATCH_LUA)
-        self._cancel_item = self.client.register_script(CANCEL_ITEM_LUA)
-        self._delete = self.client.register_script(DELETE_ENDED_LUA)
-        self._accept = self.client.register_script(ACCEPT_BATCH_LUA)
-        self._withdraw = self.client.register_script(WITHDRAW_BATCH_LUA)
-
-    def create(
-        self,
-        batch: Batch,
-        images: list[dict[str, str]],
-        items: list[Item],
-        chunks: list[dict[str, Any]],
-        uploads: dict[str, bytes] | None = None,
-        idempotency: tuple[str, str] | None = None,
-    ) -> None:
-        """Write the batch `pending`, with its images, items and chunks, in one transaction, all expiring after the TTL.
-
-        A pending batch runs nothing until `accept` (after its chunks were published), as a pending job (JobStore).
-
-        `images` are `{"image_url": ...}` or `{"image_name": ..., "upload": key}`; `chunks` the messages to send
-        (payloads with their `number` and `member`); `uploads` maps each uploaded image's key to its bytes;
-        `idempotency` (key, claim) ties an Idempotency-Key to the batch for as long as it lives.
-        """
-        ttl_s = self.store.ttl_s
-        bid = batch.id
-        keys = [batch_key(bid), items_key(bid), images_key(bid), chunks_key(bid)]
-        with self.client.pipeline(transaction=True) as pipe:
-            pipe.hset(batch_key(bid), mapping={**batch.to_redis(), PENDING_FIELD: "1"})  # type: ignore[dict-item]
-            pipe.rpush(items_key(bid), *(item.stored(batch.task) for item in items))
-            pipe.hset(images_key(bid), mapping={str(n): json.dumps(image) for n, image in enumerate(images)})
-            pipe.hset(chunks_key(bid), mapping={str(c["number"]): json.dumps(c) for c in chunks})
-            for key in keys:
-                pipe.expire(key, ttl_s)
-            if batch.deadline_at:  # the reaper of each of its queues closes it
-                for queue in batch.queues():
-                    pipe.zadd(deadlines_key(queue), {DEADLINE_MEMBER_PREFIX + bid: float(batch.deadline_at)})
-            for key, data in (uploads or {}).items():
-                pipe.set(key, data, ex=ttl_s)
-            if idempotency is not None:
-                pipe.set(idempotency[0], idempotency[1], ex=ttl_s)
-            if uploads:
-                left: dict[str, int] = {}
-                for item in items:
-                    key = images[item.image].get("upload", "")
-                    left[key] = left.get(key, 0) + 1
-                pipe.hset(uploads_left_key(bid), mapping=left)  # type: ignore[arg-type]
-                pipe.expire(uploads_left_key(bid), ttl_s)
-            pipe.execute()
-
-    def accept(self, batch: Batch, chunks: list[dict[str, Any]], replicas: int = 0, timeout_ms: int = 0) -> int | None:
-        """Accept a pending batch whose chunks are published, as JobStore.accept does a job (same return value)."""
-        groups = chunk_groups(batch, chunks)
-        keys = [batch_key(batch.id), *(unstarted_key(queue, batch.priority) for queue in groups)]
-        args: list[str | int | float] = [time.time(), *chunk_group_args(groups)]
-        return self.store.accept_and_wait(self._accept, keys, args, replicas, timeout_ms)
-
-    def withdraw(
-        self, batch: Batch, chunks: list[dict[str, Any]], uploads: list[str], replicas: int = 0, timeout_ms: int = 0
-    ) -> int | None:
-        """Delete a batch whose submission failed, unless a worker started one of its chunks (then None: it runs);
-        with `replicas` > 0, WAIT as JobStore.withdraw does (same return value)."""
-        bid = batch.id
-        groups = chunk_groups(batch, chunks)
-        keys = [batch_key(bid), chunks_key(bid)]
-        for queue in groups:
-            keys += [unstarted_key(queue, batch.priority), deadlines_key(queue)]
-        keys += [*batch_keys(bid), *uploads]
-        args = [DEADLINE_MEMBER_PREFIX + bid, len(groups), *chunk_group_args(groups)]
-        return self.store.accept_and_wait(self._withdraw, keys, args, replicas, timeout_ms)
-
-    def delete_ended(self, batch: Batch) -> bool:
-        """Delete a batch whose items all ended, with its results; False (nothing deleted) when one has not ended."""
-        return int(self._delete(keys=batch_keys(batch.id))) == 1
-
-    def get(self, batch_id: str) -> Batch | None:
-        """The batch with this id, or None if it was never made or has expired."""
-        raw: dict[bytes, bytes] = self.client.hgetall(batch_key(batch_id))  # type: ignore[assignment]
-        if not raw or raw.get(PENDING_FIELD.encode()) == b"1":  # a submission still under way is not a batch yet
-            return None
-        return Batch.from_redis({k.decode(): v.decode() for k, v in raw.items()})
-
-    def expire_if_overdue(self, batch: Batch, now: float) -> Batch:
-        """Close the batch `expired` if it is open past its deadline; the batch as it then is."""
-        if not batch.overdue(now):
-            return batch
-        self._close_call(batch.id, "expired")
-        return self.get(batch.id) or batch
-
-    def cancel(self, batch: Batch) -> CancelCounts:
-        """Cancel the batch: its items not yet in a model call end `canceled` and never run; running ones run on."""
-        outcome = self._close_call(batch.id, "canceled")
-        if outcome[0] < 0:  # gone, or closed already: nothing was canceled now
-            return CancelCounts(0, 0, batch.count)
-        canceled, running, ended = outcome
-        return CancelCounts(canceled, running, ended)
-
-    def cancel_item(self, batch: Batch, index: int) -> int:
-        """Cancel one item: a CANCEL_* code of contract/transitions.py."""
-        item = self.item(batch, index)
-        queue = batch.queue_for(item.task) if item else batch.queue
-        keys = [*self._item_keys(batch.id), outcomes_key_of_queue(queue)]
-        return int(self._cancel_item(keys=keys, args=[time.time(), index, item.upload_key if item else ""]))
-
-    def item(self, batch: Batch, index: int) -> Job | None:
-        """A batch item shown as a job, or None when there is no such item."""
-        if not 0 <= index < batch.count:
-            return None
-        with self.client.pipeline(transaction=False) as pipe:
-            pipe.lindex(items_key(batch.id), index)
-            pipe.hget(outcomes_key(batch.id), str(index))
-            pipe.hgetall(ITEM_WEBHOOK_PREFIX + item_id(batch.id, index))
-            pipe.sismember(cancels_key(batch.id), str(index))
-            raw_item, raw_outcome, webhook, cancel_asked = pipe.execute()
-        if raw_item is None:
-            return None
-        entry = Item.read(raw_item, batch.task)
-        image = self._images(batch.id, {entry.image})[entry.image]
-        delivery = {k.decode(): v.decode() for k, v in webhook.items()}
-        return item_job(batch, index, entry, image, raw_outcome, delivery, bool(cancel_asked))
-
-    def results(self, batch: Batch, start: int, stop: int) -> list[Job]:
-        """Items `start` to `stop` (included) shown as jobs, in item order, in a few round trips."""
-        indices = [str(index) for index in range(start, stop + 1)]
-        with self.client.pipeline(transaction=False) as pipe:
-            pipe.lrange(items_key(batch.id), start, stop)
-            pipe.hmget(outcomes_key(batch.id), indices)
-            pipe.smismember(cancels_key(batch.id), indices)
-            raw_items, raw_outcomes, cancels_asked = pipe.execute()
-        entries = [Item.read(raw, batch.task) for raw in raw_items]
-        images = self._images(batch.id, {entry.image for entry in entries})
-        return [
-            item_job(batch, start + offset, entry, images[entry.image], outcome, {}, bool(asked))
-            for offset, (entry, outcome, asked) in enumerate(zip(entries, raw_outcomes, cancels_asked, strict=False))
-        ]
-
-    def start_chunk(self, payload: dict[str, Any], queue: str, worker: str, max_attempts: int, model: str) -> int:
-        """Record that a worker received a chunk: its attempt number, or a START_* code (transitions.py)."""
-        bid, number, member = str(payload["batch_id"]), int(payload["number"]), str(payload["member"])
-        priority = JobPriority(payload.get("priority") or JobPriority.NORMAL)
-        answers = parse_chunk_member(member)[2]
-        message = f"the chunk was started {max_attempts} times and its worker died each time; it is not tried again"
-        keys = [batch_key(bid), chunks_key(bid), unstarted_key(queue, priority), started_mark_key(queue, priority)]
-        keys += [running_key(queue), stats_key(), outcomes_key(bid), items_key(bid), webhook_outbox_key()]
-        keys += [ended_key(bid), outcomes_key_of_queue(queue)]
-        args: list[str | int | float] = [member, number, time.time(), worker, max_attempts, message, answers, model]
-        args.append(str(payload.get("task") or ""))
-        return int(self._start(keys=keys, args=args))
-
-    def run_items(self, groups: list[tuple[str, list[int]]]) -> list[set[int]]:
-        """Mark these items of each batch running, all in one round trip; for each batch, the indices to answer."""
-        with self.client.pipeline(transaction=False) as pipe:
-            for batch_id, indices in groups:
-                self._run(keys=self._item_keys(batch_id), args=[time.time(), *indices], client=pipe)
-            replies = pipe.execute()
-        return [{int(index) for index in reply} for reply in replies]
-
-    def end_chunk(self, payload: dict[str, Any], queue: str, outcomes: list[list[str]], done: bool = True) -> int:
-        """End a chunk's items with their outcomes ([index, status, code, value JSON] each), in one call; an uploaded
-        image whose last item ends goes with it."""
-        upload_of = {str(i): str(image.get("upload", "")) for image in payload["images"] for i, _ in image["items"]}
-        bid, number, member = str(payload["batch_id"]), int(payload["number"]), str(payload["member"])
-        keys = [batch_key(bid), outcomes_key(bid), chunks_key(bid), running_key(queue), webhook_outbox_key()]
-        keys += [ended_key(bid), outcomes_key_of_queue(queue)]
-        args: list[str | int | float] = [time.time(), number, member, "1" if done else "0"]
-        for outcome in outcomes:
-            args += [*outcome, upload_of.get(outcome[0], "")]
-        return int(self._end(keys=keys, args=args))
-
-    def chunk_payload(self, batch_id: str, number: int) -> dict[str, Any] | None:
-        """A chunk not yet ended, as its message carries it (None once it ended, or with its batch)."""
-        raw = self.client.hget(chunks_key(batch_id), str(number))
-        return json.loads(raw) if isinstance(raw, bytes) else None
-
-    def chunk_worker(self, batch_id: str, number: int) -> str | None:
-        """The worker that last started the chunk, or None."""
-        raw = self.client.hget(chunks_key(batch_id), f"{number}:w")
-        return raw.decode() if isinstance(raw, bytes) else None
-
-    def _close_call(self, batch_id: str, why: str) -> list[int]:
-        reply = self._close(keys=self._item_keys(batch_id), args=[time.time(), why])
-        return [int(value) for value in reply]
-
-    def _item_keys(self, batch_id: str) -> list[str]:
-        keys = [batch_key(batch_id), outcomes_key(batch_id), items_key(batch_id), webhook_outbox_key()]
-        return [*keys, ended_key(batch_id)]
-
-    def _images(self, batch_id: str, numbers: set[int]) -> dict[int, dict[str, str]]:
-        ordered = sorted(numbers)
-        if not ordered:
-            return {}
-        raws = self.client.hmget(images_key(batch_id), [str(number) for number in ordered])
-        return {number: json.loads(raw) if raw else {} for number, raw in zip(ordered, raws, strict=True)}
-
-
 def outcome_value(status: str, answer: str = "", code: str = "", message: str = "") -> list[str]:
-    """An item's outcome as END_CHUNK_LUA takes it: status, error code, and the JSON kept for the item."""
+    """An item's outcome as chunk_end.lua takes it: status, error code, and the JSON kept for the item."""
     if status == JobStatus.SUCCEEDED:
         value = [status, answer]
     elif status == JobStatus.FAILED:
@@ -509,24 +240,6 @@ def outcome_value(status: str, answer: str = "", code: str = "", message: str = 
     else:
         value = [status]
     return [status, code, json.dumps(value, separators=(",", ":"))]
-
-
-def chunk_groups(batch: Batch, chunks: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """A batch's chunks by the queue of their task, its task's queue first."""
-    groups: dict[str, list[dict[str, Any]]] = {queue: [] for queue in batch.queues()}
-    for chunk in chunks:
-        groups[batch.queue_for(str(chunk.get("task") or batch.task))].append(chunk)
-    return {queue: group for queue, group in groups.items() if group}
-
-
-def chunk_group_args(groups: dict[str, list[dict[str, Any]]]) -> list[str | int]:
-    """chunk_groups as ACCEPT_BATCH_LUA and WITHDRAW_BATCH_LUA take them: for each queue, its chunks' answers, how
-    many chunks, their members."""
-    args: list[str | int] = []
-    for group in groups.values():
-        members = [str(chunk["member"]) for chunk in group]
-        args += [sum(parse_chunk_member(member)[2] for member in members), len(members), *members]
-    return args
 
 
 def item_job(

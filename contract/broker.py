@@ -45,7 +45,7 @@ def publish_chunk(celery: Celery, queue: str, payload: dict[str, Any], published
     """Send a chunk of a batch (task id `<batch id>.<number>`) on the queue of its task, at its priority, stamped
     `published_at` (default: now).
 
-    `payload` is one of the chunks contract.batches.BatchStore.create stored: {"batch_id", "number", "member",
+    `payload` is one of the chunks contract.batch_store.BatchStore.create stored: {"batch_id", "number", "member",
     "priority", "task", "images": [{"image_url" | "upload", "items": [[index, text], ...]}, ...]}; `task` says what
     the texts are: questions (vqa) or caption prompts ("" for none).
     """

@@ -24,7 +24,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from contract.jobs import KEY_PREFIX
+from contract.keys import queue_outcomes_key, worker_key, workers_key
 from contract.redis_target import RedisTarget, as_target
 
 log = logging.getLogger("blipq.worker")
@@ -84,21 +84,6 @@ class WorkerRecord:
         )
 
 
-def worker_key(worker_id: str) -> str:
-    """The Redis hash of one worker's record."""
-    return f"{KEY_PREFIX}worker:{worker_id}"
-
-
-def workers_key(queue: str) -> str:
-    """The sorted set of the workers of a queue, scored by their last refresh (epoch seconds)."""
-    return f"{KEY_PREFIX}workers:{queue}"
-
-
-def outcomes_key(queue: str) -> str:
-    """The hash of how runs of a queue's jobs ended: field `<status>:<code>`, a count."""
-    return f"{KEY_PREFIX}stats:outcomes:{queue}"
-
-
 def fleet_client(where: RedisTarget | str) -> redis.Redis:
     """A client for these keys: short timeouts, decoded strings."""
     return as_target(where).client(
@@ -132,12 +117,12 @@ def has_live_worker(client: redis.Redis, queue: str) -> bool:
 
 def count_outcome(client: redis.Redis, queue: str, status: str, code: str) -> None:
     """Count one run of a job of `queue` that ended with `status` (and error `code`, "" on success)."""
-    client.hincrby(outcomes_key(queue), f"{status}:{code}", 1)
+    client.hincrby(queue_outcomes_key(queue), f"{status}:{code}", 1)
 
 
 def outcome_counts(client: redis.Redis, queue: str) -> dict[tuple[str, str], int]:
     """How runs of `queue`'s jobs ended, by (status, code); `client` must decode responses."""
-    raw: dict[str, str] = client.hgetall(outcomes_key(queue))  # type: ignore[assignment]
+    raw: dict[str, str] = client.hgetall(queue_outcomes_key(queue))  # type: ignore[assignment]
     counts = {}
     for field, value in raw.items():
         status, _, code = field.partition(":")

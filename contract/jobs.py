@@ -1,53 +1,23 @@
-"""The job contract shared by the API and the workers: the job record, its Redis keys, and the store that moves it.
+"""The job record shared by the API and the workers: its fields, how it is stored and shown, and its ids and times.
 
 Imports neither Flask nor torch. A job is a Redis hash that the API creates and that moves through
 queued -> running -> succeeded | failed, or ends without running: canceled (a cancel while it was queued) or expired
-(still queued at its deadline). Every change of state is a Lua script of contract/transitions.py. A job expires
-`job_ttl_s` after submission. Its states are in contract/states.py, its Celery app and message in
-contract/broker.py.
+(still queued at its deadline). Every change of state is a Lua script (contract/transitions.py), which the store
+(contract/job_store.py) calls. A job expires `job_ttl_s` after submission. Its keys are in contract/keys.py, its
+states in contract/states.py, its Celery app and message in contract/broker.py.
 """
 
 from __future__ import annotations
 
-import hashlib
-import math
 import secrets
 import time
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import redis
-from kombu.transport.redis import Channel
-from redis.backoff import ExponentialBackoff, NoBackoff
-from redis.commands.core import Script
-from redis.retry import Retry
+from contract.states import JobPriority, JobStatus, JobTask
 
-from contract.redis_target import RedisTarget, as_target
-from contract.states import BROKER_PRIORITY, JobPriority, JobStatus, JobTask
-from contract.transitions import (
-    ACCEPT_LUA,
-    BATCH_KEY_PREFIX,
-    CANCEL_LUA,
-    CANCELED_MESSAGE,
-    CANCELED_RERUN_MESSAGE,
-    CLAIM_KEY_LUA,
-    DEADLINE_MESSAGE,
-    ENDED_KEY_PREFIX,
-    EXPIRE_LUA,
-    FINISH_LUA,
-    RELEASE_KEY_LUA,
-    REPLACE_KEY_LUA,
-    REQUEUE_LUA,
-    START_LUA,
-    WAITING_ANSWERS_KEY,
-    WITHDRAW_LUA,
-)
-
-KEY_PREFIX = "blipq:"  # contract/transitions.py's BATCH_KEY_PREFIX starts with it
 JOB_ID_BYTES = 16  # 128 random bits: ids are unguessable
-OUTAGE_BACKOFF_CAP_S = 1.0  # the longest wait between two tries of a worker's Redis command while Redis is away
-API_RETRIES = 1  # the API tries a failed Redis command once more (a stale pooled connection), then answers 503
 PENDING_FIELD = "pending"  # "1" on a job or batch record stored by a submission not yet accepted (transitions.py)
 STATS_FIELDS = ("executions", "reruns", "duplicate_deliveries", "duplicate_executions", "worker_lost", "republished")
 
@@ -73,108 +43,6 @@ def utc_now() -> str:
 def utc_iso(epoch_s: float) -> str:
     """A time in epoch seconds as an ISO 8601 UTC string with milliseconds."""
     return datetime.fromtimestamp(epoch_s, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def job_key(job_id: str) -> str:
-    """The Redis hash that holds a job's record."""
-    return f"{KEY_PREFIX}job:{job_id}"
-
-
-def stats_key() -> str:
-    """The Redis hash of the fleet's counters (executions, reruns, duplicates...): see STATS_FIELDS."""
-    return f"{KEY_PREFIX}stats"
-
-
-def unstarted_key(queue: str, priority: JobPriority = JobPriority.NORMAL) -> str:
-    """The sorted set of a queue level's jobs (and chunks) that no worker has started yet, scored by enqueue time
-    (epoch seconds); a job whose worker died while running it joins it again when the reaper publishes it again.
-
-    The normal level keeps the name the whole queue had before priorities, so jobs queued across an upgrade stay
-    watched by the reaper.
-    """
-    suffix = "" if priority is JobPriority.NORMAL else f":{priority}"
-    return f"{KEY_PREFIX}unstarted:{queue}{suffix}"
-
-
-def started_mark_key(queue: str, priority: JobPriority = JobPriority.NORMAL) -> str:
-    """The latest enqueue time (epoch seconds) of a job of this queue level that a worker started: every message of
-    the level enqueued well before it has left the level's list (first in, first out; worker/reaper.py)."""
-    suffix = "" if priority is JobPriority.NORMAL else f":{priority}"
-    return f"{KEY_PREFIX}started-mark:{queue}{suffix}"
-
-
-def ended_key(job_id: str) -> str:
-    """The list that a job's end is pushed on (by its end script), for reads that wait for it."""
-    return f"{ENDED_KEY_PREFIX}{job_id}"
-
-
-def running_key(queue: str) -> str:
-    """The sorted set of the queue's running jobs, scored by when the reaper should look at them next."""
-    return f"blipq:running:{queue}"
-
-
-def broker_list_key(queue: str, priority: JobPriority) -> str:
-    """The Redis list where kombu keeps the waiting messages of a queue level (one list per priority step)."""
-    step = BROKER_PRIORITY[priority]
-    return f"{queue}{Channel.sep}{step}" if step else queue
-
-
-def deadlines_key(queue: str) -> str:
-    """The sorted set of a queue's queued jobs that have a deadline, scored by it (epoch seconds)."""
-    return f"{KEY_PREFIX}deadlines:{queue}"
-
-
-def webhook_outbox_key() -> str:
-    """The sorted set of webhook deliveries to make, job ids scored by when the next attempt is due (epoch seconds)."""
-    return f"{KEY_PREFIX}webhooks:due"
-
-
-def batch_key(batch_id: str) -> str:
-    """The Redis hash that holds a batch's record (the Lua that ends a job spells it too: BATCH_KEY_PREFIX)."""
-    return f"{BATCH_KEY_PREFIX}{batch_id}"
-
-
-def waiting_answers_key() -> str:
-    """The hash of how many answers wait in each queue level (field: its never-started set, `unstarted_key`).
-
-    Moved with the set's members: +1 per job and +count per batch when they are stored, less each job or chunk as it
-    leaves the set (started, canceled, expired). The admission check reads it: the queue's bound counts answers.
-    """
-    return WAITING_ANSWERS_KEY
-
-
-def upload_key(job_id: str) -> str:
-    """The Redis string that holds a job's uploaded image until the job ends."""
-    return f"{KEY_PREFIX}upload:{job_id}"
-
-
-def batch_upload_key(batch_id: str, number: int) -> str:
-    """The Redis string that holds image `number` uploaded with a batch, shared by all its questions; deleted when the
-    last of them ended (contract/batch_scripts.py), or with the batch after the TTL."""
-    return f"{KEY_PREFIX}batch-upload:{batch_id}:{number}"
-
-
-def held_key(queue: str, worker: str) -> str:
-    """The set of the messages (task ids) a worker of `queue` received and has not finished yet, started or not: the
-    reaper publishes them again when the worker dies (worker/reaper.py)."""
-    return f"{KEY_PREFIX}held:{queue}:{worker}"
-
-
-def holders_key(queue: str) -> str:
-    """The set of the workers of `queue` that have a set of messages held (worker/reaper.py)."""
-    return f"{KEY_PREFIX}holders:{queue}"
-
-
-def missing_key(queue: str) -> str:
-    """The hash of the queue's waiting jobs and chunks that the reaper's last look found nowhere a live worker would
-    take them (member -> when first found so, epoch seconds): lost if the next look, a grace later, agrees."""
-    return f"{KEY_PREFIX}missing:{queue}"
-
-
-def idempotency_key(owner: str, key: str) -> str:
-    """The Redis string that ties an Idempotency-Key of an API key owner to its job (hashed: keys are arbitrary)."""
-    digest = hashlib.sha256(f"{owner}\0{key}".encode()).hexdigest()
-    return f"{KEY_PREFIX}idempotency:{digest}"
 
 
 @dataclass(frozen=True)
@@ -203,7 +71,7 @@ class Job:
     webhook_error_message: str = ""
     batch_id: str = ""  # the batch the job is an item of; "" for a job submitted alone
     index: int = 0  # its place among the batch's items
-    upload_key: str = ""  # where a batch item's uploaded image is (batch_upload_key); never shown to clients
+    upload_key: str = ""  # where a batch item's uploaded image is (keys.batch_upload_key); never shown to clients
     image_name: str = ""  # the file name of a batch item's uploaded image
     task: JobTask = JobTask.VQA
 
@@ -269,213 +137,3 @@ class Job:
         return webhook_delivery(
             self.webhook_status, self.webhook_attempts, self.webhook_error_code, self.webhook_error_message
         )
-
-
-class JobStore:
-    """Reads and writes job records (and uploaded images) in Redis.
-
-    The client must not decode responses: uploads are bytes, and the record's fields are decoded here.
-    """
-
-    def __init__(self, client: redis.Redis, ttl_s: int) -> None:
-        self.client = client
-        self.ttl_s = ttl_s
-        self._start = client.register_script(START_LUA)
-        self._finish_script = client.register_script(FINISH_LUA)
-        self._cancel = client.register_script(CANCEL_LUA)
-        self._expire = client.register_script(EXPIRE_LUA)
-        self._claim_key = client.register_script(CLAIM_KEY_LUA)
-        self._release_key = client.register_script(RELEASE_KEY_LUA)
-        self._replace_key = client.register_script(REPLACE_KEY_LUA)
-        self._accept = client.register_script(ACCEPT_LUA)
-        self._withdraw = client.register_script(WITHDRAW_LUA)
-        self._requeue = client.register_script(REQUEUE_LUA)
-
-    @classmethod
-    def connect(cls, where: RedisTarget | str, ttl_s: int, timeout_s: float = 5.0, outage_s: float = 0.0) -> JobStore:
-        """A store on its own connection pool, with timeouts so a dead Redis fails fast instead of hanging.
-
-        `outage_s` > 0 retries commands that fail for want of a connection for about that long: a worker that
-        finishes a job while Redis restarts records the answer once Redis is back rather than losing it. The API
-        keeps the default (a few quick retries) so that it answers 503 at once while Redis is away.
-        """
-        if outage_s > 0:
-            retries = max(1, math.ceil(outage_s / OUTAGE_BACKOFF_CAP_S))
-            retry = Retry(ExponentialBackoff(cap=OUTAGE_BACKOFF_CAP_S, base=0.05), retries)
-        else:
-            retry = Retry(NoBackoff(), API_RETRIES)
-        client = as_target(where).client(
-            socket_connect_timeout=timeout_s,
-            socket_timeout=timeout_s,
-            health_check_interval=30,
-            retry=retry,
-        )
-        return cls(client, ttl_s)
-
-    def create(
-        self, job: Job, queue: str, upload: bytes | None = None, idempotency: tuple[str, str] | None = None
-    ) -> None:
-        """Write a new job record `pending` (and its uploaded image) atomically, both expiring after the TTL.
-
-        A pending job is not run, nor seen by the reaper, until `accept` (after its message was published): a
-        submission that fails is never run. `idempotency` (key, claim) ties an Idempotency-Key to the job for as long
-        as the job lives.
-        """
-        with self.client.pipeline(transaction=True) as pipe:
-            pipe.hset(job_key(job.id), mapping={**job.to_redis(), PENDING_FIELD: "1"})  # type: ignore[dict-item]
-            pipe.expire(job_key(job.id), self.ttl_s)
-            if job.deadline_at:
-                pipe.zadd(deadlines_key(queue), {job.id: float(job.deadline_at)})
-            if upload is not None:
-                pipe.set(upload_key(job.id), upload, ex=self.ttl_s)
-            if idempotency is not None:
-                pipe.set(idempotency[0], idempotency[1], ex=self.ttl_s)
-            pipe.execute()
-
-    def accept(self, job: Job, queue: str, replicas: int = 0, timeout_ms: int = 0) -> int | None:
-        """Accept a pending job whose message is published (ACCEPT_LUA); None when it was not pending any more.
-
-        With `replicas` > 0, Redis WAITs (on the same connection, so after the job's record, its message and this
-        acceptance) until that many replicas acknowledged them, or `timeout_ms`: returns how many did (else 0).
-        """
-        keys = [job_key(job.id), unstarted_key(queue, job.priority)]
-        return self.accept_and_wait(self._accept, keys, [job.id, time.time()], replicas, timeout_ms)
-
-    def accept_and_wait(
-        self, script: Script, keys: list[str], args: list[Any], replicas: int, timeout_ms: int
-    ) -> int | None:
-        """Run an acceptance or withdrawal script (a job's or a batch's) and, with `replicas` > 0, WAIT in the same
-        pipeline: how many replicas acknowledged (0 without WAIT), or None when the script answered 0 (an
-        acceptance: nothing was pending; a withdrawal: a worker had started the submission)."""
-        with self.client.pipeline(transaction=False) as pipe:
-            script(keys=keys, args=args, client=pipe)
-            if replicas > 0:
-                pipe.execute_command("WAIT", replicas, timeout_ms)
-            replies = pipe.execute()
-        if not replies[0]:
-            return None
-        return int(replies[1]) if replicas > 0 else 0
-
-    def withdraw(self, job: Job, queue: str, replicas: int = 0, timeout_ms: int = 0) -> int | None:
-        """Delete a job whose submission failed, unless a worker started it already (then None: it runs); with
-        `replicas` > 0, WAIT as `accept` does: how many replicas hold the withdrawal (else 0)."""
-        keys = [job_key(job.id), upload_key(job.id), unstarted_key(queue, job.priority), deadlines_key(queue)]
-        return self.accept_and_wait(self._withdraw, keys, [job.id], replicas, timeout_ms)
-
-    def get(self, job_id: str) -> Job | None:
-        """The job with this id, or None if it was never issued or has expired."""
-        raw: dict[bytes, bytes] = self.client.hgetall(job_key(job_id))  # type: ignore[assignment]
-        if not raw or raw.get(PENDING_FIELD.encode()) == b"1":  # a submission still under way is not a job yet
-            return None
-        return Job.from_redis({k.decode(): v.decode() for k, v in raw.items()})
-
-    def start(
-        self,
-        job_id: str,
-        queue: str,
-        model: str,
-        worker: str,
-        max_attempts: int,
-        priority: JobPriority = JobPriority.NORMAL,
-    ) -> int:
-        """Record that a worker starts a run of the job; see START_LUA for the return value."""
-        return self.start_many([job_id], queue, model, worker, max_attempts, priority)[0]
-
-    def start_many(
-        self,
-        job_ids: list[str],
-        queue: str,
-        model: str,
-        worker: str,
-        max_attempts: int,
-        priority: JobPriority = JobPriority.NORMAL,
-    ) -> list[int]:
-        """Start each of `job_ids` as `start` does, in one round trip (a chunk's jobs start together)."""
-        message = f"the job was started {max_attempts} times and its worker died each time; it is not tried again"
-        with self.client.pipeline(transaction=False) as pipe:
-            for job_id in job_ids:
-                args: list[str | int | float] = [max_attempts, utc_now(), model, worker, message, job_id, time.time()]
-                args += [DEADLINE_MESSAGE, CANCELED_RERUN_MESSAGE]
-                keys = [job_key(job_id), stats_key(), unstarted_key(queue, priority), started_mark_key(queue, priority)]
-                keys += [upload_key(job_id), webhook_outbox_key(), deadlines_key(queue), running_key(queue)]
-                self._start(keys=keys, args=args, client=pipe)
-            return [int(attempt) for attempt in pipe.execute()]
-
-    def requeue(self, member: str, queue: str, priority: JobPriority, answers: int, enqueued_at: float) -> None:
-        """Start again the wait of a job or chunk (`member`) whose message is published again (REQUEUE_LUA)."""
-        self._requeue(keys=[unstarted_key(queue, priority)], args=[member, enqueued_at, answers])
-
-    def cancel(self, job: Job, queue: str) -> int:
-        """Cancel the job: see CANCEL_LUA; returns one of the CANCEL_* codes."""
-        keys, args = self._queued_job_keys(job, queue)
-        return int(self._cancel(keys=keys, args=[*args, CANCELED_MESSAGE]))
-
-    def cancel_many(self, jobs: list[Job], queue: str) -> list[int]:
-        """Cancel each of `jobs` as `cancel` does, in one pipeline; the CANCEL_* code of each."""
-        with self.client.pipeline(transaction=False) as pipe:
-            for job in jobs:
-                keys, args = self._queued_job_keys(job, queue)
-                self._cancel(keys=keys, args=[*args, CANCELED_MESSAGE], client=pipe)
-            return [int(outcome) for outcome in pipe.execute()]
-
-    def expire_if_overdue(self, job: Job, queue: str) -> bool:
-        """End the job `expired` if it is still queued past its deadline; whether it did."""
-        keys, args = self._queued_job_keys(job, queue)
-        return int(self._expire(keys=keys, args=args)) == 1
-
-    def overdue_job_ids(self, queue: str, now: float, limit: int) -> list[str]:
-        """Up to `limit` ids of the queue's jobs whose deadline has passed while they were queued."""
-        members: list[bytes] = self.client.zrangebyscore(  # type: ignore[assignment]
-            deadlines_key(queue), "-inf", now, start=0, num=limit
-        )
-        return [member.decode() for member in members]
-
-    def mark_succeeded(self, job_id: str, answer: str) -> int:
-        """Record the job's answer, unless it already has one."""
-        return self._finish(job_id, status=JobStatus.SUCCEEDED, answer=answer)
-
-    def mark_failed(self, job_id: str, code: str, message: str) -> int:
-        """Record why the job failed, unless it already ended."""
-        return self._finish(job_id, status=JobStatus.FAILED, error_code=code, error_message=message)
-
-    def load_upload(self, job_id: str, key: str = "") -> bytes | None:
-        """The job's uploaded image bytes (at `key` for a batch's upload), or None if there are none (any more)."""
-        data = self.client.get(key or upload_key(job_id))
-        return data if isinstance(data, bytes) else None
-
-    def load_uploads(self, keys: list[str]) -> list[bytes | None]:
-        """The uploaded images at `keys` (a batch's), in one read; None for one no longer stored."""
-        values: list[bytes | None] = self.client.mget(keys)  # type: ignore[assignment]
-        return values
-
-    def claim_idempotency_key(self, key: str, claim: str, pending_s: int) -> str | None:
-        """Claim `key` for `claim` for `pending_s` (until the job is stored); None when claimed, else what holds it."""
-        held = self._claim_key(keys=[key], args=[claim, pending_s])
-        return held.decode() if isinstance(held, bytes) else None
-
-    def release_idempotency_key(self, key: str, claim: str) -> None:
-        """Free `key` if it still holds `claim` (its job could not be stored or enqueued)."""
-        self._release_key(keys=[key], args=[claim])
-
-    def replace_idempotency_claim(self, key: str, claim: str, replacement: str) -> None:
-        """Make `key` hold `replacement` instead of `claim` (if it still holds it), for the rest of its TTL."""
-        self._replace_key(keys=[key], args=[claim, replacement])
-
-    def stats(self) -> dict[str, int]:
-        """The fleet's counters since Redis started keeping them (see STATS_FIELDS)."""
-        raw: dict[bytes, bytes] = self.client.hgetall(stats_key())  # type: ignore[assignment]
-        counts = {name.decode(): int(value) for name, value in raw.items()}
-        return {name: counts.get(name, 0) for name in STATS_FIELDS}
-
-    def _finish(self, job_id: str, **fields: str) -> int:
-        args: list[str | float] = [time.time(), "finished_at", utc_now()]
-        for name, value in fields.items():
-            args += [name, str(value)]
-        keys = [job_key(job_id), stats_key(), upload_key(job_id), webhook_outbox_key()]
-        return int(self._finish_script(keys=keys, args=args))
-
-    @staticmethod
-    def _queued_job_keys(job: Job, queue: str) -> tuple[list[str], list[str | float]]:
-        keys = [job_key(job.id), upload_key(job.id), webhook_outbox_key()]
-        keys += [unstarted_key(queue, job.priority), deadlines_key(queue)]
-        return keys, [time.time(), utc_now(), job.id, DEADLINE_MESSAGE]

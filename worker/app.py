@@ -22,7 +22,7 @@ from celery.signals import (
 
 from contract.broker import create_celery
 from contract.fleet import fleet_client, worker_identity
-from contract.jobs import JobStore
+from contract.job_store import JobStore
 from contract.logs import use_json_logs_in_celery
 from worker.metrics import WorkerOps
 from worker.netguard import NetworkPolicy

@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Any
 import redis
 from prometheus_client import Counter
 
-from contract.jobs import KEY_PREFIX
+from contract.keys import ANSWER_INDEX_KEY, ANSWER_PREFIX
+from contract.lua import register
 from worker.batching import Batcher, Expected, Output
 from worker.settings import WorkerSettings
 
@@ -34,31 +35,10 @@ if TYPE_CHECKING:
 
     from worker.inference import LoadedModel
 
-ENTRY_PREFIX = f"{KEY_PREFIX}answer:"
-INDEX_KEY = f"{KEY_PREFIX}answer-index"  # every entry, scored by when it was written: the bound drops the oldest
 HASH_BLOCK = 1 << 20
 CACHED_CALL = -1  # the model call an answer from the cache names: none
 
 LOOKUPS = Counter("blipq_worker_answer_cache", "Answers looked up in the answer cache, by result", ["result"])
-
-# Writes answers, each with the TTL, indexes them, and drops the oldest entries past the bound.
-# KEYS = index; ARGV = now, ttl, max entries, then key, answer, key, answer, ...
-_STORE_LUA = """
-local index = {}
-for k = 4, #ARGV, 2 do
-  redis.call('set', ARGV[k], ARGV[k + 1], 'EX', ARGV[2])
-  index[#index + 1] = ARGV[1]
-  index[#index + 1] = ARGV[k]
-end
-redis.call('zadd', KEYS[1], unpack(index))
-local over = math.min(redis.call('zcard', KEYS[1]) - tonumber(ARGV[3]), 1000)  -- at most this many per write
-if over > 0 then
-  local oldest = redis.call('zrange', KEYS[1], 0, over - 1)
-  redis.call('del', unpack(oldest))
-  redis.call('zremrangebyrank', KEYS[1], 0, over - 1)
-end
-return over
-"""
 
 
 @dataclass(frozen=True)
@@ -76,13 +56,13 @@ class AnswerCache:
     def __init__(self, client: redis.Redis, settings: CacheSettings, generation: str) -> None:
         """`generation` names the model's revision and the generation settings: part of every key."""
         self.client, self.settings, self.generation = client, settings, generation
-        self._store = client.register_script(_STORE_LUA)
+        self._store = register(client, "answer_cache_store", "worker")  # worker/scripts/answer_cache_store.lua
 
     def keys(self, image: bytes, texts: list[str]) -> list[str]:
         """The entries of `texts` asked about `image`."""
         image_digest = hashlib.sha256(image).hexdigest()
         return [
-            ENTRY_PREFIX + hashlib.sha256(f"{self.generation}\0{image_digest}\0{text}".encode()).hexdigest()
+            ANSWER_PREFIX + hashlib.sha256(f"{self.generation}\0{image_digest}\0{text}".encode()).hexdigest()
             for text in texts
         ]
 
@@ -103,7 +83,7 @@ class AnswerCache:
         args: list[str | int | float] = [time.time(), self.settings.ttl_s, self.settings.max_entries]
         for key, answer in answers.items():
             args += [key, answer]
-        self._store(keys=[INDEX_KEY], args=args)
+        self._store(keys=[ANSWER_INDEX_KEY], args=args)
 
 
 @dataclass

@@ -66,16 +66,12 @@ from functools import partial
 import redis
 from celery import Celery
 
-from contract.batches import (
-    CHUNK_MEMBER_PREFIX,
-    DEADLINE_MEMBER_PREFIX,
-    BatchStore,
-    parse_chunk_member,
-)
+from contract.batch_store import BatchStore
+from contract.batches import CHUNK_MEMBER_PREFIX, DEADLINE_MEMBER_PREFIX, parse_chunk_member
 from contract.broker import PUBLISHED_HEADER, publish_chunk, publish_job
-from contract.fleet import worker_key
-from contract.jobs import (
-    JobStore,
+from contract.job_store import JobStore
+from contract.keys import (
+    REAPER_LOCK_PREFIX,
     broker_list_key,
     deadlines_key,
     held_key,
@@ -86,16 +82,14 @@ from contract.jobs import (
     stats_key,
     unstarted_key,
     waiting_answers_key,
+    worker_key,
 )
-from contract.jobs import (
-    job_key as job_key_of,
-)
+from contract.keys import job_key as job_key_of
 from contract.states import ENDED_STATUSES, JobPriority, JobStatus
 
 log = logging.getLogger("blipq.reaper")
 
 SWEEP_BATCH = 200  # members looked at per level and sweep beyond what live workers hold: a sweep stays short
-LOCK_PREFIX = "blipq:reaper-lock:"
 # A member enqueued this much before the message at the head of its list was published has left the list: hosts'
 # clocks may differ a little. Too small costs a needless publish (its second delivery is skipped); too large, a later
 # find.
@@ -369,7 +363,7 @@ class ReaperThread(threading.Thread):
         while not self.stopping.wait(self.interval_s):
             try:
                 # The lock outlives a sweep by design: one sweep per interval across the fleet, not one per worker.
-                if self.store.client.set(LOCK_PREFIX + self.queue, "1", nx=True, px=lock_ms):
+                if self.store.client.set(REAPER_LOCK_PREFIX + self.queue, "1", nx=True, px=lock_ms):
                     sweep(self.store, self.celery, self.queue, self.policy)
             except (redis.RedisError, OSError) as exc:  # Redis away: try again next time
                 log.warning("reaper sweep failed: %s", exc)

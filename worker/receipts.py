@@ -9,7 +9,7 @@ from typing import Any
 
 import redis
 
-from contract.jobs import held_key, holders_key
+from contract.keys import held_key, holders_key
 
 log = logging.getLogger("blipq.reaper")
 

@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING, Any
 
 from celery.signals import after_setup_logger
 
-from contract.batches import BatchStore
+from contract.batch_store import BatchStore
 from contract.broker import SOFT_LIMIT_MARGIN_S
 from contract.errors import JobTimeoutError, SettingsError, UploadMissingError, WrongTaskError
 from contract.images import open_image, picture_for_model, resized_for_model
-from contract.jobs import JobStore
+from contract.job_store import JobStore
 from contract.transitions import START_PENDING
 from worker.batching import Batcher, Output
 from worker.cache import AnswerCache, PreparedImage, answer_cache_for

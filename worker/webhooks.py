@@ -34,10 +34,13 @@ import requests
 from urllib3.exceptions import HTTPError as TransportError
 from urllib3.exceptions import TimeoutError as TransportTimeoutError
 
-from contract.batch_scripts import ITEM_OUTBOX_PREFIX, ITEM_WEBHOOK_PREFIX
-from contract.batches import BatchStore, split_item_id
+from contract.batch_scripts import ITEM_OUTBOX_PREFIX
+from contract.batch_store import BatchStore
+from contract.batches import split_item_id
 from contract.errors import ImageFetchError, UrlNotAllowedError
-from contract.jobs import JobStore, batch_key, job_key, webhook_outbox_key
+from contract.job_store import JobStore
+from contract.keys import batch_key, item_webhook_key, job_key, webhook_outbox_key
+from contract.lua import ScriptKeys, register
 from contract.transitions import BATCH_OUTBOX_PREFIX
 from worker.fetch import failure_cause, new_session
 from worker.guarded_http import GuardedAdapter
@@ -53,35 +56,13 @@ LEASE_MARGIN_S = 30.0  # a claim outlives the longest attempt (connect + answer 
 JITTER = 0.25  # back-offs are stretched by up to this fraction, so that failed deliveries do not retry in step
 ERROR_PAUSE_S = 5.0  # how long a sender waits after Redis failed it (a restart): not a warning every POLL_S
 
-# Claims a due delivery: its score moves to the end of the lease, and the attempt is counted on the job.
-# KEYS = outbox, job hash; ARGV = job id, now, lease end. Returns the attempt number, 0 when the delivery is not due
-# (another sender holds it), -1 when there is nothing to deliver any more (the job expired, or it was delivered).
-_CLAIM_LUA = """
-local due = redis.call('zscore', KEYS[1], ARGV[1])
-if (not due) or tonumber(due) > tonumber(ARGV[2]) then return 0 end
-if redis.call('hget', KEYS[2], 'webhook_status') ~= 'pending' then
-  redis.call('zrem', KEYS[1], ARGV[1])
-  return -1
-end
-redis.call('zadd', KEYS[1], ARGV[3], ARGV[1])
-return redis.call('hincrby', KEYS[2], 'webhook_attempts', 1)
-"""
 
-# Records an attempt's outcome: `pending` (due again at ARGV[3]), `delivered` or `failed` (out of the outbox).
-# KEYS = outbox, job hash; ARGV = job id, status, due, error code, error message. Returns -1 if the job is gone.
-_RECORD_LUA = """
-if redis.call('exists', KEYS[2]) == 0 then
-  redis.call('zrem', KEYS[1], ARGV[1])
-  return -1
-end
-redis.call('hset', KEYS[2], 'webhook_status', ARGV[2], 'webhook_error_code', ARGV[4], 'webhook_error_message', ARGV[5])
-if ARGV[2] == 'pending' then
-  redis.call('zadd', KEYS[1], ARGV[3], ARGV[1])
-else
-  redis.call('zrem', KEYS[1], ARGV[1])
-end
-return 1
-"""
+@dataclass(frozen=True)
+class DeliveryKeys(ScriptKeys):
+    """webhook_claim.lua's and webhook_record.lua's KEYS (worker/scripts/)."""
+
+    outbox: str
+    record: str
 
 
 @dataclass(frozen=True)
@@ -167,8 +148,8 @@ class Outbox:
 
     def __init__(self, client: redis.Redis) -> None:
         self.client = client
-        self._claim = client.register_script(_CLAIM_LUA)
-        self._record = client.register_script(_RECORD_LUA)
+        self._claim = register(client, "webhook_claim", "worker")
+        self._record = register(client, "webhook_record", "worker")
 
     def due(self, now: float, limit: int = CLAIM_BATCH) -> list[str]:
         """Ids of jobs whose delivery is due (some may be claimed by another sender by the time one asks)."""
@@ -178,14 +159,14 @@ class Outbox:
         return [member.decode() for member in members]
 
     def claim(self, job_id: str, now: float, lease_s: float) -> int:
-        """Claim a due delivery for `lease_s`; see _CLAIM_LUA for the return value."""
-        keys = [webhook_outbox_key(), delivery_record_key(job_id)]
-        return int(self._claim(keys=keys, args=[job_id, now, now + lease_s]))
+        """Claim a due delivery for `lease_s`; see worker/scripts/webhook_claim.lua for the return value."""
+        keys = DeliveryKeys(outbox=webhook_outbox_key(), record=delivery_record_key(job_id))
+        return int(self._claim(keys=keys.keys(), args=[job_id, now, now + lease_s]))
 
     def record(self, job_id: str, status: str, due: float = 0.0, code: str = "", message: str = "") -> None:
         """Record an attempt's outcome: `pending` again at `due`, `delivered` or `failed`."""
-        keys = [webhook_outbox_key(), delivery_record_key(job_id)]
-        self._record(keys=keys, args=[job_id, status, due, code, message])
+        keys = DeliveryKeys(outbox=webhook_outbox_key(), record=delivery_record_key(job_id))
+        self._record(keys=keys.keys(), args=[job_id, status, due, code, message])
 
 
 def delivery_record_key(member: str) -> str:
@@ -194,7 +175,7 @@ def delivery_record_key(member: str) -> str:
     if member.startswith(BATCH_OUTBOX_PREFIX):
         return batch_key(member.removeprefix(BATCH_OUTBOX_PREFIX))
     if member.startswith(ITEM_OUTBOX_PREFIX):
-        return ITEM_WEBHOOK_PREFIX + member.removeprefix(ITEM_OUTBOX_PREFIX)
+        return item_webhook_key(member.removeprefix(ITEM_OUTBOX_PREFIX))
     return job_key(member)
 
 

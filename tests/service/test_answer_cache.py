@@ -14,10 +14,11 @@ import redis
 from flask.testing import FlaskClient
 
 from blipq.up_redis import RedisProcess, stop_process
+from contract.keys import ANSWER_INDEX_KEY, ANSWER_PREFIX
 from tests.support.images import shape_png
 from tests.support.service import ImageServer, WorkerProcess, api_client, start_worker, wait_for_batch, wait_for_job
 from tests.support.tiny_model import build_tiny_vqa_model
-from worker.cache import ENTRY_PREFIX, INDEX_KEY, answer_cache_for, model_revision
+from worker.cache import answer_cache_for, model_revision
 from worker.inference import load_model
 from worker.settings import WorkerSettings
 
@@ -57,7 +58,7 @@ def tag(client: FlaskClient, worker: WorkerProcess, images: list[str], questions
 
 
 def entries(client: redis.Redis) -> list[bytes]:
-    return sorted(client.scan_iter(f"{ENTRY_PREFIX}*"))
+    return sorted(client.scan_iter(f"{ANSWER_PREFIX}*"))
 
 
 def worker_keys(client: redis.Redis, model: Path) -> dict[str, list[str]]:
@@ -90,7 +91,7 @@ def test_a_rerun_with_one_new_question_asks_the_model_only_the_new_one(
     assert kept == [PLANTED] * len(first), "the pairs asked before came from the cache"
     assert PLANTED not in new and all(new), "the new question went to the model"
     assert len(entries(redis_client)) == len(urls) * 3
-    assert redis_client.zcard(INDEX_KEY) == len(urls) * 3
+    assert redis_client.zcard(ANSWER_INDEX_KEY) == len(urls) * 3
 
 
 def test_the_same_bytes_at_another_url_and_a_single_job_hit_the_cache(
@@ -148,7 +149,7 @@ def test_past_its_bound_the_cache_drops_its_oldest_entries_and_answers_from_the_
         keys = worker_keys(redis_client, tiny_model_dir)
         newest = {key for color in COLORS[1:] for key in keys[color]}
         assert {key.decode() for key in entries(redis_client)} == newest
-        assert {key.decode() for key in redis_client.zrange(INDEX_KEY, 0, -1)} == newest
+        assert {key.decode() for key in redis_client.zrange(ANSWER_INDEX_KEY, 0, -1)} == newest
 
         # ...and asked again, the remaining entries answer (planted), the dropped ones the model
         plant(redis_client)

@@ -13,7 +13,7 @@ import redis
 
 from api.admission import waiting_answers
 from blipq.up_redis import RedisProcess, stop_process
-from contract.jobs import batch_key
+from contract.keys import batch_key
 from tests.support.holding_worker import HOLDING_QUESTION, RELEASE_KEY
 from tests.support.images import shape_png
 from tests.support.service import (

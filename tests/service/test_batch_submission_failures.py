@@ -22,7 +22,7 @@ from api.app import create_app
 from api.settings import ApiSettings
 from blipq.up_redis import RedisProcess, stop_process
 from contract.broker import create_celery
-from contract.jobs import unstarted_key
+from contract.keys import unstarted_key
 from tests.support.holding_worker import HOLDING_QUESTION, RELEASE_KEY
 from tests.support.images import shape_png
 from tests.support.service import (

@@ -14,9 +14,10 @@ import redis
 from flask.testing import FlaskClient
 
 from blipq.up_redis import RedisProcess, stop_process
-from contract.batches import BatchStore, outcome_value
+from contract.batch_store import BatchStore
+from contract.batches import outcome_value
 from contract.broker import create_celery, publish_chunk
-from contract.jobs import JobStore
+from contract.job_store import JobStore
 from tests.support import hostile
 from tests.support.images import shape_png
 from tests.support.service import WorkerProcess, api_client, start_worker, wait_for_batch, wait_for_job

@@ -21,9 +21,11 @@ from api.admission import queue_depth, queue_names
 from api.auth import ApiKey, hash_api_key, new_api_key
 from blipq.up_redis import RedisProcess, start_redis, stop_process
 from contract.batch_scripts import SKIPPED
-from contract.batches import BatchStore, batch_keys, outcome_value, outcomes_key
+from contract.batch_store import BatchStore
+from contract.batches import outcome_value
 from contract.broker import create_celery, publish_chunk
-from contract.jobs import JobStore, running_key, webhook_outbox_key
+from contract.job_store import JobStore
+from contract.keys import batch_keys, batch_outcomes_key, running_key, webhook_outbox_key
 from contract.states import JobStatus
 from contract.transitions import CANCELED_RERUN_MESSAGE
 from tests.support.answers import reference_answers
@@ -188,7 +190,7 @@ def test_a_tagging_batch_answers_every_question_about_every_image_as_single_jobs
     assert singles[0]["batch_id"] is None
     client = api.application.extensions["blipq"].store.client
     kept = [key for key in batch_keys(batch_id) if client.exists(key)]
-    assert outcomes_key(batch_id) in kept and all(client.ttl(key) > 0 for key in kept), "every key expires"
+    assert batch_outcomes_key(batch_id) in kept and all(client.ttl(key) > 0 for key in kept), "every key expires"
 
 
 def test_results_are_paginated_in_item_order(api: FlaskClient, worker: WorkerProcess, images: Images) -> None:

@@ -19,9 +19,11 @@ from flask.testing import FlaskClient
 from api.admission import queue_depth, queue_names, waiting_answers
 from api.settings import ApiSettings
 from blipq.up_redis import RedisProcess
-from contract.batches import BatchStore, outcome_value
+from contract.batch_store import BatchStore
+from contract.batches import outcome_value
 from contract.errors import SettingsError
-from contract.jobs import JobStore, broker_list_key, deadlines_key, unstarted_key
+from contract.job_store import JobStore
+from contract.keys import broker_list_key, deadlines_key, unstarted_key
 from contract.states import JobPriority
 from tests.support.answers import reference_answers
 from tests.support.images import shape_png

@@ -15,7 +15,8 @@ import pytest
 from flask.testing import FlaskClient
 
 from blipq.up_redis import RedisProcess, start_redis, stop_process
-from contract.jobs import JobStore, held_key
+from contract.job_store import JobStore
+from contract.keys import held_key
 from tests.support.answers import reference_answers
 from tests.support.images import shape_png
 from tests.support.service import QUICK_RECOVERY, WorkerProcess, api_client, start_worker

@@ -14,7 +14,8 @@ from flask.testing import FlaskClient
 
 from blipq.up_redis import RedisProcess, stop_process
 from contract.broker import create_celery, publish_job
-from contract.jobs import JobStore
+from contract.job_store import JobStore
+from contract.keys import ANSWER_PREFIX
 from tests.support.holding_worker import HOLDING_QUESTION, RELEASE_KEY
 from tests.support.images import shape_png
 from tests.support.service import (
@@ -27,7 +28,6 @@ from tests.support.service import (
     wait_for_status,
     wait_for_worker_record,
 )
-from worker.cache import ENTRY_PREFIX
 
 PLANTED = "planted in the cache"  # an answer no model gives: a run that reached the model step would answer it
 
@@ -60,7 +60,7 @@ def test_a_job_delivered_again_after_it_ended_is_not_run_and_keeps_its_answer(
     job_id = client.post("/v1/jobs", json=body).get_json()["id"]
     first = wait_for_job(client, job_id, tiny_worker)
     assert first["status"] == "succeeded" and first["answer"], first
-    [entry] = redis_client.scan_iter(f"{ENTRY_PREFIX}*")
+    [entry] = redis_client.scan_iter(f"{ANSWER_PREFIX}*")
     redis_client.set(entry, PLANTED, keepttl=True)
 
     # When: its message is delivered again, and the worker takes it

@@ -27,7 +27,8 @@ from werkzeug.test import TestResponse
 
 from blipq.up_redis import RedisProcess, SentinelGroup, start_sentinel_group, stop_process
 from contract.images import decode_image
-from contract.jobs import JobStore, unstarted_key
+from contract.job_store import JobStore
+from contract.keys import unstarted_key
 from contract.redis_target import RedisTarget
 from tests.support.images import shape_png
 from tests.support.service import QuietHandler, api_client, http_server, start_worker

@@ -23,7 +23,9 @@ from api.app import create_app
 from api.settings import ApiSettings
 from blipq.up_redis import RedisProcess, stop_process
 from contract.broker import create_celery, publish_job
-from contract.jobs import Job, JobStore, new_job_id, unstarted_key, utc_now, waiting_answers_key
+from contract.job_store import JobStore
+from contract.jobs import Job, new_job_id, utc_now
+from contract.keys import unstarted_key, waiting_answers_key
 from contract.states import JobStatus
 from tests.support.hanging_worker import HANGING_QUESTION
 from tests.support.images import shape_png

@@ -42,10 +42,10 @@ import redis
 from flask.testing import FlaskClient
 
 from blipq.up_redis import RedisProcess, start_redis
-from contract.batches import chunks_key, outcomes_key
 from contract.fleet import fleet_client, live_workers
 from contract.images import decode_image
-from contract.jobs import JobStore, broker_list_key, held_key, job_key
+from contract.job_store import JobStore
+from contract.keys import batch_outcomes_key, broker_list_key, chunks_key, held_key, job_key
 from contract.states import JobPriority
 from tests.support.images import shape_png
 from tests.support.service import QuietHandler, api_client, http_server
@@ -209,7 +209,7 @@ def watch_ends(client: redis.Redis, loop: Loop) -> None:
             for job_id in singles:
                 pipe.hmget(job_key(job_id), ["status", "answer", "finished_at"])
             for batch_id in batches:
-                pipe.hgetall(outcomes_key(batch_id))
+                pipe.hgetall(batch_outcomes_key(batch_id))
             replies = pipe.execute()
         now = time.time()
         with loop.lock:
@@ -439,7 +439,7 @@ def changed_outcomes(loop: Loop, client: redis.Redis) -> list[str]:
         for job_id in loop.singles:
             pipe.hmget(job_key(job_id), ["status", "answer"])
         for batch_id in loop.items:
-            pipe.hgetall(outcomes_key(batch_id))
+            pipe.hgetall(batch_outcomes_key(batch_id))
         replies = iter(pipe.execute())
     for job_id, unit in loop.singles.items():
         status, answer = next(replies)

@@ -19,7 +19,8 @@ from api.admission import queue_depth
 from api.auth import ApiKey, hash_api_key, new_api_key
 from blipq.up_redis import RedisProcess, stop_process
 from contract.broker import TASK_VQA
-from contract.jobs import JobStore, broker_list_key, deadlines_key, job_key, unstarted_key, upload_key
+from contract.job_store import JobStore
+from contract.keys import broker_list_key, deadlines_key, job_key, unstarted_key, upload_key
 from contract.states import JobPriority
 from tests.support.images import shape_png
 from tests.support.service import (

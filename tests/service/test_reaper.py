@@ -18,19 +18,17 @@ import redis
 
 from blipq.up_redis import RedisProcess, stop_process
 from contract.broker import create_celery, publish_job
-from contract.fleet import worker_key
-from contract.jobs import (
-    Job,
-    JobStore,
+from contract.job_store import JobStore
+from contract.jobs import Job, new_job_id, utc_now
+from contract.keys import (
     broker_list_key,
     held_key,
     holders_key,
-    new_job_id,
     running_key,
     started_mark_key,
     unstarted_key,
-    utc_now,
     waiting_answers_key,
+    worker_key,
 )
 from contract.states import JobPriority, JobStatus
 from tests.support.images import shape_png

@@ -13,9 +13,8 @@ import pytest
 import redis
 from flask.testing import FlaskClient
 
-from api.admission import RATE_LIMIT_KEY_PREFIX
 from blipq.up_redis import SentinelGroup, start_sentinel_group, stop_process
-from contract.jobs import batch_key
+from contract.keys import RATE_LIMIT_KEY_PREFIX, batch_key
 from tests.support.images import shape_png
 from tests.support.service import (
     JOB_TIMEOUT_S,

@@ -17,7 +17,9 @@ from flask.testing import FlaskClient
 
 from api.admission import queue_names
 from blipq.up_redis import RedisProcess, stop_process
-from contract.jobs import Job, JobStore, new_job_id, utc_now, webhook_outbox_key
+from contract.job_store import JobStore
+from contract.jobs import Job, new_job_id, utc_now
+from contract.keys import webhook_outbox_key
 from contract.states import JobStatus
 from tests.support.images import shape_png
 from tests.support.service import JOB_TIMEOUT_S, ImageServer, WorkerProcess, api_client, start_worker

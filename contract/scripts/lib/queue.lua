@@ -1,0 +1,17 @@
+-- Prelude: a level's set of messages never started, and the count of answers waiting in it.
+-- A start, of a job or of a batch's chunk, takes the member off its level's set of jobs never started, with its
+-- answers from the waiting count, and moves the level's mark (the latest enqueue time of a job started) forward: see
+-- worker/reaper.py. The admission check reads that count (contract.keys.waiting_answers_key).
+--
+-- The constants below are spelled in Python too; tests/test_scripts.py checks that they agree.
+
+local WAITING = 'blipq:waiting-answers'  -- contract.keys.WAITING_ANSWERS_KEY
+
+local function take_from_queue(unstarted, mark, member, answers)
+  local enqueued = redis.call('zscore', unstarted, member)
+  if not enqueued then return end
+  redis.call('zrem', unstarted, member)
+  redis.call('hincrby', WAITING, unstarted, -answers)
+  local latest = redis.call('get', mark)
+  if (not latest) or tonumber(enqueued) > tonumber(latest) then redis.call('set', mark, enqueued) end
+end
