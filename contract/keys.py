@@ -2,7 +2,7 @@
 
 A job, a batch and the fleet's records are keys under `blipq:`, and so are the queues' sets the reaper watches; the
 broker's lists are kombu's (`broker_list_key`). Five prefixes are spelled by the Lua preludes too (their scripts make
-keys from ids they read): contract/scripts/lib/*.lua, which tests/test_scripts.py holds to these.
+keys from ids they read): contract/scripts/lib/*.lua, which tests/unit/test_scripts.py holds to these.
 """
 
 from __future__ import annotations

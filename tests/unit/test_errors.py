@@ -114,6 +114,8 @@ class CodeFinder(ast.NodeVisitor):
 
 def codes_in(path: Path) -> set[tuple[str, str | None]]:
     source = path.read_text()
+    if path.suffix == ".lua":  # a Redis script (contract/scripts/, worker/scripts/)
+        return {(code, None) for code in LUA_CODE.findall(source)}
     finder = CodeFinder()
     finder.visit(ast.parse(source))
     return finder.found | {(code, None) for code in LUA_CODE.findall(source)}
@@ -122,7 +124,7 @@ def codes_in(path: Path) -> set[tuple[str, str | None]]:
 def given(package: str, exclude: tuple[str, ...] = ()) -> dict[Path, set[tuple[str, str | None]]]:
     return {
         path: codes_in(path)
-        for path in sorted((ROOT / package).rglob("*.py"))
+        for path in sorted([*(ROOT / package).rglob("*.py"), *(ROOT / package).rglob("*.lua")])
         if path.relative_to(ROOT).as_posix() not in exclude
     }
 

@@ -49,7 +49,7 @@ from contract.transitions import (
     START_ENDED,
     START_PENDING,
 )
-from tests.conftest import ROOT
+from tests.support.environment import ROOT
 from worker.cache import AnswerCache, CacheSettings
 from worker.webhooks import Outbox
 
