@@ -127,6 +127,8 @@ def read_form(bounds: FormBounds, settings: ApiSettings) -> Form:
     except RequestEntityTooLarge:
         message = f"a text field is over {bounds.field_bytes} bytes, or the form has over {bounds.parts} parts"
         raise PayloadTooLargeError("body_too_large", message) from None
+    if None in fields or None in files:  # a part whose Content-Disposition names no field: nothing can read it
+        raise ValidationError("unknown_field", "a part of the form has no name: give each part a name")
     return Form(fields, files)
 
 

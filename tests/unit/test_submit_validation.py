@@ -121,6 +121,20 @@ def test_bad_upload_is_refused_with_its_code(
     assert_nothing_enqueued(redis_client)
 
 
+@pytest.mark.parametrize("path", ["/v1/jobs", "/v1/batches"])
+def test_a_form_part_with_no_name_is_refused_with_its_code(
+    api: FlaskClient, redis_client: redis.Redis, path: str
+) -> None:
+    # A part whose Content-Disposition names no field (clients and fuzzers send them) is refused, never a 500.
+    body = (
+        b"--XX\r\nContent-Disposition: form-data\r\n\r\nhello\r\n"
+        b'--XX\r\nContent-Disposition: form-data; name="question"\r\n\r\nwhat is it?\r\n--XX--\r\n'
+    )
+    response = api.post(path, data=body, content_type="multipart/form-data; boundary=XX")
+    assert_error(response, 422, "unknown_field")
+    assert_nothing_enqueued(redis_client)
+
+
 def test_a_json_body_over_its_limit_is_refused_naming_it(api: FlaskClient, redis_client: redis.Redis) -> None:
     body = {"question": "what is it?", "image_url": IMAGE_URL, "padding": "x" * MAX_JSON_BODY_BYTES}
 
