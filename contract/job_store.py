@@ -147,7 +147,7 @@ class JobStore:
             return None
         return Job.from_redis({k.decode(): v.decode() for k, v in raw.items()})
 
-    def start(
+    def begin_run(
         self,
         job_id: str,
         queue: str,
@@ -157,9 +157,9 @@ class JobStore:
         priority: JobPriority = JobPriority.NORMAL,
     ) -> int:
         """Record that a worker starts a run of the job; see job_start.lua for the return value."""
-        return self.start_many([job_id], queue, model, worker, max_attempts, priority)[0]
+        return self.begin_runs([job_id], queue, model, worker, max_attempts, priority)[0]
 
-    def start_many(
+    def begin_runs(
         self,
         job_ids: list[str],
         queue: str,
@@ -168,7 +168,7 @@ class JobStore:
         max_attempts: int,
         priority: JobPriority = JobPriority.NORMAL,
     ) -> list[int]:
-        """Start each of `job_ids` as `start` does, in one round trip (a chunk's jobs start together)."""
+        """Begin a run of each of `job_ids` as `begin_run` does, in one round trip (a chunk's jobs start together)."""
         message = f"the job was started {max_attempts} times and its worker died each time; it is not tried again"
         with self.client.pipeline(transaction=False) as pipe:
             for job_id in job_ids:

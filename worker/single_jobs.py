@@ -84,7 +84,7 @@ def _begin(runtime: WorkerRuntime, job_id: str, priority: JobPriority) -> dict[s
     """Record the start of a run; the outcome when the job must not run (expired, ended, canceled, given up)."""
     settings = runtime.settings
     attempt = when_accepted(
-        lambda: runtime.store.start(
+        lambda: runtime.store.begin_run(
             job_id, settings.queue, settings.model, worker_identity(), settings.max_attempts, priority
         )
     )

@@ -155,7 +155,7 @@ def test_a_job_whose_worker_died_while_running_it_is_watched_again_until_a_worke
     # Given: a job started by a worker whose record is gone (killed), on a queue no worker reads.
     store = JobStore(redis_client, 600)
     job_id = stored_job(store, "orphans", time.time())
-    assert store.start(job_id, "orphans", "model", "gone:1", max_attempts=3) == 1
+    assert store.begin_run(job_id, "orphans", "model", "gone:1", max_attempts=3) == 1
     redis_client.zadd(running_key("orphans"), {job_id: 0})
     celery = create_celery(redis_server.url, "orphans")
     listed = broker_list_key("orphans", JobPriority.NORMAL)
@@ -171,7 +171,7 @@ def test_a_job_whose_worker_died_while_running_it_is_watched_again_until_a_worke
     assert redis_client.llen(listed) == 1
     # Once a live worker started it, nothing is published again.
     live_worker(redis_client, "orphans", "live:1", [])
-    assert store.start(job_id, "orphans", "model", "live:1", max_attempts=3) == 2
+    assert store.begin_run(job_id, "orphans", "model", "live:1", max_attempts=3) == 2
     redis_client.delete(listed)
     assert sweep(store, celery, "orphans", ReaperPolicy(grace_s=0)) == 0
     assert int(redis_client.hget(waiting_answers_key(), unstarted_key("orphans")) or 0) == 0

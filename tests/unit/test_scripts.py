@@ -185,9 +185,9 @@ def test_job_withdraw(store: JobStore) -> None:
 
 def test_job_start(store: JobStore) -> None:
     job = new_job(store)
-    assert store.start(job.id, QUEUE, "tiny", "w1", 3) == START_PENDING
+    assert store.begin_run(job.id, QUEUE, "tiny", "w1", 3) == START_PENDING
     store.accept(job, QUEUE)
-    assert store.start(job.id, QUEUE, "tiny", "w1", 3) == 1
+    assert store.begin_run(job.id, QUEUE, "tiny", "w1", 3) == 1
     started = store.get(job.id)
     assert started is not None and (started.status, started.model) == ("running", "tiny")
     assert store.client.hget(job_key(job.id), "worker") == b"w1"
@@ -199,7 +199,7 @@ def test_job_start(store: JobStore) -> None:
 def test_job_finish(store: JobStore) -> None:
     job = new_job(store, webhook="https://hooks.example.com/")
     store.accept(job, QUEUE)
-    store.start(job.id, QUEUE, "tiny", "w1", 3)
+    store.begin_run(job.id, QUEUE, "tiny", "w1", 3)
     duplicates = int(store.client.hget(stats_key(), "duplicate_executions") or 0)
     assert store.mark_succeeded(job.id, "yes") == 1
     assert store.mark_failed(job.id, "internal_error", "late") == 0, "an answer once written never changes"
@@ -210,14 +210,14 @@ def test_job_finish(store: JobStore) -> None:
     assert store.load_upload(job.id) is None
     assert store.client.lrange(ENDED_KEY_PREFIX + job.id, 0, -1) == [b"1"]
     assert int(store.client.hget(stats_key(), "duplicate_executions") or 0) == duplicates + 1
-    assert store.start(job.id, QUEUE, "tiny", "w2", 3) == START_ENDED
+    assert store.begin_run(job.id, QUEUE, "tiny", "w2", 3) == START_ENDED
 
 
 def test_job_cancel(store: JobStore) -> None:
     queued, running = new_job(store), new_job(store)
     for job in (queued, running):
         store.accept(job, QUEUE)
-    store.start(running.id, QUEUE, "tiny", "w1", 3)
+    store.begin_run(running.id, QUEUE, "tiny", "w1", 3)
     assert store.cancel_many([queued, running], QUEUE) == [CANCEL_DONE, CANCEL_REQUESTED]
     canceled, asked = store.get(queued.id), store.get(running.id)
     assert canceled is not None and (canceled.status, canceled.error_code) == ("canceled", "canceled")
