@@ -82,13 +82,13 @@ def run_kill_loop(
         time.sleep(rng.uniform(*gap_s))
         while len(live := live_workers(fleet, client, host)) < 2:  # one stays up
             time.sleep(0.05)
-        before = where_open(client, loop, set(live))
+        before = open_of(client, loop, set(live))
         victim_id = rng.choice([worker_id for worker_id in live if before.holding.get(worker_id)] or live)
         [victim] = [worker for worker in fleet.workers if f"{host}:{worker.process.pid}" == victim_id]
         others = {f"{host}:{worker.process.pid}" for worker in fleet.workers if worker is not victim}
         at = time.time()
         fleet.restart_worker(victim, signal.SIGKILL)
-        after = where_open(client, loop, others)
+        after = open_of(client, loop, others)
         loop.chunk_items |= after.chunk_items
         held = len(before.holding.get(victim_id, ()))
         loop.kills.append((at, held > 0, after.unaccounted - before.unaccounted))
@@ -109,22 +109,23 @@ def live_workers(fleet: Fleet, client: redis.Redis, host: str) -> list[str]:
 
 @dataclass(frozen=True)
 class Snapshot:
-    """Where the open jobs and chunks are, at one instant."""
+    """Where the open jobs and chunks of a queue are, at one instant."""
 
     unaccounted: set[str]  # job ids and chunk task ids in no place a live worker takes them from
     holding: dict[str, set[str]]  # worker -> task ids it holds (received and not finished) or runs
     chunk_items: dict[str, list[int]]  # chunk task id -> its items' indices
+    ended_jobs: set[str]  # of the jobs asked about, those that ended
 
 
-def where_open(client: redis.Redis, loop: KillLoop, live: set[str]) -> Snapshot:
-    """Read the queue's lists, the live workers' held sets, and where each open job and chunk is."""
-    jobs = [job_id for job_id in list(loop.accepted) if job_id not in loop.ended_jobs]
-    batches, workers = loop.open_batches(), sorted(live)
+def where_open(client: redis.Redis, queue: str, jobs: list[str], batches: list[str], live: set[str]) -> Snapshot:
+    """Read the queue's lists, the live workers' held sets, and where each of `jobs` and each open chunk of `batches`
+    is. tests/service/test_kill_loop.py reads the service's state the same way."""
+    workers = sorted(live)
     with client.pipeline(transaction=False) as pipe:
         for priority in JobPriority:
-            pipe.lrange(broker_list_key(QUEUE, priority), 0, -1)
+            pipe.lrange(broker_list_key(queue, priority), 0, -1)
         for worker_id in workers:
-            pipe.smembers(held_key(QUEUE, worker_id))
+            pipe.smembers(held_key(queue, worker_id))
         for job_id in jobs:
             pipe.hmget(job_key(job_id), ["status", "worker"])
         for batch_id in batches:
@@ -132,7 +133,7 @@ def where_open(client: redis.Redis, loop: KillLoop, live: set[str]) -> Snapshot:
         replies = iter(pipe.execute())
     listed = {json.loads(raw)["headers"]["id"] for _ in JobPriority for raw in next(replies)}
     holding = {worker_id: {task_id.decode() for task_id in next(replies)} for worker_id in workers}
-    waiting, runs = set(), {}  # runs: task id -> the worker of its latest start
+    waiting, runs, ended = set(), {}, set()  # runs: task id -> the worker of its latest start
     for job_id in jobs:
         status, worker_id = next(replies)
         if status == b"queued":
@@ -140,14 +141,14 @@ def where_open(client: redis.Redis, loop: KillLoop, live: set[str]) -> Snapshot:
         elif status == b"running":
             runs[job_id] = worker_id.decode()
         else:
-            loop.ended_jobs.add(job_id)
-    chunk_items = {}
+            ended.add(job_id)
+    chunk_items: dict[str, list[int]] = {}
     for batch_id in batches:
         waiting |= _chunks(batch_id, next(replies), runs, chunk_items)
     found = listed | set().union(*holding.values()) | {task_id for task_id, worker in runs.items() if worker in live}
     for task_id, worker_id in runs.items():
         holding.setdefault(worker_id, set()).add(task_id)
-    return Snapshot((waiting | set(runs)) - found, holding, chunk_items)
+    return Snapshot((waiting | set(runs)) - found, holding, chunk_items, ended)
 
 
 def _chunks(
@@ -164,6 +165,14 @@ def _chunks(
         else:
             waiting.add(task_id)
     return waiting
+
+
+def open_of(client: redis.Redis, loop: KillLoop, live: set[str]) -> Snapshot:
+    """Where the loop's open jobs and chunks are; the jobs found ended are not asked about again."""
+    jobs = [job_id for job_id in list(loop.accepted) if job_id not in loop.ended_jobs]
+    snapshot = where_open(client, QUEUE, jobs, loop.open_batches(), live)
+    loop.ended_jobs |= snapshot.ended_jobs
+    return snapshot
 
 
 def submit_batches(base: str, loop: KillLoop, every_s: float, paths: list[Path]) -> None:

@@ -41,12 +41,12 @@ import pytest
 import redis
 from flask.testing import FlaskClient
 
+from benchmarks.kill_loop import Snapshot, where_open
 from blipq.up_redis import RedisProcess, start_redis
 from contract.fleet import fleet_client, live_workers
 from contract.images import decode_image
 from contract.job_store import JobStore
-from contract.keys import batch_outcomes_key, broker_list_key, chunks_key, held_key, job_key
-from contract.states import JobPriority
+from contract.keys import batch_outcomes_key, job_key
 from tests.support.images import shape_png
 from tests.support.service import QuietHandler, api_client, http_server
 from tests.support.worker_forks import ForkedWorker, WorkerForks
@@ -229,58 +229,6 @@ def parse_iso(value: bytes) -> float:
     return datetime.fromisoformat(value.decode()).timestamp()
 
 
-@dataclass(frozen=True)
-class Snapshot:
-    """Where the open jobs and chunks are, at one instant."""
-
-    unaccounted: set[str]  # job ids and chunk task ids in no place a live worker takes them from
-    holding: dict[str, set[str]]  # worker -> task ids it holds (received, not started) or runs
-    chunk_items: dict[str, list[int]]  # chunk task id -> its items' indices
-
-
-def snapshot(client: redis.Redis, loop: Loop, live: set[str]) -> Snapshot:
-    """Read the queue's lists, the live workers' held sets, and where each open job and chunk is."""
-    singles, batches, workers = loop.open_singles(), loop.open_batches(), sorted(live)
-    with client.pipeline(transaction=False) as pipe:
-        for priority in JobPriority:
-            pipe.lrange(broker_list_key(QUEUE, priority), 0, -1)
-        for worker in workers:
-            pipe.smembers(held_key(QUEUE, worker))
-        for job_id in singles:
-            pipe.hmget(job_key(job_id), ["status", "worker"])
-        for batch_id in batches:
-            pipe.hgetall(chunks_key(batch_id))
-        replies = iter(pipe.execute())
-    listed = {json.loads(raw)["headers"]["id"] for _ in JobPriority for raw in next(replies)}
-    holding = {worker: {task_id.decode() for task_id in next(replies)} for worker in workers}
-    held = set().union(*holding.values())
-    queued, runs = set(), {}  # runs: task id -> the worker of its latest start
-    for job_id in singles:
-        status, worker = next(replies)
-        if status == b"queued":
-            queued.add(job_id)
-        elif status == b"running":
-            runs[job_id] = worker.decode()
-    chunk_items: dict[str, list[int]] = {}
-    for batch_id in batches:  # a chunk is in its batch's hash of chunks until it ends
-        fields = {key.decode(): value.decode() for key, value in next(replies).items()}
-        for number in filter(str.isdigit, fields):
-            task_id = f"{batch_id}.{number}"
-            chunk_items[task_id] = [int(i) for image in json.loads(fields[number])["images"] for i, _ in image["items"]]
-            if f"{number}:w" in fields:
-                runs[task_id] = fields[f"{number}:w"]
-            else:
-                queued.add(task_id)
-    for task_id, worker in runs.items():
-        holding.setdefault(worker, set()).add(task_id)
-    unaccounted = {
-        task_id
-        for task_id in queued | set(runs)
-        if task_id not in listed and task_id not in held and runs.get(task_id) not in live
-    }
-    return Snapshot(unaccounted, holding, chunk_items)
-
-
 class Workers:
     """The loop's workers, forked from one process, each replaced by a new one as soon as it is killed."""
 
@@ -373,11 +321,12 @@ def test_every_message_a_killed_worker_took_is_back_within_seconds(
 def kill_one(rng: random.Random, workers: Workers, client: redis.Redis, loop: Loop) -> None:
     """SIGKILL a ready worker, one holding messages if any does, and start another; note what the kill stranded."""
     ready = workers.ready()
-    before = snapshot(client, loop, {identity(worker) for worker in workers.up})
+    before = where_open(client, QUEUE, loop.open_singles(), loop.open_batches(), {identity(w) for w in workers.up})
     victim = rng.choice([worker for worker in ready if before.holding.get(identity(worker))] or ready)
     at = time.time()
     victim.kill()
-    after = snapshot(client, loop, {identity(worker) for worker in workers.up if worker is not victim})
+    others = {identity(worker) for worker in workers.up if worker is not victim}
+    after = where_open(client, QUEUE, loop.open_singles(), loop.open_batches(), others)
     record_kill(loop, at, bool(before.holding.get(identity(victim))), after.unaccounted - before.unaccounted, after)
     workers.replace(victim)
 
