@@ -35,7 +35,7 @@ BATCH_POLL_S = 0.1  # between two reads of a batch's summary: the client's back-
 
 @dataclass
 class Worker:
-    """One `python -m worker` process of the run, in its own process group."""
+    """One worker process of the run (`python -m worker`, or the fleet's worker module), in its own process group."""
 
     index: int
     process: subprocess.Popen[bytes]
@@ -68,12 +68,20 @@ class Fleet:
     would."""
 
     def __init__(
-        self, workers: int, time_limit_s: int, env: Mapping[str, str] | None = None, sentinel: bool = False
+        self,
+        workers: int,
+        time_limit_s: int,
+        env: Mapping[str, str] | None = None,
+        sentinel: bool = False,
+        worker_module: str = "worker",
     ) -> None:
         """Start Redis, the API and `workers` workers; `env` overrides BLIPQ_* variables for all of them.
 
         With `sentinel`, Redis is a primary, two replicas and three sentinels, which every process goes through.
+        `worker_module` is what each worker runs, `python -m worker_module` (benchmarks/standin_device.py: the
+        worker on a stand-in device).
         """
+        self.worker_module = worker_module
         self.data_dir = Path(tempfile.mkdtemp(prefix="blipq-chaos-"))
         self.group: SentinelGroup | None = None
         redis_env: dict[str, str] = {}
@@ -150,7 +158,7 @@ class Fleet:
             self.redis.stop()
 
     def _spawn_worker(self, index: int) -> subprocess.Popen[bytes]:
-        return self._spawn([sys.executable, "-m", "worker", f"--hostname=w{index}.{time.time():.0f}@%h"])
+        return self._spawn([sys.executable, "-m", self.worker_module, f"--hostname=w{index}.{time.time():.0f}@%h"])
 
     def _spawn(self, argv: list[str]) -> subprocess.Popen[bytes]:
         return subprocess.Popen(
