@@ -34,6 +34,7 @@ HELPERS = {
     "photo_runs": "the photo figures the throughput benchmarks print, and the service they run on",
     "photos": "writes the camera-like pictures the photo benchmarks send",
     "processes": "the CPU, memory and pinning of a run's processes",
+    "standin_device": "the worker on a stand-in device, which horizontal runs (its smoke run is horizontal's)",
     "upload_runs": "tag_cli.py's run 7 (uploads, --shrink against --no-shrink; its smoke run is tag_cli's)",
 }
 # A line each benchmark prints once it has its figures (its last ones): the run got there, whatever their values.
@@ -48,6 +49,7 @@ FIGURES = {
     "fetch": r"\| camera\.jpg .* \| 8 \| \d+\.\d+ / \d+\.\d+ \| \d+\.\d\d \|",
     "fidelity": r"blip-caption-easy, unprompted captions: \d+ answers; fast agrees \d+",
     "gpu": r"service \d+\.\d answers/s, bare loop \d+\.\d answers/s: ratio \d+\.\d\d",
+    "horizontal": r"GPU workers one Redis feeds at 2,200 answers/s each: \d+\.\d",
     "image_sizes": r"largest JPEG bytes per pixel: \d\.\d{3}",
     "machinery": r"6 photos 2x10 upload +2 +20 +\d+\.\d\d",
     "photo_intake": r"worker RSS before \d+ MB .* peak \d+ MB",
