@@ -6,11 +6,14 @@ Two kinds of metrics:
   across the processes at each scrape (api/gunicorn_conf.py clears the directory at start, and marks a process
   that exits as dead);
 - read from Redis at scrape time, the same whichever process answers: the queue's depth and jobs running, the
-  workers ready, and the fleet's counters (how jobs ended, reruns, duplicates...), which the workers keep in Redis.
+  workers ready, and the fleet's counters (how jobs ended, reruns, duplicates...), which the workers keep in Redis;
+  and how long the queue's backlog takes to drain at the rate the workers measured (what KEDA scales them on).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import logging
 import os
@@ -32,9 +35,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
-from api.admission import queue_depth
+from api.admission import queue_depth, waiting_answers
 from api.auth import api_key_name
-from contract.fleet import live_workers, outcome_counts
+from contract.broker import TASK_VQA_CHUNK
+from contract.fleet import UNMEASURED_RATE, kept_rate, live_workers, outcome_counts, per_worker_rate
 from contract.jobs import STATS_FIELDS
 from contract.keys import stats_key
 
@@ -44,6 +48,8 @@ MULTIPROCESS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)  # an upload of 10 MB: seconds
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})  # others count as "other"
 UNMATCHED_ROUTE = "unmatched"  # a 404 or 405 from routing: one label value, however many paths are tried
+DRAIN_SECONDS = "blipq_backlog_drain_seconds"  # the queue's backlog over the fleet's rate
+WORKER_SECONDS = "blipq_backlog_worker_seconds"  # the backlog over one worker's rate: what KEDA scales on
 QUIET_ENDPOINTS = frozenset({"jobs.healthz", "ops.readyz", "ops.metrics"})  # probes and scrapes: logged at DEBUG
 
 disable_created_metrics()  # no `_created` series: they would double the series of every counter, for little use
@@ -143,10 +149,29 @@ class FleetCollector(Collector):
             "Runs of the queue's jobs that ended, by status and error code (counted by the workers)",
             labels=["queue", "status", "code"],
         )
+        drain = GaugeMetricFamily(
+            DRAIN_SECONDS,
+            "Seconds the queue's backlog (answers waiting, plus those of the messages workers hold) takes to drain at "
+            "the live workers' answers per busy second over the last minute; with no live worker, as if one ran at the "
+            f"queue's last measured rate (kept a day), or {UNMEASURED_RATE:g} answer/s if none was measured",
+            labels=["queue"],
+        )
+        worker_seconds = GaugeMetricFamily(
+            WORKER_SECONDS,
+            "Seconds of one worker's work the queue's backlog holds: the backlog over one worker's answers per busy "
+            "second (as blipq_backlog_drain_seconds reads them); KEDA scales the workers on it with an AverageValue",
+            labels=["queue"],
+        )
         for queue in self.queues:
+            held = unacked_messages(self.client, queue)
+            records = live_workers(self.client, queue)
             queued.add_metric([queue], queue_depth(self.client, queue))
-            running.add_metric([queue], unacked_jobs(self.client, queue))
-            workers.add_metric([queue], len(live_workers(self.client, queue)))
+            running.add_metric([queue], len(held))
+            workers.add_metric([queue], len(records))
+            backlog = waiting_answers(self.client, queue) + sum(message_answers(message) for message in held)
+            rate = per_worker_rate(records, kept_rate(self.client, queue))
+            drain.add_metric([queue], backlog / (rate * max(1, len(records))))
+            worker_seconds.add_metric([queue], backlog / rate)
             for (status, code), count in sorted(outcome_counts(self.client, queue).items()):
                 finished.add_metric([queue, status, code], count)
         events = CounterMetricFamily(
@@ -155,17 +180,33 @@ class FleetCollector(Collector):
         raw: dict[str, str] = self.client.hgetall(stats_key())  # type: ignore[assignment]
         for name in STATS_FIELDS:
             events.add_metric([name], int(raw.get(name, 0)))
-        return [queued, running, workers, finished, events]
+        return [queued, running, workers, finished, events, drain, worker_seconds]
 
 
-def unacked_jobs(client: redis.Redis, queue: str) -> int:
+def unacked_messages(client: redis.Redis, queue: str) -> list[dict[str, object]]:
     """Messages of `queue` that a worker has taken and not acknowledged: kombu's `unacked` hash, by routing key.
 
     Each entry is JSON [message, exchange, routing_key]; Celery routes a queue's tasks with the queue's name as the
     routing key. `client` must decode responses.
     """
     entries: list[str] = client.hvals(Channel.unacked_key)  # type: ignore[assignment]
-    return sum(1 for entry in entries if json.loads(entry)[2] == queue)
+    return [message for message, _, key in map(json.loads, entries) if key == queue]
+
+
+def message_answers(message: dict[str, object]) -> int:
+    """The answers a taken message asks for: a chunk's items (Celery's body: JSON [args, kwargs, embed], its payload
+    first), 1 for a job, or for a chunk that cannot be read."""
+    headers = message.get("headers")
+    if not isinstance(headers, dict) or headers.get("task") != TASK_VQA_CHUNK:
+        return 1
+    try:
+        body = str(message["body"])
+        properties = message.get("properties")
+        encoded = isinstance(properties, dict) and properties.get("body_encoding") == "base64"
+        payload = json.loads(base64.b64decode(body) if encoded else body)[0][0]
+        return max(1, sum(len(image["items"]) for image in payload["images"]))
+    except (KeyError, IndexError, TypeError, ValueError, binascii.Error):
+        return 1
 
 
 def scrape(registry: CollectorRegistry, fleet: FleetCollector) -> Response:

@@ -7,6 +7,9 @@ Imports neither Flask nor torch: the workers write these keys, the API reads the
   refresh: a worker is live while its hash exists. Its id is also in its queue's sorted set `blipq:workers:<queue>`,
   scored by the last refresh, so that a reader finds a queue's workers without scanning the keyspace. A clean exit
   deletes both; a killed process drops out when its hash expires, and out of the set an hour later.
+  Each refresh also publishes the worker's answers per second over the last minute, and per second it had work in
+  hand; the latter is kept a day in `blipq:rate:<queue>` too, so that the API's drain-time metric has a rate while the
+  queue has no worker.
 - Each run of a job that ends adds 1 to the field `<status>:<code>` of the hash `blipq:stats:outcomes:<queue>`.
 """
 
@@ -17,14 +20,14 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, replace
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from contract.keys import queue_outcomes_key, worker_key, workers_key
+from contract.keys import kept_rate_key, queue_outcomes_key, worker_key, workers_key
 from contract.redis_target import RedisTarget, as_target
 
 log = logging.getLogger("blipq.worker")
@@ -32,6 +35,10 @@ log = logging.getLogger("blipq.worker")
 RECORD_TTL_FACTOR = 3  # a record outlives two missed refreshes (a busy machine, a Redis blip), not three
 INDEX_HORIZON_S = 3600  # ids silent this long leave a queue's set (their hash expired long before)
 REDIS_TIMEOUT_S = 2.0  # a heartbeat or a probe gives up this fast when Redis does not answer
+KEPT_RATE_TTL_S = 86400  # a queue's last measured rate outlives a night scaled to zero
+UNMEASURED_RATE = 1.0  # answers per busy second assumed for a queue no worker has measured a rate of (in a day)
+
+Rates = Callable[[], tuple[float, float]]  # a worker's answers per second, and per busy second, over the last minute
 
 
 @dataclass(frozen=True)
@@ -57,6 +64,10 @@ class WorkerRecord:
     # client needs to make the very pixels the model would see. "": not published.
     resample: str = ""
     pillow: str = ""  # the Pillow release that decodes and resizes its images (its pixels are that release's)
+    # Answers ended per second over the last minute, and per second of it that the worker had a job in hand (what it
+    # drains when busy). 0: none ended in that minute, or not published (a record of an older worker).
+    answers_per_s: float = 0.0
+    busy_answers_per_s: float = 0.0
 
     def to_redis(self) -> dict[str, str]:
         """The record as flat string fields for a Redis hash."""
@@ -81,6 +92,8 @@ class WorkerRecord:
             decode=fields.get("decode", ""),
             resample=fields.get("resample", ""),
             pillow=fields.get("pillow", ""),
+            answers_per_s=float(fields.get("answers_per_s", 0.0)),
+            busy_answers_per_s=float(fields.get("busy_answers_per_s", 0.0)),
         )
 
 
@@ -115,6 +128,21 @@ def has_live_worker(client: redis.Redis, queue: str) -> bool:
         return any(pipe.execute())
 
 
+def kept_rate(client: redis.Redis, queue: str) -> float:
+    """The last answers per busy second a worker of `queue` published (kept a day), 0.0 if none."""
+    raw = client.get(kept_rate_key(queue))
+    return float(raw) if raw else 0.0
+
+
+def per_worker_rate(workers: list[WorkerRecord], kept: float) -> float:
+    """The answers per busy second one worker of a queue drains: the mean of the live workers' measured rates; else
+    (none live, or none ended an answer in the last minute) the queue's kept rate; else `UNMEASURED_RATE`."""
+    measured = [worker.busy_answers_per_s for worker in workers if worker.busy_answers_per_s > 0]
+    if measured:
+        return sum(measured) / len(measured)
+    return kept if kept > 0 else UNMEASURED_RATE
+
+
 def count_outcome(client: redis.Redis, queue: str, status: str, code: str) -> None:
     """Count one run of a job of `queue` that ended with `status` (and error `code`, "" on success)."""
     client.hincrby(queue_outcomes_key(queue), f"{status}:{code}", 1)
@@ -131,11 +159,14 @@ def outcome_counts(client: redis.Redis, queue: str) -> dict[tuple[str, str], int
 
 
 class Announcer(threading.Thread):
-    """Keeps a worker's record fresh every `interval_s`, until stopped (which deletes it)."""
+    """Keeps a worker's record fresh every `interval_s`, until stopped (which deletes it), with its rates of the moment
+    when given `rates`."""
 
-    def __init__(self, client: redis.Redis, record: WorkerRecord, interval_s: float) -> None:
+    def __init__(
+        self, client: redis.Redis, record: WorkerRecord, interval_s: float, rates: Rates | None = None
+    ) -> None:
         super().__init__(name="blipq-announcer", daemon=True)
-        self.client, self.record, self.interval_s = client, record, interval_s
+        self.client, self.record, self.interval_s, self.rates = client, record, interval_s, rates
         self.ttl_s = interval_s * RECORD_TTL_FACTOR
         self.stopping = threading.Event()
 
@@ -152,8 +183,14 @@ class Announcer(threading.Thread):
         """Write the record with its expiry, list it in its queue, and drop the queue's workers gone silent."""
         now = time.time()
         key, index = worker_key(self.record.id), workers_key(self.record.queue)
+        record = self.record
+        if self.rates is not None:
+            per_s, busy_per_s = self.rates()
+            record = replace(record, answers_per_s=round(per_s, 4), busy_answers_per_s=round(busy_per_s, 4))
         with self.client.pipeline(transaction=True) as pipe:
-            pipe.hset(key, mapping=self.record.to_redis())  # type: ignore[arg-type]  # redis-py: invariant Mapping
+            pipe.hset(key, mapping=record.to_redis())  # type: ignore[arg-type]  # redis-py: invariant Mapping
+            if record.busy_answers_per_s > 0:
+                pipe.set(kept_rate_key(record.queue), record.busy_answers_per_s, ex=KEPT_RATE_TTL_S)
             pipe.expire(key, max(1, round(self.ttl_s)))
             pipe.zadd(index, {self.record.id: now})
             # A fixed horizon, not this worker's TTL: workers announcing less often must not be dropped by it.

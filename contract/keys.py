@@ -142,6 +142,12 @@ def workers_key(queue: str) -> str:
     return f"{KEY_PREFIX}workers:{queue}"
 
 
+def kept_rate_key(queue: str) -> str:
+    """The string of the last answers per busy second a worker of `queue` measured (it expires a day after): the
+    drain-time metric's rate while no worker runs."""
+    return f"{KEY_PREFIX}rate:{queue}"
+
+
 # A batch's keys (contract/batches.py).
 
 

@@ -34,6 +34,7 @@ from contract.batch_scripts import SKIPPED
 from contract.broker import TASK_VQA, TASK_VQA_CHUNK
 from contract.fleet import Announcer, WorkerRecord, count_outcome, fleet_client, worker_identity
 from contract.jobs import utc_now
+from worker.rate import RateMeter
 from worker.settings import WorkerSettings
 
 if TYPE_CHECKING:
@@ -110,6 +111,7 @@ class WorkerOps:
         self.announcer: Announcer | None = None
         self.metrics_server: WSGIServer | None = None
         self._client: redis.Redis | None = None
+        self.meter = RateMeter()  # the answers/s its record publishes
 
     def connect(self) -> None:
         """Listen to task and process signals (the model load is connected around runtime.load_model by the app)."""
@@ -135,18 +137,22 @@ class WorkerOps:
     def on_task_prerun(self, sender: Any = None, **_: Any) -> None:
         if getattr(sender, "name", None) in (TASK_VQA, TASK_VQA_CHUNK):
             CURRENT_JOB.begin()
+            self.meter.begin()
 
     def on_task_postrun(self, sender: Any = None, args: Any = (), retval: Any = None, **_: Any) -> None:
         """Count how the run ended, in this process and in Redis, and log one line with its timings."""
         if getattr(sender, "name", None) not in (TASK_VQA, TASK_VQA_CHUNK):
             return
+        self.meter.end(self._run_ended(sender, args, retval))
+
+    def _run_ended(self, sender: Any, args: Any, retval: Any) -> int:
+        """Count and log a run of a job or a chunk; the answers it ended."""
         if self.announcer is None and self.runtime.loaded is not None:
             self._model_ready(self.runtime.loaded, 0.0)  # loaded inside its first job (no worker_init): untimed
         if not isinstance(retval, dict):  # the task raised: Celery logged it, and the job has not ended
-            return
+            return 0
         if sender.name == TASK_VQA_CHUNK:
-            self._chunk_ended(retval)
-            return
+            return self._chunk_ended(retval)
         status, code = str(retval.get("status", "")), str(retval.get("code", ""))
         payload = args[0] if args and isinstance(args[0], dict) else {}
         duration_s = time.perf_counter() - CURRENT_JOB.started
@@ -155,22 +161,27 @@ class WorkerOps:
         if code:
             fields["error_code"] = code
         log.info("job %s %s in %.3f s", fields["job_id"], status, duration_s, extra=fields)
-        if status != NOT_AN_END:
-            JOBS.labels(status=status, code=code).inc()
-            self._count_in_redis(status, code)
+        if status == NOT_AN_END:
+            return 0
+        JOBS.labels(status=status, code=code).inc()
+        self._count_in_redis(status, code)
+        return 1
 
-    def _chunk_ended(self, retval: dict[str, Any]) -> None:
+    def _chunk_ended(self, retval: dict[str, Any]) -> int:
         """Count a chunk's items by outcome in this process, and log one line for the chunk (the end script counted
-        them in Redis, with the items)."""
+        them in Redis, with the items); the items it ended."""
         duration_s = time.perf_counter() - CURRENT_JOB.started
         counts = retval.get("outcomes") or {}
         fields: dict[str, Any] = {"batch_id": retval.get("batch_id"), "jobs": sum(counts.values())}
         fields |= {"duration_s": round(duration_s, 4), "inference_s": round(CURRENT_JOB.model_s, 4)}
         log.info("chunk of batch %s: %d items in %.3f s", fields["batch_id"], fields["jobs"], duration_s, extra=fields)
+        ended = 0
         for outcome, count in counts.items():
             status, _, code = str(outcome).partition(":")
             if status != SKIPPED:
                 JOBS.labels(status=status, code=code).inc(count)
+                ended += int(count)
+        return ended
 
     def on_shutdown(self, **_: Any) -> None:
         """The worker exits cleanly: withdraw its record and close its metrics endpoint."""
@@ -205,7 +216,7 @@ class WorkerOps:
             resample=loaded.resample_name,
             pillow=PIL.__version__,
         )
-        self.announcer = Announcer(self.client, record, settings.announce_interval_s)
+        self.announcer = Announcer(self.client, record, settings.announce_interval_s, self.meter.rates)
         self.announcer.start()
 
     def _serve_metrics(self) -> int:

@@ -1,7 +1,7 @@
 """deploy/k8s, deploy/k8s-ha and deploy/prometheus.yml, checked without a cluster: named objects that select their own
 pods, probes on routes the API has, known settings, a GPU per worker, workers for each task the API serves (vqa and
-caption), KEDA scaling each on its own queue's jobs in hand, and the overlay that puts blipq on Bitnami's redis chart
-with Sentinel."""
+caption), KEDA scaling each on its own queue's backlog in worker-seconds, and the overlay that puts blipq on Bitnami's
+redis chart with Sentinel."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ import yaml
 
 from api.admission import queue_names
 from api.app import create_app
+from api.metrics import WORKER_SECONDS
 from api.settings import ApiSettings
 from contract.states import JobTask
 from tests.support.compose import (
@@ -292,7 +293,7 @@ def test_the_worker_metrics_port_is_declared_and_announced_to_prometheus(name: s
     assert int(api_annotations["prometheus.io/port"]) in container_ports(api)
 
 
-def test_keda_scales_each_worker_on_its_queues_jobs_queued_and_running() -> None:
+def test_keda_scales_each_worker_on_the_worker_seconds_of_its_queues_backlog() -> None:
     scaled_objects = {scaled["spec"]["scaleTargetRef"]["name"]: scaled for scaled in objects("ScaledObject")}
     assert len(scaled_objects) == len(objects("ScaledObject")), "two ScaledObjects for one Deployment"
     assert scaled_objects.keys() == set(WORKER_DEPLOYMENTS), "each worker Deployment has its ScaledObject"
@@ -307,12 +308,20 @@ def test_keda_scales_each_worker_on_its_queues_jobs_queued_and_running() -> None
         assert trigger["type"] == "prometheus"
         query = trigger["metadata"]["query"]
         queue = deployment_settings(named("Deployment", name)).queue
-        for metric in ("blipq_jobs_queued", "blipq_jobs_running"):
-            assert f'{metric}{{queue="{queue}"}}' in query, f"{name}: the query counts {metric} of its workers' queue"
+        # The seconds of one worker's work in its queue's backlog, the gauge the API exports for it.
+        assert set(re.findall(r"\b(blipq_\w+)\b", query)) == {WORKER_SECONDS}, f"{name}: {query}"
+        assert f'{WORKER_SECONDS}{{queue="{queue}"}}' in query, f"{name}: the query reads its workers' queue"
         assert set(re.findall(r'queue="([^"]*)"', query)) == {queue}, f"{name} would scale on another queue's jobs"
-        # The API exports these gauges for each queue it fills (test_ops reads them for both).
+        # The API exports these gauges for each queue it fills (test_drain_metrics reads them).
         assert queue in {api.queue_for(task) for task in api.tasks}, f"{name}: no gauges for {queue!r}"
+        # Per worker: replicas = ceil(worker-seconds / threshold), each worker's share drains within the threshold.
+        assert trigger["metricType"] == "AverageValue", name
         assert int(trigger["metadata"]["threshold"]) >= 1
+        assert int(trigger["metadata"]["activationThreshold"]) == 0, "any backlog starts a first worker from zero"
+        # A worker is not scaled away while it finishes its jobs: its pod outlives its shutdown grace (checked above),
+        # and the HPA waits before it removes workers.
+        scale_down = scaled["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]
+        assert scale_down["stabilizationWindowSeconds"] >= scaled["spec"]["pollingInterval"], name
 
 
 def schema_errors(docs: list[tuple[str, dict[str, Any]]]) -> list[str]:
@@ -577,7 +586,8 @@ def test_keda_keeps_its_query_and_reads_the_queue_through_the_sentinels(
         assert metadata["addresses"] == f"{service}.{scaled['metadata']['namespace']}.svc:{port}"
         queue = deployment_settings(of(ha, "Deployment", scaled["spec"]["scaleTargetRef"]["name"])).queue
         assert metadata["listName"] in queue_names(queue), f"{name}: one of its workers' lists"
-        # One list of queued jobs, never more workers than the query of jobs queued and running.
+        # One list of queued messages (each of at least one answer), at no more workers than the query of the
+        # backlog's worker-seconds while a worker drains at most listLength / threshold answers per busy second.
         assert int(metadata["listLength"]) >= int(query["metadata"]["threshold"])
         authentication = of(ha, "TriggerAuthentication", trigger["authenticationRef"]["name"])
         secrets = {ref["parameter"]: (ref["name"], ref["key"]) for ref in authentication["spec"]["secretTargetRef"]}
