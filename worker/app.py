@@ -53,6 +53,7 @@ def create_worker_app(settings: WorkerSettings) -> Celery:
     app.conf.update(
         worker_pool="threads",
         worker_concurrency=settings.concurrency,
+        worker_consumer="worker.broker_loss:Consumer",  # a lost broker never ends the worker
     )
     runtime = WorkerRuntime(settings)
     ops = WorkerOps(runtime, settings)  # metrics, the readiness record, a log line per job: around the model load
