@@ -16,6 +16,7 @@ from contract.states import BROKER_PRIORITY, JobPriority
 KEY_PREFIX = "blipq:"
 BATCH_KEY_PREFIX = f"{KEY_PREFIX}batch:"  # a batch's hash
 WAITING_ANSWERS_KEY = f"{KEY_PREFIX}waiting-answers"  # answers waiting per queue level (lib/queue.lua)
+ARRIVED_ANSWERS_KEY = f"{KEY_PREFIX}arrived-answers"  # answers ever queued per queue level (lib/queue.lua)
 ENDED_KEY_PREFIX = f"{KEY_PREFIX}ended:"  # a job's end, pushed for the API's long polls (lib/job.lua)
 UPLOADS_LEFT_PREFIX = f"{KEY_PREFIX}batch-left:"  # lib/batch.lua
 CANCELS_PREFIX = f"{KEY_PREFIX}batch-cancels:"  # lib/batch.lua
@@ -89,6 +90,13 @@ def waiting_answers_key() -> str:
     leaves the set (started, canceled, expired). The admission check reads it: the queue's bound counts answers.
     """
     return WAITING_ANSWERS_KEY
+
+
+def arrived_answers_key() -> str:
+    """The hash of how many answers ever joined each queue level at its tail (field: `unstarted_key`), only ever
+    increased: a job or batch accepted records the count it brought it to (its `ticket`), and the answers that joined
+    its level since are the count now less its ticket (api/estimates.py)."""
+    return ARRIVED_ANSWERS_KEY
 
 
 def running_key(queue: str) -> str:
