@@ -132,7 +132,7 @@ def _shown(ahead: int, own: int, workers: int, per_s: float, now: float) -> dict
     if per_s <= 0:
         reason = NO_WORKER if workers == 0 else NO_RATE
         return {"ends_in_s": None, "ends_at": None, "answers_ahead": ahead, "answers_per_s": None, "reason": reason}
-    ends_in_s = round((ahead + own) / per_s, 1)
+    ends_in_s = round((ahead + own) / per_s, 2)
     return {
         "ends_in_s": ends_in_s,
         "ends_at": utc_iso(now + ends_in_s),

@@ -108,7 +108,7 @@ def test_a_later_read_counts_less_ahead_as_the_fleet_starts_jobs_and_more_for_hi
 
     store.begin_run(str(job["id"]), idle_queue, "m", "estimate:1", 3)
     running = estimate_of(idle_api, path)
-    assert running["answers_ahead"] == 0 and running["ends_in_s"] == 0.2  # its own answer, at 4 per s (rounded)
+    assert running["answers_ahead"] == 0 and running["ends_in_s"] == 0.25  # its own answer, at 4 per s
 
 
 def test_a_job_that_ended_has_no_estimate(idle_api: FlaskClient) -> None:
@@ -132,9 +132,9 @@ def test_a_batch_ends_with_its_last_item(idle_api: FlaskClient, announced: Worke
 
     assert response.status_code == 202
     assert accepted["estimate"]["answers_ahead"] == 1
-    assert accepted["estimate"]["ends_in_s"] == 1.8  # (1 ahead + 6 of its own) / 4 per s
-    assert batch["answers_ahead"] == 1 and batch["ends_in_s"] == 1.8
-    assert item["ends_in_s"] == 1.8, "an item shows its batch's end"
+    assert accepted["estimate"]["ends_in_s"] == 1.75  # (1 ahead + 6 of its own) / 4 per s
+    assert batch["answers_ahead"] == 1 and batch["ends_in_s"] == 1.75
+    assert item["ends_in_s"] == 1.75, "an item shows its batch's end"
 
 
 def test_live_workers_that_measured_no_rate_say_so(
@@ -166,4 +166,4 @@ def test_a_high_job_is_not_behind_normal_ones(idle_api: FlaskClient, announced: 
 
     estimate = submit_job(idle_api, priority=str(JobPriority.HIGH))["estimate"]
 
-    assert estimate["answers_ahead"] == 0 and estimate["ends_in_s"] == 0.2  # type: ignore[index]
+    assert estimate["answers_ahead"] == 0 and estimate["ends_in_s"] == 0.25  # type: ignore[index]
