@@ -15,7 +15,7 @@ estimate at the same level or below then counts too low by up to a message per w
 canceled or expired while waiting (the line behind looks shorter than it was: the estimate is low by those); a job
 published again by the reaper keeps its first ticket.
 
-Cost: one round trip per estimate (the level counts and the line counts, pipelined); the fleet's rate is read at
+Cost: one read per estimate (the level counts and the line's, fields of one hash); the fleet's rate is read at
 most once a `RATE_CHECK_S` per queue and API process (two round trips), as admission reads the live workers.
 """
 
@@ -30,7 +30,7 @@ import redis
 from contract.batches import Batch
 from contract.fleet import kept_rate, live_workers, per_worker_rate
 from contract.jobs import Job, utc_iso
-from contract.keys import arrived_answers_key, unstarted_key, waiting_answers_key
+from contract.keys import arrived_answers_field, unstarted_key, waiting_answers_key
 from contract.states import ENDED_STATUSES, JobPriority, JobStatus
 
 RATE_CHECK_S = 1.0  # how long one look at a queue's workers answers for, per API process
@@ -101,15 +101,16 @@ def estimate(
     if not places:
         return None
     now = time.time() if now is None else now
-    with client.pipeline(transaction=False) as pipe:
-        for place in places:
-            pipe.hmget(waiting_answers_key(), [unstarted_key(place.queue, level) for level in LEVELS])
-            pipe.hget(arrived_answers_key(), unstarted_key(place.queue, place.priority))
-        replies = pipe.execute()
+    fields = []
+    for place in places:
+        fields += [unstarted_key(place.queue, level) for level in LEVELS]
+        fields.append(arrived_answers_field(place.queue, place.priority))
+    counts = [int(count or 0) for count in client.hmget(waiting_answers_key(), fields)]
     shown: dict[str, Any] | None = None
+    width = len(LEVELS) + 1
     for number, place in enumerate(places):
-        levels, arrived = replies[2 * number], replies[2 * number + 1]
-        ahead = answers_ahead(place, [max(0, int(count or 0)) for count in levels], int(arrived or 0))
+        levels, arrived = counts[number * width : number * width + len(LEVELS)], counts[number * width + len(LEVELS)]
+        ahead = answers_ahead(place, [max(0, count) for count in levels], arrived)
         workers, per_s = fleet_rate(fleet_client, place.queue)
         one = _shown(ahead, place.own, workers, per_s, now)
         if shown is None or _later(one, shown):

@@ -74,7 +74,7 @@ class Job:
     upload_key: str = ""  # where a batch item's uploaded image is (keys.batch_upload_key); never shown to clients
     image_name: str = ""  # the file name of a batch item's uploaded image
     task: JobTask = JobTask.VQA
-    # Its level's count of answers ever queued once it joined (keys.arrived_answers_key), written when it is accepted:
+    # Its level's count of answers ever queued once it joined (keys.arrived_answers_field), written when it is accepted:
     # where it stands in line, for its end estimate; 0: none (not accepted yet, a batch item, an older record).
     ticket: int = 0
 
