@@ -15,6 +15,7 @@ from api.page import bp as page_bp
 from api.settings import ApiSettings
 from api.views import bp
 from contract.broker import create_celery
+from contract.fleet import fleet_client
 from contract.job_store import JobStore
 
 
@@ -29,6 +30,7 @@ def create_app(settings: ApiSettings | None = None) -> Flask:
         store=JobStore.connect(settings.redis, settings.job_ttl_s),
         celery=create_celery(settings.redis, settings.queue, settings.job_time_limit_s),
         waiter=settings.redis.client(socket_connect_timeout=5, socket_timeout=MAX_WAIT_S + 5),
+        fleet=fleet_client(settings.redis),
     )
     install_api_keys(app, settings.api_keys)
     install_rate_limits(app, settings, bp, batches_bp)  # after the keys: it counts per key name

@@ -19,6 +19,7 @@ from api.auth import api_key_name
 from api.batch_uploads import UploadedImage, parse_batch_upload
 from api.context import context
 from api.errors import ConflictError, NotFoundError, UnsupportedMediaTypeError, ValidationError
+from api.estimates import batch_places, estimate
 from api.openapi import BATCH_SUBMIT_CODES, documented
 from api.request_body import JOB_ID_PATTERN, check_webhook, fingerprint, idempotency_header, json_body
 from api.schemas.batches import (
@@ -80,7 +81,9 @@ def submit_batch() -> tuple[Response, int, dict[str, str]]:
     # With an Idempotency-Key, the same request again (same key, owner, body and files) answers the first one's batch.
     idempotency = idempotency_header()
     batch, replayed = submit(_parse_batch_submission(), idempotency)
-    return jsonify(id=batch.id, count=batch.count), 202, accepted_headers(f"/v1/batches/{batch.id}", replayed)
+    stored = BatchStore(context().store).get(batch.id) or batch  # read again for its tickets (its acceptance wrote)
+    body = {"id": batch.id, "count": batch.count, "estimate": _batch_estimate(stored)}
+    return jsonify(body), 202, accepted_headers(f"/v1/batches/{batch.id}", replayed)
 
 
 @bp.get("/v1/batches/<batch_id>")
@@ -89,7 +92,11 @@ def get_batch(batch_id: str) -> Response:
     """A batch's progress: its items counted by status, and its webhook's delivery."""
     batches = BatchStore(context().store)
     batch = batches.expire_if_overdue(_owned_batch(batches, batch_id), time.time())
-    return jsonify(batch.summary())
+    return jsonify({**batch.summary(), "estimate": _batch_estimate(batch)})
+
+
+def _batch_estimate(batch: Batch) -> dict[str, Any] | None:
+    return estimate(context().store.client, context().fleet, batch_places(batch))
 
 
 @bp.get("/v1/batches/<batch_id>/results")

@@ -24,6 +24,7 @@ class AppContext:
     store: JobStore
     celery: Celery
     waiter: redis.Redis  # for reads that wait: its socket timeout is above MAX_WAIT_S
+    fleet: redis.Redis  # for the workers' records (contract.fleet.fleet_client: decoded strings)
 
 
 def context() -> AppContext:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
 
@@ -12,6 +13,7 @@ from api.admission import check_queue_room, check_workers
 from api.auth import api_key_name, public
 from api.context import MAX_WAIT_S, context
 from api.errors import ConflictError, NotFoundError, UnsupportedMediaTypeError, ValidationError
+from api.estimates import batch_places, estimate, job_places
 from api.openapi import SUBMIT_CODES, documented
 from api.request_body import (
     ITEM_ID_PATTERN,
@@ -110,7 +112,7 @@ def get_job(job_id: str) -> Response:
     ctx = context()
     wait_s = _wait_seconds()
     if ITEM_ID_PATTERN.match(job_id):
-        return jsonify(_read_item(job_id, wait_s).to_public())
+        return jsonify(_item_view(*_read_item(job_id, wait_s)))
     job = _owned_job(ctx.store, job_id)
     if wait_s and job.status not in ENDED_STATUSES and not job.overdue(time.time()):
         key = ended_key(job_id)
@@ -119,7 +121,7 @@ def get_job(job_id: str) -> Response:
     if job.overdue(time.time()):
         ctx.store.expire_if_overdue(job, ctx.settings.queue_for(job.task))
         job = _owned_job(ctx.store, job_id)
-    return jsonify(job.to_public())
+    return jsonify(_job_view(job))
 
 
 @bp.post("/v1/jobs/<job_id>/cancel")
@@ -139,14 +141,29 @@ def cancel_job(job_id: str) -> Response:
     if ITEM_ID_PATTERN.match(job_id):
         batches, batch, index = _owned_item(job_id)
         outcome = batches.cancel_item(batch, index)
-        job = _read_item(job_id, 0.0)
+        job, batch = _read_item(job_id, 0.0)
+        view = _item_view(job, batch)
     else:
         job = _owned_job(ctx.store, job_id)
         outcome = ctx.store.cancel(job, ctx.settings.queue_for(job.task))
         job = _owned_job(ctx.store, job_id)
+        view = _job_view(job)
     if outcome == CANCEL_ENDED:
         raise ConflictError("job_ended", f"the job has already ended ({job.status}); there is nothing to cancel")
-    return jsonify(job.to_public())
+    return jsonify(view)
+
+
+def _job_view(job: Job) -> dict[str, Any]:
+    """A single job as responses show it: its public fields and its end estimate."""
+    ctx = context()
+    places = job_places(job, ctx.settings.queue_for(job.task))
+    return {**job.to_public(), "estimate": estimate(ctx.store.client, ctx.fleet, places)}
+
+
+def _item_view(job: Job, batch: Batch) -> dict[str, Any]:
+    """A batch item as responses show it: its batch's estimate until it ended."""
+    places = [] if job.status in ENDED_STATUSES else batch_places(batch)
+    return {**job.to_public(), "estimate": estimate(context().store.client, context().fleet, places)}
 
 
 def _owned_item(job_id: str) -> tuple[BatchStore, Batch, int]:
@@ -159,12 +176,13 @@ def _owned_item(job_id: str) -> tuple[BatchStore, Batch, int]:
     return batches, batches.expire_if_overdue(batch, time.time()), index
 
 
-def _read_item(job_id: str, wait_s: float) -> Job:
-    """A batch item as a job; with `wait_s`, once it ended or after that long (woken by each end in its batch, which
-    the end script publishes on the batch's `ended` channel: subscribed before the first read, so none is missed)."""
+def _read_item(job_id: str, wait_s: float) -> tuple[Job, Batch]:
+    """A batch item as a job, and its batch; with `wait_s`, once it ended or after that long (woken by each end in its
+    batch, which the end script publishes on the batch's `ended` channel: subscribed before the first read, so none
+    is missed)."""
     if not wait_s:
         batches, batch, index = _owned_item(job_id)
-        return _item_or_404(batches.item(batch, index))
+        return _item_or_404(batches.item(batch, index)), batch
     waited_until = time.monotonic() + wait_s
     with context().waiter.pubsub(ignore_subscribe_messages=True) as ends:
         ends.subscribe(ended_key(job_id.rpartition(".")[0]))
@@ -173,7 +191,7 @@ def _read_item(job_id: str, wait_s: float) -> Job:
             job = _item_or_404(batches.item(batch, index))
             left = waited_until - time.monotonic()
             if job.status in ENDED_STATUSES or left <= 0:
-                return job
+                return job, batch
             ends.get_message(timeout=left)
 
 
@@ -222,7 +240,10 @@ def _new_job(job_request: JobRequest) -> Job:
 
 
 def _accepted(job: Job, replayed: bool) -> tuple[Response, int, dict[str, str]]:
-    return jsonify(id=job.id, status=str(job.status)), 202, accepted_headers(f"/v1/jobs/{job.id}", replayed)
+    # Read again for its ticket (the acceptance wrote it) and its estimate: a job already ended has none.
+    stored = context().store.get(job.id) or job
+    body = {"id": job.id, "status": str(job.status), "estimate": _job_view(stored)["estimate"]}
+    return jsonify(body), 202, accepted_headers(f"/v1/jobs/{job.id}", replayed)
 
 
 @dataclass(frozen=True)

@@ -64,7 +64,7 @@ from blipq.client import FINAL_STATUSES, LONG_POLL_S, BlipqClient
 from blipq.client_errors import BlipqClientError
 from contract.broker import visibility_timeout_for
 from contract.job_store import JobStore
-from contract.keys import waiting_answers_key
+from contract.keys import ARRIVED_FIELD_PREFIX, waiting_answers_key
 from contract.transitions import ENDED_KEY_TTL_S
 
 MIB = 1024 * 1024
@@ -302,7 +302,8 @@ def sample(
     redis_pid = fleet.redis.process.pid
     info = client.info("memory")
     kinds = Counter(key_kind(key) for key in client.scan_iter(count=1000))
-    waiting: list[bytes] = client.hvals(waiting_answers_key())  # type: ignore[assignment]
+    counts: dict[bytes, bytes] = client.hgetall(waiting_answers_key())  # type: ignore[assignment]
+    waiting = [count for name, count in counts.items() if not name.startswith(ARRIVED_FIELD_PREFIX.encode())]
     aof = sum(path.stat().st_size for path in fleet.redis.data_dir.rglob("*") if path.is_file())
     with tally.lock:
         jobs = {"accepted": tally.jobs_accepted, "ended": sum(tally.jobs_by_end.values())}

@@ -37,6 +37,7 @@ CHUNK_MEMBER_PREFIX = "chunk:"  # a chunk in the never-started and running sets,
 DEADLINE_MEMBER_PREFIX = "batch:"  # a batch in its queues' deadlines sets, beside job ids
 CAPTION_MODEL_FIELD = f"model:{JobTask.CAPTION}"  # the batch hash's field of a vqa batch's captioning model
 STATUS_COUNTS = tuple(str(status) for status in JobStatus)
+TICKET_FIELD_PREFIX = "ticket:"  # the batch hash's field of its ticket in a never-started set (batch_accept.lua)
 
 
 def chunk_member(batch_id: str, number: int, answers: int) -> str:
@@ -84,6 +85,8 @@ class Batch:
     model: str = ""
     caption_model: str = ""  # the model of a vqa batch's captions
     counts: tuple[tuple[str, int], ...] = ()  # items by status, then failures by error code ("err:<code>")
+    # Each never-started set its chunks joined (keys.unstarted_key), with the batch's ticket there (Job.ticket).
+    tickets: tuple[tuple[str, int], ...] = ()
 
     @classmethod
     def from_redis(cls, fields: dict[str, str]) -> Batch:
@@ -110,6 +113,11 @@ class Batch:
             model=fields.get("model", ""),
             caption_model=fields.get(CAPTION_MODEL_FIELD, ""),
             counts=tuple(counts),
+            tickets=tuple(
+                (name.removeprefix(TICKET_FIELD_PREFIX), int(value))
+                for name, value in fields.items()
+                if name.startswith(TICKET_FIELD_PREFIX)
+            ),
         )
 
     def to_redis(self) -> dict[str, str]:

@@ -74,6 +74,9 @@ class Job:
     upload_key: str = ""  # where a batch item's uploaded image is (keys.batch_upload_key); never shown to clients
     image_name: str = ""  # the file name of a batch item's uploaded image
     task: JobTask = JobTask.VQA
+    # Its level's count of answers ever queued once it joined (keys.arrived_answers_field), written when it is accepted:
+    # where it stands in line, for its end estimate; 0: none (not accepted yet, a batch item, an older record).
+    ticket: int = 0
 
     @classmethod
     def from_redis(cls, fields: dict[str, str]) -> Job:
@@ -85,6 +88,7 @@ class Job:
         known["cancel_requested"] = fields.get("cancel_requested") == "1"
         known["webhook_attempts"] = int(fields.get("webhook_attempts") or 0)
         known["index"] = int(fields.get("index") or 0)
+        known["ticket"] = int(fields.get("ticket") or 0)
         return cls(**known)
 
     def to_redis(self) -> dict[str, str]:
@@ -121,12 +125,14 @@ class Job:
             "webhook": self.webhook or None,
             "webhook_delivery": self._webhook_delivery(),
             "batch_id": self.batch_id or None,
+            "estimate": None,  # when it should end: the API's reads fill it in (api/estimates.py)
         }
 
     def to_webhook_body(self) -> dict[str, Any]:
-        """What a webhook receives: the public job, less the state of the delivery itself."""
+        """What a webhook receives: the public job, less the state of the delivery itself (and its end estimate, which
+        only the API's reads fill in)."""
         body = self.to_public()
-        del body["webhook_delivery"]
+        del body["webhook_delivery"], body["estimate"]
         return body
 
     def overdue(self, now: float) -> bool:

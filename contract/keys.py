@@ -16,6 +16,7 @@ from contract.states import BROKER_PRIORITY, JobPriority
 KEY_PREFIX = "blipq:"
 BATCH_KEY_PREFIX = f"{KEY_PREFIX}batch:"  # a batch's hash
 WAITING_ANSWERS_KEY = f"{KEY_PREFIX}waiting-answers"  # answers waiting per queue level (lib/queue.lua)
+ARRIVED_FIELD_PREFIX = "arrived:"  # the waiting-answers hash's fields of answers ever queued per level (lib/queue.lua)
 ENDED_KEY_PREFIX = f"{KEY_PREFIX}ended:"  # a job's end, pushed for the API's long polls (lib/job.lua)
 UPLOADS_LEFT_PREFIX = f"{KEY_PREFIX}batch-left:"  # lib/batch.lua
 CANCELS_PREFIX = f"{KEY_PREFIX}batch-cancels:"  # lib/batch.lua
@@ -89,6 +90,14 @@ def waiting_answers_key() -> str:
     leaves the set (started, canceled, expired). The admission check reads it: the queue's bound counts answers.
     """
     return WAITING_ANSWERS_KEY
+
+
+def arrived_answers_field(queue: str, priority: JobPriority = JobPriority.NORMAL) -> str:
+    """The field of `waiting_answers_key` that counts the answers that ever joined a queue level at its tail, only
+    ever increased (beside the level's waiting count: one read gets both). A job or batch accepted records the count
+    it brought it to (its `ticket`), and the answers that joined its level since are the count now less its ticket
+    (api/estimates.py)."""
+    return ARRIVED_FIELD_PREFIX + unstarted_key(queue, priority)
 
 
 def running_key(queue: str) -> str:

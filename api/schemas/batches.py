@@ -26,7 +26,7 @@ from api.schemas.fields import (
     Upload,
     no_default,
 )
-from api.schemas.jobs import WebhookDelivery, check_task_fields
+from api.schemas.jobs import ESTIMATE_DESCRIPTION, Estimate, WebhookDelivery, check_task_fields
 from contract.states import JobPriority, JobStatus, JobTask
 
 BATCH_EXAMPLE: JsonDict = {
@@ -171,6 +171,7 @@ class BatchAccepted(BaseModel):
 
     id: str = Field(description="The batch's id: 128 random bits, URL-safe.")
     count: int = Field(ge=1, description="How many answers the batch asks for: one job per item.")
+    estimate: Estimate | None = Field(description=f"{ESTIMATE_DESCRIPTION} Of its last item.")
 
 
 class BatchCounts(BaseModel):
@@ -185,8 +186,8 @@ class BatchCounts(BaseModel):
 
 
 class BatchResponse(BaseModel):
-    """A batch as the API shows it (contract.batches.Batch.summary); its webhook receives this, less the
-    delivery."""
+    """A batch as the API shows it (contract.batches.Batch.summary, and its end estimate); its webhook receives this,
+    less the delivery and the estimate."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -202,6 +203,7 @@ class BatchResponse(BaseModel):
     priority: JobPriority
     webhook: str | None = Field(description="The URL told the batch's summary when its last item ends.")
     webhook_delivery: WebhookDelivery | None = Field(description="Set once the last item ended, with a webhook.")
+    estimate: Estimate | None = Field(description=f"{ESTIMATE_DESCRIPTION} Of its last item.")
 
 
 class BatchResult(BaseModel):

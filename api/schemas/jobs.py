@@ -95,11 +95,47 @@ class IdempotencyHeaders(BaseModel):
     )
 
 
+class Estimate(BaseModel):
+    """When a job (or a batch's last item) should end, at the rate the fleet drains its queue now (api/estimates.py):
+    recomputed at each read. `null` in its place: it ended."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ends_in_s: float | None = Field(
+        ge=0, description="Seconds from now until it should end; null when no rate is known (`reason` says why)."
+    )
+    ends_at: datetime | None = Field(description="Now plus `ends_in_s`; null with it.")
+    answers_ahead: int = Field(
+        ge=0,
+        description=(
+            "Answers waiting that workers take before its own last one: those at its priority level queued before it, "
+            "and every one at the levels above."
+        ),
+    )
+    answers_per_s: float | None = Field(
+        gt=0,
+        description=(
+            "The fleet's rate for its queue: its live workers' answers per busy second (measured over the last "
+            "minute) times their number; null with `ends_in_s`."
+        ),
+    )
+    reason: Literal["no_worker", "no_rate"] | None = Field(
+        description=(
+            "Why there is no estimate: `no_worker`, no live worker serves its queue (it waits for one); `no_rate`, "
+            "workers are live and none has measured its rate yet. null with an estimate."
+        )
+    )
+
+
+ESTIMATE_DESCRIPTION = "Its end estimate, recomputed at each read; null once it ended."
+
+
 class JobAccepted(BaseModel):
     """A job stored and enqueued: poll `GET /v1/jobs/{id}` (the Location header) for its answer."""
 
     id: str = Field(description="The job's id: 128 random bits, URL-safe.")
     status: JobStatus = Field(description="Always `queued` here.")
+    estimate: Estimate | None = Field(description=ESTIMATE_DESCRIPTION)
 
 
 class WebhookDelivery(BaseModel):
@@ -136,6 +172,12 @@ class JobResponse(BaseModel):
     webhook: str | None = Field(description="The URL told when the job ends.")
     webhook_delivery: WebhookDelivery | None = Field(description="Set once the job ended, when it names a webhook.")
     batch_id: str | None = Field(description="The batch the job is an item of; null for a job submitted alone.")
+    estimate: Estimate | None = Field(
+        description=(
+            f"{ESTIMATE_DESCRIPTION} A batch item shows its batch's (the end of its last item). A webhook's body "
+            "has none."
+        )
+    )
 
 
 def validate_job_request(data: Any, max_question_chars: int, max_deadline_s: int | None = None) -> JobRequest:

@@ -1,6 +1,7 @@
 -- Accepts a batch stored `pending` once its chunks are published (see job_accept.lua): its chunks join their level's
 -- set of chunks never started (one per queue: a batch that also captions has two), and their answers the count of
--- answers waiting there.
+-- answers waiting there; the batch records a ticket per set, `ticket:<set>` (lib/queue.lua join_queue), for its end
+-- estimate.
 -- prelude: lib/queue.lua lib/batch.lua
 --
 -- KEYS[1]    batch      the batch's hash
@@ -25,6 +26,6 @@ for s, group in ipairs(groups) do
     end
     redis.call('zadd', unstarted, unpack(scored))
   end
-  redis.call('hincrby', WAITING, unstarted, group.answers)
+  redis.call('hset', batch_key, 'ticket:' .. unstarted, join_queue(unstarted, group.answers))
 end
 return 1

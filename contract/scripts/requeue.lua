@@ -15,5 +15,5 @@ local unstarted_key = KEYS[1]
 local member, now, answers = ARGV[1], ARGV[2], tonumber(ARGV[3])
 
 local joined = redis.call('zadd', unstarted_key, now, member)
-if joined == 1 then redis.call('hincrby', WAITING, unstarted_key, answers) end
+if joined == 1 then join_queue(unstarted_key, answers) end  -- at the tail again
 return joined

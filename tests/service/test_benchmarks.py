@@ -46,6 +46,7 @@ FIGURES = {
     "decoding": r"8 JPEGs fast to 384 px .* 1 thread / 2 threads \d+\.\d\dx",
     "durable_submit": r"cost of WAIT\s+[+-]\d+\.\d+ ms, ratio \d+\.\d\d",
     "feed": r"feed limit \d+\.\d images/s",
+    "estimates": r"submissions: \d+, answers: \d+",
     "fetch": r"\| camera\.jpg .* \| 8 \| \d+\.\d+ / \d+\.\d+ \| \d+\.\d\d \|",
     "fidelity": r"blip-caption-easy, unprompted captions: \d+ answers; fast agrees \d+",
     "gpu": r"service \d+\.\d answers/s, bare loop \d+\.\d answers/s: ratio \d+\.\d\d",

@@ -21,6 +21,7 @@ from contract.job_store import JobStore
 from contract.jobs import Job, new_job_id, utc_now
 from contract.keys import (
     ANSWER_INDEX_KEY,
+    ARRIVED_FIELD_PREFIX,
     CANCELS_PREFIX,
     ENDED_KEY_PREFIX,
     ITEM_WEBHOOK_PREFIX,
@@ -128,6 +129,7 @@ def test_the_constants_the_scripts_spell_agree_with_python() -> None:
     constants = prelude_constants()
     quoted = {
         "WAITING": WAITING_ANSWERS_KEY,
+        "ARRIVED_PREFIX": ARRIVED_FIELD_PREFIX,
         "ENDED_KEY_PREFIX": ENDED_KEY_PREFIX,
         "RUNNING": RUNNING,
         "SKIPPED": SKIPPED,

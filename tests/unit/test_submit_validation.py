@@ -172,7 +172,8 @@ def test_accepted_job_is_in_redis_when_the_api_answers(api: FlaskClient, redis_c
 
     assert first.status_code == 202
     body = first.get_json()
-    assert body == {"id": body["id"], "status": "queued"}
+    assert body == {"id": body["id"], "status": "queued", "estimate": body["estimate"]}
+    assert isinstance(body["estimate"], dict), "a job that has not ended has an end estimate"
     assert first.headers["Location"] == f"/v1/jobs/{body['id']}"
     assert len(body["id"]) >= 22 and body["id"] != second.get_json()["id"]
     assert redis_client.exists(f"blipq:job:{body['id']}")

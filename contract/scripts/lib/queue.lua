@@ -6,6 +6,14 @@
 -- The constants below are spelled in Python too; tests/test_scripts.py checks that they agree.
 
 local WAITING = 'blipq:waiting-answers'  -- contract.keys.WAITING_ANSWERS_KEY
+local ARRIVED_PREFIX = 'arrived:'  -- contract.keys.ARRIVED_FIELD_PREFIX
+
+-- Answers join a level's queue at its tail: counted waiting, and arrived (a field of the same hash). Returns the level's count of answers ever
+-- arrived, these included: their ticket, where they stand in line (first in, first out within a level).
+local function join_queue(unstarted, answers)
+  redis.call('hincrby', WAITING, unstarted, answers)
+  return redis.call('hincrby', WAITING, ARRIVED_PREFIX .. unstarted, answers)
+end
 
 local function take_from_queue(unstarted, mark, member, answers)
   local enqueued = redis.call('zscore', unstarted, member)
