@@ -38,7 +38,9 @@ NO_WORKER = "no_worker"  # no live worker serves the queue
 NO_RATE = "no_rate"  # workers are live, and none of the queue's has measured a rate (in a day)
 LEVELS = tuple(JobPriority)  # high, normal, low: the order workers take them in
 
-_rates: dict[str, tuple[float, int, float]] = {}  # queue -> (when looked, live workers, answers/s of one worker; 0)
+# (the app's fleet client, queue) -> (when looked, live workers, answers/s of one worker; 0): per app, as one process
+# may hold apps of several services (tests do), whose queues may share a name.
+_rates: dict[tuple[int, str], tuple[float, int, float]] = {}
 
 
 @dataclass(frozen=True)
@@ -57,13 +59,14 @@ def fleet_rate(client: redis.Redis, queue: str) -> tuple[int, float]:
     """The live workers of `queue` and the answers per second they drain together (0.0: none live, or none measured);
     looked at once a RATE_CHECK_S per process. `client` must decode responses."""
     now = time.monotonic()
-    looked = _rates.get(queue)
+    key = (id(client), queue)
+    looked = _rates.get(key)
     if looked is None or now - looked[0] > RATE_CHECK_S:
         records = live_workers(client, queue)
         measured = any(record.busy_answers_per_s > 0 for record in records)
         kept = 0.0 if measured or not records else kept_rate(client, queue)
         one = per_worker_rate(records, kept) if measured or kept > 0 else 0.0
-        looked = _rates[queue] = (now, len(records), one)
+        looked = _rates[key] = (now, len(records), one)
     return looked[1], looked[1] * looked[2]
 
 

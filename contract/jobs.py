@@ -129,10 +129,10 @@ class Job:
         }
 
     def to_webhook_body(self) -> dict[str, Any]:
-        """What a webhook receives: the public job, less the state of the delivery itself (and its end estimate, which
-        only the API's reads fill in)."""
+        """What a webhook receives: the public job as a read of it shows it once it ended (its end estimate null),
+        less the state of the delivery itself."""
         body = self.to_public()
-        del body["webhook_delivery"], body["estimate"]
+        del body["webhook_delivery"]
         return body
 
     def overdue(self, now: float) -> bool:

@@ -1,7 +1,7 @@
 -- Prelude of the scripts that move a batch's items (after lib/queue.lua): see contract/batch_scripts.py.
 -- Each script runs a handful of Redis commands per chunk (variadic HMGET/HSET over the chunk's items), not per item.
 --
--- The constants below are spelled in Python too; tests/test_scripts.py checks that they agree.
+-- The constants below are spelled in Python too; tests/unit/test_scripts.py checks that they agree.
 
 local RUNNING = '["running"]'  -- contract.batch_scripts.RUNNING
 local SKIPPED = 'skipped'  -- contract.batch_scripts.SKIPPED

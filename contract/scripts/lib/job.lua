@@ -6,7 +6,7 @@
 -- (`leave_queue`, or `take_from_queue` of lib/queue.lua), once per time it joined it (it joins again only when the
 -- reaper publishes it again after its worker died mid-run: requeue.lua).
 --
--- The constants below are spelled in Python too; tests/test_scripts.py checks that they agree.
+-- The constants below are spelled in Python too; tests/unit/test_scripts.py checks that they agree.
 
 -- contract.states.ENDED_STATUSES
 local ENDED = {canceled = true, expired = true, failed = true, succeeded = true}

@@ -3,13 +3,14 @@
 -- answers from the waiting count, and moves the level's mark (the latest enqueue time of a job started) forward: see
 -- worker/reaper.py. The admission check reads that count (contract.keys.waiting_answers_key).
 --
--- The constants below are spelled in Python too; tests/test_scripts.py checks that they agree.
+-- The constants below are spelled in Python too; tests/unit/test_scripts.py checks that they agree.
 
 local WAITING = 'blipq:waiting-answers'  -- contract.keys.WAITING_ANSWERS_KEY
 local ARRIVED_PREFIX = 'arrived:'  -- contract.keys.ARRIVED_FIELD_PREFIX
 
--- Answers join a level's queue at its tail: counted waiting, and arrived (a field of the same hash). Returns the level's count of answers ever
--- arrived, these included: their ticket, where they stand in line (first in, first out within a level).
+-- Answers join a level's queue at its tail: counted waiting, and arrived (a field of the same hash). Returns the
+-- level's count of answers ever arrived, these included: their ticket, where they stand in line (first in, first out
+-- within a level).
 local function join_queue(unstarted, answers)
   redis.call('hincrby', WAITING, unstarted, answers)
   return redis.call('hincrby', WAITING, ARRIVED_PREFIX .. unstarted, answers)
