@@ -22,20 +22,19 @@ from tests.support.images import shape_png
 from tests.support.service import QUICK_RECOVERY, WorkerProcess, api_client, start_worker
 
 QUEUE = "chaos"
-JOB_COUNT = 320
 COLORS = ["red", "green", "blue", "black", "yellow", "teal"]
 SHAPES = ["circle", "square"]
 QUESTIONS = ["what color is the shape?", "is there a circle?", "what shape is in the image?", "how many?"]
 CHAOS_TIMEOUT_S = 240.0  # for every job to end, kills and restarts included, on a busy 2-core machine
 STOP_TIMEOUT_S = 120  # for the SIGTERMed worker to exit: its grace is 5 s, but a loaded CI machine is slow
-WAVE_JOBS = 80  # jobs submitted before each of the four blows: more than one worker takes at once (64 answers)
+MIN_JOBS_PER_BLOW = 40  # jobs submitted before each of the four blows, at least: the workers are at work
+MAX_JOBS_PER_BLOW = 600  # and at most, until the blow's target holds some: more means it never takes any
 
 
 def job_inputs() -> list[tuple[bytes, str]]:
-    """(image, question) pairs, cycling through a few images and questions."""
+    """The (image, question) pairs the jobs cycle through: a few images and questions."""
     images = [shape_png(color, shape=shape) for color, shape in itertools.product(COLORS, SHAPES)]
-    pairs = itertools.cycle(itertools.product(images, QUESTIONS))
-    return [next(pairs) for _ in range(JOB_COUNT)]
+    return list(itertools.product(images, QUESTIONS))
 
 
 @pytest.fixture
@@ -71,79 +70,88 @@ def wait_for_progress(store: JobStore, job_ids: list[str], at_least: int, worker
         time.sleep(0.1)
 
 
+class Jobs:
+    """The test's jobs: sent one at a time, cycling through the pairs, each with what an undisturbed run answers."""
+
+    def __init__(self, client: FlaskClient, store: JobStore, model_dir: Path) -> None:
+        self.client, self.store = client, store
+        self.pairs = job_inputs()
+        self.reference = reference_answers(model_dir, self.pairs)
+        self.next_pair = itertools.cycle(range(len(self.pairs)))
+        self.ids: list[str] = []
+        self.expected: list[str] = []
+
+    def submit_next(self) -> None:
+        number = next(self.next_pair)
+        self.ids.append(submit(self.client, *self.pairs[number]))
+        self.expected.append(self.reference[number])
+
+    def load_until_holding(self, target: WorkerProcess) -> None:
+        """Submit jobs until the target worker holds some (received and not finished), so that a blow to it hits
+        work however fast or slow the workers got through the jobs before; fail if it never takes any."""
+        wait_until_ready(target)
+        held = held_key(QUEUE, f"{socket.gethostname()}:{target.process.pid}")
+        for count in itertools.count(1):
+            self.submit_next()
+            if count >= MIN_JOBS_PER_BLOW and (holding := self.store.client.scard(held)):
+                print(f"a blow to a worker holding {holding} messages, after {count} jobs")
+                return
+            assert count < MAX_JOBS_PER_BLOW, f"the worker holds no message: no work to hit\n{target.log_tail()}"
+
+
 def test_no_job_is_lost_and_no_answer_changes_under_kills_and_a_redis_restart(
     chaos_redis: list[RedisProcess], tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    # Given: two workers. Before each blow a wave of jobs is submitted, and the blow waits until its target holds
-    # some, so that it hits work however fast or slow the workers got through the waves before.
+    # Given: two workers. Before each blow jobs are submitted, one at a time, until the blow's target holds some
+    # (received and not finished), so that it hits work however fast or slow the workers got through the jobs before.
     server = chaos_redis[0]
-    inputs = job_inputs()
-    expected = reference_answers(tiny_model_dir, inputs)
-    waves = iter([inputs[start : start + WAVE_JOBS] for start in range(0, len(inputs), WAVE_JOBS)])
     # The answer cache is off: every job runs the model, so that the blows hit work and no answer comes from a store.
     env = {"BLIPQ_SHUTDOWN_GRACE_S": "5", "BLIPQ_ANSWER_CACHE": "off", **QUICK_RECOVERY}
     logs = (tmp_path / f"worker{i}.log" for i in itertools.count())
     workers = [start_worker(server.url, tiny_model_dir, QUEUE, next(logs), **env) for _ in (0, 1)]
     client = api_client(server.url, QUEUE)
     store = JobStore.connect(server.url, 3600, outage_s=30)
-    job_ids: list[str] = []
-
-    def submit_wave_to(target: WorkerProcess) -> None:
-        wait_until_ready(target)
-        job_ids.extend(submit(client, image, question) for image, question in next(waves))
-        assert_holds_jobs(store, target)
+    jobs = Jobs(client, store, tiny_model_dir)
 
     try:
         # When: a worker holding jobs is killed outright, twice (the OOM killer), and started again (its supervisor)...
         for index in (0, 1):
-            submit_wave_to(workers[index])
+            jobs.load_until_holding(workers[index])
             os.kill(workers[index].process.pid, signal.SIGKILL)
             workers[index].process.wait()
             workers[index] = start_worker(server.url, tiny_model_dir, QUEUE, next(logs), **env)
 
         # ...a worker at work is told to stop (a deploy) and a new one takes its place...
-        submit_wave_to(workers[0])
+        jobs.load_until_holding(workers[0])
         workers[0].process.send_signal(signal.SIGTERM)
         assert workers[0].process.wait(STOP_TIMEOUT_S) == 0, workers[0].log_tail()
         workers[0] = start_worker(server.url, tiny_model_dir, QUEUE, next(logs), **env)
 
         # ...and Redis restarts while a worker holds jobs; while it is away the API answers 503, never 500 or a 202.
-        submit_wave_to(workers[1])
+        jobs.load_until_holding(workers[1])
         server.stop()
-        image, question = inputs[0]
+        image, question = jobs.pairs[0]
         away = client.post("/v1/jobs", data={"question": question, "image": (io.BytesIO(image), "a.png")})
         assert away.status_code == 503, away.get_json()
         assert away.get_json()["error"]["code"] == "broker_unavailable"
-        reading = client.get(f"/v1/jobs/{job_ids[0]}")
+        reading = client.get(f"/v1/jobs/{jobs.ids[0]}")
         assert reading.status_code == 503, reading.get_json()
         server = start_redis(server.data_dir, port=server.port)
         chaos_redis.append(server)
-        job_ids.extend(submit(client, image, question) for image, question in inputs[:4])  # the API reconnects
-        expected += expected[:4]
+        for _ in range(4):  # the API reconnects
+            jobs.submit_next()
 
         # Then: every job ends, each with the answer an undisturbed run gives.
-        assert next(waves, None) is None, "every wave was submitted"
-        wait_for_progress(store, job_ids, len(job_ids), workers)
-        jobs = [client.get(f"/v1/jobs/{job_id}").get_json() for job_id in job_ids]
-        failed = [job for job in jobs if job["status"] != "succeeded"]
+        wait_for_progress(store, jobs.ids, len(jobs.ids), workers)
+        ended = [client.get(f"/v1/jobs/{job_id}").get_json() for job_id in jobs.ids]
+        failed = [job for job in ended if job["status"] != "succeeded"]
         assert not failed, failed[:3]
-        changed = [i for i, job in enumerate(jobs) if job["answer"] != expected[i]]
+        changed = [i for i, job in enumerate(ended) if job["answer"] != jobs.expected[i]]
         assert not changed, f"{len(changed)} answers differ from an undisturbed run"
         print("chaos stats:", store.stats())
     finally:
         for worker in workers:
             stop_process(worker.process)
-
-
-def assert_holds_jobs(store: JobStore, worker: WorkerProcess) -> None:
-    """Wait until the worker holds messages (received and not finished), so that a blow to it hits work; fail if it
-    holds none within a minute (a ready worker does within moments of a wave)."""
-    key = held_key(QUEUE, f"{socket.gethostname()}:{worker.process.pid}")
-    deadline = time.monotonic() + 60
-    while not (held := store.client.scard(key)):
-        assert time.monotonic() < deadline, f"the worker holds no message: no work to hit\n{worker.log_tail()}"
-        time.sleep(0.01)
-    print(f"a blow to a worker holding {held} messages")
 
 
 def wait_until_ready(worker: WorkerProcess) -> None:
