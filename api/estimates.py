@@ -6,7 +6,7 @@ included. At a read, the answers that arrived at its level since are that count 
 still waiting at its level that start no later than its own last answer are the level's waiting answers less those
 that came after it. Its answers to go are those, its own not ended, and every answer waiting at the levels above
 (arrived since or not), over the fleet's rate: the live workers' answers per busy second (contract/fleet.py
-`per_worker_rate`, the mean of those measured, else the queue's kept rate) times their number. The busy rate, not
+`measured_rate`, the mean of those measured, else the queue's kept rate) times their number. The busy rate, not
 `answers_per_s`: a job behind a backlog is drained by workers that have work in hand, and a queue idle in the last
 minute says nothing of how fast it drains.
 
@@ -28,7 +28,7 @@ from typing import Any
 import redis
 
 from contract.batches import Batch
-from contract.fleet import kept_rate, live_workers, per_worker_rate
+from contract.fleet import kept_rate, live_workers, measured_rate
 from contract.jobs import Job, utc_iso
 from contract.keys import arrived_answers_field, unstarted_key, waiting_answers_key
 from contract.states import ENDED_STATUSES, JobPriority, JobStatus
@@ -64,8 +64,7 @@ def fleet_rate(client: redis.Redis, queue: str) -> tuple[int, float]:
     if looked is None or now - looked[0] > RATE_CHECK_S:
         records = live_workers(client, queue)
         measured = any(record.busy_answers_per_s > 0 for record in records)
-        kept = 0.0 if measured or not records else kept_rate(client, queue)
-        one = per_worker_rate(records, kept) if measured or kept > 0 else 0.0
+        one = measured_rate(records, kept_rate(client, queue) if records and not measured else 0.0)
         looked = _rates[key] = (now, len(records), one)
     return looked[1], looked[1] * looked[2]
 

@@ -134,13 +134,16 @@ def kept_rate(client: redis.Redis, queue: str) -> float:
     return float(raw) if raw else 0.0
 
 
-def per_worker_rate(workers: list[WorkerRecord], kept: float) -> float:
-    """The answers per busy second one worker of a queue drains: the mean of the live workers' measured rates; else
-    (none live, or none ended an answer in the last minute) the queue's kept rate; else `UNMEASURED_RATE`."""
+def measured_rate(workers: list[WorkerRecord], kept: float) -> float:
+    """The answers per busy second one worker of a queue drains, as measured: the mean of the live workers' measured
+    rates; else (none live, or none ended an answer in the last minute) the queue's kept rate; 0.0 when neither."""
     measured = [worker.busy_answers_per_s for worker in workers if worker.busy_answers_per_s > 0]
-    if measured:
-        return sum(measured) / len(measured)
-    return kept if kept > 0 else UNMEASURED_RATE
+    return sum(measured) / len(measured) if measured else max(kept, 0.0)
+
+
+def per_worker_rate(workers: list[WorkerRecord], kept: float) -> float:
+    """`measured_rate`, or `UNMEASURED_RATE` for a queue no worker has measured a rate of."""
+    return measured_rate(workers, kept) or UNMEASURED_RATE
 
 
 def count_outcome(client: redis.Redis, queue: str, status: str, code: str) -> None:
