@@ -162,8 +162,9 @@ class FleetCollector(Collector):
             "second (as blipq_backlog_drain_seconds reads them); KEDA scales the workers on it with an AverageValue",
             labels=["queue"],
         )
+        taken = unacked_messages(self.client)  # one read of kombu's hash for every queue
         for queue in self.queues:
-            held = unacked_messages(self.client, queue)
+            held = taken.get(queue, [])
             records = live_workers(self.client, queue)
             queued.add_metric([queue], queue_depth(self.client, queue))
             running.add_metric([queue], len(held))
@@ -183,14 +184,17 @@ class FleetCollector(Collector):
         return [queued, running, workers, finished, events, drain, worker_seconds]
 
 
-def unacked_messages(client: redis.Redis, queue: str) -> list[dict[str, object]]:
-    """Messages of `queue` that a worker has taken and not acknowledged: kombu's `unacked` hash, by routing key.
+def unacked_messages(client: redis.Redis) -> dict[str, list[dict[str, object]]]:
+    """The messages workers have taken and not acknowledged, by queue: kombu's `unacked` hash, by routing key.
 
     Each entry is JSON [message, exchange, routing_key]; Celery routes a queue's tasks with the queue's name as the
     routing key. `client` must decode responses.
     """
     entries: list[str] = client.hvals(Channel.unacked_key)  # type: ignore[assignment]
-    return [message for message, _, key in map(json.loads, entries) if key == queue]
+    by_queue: dict[str, list[dict[str, object]]] = {}
+    for message, _, queue in map(json.loads, entries):
+        by_queue.setdefault(queue, []).append(message)
+    return by_queue
 
 
 def message_answers(message: dict[str, object]) -> int:
