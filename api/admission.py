@@ -23,6 +23,7 @@ from limits.errors import StorageError
 from api.auth import api_key_name, is_public_request
 from api.errors import (
     STORE_RETRY_AFTER_S,
+    KeyQueueFullError,
     QueueFullError,
     RateLimitedError,
     ServiceUnavailableError,
@@ -32,7 +33,7 @@ from api.errors import (
 from api.settings import ApiSettings
 from contract.errors import http_status
 from contract.fleet import has_live_worker
-from contract.keys import RATE_LIMIT_KEY_PREFIX, unstarted_key, waiting_answers_key
+from contract.keys import RATE_LIMIT_KEY_PREFIX, share_name, shares_key, unstarted_key, waiting_answers_key
 from contract.states import JobPriority, JobTask
 
 log = logging.getLogger("blipq.api")
@@ -83,11 +84,12 @@ def queue_names(queue: str) -> list[str]:
 
 
 def queue_depth(client: redis.Redis, queue: str) -> int:
-    """How many messages wait in `queue`, every priority together: one round trip (messages being run not counted)."""
+    """How many messages wait in `queue` (jobs and batch chunks never started: held in their API keys' lines, or
+    released to the workers), every priority together: one round trip (messages being run not counted)."""
     with client.pipeline(transaction=False) as pipe:
-        for name in queue_names(queue):
-            pipe.llen(name)
-        return sum(int(length) for length in pipe.execute())
+        for priority in JobPriority:
+            pipe.zcard(unstarted_key(queue, priority))
+        return sum(int(count) for count in pipe.execute())
 
 
 def waiting_answers(client: redis.Redis, queue: str) -> int:
@@ -117,6 +119,39 @@ def check_queue_room(client: redis.Redis, queue: str, max_depth: int, answers: i
     if depth + answers > max_depth:
         message = f"the queue holds {depth} answers to give; {answers} more would pass its limit of {max_depth}"
         raise QueueFullError(f"{message}; retry later", QUEUE_FULL_RETRY_AFTER_S)
+
+
+def key_waiting_answers(client: redis.Redis, queues: list[str], owner: str) -> int:
+    """How many answers an API key (`owner`, "" without a key) holds in the lines of `queues`, every level together:
+    one round trip (contract/fair_share.py; those released and not yet started are left out: a window's worth)."""
+    share = share_name(owner)
+    with client.pipeline(transaction=False) as pipe:
+        for queue in queues:
+            for priority in JobPriority:
+                pipe.hmget(shares_key(queue, priority), [f"arrived:{share}", f"taken:{share}"])
+        counts = pipe.execute()
+    return sum(max(0, int(arrived or 0) - int(taken or 0)) for arrived, taken in counts)
+
+
+def check_key_room(client: redis.Redis, queues: list[str], owner: str, settings: ApiSettings, answers: int = 1) -> None:
+    """Refuse a submission of `answers` (429 key_queue_full) that would take its API key past its share of the queue
+    bound (BLIPQ_KEY_QUEUE_SHARE of BLIPQ_MAX_QUEUE_DEPTH), so that one key cannot fill the whole bound. Without API
+    keys every request is the same one key, which the queue bound alone limits; 0: unbounded.
+    """
+    if not settings.max_queue_depth or not settings.api_keys:
+        return
+    bound = max(1, int(settings.max_queue_depth * settings.key_queue_share))
+    try:
+        held = key_waiting_answers(client, queues, owner)
+    except redis.RedisError as exc:
+        log.warning("cannot read an API key's waiting answers: %s", exc)
+        raise ServiceUnavailableError("broker_unavailable", "the job queue is unavailable; retry later") from None
+    if held + answers > bound:
+        message = (
+            f"this API key holds {held} answers waiting; {answers} more would pass its share of the queue, {bound} "
+            "answers; retry later"
+        )
+        raise KeyQueueFullError(message, QUEUE_FULL_RETRY_AFTER_S)
 
 
 LIVE_WORKER_CHECK_S = 1.0  # how long one look at a queue's workers answers for: a look per submission would cost more

@@ -14,7 +14,7 @@ from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
 
-from api.admission import check_queue_room, check_workers
+from api.admission import check_key_room, check_queue_room, check_workers
 from api.auth import api_key_name
 from api.batch_uploads import UploadedImage, parse_batch_upload
 from api.context import context
@@ -35,7 +35,7 @@ from api.schemas.batches import (
 from api.submission import accepted_headers, submit
 from contract.batch_store import BatchStore
 from contract.batches import MAX_BATCH_ANSWERS, READ_PAGE, Batch, Item, chunk_member, plan_chunks
-from contract.broker import publish_chunk
+from contract.fair_share import release_quietly
 from contract.jobs import new_job_id, utc_iso
 from contract.keys import batch_upload_key, idempotency_key
 from contract.states import JobTask
@@ -340,18 +340,20 @@ class BatchSubmission:
         for task, queue in self.queues.items():
             answers = sum(item.task is task for item in self.new.items)
             check_queue_room(ctx.store.client, queue, ctx.settings.max_queue_depth, answers=answers)
+        answers = len(self.new.items)
+        check_key_room(ctx.store.client, list(self.queues.values()), self.new.batch.owner, ctx.settings, answers)
 
     def create(self, claim: tuple[str, str] | None) -> None:
         new = self.new
         self.batches.create(new.batch, new.images, new.items, new.chunks, new.uploads, claim)
 
-    def publish(self) -> None:
-        celery, batch = context().celery, self.new.batch
-        for chunk in self.new.chunks:
-            publish_chunk(celery, batch.queue_for(chunk["task"]), chunk)
-
     def accept(self, replicas: int, timeout_ms: int) -> int | None:
-        return self.batches.accept(self.new.batch, self.new.chunks, replicas, timeout_ms)
+        weight = context().settings.weight_of(self.new.batch.owner)
+        return self.batches.accept(self.new.batch, self.new.chunks, replicas, timeout_ms, weight)
+
+    def release(self) -> None:
+        for queue in self.queues.values():
+            release_quietly(context().store, context().celery, queue)
 
     def withdraw(self, replicas: int, timeout_ms: int) -> int | None:
         new = self.new

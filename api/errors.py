@@ -115,6 +115,15 @@ class RateLimitedError(ApiError):
         super().__init__("rate_limited", message, {"Retry-After": str(retry_after_s)})
 
 
+class KeyQueueFullError(ApiError):
+    """Raised when an API key already holds its share of the queue bound waiting; retry after `retry_after_s`."""
+
+    status = 429
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__("key_queue_full", message, {"Retry-After": str(retry_after_s)})
+
+
 class ServiceUnavailableError(ApiError):
     """Raised when Redis (the broker) cannot take the job right now."""
 

@@ -1,22 +1,27 @@
 """End estimates: when a job, or a batch's last item, should end, at the rate the fleet drains its queue.
 
-Strict priority (high, normal, low), first in first out within a level. A job or batch accepted takes a ticket in its
-level's line (contract/scripts/lib/queue.lua `join_queue`): the level's count of answers ever arrived, its own
-included. At a read, the answers that arrived at its level since are that count now less its ticket, so the answers
-still waiting at its level that start no later than its own last answer are the level's waiting answers less those
-that came after it. Its answers to go are those, its own not ended, and every answer waiting at the levels above
-(arrived since or not), over the fleet's rate: the live workers' answers per busy second (contract/fleet.py
-`measured_rate`, the mean of those measured, else the queue's kept rate) times their number. The busy rate, not
-`answers_per_s`: a job behind a backlog is drained by workers that have work in hand, and a queue idle in the last
-minute says nothing of how fast it drains.
+The scheduling policy: strict priority (high, normal, low), and within a level, fair share between API keys (deficit
+round robin by answers, contract/fair_share.py), each key's own line first in, first out. A job or batch accepted
+takes two tickets: its key's count of answers ever arrived in its line (lib/fair.lua `join_line`), and its level's
+(lib/queue.lua `join_queue`). At a read, its key's answers still in line up to its own last are its line ticket less
+the answers its key has released since it began (`taken`): `own`. While they drain, every other key at the level
+holding work releases its weight's share of as many, up to what it holds: min(held, own x its weight / this key's).
+Its answers to go are those, the answers released and not yet started at its level, every answer waiting at the
+levels above, and its own not ended, over the fleet's rate: the live workers' answers per busy second
+(contract/fleet.py `measured_rate`, the mean of those measured, else the queue's kept rate) times their number. The
+busy rate, not `answers_per_s`: a job behind a backlog is drained by workers that have work in hand, and a queue
+idle in the last minute says nothing of how fast it drains.
+
+A record from before fair share (no line ticket) is read as before it: first in, first out within its level, the
+answers that arrived at its level since its ticket being behind it.
 
 Left out: the answers in the workers' hands (messages started, whose answers left the waiting count), which an
-estimate at the same level or below then counts too low by up to a message per worker slot; a later arrival
-canceled or expired while waiting (the line behind looks shorter than it was: the estimate is low by those); a job
-published again by the reaper keeps its first ticket.
+estimate at the same level or below then counts too low by up to a message per worker slot; a key that joins the
+level later takes its share too (the estimate is low by it); a job published again by the reaper keeps its tickets.
 
-Cost: one read per estimate (the level counts and the line's, fields of one hash); the fleet's rate is read at
-most once a `RATE_CHECK_S` per queue and API process (two round trips), as admission reads the live workers.
+Cost: one round trip per estimate (the level counts, and the fair-share hash of each place's level); the fleet's rate
+is read at most once a `RATE_CHECK_S` per queue and API process (two round trips), as admission reads the live
+workers.
 """
 
 from __future__ import annotations
@@ -28,9 +33,17 @@ from typing import Any
 import redis
 
 from contract.batches import Batch
+from contract.fair_share import held_shares, share_counts
 from contract.fleet import kept_rate, live_workers, measured_rate
 from contract.jobs import Job, utc_iso
-from contract.keys import arrived_answers_field, unstarted_key, waiting_answers_key
+from contract.keys import (
+    ANONYMOUS_SHARE,
+    arrived_answers_field,
+    share_name,
+    shares_key,
+    unstarted_key,
+    waiting_answers_key,
+)
 from contract.states import ENDED_STATUSES, JobPriority, JobStatus
 
 RATE_CHECK_S = 1.0  # how long one look at a queue's workers answers for, per API process
@@ -45,14 +58,17 @@ _rates: dict[tuple[int, str], tuple[float, int, float]] = {}
 
 @dataclass(frozen=True)
 class Place:
-    """Where a job or batch stands in one queue: its level, its ticket there, its own answers not ended, and whether
-    some of them wait (none: every one is in a worker's hands, and nothing waiting is ahead of them)."""
+    """Where a job or batch stands in one queue: its level, its tickets there (its level's, its key's line's), its own
+    answers not ended, whether some of them wait (none: every one is in a worker's hands, and nothing waiting is ahead
+    of them), and its API key's line."""
 
     queue: str
     priority: JobPriority
     ticket: int
     own: int
     waiting: bool
+    line_ticket: int = 0
+    share: str = ANONYMOUS_SHARE
 
 
 def fleet_rate(client: redis.Redis, queue: str) -> tuple[int, float]:
@@ -73,7 +89,8 @@ def job_places(job: Job, queue: str) -> list[Place]:
     """A single job's place in its queue; none once it ended."""
     if job.status in ENDED_STATUSES:
         return []
-    return [Place(queue, job.priority, job.ticket, 1, job.status is JobStatus.QUEUED)]
+    waiting = job.status is JobStatus.QUEUED
+    return [Place(queue, job.priority, job.ticket, 1, waiting, job.line_ticket, share_name(job.owner))]
 
 
 def batch_places(batch: Batch) -> list[Place]:
@@ -87,11 +104,13 @@ def batch_places(batch: Batch) -> list[Place]:
     if left <= 0:
         return []
     waiting = summary["counts"][str(JobStatus.QUEUED)] > 0
-    tickets = dict(batch.tickets)
+    tickets, line_tickets, share = dict(batch.tickets), dict(batch.line_tickets), share_name(batch.owner)
     places = []
     for queue in batch.queues():
         own = left if queue == batch.queue else 0
-        places.append(Place(queue, batch.priority, tickets.get(unstarted_key(queue, batch.priority), 0), own, waiting))
+        level = unstarted_key(queue, batch.priority)
+        ticket, line_ticket = tickets.get(level, 0), line_tickets.get(level, 0)
+        places.append(Place(queue, batch.priority, ticket, own, waiting, line_ticket, share))
     return places
 
 
@@ -103,16 +122,17 @@ def estimate(
     if not places:
         return None
     now = time.time() if now is None else now
-    fields = []
-    for place in places:
-        fields += [unstarted_key(place.queue, level) for level in LEVELS]
-        fields.append(arrived_answers_field(place.queue, place.priority))
-    counts = [int(count or 0) for count in client.hmget(waiting_answers_key(), fields)]
+    with client.pipeline(transaction=False) as pipe:
+        for place in places:
+            fields = [unstarted_key(place.queue, level) for level in LEVELS]
+            pipe.hmget(waiting_answers_key(), [*fields, arrived_answers_field(place.queue, place.priority)])
+            pipe.hgetall(shares_key(place.queue, place.priority))
+        replies = pipe.execute()
     shown: dict[str, Any] | None = None
-    width = len(LEVELS) + 1
     for number, place in enumerate(places):
-        levels, arrived = counts[number * width : number * width + len(LEVELS)], counts[number * width + len(LEVELS)]
-        ahead = answers_ahead(place, [max(0, count) for count in levels], arrived)
+        counts = [int(count or 0) for count in replies[2 * number]]
+        levels, arrived = [max(0, count) for count in counts[: len(LEVELS)]], counts[len(LEVELS)]
+        ahead = answers_ahead(place, levels, arrived, share_counts(replies[2 * number + 1]))
         workers, per_s = fleet_rate(fleet_client, place.queue)
         one = _shown(ahead, place.own, workers, per_s, now)
         if shown is None or _later(one, shown):
@@ -120,15 +140,29 @@ def estimate(
     return shown
 
 
-def answers_ahead(place: Place, waiting: list[int], arrived: int) -> int:
+def answers_ahead(place: Place, waiting: list[int], arrived: int, shares: dict[str, dict[str, float]]) -> int:
     """The answers that start before the last of `place`'s own: `waiting` per level (LEVELS' order), `arrived` its
-    level's count of answers ever arrived."""
+    level's count of answers ever arrived, `shares` its level's fair-share counts (contract.fair_share.share_counts).
+    """
     if not place.waiting:
         return 0
     level = LEVELS.index(place.priority)
+    above = sum(waiting[:level])
     came_after = max(0, arrived - place.ticket) if place.ticket else 0
-    through = sum(waiting[:level]) + max(0, waiting[level] - came_after)  # its own waiting answers included
-    return max(0, through - place.own)
+    in_arrival_order = max(0, waiting[level] - came_after)  # its level's waiting answers that arrived with it or before
+    if not place.line_ticket:  # a record from before fair share: first in, first out within its level
+        return max(0, above + in_arrival_order - place.own)
+    held = {share.name: share for share in held_shares(shares)}
+    mine = shares.get(place.share, {})
+    own_line = max(0, place.line_ticket - int(mine.get("taken", 0)))  # its key's answers in line, through its own
+    weight = mine.get("weight", 1.0)
+    others = sum(
+        min(share.held, own_line * share.weight / weight) for name, share in held.items() if name != place.share
+    )
+    released = max(0, waiting[level] - sum(share.held for share in held.values()))  # released, not yet started
+    if not own_line:  # its own are released too: those released after it (which arrived after it) are behind it
+        released = min(released, in_arrival_order)
+    return max(0, round(above + released + own_line + others) - place.own)
 
 
 def _shown(ahead: int, own: int, workers: int, per_s: float, now: float) -> dict[str, Any]:

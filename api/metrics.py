@@ -133,7 +133,9 @@ class FleetCollector(Collector):
 
     def _read(self) -> list[Metric]:
         queued = GaugeMetricFamily(
-            "blipq_jobs_queued", "Jobs waiting in the queue, every priority level together", labels=["queue"]
+            "blipq_jobs_queued",
+            "Messages (jobs, chunks of batches) never started, held or released to the workers, every level together",
+            labels=["queue"],
         )
         running = GaugeMetricFamily(
             "blipq_jobs_running",

@@ -81,7 +81,7 @@ VALIDATION_CODES = (
     *("prompt_too_long", "prompt_invalid", "prompt_not_allowed", "image_invalid", "priority_invalid"),
     *("deadline_invalid", "webhook_invalid", "webhook_unavailable"),
 )
-ADMISSION_CODES = ("broker_unavailable", "replicas_unavailable", "queue_full", "no_worker")
+ADMISSION_CODES = ("broker_unavailable", "replicas_unavailable", "queue_full", "key_queue_full", "no_worker")
 SUBMIT_CODES = (
     *("invalid_json", "idempotency_key_invalid", "idempotency_conflict", "idempotency_key_in_use"),
     *("body_too_large", "image_too_large", "unsupported_media_type", *VALIDATION_CODES, "image_conflict"),

@@ -17,13 +17,15 @@ from flask import Blueprint, Flask, Response, current_app, jsonify
 from prometheus_client import CollectorRegistry
 
 from api.admission import waiting_answers
-from api.auth import public
+from api.auth import api_key_name, public
 from api.metrics import FleetCollector, RequestMetrics, scrape
 from api.openapi import documented
 from api.schemas.ops import MetricsText, Models, Readiness
 from api.settings import ApiSettings
+from contract.fair_share import key_shares
 from contract.fleet import WorkerRecord, fleet_client, live_workers, outcome_counts
-from contract.states import JobTask
+from contract.keys import share_name
+from contract.states import JobPriority, JobTask
 
 bp = Blueprint("ops", __name__)
 
@@ -114,9 +116,32 @@ def models() -> Response:
                 "workers": [asdict(worker) for worker in workers],
                 "waiting": waiting_answers(ops.client, queue),
                 "outcomes": outcomes,
+                "shares": queue_shares(ops.client, queue, share_name(api_key_name())),
             }
         )
     return jsonify(limits=upload_limits(ops.settings), models=listed)
+
+
+def queue_shares(client: redis.Redis, queue: str, caller: str) -> list[dict[str, Any]]:
+    """The API keys holding work in `queue`, level by level, with their shares (contract/fair_share.py); only the
+    caller's own key is named."""
+    listed = []
+    for priority in JobPriority:
+        shares = key_shares(client, queue, priority)
+        total = sum(share.weight for share in shares)
+        for share in shares:
+            yours = share.name == caller
+            listed.append(
+                {
+                    "priority": priority.value,
+                    "key": share.name if yours else None,
+                    "yours": yours,
+                    "waiting": share.held,
+                    "weight": share.weight,
+                    "share": round(share.weight / total, 4),
+                }
+            )
+    return listed
 
 
 def input_size(workers: list[WorkerRecord]) -> dict[str, int] | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -11,6 +12,7 @@ from pydantic_settings import NoDecode
 
 from api.auth import ApiKey, parse_api_keys
 from contract.errors import SettingsError
+from contract.keys import ANONYMOUS_SHARE, share_name
 from contract.settings import (
     DEFAULT_CAPTION_QUEUE,
     DEFAULT_QUEUE,
@@ -29,6 +31,7 @@ MAX_JSON_BODY_BYTES = 16 * 1024 * 1024
 # refused (503 queue_full): about a minute of work for a few GPU workers, and a bound on what Redis holds for them.
 DEFAULT_MAX_QUEUE_DEPTH = 100_000
 DEFAULT_MAX_BATCH_UPLOAD_BYTES = 256 * 1024 * 1024  # a multipart batch's whole body: its images and its fields
+MAX_KEY_WEIGHT = 1000.0
 RATE_LIMIT_RULE = "a rate limit such as 120/minute, or several: 10/second;300/hour"
 
 
@@ -66,6 +69,20 @@ class ApiSettings(SharedSettings):
     )
     max_queue_depth: int = setting(
         DEFAULT_MAX_QUEUE_DEPTH, "Answers waiting in a queue beyond which submissions are refused (0: unbounded)", ge=0
+    )
+    key_queue_share: float = setting(
+        0.5,
+        "The share of BLIPQ_MAX_QUEUE_DEPTH one API key may hold waiting in its lines, at every level together; beyond "
+        "it its submissions are refused (key_queue_full). Without API keys, the queue bound alone applies",
+        gt=0,
+        le=1,
+    )
+    key_weights: Annotated[dict[str, float], NoDecode] = setting(
+        {},
+        "Weights of API keys in the fair share of the workers within a priority level (a key not named weighs 1; "
+        f"`{ANONYMOUS_SHARE}` names the requests made without a key)",
+        rule="name=weight entries, comma-separated; each weight a number above 0 and at most 1000",
+        shown_default="none: every key weighs 1",
     )
     wait_for_workers: OnOff = setting(
         False, "Jobs for a task no live worker serves wait for one (a fleet that scales from zero); off: no_worker"
@@ -149,6 +166,28 @@ class ApiSettings(SharedSettings):
             if name not in known:
                 raise ValueError(f"has {name!r}, which is not a task ({', '.join(known)})")
         return tuple(JobTask(name) for name in dict.fromkeys(names)) or tuple(JobTask)
+
+    @field_validator("key_weights", mode="before")
+    @classmethod
+    def parse_key_weights(cls, value: Any) -> Any:
+        """Read `name=weight` entries, comma-separated."""
+        if not isinstance(value, str):
+            return value
+        weights: dict[str, float] = {}
+        for entry in comma_separated(value):
+            name, equals, raw = (part.strip() for part in entry.partition("="))
+            try:
+                weight = float(raw) if equals and name else math.nan
+            except ValueError:
+                weight = math.nan
+            if not 0 < weight <= MAX_KEY_WEIGHT:  # NaN fails too
+                raise ValueError(f"has {entry!r}, which is not name=weight with a weight above 0 and at most 1000")
+            weights[name] = weight
+        return weights
+
+    def weight_of(self, owner: str) -> float:
+        """The fair-share weight of the API key that made a job or batch (`owner`, "" without a key)."""
+        return self.key_weights.get(share_name(owner), 1.0)
 
     @field_validator("webhooks_enabled", mode="before")
     @classmethod

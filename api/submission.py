@@ -3,7 +3,8 @@
 
 A job (api/views.py) and a batch (api/batches.py) are each a `Submission`, and submit() takes either in the same
 way: the key claimed, or the earlier request's job or batch replayed; admission (api/admission.py); stored `pending`;
-published, then accepted or withdrawn.
+accepted into its API key's lines or withdrawn; then released to the workers as far as they have room
+(contract/fair_share.py).
 
 An Idempotency-Key holds its claim, `<request fingerprint>:<job or batch id>`, for as long as the job lives. When the
 submission is withdrawn, the claim is first marked `<claim>:withdrawn`, then the job deleted, then both are waited
@@ -68,12 +69,14 @@ class Submission(Protocol[R_co]):
         """Store it `pending` (and the claim's id with it); raises a RedisError when Redis cannot."""
         ...
 
-    def publish(self) -> None:
-        """Send its messages to the workers."""
+    def accept(self, replicas: int, timeout_ms: int) -> int | None:
+        """Mark it accepted, into its API key's lines, waiting for `replicas` replicas: how many held it, or None when
+        it is not pending."""
         ...
 
-    def accept(self, replicas: int, timeout_ms: int) -> int | None:
-        """Mark it accepted, waiting for `replicas` replicas: how many held it, or None when it is not pending."""
+    def release(self) -> None:
+        """Release what the workers have room for now, its own work or others' (contract/fair_share.py); never
+        raises: what it cannot release now, a worker's next start or the reaper releases."""
         ...
 
     def withdraw(self, replicas: int, timeout_ms: int) -> int | None:
@@ -170,22 +173,22 @@ def _release_claim(store: JobStore, claim: tuple[str, str] | None) -> None:
 
 
 def _enqueue(submission: Submission[object], claim: tuple[str, str] | None) -> None:
-    """Publish a submission stored `pending` and accept it; returns once it is promised to run (the 202), else raises
-    503 with the submission withdrawn, so that it never runs.
+    """Accept a submission stored `pending`, then release it; returns once it is promised to run (the 202), else
+    raises 503 with the submission withdrawn, so that it never runs.
 
-    The order is what keeps the promise both ways. A pending submission is run by no worker and seen by no reaper,
-    so one whose message could not be published is withdrawn and never runs. Acceptance comes after the publish, on
-    the connection that stored it: with BLIPQ_MIN_REPLICAS_ACK replicas, Redis WAIT then covers the record, the
-    message and the acceptance together, and a submission that too few replicas hold is withdrawn (503) unless a
-    worker started it already (it then runs: 202). The withdrawal is waited for as the acceptance is: a failover to
-    a replica that holds the acceptance and not the withdrawal would run the job, so when too few replicas hold the
-    withdrawal either, the Idempotency-Key stays claimed (module docstring): a retry with it gets that job, should it
-    come back. Should Redis fail between the acceptance and its reply, the submission is withdrawn if Redis still
-    answers; if not, it may run: a client that retries with its Idempotency-Key then gets that same job.
+    The order is what keeps the promise both ways. A pending submission is run by no worker and seen by no reaper.
+    Its acceptance puts it in its API key's lines, on the connection that stored it: with BLIPQ_MIN_REPLICAS_ACK
+    replicas, Redis WAIT then covers the record and the acceptance together, and a submission that too few replicas
+    hold is withdrawn (503). Nothing of it is published before that: its messages are sent when the fair share
+    releases it (contract/fair_share.py), here at once if the workers have room, else as they take work. The
+    withdrawal is waited for as the acceptance is: a failover to a replica that holds the acceptance and not the
+    withdrawal would run the job, so when too few replicas hold the withdrawal either, the Idempotency-Key stays
+    claimed (module docstring): a retry with it gets that job, should it come back. Should Redis fail between the
+    acceptance and its reply, the submission is withdrawn if Redis still answers; if not, it may run: a client that
+    retries with its Idempotency-Key then gets that same job.
     """
     settings, what = context().settings, submission.what
     try:
-        submission.publish()
         replicas = submission.accept(settings.min_replicas_ack, settings.replica_ack_timeout_ms)
     except (OperationalError, redis.RedisError) as exc:
         log.warning("cannot enqueue %s: %s", what, exc)
@@ -202,6 +205,7 @@ def _enqueue(submission: Submission[object], claim: tuple[str, str] | None) -> N
             if outcome is Withdrawal.UNCONFIRMED:
                 message += " (with the same Idempotency-Key: should a Redis failover bring the job back, it is found)"
             raise ServiceUnavailableError("replicas_unavailable", message)
+    submission.release()
 
 
 class Withdrawal(enum.Enum):
@@ -222,9 +226,7 @@ def _withdraw_or_accept(submission: Submission[object], claim: tuple[str, str] |
             store.replace_idempotency_claim(claim[0], claim[1], claim[1] + WITHDRAWN_MARK)
         replicas = submission.withdraw(settings.min_replicas_ack, settings.replica_ack_timeout_ms)
         if replicas is None:
-            submission.accept(
-                0, 0
-            )  # a batch with a chunk started: the chunks never published go out through the reaper
+            submission.accept(0, 0)  # a batch with a chunk started (another process released it): the rest follow
             log.warning("%s was started by a worker before it could be withdrawn: it runs", what)
             return Withdrawal.STARTED
     except (OperationalError, redis.RedisError) as exc:

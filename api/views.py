@@ -9,7 +9,7 @@ from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
 
-from api.admission import check_queue_room, check_workers
+from api.admission import check_key_room, check_queue_room, check_workers
 from api.auth import api_key_name, public
 from api.context import MAX_WAIT_S, context
 from api.errors import ConflictError, NotFoundError, UnsupportedMediaTypeError, ValidationError
@@ -40,7 +40,7 @@ from api.settings import ApiSettings
 from api.submission import accepted_headers, submit
 from contract.batch_store import BatchStore
 from contract.batches import Batch, split_item_id
-from contract.broker import publish_job
+from contract.fair_share import release_quietly
 from contract.job_store import JobStore
 from contract.jobs import Job, new_job_id, utc_iso
 from contract.keys import ended_key, idempotency_key
@@ -274,15 +274,17 @@ class JobSubmission:
         ctx = context()
         check_workers(ctx.store.client, self.queue, self.job.task, ctx.settings.wait_for_workers)
         check_queue_room(ctx.store.client, self.queue, ctx.settings.max_queue_depth)
+        check_key_room(ctx.store.client, [self.queue], self.job.owner, ctx.settings)
 
     def create(self, claim: tuple[str, str] | None) -> None:
         context().store.create(self.job, self.queue, self.upload, claim)
 
-    def publish(self) -> None:
-        publish_job(context().celery, self.job, self.queue)
-
     def accept(self, replicas: int, timeout_ms: int) -> int | None:
-        return context().store.accept(self.job, self.queue, replicas, timeout_ms)
+        weight = context().settings.weight_of(self.job.owner)
+        return context().store.accept(self.job, self.queue, replicas, timeout_ms, weight)
+
+    def release(self) -> None:
+        release_quietly(context().store, context().celery, self.queue)
 
     def withdraw(self, replicas: int, timeout_ms: int) -> int | None:
         return context().store.withdraw(self.job, self.queue, replicas, timeout_ms)

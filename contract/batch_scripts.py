@@ -102,7 +102,7 @@ class AcceptBatchKeys(ScriptKeys):
     """batch_accept.lua's KEYS."""
 
     batch: str
-    unstarted: tuple[str, ...]  # each queue's
+    queues: tuple[str, ...]  # for each queue: its level's never-started set, ring, fair-share counts, the key's line
 
 
 @dataclass(frozen=True)

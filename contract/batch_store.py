@@ -42,8 +42,12 @@ from contract.keys import (
     images_key,
     item_webhook_key,
     items_key,
+    line_key,
     queue_outcomes_key,
+    ring_key,
     running_key,
+    share_name,
+    shares_key,
     started_mark_key,
     stats_key,
     unstarted_key,
@@ -112,13 +116,32 @@ class BatchStore:
                 pipe.expire(uploads_left_key(bid), ttl_s)
             pipe.execute()
 
-    def accept(self, batch: Batch, chunks: list[dict[str, Any]], replicas: int = 0, timeout_ms: int = 0) -> int | None:
-        """Accept a pending batch whose chunks are published, as JobStore.accept does a job (same return value)."""
+    def accept(
+        self,
+        batch: Batch,
+        chunks: list[dict[str, Any]],
+        replicas: int = 0,
+        timeout_ms: int = 0,
+        weight: float = 1.0,
+    ) -> int | None:
+        """Accept a pending batch's chunks into its API key's lines, as JobStore.accept does a job (same return
+        value)."""
         groups = chunk_groups(batch, chunks)
+        share, level = share_name(batch.owner), batch.priority
         keys = AcceptBatchKeys(
-            batch=batch_key(batch.id), unstarted=tuple(unstarted_key(queue, batch.priority) for queue in groups)
+            batch=batch_key(batch.id),
+            queues=tuple(
+                key
+                for queue in groups
+                for key in (
+                    unstarted_key(queue, level),
+                    ring_key(queue, level),
+                    shares_key(queue, level),
+                    line_key(queue, level, share),
+                )
+            ),
         )
-        args: list[str | int | float] = [time.time(), *chunk_group_args(groups)]
+        args: list[str | int | float] = [time.time(), share, weight, *chunk_group_args(groups)]
         return self.store.accept_and_wait(self._accept, keys.keys(), args, replicas, timeout_ms)
 
     def withdraw(

@@ -37,6 +37,7 @@ CHUNK_MEMBER_PREFIX = "chunk:"  # a chunk in the never-started and running sets,
 DEADLINE_MEMBER_PREFIX = "batch:"  # a batch in its queues' deadlines sets, beside job ids
 CAPTION_MODEL_FIELD = f"model:{JobTask.CAPTION}"  # the batch hash's field of a vqa batch's captioning model
 STATUS_COUNTS = tuple(str(status) for status in JobStatus)
+LINE_TICKET_FIELD_PREFIX = "line_ticket:"  # its ticket in its API key's line there (batch_accept.lua)
 TICKET_FIELD_PREFIX = "ticket:"  # the batch hash's field of its ticket in a never-started set (batch_accept.lua)
 
 
@@ -87,6 +88,8 @@ class Batch:
     counts: tuple[tuple[str, int], ...] = ()  # items by status, then failures by error code ("err:<code>")
     # Each never-started set its chunks joined (keys.unstarted_key), with the batch's ticket there (Job.ticket).
     tickets: tuple[tuple[str, int], ...] = ()
+    # Likewise its ticket in its API key's line at each (Job.line_ticket), by never-started set.
+    line_tickets: tuple[tuple[str, int], ...] = ()
 
     @classmethod
     def from_redis(cls, fields: dict[str, str]) -> Batch:
@@ -117,6 +120,11 @@ class Batch:
                 (name.removeprefix(TICKET_FIELD_PREFIX), int(value))
                 for name, value in fields.items()
                 if name.startswith(TICKET_FIELD_PREFIX)
+            ),
+            line_tickets=tuple(
+                (name.removeprefix(LINE_TICKET_FIELD_PREFIX), int(value))
+                for name, value in fields.items()
+                if name.startswith(LINE_TICKET_FIELD_PREFIX)
             ),
         )
 

@@ -112,6 +112,13 @@ REGISTRY: tuple[ErrorCode, ...] = (
     _http("pagination_invalid", 422, "`offset` or `limit` is not a whole number >= 0"),
     _http("wait_invalid", 422, "`wait` is not a number of seconds above 0 and at most 20"),
     _http("rate_limited", 429, "the client used up its request budget; retry after Retry-After seconds", True, True),
+    _http(
+        "key_queue_full",
+        429,
+        "the API key holds its share of the queue bound waiting (BLIPQ_KEY_QUEUE_SHARE of BLIPQ_MAX_QUEUE_DEPTH); "
+        "retry after Retry-After seconds",
+        transient=True,
+    ),
     _http("internal_error", 500, "a bug: the error is logged, with its traceback", framework=True, transient=True),
     _http("broker_unavailable", 503, "Redis cannot take the job right now; retry later", transient=True),
     _http(

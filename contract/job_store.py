@@ -19,7 +19,11 @@ from contract.jobs import PENDING_FIELD, STATS_FIELDS, Job, utc_now
 from contract.keys import (
     deadlines_key,
     job_key,
+    line_key,
+    ring_key,
     running_key,
+    share_name,
+    shares_key,
     started_mark_key,
     stats_key,
     unstarted_key,
@@ -105,14 +109,23 @@ class JobStore:
                 pipe.set(idempotency[0], idempotency[1], ex=self.ttl_s)
             pipe.execute()
 
-    def accept(self, job: Job, queue: str, replicas: int = 0, timeout_ms: int = 0) -> int | None:
-        """Accept a pending job whose message is published (job_accept.lua); None when it was not pending any more.
+    def accept(self, job: Job, queue: str, replicas: int = 0, timeout_ms: int = 0, weight: float = 1.0) -> int | None:
+        """Accept a pending job into its API key's line (job_accept.lua), `weight` that key's; None when it was not
+        pending any more. contract/fair_share.py `release` then gives it to the workers.
 
-        With `replicas` > 0, Redis WAITs (on the same connection, so after the job's record, its message and this
-        acceptance) until that many replicas acknowledged them, or `timeout_ms`: returns how many did (else 0).
+        With `replicas` > 0, Redis WAITs (on the same connection, so after the job's record and this acceptance) until
+        that many replicas acknowledged them, or `timeout_ms`: returns how many did (else 0).
         """
-        keys = AcceptKeys(job=job_key(job.id), unstarted=unstarted_key(queue, job.priority))
-        return self.accept_and_wait(self._accept, keys.keys(), [job.id, time.time()], replicas, timeout_ms)
+        share = share_name(job.owner)
+        keys = AcceptKeys(
+            job=job_key(job.id),
+            unstarted=unstarted_key(queue, job.priority),
+            ring=ring_key(queue, job.priority),
+            shares=shares_key(queue, job.priority),
+            line=line_key(queue, job.priority, share),
+        )
+        args = [job.id, time.time(), share, weight]
+        return self.accept_and_wait(self._accept, keys.keys(), args, replicas, timeout_ms)
 
     def accept_and_wait(
         self, script: Script, keys: list[str], args: list[Any], replicas: int, timeout_ms: int

@@ -77,6 +77,9 @@ class Job:
     # Its level's count of answers ever queued once it joined (keys.arrived_answers_field), written when it is accepted:
     # where it stands in line, for its end estimate; 0: none (not accepted yet, a batch item, an older record).
     ticket: int = 0
+    # Its API key's count of answers ever arrived in its line at that level once it joined (lib/fair.lua join_line):
+    # where it stands in its key's line, for its end estimate under fair share; 0: none, as for `ticket`.
+    line_ticket: int = 0
 
     @classmethod
     def from_redis(cls, fields: dict[str, str]) -> Job:
@@ -89,6 +92,7 @@ class Job:
         known["webhook_attempts"] = int(fields.get("webhook_attempts") or 0)
         known["index"] = int(fields.get("index") or 0)
         known["ticket"] = int(fields.get("ticket") or 0)
+        known["line_ticket"] = int(fields.get("line_ticket") or 0)
         return cls(**known)
 
     def to_redis(self) -> dict[str, str]:

@@ -25,6 +25,8 @@ ANSWER_PREFIX = f"{KEY_PREFIX}answer:"  # an entry of the worker's answer cache
 ANSWER_INDEX_KEY = f"{KEY_PREFIX}answer-index"  # every entry, scored by when it was written: the bound drops the oldest
 REAPER_LOCK_PREFIX = f"{KEY_PREFIX}reaper-lock:"  # one reaper per queue at a time
 RATE_LIMIT_KEY_PREFIX = f"{KEY_PREFIX}ratelimit"  # the API's rate limit counters
+ANONYMOUS_SHARE = "-"  # the line of the requests made without an API key (no key's name can be "-": api/auth.py)
+LINE_KEY_PREFIX = f"{KEY_PREFIX}line:"  # an API key's line of held work at a queue level (contract/fair_share.py)
 
 
 # A job's keys.
@@ -98,6 +100,40 @@ def arrived_answers_field(queue: str, priority: JobPriority = JobPriority.NORMAL
     it brought it to (its `ticket`), and the answers that joined its level since are the count now less its ticket
     (api/estimates.py)."""
     return ARRIVED_FIELD_PREFIX + unstarted_key(queue, priority)
+
+
+def share_name(owner: str) -> str:
+    """The name of a job's or batch's line: its API key's, or ANONYMOUS_SHARE for one made without a key."""
+    return owner or ANONYMOUS_SHARE
+
+
+def line_prefix(queue: str, priority: JobPriority = JobPriority.NORMAL) -> str:
+    """What an API key's name follows in the key of its line at a queue level (`line_key`): release.lua makes the
+    lines' keys from the names in the level's ring."""
+    return f"{LINE_KEY_PREFIX}{queue}{_level_suffix(priority)}:"
+
+
+def line_key(queue: str, priority: JobPriority, share: str) -> str:
+    """The list of an API key's jobs and chunks (their members) accepted at a queue level and not yet released to the
+    workers, first in, first out (contract/fair_share.py)."""
+    return line_prefix(queue, priority) + share
+
+
+def ring_key(queue: str, priority: JobPriority = JobPriority.NORMAL) -> str:
+    """The list of the API keys that hold work at a queue level, in their round-robin order: the head's turn is on."""
+    return f"{KEY_PREFIX}key-ring:{queue}{_level_suffix(priority)}"
+
+
+def shares_key(queue: str, priority: JobPriority = JobPriority.NORMAL) -> str:
+    """The hash of a queue level's fair-share counts, per API key: `arrived:<key>` (answers ever accepted into its
+    line), `taken:<key>` (answers ever released from it, or dropped from it as withdrawn, canceled or expired),
+    `deficit:<key>` (answers it may still release this turn; present while the key is in the ring), `weight:<key>`;
+    and `turn`, the key whose turn it is (contract/fair_share.py)."""
+    return f"{KEY_PREFIX}shares:{queue}{_level_suffix(priority)}"
+
+
+def _level_suffix(priority: JobPriority) -> str:
+    return "" if priority is JobPriority.NORMAL else f":{priority}"
 
 
 def running_key(queue: str) -> str:

@@ -25,6 +25,9 @@ class AcceptKeys(ScriptKeys):
 
     job: str
     unstarted: str
+    ring: str
+    shares: str
+    line: str
 
 
 @dataclass(frozen=True)

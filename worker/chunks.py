@@ -40,6 +40,7 @@ def run_chunk(runtime: WorkerRuntime, payload: dict[str, Any]) -> dict[str, Any]
             payload, settings.queue, worker_identity(), settings.max_attempts, settings.model
         )
     )
+    runtime.release_held()
     if attempt < 1:
         return {"batch_id": batch_id, "skipped": attempt}
     deadline = time.monotonic() + runtime.job_limit_s

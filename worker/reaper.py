@@ -59,16 +59,16 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
-from functools import partial
 
 import redis
 from celery import Celery
 
 from contract.batch_store import BatchStore
-from contract.batches import CHUNK_MEMBER_PREFIX, DEADLINE_MEMBER_PREFIX, parse_chunk_member
-from contract.broker import PUBLISHED_HEADER, publish_chunk, publish_job
+from contract.batches import DEADLINE_MEMBER_PREFIX
+from contract.broker import PUBLISHED_HEADER
+from contract.fair_share import HELD_SCORE, release
 from contract.job_store import JobStore
 from contract.keys import (
     REAPER_LOCK_PREFIX,
@@ -81,11 +81,10 @@ from contract.keys import (
     started_mark_key,
     stats_key,
     unstarted_key,
-    waiting_answers_key,
     worker_key,
 )
-from contract.keys import job_key as job_key_of
-from contract.states import ENDED_STATUSES, JobPriority, JobStatus
+from contract.messages import Message, leave_waiting, look_up, named, task_id_of
+from contract.states import JobPriority
 
 log = logging.getLogger("blipq.reaper")
 
@@ -108,45 +107,14 @@ class ReaperPolicy:
     running_recheck_s: float = 10.0  # a running job's live worker is looked at again this long after
 
 
-@dataclass(frozen=True)
-class Message:
-    """A job's or chunk's message, as the reaper publishes it again."""
-
-    member: str  # in the never-started and running sets
-    priority: JobPriority
-    answers: int
-    worker: str  # the worker that started its latest run; "" for a job never started (or queued again)
-    publish: Callable[[float], None]  # given the time it is published at
-
-
-def look_up(store: JobStore, celery: Celery, queue: str, task_id: str) -> Message | None:
-    """The message of a job, or of a chunk (`<batch id>.<number>`), as it would be published again; None once it
-    ended (or expired)."""
-    batch_id, dot, number = task_id.partition(".")
-    if dot:
-        batches = BatchStore(store)
-        payload = batches.chunk_payload(batch_id, int(number))
-        if payload is None:
-            return None
-        member = str(payload["member"])
-        priority = JobPriority(payload.get("priority") or JobPriority.NORMAL)
-        worker = batches.chunk_worker(batch_id, int(number)) or ""
-        publish = partial(publish_chunk, celery, queue, payload)
-        return Message(member, priority, parse_chunk_member(member)[2], worker, publish)
-    job = store.get(task_id)
-    if job is None or job.status in ENDED_STATUSES:
-        return None
-    raw = store.client.hget(job_key_of(job.id), "worker") if job.status is JobStatus.RUNNING else None
-    worker = raw.decode() if isinstance(raw, bytes) else ""
-    return Message(job.id, job.priority, 1, worker, partial(publish_job, celery, job, queue))
-
-
 def sweep(store: JobStore, celery: Celery, queue: str, policy: ReaperPolicy) -> int:
     """End the queue's overdue jobs, and publish again what dead workers held and what was lost; returns how many."""
     expire_overdue(store, queue)
     republished = republish_held(store, celery, queue)
     republished += republish_orphans(store, celery, queue, policy)
-    return republished + republish_missing(store, celery, queue, policy)
+    republished += republish_missing(store, celery, queue, policy)
+    release(store, celery, queue)  # work held while no one released it: an API that died after its acceptance...
+    return republished
 
 
 def find_missing(store: JobStore, queue: str) -> list[tuple[JobPriority, str]]:
@@ -165,7 +133,8 @@ def find_missing(store: JobStore, queue: str) -> list[tuple[JobPriority, str]]:
     limit = SWEEP_BATCH + sum(replies[2 * len(levels) :])
     with client.pipeline(transaction=False) as pipe:
         for index, priority in enumerate(levels):
-            taken_below = _taken_below(replies[2 * index], replies[2 * index + 1])
+            # Never above the held members' scores (contract/fair_share.py): those have no message yet.
+            taken_below = min(_taken_below(replies[2 * index], replies[2 * index + 1]), HELD_SCORE)
             pipe.zrangebyscore(unstarted_key(queue, priority), "-inf", f"({taken_below}", start=0, num=limit)
         for worker in live:  # read after the ranges: a message taken meanwhile is found held
             pipe.smembers(held_key(queue, worker))
@@ -218,11 +187,11 @@ def republish_missing(store: JobStore, celery: Celery, queue: str, policy: Reape
     for priority, member in lost:
         message = look_up(store, celery, queue, task_id_of(member))
         if message is None or not _free(store.client, message):  # ended or expired, or a live worker started it
-            _leave_waiting(store, queue, priority, member)
+            leave_waiting(store, queue, priority, member)
             continue
         _publish_again(store, queue, message)
         republished += 1
-        log.warning("%s had lost its message; published again", _named(member))
+        log.warning("%s had lost its message; published again", named(member))
     return republished
 
 
@@ -266,7 +235,7 @@ def republish_orphans(store: JobStore, celery: Celery, queue: str, policy: Reape
         else:
             _publish_again(store, queue, message)  # watched in its never-started set from now on
             republished += 1
-            log.warning("%s was running on %s, which is gone; published again", _named(member), message.worker)
+            log.warning("%s was running on %s, which is gone; published again", named(member), message.worker)
     return republished
 
 
@@ -279,13 +248,6 @@ def _publish_again(store: JobStore, queue: str, message: Message) -> None:
     store.client.zrem(running_key(queue), message.member)
     message.publish(now)
     store.client.hincrby(stats_key(), "republished", 1)
-
-
-def _leave_waiting(store: JobStore, queue: str, priority: JobPriority, member: str) -> None:
-    """Take a member that will not be published again off its never-started set, with its answers waiting."""
-    answers = parse_chunk_member(member)[2] if member.startswith(CHUNK_MEMBER_PREFIX) else 1
-    if store.client.zrem(unstarted_key(queue, priority), member):
-        store.client.hincrby(waiting_answers_key(), unstarted_key(queue, priority), -answers)
 
 
 def _free(client: redis.Redis, message: Message) -> bool:
@@ -301,21 +263,6 @@ def _live(client: redis.Redis, workers: list[str]) -> list[str]:
         for worker in workers:
             pipe.exists(worker_key(worker))
         return [worker for worker, live in zip(workers, pipe.execute(), strict=True) if live]
-
-
-def task_id_of(member: str) -> str:
-    """The task id of a never-started or running member: a job's id, or a chunk's `<batch id>.<number>`."""
-    if not member.startswith(CHUNK_MEMBER_PREFIX):
-        return member
-    batch_id, number, _ = parse_chunk_member(member)
-    return f"{batch_id}.{number}"
-
-
-def _named(member: str) -> str:
-    if not member.startswith(CHUNK_MEMBER_PREFIX):
-        return f"job {member}"
-    batch_id, number, _ = parse_chunk_member(member)
-    return f"chunk {number} of batch {batch_id}"
 
 
 def _decoded(values: Iterable[bytes]) -> list[str]:

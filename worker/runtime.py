@@ -14,11 +14,13 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
+from celery import Celery
 from celery.signals import after_setup_logger
 
 from contract.batch_store import BatchStore
 from contract.broker import SOFT_LIMIT_MARGIN_S
 from contract.errors import JobTimeoutError, SettingsError, UploadMissingError, WrongTaskError
+from contract.fair_share import release_quietly
 from contract.images import open_image, picture_for_model, resized_for_model
 from contract.job_store import JobStore
 from contract.transitions import START_PENDING
@@ -74,6 +76,7 @@ class WorkerRuntime:
         # One for all the worker's threads: its pools are thread-safe and bounded, and it keeps no cookie.
         self._session = new_session(self.network_policy, keepalive_s=settings.fetch_keepalive_s)
         self._load_lock = threading.Lock()
+        self.celery: Celery | None = None  # the worker's app, once its tasks are registered: it publishes releases
 
     def load_model(self, **_signal_kwargs: Any) -> None:
         """Load the model and start its batcher (connected to `worker_init`: before the worker takes messages)."""
@@ -133,6 +136,12 @@ class WorkerRuntime:
         settings = self.settings
         with observe_inference(questions=len(texts)), stage("model"):
             return generate_texts(self.loaded, pixels, rows, texts, settings.max_new_tokens, settings.num_beams)
+
+    def release_held(self) -> None:
+        """After a message's start (which made room in the queue's window): release the held work that room allows,
+        in fair order (contract/fair_share.py)."""
+        if self.celery is not None:
+            release_quietly(self.store, self.celery, self.settings.queue)
 
     @property
     def store(self) -> JobStore:

@@ -44,6 +44,7 @@ def run_job(runtime: WorkerRuntime, payload: dict[str, str]) -> dict[str, str]:
     job_id = payload["job_id"]
     runtime.load_model()
     skipped = _begin(runtime, job_id, job_priority(payload))
+    runtime.release_held()
     if skipped is not None:
         return skipped
     deadline = time.monotonic() + runtime.job_limit_s

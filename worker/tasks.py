@@ -21,6 +21,7 @@ from worker.single_jobs import run_job
 
 def register_tasks(app: Celery, runtime: WorkerRuntime) -> None:
     """Register the tasks a worker runs; each is thin glue around `runtime`."""
+    runtime.celery = app
 
     @app.task(name=TASK_VQA, ignore_result=True)  # type: ignore[untyped-decorator]
     def answer_vqa_job(payload: dict[str, str]) -> dict[str, str]:

@@ -9,7 +9,7 @@ from pydantic import BaseModel, Field, RootModel, create_model
 
 from contract.fleet import WorkerRecord
 from contract.jobs import STATS_FIELDS
-from contract.states import JobTask
+from contract.states import JobPriority, JobTask
 
 
 class MetricsText(RootModel[str]):
@@ -54,6 +54,21 @@ class ImageSize(BaseModel):
     height: int = Field(ge=1)
 
 
+class KeyShareEntry(BaseModel):
+    """An API key that holds work at a priority level of a queue, and its share of the workers there."""
+
+    priority: JobPriority
+    key: str | None = Field(
+        description="The key's name when it is the caller's own (`-` for requests without a key); null for another's."
+    )
+    yours: bool = Field(description="Whether it is the key that made this request.")
+    waiting: int = Field(ge=0, description="Its answers held in its line, not yet released to the workers.")
+    weight: float = Field(gt=0, description="Its weight (BLIPQ_KEY_WEIGHTS).")
+    share: float = Field(
+        ge=0, le=1, description="The share of the workers it gets at that level while the keys listed hold work."
+    )
+
+
 class ModelEntry(BaseModel):
     """A task the API takes jobs for, and what serves it."""
 
@@ -78,6 +93,12 @@ class ModelEntry(BaseModel):
     workers: list[WorkerRecord]
     waiting: int = Field(ge=0, description="Answers waiting in its queue (single jobs and batch items not started).")
     outcomes: dict[str, int] = Field(description="Runs of its jobs by how they ended, since Redis started counting.")
+    shares: list[KeyShareEntry] = Field(
+        description=(
+            "The API keys holding work in its queue, by priority level, highest first: their shares of the workers "
+            "(fair share within a level; a higher level's work goes first)."
+        )
+    )
 
 
 class UploadLimits(BaseModel):

@@ -1,6 +1,7 @@
-"""A batch whose submission cannot be promised: its chunks cannot be published, or too few Redis replicas hold it in
-time (WAIT falls short). It is withdrawn and answered 503, so that it never runs; unless a worker started one of its
-chunks meanwhile: then it is accepted (202), and runs."""
+"""A batch whose submission meets trouble. Its chunks cannot be published at once: it is accepted all the same (it is
+in Redis, held in its key's line) and runs once published. Too few Redis replicas hold it in time (WAIT falls short):
+it is withdrawn and answered 503, so that it never runs; unless a worker started one of its chunks meanwhile (another
+process released it): then it is accepted (202), and runs."""
 
 from __future__ import annotations
 
@@ -17,12 +18,15 @@ from pathlib import Path
 import pytest
 import redis
 
-from api.admission import queue_depth, waiting_answers
+from api.admission import queue_names, waiting_answers
 from api.app import create_app
 from api.settings import ApiSettings
 from blipq.up_redis import RedisProcess, stop_process
 from contract.broker import create_celery
-from contract.keys import unstarted_key
+from contract.fair_share import key_shares, release
+from contract.job_store import JobStore
+from contract.keys import ANONYMOUS_SHARE, line_key, unstarted_key
+from contract.states import JobPriority
 from tests.support.holding_worker import HOLDING_QUESTION, RELEASE_KEY
 from tests.support.images import shape_png
 from tests.support.service import (
@@ -44,7 +48,7 @@ def uploads() -> dict[str, object]:
     return {"images": files, "questions": json.dumps(["what color is the shape?", "is there a circle?"])}
 
 
-def test_a_batch_whose_chunks_cannot_be_published_is_withdrawn_with_its_uploads_and_a_retry_runs(
+def test_a_batch_whose_chunks_cannot_be_published_at_once_is_accepted_and_a_retry_is_its_replay(
     redis_server: RedisProcess, redis_client: redis.Redis, tiny_worker: WorkerProcess
 ) -> None:
     # Given: an API whose broker is unreachable while its job store is not, and chunks of 2 answers
@@ -54,25 +58,21 @@ def test_a_batch_whose_chunks_cannot_be_published_is_withdrawn_with_its_uploads_
     app = create_app(settings)
     services = app.extensions["blipq"]
     app.extensions["blipq"] = dataclasses.replace(services, celery=create_celery(UNREACHABLE_BROKER, "x"))
-    before = redis_client.dbsize()
     key = {"Idempotency-Key": "batch-unpublished"}
 
-    # When: a batch of uploaded images is submitted with an Idempotency-Key
+    # When: a batch of uploaded images is submitted with an Idempotency-Key: accepted into its key's line, then its
+    # release (the publish) fails
     response = app.test_client().post("/v1/batches", data=uploads(), headers=key)
 
-    # Then: it is refused 503, and nothing of it is left (records, uploads, the key's claim, the waiting count)
-    assert response.status_code == 503, response.get_json()
-    assert response.get_json()["error"]["code"] == "broker_unavailable"
-    assert redis_client.dbsize() == before, "every key the batch wrote is gone"
-    assert not redis_client.zcard(unstarted_key(tiny_worker.queue))
-    assert waiting_answers(redis_client, tiny_worker.queue) == 0
-
-    # ...and its retry with the same key, once the broker is back, is made anew and runs
+    # Then: it is accepted (202), and its retry with the same key is that same batch...
+    assert response.status_code == 202, response.get_json()
     working = create_app(settings).test_client()
     retry = working.post("/v1/batches", data=uploads(), headers=key)
-    assert retry.status_code == 202, retry.get_json()
-    assert "Idempotent-Replayed" not in retry.headers
-    batch = wait_for_batch(working, retry.get_json()["id"], tiny_worker)
+    assert (retry.status_code, retry.headers.get("Idempotent-Replayed")) == (202, "true"), retry.get_json()
+    assert retry.get_json()["id"] == response.get_json()["id"]
+
+    # ...which runs: the worker's reaper publishes its chunks at its next sweep
+    batch = wait_for_batch(working, response.get_json()["id"], tiny_worker)
     assert batch["counts"]["succeeded"] == 6, batch
 
 
@@ -97,17 +97,18 @@ def test_a_batch_too_few_replicas_hold_is_withdrawn_and_its_message_runs_nothing
     assert not list(redis_client.scan_iter("blipq:batch*"))
     assert not redis_client.zcard(unstarted_key(queue))
     assert waiting_answers(redis_client, queue) == 0
-    # ...and its message, published before the WAIT, finds no batch when a worker takes it: skipped, not run
+    # ...and nothing of it is ever published: the release that finds its chunk in its key's line drops it
+    store = JobStore(redis_client, 600)
+    assert release(store, create_celery(redis_server.url, queue), queue) == 0
+    assert not redis_client.exists(line_key(queue, JobPriority.NORMAL, ANONYMOUS_SHARE))
+    assert key_shares(redis_client, queue, JobPriority.NORMAL) == []
     worker = start_worker(redis_server.url, tiny_model_dir, queue, tmp_path / "worker.log")
     try:
-        deadline = time.monotonic() + JOB_TIMEOUT_S
-        while "'skipped': -1" not in worker.log_path.read_text(errors="replace"):
-            assert time.monotonic() < deadline, f"the worker never took the withdrawn chunk\n{worker.log_tail()}"
-            time.sleep(0.05)
+        wait_for_worker_record(redis_server.url, queue, 1, worker)
     finally:
         stop_process(worker.process)
     assert image_server.requests["/withdrawn.png"] == 0, "the withdrawn batch's image was fetched"
-    assert queue_depth(redis_client, queue) == 0
+    assert not any(redis_client.llen(name) for name in queue_names(queue)), "a message of it was published"
 
 
 @pytest.fixture
@@ -164,8 +165,10 @@ def test_a_batch_a_worker_started_before_too_few_replicas_held_it_is_accepted_an
         # the API waits for the replica; or the worker even answers it, the whole batch ending meanwhile...
         submitted = pool.submit(client.post, "/v1/batches", json=body)
         deadline = time.monotonic() + JOB_TIMEOUT_S
-        while not chunk_started(redis_client):
+        store, celery = JobStore(redis_client, 600), create_celery(redis_server.url, queue)
+        while not chunk_started(redis_client):  # another process releases it (an API that accepts, a worker)
             assert time.monotonic() < deadline and not submitted.done(), holding_worker.log_tail()
+            release(store, celery, queue)
             time.sleep(0.005)
         if chunk_ended:
             redis_client.lpush(RELEASE_KEY, "go")

@@ -16,10 +16,12 @@ import redis
 from contract import lua
 from contract.batch_scripts import CANCELED_RERUN, ITEM_OUTBOX_PREFIX, RUNNING, SKIPPED, UNPACK_MAX
 from contract.batch_store import BatchStore
-from contract.batches import Batch, Item, chunk_member, outcome_value, plan_chunks
+from contract.batches import CHUNK_MEMBER_PREFIX, Batch, Item, chunk_member, outcome_value, plan_chunks
+from contract.fair_share import HELD_SCORE, release_members
 from contract.job_store import JobStore
 from contract.jobs import Job, new_job_id, utc_now
 from contract.keys import (
+    ANONYMOUS_SHARE,
     ANSWER_INDEX_KEY,
     ARRIVED_FIELD_PREFIX,
     CANCELS_PREFIX,
@@ -34,6 +36,7 @@ from contract.keys import (
     chunks_key,
     deadlines_key,
     job_key,
+    line_key,
     running_key,
     started_mark_key,
     stats_key,
@@ -139,9 +142,11 @@ def test_the_constants_the_scripts_spell_agree_with_python() -> None:
         "ITEM_WEBHOOK_PREFIX": ITEM_WEBHOOK_PREFIX,
         "CANCELS_PREFIX": CANCELS_PREFIX,
         "CANCELED_RERUN": CANCELED_RERUN,
+        "CHUNK_PREFIX": CHUNK_MEMBER_PREFIX,
     }
     assert {name: constants[name] for name in quoted} == {name: f"'{value}'" for name, value in quoted.items()}
     assert (constants["ENDED_KEY_TTL"], constants["UNPACK_MAX"]) == (str(ENDED_KEY_TTL_S), str(UNPACK_MAX))
+    assert int(constants["HELD_SCORE"]) == HELD_SCORE
     assert set(re.findall(r"(\w+) = true", constants["ENDED"])) == {str(status) for status in ENDED_STATUSES}
 
 
@@ -163,7 +168,9 @@ def test_job_accept(store: JobStore) -> None:
     before = waiting(store.client)
     assert store.get(job.id) is None, "pending: not a job yet"
     assert store.accept(job, QUEUE) == 0
-    assert store.client.zscore(unstarted_key(QUEUE), job.id) is not None
+    assert (store.client.zscore(unstarted_key(QUEUE), job.id) or 0) >= HELD_SCORE, "held in its key's line"
+    assert job.id.encode() in store.client.lrange(line_key(QUEUE, JobPriority.NORMAL, ANONYMOUS_SHARE), 0, -1)
+    assert store.client.hget(job_key(job.id), "line_ticket") is not None
     assert waiting(store.client) == before + 1
     assert store.accept(job, QUEUE) is None, "accepted once"
 
@@ -186,16 +193,20 @@ def test_job_withdraw(store: JobStore) -> None:
 
 
 def test_job_start(store: JobStore) -> None:
-    job = new_job(store)
-    assert store.begin_run(job.id, QUEUE, "tiny", "w1", 3) == START_PENDING
-    store.accept(job, QUEUE)
-    assert store.begin_run(job.id, QUEUE, "tiny", "w1", 3) == 1
+    queue = f"start-{new_job_id()}"  # a queue of its own: its one job is the one released
+    job = Job(new_job_id(), JobStatus.QUEUED, "q?", utc_now())
+    store.create(job, queue, b"image")
+    assert store.begin_run(job.id, queue, "tiny", "w1", 3) == START_PENDING
+    store.accept(job, queue)
+    assert store.client.get(started_mark_key(queue)) is None
+    assert release_members(store.client, queue, time.time()) == [(JobPriority.NORMAL, job.id)]
+    assert store.begin_run(job.id, queue, "tiny", "w1", 3) == 1
     started = store.get(job.id)
     assert started is not None and (started.status, started.model) == ("running", "tiny")
     assert store.client.hget(job_key(job.id), "worker") == b"w1"
-    assert store.client.zscore(unstarted_key(QUEUE), job.id) is None
-    assert store.client.zscore(running_key(QUEUE), job.id) is not None
-    assert store.client.get(started_mark_key(QUEUE)) is not None
+    assert store.client.zscore(unstarted_key(queue), job.id) is None
+    assert store.client.zscore(running_key(queue), job.id) is not None
+    assert store.client.get(started_mark_key(queue)) is not None
 
 
 def test_job_finish(store: JobStore) -> None:
@@ -285,7 +296,9 @@ def test_batch_accept(store: JobStore) -> None:
     batches = BatchStore(store)
     assert batches.get(batch.id) is None, "pending: not a batch yet"
     assert batches.accept(batch, chunks) == 0
-    assert store.client.zscore(unstarted_key(QUEUE), chunks[0]["member"]) is not None
+    assert (store.client.zscore(unstarted_key(QUEUE), chunks[0]["member"]) or 0) >= HELD_SCORE
+    line = store.client.lrange(line_key(QUEUE, JobPriority.NORMAL, ANONYMOUS_SHARE), 0, -1)
+    assert str(chunks[0]["member"]).encode() in line
     assert waiting(store.client) == before + 2
     assert batches.accept(batch, chunks) is None
 

@@ -7,6 +7,8 @@
 
 local WAITING = 'blipq:waiting-answers'  -- contract.keys.WAITING_ANSWERS_KEY
 local ARRIVED_PREFIX = 'arrived:'  -- contract.keys.ARRIVED_FIELD_PREFIX
+-- Added to the score of a member held in its API key's line (lib/fair.lua); never a mark.
+local HELD_SCORE = 10000000000  -- contract.fair_share.HELD_SCORE
 
 -- Answers join a level's queue at its tail: counted waiting, and arrived (a field of the same hash). Returns the
 -- level's count of answers ever arrived, these included: their ticket, where they stand in line (first in, first out
@@ -22,5 +24,6 @@ local function take_from_queue(unstarted, mark, member, answers)
   redis.call('zrem', unstarted, member)
   redis.call('hincrby', WAITING, unstarted, -answers)
   local latest = redis.call('get', mark)
+  if tonumber(enqueued) >= HELD_SCORE then return end
   if (not latest) or tonumber(enqueued) > tonumber(latest) then redis.call('set', mark, enqueued) end
 end

@@ -1,0 +1,79 @@
+-- Releases held jobs and chunks to the workers: at each level, in priority order, while the answers released and not
+-- yet started are fewer than the window, the next member is taken from the API keys' lines in deficit round robin.
+-- The key at the head of the ring gets QUANTUM x its weight answers when its turn begins, releases members while their
+-- answers fit in what it has, then goes to the back of the ring; a key whose line is empty leaves the ring. So with k
+-- keys holding work at a level, each gets about its weight's share of the workers, whatever the size of its backlog.
+-- A released member is scored with the time of its release in the never-started set; the caller publishes its
+-- message, stamped with that time (contract/fair_share.py). A member that left the set while it was held (withdrawn,
+-- canceled, expired) is dropped from its line.
+-- The window grows with the fleet: `per worker` answers for each worker of the queue in its index (workers_key).
+-- prelude: lib/queue.lua lib/fair.lua
+--
+-- KEYS[1]    workers  the queue's index of workers
+-- KEYS[2...] levels   for each level, highest first: its set of messages never started, its ring, its fair-share counts
+-- ARGV[1] now (epoch s)
+-- ARGV[2] answers released ahead of the workers per worker (at least one worker's worth)
+-- ARGV[3] QUANTUM: the answers a key of weight 1 may release per turn
+-- ARGV[4...] for each level, the prefix of its lines' keys (contract.keys.line_prefix)
+-- Returns the members released, each after its level's number (1: the first level given): {level, member, ...}.
+
+local workers_key = KEYS[1]
+local now, per_worker, quantum = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+
+local STEPS_MAX = 1000  -- steps one call takes per level, whatever the lines hold: a call stays short
+local window = per_worker * math.max(1, redis.call('zcard', workers_key))
+local released = {}
+
+-- The answers a level has released that no worker has started: at most the window's worth are read.
+local function released_ahead(unstarted)
+  local total = 0
+  for _, member in ipairs(redis.call('zrangebyscore', unstarted, '-inf', '(' .. HELD_SCORE, 'limit', 0, window)) do
+    total = total + member_answers(member)
+  end
+  return total
+end
+
+for level = 1, (#KEYS - 1) / 3 do
+  local unstarted, ring, shares = KEYS[3 * level - 1], KEYS[3 * level], KEYS[3 * level + 1]
+  local prefix = ARGV[3 + level]
+  local room = window - released_ahead(unstarted)
+  local steps = 0
+  while room > 0 and steps < STEPS_MAX do
+    steps = steps + 1
+    local key = redis.call('lindex', ring, 0)
+    if not key then break end
+    local line = prefix .. key
+    local member = redis.call('lindex', line, 0)
+    if not member then  -- its line is empty: it leaves the ring, and what it had left of its turn
+      redis.call('lpop', ring)
+      redis.call('hdel', shares, 'deficit:' .. key)
+      if redis.call('hget', shares, 'turn') == key then redis.call('hdel', shares, 'turn') end
+    else
+      local answers = member_answers(member)
+      local score = redis.call('zscore', unstarted, member)
+      if not score or tonumber(score) < HELD_SCORE then  -- it left the set while held: dropped, free of charge
+        redis.call('lpop', line)
+        redis.call('hincrby', shares, 'taken:' .. key, answers)
+      else
+        if redis.call('hget', shares, 'turn') ~= key then  -- its turn begins
+          local weight = tonumber(redis.call('hget', shares, 'weight:' .. key)) or 1
+          redis.call('hincrbyfloat', shares, 'deficit:' .. key, quantum * weight)
+          redis.call('hset', shares, 'turn', key)
+        end
+        if tonumber(redis.call('hget', shares, 'deficit:' .. key)) >= answers then
+          redis.call('lpop', line)
+          redis.call('hincrbyfloat', shares, 'deficit:' .. key, -answers)
+          redis.call('hincrby', shares, 'taken:' .. key, answers)
+          redis.call('zadd', unstarted, now, member)
+          released[#released + 1] = level
+          released[#released + 1] = member
+          room = room - answers
+        else  -- its turn ends: what it has left carries to its next
+          redis.call('lmove', ring, ring, 'LEFT', 'RIGHT')
+          redis.call('hdel', shares, 'turn')
+        end
+      end
+    end
+  end
+end
+return released
