@@ -19,13 +19,8 @@ from api.settings import ApiSettings
 from blipq.client import BlipqClient
 from blipq.up_redis import RedisProcess
 from tests.support.images import shape_png
-from tests.support.long_poll import Read, wait_until, waiting_on_subscription
+from tests.support.long_poll import Read, blocked_in_blmove, wait_until, waiting_on_subscription
 from tests.support.service import HeldImage, WorkerProcess, serve_app
-
-
-def blocked_in_blmove(client: redis.Redis) -> int:
-    """Clients the Redis server holds blocked in BLMOVE: the waiting reads of single jobs (nothing else uses it)."""
-    return sum(1 for c in client.client_list() if c["cmd"] == "blmove" and "b" in c["flags"])
 
 
 def submit_upload(client: FlaskClient, question: str = "what color is the shape?") -> str:

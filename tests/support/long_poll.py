@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import redis
 from flask.testing import FlaskClient
 from werkzeug.test import TestResponse
 
@@ -41,6 +42,11 @@ def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 30.0
     while not condition():
         assert time.monotonic() < deadline, f"never {what}"
         time.sleep(0.01)
+
+
+def blocked_in_blmove(client: redis.Redis) -> int:
+    """Clients the Redis server holds blocked in BLMOVE: the waiting reads of single jobs (nothing else uses it)."""
+    return sum(1 for c in client.client_list() if c["cmd"] == "blmove" and "b" in c["flags"])
 
 
 def waiting_on_subscription(thread: threading.Thread) -> bool:
