@@ -6,7 +6,8 @@ refused submission shows the API's error, and the recent jobs are kept across a 
 sends `task=caption` and shows the caption; a batch started from the page is followed to its end, its progress bar
 stopping where the test holds its images, and its results are downloaded; the fleet panel shows each task's workers
 and the answers per second it measured; with API keys on, everything goes with the key typed in the page, and another
-key's batch is not found. Screenshots go to tests/artifacts/.
+key's batch is not found. Screenshots go to tests/artifacts/. The fixtures are tests/conftest.py's; the console's live
+parts (long polls, uploads, failed items, estimates) are tests/deploy/test_web_console.py's.
 """
 
 from __future__ import annotations
