@@ -6,9 +6,7 @@ is fetched once for all its questions; an item is shown as a job at `/v1/jobs/<b
 
 from __future__ import annotations
 
-import json
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,12 +14,13 @@ from flask import Blueprint, Response, jsonify, request
 
 from api.admission import check_key_room, check_queue_room, check_workers
 from api.auth import api_key_name
+from api.batch_reads import current_batch, query_after, query_int, query_status, read_batch, result_lines
 from api.batch_uploads import UploadedImage, parse_batch_upload
 from api.context import context
-from api.errors import ConflictError, NotFoundError, UnsupportedMediaTypeError, ValidationError
+from api.errors import ConflictError, UnsupportedMediaTypeError, ValidationError
 from api.estimates import batch_places, estimate
 from api.openapi import BATCH_SUBMIT_CODES, documented
-from api.request_body import JOB_ID_PATTERN, check_webhook, fingerprint, idempotency_header, json_body
+from api.request_body import check_webhook, fingerprint, idempotency_header, json_body, wait_seconds
 from api.schemas.batches import (
     BatchAccepted,
     BatchCancelCounts,
@@ -29,12 +28,13 @@ from api.schemas.batches import (
     BatchRequest,
     BatchResponse,
     BatchResult,
+    BatchWaitQuery,
     PageQuery,
     validate_batch_request,
 )
 from api.submission import accepted_headers, submit
 from contract.batch_store import BatchStore
-from contract.batches import MAX_BATCH_ANSWERS, READ_PAGE, Batch, Item, chunk_member, plan_chunks
+from contract.batches import MAX_BATCH_ANSWERS, Batch, Item, chunk_member, plan_chunks
 from contract.fair_share import release_quietly
 from contract.jobs import new_job_id, utc_iso
 from contract.keys import batch_upload_key, idempotency_key
@@ -45,16 +45,6 @@ bp = Blueprint("batches", __name__)
 BATCH_ID = {"batch_id": "A batch's id, as its submission answered it."}
 
 RESULTS_MEDIA_TYPE = "application/x-ndjson"
-RESULT_FIELDS = (
-    "task",
-    "image_url",
-    "image_name",
-    "question",
-    "prompt",
-    "status",
-    "answer",
-    "error",
-)  # of an item's view, on its results line
 
 
 @bp.post("/v1/batches")
@@ -87,11 +77,22 @@ def submit_batch() -> tuple[Response, int, dict[str, str]]:
 
 
 @bp.get("/v1/batches/<batch_id>")
-@documented("getBatch", "batches", {200: (BatchResponse, "The batch.")}, ("batch_not_found",), path=BATCH_ID)
+@documented(
+    "getBatch",
+    "batches",
+    {200: (BatchResponse, "The batch.")},
+    ("batch_not_found", "wait_invalid", "after_invalid"),
+    query=BatchWaitQuery,
+    path=BATCH_ID,
+)
 def get_batch(batch_id: str) -> Response:
-    """A batch's progress: its items counted by status, and its webhook's delivery."""
-    batches = BatchStore(context().store)
-    batch = batches.expire_if_overdue(_owned_batch(batches, batch_id), time.time())
+    """A batch's progress: its items counted by status, and its webhook's delivery.
+
+    With `?wait=S`, the batch is answered as soon as its `ended` count differs from `after` (the count the caller last
+    saw; without `after`, the count when the read began), once every item ended, or after S seconds.
+    """
+    wait_s, after = wait_seconds(), query_after()
+    batch = read_batch(BatchStore(context().store), batch_id, wait_s, after)
     return jsonify({**batch.summary(), "estimate": _batch_estimate(batch)})
 
 
@@ -104,22 +105,27 @@ def _batch_estimate(batch: Batch) -> dict[str, Any] | None:
     "getBatchResults",
     "batches",
     {200: (BatchResult, "One line per item, from `offset`, at most `limit` lines.")},
-    ("batch_not_found", "pagination_invalid"),
+    ("batch_not_found", "pagination_invalid", "status_invalid"),
     query=PageQuery,
     path=BATCH_ID,
     media_type=RESULTS_MEDIA_TYPE,
 )
 def batch_results(batch_id: str) -> Response:
-    """The batch's items in order, as JSON Lines: one `BatchResult` object per line."""
+    """The batch's items in order, as JSON Lines: one `BatchResult` object per line.
+
+    `offset` and `limit` choose a range of items; with `status`, only the items of that status in the range are
+    answered (`?status=failed`: the failures, each with its image, text and error).
+    """
     # Streamed a page at a time: each page is two reads, whatever the batch's size.
     batches = BatchStore(context().store)
-    batch = batches.expire_if_overdue(_owned_batch(batches, batch_id), time.time())
-    offset = _query_int("offset", 0)
-    limit = _query_int("limit", batch.count)
+    batch = current_batch(batches, batch_id)
+    offset = query_int("offset", 0)
+    limit = query_int("limit", batch.count)
+    status = query_status()
     stop = min(batch.count, offset + limit) - 1
     if stop < offset:
         return Response("", mimetype=RESULTS_MEDIA_TYPE)
-    return Response(_result_lines(batches, batch, offset, stop), mimetype=RESULTS_MEDIA_TYPE)
+    return Response(result_lines(batches, batch, offset, stop, status), mimetype=RESULTS_MEDIA_TYPE)
 
 
 @bp.post("/v1/batches/<batch_id>/cancel")
@@ -133,7 +139,7 @@ def batch_results(batch_id: str) -> Response:
 def cancel_batch(batch_id: str) -> Response:
     """Cancel a batch: items not yet in a model call end `canceled` and never run; running ones run on."""
     batches = BatchStore(context().store)
-    batch = batches.expire_if_overdue(_owned_batch(batches, batch_id), time.time())
+    batch = current_batch(batches, batch_id)
     counts = batches.cancel(batch)
     if counts.canceled == 0 and counts.cancel_requested == 0:
         raise ConflictError("batch_ended", "every item of the batch has already ended; there is nothing to cancel")
@@ -153,35 +159,11 @@ def cancel_batch(batch_id: str) -> Response:
 def delete_batch(batch_id: str) -> tuple[str, int]:
     """Delete an ended batch and its results now, rather than at its TTL (a client that saved them)."""
     batches = BatchStore(context().store)
-    batch = batches.expire_if_overdue(_owned_batch(batches, batch_id), time.time())
+    batch = current_batch(batches, batch_id)
     if not batches.delete_ended(batch):
         message = "some item of the batch has not ended: cancel the batch, or wait for it, before deleting it"
         raise ConflictError("batch_running", message)
     return "", 204
-
-
-def _result_lines(batches: BatchStore, batch: Batch, start: int, stop: int) -> Iterator[str]:
-    for first in range(start, stop + 1, READ_PAGE):
-        for job in batches.results(batch, first, min(stop, first + READ_PAGE - 1)):
-            public = job.to_public()
-            line = {"index": job.index, "job_id": job.id, **{name: public[name] for name in RESULT_FIELDS}}
-            yield json.dumps(line, separators=(",", ":")) + "\n"
-
-
-def _query_int(name: str, default: int) -> int:
-    raw = request.args.get(name)
-    if raw is None:
-        return default
-    if not raw.isdigit():
-        raise ValidationError("pagination_invalid", f"{name}: a whole number >= 0 is expected")
-    return int(raw)
-
-
-def _owned_batch(batches: BatchStore, batch_id: str) -> Batch:
-    batch = batches.get(batch_id) if JOB_ID_PATTERN.match(batch_id) else None
-    if batch is None or batch.owner != api_key_name():
-        raise NotFoundError("batch_not_found", "no batch has this id (it may have expired)")
-    return batch
 
 
 def _parse_batch_submission() -> BatchSubmission:

@@ -1,7 +1,10 @@
 """The web page at `GET /`, the service's console in a browser: ask a question about an image or caption it and
-watch the job end; start or open a batch and watch its progress; see each task's workers and answers per second.
+watch the job end; start a batch (image URLs, or files uploaded from the browser) or open one, and watch its
+progress, failed items and end estimate; see each task's workers and answers per second. Jobs and batches are followed
+by long polls (`?wait=`), which the API answers the moment they change.
 
-One HTML file, one script and one style sheet from api/static/page/, served as they are (no build step). They hold
+One HTML file, its scripts (one per view or panel, and page.js, which sets the page up) and one style sheet from
+api/static/page/, served as they are (no build step). They hold
 no secret and are public; the API calls the page makes (the /v1 routes, /v1/models for the workers) carry the key
 that the user typed in it, which the browser keeps in its localStorage.
 """

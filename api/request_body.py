@@ -1,5 +1,5 @@
 """Reading a request, within bounds: its JSON body, its form and uploads, the ids and the Idempotency-Key it names,
-its webhook, and the fingerprint of its body.
+its webhook, the fingerprint of its body, and how long a read may wait (`?wait=S`).
 
 Shared by the job routes (api/views.py) and the batch routes (api/batches.py, api/batch_uploads.py); every refusal is
 an API error with its stable code.
@@ -16,6 +16,7 @@ import hashlib
 import io
 import itertools
 import json
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from werkzeug.exceptions import BadRequest, RequestEntityTooLarge
 from werkzeug.formparser import FormDataParser
 from werkzeug.wsgi import get_input_stream
 
+from api.context import MAX_WAIT_S
 from api.errors import ApiError, BadRequestError, PayloadTooLargeError, ValidationError
 from api.settings import FORM_OVERHEAD_BYTES, MAX_JSON_BODY_BYTES, ApiSettings
 from contract.errors import ImageInvalidError, ImageTooLargeError
@@ -48,6 +50,22 @@ def idempotency_header() -> str | None:
     if key is not None and not IDEMPOTENCY_KEY_PATTERN.match(key):
         raise BadRequestError("idempotency_key_invalid", "an Idempotency-Key is 1 to 255 visible ASCII characters")
     return key
+
+
+def wait_seconds() -> float:
+    """The request's `?wait=S` (a long poll of a job or a batch), 0.0 without one; refused `wait_invalid` unless
+    0 < S <= MAX_WAIT_S."""
+    raw = request.args.get("wait")
+    if raw is None:
+        return 0.0
+    try:
+        wait_s = float(raw)
+    except ValueError:
+        wait_s = math.nan
+    if not 0 < wait_s <= MAX_WAIT_S:  # NaN fails too
+        message = f"wait: a number of seconds above 0 and at most {MAX_WAIT_S:g} is expected"
+        raise ValidationError("wait_invalid", message)
+    return wait_s
 
 
 def check_body_size(limit: int, bound: str) -> None:

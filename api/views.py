@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -11,7 +10,7 @@ from flask import Blueprint, Response, jsonify, request
 
 from api.admission import check_key_room, check_queue_room, check_workers
 from api.auth import api_key_name, public
-from api.context import MAX_WAIT_S, context
+from api.context import context
 from api.errors import ConflictError, NotFoundError, UnsupportedMediaTypeError, ValidationError
 from api.estimates import batch_places, estimate, job_places
 from api.openapi import SUBMIT_CODES, documented
@@ -25,6 +24,7 @@ from api.request_body import (
     json_body,
     read_form,
     read_upload,
+    wait_seconds,
 )
 from api.schemas.jobs import (
     IdempotencyHeaders,
@@ -110,7 +110,7 @@ def get_job(job_id: str) -> Response:
     # The script that ends a job pushes on its `ended` list (a batch's, for an item), which a read with `wait` waits
     # on (BLMOVE onto itself, so that every waiting read sees it). An overdue job is ended here, as a worker would.
     ctx = context()
-    wait_s = _wait_seconds()
+    wait_s = wait_seconds()
     if ITEM_ID_PATTERN.match(job_id):
         return jsonify(_item_view(*_read_item(job_id, wait_s)))
     job = _owned_job(ctx.store, job_id)
@@ -206,20 +206,6 @@ def _owned_job(store: JobStore, job_id: str) -> Job:
     if job is None or job.owner != api_key_name():
         raise NotFoundError("job_not_found", "no job has this id (it may have expired)")
     return job
-
-
-def _wait_seconds() -> float:
-    raw = request.args.get("wait")
-    if raw is None:
-        return 0.0
-    try:
-        wait_s = float(raw)
-    except ValueError:
-        wait_s = math.nan
-    if not 0 < wait_s <= MAX_WAIT_S:  # NaN fails too
-        message = f"wait: a number of seconds above 0 and at most {MAX_WAIT_S:g} is expected"
-        raise ValidationError("wait_invalid", message)
-    return wait_s
 
 
 def _new_job(job_request: JobRequest) -> Job:

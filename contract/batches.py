@@ -168,11 +168,17 @@ class Batch:
         """Whether the batch is open past its deadline (it closes `expired` as soon as anyone looks)."""
         return not self.closed and bool(self.deadline_at) and now >= float(self.deadline_at)
 
+    @property
+    def ended(self) -> int:
+        """How many of its items ended: what a read that waits for the batch's progress compares."""
+        counts = dict(self.counts)
+        return sum(counts.get(str(status), 0) for status in ENDED_STATUSES)
+
     def summary(self) -> dict[str, Any]:
         """The batch as the API shows it: counts of its items by status, failures by code, progress, its webhook."""
         counts = dict(self.counts)
         by_status = {name: counts.get(name, 0) for name in STATUS_COUNTS}
-        ended = sum(by_status[str(status)] for status in ENDED_STATUSES)
+        ended = self.ended
         return {
             "id": self.id,
             "count": self.count,

@@ -110,7 +110,9 @@ REGISTRY: tuple[ErrorCode, ...] = (
         "batch_invalid", 422, "both `items` and `images`/`questions`, or `images` without `questions` (or the reverse)"
     ),
     _http("pagination_invalid", 422, "`offset` or `limit` is not a whole number >= 0"),
+    _http("status_invalid", 422, "a batch's results are asked for a `status` that is not a job status"),
     _http("wait_invalid", 422, "`wait` is not a number of seconds above 0 and at most 20"),
+    _http("after_invalid", 422, "a batch read's `after` (the `ended` count last seen) is not a whole number >= 0"),
     _http("rate_limited", 429, "the client used up its request budget; retry after Retry-After seconds", True, True),
     _http(
         "key_queue_full",

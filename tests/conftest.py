@@ -1,12 +1,15 @@
-"""The suite's fixtures: a Redis server, Celery workers, an HTTP server of images, checkpoints on disk. The helpers
+"""The suite's fixtures: a Redis server, Celery workers, an HTTP server of images, checkpoints on disk, and the web
+page's browser, workers and API. The helpers
 they and the tests share live in tests/support/."""
 
 from __future__ import annotations
 
 import secrets
+import shutil
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -15,7 +18,9 @@ from flask.testing import FlaskClient
 from api.admission import queue_names
 from api.settings import ApiSettings
 from blipq.up_redis import RedisProcess, start_redis, stop_process
+from tests.support.browser import WINDOW, Fleet, missing, page_settings
 from tests.support.service import (
+    JOB_TIMEOUT_S,
     HeldImage,
     ImageServer,
     QuietHandler,
@@ -28,6 +33,7 @@ from tests.support.service import (
 )
 from tests.support.stored import stored_keys
 from tests.support.tiny_model import build_tiny_caption_model, build_tiny_vqa_model
+from worker.settings import DEMO_MODEL_DIR
 
 
 @pytest.fixture(scope="session")
@@ -144,3 +150,58 @@ def idle_queue(redis_client: redis.Redis) -> Iterator[str]:
 def idle_api(redis_server: RedisProcess, idle_queue: str) -> FlaskClient:
     """The API in front of the idle queue, with a short job TTL (the bound of a deadline)."""
     return api_client(redis_server.url, idle_queue, job_ttl_s=600)
+
+
+@pytest.fixture(scope="session")
+def downloads(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the browser saves downloads (a batch's results)."""
+    return tmp_path_factory.mktemp("downloads")
+
+
+@pytest.fixture(scope="session")
+def browser(downloads: Path) -> Iterator[Any]:
+    """The web page tests' headless Chromium, driven by Selenium, with the system's chromedriver (Selenium downloads
+    nothing)."""
+    chromium, chromedriver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and chromedriver):
+        missing("no chromium or chromedriver on the PATH")
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        missing("selenium is not installed")
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(chromium)
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", f"--window-size={WINDOW}"):
+        options.add_argument(argument)  # --no-sandbox: CI runs as root, where Chromium's sandbox cannot start
+    options.add_experimental_option(
+        "prefs", {"download.default_directory": str(downloads), "download.prompt_for_download": False}
+    )
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the page's console, for script errors
+    driver = webdriver.Chrome(options=options, service=Service(executable_path=str(chromedriver)))
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture(scope="session")
+def web_worker(redis_server: RedisProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
+    """A worker with the shipped demo model: it gives real answers, so the screenshot shows one.
+
+    Its downloads may take as long as a job may: the batch test holds images until it has seen the page.
+    """
+    log_path = tmp_path_factory.mktemp("logs") / "web.log"
+    worker = start_worker(redis_server.url, DEMO_MODEL_DIR, "web", log_path, BLIPQ_FETCH_TIMEOUT_S=str(JOB_TIMEOUT_S))
+    yield worker
+    stop_process(worker.process)
+
+
+@pytest.fixture(scope="session")
+def fleet(redis_server: RedisProcess, web_worker: WorkerProcess, tiny_caption_worker: WorkerProcess) -> Fleet:
+    """The web page's workers: the demo model's for questions, the tiny captioner's for captions."""
+    return Fleet(redis_server.url, web_worker, tiny_caption_worker)
+
+
+@pytest.fixture(scope="module")
+def service(fleet: Fleet) -> Iterator[str]:
+    """The API, open (no API keys)."""
+    yield from serve_app(page_settings(fleet))

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, HttpUrl, create_model
 from pydantic.config import JsonDict
 from pydantic.json_schema import SkipJsonSchema
 
+from api.context import MAX_WAIT_S
 from api.errors import ValidationError
 from api.schemas.errors import ErrorDetail, translate
 from api.schemas.fields import (
@@ -149,6 +150,28 @@ BatchForm = create_model(
 )
 
 
+class BatchWaitQuery(BaseModel):
+    """The query string of `GET /v1/batches/{batch_id}`."""
+
+    wait: Annotated[float, Field(gt=0, le=MAX_WAIT_S)] | SkipJsonSchema[None] = Field(
+        default=None,
+        json_schema_extra=no_default,
+        description=(
+            f"Long polling: the batch is answered as soon as its `ended` count differs from `after`, once every item "
+            f"ended, or after this many seconds (above 0, at most {MAX_WAIT_S:g}). Without it, the batch is answered "
+            f"as it is now."
+        ),
+    )
+    after: Annotated[int, Field(ge=0)] | SkipJsonSchema[None] = Field(
+        default=None,
+        json_schema_extra=no_default,
+        description=(
+            "With `wait`: the `ended` count the caller last saw. A batch whose count differs is answered at once, so "
+            "that no item's end between two reads is missed. Default: the count when the read begins."
+        ),
+    )
+
+
 class PageQuery(BaseModel):
     """The query string of `GET /v1/batches/{batch_id}/results`."""
 
@@ -157,6 +180,11 @@ class PageQuery(BaseModel):
     )
     limit: Annotated[int, Field(ge=0)] | SkipJsonSchema[None] = Field(
         default=None, json_schema_extra=no_default, description="At most this many items. Default: all the rest."
+    )
+    status: JobStatus | SkipJsonSchema[None] = Field(
+        default=None,
+        json_schema_extra=no_default,
+        description="Only the items of this status, of those `offset` and `limit` choose (`failed`: the failures).",
     )
 
 

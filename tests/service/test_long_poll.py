@@ -8,66 +8,19 @@ from __future__ import annotations
 
 import io
 import json
-import sys
 import threading
 import time
-from collections.abc import Callable
 
 import pytest
 import redis
 from flask.testing import FlaskClient
-from werkzeug.test import TestResponse
 
 from api.settings import ApiSettings
 from blipq.client import BlipqClient
 from blipq.up_redis import RedisProcess
 from tests.support.images import shape_png
+from tests.support.long_poll import Read, blocked_in_blmove, wait_until, waiting_on_subscription
 from tests.support.service import HeldImage, WorkerProcess, serve_app
-
-
-class Read(threading.Thread):
-    """A GET of the API in a thread, timed."""
-
-    def __init__(self, client: FlaskClient, path: str) -> None:
-        super().__init__(daemon=True)
-        self.client, self.path = client, path
-        self.response: TestResponse | None = None
-        self.took_s = 0.0
-
-    def run(self) -> None:
-        began = time.monotonic()
-        self.response = self.client.get(self.path)
-        self.took_s = time.monotonic() - began
-
-    def job(self, timeout_s: float = 30.0) -> dict[str, object]:
-        self.join(timeout_s)
-        assert self.response is not None, "the read never answered"
-        assert self.response.status_code == 200, self.response.get_json()
-        job: dict[str, object] = self.response.get_json()
-        return job
-
-
-def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"never {what}"
-        time.sleep(0.01)
-
-
-def blocked_in_blmove(client: redis.Redis) -> int:
-    """Clients the Redis server holds blocked in BLMOVE: the waiting reads of single jobs (nothing else uses it)."""
-    return sum(1 for c in client.client_list() if c["cmd"] == "blmove" and "b" in c["flags"])
-
-
-def waiting_on_subscription(thread: threading.Thread) -> bool:
-    """Whether `thread` is inside redis-py's PubSub.get_message: a read of a batch item that found the item not ended
-    and waits for its batch's next end."""
-    frame = sys._current_frames().get(thread.ident or 0)
-    while frame is not None:
-        if frame.f_code.co_name == "get_message":
-            return True
-        frame = frame.f_back
-    return False
 
 
 def submit_upload(client: FlaskClient, question: str = "what color is the shape?") -> str:
