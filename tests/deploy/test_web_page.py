@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,7 @@ from tests.support.browser import (
 )
 from tests.support.service import (
     JOB_TIMEOUT_S,
+    HeldImage,
     ImageServer,
     QuietHandler,
     WorkerProcess,
@@ -413,6 +415,66 @@ def test_with_api_keys_the_page_loads_without_one_and_sends_the_key_typed_in_it(
     assert other["error"] == "batch_not_found" and other["errorMessage"].startswith("not found"), other
     assert not other["shown"] and not browser.find_element(By.ID, "batch-results").is_displayed()
     assert script_errors(browser) == []
+
+
+def test_the_fleet_panel_shows_each_keys_share_of_the_workers(
+    browser: Any, keyed_service: str, fleet: Fleet, held_image: HeldImage
+) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    # Given: the worker's hands full with one key's work on a held image, and both keys holding more behind it, in
+    # their lines at the normal level
+    fleet.ready()
+    questions = ["what color is the shape?"]
+    mine = {"images": [held_image.url] * 300, "questions": questions}
+    others = {"images": [held_image.url] * 100, "questions": questions}
+    batches = [
+        requests.post(f"{keyed_service}/v1/batches", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=30)
+        for body, key in ((mine, KEY), (others, OTHER_KEY))
+    ]
+    assert [batch.status_code for batch in batches] == [202, 202], [batch.text for batch in batches]
+    assert held_image.requested.wait(JOB_TIMEOUT_S)
+
+    # When: the fleet panel is opened with the first key
+    open_page(browser, keyed_service)
+    browser.find_element(By.CSS_SELECTOR, "#key-box summary").click()
+    browser.find_element(By.ID, "api-key").send_keys(KEY, Keys.TAB)
+    show_view(browser, "fleet")
+
+    # Then: the task's card lists both keys with half the workers each; only this page's key is named
+    rows_path = '#fleet-tasks [data-task="vqa"] .shares tbody tr'
+    rows = wait_until(
+        browser, lambda driver: len(found := driver.find_elements(By.CSS_SELECTOR, rows_path)) == 2 and found
+    )
+    shown = {
+        row.get_attribute("data-yours"): [cell.text for cell in row.find_elements(By.TAG_NAME, "td")] for row in rows
+    }
+    assert shown["true"][:2] == ["normal", "web-page (yours)"] and shown["true"][4] == "50 %", shown
+    assert shown["false"][:2] == ["normal", "another key"] and shown["false"][4] == "50 %", shown
+    assert re.fullmatch(r"\d+ answers", shown["false"][2]), shown
+
+    # ...and once the image comes, both batches end and the table empties
+    held_image.release.set()
+    for batch, key in zip(batches, (KEY, OTHER_KEY), strict=True):
+        wait_for_ended(f"{keyed_service}/v1/batches/{batch.json()['id']}", key)
+    wait_until(
+        browser, lambda driver: not driver.find_element(By.CSS_SELECTOR, '[data-task="vqa"] .shares').is_displayed()
+    )
+    assert script_errors(browser) == []
+
+
+def wait_for_ended(url: str, key: str) -> None:
+    """Long-poll a batch until every item ended."""
+    headers = {"Authorization": f"Bearer {key}"}
+    params: dict[str, int] = {"wait": 20}
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while time.monotonic() < deadline:
+        counts = requests.get(url, params=params, headers=headers, timeout=30).json()["counts"]
+        if counts["queued"] + counts["running"] == 0:
+            return
+        params["after"] = sum(counts[status] for status in ("succeeded", "failed", "canceled", "expired"))
+    raise AssertionError(f"{url} did not end within {JOB_TIMEOUT_S} s")
 
 
 def test_the_page_is_public_and_loads_nothing_from_elsewhere(redis_server: RedisProcess) -> None:

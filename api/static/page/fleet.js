@@ -96,7 +96,7 @@ function fleetCard(task) {
   table.append(element("caption", "", "Workers"), head, element("tbody"));
   const none = element("p", "no-workers", "No live worker: this task's jobs are refused (no_worker) or wait for one.");
   none.hidden = true;
-  card.append(title, summary, outcomes, figure, table, none);
+  card.append(title, summary, outcomes, figure, table, none, sharesTable());
   return card;
 }
 
@@ -131,6 +131,8 @@ function updateFleetCard(state, entry, outcomes) {
     }),
   );
 
+  updateShares(card, Array.isArray(entry.shares) ? entry.shares : []);
+
   const rates = state.rates.map(([, rate]) => rate);
   const now = rates.length ? rates[rates.length - 1] : null;
   const peak = rates.length ? Math.max(...rates) : 0;
@@ -144,6 +146,44 @@ function updateFleetCard(state, entry, outcomes) {
   card.querySelector(".rate").textContent = text;
   canvas.setAttribute("aria-label", text);
   drawChart(canvas, state.rates);
+}
+
+// The API keys holding work in the task's queue, level by level: each one's share of the workers (fair share within
+// a level, a higher level first). Only the key of this page is named; the others are "another key".
+function sharesTable() {
+  const table = element("table", "shares");
+  const head = element("thead");
+  const row = element("tr");
+  for (const name of ["Priority", "Key", "Waiting", "Weight", "Share"]) {
+    const cell = element("th", "", name);
+    cell.scope = "col";
+    row.append(cell);
+  }
+  head.append(row);
+  table.append(element("caption", "", "Keys holding work, and their shares of the workers"), head, element("tbody"));
+  table.hidden = true;
+  return table;
+}
+
+function updateShares(card, shares) {
+  const table = card.querySelector(".shares");
+  table.hidden = shares.length === 0;
+  table.querySelector("tbody").replaceChildren(
+    ...shares.map((share) => {
+      const row = element("tr");
+      row.dataset.priority = share.priority;
+      row.dataset.yours = share.yours ? "true" : "false";
+      const name = share.yours ? `${share.key === "-" ? "requests without a key" : share.key} (yours)` : "another key";
+      row.append(
+        element("td", "priority", share.priority),
+        element("td", "key", name),
+        element("td", "waiting", `${share.waiting} ${share.waiting === 1 ? "answer" : "answers"}`),
+        element("td", "weight", String(share.weight)),
+        element("td", "share", `${Math.round(share.share * 100)} %`),
+      );
+      return row;
+    }),
+  );
 }
 
 function drawCharts() {
