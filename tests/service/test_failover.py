@@ -2,8 +2,9 @@
 
 A real primary, a real replica and three real sentinels (the same redis-server binary, on free ports); the API and a
 worker find the primary through the sentinels (BLIPQ_REDIS_SENTINELS) and the API answers 202 only once a replica
-holds the job (BLIPQ_MIN_REPLICAS_ACK=1). Each submission fetches its image from a URL of its own, so that the image
-server's log says which submissions ran.
+holds the job (BLIPQ_MIN_REPLICAS_ACK=1). The jobs come from two API keys, held in their lines and released in fair
+share. Each submission fetches its image from a URL of its own, so that the image server's log says which submissions
+ran.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import redis
 from flask.testing import FlaskClient
 from werkzeug.test import TestResponse
 
+from api.auth import ApiKey, hash_api_key, new_api_key
 from blipq.up_redis import RedisProcess, SentinelGroup, start_sentinel_group, stop_process
 from contract.images import decode_image
 from contract.job_store import JobStore
@@ -40,6 +42,8 @@ COLORS = ["red", "green", "blue", "black", "yellow", "teal"]
 QUESTIONS = ["what color is the shape?", "is there a circle?"]
 END_TIMEOUT_S = 240.0  # for every accepted job to end, a message restored after its visibility timeout included
 DURING_FAILOVER_S = 8.0  # submissions go on this long after the primary is killed: before, during and after failover
+# Two API keys, whose submissions alternate: the primary dies while both hold work in their lines (fair share).
+KEYS = [new_api_key(), new_api_key()]
 UNUSED_URL = "redis://127.0.0.1:1/0"  # with Sentinel only the database number of BLIPQ_REDIS_URL is used
 
 
@@ -94,7 +98,9 @@ def test_a_primary_killed_with_jobs_in_flight_loses_no_202_and_runs_no_503(
         "BLIPQ_REAPER_INTERVAL_S": "1",
     }
     worker = start_worker(UNUSED_URL, tiny_model_dir, QUEUE, tmp_path / "worker.log", **env)
-    client = api_client(UNUSED_URL, QUEUE, job_time_limit_s=15, min_replicas_ack=1, **sentinels)
+    client = api_client(
+        UNUSED_URL, QUEUE, job_time_limit_s=15, min_replicas_ack=1, api_keys=configured(KEYS), **sentinels
+    )
     target = RedisTarget(UNUSED_URL, sentinels["redis_sentinels"], sentinel_group.master)
     store = JobStore.connect(target, 3600, outage_s=30)
     accepted: dict[str, tuple[str, str]] = {}  # job id -> (color, question)
@@ -105,7 +111,7 @@ def test_a_primary_killed_with_jobs_in_flight_loses_no_202_and_runs_no_503(
         def submit(number: int) -> None:
             color, question = COLORS[number % len(COLORS)], QUESTIONS[number % len(QUESTIONS)]
             body = {"image_url": f"http://127.0.0.1:{port}/{color}.png?n={number}", "question": question}
-            response = client.post("/v1/jobs", json=body)
+            response = client.post("/v1/jobs", json=body, headers={"Authorization": f"Bearer {KEYS[number % 2]}"})
             if response.status_code == HTTPStatus.ACCEPTED:
                 accepted[response.get_json()["id"]] = (color, question)
             elif response.status_code == HTTPStatus.SERVICE_UNAVAILABLE:
@@ -153,6 +159,10 @@ def test_a_primary_killed_with_jobs_in_flight_loses_no_202_and_runs_no_503(
             print(f"failover: {len(accepted)} accepted, refused {dict(codes)} while no primary (or replica) answered")
         finally:
             stop_process(worker.process)
+
+
+def configured(keys: list[str]) -> tuple[ApiKey, ...]:
+    return tuple(ApiKey(f"key{number}", hash_api_key(key)) for number, key in enumerate(keys))
 
 
 def ended(store: JobStore, accepted: dict[str, tuple[str, str]]) -> int:
