@@ -1,9 +1,11 @@
 """The reaper: publishes again every message that a dead worker took or that was lost on its way, so that an accepted
 job always runs; and ends the queued jobs and batches past their deadline.
 
-Where a message is. The API stores a job pending, publishes its message, then accepts it: from then until a worker
-starts it, the job is a member of its queue level's never-started set (`unstarted_key`, scored by enqueue time), and
-its message is, in turn:
+Where a message is. The API stores a job pending, then accepts it: from then until a worker starts it, the job is a
+member of its queue level's never-started set (`unstarted_key`). First it is held in its API key's line, scored above
+every time (contract/fair_share.py): it has no message yet, and the reaper never looks there. Then it is released:
+scored with its release time, and its message published, stamped with that time. From then on its message is, in
+turn:
 1. in its level's list of kombu's Redis transport (`broker_list_key`; each level first in, first out);
 2. popped by a worker (BRPOP), in that worker's memory only;
 3. recorded by kombu as unacknowledged (its `unacked` hash), a second step after the BRPOP;
@@ -13,14 +15,14 @@ its message is, in turn:
    it ends, and its message stays unacknowledged (and held) until then.
 A worker killed at step 2 or 3 leaves the message where no live worker will take it: kombu's unacknowledged copy
 comes back only after the visibility timeout (a job's time limit + 60 s). A Redis restart can lose a message too, and
-so can a publish whose reply was lost (an API killed between its publish and its acceptance leaves a pending job,
-which never runs).
+so can a publish whose reply was lost, or a release whose caller died before it published (the member is released,
+its message never sent).
 
-Lost messages are found by state, not by age. A member of a never-started set is accounted for while its message may
-still be in its level's list, or while it is in the held set of a worker whose record (contract/fleet.py) has
-not expired. A level's list is first in, first out, and a member is enqueued (accepted) after its message was
-published, so its message has left the list if the list is empty, if it was enqueued before the message at the head
-of the list (the next one taken) was published (each message carries that time, broker.PUBLISHED_HEADER; less
+Lost messages are found by state, not by age. A released member of a never-started set is accounted for while its
+message may still be in its level's list, or while it is in the held set of a worker whose record (contract/fleet.py)
+has not expired. A level's list is first in, first out, and a member's score is its message's publish stamp, so its
+message has left the list if the list is empty, if it was released before the message at the head of the list (the
+next one taken) was published (each message carries that time, broker.PUBLISHED_HEADER; less
 CLOCK_SKEW_S, for hosts' clocks), or more than MARK_SKEW_S before a member of its level that has started (the level's
 mark). A member accounted for by neither at two looks `grace_s` apart (longer than a live worker takes from the BRPOP
 to its held set) has lost its message, which the reaper publishes again, under the same task id. kombu's `unacked`
@@ -48,7 +50,9 @@ A batch's chunks are watched the same way, as members `chunk:<batch id>:<number>
 `<batch id>.<number>`): a chunk is published again from the copy its batch keeps until the chunk ends.
 
 The reaper also ends `expired` the queued jobs whose deadline has passed, and closes the batches past theirs, so
-that they end (and their webhooks go out) at their deadline rather than when a worker reaches their message.
+that they end (and their webhooks go out) at their deadline rather than when a worker reaches their message. And each
+sweep releases held work the workers have room for: work accepted by an API that died before it released any, or
+while no worker ran.
 
 One reaper per queue runs at a time (a Redis lock); each worker's main process runs the loop in a thread.
 """
