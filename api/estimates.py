@@ -6,18 +6,22 @@ takes two tickets: its key's count of answers ever arrived in its line (lib/fair
 (lib/queue.lua `join_queue`). At a read, its key's answers still in line up to its own last are its line ticket less
 the answers its key has released since it began (`taken`): `own`. While they drain, every other key at the level
 holding work releases its weight's share of as many, up to what it holds: min(held, own x its weight / this key's).
-Its answers to go are those, the answers released and not yet started at its level, every answer waiting at the
-levels above, and its own not ended, over the fleet's rate: the live workers' answers per busy second
-(contract/fleet.py `measured_rate`, the mean of those measured, else the queue's kept rate) times their number. The
-busy rate, not `answers_per_s`: a job behind a backlog is drained by workers that have work in hand, and a queue
-idle in the last minute says nothing of how fast it drains.
+The answers ahead are those, the answers released and not yet started at its level, and every answer waiting at the
+levels above. It ends in (ahead / rate) + max(own / rate, latency): its own not ended take their share of the rate,
+and at least an answer's fixed latency, the live workers' median single-job run (fetch, decode, the model call it
+waits for: contract/fleet.py `job_run_s`), however short the line. The rate is the live workers' answers per busy
+second (contract/fleet.py `measured_rate`, the mean of those measured, else the queue's kept rate) times their
+number. The busy rate, not `answers_per_s`: a job behind a backlog is drained by workers that have work in hand, and
+a queue idle in the last minute says nothing of how fast it drains.
 
 A record from before fair share (no line ticket) is read as before it: first in, first out within its level, the
 answers that arrived at its level since its ticket being behind it.
 
 Left out: the answers in the workers' hands (messages started, whose answers left the waiting count), which an
 estimate at the same level or below then counts too low by up to a message per worker slot; a key that joins the
-level later takes its share too (the estimate is low by it); a job published again by the reaper keeps its tickets.
+level later takes its share too (the estimate is low by it); a job published again by the reaper keeps its tickets;
+the rate is one for the whole queue, single jobs and batch items alike (a line of single jobs drains slower per
+answer than one of chunks).
 
 Cost: one round trip per estimate (the level counts, and the fair-share hash of each place's level); the fleet's rate
 is read at most once a `RATE_CHECK_S` per queue and API process (two round trips), as admission reads the live
@@ -53,7 +57,17 @@ LEVELS = tuple(JobPriority)  # high, normal, low: the order workers take them in
 
 # (the app's fleet client, queue) -> (when looked, live workers, answers/s of one worker; 0): per app, as one process
 # may hold apps of several services (tests do), whose queues may share a name.
-_rates: dict[tuple[int, str], tuple[float, int, float]] = {}
+_fleets: dict[tuple[int, str], tuple[float, Fleet]] = {}
+
+
+@dataclass(frozen=True)
+class Fleet:
+    """A queue's live workers as an estimate reads them: how many, the answers per second they drain together (0.0:
+    none live, or none measured), and an answer's fixed latency (the workers' median single-job run, 0.0 unknown)."""
+
+    workers: int
+    answers_per_s: float
+    latency_s: float
 
 
 @dataclass(frozen=True)
@@ -71,18 +85,20 @@ class Place:
     share: str = ANONYMOUS_SHARE
 
 
-def fleet_rate(client: redis.Redis, queue: str) -> tuple[int, float]:
-    """The live workers of `queue` and the answers per second they drain together (0.0: none live, or none measured);
-    looked at once a RATE_CHECK_S per process. `client` must decode responses."""
+def fleet_rate(client: redis.Redis, queue: str) -> Fleet:
+    """The live workers of `queue` as an estimate reads them; looked at once a RATE_CHECK_S per process. `client` must
+    decode responses."""
     now = time.monotonic()
     key = (id(client), queue)
-    looked = _rates.get(key)
+    looked = _fleets.get(key)
     if looked is None or now - looked[0] > RATE_CHECK_S:
         records = live_workers(client, queue)
         measured = any(record.busy_answers_per_s > 0 for record in records)
         one = measured_rate(records, kept_rate(client, queue) if records and not measured else 0.0)
-        looked = _rates[key] = (now, len(records), one)
-    return looked[1], looked[1] * looked[2]
+        runs = [record.job_run_s for record in records if record.job_run_s > 0]
+        fleet = Fleet(len(records), len(records) * one, sum(runs) / len(runs) if runs else 0.0)
+        looked = _fleets[key] = (now, fleet)
+    return looked[1]
 
 
 def job_places(job: Job, queue: str) -> list[Place]:
@@ -133,8 +149,7 @@ def estimate(
         counts = [int(count or 0) for count in replies[2 * number]]
         levels, arrived = [max(0, count) for count in counts[: len(LEVELS)]], counts[len(LEVELS)]
         ahead = answers_ahead(place, levels, arrived, share_counts(replies[2 * number + 1]))
-        workers, per_s = fleet_rate(fleet_client, place.queue)
-        one = _shown(ahead, place.own, workers, per_s, now)
+        one = _shown(ahead, place.own, fleet_rate(fleet_client, place.queue), now)
         if shown is None or _later(one, shown):
             shown = one
     return shown
@@ -165,11 +180,14 @@ def answers_ahead(place: Place, waiting: list[int], arrived: int, shares: dict[s
     return max(0, round(above + released + own_line + others) - place.own)
 
 
-def _shown(ahead: int, own: int, workers: int, per_s: float, now: float) -> dict[str, Any]:
+def _shown(ahead: int, own: int, fleet: Fleet, now: float) -> dict[str, Any]:
+    per_s = fleet.answers_per_s
     if per_s <= 0:
-        reason = NO_WORKER if workers == 0 else NO_RATE
+        reason = NO_WORKER if fleet.workers == 0 else NO_RATE
         return {"ends_in_s": None, "ends_at": None, "answers_ahead": ahead, "answers_per_s": None, "reason": reason}
-    ends_in_s = round((ahead + own) / per_s, 2)
+    # Its own answers take their share of the rate, and at least an answer's fixed latency: the last of them is
+    # fetched, decoded and waits for its model call however fast the fleet drains.
+    ends_in_s = round(ahead / per_s + max(own / per_s, fleet.latency_s), 2)
     return {
         "ends_in_s": ends_in_s,
         "ends_at": utc_iso(now + ends_in_s),

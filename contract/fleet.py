@@ -68,6 +68,9 @@ class WorkerRecord:
     # drains when busy). 0: none ended in that minute, or not published (a record of an older worker).
     answers_per_s: float = 0.0
     busy_answers_per_s: float = 0.0
+    # The median seconds a single job took from its start to its end over the last minute: an answer's fixed latency
+    # (fetch, decode, the model call it waits for), which end estimates count. 0: none ended, or not published.
+    job_run_s: float = 0.0
 
     def to_redis(self) -> dict[str, str]:
         """The record as flat string fields for a Redis hash."""
@@ -94,6 +97,7 @@ class WorkerRecord:
             pillow=fields.get("pillow", ""),
             answers_per_s=float(fields.get("answers_per_s", 0.0)),
             busy_answers_per_s=float(fields.get("busy_answers_per_s", 0.0)),
+            job_run_s=float(fields.get("job_run_s", 0.0)),
         )
 
 
@@ -162,14 +166,20 @@ def outcome_counts(client: redis.Redis, queue: str) -> dict[tuple[str, str], int
 
 
 class Announcer(threading.Thread):
-    """Keeps a worker's record fresh every `interval_s`, until stopped (which deletes it), with its rates of the moment
-    when given `rates`."""
+    """Keeps a worker's record fresh every `interval_s`, until stopped (which deletes it), with its rates and its jobs'
+    run time of the moment when given `rates` and `job_run_s`."""
 
     def __init__(
-        self, client: redis.Redis, record: WorkerRecord, interval_s: float, rates: Rates | None = None
+        self,
+        client: redis.Redis,
+        record: WorkerRecord,
+        interval_s: float,
+        rates: Rates | None = None,
+        job_run_s: Callable[[], float] | None = None,
     ) -> None:
         super().__init__(name="blipq-announcer", daemon=True)
         self.client, self.record, self.interval_s, self.rates = client, record, interval_s, rates
+        self.job_run_s = job_run_s
         self.ttl_s = interval_s * RECORD_TTL_FACTOR
         self.stopping = threading.Event()
 
@@ -190,6 +200,8 @@ class Announcer(threading.Thread):
         if self.rates is not None:
             per_s, busy_per_s = self.rates()
             record = replace(record, answers_per_s=round(per_s, 4), busy_answers_per_s=round(busy_per_s, 4))
+        if self.job_run_s is not None:
+            record = replace(record, job_run_s=round(self.job_run_s(), 4))
         with self.client.pipeline(transaction=True) as pipe:
             pipe.hset(key, mapping=record.to_redis())  # type: ignore[arg-type]  # redis-py: invariant Mapping
             if record.busy_answers_per_s > 0:

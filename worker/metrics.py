@@ -143,7 +143,9 @@ class WorkerOps:
         """Count how the run ended, in this process and in Redis, and log one line with its timings."""
         if getattr(sender, "name", None) not in (TASK_VQA, TASK_VQA_CHUNK):
             return
-        self.meter.end(self._run_ended(sender, args, retval))
+        answers = self._run_ended(sender, args, retval)
+        job_run_s = time.perf_counter() - CURRENT_JOB.started if sender.name == TASK_VQA else None
+        self.meter.end(answers, job_run_s)
 
     def _run_ended(self, sender: Any, args: Any, retval: Any) -> int:
         """Count and log a run of a job or a chunk; the answers it ended."""
@@ -216,7 +218,8 @@ class WorkerOps:
             resample=loaded.resample_name,
             pillow=PIL.__version__,
         )
-        self.announcer = Announcer(self.client, record, settings.announce_interval_s, self.meter.rates)
+        meter = self.meter
+        self.announcer = Announcer(self.client, record, settings.announce_interval_s, meter.rates, meter.job_run_s)
         self.announcer.start()
 
     def _serve_metrics(self) -> int:

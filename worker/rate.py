@@ -1,9 +1,12 @@
 """A worker's measured rate: answers ended per second over the last minute, and per second of it that the worker had
-a job in hand. The announcer publishes both in the worker's record (contract/fleet.py); the API's drain-time metric
-divides the backlog by the second, which is what the worker drains while it has work, however idle it was."""
+a job in hand; and how long a single job takes from its start to its end (the median over the last minute). The
+announcer publishes them in the worker's record (contract/fleet.py); the API's drain-time metric divides the backlog
+by the second, which is what the worker drains while it has work, however idle it was, and its end estimates count the
+third as the fixed latency of an answer (fetching, decoding, the model call it waits for)."""
 
 from __future__ import annotations
 
+import statistics
 import threading
 import time
 from collections import deque
@@ -21,6 +24,7 @@ class RateMeter:
         self.lock = threading.Lock()
         self.ended: deque[tuple[float, int]] = deque()  # (when, answers)
         self.busy: deque[tuple[float, float]] = deque()  # (start, end) of each spell with a job in hand
+        self.runs: deque[tuple[float, float]] = deque()  # (when, seconds) of each single job that ended
         self.in_flight = 0
         self.busy_since = 0.0
 
@@ -31,12 +35,15 @@ class RateMeter:
                 self.busy_since = self.clock()
             self.in_flight += 1
 
-    def end(self, answers: int) -> None:
-        """The thread's job or chunk is over, with `answers` ended (0: it raised, or was a duplicate delivery)."""
+    def end(self, answers: int, job_run_s: float | None = None) -> None:
+        """The thread's job or chunk is over, with `answers` ended (0: it raised, or was a duplicate delivery); a
+        single job's with `job_run_s`, the seconds from its start to its end."""
         with self.lock:
             now = self.clock()
             if answers > 0:
                 self.ended.append((now, answers))
+                if job_run_s is not None:
+                    self.runs.append((now, job_run_s))
             if self.in_flight > 0:
                 self.in_flight -= 1
                 if self.in_flight == 0:
@@ -57,9 +64,17 @@ class RateMeter:
             return 0.0, 0.0
         return answers / max(now - since, 1e-3), answers / max(busy_s, 1e-3)
 
+    def job_run_s(self) -> float:
+        """The median seconds of the single jobs that ended over the last minute (0.0 when none did)."""
+        with self.lock:
+            self._forget(self.clock())
+            return statistics.median(seconds for _, seconds in self.runs) if self.runs else 0.0
+
     def _forget(self, now: float) -> None:
         since = now - self.window_s
         while self.ended and self.ended[0][0] <= since:
             self.ended.popleft()
+        while self.runs and self.runs[0][0] <= since:
+            self.runs.popleft()
         while self.busy and self.busy[0][1] <= since:
             self.busy.popleft()

@@ -167,3 +167,20 @@ def test_a_high_job_is_not_behind_normal_ones(idle_api: FlaskClient, announced: 
     estimate = submit_job(idle_api, priority=str(JobPriority.HIGH))["estimate"]
 
     assert estimate["answers_ahead"] == 0 and estimate["ends_in_s"] == 0.25  # type: ignore[index]
+
+
+def test_an_answer_takes_at_least_the_workers_fixed_latency(
+    idle_api: FlaskClient, announced: WorkerRecord, redis_client: redis.Redis
+) -> None:
+    # Given: the worker's single jobs take 1.5 s from their start to their end (a slow fetch, say), at 4 answers/s
+    Announcer(redis_client, announced, 60, rates=lambda: (RATE / 2, RATE), job_run_s=lambda: 1.5).announce()
+
+    # When: a job meets no line
+    first = submit_job(idle_api)["estimate"]
+
+    # Then: it ends in its fixed latency, not in 1/4 s; one behind three others in 3/4 s more
+    for _ in range(2):
+        submit_job(idle_api)
+    fourth = submit_job(idle_api)["estimate"]
+    assert first["ends_in_s"] == 1.5, first  # type: ignore[index]
+    assert fourth["answers_ahead"] == 3 and fourth["ends_in_s"] == 0.75 + 1.5, fourth  # type: ignore[index]
