@@ -60,14 +60,15 @@ class KeyShare:
     weight: float
 
 
-def release(store: JobStore, celery: Celery, queue: str, now: float | None = None) -> int:
+def release(store: JobStore, celery: Celery, queue: str, now: float | None = None, recount: bool = False) -> int:
     """Release what the queue's window has room for, in fair order, and publish it; returns how many messages.
 
-    A member whose job or chunk ended meanwhile is taken off its never-started set instead of being published.
+    A member whose job or chunk ended meanwhile is taken off its never-started set instead of being published. With
+    `recount` (the reaper's sweep), the answers released and not started are counted again from the set first.
     """
     now = time.time() if now is None else now
     published = 0
-    for priority, member in release_members(store.client, queue, now):
+    for priority, member in release_members(store.client, queue, now, recount):
         message = look_up(store, celery, queue, task_id_of(member))
         if message is None:  # it ended between its acceptance and now (a batch closed, say)
             leave_waiting(store, queue, priority, member)
@@ -77,7 +78,9 @@ def release(store: JobStore, celery: Celery, queue: str, now: float | None = Non
     return published
 
 
-def release_members(client: redis.Redis, queue: str, now: float) -> list[tuple[JobPriority, str]]:
+def release_members(
+    client: redis.Redis, queue: str, now: float, recount: bool = False
+) -> list[tuple[JobPriority, str]]:
     """Run release.lua for `queue` at `now`: the members it released, with their levels, to publish stamped `now`."""
     levels = [
         key
@@ -86,7 +89,13 @@ def release_members(client: redis.Redis, queue: str, now: float) -> list[tuple[J
     ]
     released = _release_script(client)(
         keys=[workers_key(queue), *levels],
-        args=[repr(now), RELEASE_AHEAD_PER_WORKER, QUANTUM, *(line_prefix(queue, level) for level in LEVELS)],
+        args=[
+            repr(now),
+            RELEASE_AHEAD_PER_WORKER,
+            QUANTUM,
+            int(recount),
+            *(line_prefix(queue, level) for level in LEVELS),
+        ],
     )
     return [(LEVELS[int(released[index]) - 1], _text(released[index + 1])) for index in range(0, len(released), 2)]
 

@@ -17,6 +17,7 @@ KEY_PREFIX = "blipq:"
 BATCH_KEY_PREFIX = f"{KEY_PREFIX}batch:"  # a batch's hash
 WAITING_ANSWERS_KEY = f"{KEY_PREFIX}waiting-answers"  # answers waiting per queue level (lib/queue.lua)
 ARRIVED_FIELD_PREFIX = "arrived:"  # the waiting-answers hash's fields of answers ever queued per level (lib/queue.lua)
+RELEASED_FIELD_PREFIX = "released:"  # its fields of answers released to the workers, not started, per level (same)
 ENDED_KEY_PREFIX = f"{KEY_PREFIX}ended:"  # a job's end, pushed for the API's long polls (lib/job.lua)
 UPLOADS_LEFT_PREFIX = f"{KEY_PREFIX}batch-left:"  # lib/batch.lua
 CANCELS_PREFIX = f"{KEY_PREFIX}batch-cancels:"  # lib/batch.lua

@@ -117,7 +117,8 @@ def sweep(store: JobStore, celery: Celery, queue: str, policy: ReaperPolicy) -> 
     republished = republish_held(store, celery, queue)
     republished += republish_orphans(store, celery, queue, policy)
     republished += republish_missing(store, celery, queue, policy)
-    release(store, celery, queue)  # work held while no one released it: an API that died after its acceptance...
+    # Work held while no one released it (an API that died after its acceptance...); the window's count recounted.
+    release(store, celery, queue, recount=True)
     return republished
 
 

@@ -6,7 +6,10 @@
 -- A released member is scored with the time of its release in the never-started set; the caller publishes its
 -- message, stamped with that time (contract/fair_share.py). A member that left the set while it was held (withdrawn,
 -- canceled, expired) is dropped from its line.
--- The window grows with the fleet: `per worker` answers for each worker of the queue in its index (workers_key).
+-- The window grows with the fleet: `per worker` answers for each worker of the queue in its index (workers_key). The
+-- answers released and not started are a count the scripts keep (lib/queue.lua RELEASED_PREFIX); it is recounted from
+-- the set when no member is released (a cheap look), and at each call with `recount` (the reaper's sweep), so that a
+-- path that missed it (a reaper's call from Python) costs the window at most until then.
 -- prelude: lib/queue.lua lib/fair.lua
 --
 -- KEYS[1]    workers  the queue's index of workers
@@ -14,28 +17,36 @@
 -- ARGV[1] now (epoch s)
 -- ARGV[2] answers released ahead of the workers per worker (at least one worker's worth)
 -- ARGV[3] QUANTUM: the answers a key of weight 1 may release per turn
--- ARGV[4...] for each level, the prefix of its lines' keys (contract.keys.line_prefix)
+-- ARGV[4] recount: 1 to recount the answers released and not started from the set, else 0
+-- ARGV[5...] for each level, the prefix of its lines' keys (contract.keys.line_prefix)
 -- Returns the members released, each after its level's number (1: the first level given): {level, member, ...}.
 
 local workers_key = KEYS[1]
-local now, per_worker, quantum = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local now, per_worker, quantum, recount = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4] == '1'
 
 local STEPS_MAX = 1000  -- steps one call takes per level, whatever the lines hold: a call stays short
+local RECOUNT_MAX = 100000  -- members a recount reads at most
 local window = per_worker * math.max(1, redis.call('zcard', workers_key))
 local released = {}
 
--- The answers a level has released that no worker has started: at most the window's worth are read.
+-- The answers a level has released that no worker has started: the count kept, or recounted from the set.
 local function released_ahead(unstarted)
-  local total = 0
-  for _, member in ipairs(redis.call('zrangebyscore', unstarted, '-inf', '(' .. HELD_SCORE, 'limit', 0, window)) do
-    total = total + member_answers(member)
+  local field = RELEASED_PREFIX .. unstarted
+  if recount or redis.call('zcount', unstarted, '-inf', '(' .. HELD_SCORE) == 0 then
+    local total = 0
+    for _, member in ipairs(redis.call('zrangebyscore', unstarted, '-inf', '(' .. HELD_SCORE, 'limit', 0,
+                                       RECOUNT_MAX)) do
+      total = total + member_answers(member)
+    end
+    redis.call('hset', WAITING, field, total)
+    return total
   end
-  return total
+  return math.max(0, tonumber(redis.call('hget', WAITING, field)) or 0)
 end
 
 for level = 1, (#KEYS - 1) / 3 do
   local unstarted, ring, shares = KEYS[3 * level - 1], KEYS[3 * level], KEYS[3 * level + 1]
-  local prefix = ARGV[3 + level]
+  local prefix = ARGV[4 + level]
   local room = window - released_ahead(unstarted)
   local steps = 0
   while room > 0 and steps < STEPS_MAX do
@@ -65,6 +76,7 @@ for level = 1, (#KEYS - 1) / 3 do
           redis.call('hincrbyfloat', shares, 'deficit:' .. key, -answers)
           redis.call('hincrby', shares, 'taken:' .. key, answers)
           redis.call('zadd', unstarted, now, member)
+          redis.call('hincrby', WAITING, RELEASED_PREFIX .. unstarted, answers)
           released[#released + 1] = level
           released[#released + 1] = member
           room = room - answers

@@ -14,6 +14,10 @@
 local unstarted_key = KEYS[1]
 local member, now, answers = ARGV[1], ARGV[2], tonumber(ARGV[3])
 
+local before = redis.call('zscore', unstarted_key, member)
 local joined = redis.call('zadd', unstarted_key, now, member)
 if joined == 1 then join_queue(unstarted_key, answers) end  -- at the tail again
+if (not before) or tonumber(before) >= HELD_SCORE then  -- released now: counted in the window
+  redis.call('hincrby', WAITING, RELEASED_PREFIX .. unstarted_key, answers)
+end
 return joined

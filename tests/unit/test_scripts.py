@@ -27,6 +27,7 @@ from contract.keys import (
     CANCELS_PREFIX,
     ENDED_KEY_PREFIX,
     ITEM_WEBHOOK_PREFIX,
+    RELEASED_FIELD_PREFIX,
     UPLOADS_LEFT_PREFIX,
     WAITING_ANSWERS_KEY,
     batch_keys,
@@ -133,6 +134,7 @@ def test_the_constants_the_scripts_spell_agree_with_python() -> None:
     quoted = {
         "WAITING": WAITING_ANSWERS_KEY,
         "ARRIVED_PREFIX": ARRIVED_FIELD_PREFIX,
+        "RELEASED_PREFIX": RELEASED_FIELD_PREFIX,
         "ENDED_KEY_PREFIX": ENDED_KEY_PREFIX,
         "RUNNING": RUNNING,
         "SKIPPED": SKIPPED,

@@ -29,7 +29,11 @@ local function end_job(job, upload, outbox, now, fields)
   redis.call('expire', ended, ENDED_KEY_TTL)
 end
 local function leave_queue(unstarted, id)
-  if redis.call('zrem', unstarted, id) == 1 then redis.call('hincrby', WAITING, unstarted, -1) end
+  local score = redis.call('zscore', unstarted, id)
+  if redis.call('zrem', unstarted, id) == 1 then
+    redis.call('hincrby', WAITING, unstarted, -1)
+    leave_released(unstarted, score, 1)
+  end
 end
 local function overdue(job, now)
   local deadline = redis.call('hget', job, 'deadline_at')
