@@ -18,7 +18,7 @@ from blipq.up_redis import RedisProcess
 from contract.fair_share import QUANTUM, RELEASE_AHEAD_PER_WORKER, key_shares, release_members
 from contract.job_store import JobStore
 from contract.jobs import Job, new_job_id, utc_now
-from contract.keys import ANONYMOUS_SHARE, unstarted_key, waiting_answers_key
+from contract.keys import ANONYMOUS_SHARE, RELEASED_FIELD_PREFIX, unstarted_key, waiting_answers_key
 from contract.states import JobPriority, JobStatus
 from contract.transitions import CANCEL_DONE
 from tests.support.service import api_client
@@ -195,3 +195,28 @@ def test_the_end_estimate_counts_what_fair_share_puts_ahead(redis_server: RedisP
     # whole backlog
     assert bobs[-1]["estimate"]["answers_ahead"] == RELEASE_AHEAD_PER_WORKER + 9 + 10
     assert bobs[0]["estimate"]["answers_ahead"] == RELEASE_AHEAD_PER_WORKER + 1
+
+
+def test_the_window_count_follows_releases_starts_and_cancels_and_a_sweep_recounts_it(
+    store: JobStore, queue: str
+) -> None:
+    field = RELEASED_FIELD_PREFIX + unstarted_key(queue)
+
+    def counted() -> int:
+        return int(store.client.hget(waiting_answers_key(), field) or 0)
+
+    ids = submit(store, queue, "a", 100)
+    released = [member for _, member in release_members(store.client, queue, time.time())]
+    assert (len(released), counted()) == (RELEASE_AHEAD_PER_WORKER, RELEASE_AHEAD_PER_WORKER)
+    for member in released[:10]:  # started by a worker
+        assert store.begin_run(member, queue, "tiny", "w1", 3) == 1
+    jobs = [store.get(member) for member in released[10:15]]
+    assert store.cancel_many([job for job in jobs if job is not None], queue) == [CANCEL_DONE] * 5
+    assert counted() == RELEASE_AHEAD_PER_WORKER - 15
+    assert release_members(store.client, queue, time.time()) == [(JobPriority.NORMAL, job) for job in ids[64:79]]
+
+    # A count gone wrong (a path that missed it) keeps the window shut only until the reaper's sweep recounts it
+    store.client.hset(waiting_answers_key(), field, 10_000)
+    assert release_members(store.client, queue, time.time()) == []
+    assert release_members(store.client, queue, time.time(), recount=True) == []
+    assert counted() == RELEASE_AHEAD_PER_WORKER
