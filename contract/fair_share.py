@@ -44,7 +44,6 @@ from contract.states import JobPriority
 
 log = logging.getLogger("blipq.fair_share")
 
-HELD_SCORE = 10_000_000_000  # added to a held member's score (lib/fair.lua): above every epoch time for centuries
 QUANTUM = 32  # answers a key of weight 1 releases per turn: a chunk of the default size, about a model batch
 RELEASE_AHEAD_PER_WORKER = 64  # answers released and not started, per worker: a worker's intake (two model batches)
 LEVELS = tuple(JobPriority)  # high, normal, low: the order workers take them in

@@ -27,7 +27,10 @@ ANSWER_INDEX_KEY = f"{KEY_PREFIX}answer-index"  # every entry, scored by when it
 REAPER_LOCK_PREFIX = f"{KEY_PREFIX}reaper-lock:"  # one reaper per queue at a time
 RATE_LIMIT_KEY_PREFIX = f"{KEY_PREFIX}ratelimit"  # the API's rate limit counters
 ANONYMOUS_SHARE = "-"  # the line of the requests made without an API key (no key's name can be "-": api/auth.py)
-LINE_KEY_PREFIX = f"{KEY_PREFIX}line:"  # an API key's line of held work at a queue level (contract/fair_share.py)
+LINE_KEY_PREFIX = f"{KEY_PREFIX}line:"
+# Added to the score of a member of a never-started set held in its API key's line (lib/fair.lua): above every epoch
+# time for centuries, so that the reaper, which reads scores below release times, never meets one.
+HELD_SCORE = 10_000_000_000  # an API key's line of held work at a queue level (contract/fair_share.py)
 
 
 # A job's keys.

@@ -17,7 +17,7 @@ from contract.batch_store import BatchStore
 from contract.batches import CHUNK_MEMBER_PREFIX, parse_chunk_member
 from contract.broker import publish_chunk, publish_job
 from contract.job_store import JobStore
-from contract.keys import job_key, unstarted_key, waiting_answers_key
+from contract.keys import HELD_SCORE, RELEASED_FIELD_PREFIX, job_key, unstarted_key, waiting_answers_key
 from contract.states import ENDED_STATUSES, JobPriority, JobStatus
 
 
@@ -54,9 +54,14 @@ def look_up(store: JobStore, celery: Celery, queue: str, task_id: str) -> Messag
 
 
 def leave_waiting(store: JobStore, queue: str, priority: JobPriority, member: str) -> None:
-    """Take a member that will not be published (again) off its never-started set, with its answers waiting."""
-    if store.client.zrem(unstarted_key(queue, priority), member):
-        store.client.hincrby(waiting_answers_key(), unstarted_key(queue, priority), -member_answers(member))
+    """Take a member that will not be published (again) off its never-started set, with its answers waiting (and
+    released, when it was: lib/queue.lua `leave_released`)."""
+    unstarted, answers = unstarted_key(queue, priority), member_answers(member)
+    score = store.client.zscore(unstarted, member)
+    if score is not None and store.client.zrem(unstarted, member):
+        store.client.hincrby(waiting_answers_key(), unstarted, -answers)
+        if score < HELD_SCORE:
+            store.client.hincrby(waiting_answers_key(), RELEASED_FIELD_PREFIX + unstarted, -answers)
 
 
 def member_answers(member: str) -> int:

@@ -72,9 +72,10 @@ from celery import Celery
 from contract.batch_store import BatchStore
 from contract.batches import DEADLINE_MEMBER_PREFIX
 from contract.broker import PUBLISHED_HEADER
-from contract.fair_share import HELD_SCORE, release
+from contract.fair_share import release
 from contract.job_store import JobStore
 from contract.keys import (
+    HELD_SCORE,
     REAPER_LOCK_PREFIX,
     broker_list_key,
     deadlines_key,

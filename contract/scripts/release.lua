@@ -4,8 +4,9 @@
 -- answers fit in what it has, then goes to the back of the ring; a key whose line is empty leaves the ring. So with k
 -- keys holding work at a level, each gets about its weight's share of the workers, whatever the size of its backlog.
 -- A released member is scored with the time of its release in the never-started set; the caller publishes its
--- message, stamped with that time (contract/fair_share.py). A member that left the set while it was held (withdrawn,
--- canceled, expired) is dropped from its line.
+-- message, stamped with that time (contract/fair_share.py). A member that will never run is dropped from its line,
+-- free of its key's share: a job that left the set while it was held (withdrawn, canceled, expired), or a chunk of a
+-- batch closed since (canceled, past its deadline), which leaves the set and the answers waiting here.
 -- The window grows with the fleet: `per worker` answers for each worker of the queue in its index (workers_key). The
 -- answers released and not started are a count the scripts keep (lib/queue.lua RELEASED_PREFIX); it is recounted from
 -- the set when no member is released (a cheap look), and at each call with `recount` (the reaper's sweep), so that a
@@ -62,9 +63,15 @@ for level = 1, (#KEYS - 1) / 3 do
     else
       local answers = member_answers(member)
       local score = redis.call('zscore', unstarted, member)
-      if not score or tonumber(score) < HELD_SCORE then  -- it left the set while held: dropped, free of charge
+      if score and tonumber(score) < HELD_SCORE then  -- released already (by a requeue): no longer this line's
         redis.call('lpop', line)
         redis.call('hincrby', shares, 'taken:' .. key, answers)
+      elseif never_runs(member, score) then  -- dropped, free of charge
+        redis.call('lpop', line)
+        redis.call('hincrby', shares, 'taken:' .. key, answers)
+        if score and redis.call('zrem', unstarted, member) == 1 then
+          redis.call('hincrby', WAITING, unstarted, -answers)
+        end
       else
         if redis.call('hget', shares, 'turn') ~= key then  -- its turn begins
           local weight = tonumber(redis.call('hget', shares, 'weight:' .. key)) or 1

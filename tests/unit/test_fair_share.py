@@ -18,7 +18,7 @@ from blipq.up_redis import RedisProcess
 from contract.fair_share import QUANTUM, RELEASE_AHEAD_PER_WORKER, key_shares, release_members
 from contract.job_store import JobStore
 from contract.jobs import Job, new_job_id, utc_now
-from contract.keys import ANONYMOUS_SHARE, RELEASED_FIELD_PREFIX, unstarted_key, waiting_answers_key
+from contract.keys import ANONYMOUS_SHARE, RELEASED_FIELD_PREFIX, unstarted_key, waiting_answers_key, workers_key
 from contract.states import JobPriority, JobStatus
 from contract.transitions import CANCEL_DONE
 from tests.support.service import api_client
@@ -220,3 +220,23 @@ def test_the_window_count_follows_releases_starts_and_cancels_and_a_sweep_recoun
     assert release_members(store.client, queue, time.time()) == []
     assert release_members(store.client, queue, time.time(), recount=True) == []
     assert counted() == RELEASE_AHEAD_PER_WORKER
+
+
+def test_a_canceled_batchs_held_chunks_are_dropped_unreleased_and_free_of_its_keys_share(
+    redis_server: RedisProcess, redis_client: redis.Redis, queue: str
+) -> None:
+    # Given: alice's batch of 200 answers (64 released to the absent workers, the rest held) and bob's 64, held
+    api = api_client(redis_server.url, queue, api_keys=KEYS)
+    alices = api.post("/v1/batches", json=batch(200), headers=as_key(ALICE)).get_json()["id"]
+    bobs = api.post("/v1/batches", json=batch(64), headers=as_key(BOB)).get_json()["id"]
+
+    # When: alice cancels hers, and ten workers come (room for everything held)
+    assert api.post(f"/v1/batches/{alices}/cancel", headers=as_key(ALICE)).status_code == 200
+    redis_client.zadd(workers_key(queue), {f"worker-{number}": time.time() for number in range(10)})
+    released = release_members(redis_client, queue, time.time())
+
+    # Then: only bob's chunks are released; alice's held ones left her line and the answers waiting, unreleased
+    assert [member.split(":")[1] for _, member in released] == [bobs, bobs]
+    assert key_shares(redis_client, queue, JobPriority.NORMAL) == []
+    waiting = int(redis_client.hget(waiting_answers_key(), unstarted_key(queue)) or 0)
+    assert waiting == RELEASE_AHEAD_PER_WORKER + 64, "alice's released chunks (skipped when started) and bob's"

@@ -17,15 +17,17 @@ from contract import lua
 from contract.batch_scripts import CANCELED_RERUN, ITEM_OUTBOX_PREFIX, RUNNING, SKIPPED, UNPACK_MAX
 from contract.batch_store import BatchStore
 from contract.batches import CHUNK_MEMBER_PREFIX, Batch, Item, chunk_member, outcome_value, plan_chunks
-from contract.fair_share import HELD_SCORE, release_members
+from contract.fair_share import release_members
 from contract.job_store import JobStore
 from contract.jobs import Job, new_job_id, utc_now
 from contract.keys import (
     ANONYMOUS_SHARE,
     ANSWER_INDEX_KEY,
     ARRIVED_FIELD_PREFIX,
+    BATCH_KEY_PREFIX,
     CANCELS_PREFIX,
     ENDED_KEY_PREFIX,
+    HELD_SCORE,
     ITEM_WEBHOOK_PREFIX,
     RELEASED_FIELD_PREFIX,
     UPLOADS_LEFT_PREFIX,
@@ -145,6 +147,7 @@ def test_the_constants_the_scripts_spell_agree_with_python() -> None:
         "CANCELS_PREFIX": CANCELS_PREFIX,
         "CANCELED_RERUN": CANCELED_RERUN,
         "CHUNK_PREFIX": CHUNK_MEMBER_PREFIX,
+        "BATCH_PREFIX": BATCH_KEY_PREFIX,
     }
     assert {name: constants[name] for name in quoted} == {name: f"'{value}'" for name, value in quoted.items()}
     assert (constants["ENDED_KEY_TTL"], constants["UNPACK_MAX"]) == (str(ENDED_KEY_TTL_S), str(UNPACK_MAX))

@@ -9,6 +9,16 @@
 
 local CHUNK_PREFIX = 'chunk:'  -- contract.batches.CHUNK_MEMBER_PREFIX
 local PUSH_MAX = 1000  -- members pushed by one RPUSH (unpack's limit is a few thousand)
+local BATCH_PREFIX = 'blipq:batch:'  -- contract.keys.BATCH_KEY_PREFIX
+
+-- Whether a held member will never run: a job no longer in its level's set (canceled, expired, withdrawn: `score`
+-- nil), or a chunk of a batch closed (canceled or past its deadline).
+local function never_runs(member, score)
+  if not score then return true end
+  if string.sub(member, 1, #CHUNK_PREFIX) ~= CHUNK_PREFIX then return false end
+  local closed = redis.call('hget', BATCH_PREFIX .. string.match(member, '^chunk:([^:]+):'), 'closed')
+  return closed ~= false and closed ~= ''
+end
 
 -- The answers a never-started member stands for: a chunk's are the last field of its name, a job's is one.
 local function member_answers(member)

@@ -8,7 +8,7 @@
 local WAITING = 'blipq:waiting-answers'  -- contract.keys.WAITING_ANSWERS_KEY
 local ARRIVED_PREFIX = 'arrived:'  -- contract.keys.ARRIVED_FIELD_PREFIX
 -- Added to the score of a member held in its API key's line (lib/fair.lua); never a mark.
-local HELD_SCORE = 10000000000  -- contract.fair_share.HELD_SCORE
+local HELD_SCORE = 10000000000  -- contract.keys.HELD_SCORE
 -- The waiting-answers hash's fields of the answers released to the workers and not yet started, per level: the window
 -- release.lua fills (moved here as members leave the set, recounted by release.lua when it may have drifted).
 local RELEASED_PREFIX = 'released:'  -- contract.keys.RELEASED_FIELD_PREFIX
