@@ -1,7 +1,7 @@
 """GPU: BLIP-base in float16 on CUDA: answers/s and latency by batch size, the fraction of the physical bound it
 reaches, and the service against the bare loop, written as JSON.
 
-    python -m benchmarks.gpu --out gpu.json [--quick] [--peak-tflops 790]
+    python -m benchmarks.gpu --out gpu.json [--quick] [--peak-tflops 989]
     python -m benchmarks.gpu --device cpu --out /tmp/gpu.json   # no GPU: the same code paths at tiny sizes
     python -m benchmarks.gpu --smoke   # as --device cpu, on blip_base.py's narrow variant, the JSON in a temp dir
 

@@ -221,6 +221,9 @@ def parse_args() -> argparse.Namespace:
     if args.smoke:
         args.images, args.questions, args.wide_images, args.single_jobs, args.idle_jobs = 4, 2, 4, 4, 2
         args.clients, args.photos, args.photo_mix = 2, 2, "smoke"
+    for name in ("images", "questions", "wide_images", "single_jobs", "idle_jobs", "clients", "batch_size"):
+        if getattr(args, name) < 1:  # every mix measures a rate: none of them may be empty
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
     return args
 
 
