@@ -19,11 +19,14 @@ Measured: the small work's time from its 202 (the first job's, for jobs) to its 
 how much of the backlog had not ended then; the fleet's answers/s over the same run (from the backlog's first end to
 the last end of all); hence its bound, its answers at that rate plus one model batch (--batch-size answers at that
 rate) per key holding work, and what first come, first served would give it: the backlog left when it was sent, and
-its own answers, at that rate.
+its own answers, at that rate. Also the backlog's answers that ended before the small work's first item ended (what
+the worker held and what had been released to it when the small work came) and between its first and its last (the
+other keys' turns). --intake sets the worker's BLIPQ_WORKER_INTAKE.
 Side by side, alternating with it run by run, the baseline: the same submissions all under key a, whose line is
 first come, first served, so that the small work waits behind the backlog. Medians over --runs of each.
 Prints a table per mix and whether the goal held (the small work within GOAL_RATIO of its bound, and most of the
-backlog still waiting when it ended). About 3 minutes on a 2-core machine with the stand-in; --smoke: seconds.
+backlog still waiting when it ended). About 2 minutes on a 2-core machine, with the stand-in or the demo model;
+--smoke: seconds.
 """
 
 from __future__ import annotations
