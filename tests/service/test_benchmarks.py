@@ -47,6 +47,7 @@ FIGURES = {
     "durable_submit": r"cost of WAIT\s+[+-]\d+\.\d+ ms, ratio \d+\.\d\d",
     "feed": r"feed limit \d+\.\d images/s",
     "estimates": r"submissions: \d+, answers: \d+",
+    "fair_share": r"fair share goal held in \d+ of 4 mixes",
     "fetch": r"\| camera\.jpg .* \| 8 \| \d+\.\d+ / \d+\.\d+ \| \d+\.\d\d \|",
     "fidelity": r"blip-caption-easy, unprompted captions: \d+ answers; fast agrees \d+",
     "gpu": r"service \d+\.\d answers/s, bare loop \d+\.\d answers/s: ratio \d+\.\d\d",
