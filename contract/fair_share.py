@@ -5,8 +5,10 @@ would be ahead of everyone). So an accepted job or chunk is not published at onc
 at its level (job_accept.lua, batch_accept.lua; lib/fair.lua), and `release` hands members to the workers a few at a
 time, as they take work. release.lua tops each level up to a window of answers released and not yet started
 (`RELEASE_AHEAD_PER_WORKER` for each worker of the queue), taking members from the lines in deficit round robin: the
-key at the head of the ring gets `QUANTUM` x its weight answers per turn. With k keys holding work at a level, each
-gets about its weight's share of the answers, whatever its backlog; requests without keys are one key
+key at the head of the ring gets `QUANTUM` x its weight answers per turn, and a key that held nothing joins the ring
+at its front (its turn comes next, as a new flow's does in FQ-CoDel: a key with little to ask waits for no other
+key's turn). With k keys holding work at a level, each gets about its weight's share of the answers, whatever its
+backlog; requests without keys are one key
 (contract.keys.share_name). Priorities still come first: each level has its own lines and ring, and workers take
 the higher levels' messages first (kombu's lists, one per priority step).
 
@@ -45,7 +47,11 @@ from contract.states import JobPriority
 log = logging.getLogger("blipq.fair_share")
 
 QUANTUM = 32  # answers a key of weight 1 releases per turn: a chunk of the default size, about a model batch
-RELEASE_AHEAD_PER_WORKER = 64  # answers released and not started, per worker: a worker's intake (two model batches)
+# Answers released and not started, per worker of the queue: one model batch. Work the workers already hold waits
+# ahead of a key that comes with little, so the window is as small as keeps them busy: each start releases the next,
+# and a worker takes a model batch's worth while its intake (BLIPQ_WORKER_INTAKE, two model batches) has room.
+# benchmarks/fair_share.py measured 64 against 32 here: the same answers/s, 32 fewer answers ahead of a newcomer.
+RELEASE_AHEAD_PER_WORKER = 32
 LEVELS = tuple(JobPriority)  # high, normal, low: the order workers take them in
 _scripts: weakref.WeakKeyDictionary[redis.Redis, Script] = weakref.WeakKeyDictionary()
 

@@ -26,14 +26,15 @@ local function member_answers(member)
   return tonumber(string.match(member, ':(%d+)$'))
 end
 
--- Members accepted into an API key's line at a level, the key into its ring (at the back: its turn comes after those
--- already there), and its weight written. Returns the key's count of answers ever arrived in that line, these
--- included: their ticket there.
+-- Members accepted into an API key's line at a level, and its weight written. A key that held nothing there joins
+-- the ring at its front: its turn comes next, as a new flow's does in FQ-CoDel, so that a key with little to ask waits
+-- for no other key's turn (one whose line never empties stays in the ring, and takes its turns in order). Returns the
+-- key's count of answers ever arrived in that line, these included: their ticket there.
 local function join_line(ring, shares, line, key, weight, members, answers)
   for first = 1, #members, PUSH_MAX do
     redis.call('rpush', line, unpack(members, first, math.min(#members, first + PUSH_MAX - 1)))
   end
-  if redis.call('hsetnx', shares, 'deficit:' .. key, 0) == 1 then redis.call('rpush', ring, key) end
+  if redis.call('hsetnx', shares, 'deficit:' .. key, 0) == 1 then redis.call('lpush', ring, key) end
   redis.call('hset', shares, 'weight:' .. key, weight)
   return redis.call('hincrby', shares, 'arrived:' .. key, answers)
 end
