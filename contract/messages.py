@@ -7,6 +7,7 @@ Both the reaper (a message lost, or held by a dead worker: worker/reaper.py) and
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -19,6 +20,8 @@ from contract.broker import publish_chunk, publish_job
 from contract.job_store import JobStore
 from contract.keys import HELD_SCORE, RELEASED_FIELD_PREFIX, job_key, unstarted_key, waiting_answers_key
 from contract.states import ENDED_STATUSES, JobPriority, JobStatus
+
+_batch_stores: weakref.WeakKeyDictionary[JobStore, BatchStore] = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -36,7 +39,7 @@ def look_up(store: JobStore, celery: Celery, queue: str, task_id: str) -> Messag
     """The message of a job, or of a chunk (`<batch id>.<number>`); None once it ended (or expired)."""
     batch_id, dot, number = task_id.partition(".")
     if dot:
-        batches = BatchStore(store)
+        batches = _batch_store(store)
         payload = batches.chunk_payload(batch_id, int(number))
         if payload is None:
             return None
@@ -51,6 +54,15 @@ def look_up(store: JobStore, celery: Celery, queue: str, task_id: str) -> Messag
     raw = store.client.hget(job_key(job.id), "worker") if job.status is JobStatus.RUNNING else None
     worker = raw.decode() if isinstance(raw, bytes) else ""
     return Message(job.id, job.priority, 1, worker, partial(publish_job, celery, job, queue))
+
+
+def _batch_store(store: JobStore) -> BatchStore:
+    """The batch store over `store`, made once: it registers its scripts when made, and releases look up chunks at
+    every start."""
+    batches = _batch_stores.get(store)
+    if batches is None:
+        batches = _batch_stores[store] = BatchStore(store)
+    return batches
 
 
 def leave_waiting(store: JobStore, queue: str, priority: JobPriority, member: str) -> None:

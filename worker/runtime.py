@@ -30,6 +30,7 @@ from worker.decoders import IN_THREAD_PIXELS, DecoderPool
 from worker.fetch import FetchLimits, fetch_image_bytes, new_session
 from worker.metrics import CURRENT_JOB, observe_inference
 from worker.netguard import NetworkPolicy
+from worker.releaser import Releaser
 from worker.settings import WorkerSettings
 from worker.stages import stage
 
@@ -77,6 +78,8 @@ class WorkerRuntime:
         self._session = new_session(self.network_policy, keepalive_s=settings.fetch_keepalive_s)
         self._load_lock = threading.Lock()
         self.celery: Celery | None = None  # the worker's app, once its tasks are registered: it publishes releases
+        self.releaser: Releaser | None = None
+        self._releaser_lock = threading.Lock()
 
     def load_model(self, **_signal_kwargs: Any) -> None:
         """Load the model and start its batcher (connected to `worker_init`: before the worker takes messages)."""
@@ -122,6 +125,8 @@ class WorkerRuntime:
 
     def stop(self, **_signal_kwargs: Any) -> None:
         """Connected to `worker_shutdown` (the pool has stopped): let the model finish its call, then stop."""
+        if self.releaser is not None:
+            self.releaser.stop()
         self.fetchers.shutdown(wait=False, cancel_futures=True)
         if self.batcher is not None:
             self.batcher.stop(timeout_s=self.settings.job_time_limit_s)
@@ -138,10 +143,16 @@ class WorkerRuntime:
             return generate_texts(self.loaded, pixels, rows, texts, settings.max_new_tokens, settings.num_beams)
 
     def release_held(self) -> None:
-        """After a message's start (which made room in the queue's window): release the held work that room allows,
-        in fair order (contract/fair_share.py)."""
-        if self.celery is not None:
-            release_quietly(self.store, self.celery, self.settings.queue)
+        """After a message's start (which made room in the queue's window): have the held work that room allows
+        released, in fair order (contract/fair_share.py), by the worker's releaser thread (worker/releaser.py)."""
+        if self.celery is None:
+            return
+        with self._releaser_lock:
+            if self.releaser is None:
+                celery, queue = self.celery, self.settings.queue
+                self.releaser = Releaser(lambda: release_quietly(self.store, celery, queue))
+                self.releaser.start()
+        self.releaser.soon()
 
     @property
     def store(self) -> JobStore:

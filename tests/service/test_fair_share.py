@@ -172,12 +172,12 @@ def test_a_key_that_cancels_its_backlog_and_a_batch_past_its_deadline_leave_the_
 ) -> None:
     api = api_client(redis_server.url, queue, api_keys=KEYS)
     held = held_image
-    # Given: the worker's hands full of alice's work on a held image, and behind it the rest of her backlog and bob's
-    # batches, in their lines: one of bob's with a deadline of 2 s
+    # Given: the worker's hands full of work on a held image (alice's, and bob's batch with a deadline of 2 s), and
+    # behind it the rest of alice's backlog and bob's other batch, in their lines
     first = submit(api, ALICE, [held.url], questions=1)
     assert held.requested.wait(JOB_TIMEOUT_S), worker.log_tail()
     backlog = submit(api, ALICE, [held.url] * 200)
-    late = submit(api, BOB, pictures("late", 10), deadline_s=2)
+    late = submit(api, BOB, [held.url] * 10, deadline_s=2)
     kept = submit(api, BOB, pictures("kept", 10))
 
     # When: alice cancels her backlog, bob's first batch passes its deadline, and the image comes
@@ -191,6 +191,6 @@ def test_a_key_that_cancels_its_backlog_and_a_batch_past_its_deadline_leave_the_
     backlog_read = read(api, ALICE, backlog)
     assert backlog_read["counts"]["canceled"] + backlog_read["counts"]["succeeded"] == 1000, backlog_read
     assert backlog_read["counts"]["canceled"] >= 1000 - 200, (canceled, backlog_read)  # at most its hands' ran
-    assert read(api, BOB, late)["counts"]["expired"] == 50
+    assert read(api, BOB, late)["counts"]["expired"] == 50, read(api, BOB, late)
     assert read(api, ALICE, first)["counts"]["succeeded"] == 1
     wait_for(lambda: key_shares(redis_client, queue, JobPriority.NORMAL) == [], worker, "a line never emptied")
