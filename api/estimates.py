@@ -8,11 +8,12 @@ the answers its key has released since it began (`taken`): `own`. While they dra
 holding work releases its weight's share of as many, up to what it holds: min(held, own x its weight / this key's).
 The answers ahead are those, the answers released and not yet started at its level, and every answer waiting at the
 levels above. It ends in (ahead / rate) + max(own / rate, latency): its own not ended take their share of the rate,
-and at least an answer's fixed latency, the live workers' median single-job run (fetch, decode, the model call it
-waits for: contract/fleet.py `job_run_s`), however short the line. The rate is the live workers' answers per busy
-second (contract/fleet.py `measured_rate`, the mean of those measured, else the queue's kept rate) times their
-number. The busy rate, not `answers_per_s`: a job behind a backlog is drained by workers that have work in hand, and
-a queue idle in the last minute says nothing of how fast it drains.
+and at least an answer's fixed latency, however short the line: the live workers' single-job run, its 10th
+percentile over the last minute (fetch, decode, the model call it waits for, not the wait behind other work:
+contract/fleet.py `job_run_s`). The rate is the live workers' answers per busy second (contract/fleet.py
+`measured_rate`, the mean of those measured, else the queue's kept rate) times their number. The busy rate, not
+`answers_per_s`: a job behind a backlog is drained by workers that have work in hand, and a queue idle in the last
+minute says nothing of how fast it drains.
 
 A record from before fair share (no line ticket) is read as before it: first in, first out within its level, the
 answers that arrived at its level since its ticket being behind it.
@@ -63,7 +64,7 @@ _fleets: dict[tuple[int, str], tuple[float, Fleet]] = {}
 @dataclass(frozen=True)
 class Fleet:
     """A queue's live workers as an estimate reads them: how many, the answers per second they drain together (0.0:
-    none live, or none measured), and an answer's fixed latency (the workers' median single-job run, 0.0 unknown)."""
+    none live, or none measured), and an answer's fixed latency (the workers' single-job run, 0.0 unknown)."""
 
     workers: int
     answers_per_s: float

@@ -68,7 +68,8 @@ class WorkerRecord:
     # drains when busy). 0: none ended in that minute, or not published (a record of an older worker).
     answers_per_s: float = 0.0
     busy_answers_per_s: float = 0.0
-    # The median seconds a single job took from its start to its end over the last minute: an answer's fixed latency
+    # The seconds a single job took from its start to its end over the last minute, at their 10th percentile: an
+    # answer's fixed latency
     # (fetch, decode, the model call it waits for), which end estimates count. 0: none ended, or not published.
     job_run_s: float = 0.0
 

@@ -1,18 +1,20 @@
 """A worker's measured rate: answers ended per second over the last minute, and per second of it that the worker had
-a job in hand; and how long a single job takes from its start to its end (the median over the last minute). The
+a job in hand; and how long a single job takes from its start to its end (the 10th percentile over the last minute:
+its fixed latency, without the wait behind other work in the worker). The
 announcer publishes them in the worker's record (contract/fleet.py); the API's drain-time metric divides the backlog
 by the second, which is what the worker drains while it has work, however idle it was, and its end estimates count the
 third as the fixed latency of an answer (fetching, decoding, the model call it waits for)."""
 
 from __future__ import annotations
 
-import statistics
+import math
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 
 WINDOW_S = 60.0
+RUN_PERCENTILE = 0.1  # a single job's run as published: its fixed latency, not its wait behind others
 
 
 class RateMeter:
@@ -65,10 +67,12 @@ class RateMeter:
         return answers / max(now - since, 1e-3), answers / max(busy_s, 1e-3)
 
     def job_run_s(self) -> float:
-        """The median seconds of the single jobs that ended over the last minute (0.0 when none did)."""
+        """The seconds of the single jobs that ended over the last minute, at their 10th percentile (0.0 when none
+        did): what a job takes with little ahead of it in the worker, not what one behind a backlog does."""
         with self.lock:
             self._forget(self.clock())
-            return statistics.median(seconds for _, seconds in self.runs) if self.runs else 0.0
+            runs = sorted(seconds for _, seconds in self.runs)
+        return runs[max(0, math.ceil(len(runs) * RUN_PERCENTILE) - 1)] if runs else 0.0
 
     def _forget(self, now: float) -> None:
         since = now - self.window_s
