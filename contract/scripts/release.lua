@@ -48,7 +48,8 @@ end
 for level = 1, (#KEYS - 1) / 3 do
   local unstarted, ring, shares = KEYS[3 * level - 1], KEYS[3 * level], KEYS[3 * level + 1]
   local prefix = ARGV[4 + level]
-  local room = window - released_ahead(unstarted)
+  -- No key holds work at the level (the common case with one key and room to spare): nothing to count.
+  local room = redis.call('exists', ring) == 1 and window - released_ahead(unstarted) or 0
   local steps = 0
   while room > 0 and steps < STEPS_MAX do
     steps = steps + 1
