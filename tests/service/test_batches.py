@@ -421,7 +421,8 @@ def test_a_batch_summary_is_one_read_whatever_the_batch_size(
 
     reads = [commands_run(quiet_client, lambda b=b: quiet_api.get(f"/v1/batches/{b}")) for b in (small, large)]
 
-    assert reads[0] == reads[1] <= 2, reads
+    # The batch's hash; its estimate's counts: its level's waiting answers and its fair-share counts (one round trip).
+    assert reads[0] == reads[1] <= 3, reads
     assert quiet_api.get(f"/v1/batches/{large}").get_json()["counts"]["queued"] == 4000
 
 
