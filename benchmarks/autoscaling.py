@@ -4,8 +4,8 @@
 
 Two policies scale the same fleet, through the same HPA arithmetic (replicas = ceil(metric / target), up at once,
 down only to the highest count asked for in the last `--stabilization-s`, never below 1 or above `--max-workers`):
-- **count**: the metric is the answers the fleet has in hand, queued and running (today's trigger in
-  deploy/k8s/keda.yaml, whose target is 4 per worker);
+- **count**: the metric is the answers the fleet has in hand, queued and running (the trigger deploy/k8s/keda.yaml
+  had before it scaled on drain time, whose target was 4 per worker);
 - **drain**: the metric is the seconds one worker needs for the backlog: its images at the seconds per image the fleet
   measured over the last minute (fetch, decode, resize: the worker's stage counters), plus its answers at the
   seconds per answer (the model and the bookkeeping); its target is the drain time wanted less the time a new worker
@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 ANSWER_S = 0.00114
 IMAGE_S = {"photo": 0.0914, "small": 0.0067}
 CLASSES = {"photo x1": ("photo", 1), "photo x10": ("photo", 10), "small x10": ("small", 10)}
-COUNT_TARGET = 4  # answers in hand per worker: deploy/k8s/keda.yaml's threshold
+COUNT_TARGET = 4  # answers in hand per worker: deploy/k8s/keda.yaml's former threshold
 POLL_S = 15  # KEDA's pollingInterval in deploy/k8s/keda.yaml
 RATE_WINDOW_S = 60  # the window over which the fleet measures its seconds per image and per answer
 SLICES = 20  # a group of answers is counted as this many equal parts for the percentile
