@@ -16,7 +16,8 @@ from flask.testing import FlaskClient
 
 from blipq.up_redis import RedisProcess, start_redis, stop_process
 from contract.job_store import JobStore
-from contract.keys import held_key
+from contract.keys import ANONYMOUS_SHARE, held_key, job_key, line_key, unstarted_key
+from contract.states import ENDED_STATUSES, JobPriority
 from tests.support.answers import reference_answers
 from tests.support.images import shape_png
 from tests.support.service import QUICK_RECOVERY, WorkerProcess, api_client, start_worker
@@ -65,9 +66,28 @@ def ended_count(store: JobStore, job_ids: list[str]) -> int:
 def wait_for_progress(store: JobStore, job_ids: list[str], at_least: int, workers: list[WorkerProcess]) -> None:
     deadline = time.monotonic() + CHAOS_TIMEOUT_S
     while ended_count(store, job_ids) < min(at_least, len(job_ids)):
-        logs = "\n".join(w.log_tail() for w in workers)
-        assert time.monotonic() < deadline, f"no progress: {ended_count(store, job_ids)} jobs ended\n{logs}"
+        if time.monotonic() >= deadline:
+            logs = "\n".join(w.log_tail() for w in workers)
+            stuck = unended(store, job_ids)
+            raise AssertionError(f"no progress: {ended_count(store, job_ids)} jobs ended; not ended: {stuck}\n{logs}")
         time.sleep(0.1)
+
+
+def unended(store: JobStore, job_ids: list[str]) -> dict[str, dict[str, object]]:
+    """Where each job not ended stands: its record's state, its score in its level's never-started set (None: not in
+    it; above HELD_SCORE: held in its key's line), and whether its key's line holds it."""
+    client, found = store.client, {}
+    line = set(client.lrange(line_key(QUEUE, JobPriority.NORMAL, ANONYMOUS_SHARE), 0, -1))
+    for job_id in job_ids:
+        fields = {key.decode(): value.decode() for key, value in client.hgetall(job_key(job_id)).items()}
+        if fields.get("status") not in ENDED_STATUSES:
+            state = {name: fields.get(name) for name in ("status", "pending", "attempts", "worker", "priority")}
+            found[job_id] = {
+                **state,
+                "score": client.zscore(unstarted_key(QUEUE), job_id),
+                "in_line": job_id.encode() in line,
+            }
+    return found
 
 
 class Jobs:
